@@ -1,0 +1,53 @@
+"""The one place that chooses the TensorRT flavour.
+
+`tensorrt` (datacenter GPUs) and `tensorrt_rtx` (RTX GPUs, and ahead-of-time builds on a
+machine without a GPU) share the network-definition API this project uses. Everything
+else imports `trt` through `load_backend()`; nothing else names either module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+BACKENDS = ("tensorrt", "tensorrt_rtx")
+
+
+class BackendError(RuntimeError):
+    """No usable TensorRT module."""
+
+
+def load_backend(name: str | None = None) -> ModuleType:
+    """Import the TensorRT module `name`, else $TRT_NETDEF_BACKEND, else whichever is installed."""
+    name = name or os.environ.get("TRT_NETDEF_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    errors = []
+    for candidate in [name] if name else BACKENDS:
+        try:
+            return importlib.import_module(candidate)
+        except ImportError as e:  # also catches the datacenter wheel's library stub
+            errors.append(f"{candidate}: {e}")
+    raise BackendError(
+        "no TensorRT Python module could be imported ("
+        + "; ".join(errors)
+        + "); install one: pip install -e '.[rtx]' (TensorRT-RTX, also builds on CPU-only machines) "
+        "or pip install -e '.[tensorrt]' (datacenter GPUs)."
+    )
+
+
+def is_rtx(trt: ModuleType) -> bool:
+    return trt.__name__.startswith("tensorrt_rtx")
+
+
+def compute_capability(trt: ModuleType, target: str):
+    """'sm89' or '8.9' -> trt.ComputeCapability.SM89 (TensorRT-RTX ahead-of-time targets)."""
+    digits = target.lower().removeprefix("sm").replace(".", "")
+    member = getattr(trt.ComputeCapability, f"SM{digits}", None)
+    if member is None:
+        known = [m.lower() for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
+        raise BackendError(
+            f"unknown compute capability target {target!r}; choose one of {', '.join(known)}."
+        )
+    return member

@@ -1,0 +1,296 @@
+"""The shared decoder skeleton: one function builds Gemma-3, Llama, Qwen2 and Qwen3.
+
+Families differ only through `ModelConfig` fields (norm offset, qk-norm, biases, sandwich
+norms, activation, embedding scale, per-layer window and RoPE); there is no per-family
+branch here beyond reading those fields.
+
+Engine I/O contract (docs/architecture.md has the full table):
+  inputs   input_ids        int32 [B, S]   new tokens, right-padded
+           position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
+           last_token_index int32 [B]      which of the S tokens to return logits for
+           past_key_<i>, past_value_<i>    dtype [B, kv_heads, max_seq_len, head_dim]
+  outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
+           present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
+Token (b, s) is written to cache slot position_ids[b, s] and attends to slots
+j <= position_ids[b, s] (and j > position_ids[b, s] - window on sliding layers), so padded
+tails and stale slots beyond a sequence's end are never read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from weights.config import ModelConfig
+
+from .graph import DTYPES, Graph, trt_dtype
+from .options import NetworkOptions, Profile
+from .rope import cos_sin_tables
+
+
+class WeightSource:
+    """What the skeleton reads weights from: `weights.Checkpoint` satisfies it."""
+
+    config: ModelConfig
+
+    def tensor(self, name: str) -> np.ndarray: ...
+
+
+@dataclass
+class DecoderNetwork:
+    """A built `INetworkDefinition` plus what is needed to build or execute it."""
+
+    trt: ModuleType
+    builder: Any
+    network: Any
+    config: ModelConfig
+    options: NetworkOptions
+    profiles: list[Profile]
+    graph: Graph = field(repr=False)  # holds the weight arrays TensorRT points into
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """[kv_heads, max_seq_len, head_dim] of every past/present tensor (after the batch dim)."""
+        return (self.config.num_kv_heads, self.options.max_seq_len, self.config.head_dim)
+
+
+def build_network(source: WeightSource, options: NetworkOptions, trt: ModuleType) -> DecoderNetwork:
+    """Define the whole decoder on a fresh strongly typed network."""
+    config = source.config
+    options.validate(config)
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    g = Graph(trt, network)
+    _Decoder(g, source, options).define()
+    return DecoderNetwork(trt, builder, network, config, options, options.profiles(config), g)
+
+
+class _Decoder:
+    def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions):
+        self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
+        self.dtype = DTYPES[options.dtype]
+        self.masks: dict[int | None, Any] = {}
+        self.rope_tables: dict[Any, tuple[Any, Any]] = {}
+
+    def weight(self, name: str) -> np.ndarray:
+        """A checkpoint tensor in the network dtype (zero-copy when it already is)."""
+        return np.asarray(self.w(name)).astype(self.dtype, copy=False)
+
+    def define(self) -> None:
+        g, cfg, trt = self.g, self.cfg, self.g.trt
+        net = g.network
+        self.input_ids = net.add_input("input_ids", trt.int32, (-1, -1))
+        self.positions = net.add_input("position_ids", trt.int32, (-1, -1))
+        last_index = net.add_input("last_token_index", trt.int32, (-1,))
+        # Write index of each sequence = position of its first new token.
+        first = g.constant(np.array([0], dtype=np.int32), "write_index.col")
+        first_pos = g._named(
+            net.add_gather(self.positions, first, 1), "write_index.gather"
+        ).get_output(0)
+        self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
+        self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
+
+        embed = g.constant(self.weight("embed_tokens.weight"), "embed_tokens.weight")
+        h = g._named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
+        if cfg.embedding_scale is not None:
+            h = g.mul(
+                h, g.scalar(cfg.embedding_scale, self.dtype, 3, "embed_scale.value"), "embed_scale"
+            )
+
+        for i in range(cfg.num_layers):
+            g.scope = f"layers.{i}."
+            h = self.layer(i, h)
+        g.scope = ""
+
+        if not self.opt.all_logits:  # only the requested token per sequence reaches the head
+            gather = net.add_gather(h, last_index, 1)
+            gather.num_elementwise_dims = 1
+            h = g._named(gather, "last_token").get_output(0)
+        h = self.rms_norm(h, "norm.weight", "norm")
+        if cfg.tie_word_embeddings:
+            head = embed  # the same constant: the engine stores the table once
+            logits = self.head_matmul(h, head)
+        else:
+            logits = g.linear(h, self.weight("lm_head.weight"), None, "lm_head")
+        logits = g.cast(logits, np.dtype(np.float32), "logits.float32")
+        if cfg.final_logit_softcap:
+            cap = float(cfg.final_logit_softcap)
+            rank = len(logits.shape)
+            logits = g.mul(
+                logits, g.scalar(1.0 / cap, np.float32, rank, "softcap.inv"), "softcap.div"
+            )
+            logits = g.activation(logits, "TANH", "softcap.tanh")
+            logits = g.mul(logits, g.scalar(cap, np.float32, rank, "softcap.cap"), "softcap.mul")
+        logits.name = "logits"
+        net.mark_output(logits)
+
+    def head_matmul(self, h: Any, table: Any) -> Any:
+        """h @ embed.T reusing the embedding constant (tied LM head)."""
+        g = self.g
+        rank = len(h.shape)
+        t = (
+            g.shuffle(table, "lm_head.table", reshape=(1,) * (rank - 2) + tuple(table.shape))
+            if rank > 2
+            else table
+        )
+        trt = g.trt
+        layer = g.network.add_matrix_multiply(
+            h, trt.MatrixOperation.NONE, t, trt.MatrixOperation.TRANSPOSE
+        )
+        return g._named(layer, "lm_head").get_output(0)
+
+    # Blocks ---------------------------------------------------------------------------------
+    def layer(self, i: int, h: Any) -> Any:
+        cfg, g = self.cfg, self.g
+        p = f"layers.{i}."
+        a = self.attention(i, self.rms_norm(h, p + "input_layernorm.weight", "input_norm"))
+        if cfg.sandwich_norms:
+            a = self.rms_norm(a, p + "post_attention_layernorm.weight", "post_attn_norm")
+        h = g.add(h, a, "attn_residual")
+        mlp_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        m = self.mlp(i, self.rms_norm(h, p + mlp_norm + ".weight", "mlp_norm"))
+        if cfg.sandwich_norms:
+            m = self.rms_norm(m, p + "post_feedforward_layernorm.weight", "post_mlp_norm")
+        return g.add(h, m, "mlp_residual")
+
+    def rms_norm(self, x: Any, weight_name: str, name: str) -> Any:
+        """RMSNorm computed in float32; the scale is applied the way the family's HF code does."""
+        g, cfg = self.g, self.cfg
+        rank = len(x.shape)
+        f32 = np.dtype(np.float32)
+        xf = g.cast(x, f32, f"{name}.to_float")
+        mean_sq = g.mean_last(g.mul(xf, xf, f"{name}.square"), f"{name}.mean")
+        eps = g.scalar(cfg.rms_norm_eps, f32, rank, f"{name}.eps")
+        inv_rms = g.unary(
+            g.unary(g.add(mean_sq, eps, f"{name}.add_eps"), "SQRT", f"{name}.sqrt"),
+            "RECIP",
+            f"{name}.rsqrt",
+        )
+        normed = g.mul(xf, inv_rms, f"{name}.normalize")
+        weight = np.asarray(self.w(weight_name)).astype(np.float32) + np.float32(cfg.norm_offset)
+        shape = (1,) * (rank - 1) + weight.shape
+        if cfg.norm_weight_in_float32:  # Gemma: (x * (1 + w)) in float32, then cast
+            scaled = g.mul(
+                normed, g.constant(weight.reshape(shape), f"{name}.weight"), f"{name}.scale"
+            )
+            return g.cast(scaled, self.dtype, f"{name}.to_dtype")
+        normed = g.cast(normed, self.dtype, f"{name}.to_dtype")  # Llama/Qwen: cast, then w * x
+        return g.mul(
+            normed,
+            g.constant(weight.astype(self.dtype).reshape(shape), f"{name}.weight"),
+            f"{name}.scale",
+        )
+
+    def attention(self, i: int, x: Any) -> Any:
+        cfg, g, trt = self.cfg, self.g, self.g.trt
+        p = f"layers.{i}.self_attn."
+        names = ("q_proj", "k_proj", "v_proj")
+        qkv_w = np.concatenate([self.weight(p + n + ".weight") for n in names])  # one fused matmul
+        qkv_b = (
+            np.concatenate([self.weight(p + n + ".bias") for n in names]) if cfg.qkv_bias else None
+        )
+        qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj")
+        q, k, v = g.split_last(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], "qkv_split")
+
+        heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
+        q, k, v = (
+            g.shuffle(t, f"{n}.heads", reshape=(0, 0, heads[n], cfg.head_dim))
+            for n, t in zip("qkv", (q, k, v))
+        )
+        if cfg.qk_norm:
+            q = self.rms_norm(q, p + "q_norm.weight", "q_norm")
+            k = self.rms_norm(k, p + "k_norm.weight", "k_norm")
+        bhsd = (0, 2, 1, 3)
+        q, k, v = (g.shuffle(t, f"{n}.bhsd", transpose=bhsd) for n, t in zip("qkv", (q, k, v)))
+        layer_cfg = cfg.layers[i]
+        q, k = self.rotary(q, layer_cfg.rope, "q_rope"), self.rotary(k, layer_cfg.rope, "k_rope")
+        # TensorRT's attention applies no scale of its own.
+        q = g.mul(q, g.scalar(cfg.attention_scale, self.dtype, 4, "q_scale.value"), "q_scale")
+
+        keys = self.kv_cache(i, "key", k)
+        values = self.kv_cache(i, "value", v)
+        mask = self.mask(layer_cfg.sliding_window)
+        attn = g.network.add_attention_v2(
+            q, keys, values, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
+        )
+        attn.mask = mask
+        attn.decomposable = True
+        attn.name = g.scope + "attention"
+        out = g.shuffle(attn.get_output(0), "attn.bshd", transpose=bhsd)
+        out = g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
+        o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
+        return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj")
+
+    def rotary(self, x: Any, rope: Any, name: str) -> Any:
+        g = self.g
+        if rope not in self.rope_tables:
+            cos, sin = cos_sin_tables(rope, self.cfg.head_dim, self.opt.max_seq_len)
+            saved, g.scope = g.scope, ""
+            tag = f"rope.{len(self.rope_tables)}"
+            self.rope_tables[rope] = (
+                g.constant(cos.astype(self.dtype), f"{tag}.cos"),
+                g.constant(sin.astype(self.dtype), f"{tag}.sin"),
+            )
+            g.scope = saved
+        cos, sin = self.rope_tables[rope]
+        layer = g.network.add_rotary_embedding(x, cos, sin, False, 0)
+        layer.set_input(3, self.positions64)
+        return g._named(layer, name).get_output(0)
+
+    def kv_cache(self, i: int, kind: str, update: Any) -> Any:
+        """Write this step's keys/values into the cache in place; return the whole cache."""
+        g, trt = self.g, self.g.trt
+        shape = (-1, self.cfg.num_kv_heads, self.opt.max_seq_len, self.cfg.head_dim)
+        past = g.network.add_input(f"past_{kind}_{i}", trt_dtype(trt, self.dtype), shape)
+        layer = g.network.add_kv_cache_update(
+            past, update, self.write_index, trt.KVCacheMode.LINEAR
+        )
+        present = g._named(layer, f"{kind}_cache_update").get_output(0)
+        present.name = f"present_{kind}_{i}"
+        g.network.mark_output(present)
+        return present
+
+    def mask(self, window: int | None) -> Any:
+        """bool [B, 1, S, max_seq_len]: True where query (b, s) may attend cache slot j."""
+        if window in self.masks:
+            return self.masks[window]
+        g = self.g
+        saved, g.scope = g.scope, ""
+        tag = f"mask.{window or 'global'}"
+        if not self.masks:
+            slots = np.arange(self.opt.max_seq_len, dtype=np.int32).reshape(1, 1, 1, -1)
+            self.slots = g.constant(slots, "mask.slots")
+        slots = self.slots
+        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))
+        visible = g.unary(
+            g.elementwise(slots, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
+        )
+        if window:
+            start = g.elementwise(
+                pos, g.scalar(window, np.int32, 4, f"{tag}.window"), "SUB", f"{tag}.start"
+            )
+            recent = g.elementwise(slots, start, "GREATER", f"{tag}.recent")
+            visible = g.elementwise(visible, recent, "AND", tag)
+        g.scope = saved
+        self.masks[window] = visible
+        return visible
+
+    def mlp(self, i: int, x: Any) -> Any:
+        cfg, g = self.cfg, self.g
+        p = f"layers.{i}.mlp."
+        gate_up = np.concatenate(
+            [self.weight(p + "gate_proj.weight"), self.weight(p + "up_proj.weight")]
+        )
+        gate, up = g.split_last(
+            g.linear(x, gate_up, None, "gate_up_proj"), [cfg.intermediate_size] * 2, "gate_up_split"
+        )
+        if cfg.activation == "gelu_tanh":
+            act = g.activation(gate, "GELU_TANH", "gelu")
+        else:  # silu(x) = x * sigmoid(x)
+            act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
+        return g.linear(
+            g.mul(act, up, "gated"), self.weight(p + "down_proj.weight"), None, "down_proj"
+        )

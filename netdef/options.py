@@ -1,0 +1,89 @@
+"""Build-time choices for a decoder network, validated once against the model config."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from weights.config import ModelConfig
+
+Shape = tuple[int, ...]
+
+
+class OptionsError(ValueError):
+    """A build option the network cannot honour; raised before any build work."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: (min, opt, max) shape of every dynamic input."""
+
+    name: str
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    dtype: str = "bfloat16"
+    max_batch: int = 1
+    max_seq_len: int = 4096  # KV-cache length: prompt + generated tokens of one sequence
+    max_prefill: int | None = None  # longest S in one call; default max_seq_len
+    prefill_opt: int | None = None  # S the prefill profile is tuned for; default min(512, max)
+    profile_set: str = "decode,prefill"  # or "dynamic": one profile covering S = 1..max_prefill
+    all_logits: bool = False  # logits for every position (tests), not only last_token_index
+
+    @property
+    def prefill_len(self) -> int:
+        return self.max_prefill or self.max_seq_len
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise OptionsError(
+                f"dtype {self.dtype!r} is not supported; choose bfloat16, float16 or float32."
+            )
+        if self.max_batch < 1:
+            raise OptionsError(f"max_batch={self.max_batch} must be at least 1.")
+        if not 1 <= self.max_seq_len <= config.max_position_embeddings:
+            raise OptionsError(
+                f"max_seq_len={self.max_seq_len} is outside what the model supports "
+                f"(1..max_position_embeddings={config.max_position_embeddings}); choose a smaller --max-seq-len."
+            )
+        if not 1 <= self.prefill_len <= self.max_seq_len:
+            raise OptionsError(
+                f"max_prefill={self.max_prefill} must be between 1 and max_seq_len={self.max_seq_len}."
+            )
+        if self.prefill_opt is not None and not 1 <= self.prefill_opt <= self.prefill_len:
+            raise OptionsError(
+                f"prefill_opt={self.prefill_opt} must be between 1 and max_prefill={self.prefill_len}."
+            )
+        if self.profile_set not in ("decode,prefill", "dynamic"):
+            raise OptionsError(
+                f"profiles {self.profile_set!r} is not supported; choose 'decode,prefill' or 'dynamic'."
+            )
+        if self.dtype == "float16" and config.family == "gemma3":
+            warnings.warn(
+                "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.",
+                stacklevel=2,
+            )
+
+    def profiles(self, config: ModelConfig) -> list[Profile]:
+        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both."""
+        b, s_max = self.max_batch, self.prefill_len
+        s_opt = self.prefill_opt or min(512, s_max)
+        if self.profile_set == "dynamic":
+            ranges = [("dynamic", (1, 1, b), (1, s_opt, s_max))]
+        else:
+            ranges = [("decode", (1, b, b), (1, 1, 1)), ("prefill", (1, 1, b), (1, s_opt, s_max))]
+        cache = (config.num_kv_heads, self.max_seq_len, config.head_dim)
+        out = []
+        for name, batch, seq in ranges:
+            shapes: dict[str, tuple[Shape, Shape, Shape]] = {
+                "input_ids": tuple((bb, ss) for bb, ss in zip(batch, seq)),
+                "position_ids": tuple((bb, ss) for bb, ss in zip(batch, seq)),
+                "last_token_index": tuple((bb,) for bb in batch),
+            }
+            for i in range(config.num_layers):
+                for kind in ("key", "value"):
+                    shapes[f"past_{kind}_{i}"] = tuple((bb, *cache) for bb in batch)
+            out.append(Profile(name, shapes))
+        return out

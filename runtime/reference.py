@@ -1,0 +1,522 @@
+"""A NumPy executor of a TensorRT `INetworkDefinition`: the CPU backend and the numerics oracle.
+
+It walks the very network netdef builds, layer by layer, and gives each layer the semantics
+the TensorRT operator documentation states. Floating-point layers compute in float32 and
+round once to the layer's output type (bfloat16 through `ml_dtypes`, round-to-nearest-even),
+as GPU kernels that accumulate in float32 do. Known difference from fused GPU kernels:
+attention keeps its probabilities in float32 (flash kernels may round them to the input
+type before the second matmul). A layer type or mode it does not implement is an error,
+never a silent approximation.
+
+    from runtime.reference import run_network
+    outputs = run_network(decoder_network, {"input_ids": ids, ...})   # name -> array
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from netdef.options import Profile
+
+
+class ExecutorError(RuntimeError):
+    """The network or its feeds cannot be executed as given."""
+
+
+def run_network(
+    network: Any,
+    feeds: Mapping[str, np.ndarray],
+    profiles: list[Profile] | None = None,
+    constants: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Execute `network` on `feeds` and return every network output by name.
+
+    `network` is a `netdef.DecoderNetwork` (its profiles and weights are used) or a plain
+    `INetworkDefinition`. The first profile whose shape ranges contain the feeds is chosen;
+    feeds that fit none, or that contradict the declared shapes or types, are an error.
+    KV-cache updates happen in place in the fed cache arrays, as on the GPU, where the
+    present outputs alias the past inputs.
+    """
+    return Executor.for_network(network, profiles, constants).run(feeds)
+
+
+def _topological(layers: list[Any]) -> list[Any]:
+    """Layers in an order where each runs after the producers of its inputs.
+
+    Definition order is not enough: an input may be attached after a layer is added
+    (`set_input`, `IAttention.mask`)."""
+    producer = {layer.get_output(i).name: n for n, layer in enumerate(layers) for i in range(layer.num_outputs)}
+    order, state = [], [0] * len(layers)  # 0 new, 1 visiting, 2 done
+    for root in range(len(layers)):
+        stack = [(root, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if expanded:
+                state[n] = 2
+                order.append(layers[n])
+                continue
+            if state[n]:
+                continue
+            state[n] = 1
+            stack.append((n, True))
+            for i in range(layers[n].num_inputs):
+                t = layers[n].get_input(i)
+                dep = producer.get(t.name) if t is not None else None
+                if dep is not None and state[dep] == 0:
+                    stack.append((dep, False))
+    return order
+
+
+def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
+    table = {
+        trt.float32: np.float32,
+        trt.float16: np.float16,
+        trt.bfloat16: ml_dtypes.bfloat16,
+        trt.int32: np.int32,
+        trt.int64: np.int64,
+        trt.int8: np.int8,
+        trt.bool: np.bool_,
+    }
+    if dtype not in table:
+        raise ExecutorError(f"tensor type {dtype} is not supported by the reference executor.")
+    return np.dtype(table[dtype])
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return (
+        x.astype(np.float32, copy=False)
+        if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16
+        else x
+    )
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+class Executor:
+    """Prepared once per network (layer classes, constants in float32); `run` per call."""
+
+    def __init__(
+        self,
+        network: Any,
+        profiles: list[Profile] | None,
+        constants: Mapping[str, np.ndarray] | None,
+    ):
+        import_module = type(network).__module__.split(".")[0]
+        self.trt = __import__(import_module.removesuffix("_bindings"))
+        self.network = network
+        self.profiles = profiles or []
+        layers = _topological([network.get_layer(i) for i in range(network.num_layers)])
+        self.kinds = [
+            layer.type for layer in layers
+        ]  # before _typed: IActivationLayer.type shadows it
+        self.layers = [self._typed(layer) for layer in layers]
+        self.inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        self.outputs = [network.get_output(i) for i in range(network.num_outputs)]
+        self.constants = {
+            layer.name: self._constant(layer, constants or {})
+            for layer, kind in zip(self.layers, self.kinds)
+            if kind == self.trt.LayerType.CONSTANT
+        }
+
+    @classmethod
+    def for_network(cls, network: Any, profiles=None, constants=None) -> Executor:
+        if hasattr(network, "network"):  # a DecoderNetwork: reuse its prepared executor
+            cached = getattr(network, "_executor", None)
+            if cached is None:
+                cached = cls(network.network, network.profiles, network.graph.constants)
+                network._executor = cached
+            return cached
+        return cls(network, profiles, constants)
+
+    # Preparation -------------------------------------------------------------------------------
+    def _typed(self, layer: Any) -> Any:
+        """Give the plain `ILayer` from get_layer() its concrete class, exposing its attributes."""
+        T = self.trt.LayerType
+        classes = {
+            T.ACTIVATION: "IActivationLayer",
+            T.CAST: "ICastLayer",
+            T.CONCATENATION: "IConcatenationLayer",
+            T.CONSTANT: "IConstantLayer",
+            T.ELEMENTWISE: "IElementWiseLayer",
+            T.GATHER: "IGatherLayer",
+            T.IDENTITY: "IIdentityLayer",
+            T.MATRIX_MULTIPLY: "IMatrixMultiplyLayer",
+            T.REDUCE: "IReduceLayer",
+            T.SHAPE: "IShapeLayer",
+            T.SHUFFLE: "IShuffleLayer",
+            T.SLICE: "ISliceLayer",
+            T.UNARY: "IUnaryLayer",
+            T.ROTARY_EMBEDDING: "IRotaryEmbeddingLayer",
+            T.KV_CACHE_UPDATE: "IKVCacheUpdateLayer",
+            T.ATTENTION_INPUT: "IAttentionInputLayer",
+            T.ATTENTION_OUTPUT: "IAttentionOutputLayer",
+            T.SOFTMAX: "ISoftMaxLayer",
+            T.SELECT: "ISelectLayer",
+        }
+        if layer.type not in classes:
+            raise ExecutorError(
+                f"layer {layer.name!r} has type {layer.type.name}, which the reference executor does not implement."
+            )
+        layer.__class__ = getattr(self.trt, classes[layer.type])
+        return layer
+
+    def _constant(self, layer: Any, constants: Mapping[str, np.ndarray]) -> np.ndarray:
+        out_dtype = numpy_dtype(self.trt, layer.get_output(0).dtype)
+        shape = tuple(layer.shape)
+        if layer.name in constants:
+            array = np.asarray(constants[layer.name])
+        else:
+            try:
+                array = np.asarray(layer.weights)
+            except (TypeError, AttributeError) as e:
+                raise ExecutorError(
+                    f"constant {layer.name!r} ({out_dtype}) cannot be read back from the bindings; "
+                    "pass its array in `constants`."
+                ) from e
+        if array.dtype != out_dtype or array.size != int(np.prod(shape)):
+            raise ExecutorError(
+                f"constant {layer.name!r}: array {array.dtype}{array.shape} does not match {out_dtype}{shape}."
+            )
+        return array.reshape(shape)
+
+    # Feeds and profiles ------------------------------------------------------------------------
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        for t in self.inputs:
+            if t.name not in feeds:
+                raise ExecutorError(f"input {t.name!r} was not fed.")
+            x = feeds[t.name]
+            want = numpy_dtype(self.trt, t.dtype)
+            if x.dtype != want:
+                raise ExecutorError(f"input {t.name!r} must be {want}, got {x.dtype}.")
+            declared = tuple(t.shape)
+            if len(declared) != x.ndim or any(d not in (-1, n) for d, n in zip(declared, x.shape)):
+                raise ExecutorError(
+                    f"input {t.name!r} has shape {x.shape}; the network declares {declared}."
+                )
+        if not self.profiles:
+            return
+        for profile in self.profiles:
+            if all(
+                all(lo <= n <= hi for lo, n, hi in zip(ranges[0], feeds[name].shape, ranges[2]))
+                for name, ranges in profile.shapes.items()
+            ):
+                return
+        described = "; ".join(
+            f"{p.name}: " + ", ".join(f"{n} {r[0]}..{r[2]}" for n, r in list(p.shapes.items())[:2])
+            for p in self.profiles
+        )
+        shapes = ", ".join(f"{n} {feeds[n].shape}" for n in list(self.profiles[0].shapes)[:2])
+        raise ExecutorError(f"the feeds ({shapes}) fit no optimization profile ({described}).")
+
+    # Execution ---------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feeds(feeds)
+        env: dict[str, np.ndarray] = {t.name: feeds[t.name] for t in self.inputs}
+        T = self.trt.LayerType
+        handlers: dict[Any, Callable[[Any, list], list[np.ndarray]]] = {
+            T.CONSTANT: lambda layer, _: [self.constants[layer.name]],
+            T.ACTIVATION: self._activation,
+            T.CAST: self._cast,
+            T.IDENTITY: self._cast,
+            T.CONCATENATION: self._concatenation,
+            T.ELEMENTWISE: self._elementwise,
+            T.GATHER: self._gather,
+            T.MATRIX_MULTIPLY: self._matmul,
+            T.REDUCE: self._reduce,
+            T.SHAPE: self._shape,
+            T.SHUFFLE: self._shuffle,
+            T.SLICE: self._slice,
+            T.UNARY: self._unary,
+            T.SOFTMAX: self._softmax,
+            T.SELECT: self._select,
+            T.ROTARY_EMBEDDING: self._rotary,
+            T.KV_CACHE_UPDATE: self._kv_cache_update,
+            T.ATTENTION_INPUT: self._attention,
+            T.ATTENTION_OUTPUT: self._attention_output,
+        }
+        self._pending: dict[str, np.ndarray] = {}
+        for layer, kind in zip(self.layers, self.kinds):
+            inputs = [
+                env[t.name] if (t := layer.get_input(i)) is not None else None
+                for i in range(layer.num_inputs)
+            ]
+            try:
+                results = handlers[kind](layer, inputs)
+            except ExecutorError:
+                raise
+            except Exception as e:
+                raise ExecutorError(f"layer {layer.name!r} ({kind.name}) failed: {e}") from e
+            for i, value in enumerate(results):
+                out = layer.get_output(i)
+                want = numpy_dtype(self.trt, out.dtype)
+                env[out.name] = value if value.dtype == want else value.astype(want)
+        return {t.name: env[t.name] for t in self.outputs}
+
+    def _out(self, layer: Any, i: int = 0) -> np.dtype:
+        return numpy_dtype(self.trt, layer.get_output(i).dtype)
+
+    # Layers (each follows the TensorRT operator page of the same name) --------------------------
+    def _activation(self, layer, inputs):
+        x = _f32(inputs[0])
+        A = self.trt.ActivationType
+        kinds = {
+            A.RELU: lambda v: np.maximum(v, 0),
+            A.SIGMOID: lambda v: 1 / (1 + np.exp(-v)),
+            A.TANH: np.tanh,
+            # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            A.GELU_TANH: lambda v: (
+                0.5
+                * v
+                * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (v + np.float32(0.044715) * v**3)))
+            ),
+        }
+        act = layer.type  # IActivationLayer.type is the activation kind
+        if act not in kinds:
+            raise ExecutorError(
+                f"activation {act.name} in {layer.name!r} is not implemented by the reference executor."
+            )
+        return [kinds[act](x).astype(np.float32)]
+
+    def _cast(self, layer, inputs):
+        x, want = inputs[0], self._out(layer)
+        if _is_float(x.dtype) and not _is_float(want) and want != np.bool_:
+            raise ExecutorError(f"cast {layer.name!r} from float to {want} is not implemented.")
+        return [x.astype(want)]
+
+    def _concatenation(self, layer, inputs):
+        return [np.concatenate(inputs, axis=layer.axis)]
+
+    def _elementwise(self, layer, inputs):
+        a, b = inputs
+        if a.ndim != b.ndim:
+            raise ExecutorError(
+                f"elementwise {layer.name!r}: operands of rank {a.ndim} and {b.ndim} (TensorRT needs equal ranks)."
+            )
+        E = self.trt.ElementWiseOperation
+        op = layer.op
+        if op in (E.AND, E.OR, E.XOR):
+            fn = {E.AND: np.logical_and, E.OR: np.logical_or, E.XOR: np.logical_xor}[op]
+            return [fn(a, b)]
+        if op in (E.EQUAL, E.GREATER, E.LESS):
+            fn = {E.EQUAL: np.equal, E.GREATER: np.greater, E.LESS: np.less}[op]
+            return [fn(_f32(a), _f32(b))]
+        if _is_float(a.dtype):
+            a, b = _f32(a), _f32(b)
+        elif op in (E.DIV, E.POW):
+            raise ExecutorError(
+                f"integer {op.name} in {layer.name!r} is not implemented by the reference executor."
+            )
+        fns = {
+            E.SUM: np.add,
+            E.PROD: np.multiply,
+            E.MAX: np.maximum,
+            E.MIN: np.minimum,
+            E.SUB: np.subtract,
+            E.DIV: np.divide,
+            E.POW: np.power,
+            E.FLOOR_DIV: np.floor_divide,
+        }
+        return [fns[op](a, b)]
+
+    def _gather(self, layer, inputs):
+        data, indices = inputs
+        if layer.mode != self.trt.GatherMode.DEFAULT:
+            raise ExecutorError(
+                f"gather {layer.name!r}: mode {layer.mode.name} is not implemented."
+            )
+        axis = layer.axis
+        if indices.size and (indices.min() < 0 or indices.max() >= data.shape[axis]):
+            raise ExecutorError(
+                f"gather {layer.name!r}: index out of range [0, {data.shape[axis]}) "
+                f"(min {indices.min()}, max {indices.max()})."
+            )
+        if layer.num_elementwise_dims == 0:
+            return [np.take(data, indices, axis=axis)]
+        # One leading elementwise dim: output[b, ...] gathers data[b] with indices[b].
+        n = max(data.shape[0], indices.shape[0])
+        parts = [
+            np.take(
+                data[b if data.shape[0] > 1 else 0],
+                indices[b if indices.shape[0] > 1 else 0],
+                axis=axis - 1,
+            )
+            for b in range(n)
+        ]
+        return [np.stack(parts)]
+
+    def _matmul(self, layer, inputs):
+        M = self.trt.MatrixOperation
+        a, b = (_f32(x) for x in inputs)
+        ops = (layer.op0, layer.op1)
+        if M.VECTOR in ops:
+            raise ExecutorError(
+                f"matrix multiply {layer.name!r}: VECTOR operands are not implemented."
+            )
+        if ops[0] == M.TRANSPOSE:
+            a = np.swapaxes(a, -1, -2)
+        if ops[1] == M.TRANSPOSE:
+            b = np.swapaxes(b, -1, -2)
+        return [np.matmul(a, b)]
+
+    def _reduce(self, layer, inputs):
+        x = _f32(inputs[0])
+        axes = tuple(i for i in range(x.ndim) if layer.axes >> i & 1)
+        R = self.trt.ReduceOperation
+        fns = {R.SUM: np.sum, R.PROD: np.prod, R.MAX: np.max, R.MIN: np.min, R.AVG: np.mean}
+        return [fns[layer.op](x, axis=axes, keepdims=layer.keep_dims)]
+
+    def _shape(self, layer, inputs):
+        return [np.array(inputs[0].shape, dtype=np.int64)]
+
+    def _shuffle(self, layer, inputs):
+        if len(inputs) > 1 and inputs[1] is not None:
+            raise ExecutorError(
+                f"shuffle {layer.name!r}: a dynamic reshape input is not implemented."
+            )
+        x = np.transpose(inputs[0], tuple(layer.first_transpose)[: inputs[0].ndim])
+        dims = layer.reshape_dims
+        if dims is not None and len(dims) >= 0 and layer.get_output(0) is not None:
+            dims = tuple(dims)
+            if layer.zero_is_placeholder:
+                dims = tuple(x.shape[i] if d == 0 else d for i, d in enumerate(dims))
+            x = x.reshape(dims)
+        return [np.transpose(x, tuple(layer.second_transpose)[: x.ndim])]
+
+    def _slice(self, layer, inputs):
+        x = inputs[0]
+        if layer.mode != self.trt.SampleMode.STRICT_BOUNDS:
+            raise ExecutorError(f"slice {layer.name!r}: mode {layer.mode.name} is not implemented.")
+        start = (
+            tuple(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else tuple(layer.start)
+        )
+        size = tuple(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else tuple(layer.shape)
+        stride = (
+            tuple(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else tuple(layer.stride)
+        )
+        index = []
+        for d, (s0, n, st) in enumerate(zip(start, size, stride)):
+            last = s0 + (n - 1) * st
+            if n > 0 and not (0 <= s0 < x.shape[d] and 0 <= last < x.shape[d]):
+                raise ExecutorError(
+                    f"slice {layer.name!r}: dim {d} reads [{s0}, {last}] of {x.shape[d]}."
+                )
+            index.append(np.arange(n) * st + s0)
+        return [x[np.ix_(*index)]]
+
+    def _unary(self, layer, inputs):
+        x = inputs[0]
+        U = self.trt.UnaryOperation
+        if layer.op == U.NOT:
+            return [np.logical_not(x)]
+        x = _f32(x)
+        fns = {
+            U.EXP: np.exp,
+            U.LOG: np.log,
+            U.SQRT: np.sqrt,
+            U.RECIP: np.reciprocal,
+            U.ABS: np.abs,
+            U.NEG: np.negative,
+            U.SIN: np.sin,
+            U.COS: np.cos,
+            U.FLOOR: np.floor,
+            U.CEIL: np.ceil,
+        }
+        if layer.op not in fns:
+            raise ExecutorError(
+                f"unary {layer.op.name} in {layer.name!r} is not implemented by the reference executor."
+            )
+        return [fns[layer.op](x)]
+
+    def _softmax(self, layer, inputs):
+        x = _f32(inputs[0])
+        axes = tuple(i for i in range(x.ndim) if layer.axes >> i & 1)
+        e = np.exp(x - x.max(axis=axes, keepdims=True))
+        return [e / e.sum(axis=axes, keepdims=True)]
+
+    def _select(self, layer, inputs):
+        cond, a, b = inputs
+        return [np.where(cond, a, b)]
+
+    def _rotary(self, layer, inputs):
+        # out = x * cos + rotate(x) * sin over pairs (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin).
+        x, cos, sin = (_f32(v) for v in inputs[:3])
+        positions = inputs[3] if len(inputs) > 3 else None
+        if positions is not None:  # tables [max_pos + 1, d/2] indexed per token
+            if positions.min() < 0 or positions.max() >= cos.shape[0]:
+                raise ExecutorError(
+                    f"rotary {layer.name!r}: position ids outside [0, {cos.shape[0]})."
+                )
+            cos, sin = cos[positions], sin[positions]  # [B, S, d/2]
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: [B, 1, S, d/2]
+        rot = layer.rotary_embedding_dim or x.shape[-1]
+        xr, rest = x[..., :rot], x[..., rot:]
+        if layer.interleaved:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            out = np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
+        else:
+            x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+            out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return [np.concatenate([out, rest], axis=-1)]
+
+    def _kv_cache_update(self, layer, inputs):
+        cache, update, write_indices = inputs[:3]
+        if layer.cache_mode != self.trt.KVCacheMode.LINEAR:
+            raise ExecutorError(
+                f"KV cache update {layer.name!r}: mode {layer.cache_mode.name} is not implemented."
+            )
+        s = update.shape[2]
+        for b, start in enumerate(write_indices.tolist()):
+            if not 0 <= start <= cache.shape[2] - s:
+                raise ExecutorError(
+                    f"KV cache update {layer.name!r}: sequence {b} writes slots [{start}, {start + s}) "
+                    f"beyond the cache length {cache.shape[2]}."
+                )
+            cache[b, :, start : start + s, :] = update[b]  # in place: the output aliases the input
+        return [cache]
+
+    def _attention(self, layer, inputs):
+        """softmax(Q Kᵀ + mask) V with GQA; no scale (the network scales Q itself)."""
+        attention = layer.attention
+        if attention.key_value_lengths is not None or attention.query_lengths is not None:
+            raise ExecutorError(f"attention {layer.name!r}: variable lengths are not implemented.")
+        if attention.key_value_form != self.trt.AttentionIOForm.PADDED_BHND:
+            raise ExecutorError(
+                f"attention {layer.name!r}: only the padded [B, N, S, H] layout is implemented."
+            )
+        q, k, v = (_f32(x) for x in inputs[:3])
+        mask = inputs[3] if len(inputs) > 3 else None  # the mask is the boundary layer's 4th input
+        b, nq, sq, h = q.shape
+        nkv, skv = k.shape[1], k.shape[2]
+        if nq % nkv:
+            raise ExecutorError(
+                f"attention {layer.name!r}: {nq} query heads are not a multiple of {nkv} kv heads."
+            )
+        qg = q.reshape(b, nkv, nq // nkv, sq, h)
+        scores = np.matmul(qg, np.swapaxes(k, -1, -2)[:, :, None])  # [B, Nkv, G, Sq, Skv]
+        scores = scores.reshape(b, nq, sq, skv)
+        C = self.trt.CausalMaskKind
+        kind = attention.causal_kind
+        if kind != C.NONE:
+            i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
+            visible = j <= i + (skv - sq) if kind == C.LOWER_RIGHT else j <= i
+            scores = np.where(visible, scores, -np.inf)
+        if mask is not None:
+            scores = (
+                np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + _f32(mask)
+            )
+        if attention.norm_op == self.trt.AttentionNormalizationOp.SOFTMAX:
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores.reshape(b, nkv, nq // nkv, sq, skv), v[:, :, None])
+        # The result belongs to the ATTENTION_OUTPUT boundary layer, which comes next.
+        self._pending[attention.get_output(0).name] = out.reshape(b, nq, sq, h)
+        return [np.empty(0, dtype=self._out(layer))] * layer.num_outputs
+
+    def _attention_output(self, layer, inputs):
+        return [self._pending.pop(layer.get_output(0).name)]
