@@ -26,6 +26,7 @@ import numpy as np
 
 from weights.config import ModelConfig
 
+from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
 from .options import NetworkOptions, Profile
 from .rope import cos_sin_tables
@@ -57,10 +58,13 @@ class DecoderNetwork:
         return (self.config.num_kv_heads, self.options.max_seq_len, self.config.head_dim)
 
 
-def build_network(source: WeightSource, options: NetworkOptions, trt: ModuleType) -> DecoderNetwork:
-    """Define the whole decoder on a fresh strongly typed network."""
+def build_network(
+    source: WeightSource, options: NetworkOptions, trt: ModuleType | None = None
+) -> DecoderNetwork:
+    """Define the whole decoder on a fresh strongly typed network (no engine is built yet)."""
     config = source.config
     options.validate(config)
+    trt = trt or load_backend()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     g = Graph(trt, network)

@@ -1,0 +1,45 @@
+"""The CPU backend: a decoder network executed by the NumPy reference executor.
+
+It owns the KV cache arrays the way the TensorRT backend owns device buffers: allocated
+once per batch size, fed as the past_* inputs and updated in place by the network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from netdef.decoder import DecoderNetwork
+from netdef.graph import DTYPES
+
+from .reference import Executor
+
+
+class CpuModel:
+    def __init__(self, dn: DecoderNetwork):
+        self.dn = dn
+        self.executor = Executor.for_network(dn)
+        self.caches: dict[str, np.ndarray] = {}
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.dn.options.max_seq_len
+
+    def reset(self, batch: int) -> None:
+        """Fresh, zeroed KV caches for `batch` sequences."""
+        dtype = DTYPES[self.dn.options.dtype]
+        shape = (batch, *self.dn.kv_cache_shape)
+        self.caches = {
+            f"past_{kind}_{i}": np.zeros(shape, dtype)
+            for i in range(self.dn.config.num_layers)
+            for kind in ("key", "value")
+        }
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray) -> np.ndarray:
+        """One network call; returns float32 logits ([B, V], or [B, S, V] for all-logits networks)."""
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int32),
+            "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
+            **self.caches,
+        }
+        return self.executor.run(feeds)["logits"]

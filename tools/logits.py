@@ -1,0 +1,80 @@
+"""Logits of a model's TensorRT network, executed on the CPU: a check anyone can run.
+
+    python -m tools.logits MODEL_DIR --ids 2,18,77,... [--ids ...] [--prefill N]
+        [--dtype float32|bfloat16|float16] --out logits.npy
+
+The first N ids of each sequence go through the network as one prefill call, every later
+id as one decode call through the KV cache, exactly as a generate loop drives an engine.
+Saved as float32: [T, vocab] for one sequence, [B, T_max, vocab] for several, NaN past a
+sequence's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from netdef import NetworkOptions, OptionsError, build_network
+from runtime.cpu import CpuModel
+from weights import Checkpoint, WeightsError
+
+
+def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.ndarray:
+    """[B, T_max, vocab] logits, NaN where a sequence has ended."""
+    batch, t_max = len(seqs), max(len(s) for s in seqs)
+    ids = np.zeros((batch, t_max), np.int32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+    lengths = np.array([len(s) for s in seqs])
+    model.reset(batch)
+    positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
+    last = np.minimum(lengths, prefill) - 1
+    steps = [model.forward(ids[:, :prefill], positions, last)]
+    for t in tqdm(range(prefill, t_max), desc="decode", unit="tok", disable=t_max - prefill < 2, file=sys.stderr):
+        steps.append(model.forward(ids[:, t : t + 1], np.full((batch, 1), t, np.int32), np.zeros(batch, np.int32)))
+    logits = np.concatenate(steps, axis=1)
+    logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
+    return logits
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.logits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--ids", action="append", required=True, help="comma-separated token ids; repeat for a batch")
+    parser.add_argument("--prefill", type=int, help="ids per sequence in the first call (default: all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
+    args = parser.parse_args(argv)
+    try:
+        seqs = [[int(tok) for tok in s.split(",") if tok.strip()] for s in args.ids]
+    except ValueError:
+        parser.error("--ids takes comma-separated integers, e.g. --ids 2,18,77")
+    if any(not s for s in seqs):
+        parser.error("every --ids needs at least one token id")
+    t_max = max(len(s) for s in seqs)
+    prefill = args.prefill or t_max
+    if not 1 <= prefill <= t_max:
+        parser.error(f"--prefill {prefill} must be between 1 and the longest sequence ({t_max})")
+    try:
+        ckpt = Checkpoint.open(args.model_dir)
+        vocab = ckpt.config.vocab_size
+        bad = sorted({tok for s in seqs for tok in s if not 0 <= tok < vocab})
+        if bad:
+            raise SystemExit(f"error: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        options = NetworkOptions(
+            dtype=args.dtype, max_batch=len(seqs), max_seq_len=t_max, max_prefill=prefill, all_logits=True
+        )
+        model = CpuModel(build_network(ckpt, options))
+    except (WeightsError, OptionsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    logits = sequence_logits(model, seqs, prefill)
+    np.save(args.out, logits[0] if len(seqs) == 1 else logits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
