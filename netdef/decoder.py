@@ -18,6 +18,7 @@ tails and stale slots beyond a sequence's end are never read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -59,22 +60,29 @@ class DecoderNetwork:
 
 
 def build_network(
-    source: WeightSource, options: NetworkOptions, trt: ModuleType | None = None
+    source: WeightSource,
+    options: NetworkOptions,
+    trt: ModuleType | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> DecoderNetwork:
-    """Define the whole decoder on a fresh strongly typed network (no engine is built yet)."""
+    """Define the whole decoder on a fresh strongly typed network (no engine is built yet).
+
+    `on_layer(done, total)` is called after each decoder layer, for progress bars.
+    """
     config = source.config
     options.validate(config)
     trt = trt or load_backend()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     g = Graph(trt, network)
-    _Decoder(g, source, options).define()
+    _Decoder(g, source, options, on_layer).define()
     return DecoderNetwork(trt, builder, network, config, options, options.profiles(config), g)
 
 
 class _Decoder:
-    def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions):
+    def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions, on_layer=None):
         self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
+        self.on_layer = on_layer
         self.dtype = DTYPES[options.dtype]
         self.masks: dict[int | None, Any] = {}
         self.rope_tables: dict[Any, tuple[Any, Any]] = {}
@@ -107,6 +115,8 @@ class _Decoder:
         for i in range(cfg.num_layers):
             g.scope = f"layers.{i}."
             h = self.layer(i, h)
+            if self.on_layer:
+                self.on_layer(i + 1, cfg.num_layers)
         g.scope = ""
 
         if not self.opt.all_logits:  # only the requested token per sequence reaches the head

@@ -34,7 +34,9 @@ class CpuModel:
             for kind in ("key", "value")
         }
 
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
+    ) -> np.ndarray:
         """One network call; returns float32 logits ([B, V], or [B, S, V] for all-logits networks)."""
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),

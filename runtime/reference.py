@@ -49,7 +49,11 @@ def _topological(layers: list[Any]) -> list[Any]:
 
     Definition order is not enough: an input may be attached after a layer is added
     (`set_input`, `IAttention.mask`)."""
-    producer = {layer.get_output(i).name: n for n, layer in enumerate(layers) for i in range(layer.num_outputs)}
+    producer = {
+        layer.get_output(i).name: n
+        for n, layer in enumerate(layers)
+        for i in range(layer.num_outputs)
+    }
     order, state = [], [0] * len(layers)  # 0 new, 1 visiting, 2 done
     for root in range(len(layers)):
         stack = [(root, False)]
@@ -94,6 +98,10 @@ def _f32(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _address(x: np.ndarray) -> int:
+    return x.__array_interface__["data"][0]
+
+
 def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
 
@@ -122,6 +130,13 @@ class Executor:
             layer.name: self._constant(layer, constants or {})
             for layer, kind in zip(self.layers, self.kinds)
             if kind == self.trt.LayerType.CONSTANT
+        }
+        # Matmul weights converted to float32 once, not on every call. Keyed by memory address,
+        # so reshaped views of a constant (the tied LM head) find it too.
+        self._weight_f32 = {
+            _address(array): array.astype(np.float32).ravel()
+            for array in self.constants.values()
+            if array.ndim >= 2 and _is_float(array.dtype) and array.dtype != np.float32
         }
 
     @classmethod
@@ -258,6 +273,12 @@ class Executor:
                 env[out.name] = value if value.dtype == want else value.astype(want)
         return {t.name: env[t.name] for t in self.outputs}
 
+    def _as_f32(self, x: np.ndarray) -> np.ndarray:
+        cached = self._weight_f32.get(_address(x)) if x.flags.c_contiguous else None
+        if cached is not None and cached.size == x.size:
+            return cached.reshape(x.shape)
+        return _f32(x)
+
     def _out(self, layer: Any, i: int = 0) -> np.dtype:
         return numpy_dtype(self.trt, layer.get_output(i).dtype)
 
@@ -352,7 +373,7 @@ class Executor:
 
     def _matmul(self, layer, inputs):
         M = self.trt.MatrixOperation
-        a, b = (_f32(x) for x in inputs)
+        a, b = (self._as_f32(x) for x in inputs)
         ops = (layer.op0, layer.op1)
         if M.VECTOR in ops:
             raise ExecutorError(

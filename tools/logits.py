@@ -34,18 +34,39 @@ def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.
     positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
     last = np.minimum(lengths, prefill) - 1
     steps = [model.forward(ids[:, :prefill], positions, last)]
-    for t in tqdm(range(prefill, t_max), desc="decode", unit="tok", disable=t_max - prefill < 2, file=sys.stderr):
-        steps.append(model.forward(ids[:, t : t + 1], np.full((batch, 1), t, np.int32), np.zeros(batch, np.int32)))
+    for t in tqdm(
+        range(prefill, t_max),
+        desc="decode",
+        unit="tok",
+        disable=t_max - prefill < 2,
+        file=sys.stderr,
+    ):
+        steps.append(
+            model.forward(
+                ids[:, t : t + 1], np.full((batch, 1), t, np.int32), np.zeros(batch, np.int32)
+            )
+        )
     logits = np.concatenate(steps, axis=1)
     logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
     return logits
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.logits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)")
-    parser.add_argument("--ids", action="append", required=True, help="comma-separated token ids; repeat for a batch")
-    parser.add_argument("--prefill", type=int, help="ids per sequence in the first call (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.logits", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)"
+    )
+    parser.add_argument(
+        "--ids",
+        action="append",
+        required=True,
+        help="comma-separated token ids; repeat for a batch",
+    )
+    parser.add_argument(
+        "--prefill", type=int, help="ids per sequence in the first call (default: all)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
     args = parser.parse_args(argv)
@@ -66,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise SystemExit(f"error: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
         options = NetworkOptions(
-            dtype=args.dtype, max_batch=len(seqs), max_seq_len=t_max, max_prefill=prefill, all_logits=True
+            dtype=args.dtype,
+            max_batch=len(seqs),
+            max_seq_len=t_max,
+            max_prefill=prefill,
+            all_logits=True,
         )
         model = CpuModel(build_network(ckpt, options))
     except (WeightsError, OptionsError) as e:
