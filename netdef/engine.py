@@ -14,7 +14,10 @@ class EngineBuildError(RuntimeError):
 
 
 def builder_config(
-    dn: DecoderNetwork, target: str | None = None, optimization_level: int | None = None
+    dn: DecoderNetwork,
+    target: str | None = None,
+    optimization_level: int | None = None,
+    timing_cache: bytes | None = None,
 ) -> Any:
     """Builder config with one optimization profile per `dn.profiles` entry, in order."""
     trt = dn.trt
@@ -26,6 +29,8 @@ def builder_config(
         config.add_optimization_profile(profile)
     if optimization_level is not None:
         config.builder_optimization_level = optimization_level
+    if timing_cache is not None:
+        config.set_timing_cache(config.create_timing_cache(timing_cache), ignore_mismatch=True)
     if is_rtx(trt) and target is not None:  # ahead-of-time build for one GPU generation
         config.num_compute_capabilities = 1
         config.set_compute_capability(compute_capability(trt, target), 0)
@@ -38,13 +43,19 @@ def build_engine(
     *,
     target: str | None = None,
     optimization_level: int | None = None,
+    timing_cache: Path | None = None,
+    progress_monitor: Any = None,
 ) -> int:
     """Build and stream the engine straight to `path` (it never sits whole in host memory).
 
-    Returns the engine size in bytes.
+    `timing_cache` is read if it exists and written back after the build. Returns the engine
+    size in bytes.
     """
     trt = dn.trt
-    config = builder_config(dn, target, optimization_level)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    config = builder_config(dn, target, optimization_level, cache_bytes if timing_cache else None)
+    if progress_monitor is not None:
+        config.progress_monitor = progress_monitor
 
     class _FileWriter(trt.IStreamWriter):
         def __init__(self, f):
@@ -64,4 +75,6 @@ def build_engine(
             "TensorRT could not build the engine (see the builder log above); "
             "check the target GPU and try a smaller --max-seq-len or --max-batch."
         )
+    if timing_cache:
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return writer.size

@@ -1,0 +1,117 @@
+"""The engine artifact: a folder holding the engine, its metadata and the tokenizer files.
+
+    model.engine        serialized TensorRT engine
+    metadata.json       model config, build options, profiles, I/O contract, versions, checksums
+    tokenizer.json ...  copied from the model folder, with config.json and generation_config.json
+
+It is written to a temporary sibling folder and renamed into place, so a failed or
+interrupted build leaves nothing that looks usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .decoder import DecoderNetwork
+
+ENGINE_FILE = "model.engine"
+METADATA_FILE = "metadata.json"
+FORMAT_VERSION = 1
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
+    """Name, dtype and declared shape (-1 dynamic) of every network input and output."""
+    net = dn.network
+
+    def describe(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": t.dtype.name.lower(), "shape": list(t.shape)}
+
+    return {
+        "inputs": [describe(net.get_input(i)) for i in range(net.num_inputs)],
+        "outputs": [describe(net.get_output(i)) for i in range(net.num_outputs)],
+    }
+
+
+def metadata(dn: DecoderNetwork, **extra: Any) -> dict[str, Any]:
+    """Everything a runtime or a person needs to know about the engine, as JSON-able data."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": dataclasses.asdict(dn.config),
+        "options": dataclasses.asdict(dn.options),
+        "profiles": [
+            {"name": p.name, "shapes": {k: list(map(list, v)) for k, v in p.shapes.items()}}
+            for p in dn.profiles
+        ],
+        "io": io_contract(dn),
+        "backend": {"module": dn.trt.__name__, "version": dn.trt.__version__},
+        **extra,
+    }
+
+
+def files_sha256(paths: list[Path], chunk: int = 1 << 24) -> str:
+    """One checksum over several files (in order), read in chunks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(artifact: Path) -> dict[str, Any]:
+    return json.loads((Path(artifact) / METADATA_FILE).read_text())
+
+
+def is_complete(artifact: Path) -> bool:
+    artifact = Path(artifact)
+    return (artifact / ENGINE_FILE).is_file() and (artifact / METADATA_FILE).is_file()
+
+
+@contextmanager
+def staging(final: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` atomically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not force:
+                raise FileExistsError(f"{final} already exists; pass --force to replace it.")
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_model_files(model_dir: Path, dest: Path) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def write_metadata(dest: Path, data: dict[str, Any]) -> None:
+    (Path(dest) / METADATA_FILE).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

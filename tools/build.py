@@ -1,0 +1,277 @@
+"""Build a TensorRT engine artifact from a model name, Hub repo id or local folder.
+
+    python -m tools.build gemma-3-1b-it --backend tensorrt_rtx --target sm89
+
+The artifact folder (engine, metadata.json, tokenizer and generation config) lands in the
+user cache, keyed by the model's files, the options, the backend and its version and the
+target; an identical second build reuses it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from netdef import (
+    BackendError,
+    NetworkOptions,
+    OptionsError,
+    build_engine,
+    build_network,
+    load_backend,
+)
+from netdef.artifact import (
+    ENGINE_FILE,
+    copy_model_files,
+    files_sha256,
+    is_complete,
+    metadata,
+    read_metadata,
+    staging,
+    write_metadata,
+)
+from netdef.backend import compute_capability, is_rtx
+from netdef.engine import EngineBuildError
+from weights import Checkpoint, WeightsError, resolve_model
+
+
+class BuildError(RuntimeError):
+    """A build request that cannot be carried out as given."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRT_NETDEF_CACHE") or Path.home() / ".cache" / "trt-netdef")
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Identifies the model's files cheaply: config bytes plus each shard's name, size and mtime."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        st = shard.stat()
+        digest.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def builder_progress(trt: Any, enabled: bool) -> Any:
+    """An IProgressMonitor drawing tqdm bars for the builder's top-level phases.
+
+    TensorRT calls it from its own threads, hence the lock."""
+    lock = threading.Lock()
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bars: dict[str, tqdm] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if enabled and parent_phase is None:
+                with lock:
+                    self.bars[phase_name] = tqdm(
+                        total=num_steps, desc=f"TensorRT: {phase_name}", leave=False
+                    )
+
+        def step_complete(self, phase_name, step):
+            with lock:
+                if phase_name in self.bars:
+                    self.bars[phase_name].update(1)
+            return True
+
+        def phase_finish(self, phase_name):
+            with lock:
+                if phase_name in self.bars:
+                    self.bars.pop(phase_name).close()
+
+    return Monitor()
+
+
+def build(
+    model: str,
+    *,
+    dtype: str = "bfloat16",
+    max_batch: int = 1,
+    max_seq_len: int | None = None,
+    max_prefill: int | None = None,
+    prefill_opt: int | None = None,
+    profiles: str = "decode,prefill",
+    backend: str | None = None,
+    target: str | None = None,
+    output: Path | None = None,
+    optimization_level: int | None = None,
+    timing_cache: Path | None = None,
+    force: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or reuse) the artifact for `model`; returns its folder."""
+    trt = load_backend(backend)
+    if is_rtx(trt):
+        if target is None:
+            raise BuildError(
+                "TensorRT-RTX builds ahead of time for one GPU generation: pass --target "
+                "(sm75, sm80, sm86, sm89, sm120 or sm121), e.g. --target sm89 for an RTX 40-series GPU."
+            )
+        compute_capability(trt, target)  # validates the name before any work
+    elif target is not None:
+        raise BuildError(
+            "--target applies to --backend tensorrt_rtx only; datacenter TensorRT builds for the GPU it runs on."
+        )
+    started = time.perf_counter()
+    model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
+    ckpt = Checkpoint.open(model_dir)
+    config = ckpt.config
+    options = NetworkOptions(
+        dtype=dtype,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len or min(config.max_position_embeddings, 4096),
+        max_prefill=max_prefill,
+        prefill_opt=prefill_opt,
+        profile_set=profiles,
+    )
+    options.validate(config)
+    key_data = {
+        "source": source_fingerprint(model_dir),
+        "options": options.__dict__,
+        "backend": [trt.__name__, trt.__version__],
+        "target": target,
+        "optimization_level": optimization_level,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
+    slug = Path(model.rstrip("/")).name.lower()
+    output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
+    if is_complete(output) and read_metadata(output).get("build_key") == key and not force:
+        _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
+        return output
+    if output.exists() and not force and not is_complete(output):
+        raise BuildError(
+            f"{output} exists but is not a complete artifact; remove it or pass --force."
+        )
+
+    with staging(output, force=True) as tmp:
+        with tqdm(
+            total=config.num_layers, desc="Network definition", unit="layer", disable=not progress
+        ) as bar:
+            dn = build_network(ckpt, options, trt, on_layer=lambda done, total: bar.update(1))
+        monitor = builder_progress(trt, progress)
+        _say(
+            progress,
+            f"Building the engine for {target or 'this GPU'} ({dtype}, {dn.network.num_layers} layers)...",
+        )
+        engine_bytes = build_engine(
+            dn,
+            tmp / ENGINE_FILE,
+            target=target,
+            optimization_level=optimization_level,
+            timing_cache=timing_cache,
+            progress_monitor=monitor,
+        )
+        contract = metadata(dn)  # I/O contract, profiles, config, backend versions
+        del dn  # frees the network and its references to the weights
+        copied = copy_model_files(model_dir, tmp)
+        shards = sorted(model_dir.glob("*.safetensors"))
+        seconds = time.perf_counter() - started
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        write_metadata(
+            tmp,
+            dict(
+                contract,
+                build_key=key,
+                model={"name": model, "path": str(model_dir), "files": copied},
+                target=target,
+                optimization_level=optimization_level,
+                weights_sha256=files_sha256(shards),
+                build={
+                    "seconds": round(seconds, 2),
+                    "engine_bytes": engine_bytes,
+                    "checkpoint_bytes": sum(s.stat().st_size for s in shards),
+                    "peak_rss_bytes": peak_rss,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            ),
+        )
+    _say(
+        progress,
+        f"Engine: {output / ENGINE_FILE} ({engine_bytes / 2**20:.1f} MiB) in {seconds:.1f} s, "
+        f"peak RAM {peak_rss / 2**30:.2f} GiB.",
+    )
+    return output
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.build", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "model",
+        help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id or local folder",
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="KV-cache length per sequence (default: min(model context, 4096))",
+    )
+    p.add_argument(
+        "--max-prefill", type=int, help="longest prompt chunk per call (default: --max-seq-len)"
+    )
+    p.add_argument(
+        "--prefill-opt",
+        type=int,
+        help="prompt length the prefill profile is tuned for (default: min(512, max))",
+    )
+    p.add_argument("--profiles", default="decode,prefill", choices=["decode,prefill", "dynamic"])
+    p.add_argument(
+        "--backend", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed"
+    )
+    p.add_argument("--target", help="TensorRT-RTX compute capability, e.g. sm89")
+    p.add_argument("--output", type=Path, help="artifact folder (default: in the user cache)")
+    p.add_argument("--optimization-level", type=int, choices=range(6))
+    p.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even if an identical artifact exists"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    try:
+        out = build(
+            args.model,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            max_prefill=args.max_prefill,
+            prefill_opt=args.prefill_opt,
+            profiles=args.profiles,
+            backend=args.backend,
+            target=args.target,
+            output=args.output,
+            optimization_level=args.optimization_level,
+            timing_cache=args.timing_cache,
+            force=args.force,
+            token=os.environ.get("HF_TOKEN"),
+            revision=args.revision,
+            progress=not args.quiet,
+        )
+    except (BuildError, BackendError, WeightsError, OptionsError, EngineBuildError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

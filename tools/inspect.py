@@ -1,0 +1,63 @@
+"""Print what an engine artifact holds: model, build, profiles and the I/O contract.
+
+python -m tools.inspect ARTIFACT [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
+
+
+def describe(meta: dict) -> str:
+    cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
+    lines = [
+        f"model      {meta['model']['name']} ({cfg['family']}, {len(cfg['layers'])} layers, "
+        f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})",
+        f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
+        f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
+        f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
+        f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
+        f"weights    sha256 {meta.get('weights_sha256', '?')}",
+        "profiles",
+    ]
+    for p in meta["profiles"]:
+        ranges = ", ".join(
+            f"{name} {lo}..{hi}" for name, (lo, _, hi) in list(p["shapes"].items())[:3]
+        )
+        lines.append(f"  {p['name']:<9}{ranges}")
+    for kind in ("inputs", "outputs"):
+        tensors = meta["io"][kind]
+        lines.append(f"{kind} ({len(tensors)})")
+        shown = [t for t in tensors if not t["name"][-1].isdigit() or t["name"].endswith("_0")]
+        for t in shown:
+            lines.append(f"  {t['name']:<18}{t['dtype']:<9}{t['shape']}")
+        if len(shown) < len(tensors):
+            lines.append(f"  ... and the same for each of the {len(cfg['layers'])} layers")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.inspect", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("artifact", type=Path, help="folder written by python -m tools.build")
+    p.add_argument("--json", action="store_true", help="print the raw metadata.json")
+    args = p.parse_args(argv)
+    if not is_complete(args.artifact):
+        print(
+            f"error: {args.artifact} is not an engine artifact (no {ENGINE_FILE} and metadata.json).",
+            file=sys.stderr,
+        )
+        return 1
+    meta = read_metadata(args.artifact)
+    print(json.dumps(meta, indent=2) if args.json else describe(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
