@@ -15,14 +15,24 @@ from .reference import Executor
 
 
 class CpuModel:
+    """`runtime.backend.Backend` on the CPU."""
+
     def __init__(self, dn: DecoderNetwork):
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}
 
     @property
+    def max_batch(self) -> int:
+        return self.dn.options.max_batch
+
+    @property
     def max_seq_len(self) -> int:
         return self.dn.options.max_seq_len
+
+    @property
+    def max_prefill(self) -> int:
+        return self.dn.options.prefill_len
 
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""

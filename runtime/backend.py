@@ -1,0 +1,26 @@
+"""What the generate loop needs from a backend; the TensorRT and CPU backends both provide it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """One decoder network with its KV caches (the engine I/O contract in docs/architecture.md)."""
+
+    max_batch: int  # largest B any call may use
+    max_seq_len: int  # KV-cache slots per sequence
+    max_prefill: int  # largest S of one call
+
+    def reset(self, batch: int) -> None:
+        """Prepare KV caches for `batch` new sequences (old contents need not be cleared)."""
+
+    def forward(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
+    ) -> np.ndarray:
+        """Run one call: int32 [B, S], int32 [B, S], int32 [B] -> float32 logits [B, vocab].
+
+        S == 1 is a decode step (decode profile), S > 1 a prefill chunk (prefill profile).
+        """
