@@ -1,0 +1,102 @@
+"""Sampling filters against transformers' logits processors, and the draw itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from runtime.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    next_tokens,
+)
+
+
+@pytest.fixture
+def logits():
+    return np.random.default_rng(0).normal(0, 3, (3, 200)).astype(np.float32)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 50])
+def test_top_k_matches_transformers(logits, top_k):
+    ref = TopKLogitsWarper(top_k)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(filter_top_k_top_p(logits, top_k, 1.0), ref)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_matches_transformers(logits, top_p):
+    ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(np.isinf(filter_top_k_top_p(logits, 0, top_p)), np.isinf(ref))
+
+
+def test_repetition_penalty_matches_transformers(logits):
+    seen = [np.array([1, 5, 5, 7]), np.array([0]), np.array([199, 3])]
+    ids = torch.tensor([[1, 5, 5, 7], [0, 0, 0, 0], [199, 3, 3, 3]])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, torch.from_numpy(logits)).numpy()
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 1.3), ref, rtol=1e-6)
+
+
+def test_temperature_then_filters_matches_transformers(logits):
+    x = torch.from_numpy(logits)
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        x = proc(None, x)
+    ours = filter_top_k_top_p(logits / np.float32(0.7), 20, 0.8)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(x.numpy()))
+    finite = np.isfinite(ours)
+    np.testing.assert_allclose(ours[finite], x.numpy()[finite], rtol=1e-6)
+
+
+def test_greedy_is_argmax(logits):
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        next_tokens(logits, SamplingParams(), [np.array([], int)] * 3, rng), logits.argmax(-1)
+    )
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.2, 1e-9]], np.float32))
+    params = SamplingParams(temperature=1.0)
+
+    def draws(seed: int) -> list[int]:
+        rng = np.random.default_rng(seed)
+        return [int(next_tokens(logits, params, [np.array([], int)], rng)[0]) for _ in range(50)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+    rng = np.random.default_rng(1)
+    counts = np.bincount(
+        [next_tokens(logits, params, [np.array([], int)], rng)[0] for _ in range(4000)], minlength=4
+    )
+    np.testing.assert_allclose(counts / 4000, [0.5, 0.3, 0.2, 0.0], atol=0.03)
+
+
+def test_top_k_one_is_greedy_even_when_sampling(logits):
+    rng = np.random.default_rng(3)
+    params = SamplingParams(temperature=1.5, top_k=1)
+    np.testing.assert_array_equal(
+        next_tokens(logits, params, [np.array([], int)] * 3, rng), logits.argmax(-1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens=0 must be at least 1."),
+        ({"temperature": -1}, "temperature=-1 must be >= 0 (0 is greedy)."),
+        ({"top_p": 0}, "top_p=0 must be in (0, 1]."),
+        ({"top_k": -2}, "top_k=-2 must be >= 0 (0 disables it)."),
+        ({"repetition_penalty": 0}, "repetition_penalty=0 must be > 0."),
+    ],
+)
+def test_bad_params(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert str(err.value) == message
