@@ -1,0 +1,407 @@
+"""The TensorRT backend: an engine artifact (tools/build.py) executed through cuda-python.
+
+    with TensorRTBackend.load(artifact) as model:
+        model.reset(1)
+        logits = model.forward(ids, positions, last)      # float32 [B, vocab]
+
+Every device buffer is allocated once at load, sized from the engine's largest profile
+shapes: input_ids, position_ids, last_token_index, logits, and the KV caches (each present_*
+output is bound to its past_* input's address: KVCacheUpdate writes in place). The small
+inputs and the logits go through pinned host buffers on one stream. `capture_decode_graph(B)`
+records one decode step (H2D, execute, D2H) as a CUDA graph that later S == 1 calls replay.
+
+What has been exercised: the pure checks below run in CI on the CPU. No TensorRT engine can
+run anywhere in this project's CI (TensorRT-RTX refuses the only GPU there, an H100 with
+compute capability 9.0, and that machine has no datacenter TensorRT), so `load`, the
+TensorRT calls in `forward` and a captured engine step are NOT exercised. Everything else
+has run on an H100 (driver 580, CUDA 13.0, cuda-bindings 13.3) through tests/test_cuda_gpu.py
+and `python -m tools.gpu_check`: buffers, pinned copies, events, graph capture/replay, and
+this class's forward and decode-graph paths driving a stand-in execution context that copies
+at the bound addresses instead of running an engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cuda_buffers import (
+    CudaGraph,
+    DeviceBuffer,
+    EventTimer,
+    PinnedBuffer,
+    Stream,
+    device_info,
+    enqueue_step,
+)
+
+DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
+SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
+REBUILD = "rebuild it with python -m tools.build"
+
+
+class EngineLoadError(RuntimeError):
+    """The artifact cannot run here (wrong TensorRT, wrong GPU, inconsistent metadata)."""
+
+
+# ---- pure checks over plain dicts (metadata.json and `describe_engine` output) ----
+
+
+def parse_target(target: str) -> tuple[int, int]:
+    """'sm89' or '8.9' -> (8, 9); 'sm120' -> (12, 0)."""
+    digits = target.lower().removeprefix("sm").replace(".", "")
+    return int(digits[:-1]), int(digits[-1])
+
+
+def check_portability(
+    meta: dict, module: str, version: str, device_cc: tuple[int, int] | None
+) -> None:
+    """Engines run only under the TensorRT module and version that built them, on their target."""
+    built = meta["backend"]
+    if (built["module"], built["version"]) != (module, version):
+        raise EngineLoadError(
+            f"the engine was built by {built['module']} {built['version']} but {module} {version} "
+            f"is installed; engines are not portable across TensorRT modules or versions: {REBUILD}."
+        )
+    target = meta.get("target")
+    if target and device_cc is not None and parse_target(target) != tuple(device_cc):
+        major, minor = device_cc
+        raise EngineLoadError(
+            f"the engine was built for {target} but this GPU is sm{major}{minor} (compute "
+            f"capability {major}.{minor}); {REBUILD} --target sm{major}{minor}."
+        )
+
+
+def check_engine(meta: dict, engine: dict) -> None:
+    """metadata.json's I/O list and profiles must be the deserialized engine's."""
+    problems = []
+    declared = {t["name"]: t for kind in ("inputs", "outputs") for t in meta["io"][kind]}
+    actual = {t["name"]: t for kind in ("inputs", "outputs") for t in engine["io"][kind]}
+    if only := sorted(declared.keys() - actual.keys()):
+        problems.append(f"only in metadata.json: {', '.join(only)}")
+    if only := sorted(actual.keys() - declared.keys()):
+        problems.append(f"only in the engine: {', '.join(only)}")
+    for name in sorted(declared.keys() & actual.keys()):
+        d, a = declared[name], actual[name]
+        if (d["dtype"], list(d["shape"])) != (a["dtype"], list(a["shape"])):
+            problems.append(
+                f"{name} is {d['dtype']} {list(d['shape'])} in metadata.json "
+                f"but {a['dtype']} {list(a['shape'])} in the engine"
+            )
+    if len(meta["profiles"]) != len(engine["profiles"]):
+        problems.append(
+            f"{len(meta['profiles'])} profiles in metadata.json, {len(engine['profiles'])} in the engine"
+        )
+    else:
+        for p, shapes in zip(meta["profiles"], engine["profiles"]):
+            for name, ranges in p["shapes"].items():
+                if [list(r) for r in ranges] != [list(r) for r in shapes.get(name, [])]:
+                    problems.append(f"profile {p['name']!r} differs for {name}")
+    if problems:
+        raise EngineLoadError(
+            f"metadata.json does not match the engine ({'; '.join(problems[:5])}); {REBUILD} --force."
+        )
+
+
+def check_contract(io: dict) -> None:
+    """The engine I/O contract of docs/architecture.md, as far as this backend relies on it."""
+    inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
+    outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
+    problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
+    if outputs.get("logits") != "float":
+        problems.append("output logits must be float32")
+    pasts = {n for n in inputs if n.startswith("past_")}
+    presents = {n.replace("present_", "past_", 1) for n in outputs if n != "logits"}
+    if pasts != presents:
+        problems.append("outputs other than logits must be exactly present_* for every past_*")
+    all_io = {**inputs, **outputs}
+    problems += [
+        f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
+    ]
+    if extra := sorted(inputs.keys() - pasts - set(SMALL_INPUTS)):
+        problems.append(f"unknown inputs {', '.join(extra)}")
+    if problems:
+        raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
+
+
+def choose_profile(profile_names: list[str], seq_len: int) -> int:
+    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1) or 'prefill'."""
+    name = "dynamic" if "dynamic" in profile_names else "decode" if seq_len == 1 else "prefill"
+    if name not in profile_names:
+        raise EngineLoadError(f"the engine has no {name!r} profile (profiles: {profile_names}).")
+    return profile_names.index(name)
+
+
+def max_profile_shapes(profiles: list[dict[str, list]]) -> dict[str, tuple[int, ...]]:
+    """Per input, the elementwise max of its max shape over all profiles."""
+    out: dict[str, tuple[int, ...]] = {}
+    for shapes in profiles:
+        for name, (_, _, hi) in shapes.items():
+            out[name] = tuple(max(a, b) for a, b in zip(out.get(name, hi), hi))
+    return out
+
+
+def resolve_dynamic(shape: list[int], batch: int, seq: int) -> tuple[int, ...]:
+    """Fill an output's -1 dims in order with batch, then seq: logits [-1, V] or [-1, -1, V]."""
+    fill = iter((batch, seq))
+    return tuple(next(fill) if d == -1 else d for d in shape)
+
+
+def buffer_plan(
+    io: dict, max_shapes: dict[str, tuple[int, ...]], max_batch: int, max_seq: int
+) -> dict[str, int]:
+    """Bytes of device memory per input and per non-aliased output (present_* reuse past_*)."""
+    plan = {
+        t["name"]: int(np.prod(max_shapes[t["name"]])) * DTYPE_BYTES[t["dtype"]]
+        for t in io["inputs"]
+    }
+    for t in io["outputs"]:
+        if not t["name"].startswith("present_"):
+            shape = resolve_dynamic(t["shape"], max_batch, max_seq)
+            plan[t["name"]] = int(np.prod(shape)) * DTYPE_BYTES[t["dtype"]]
+    return plan
+
+
+def validate_call(ids, positions, last, max_batch: int, max_prefill: int, max_seq_len: int):
+    """int32 C-contiguous (ids, positions, last), or ValueError before any GPU work."""
+    ids, positions, last = (np.ascontiguousarray(a, np.int32) for a in (ids, positions, last))
+    if ids.ndim != 2 or positions.shape != ids.shape or last.shape != ids.shape[:1]:
+        raise ValueError(
+            f"expected input_ids and position_ids [B, S] and last_token_index [B]; got "
+            f"{list(ids.shape)}, {list(positions.shape)}, {list(last.shape)}."
+        )
+    b, s = ids.shape
+    if not 1 <= b <= max_batch:
+        raise ValueError(f"batch of {b} is outside the engine's 1..max_batch={max_batch}.")
+    if not 1 <= s <= max_prefill:
+        raise ValueError(
+            f"{s} tokens in one call is outside the engine's 1..max_prefill={max_prefill}."
+        )
+    if positions.min() < 0 or positions[:, 0].max() + s > max_seq_len:
+        raise ValueError(
+            f"positions {positions.min()}..{positions[:, 0].max() + s - 1} are beyond the KV cache "
+            f"(slots 0..{max_seq_len - 1}, max_seq_len={max_seq_len})."
+        )
+    if np.any(positions != positions[:, :1] + np.arange(s, dtype=np.int32)):
+        raise ValueError("each row of position_ids must be consecutive: p, p+1, ...")
+    if last.min() < 0 or last.max() >= s:
+        raise ValueError(f"last_token_index must be in 0..{s - 1}.")
+    return ids, positions, last
+
+
+# ---- TensorRT ----
+
+
+def describe_engine(engine: Any, trt: Any) -> dict:
+    """The engine's I/O tensors and profile shapes in metadata.json's format."""
+    io: dict[str, list] = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        kind = "inputs" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "outputs"
+        dtype = engine.get_tensor_dtype(name).name.lower()
+        io[kind].append(
+            {"name": name, "dtype": dtype, "shape": list(engine.get_tensor_shape(name))}
+        )
+    profiles = [
+        {
+            t["name"]: [list(d) for d in engine.get_tensor_profile_shape(t["name"], p)]
+            for t in io["inputs"]
+        }
+        for p in range(engine.num_optimization_profiles)
+    ]
+    return {"io": io, "profiles": profiles}
+
+
+class TensorRTBackend:
+    """`runtime.backend.Backend` over one execution context. `load` an artifact; the
+    constructor takes the parts (plain dicts and any object with IExecutionContext's methods)."""
+
+    def __init__(self, meta: dict, engine_desc: dict, context: Any, keep_alive: tuple = ()):
+        options = meta["options"]
+        self.max_batch = options["max_batch"]
+        self.max_seq_len = options["max_seq_len"]
+        self.max_prefill = options.get("max_prefill") or self.max_seq_len
+        self.profile_names = [p["name"] for p in meta["profiles"]]
+        self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
+        self.max_shapes = max_profile_shapes(engine_desc["profiles"])
+        self.batch = 0
+        self.last_call_ms = 0.0
+        self.graphs: dict[int, CudaGraph] = {}
+        self._profile: int | None = None
+        self._state: tuple[int, int, int] | None = None  # (profile, B, S) the context is set up for
+        self.device: dict[str, DeviceBuffer] = {}
+        self.host: dict[str, PinnedBuffer] = {}
+        self.stream: Stream | None = None
+        self.timer: EventTimer | None = None
+        try:
+            self.stream, self.timer = Stream(), EventTimer()
+            plan = buffer_plan(self.io, self.max_shapes, self.max_batch, self.max_prefill)
+            for name, nbytes in plan.items():
+                self.device[name] = DeviceBuffer(nbytes)
+            self.addresses = {n: b.ptr for n, b in self.device.items()}
+            for t in self.io["outputs"]:
+                if t["name"].startswith("present_"):  # in-place KV cache update
+                    self.addresses[t["name"]] = self.device[
+                        t["name"].replace("present_", "past_", 1)
+                    ].ptr
+            for name in SMALL_INPUTS:
+                self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
+            self.host["logits"] = PinnedBuffer(plan["logits"] // 4, np.float32)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def load(cls, artifact: Path, trt: Any = None) -> TensorRTBackend:
+        from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
+        from netdef.backend import BackendError, load_backend
+
+        artifact = Path(artifact)
+        if not is_complete(artifact):
+            raise EngineLoadError(
+                f"{artifact} is not an engine artifact; build one with python -m tools.build."
+            )
+        meta = read_metadata(artifact)
+        try:
+            if trt is None:
+                try:
+                    trt = load_backend(meta["backend"]["module"])
+                except BackendError as e:
+                    raise EngineLoadError(
+                        f"the engine was built by {meta['backend']['module']}: {e}"
+                    ) from None
+            check_portability(meta, trt.__name__, trt.__version__, None)  # needs no GPU
+            if meta.get("target"):
+                check_portability(meta, trt.__name__, trt.__version__, device_info().cc)
+            logger = trt.Logger(trt.Logger.WARNING)
+            runtime = trt.Runtime(logger)
+            engine = runtime.deserialize_cuda_engine((artifact / ENGINE_FILE).read_bytes())
+            if engine is None:
+                raise EngineLoadError("TensorRT could not deserialize it (see its log above)")
+            desc = describe_engine(engine, trt)
+            check_engine(meta, desc)
+            check_contract(desc["io"])
+            context = engine.create_execution_context()
+            if context is None:
+                raise EngineLoadError(
+                    "TensorRT could not create an execution context (GPU memory?)"
+                )
+        except EngineLoadError as e:
+            raise EngineLoadError(f"cannot load {artifact}: {e}") from None
+        return cls(meta, desc, context, keep_alive=(logger, runtime, engine))
+
+    def reset(self, batch: int) -> None:
+        """Caches are sized for max_batch and need no clearing (stale slots are never read)."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(
+                f"batch of {batch} is outside the engine's 1..max_batch={self.max_batch}."
+            )
+        self.batch = batch
+
+    def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
+        ids, pos, last = validate_call(
+            input_ids,
+            position_ids,
+            last_token_index,
+            self.max_batch,
+            self.max_prefill,
+            self.max_seq_len,
+        )
+        b, s = ids.shape
+        key = (choose_profile(self.profile_names, s), b, s)
+        graph = self.graphs.get(b) if s == 1 and self._state == key else None
+        self._stage(ids, pos, last)
+        self.timer.start(self.stream)
+        if graph is not None:
+            graph.launch(self.stream)
+        else:
+            self._prepare(key)
+            self._enqueue(b, s)
+        self.timer.stop(self.stream)
+        self.stream.synchronize()
+        self.last_call_ms = self.timer.elapsed_ms()
+        shape = self._logits_shape(b, s)
+        return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
+
+    def capture_decode_graph(self, batch: int) -> None:
+        """Record one decode step for `batch` sequences; S == 1 calls of that batch replay it
+        once the context is set up for them (the first decode after a prefill runs plainly)."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(
+                f"batch of {batch} is outside the engine's 1..max_batch={self.max_batch}."
+            )
+        key = (choose_profile(self.profile_names, 1), batch, 1)
+        if self._state != key:
+            # TensorRT needs one enqueue after a shape change before capture. This one writes
+            # slot max_seq_len - 1, which no sequence reads before its own token overwrites it.
+            self._prepare(key)
+            filler = np.zeros((batch, 1), np.int32)
+            self._stage(filler, filler + self.max_seq_len - 1, filler[:, 0])
+            self._enqueue(batch, 1)
+            self.stream.synchronize()
+        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1))
+        if old := self.graphs.pop(batch, None):
+            old.free()
+        self.graphs[batch] = graph
+
+    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray) -> None:
+        for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
+            self.host[name].array[: a.size] = a.ravel()
+
+    def _prepare(self, key: tuple[int, int, int]) -> None:
+        profile, b, s = key
+        self._state = None
+        if self._profile != profile:
+            if not self.context.set_optimization_profile_async(profile, self.stream.handle):
+                raise RuntimeError(f"TensorRT refused optimization profile {profile}.")
+            self._profile = profile
+        for t in self.io["inputs"]:
+            name = t["name"]
+            shape = (b, s) if name in SMALL_INPUTS[:2] else (b, *self.max_shapes[name][1:])
+            if not self.context.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused shape {list(shape)} for {name}.")
+        for name, ptr in self.addresses.items():
+            if not self.context.set_tensor_address(name, ptr):
+                raise RuntimeError(f"TensorRT refused the address of {name}.")
+        self._state = key
+
+    def _execute(self, stream: Stream) -> None:
+        if not self.context.execute_async_v3(stream.handle):
+            self._state = None
+            raise RuntimeError("TensorRT execute_async_v3 failed (see its log above).")
+
+    def _logits_shape(self, b: int, s: int) -> tuple[int, ...]:
+        return resolve_dynamic(
+            next(t["shape"] for t in self.io["outputs"] if t["name"] == "logits"), b, s
+        )
+
+    def _enqueue(self, b: int, s: int) -> None:
+        sizes = {"input_ids": b * s * 4, "position_ids": b * s * 4, "last_token_index": b * 4}
+        uploads = [(self.device[n], self.host[n], sizes[n]) for n in SMALL_INPUTS]
+        logits = int(np.prod(self._logits_shape(b, s))) * 4
+        enqueue_step(
+            self.stream,
+            uploads,
+            self._execute,
+            [(self.host["logits"], self.device["logits"], logits)],
+        )
+
+    def close(self) -> None:
+        """Free graphs, buffers, events, stream; then the context, engine and runtime."""
+        for graph in self.graphs.values():
+            graph.free()
+        for buf in [*self.host.values(), *self.device.values()]:
+            buf.free()
+        for res in (self.timer, self.stream):
+            if res is not None:
+                res.free()
+        self.graphs, self.host, self.device, self.timer, self.stream = {}, {}, {}, None, None
+        self.context = self._keep_alive = None
+
+    def __enter__(self) -> TensorRTBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

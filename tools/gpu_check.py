@@ -1,0 +1,411 @@
+"""Check the TensorRT backend's CUDA plumbing on a real GPU, without TensorRT.
+
+    python -m tools.gpu_check [--mib 256] [--launches 1000]
+
+Runs the checks that tests/test_cuda_gpu.py runs (device buffers sized from a fake engine's
+shape table, pinned round trips of int32 and bf16 data, event timing, CUDA graph capture and
+replay, and `TensorRTBackend.forward` / `capture_decode_graph` driving a stand-in execution
+context that copies instead of running an engine), then measures copy bandwidth and graph
+replay against plain stream launches. Needs cuda-python and a CUDA GPU only (no TensorRT,
+no pytest); exits 1 if a check fails, 2 if there is no usable GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from runtime.cuda_buffers import (
+    CudaGraph,
+    DeviceBuffer,
+    EventTimer,
+    PinnedBuffer,
+    Stream,
+    cuda,
+    cudart,
+    d2d,
+    d2h,
+    device_info,
+    enqueue_step,
+    gpu_unavailable_reason,
+    h2d,
+)
+from runtime.tensorrt_backend import TensorRTBackend, buffer_plan, max_profile_shapes
+
+MiB = 1 << 20
+
+
+def fake_engine(
+    max_batch: int = 4,
+    max_prefill: int = 8,
+    max_seq_len: int = 32,
+    vocab: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    head_dim: int = 8,
+    profile_set: str = "decode,prefill",
+) -> tuple[dict, dict]:
+    """(metadata.json, describe_engine output) of an imaginary engine following the contract."""
+    cache = [kv_heads, max_seq_len, head_dim]
+    io: dict[str, list] = {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
+            {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
+            {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float", "shape": [-1, vocab]}],
+    }
+    for i in range(layers):
+        for kind in ("key", "value"):
+            io["inputs"].append(
+                {"name": f"past_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
+            )
+            io["outputs"].append(
+                {"name": f"present_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
+            )
+    b, p = max_batch, max_prefill
+    ranges = {
+        "decode": ((1, b, b), (1, 1, 1)),
+        "prefill": ((1, 1, b), (1, min(4, p), p)),
+        "dynamic": ((1, 1, b), (1, min(4, p), p)),
+    }
+    names = ["dynamic"] if profile_set == "dynamic" else ["decode", "prefill"]
+    profiles = []
+    for name in names:
+        batch, seq = ranges[name]
+        shapes = {
+            "input_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
+            "position_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
+            "last_token_index": [[bb] for bb in batch],
+        }
+        for t in io["inputs"][3:]:
+            shapes[t["name"]] = [[bb, *cache] for bb in batch]
+        profiles.append({"name": name, "shapes": shapes})
+    meta = {
+        "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
+        "profiles": profiles,
+        "io": io,
+        "backend": {"module": "tensorrt", "version": "10.15.1.29"},
+        "target": None,
+    }
+    return meta, {"io": io, "profiles": [p["shapes"] for p in profiles]}
+
+
+class CopyContext:
+    """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues two device copies at
+    the bound addresses: input_ids → logits (as raw int32 words) and position_ids → the start
+    of present_key_0, which must be past_key_0's memory. `executions` counts host calls, so
+    graph replays (which make none) are visible."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.profile_switches: list[int] = []
+        self.executions = 0
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.profile_switches.append(index)
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        b, s = self.shapes["input_ids"]
+        kind = cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        a = self.addresses
+        cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
+        self.executions += 1
+        return True
+
+
+def _freeing(*resources: Any) -> Callable[[], None]:
+    def free() -> None:
+        for r in resources:
+            r.free()
+
+    return free
+
+
+# ---- checks: each returns a one-line detail and raises AssertionError on a wrong result ----
+
+
+def check_device() -> str:
+    d = device_info()
+    return f"{d.name}, compute capability {d.major}.{d.minor} (sm{d.major}{d.minor}), {d.total_bytes / 2**30:.1f} GiB"
+
+
+def check_buffers() -> str:
+    """Device buffers sized from the fake engine's shape table: every byte is reachable."""
+    _, desc = fake_engine(max_batch=8, max_prefill=64, max_seq_len=1024, vocab=4096, layers=4)
+    plan = buffer_plan(desc["io"], max_profile_shapes(desc["profiles"]), 8, 64)
+    assert plan["past_key_0"] == 8 * 2 * 1024 * 8 * 2 and plan["logits"] == 8 * 4096 * 4, plan
+    assert not any(n.startswith("present_") for n in plan)
+    stream, bufs = Stream(), {n: DeviceBuffer(nbytes) for n, nbytes in plan.items()}
+    tail = PinnedBuffer(16, np.uint8)
+    try:
+        for i, (name, buf) in enumerate(bufs.items()):
+            cuda("cudaMemsetAsync", buf.ptr, i + 1, buf.nbytes, stream.handle)
+            tail.array[:] = 0
+            kind = cudart().cudaMemcpyKind.cudaMemcpyDeviceToHost
+            cuda("cudaMemcpyAsync", tail.ptr, buf.ptr + buf.nbytes - 16, 16, kind, stream.handle)
+            stream.synchronize()
+            assert (tail.array == i + 1).all(), f"{name}: last bytes not written"
+    finally:
+        _freeing(tail, stream, *bufs.values())()
+    return (
+        f"{len(plan)} buffers, {sum(plan.values()) / MiB:.1f} MiB, KV caches shared with present_*"
+    )
+
+
+def check_round_trip() -> str:
+    """int32 ids and bf16 cache data (as raw 16-bit patterns) survive H2D then D2H exactly."""
+    rng = np.random.default_rng(0)
+    stream = Stream()
+    try:
+        for dtype, n in ((np.int32, 8 * 512), (np.uint16, 8 * 2 * 1024 * 64)):
+            src, dst, dev = (
+                PinnedBuffer(n, dtype),
+                PinnedBuffer(n, dtype),
+                DeviceBuffer(n * np.dtype(dtype).itemsize),
+            )
+            try:
+                if dtype is np.int32:
+                    src.array[:] = rng.integers(-(2**31), 2**31 - 1, n, dtype=np.int32)
+                else:  # bf16 bit patterns of random float32 values
+                    f = rng.standard_normal(n).astype(np.float32)
+                    src.array[:] = (f.view(np.uint32) >> 16).astype(np.uint16)
+                dst.array[:] = 0
+                h2d(dev, src, src.nbytes, stream)
+                d2h(dst, dev, dst.nbytes, stream)
+                stream.synchronize()
+                assert np.array_equal(src.array, dst.array), f"{np.dtype(dtype)} round trip differs"
+            finally:
+                _freeing(src, dst, dev)()
+    finally:
+        stream.free()
+    return "int32 [4096] and bf16 [1048576] bit-exact"
+
+
+def check_events() -> str:
+    stream, timer, a, b = Stream(), EventTimer(), DeviceBuffer(64 * MiB), DeviceBuffer(64 * MiB)
+    try:
+        timer.start(stream)
+        d2d(b, a, 64 * MiB, stream)
+        timer.stop(stream)
+        ms = timer.elapsed_ms()
+        assert ms > 0, f"elapsed {ms} ms"
+    finally:
+        _freeing(a, b, timer, stream)()
+    return f"64 MiB device copy timed at {ms:.3f} ms"
+
+
+def check_graph_replay(replays: int = 100) -> str:
+    """H2D → D2D (standing in for execute) → D2H captured once, replayed with new pinned inputs."""
+    n = 4 * 256
+    stream = Stream()
+    host_in, host_out = PinnedBuffer(n, np.int32), PinnedBuffer(n, np.int32)
+    dev_in, dev_out = DeviceBuffer(n * 4), DeviceBuffer(n * 4)
+    try:
+        step = lambda: enqueue_step(  # noqa: E731
+            stream,
+            [(dev_in, host_in, n * 4)],
+            lambda s: d2d(dev_out, dev_in, n * 4, s),
+            [(host_out, dev_out, n * 4)],
+        )
+        graph = CudaGraph.capture(stream, step)
+        try:
+            rng = np.random.default_rng(1)
+            for i in range(replays):
+                host_in.array[:] = rng.integers(0, 1 << 30, n, dtype=np.int32)
+                host_out.array[:] = -1
+                graph.launch(stream)
+                stream.synchronize()
+                assert np.array_equal(host_out.array, host_in.array), f"replay {i} differs"
+        finally:
+            graph.free()
+    finally:
+        _freeing(host_in, host_out, dev_in, dev_out, stream)()
+    return f"{replays} replays, each result exact"
+
+
+def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
+    """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
+    meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
+    ctx = CopyContext()
+    rng = np.random.default_rng(2)
+    with TensorRTBackend(meta, desc, ctx) as model:
+        cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
+        try:
+
+            def cache_head(b: int, s: int) -> np.ndarray:  # first words of past_key_0 on the GPU
+                d2h(cache, model.device["past_key_0"], b * s * 4, model.stream)
+                model.stream.synchronize()
+                return cache.array[: b * s].reshape(b, s).copy()
+
+            def call(ids: np.ndarray, pos: np.ndarray) -> None:
+                b, s = ids.shape
+                logits = model.forward(ids, pos, np.full(b, s - 1, np.int32))
+                assert logits.shape == (b, 64) and logits.dtype == np.float32
+                got = logits.view(np.int32).ravel()[: b * s].reshape(b, s)
+                assert np.array_equal(got, ids), "logits buffer does not hold the copied ids"
+                assert np.array_equal(cache_head(b, s), pos), "present_key_0 is not past_key_0"
+                assert model.last_call_ms > 0
+
+            model.reset(2)
+            call(
+                rng.integers(0, 1000, (2, 5), dtype=np.int32),
+                np.tile(np.arange(5, dtype=np.int32), (2, 1)),
+            )
+            model.capture_decode_graph(2)
+            before = ctx.executions
+            for step in range(decode_steps):
+                pos = np.full((2, 1), 5 + step, np.int32)
+                call(rng.integers(0, 1000, (2, 1), dtype=np.int32), pos)
+            assert ctx.executions == before, "decode steps did not replay the graph"
+            call(
+                rng.integers(0, 1000, (2, 3), dtype=np.int32),
+                np.tile(np.arange(3, dtype=np.int32), (2, 1)),
+            )
+            before = ctx.executions
+            call(np.ones((2, 1), np.int32), np.full((2, 1), 3, np.int32))  # plain: shapes changed
+            call(np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32))  # replay again
+            assert ctx.executions == before + 1, "expected one plain step, then a replay"
+            call(np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32))  # no graph for B=1: plain
+            assert ctx.executions == before + 2
+            expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0]
+            assert ctx.profile_switches == expected, ctx.profile_switches
+        finally:
+            cache.free()
+    return f"{profile_set}: prefill, {decode_steps} graph-replayed decode steps, profile switches {ctx.profile_switches}"
+
+
+CHECKS: dict[str, Callable[[], str]] = {
+    "device": check_device,
+    "buffers from engine shapes": check_buffers,
+    "pinned round trip": check_round_trip,
+    "event timing": check_events,
+    "graph capture + replay": check_graph_replay,
+    "backend, decode+prefill": check_backend,
+    "backend, dynamic profile": lambda: check_backend("dynamic"),
+}
+
+
+# ---- measurements ----
+
+
+def bandwidth(mib: int, repeats: int = 5) -> dict[str, float]:
+    """GB/s (10^9 bytes copied per second; D2D moves twice that through memory) of H2D,
+    D2H (pinned host memory) and D2D copies of `mib` MiB; best of `repeats`."""
+    nbytes = mib * MiB
+    stream, timer = Stream(), EventTimer()
+    host, a, b = PinnedBuffer(nbytes, np.uint8), DeviceBuffer(nbytes), DeviceBuffer(nbytes)
+    try:
+        host.array[:] = 1
+        out = {}
+        for name, copy in (
+            ("H2D", lambda: h2d(a, host, nbytes, stream)),
+            ("D2H", lambda: d2h(host, a, nbytes, stream)),
+            ("D2D", lambda: d2d(b, a, nbytes, stream)),
+        ):
+            copy()  # warm up
+            best = float("inf")
+            for _ in range(repeats):
+                timer.start(stream)
+                copy()
+                timer.stop(stream)
+                best = min(best, timer.elapsed_ms())
+            out[name] = nbytes / best / 1e6
+        return out
+    finally:
+        _freeing(host, a, b, timer, stream)()
+
+
+def launch_overhead(launches: int) -> dict[str, float]:
+    """µs per step (host submit + synchronize) of a small decode-like step (3 tiny H2D,
+    one D2D, one 64 KiB D2H): plain stream launches vs one graph launch."""
+    stream = Stream()
+    ins = [(DeviceBuffer(256), PinnedBuffer(64, np.int32), 256) for _ in range(3)]
+    out_dev, out_host = DeviceBuffer(64 * 1024), PinnedBuffer(16 * 1024, np.float32)
+
+    def step() -> None:
+        enqueue_step(
+            stream, ins, lambda s: d2d(out_dev, ins[0][0], 256, s), [(out_host, out_dev, 64 * 1024)]
+        )
+
+    graph = CudaGraph.capture(stream, step)
+    try:
+        out = {}
+        for name, run in (("plain", step), ("graph", lambda: graph.launch(stream))):
+            run()
+            stream.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(launches):
+                run()
+                stream.synchronize()
+            out[name] = (time.perf_counter() - t0) / launches * 1e6
+        return out
+    finally:
+        graph.free()
+        _freeing(out_dev, out_host, stream, *(r for d, h, _ in ins for r in (d, h)))()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--mib", type=int, default=256, help="copy size for bandwidth (default 256)")
+    p.add_argument("--launches", type=int, default=1000, help="steps timed per launch mode")
+    args = p.parse_args(argv)
+    if reason := gpu_unavailable_reason():
+        print(f"no usable GPU: {reason}", file=sys.stderr)
+        return 2
+    rt = cudart()
+    versions = [rt.cudaDriverGetVersion()[1], rt.cudaRuntimeGetVersion()[1]]
+    print(
+        "CUDA driver {}.{}, runtime {}.{}".format(
+            *(x for v in versions for x in divmod(v // 10, 100))
+        )
+    )
+    failed = 0
+    for name, check in CHECKS.items():
+        try:
+            print(f"PASS  {name}: {check()}")
+        except Exception as e:
+            failed += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {e}")
+            traceback.print_exc(limit=4)
+    try:
+        bw = bandwidth(args.mib)
+        print(
+            f"bandwidth ({args.mib} MiB, pinned, events): "
+            + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items())
+            + " (bytes copied; D2D reads and writes each)"
+        )
+        lo = launch_overhead(args.launches)
+        print(
+            f"decode-like step, µs per step incl. sync ({args.launches} each): plain stream "
+            f"{lo['plain']:.1f}, CUDA graph {lo['graph']:.1f} ({lo['plain'] / lo['graph']:.2f}x)"
+        )
+    except Exception as e:
+        failed += 1
+        print(f"FAIL  measurements: {type(e).__name__}: {e}")
+        traceback.print_exc(limit=4)
+    print("all checks passed" if not failed else f"{failed} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
