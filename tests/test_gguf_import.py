@@ -189,7 +189,7 @@ def test_interrupted_conversion_leaves_nothing(gguf_file: Path, tmp_path: Path, 
 
 def test_bundled_model_dir_is_reused(cache: Path, converted: Path, monkeypatch):
     sha = bundled._package().EXPECTED_SHA256
-    assert converted == cache / f"gemma-3-270m-{sha[:16]}"
+    assert converted == cache / f"gemma-3-270m-{sha[:16]}-v{gguf_import.CONVERTER_VERSION}"
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")

