@@ -1,0 +1,95 @@
+"""Every family builds into a serialized engine with the real TensorRT-RTX builder on this CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_backend
+from netdef.engine import builder_config
+from weights import Checkpoint
+
+trt = load_backend("tensorrt_rtx")
+
+
+def weight_bytes(ckpt: Checkpoint, itemsize: int) -> int:
+    return sum(int(np.prod(s)) for s in ckpt.config.tensor_shapes().values()) * itemsize
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"])
+def test_builds_for_rtx_target(family, dtype, tiny_dir, tmp_path):
+    ckpt = Checkpoint.open(tiny_dir(family))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float16 Gemma warns; tested below
+        dn = build_network(ckpt, NetworkOptions(dtype=dtype, max_batch=4, max_seq_len=64), trt)
+    assert [p.name for p in dn.profiles] == ["decode", "prefill"]
+    size = build_engine(dn, tmp_path / "model.engine", target="sm89")
+    assert size == (tmp_path / "model.engine").stat().st_size
+    # The weights live in the engine (stored once: the tied LM head shares the embedding).
+    assert size > weight_bytes(ckpt, 2)
+
+
+def test_profiles_reach_the_builder(tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("llama"))
+    options = NetworkOptions(max_batch=8, max_seq_len=128, max_prefill=64, prefill_opt=32)
+    dn = build_network(ckpt, options, trt)
+    config = builder_config(dn, target="sm89")
+    assert config.num_optimization_profiles == 2
+    decode, prefill = dn.profiles
+    assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
+    assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (8, 64))
+    assert prefill.shapes["past_key_0"][2] == (8, 1, 128, 16)
+    dynamic = NetworkOptions(max_batch=8, max_seq_len=128, profile_set="dynamic").profiles(ckpt.config)
+    assert [p.name for p in dynamic] == ["dynamic"]
+
+
+def test_io_contract(tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("qwen3"))
+    dn = build_network(ckpt, NetworkOptions(dtype="bfloat16", max_seq_len=32), trt)
+    net = dn.network
+    inputs = {net.get_input(i).name: net.get_input(i) for i in range(net.num_inputs)}
+    outputs = {net.get_output(i).name: net.get_output(i) for i in range(net.num_outputs)}
+    n = ckpt.config.num_layers
+    assert list(inputs)[:3] == ["input_ids", "position_ids", "last_token_index"]
+    assert set(inputs) == {"input_ids", "position_ids", "last_token_index"} | {
+        f"past_{k}_{i}" for i in range(n) for k in ("key", "value")
+    }
+    assert set(outputs) == {"logits"} | {f"present_{k}_{i}" for i in range(n) for k in ("key", "value")}
+    assert inputs["input_ids"].dtype == trt.int32
+    assert tuple(inputs["past_key_0"].shape) == (-1, 2, 32, 32)
+    assert inputs["past_key_0"].dtype == trt.bfloat16
+    assert outputs["logits"].dtype == trt.float32
+    assert tuple(outputs["logits"].shape) == (-1, 512)
+
+
+def test_float16_gemma_warns(tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("gemma3"))
+    with pytest.warns(UserWarning, match="Gemma-3 activations overflow float16"):
+        build_network(ckpt, NetworkOptions(dtype="float16", max_seq_len=32), trt)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            NetworkOptions(max_seq_len=100_000),
+            "max_seq_len=100000 is outside what the model supports (1..max_position_embeddings=256); "
+            "choose a smaller --max-seq-len.",
+        ),
+        (NetworkOptions(dtype="int8"), "dtype 'int8' is not supported; choose bfloat16, float16 or float32."),
+        (NetworkOptions(max_batch=0), "max_batch=0 must be at least 1."),
+        (NetworkOptions(max_seq_len=64, max_prefill=65), "max_prefill=65 must be between 1 and max_seq_len=64."),
+        (
+            NetworkOptions(max_seq_len=64, profile_set="decode"),
+            "profiles 'decode' is not supported; choose 'decode,prefill' or 'dynamic'.",
+        ),
+    ],
+)
+def test_bad_options_fail_before_building(options, message, tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("llama"))
+    with pytest.raises(OptionsError) as err:
+        build_network(ckpt, options, trt)
+    assert str(err.value) == message

@@ -1,0 +1,105 @@
+"""The TensorRT network of each family, executed by the reference executor, against transformers.
+
+Sequences run prefill then decode through the KV cache, as a generate loop drives an engine,
+and are longer than Gemma's sliding window (4 in the tiny fixture) so that local and global
+layers really differ. transformers' full-sequence forward is the oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from netdef import NetworkOptions, build_network
+from runtime.cpu import CpuModel
+from tools.logits import sequence_logits
+from weights import Checkpoint
+
+FAMILIES = ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"]
+# float32 networks: within 1e-3 of the largest reference logit, identical top-1 everywhere.
+F32_TOL = 1e-3
+# bfloat16 networks: within 4% of the largest reference logit (two correct bf16 implementations
+# round at different points), and the same top-1 wherever the reference's top-2 margin exceeds
+# that tolerance (elsewhere the winner is a coin toss for any bf16 implementation).
+BF16_TOL = 0.04
+
+
+def hf_logits(model, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0].float().numpy()
+
+
+def run(model_dir, seqs, prefill, dtype):
+    ckpt = Checkpoint.open(model_dir)
+    options = NetworkOptions(
+        dtype=dtype, max_batch=len(seqs), max_seq_len=max(map(len, seqs)) + 3, max_prefill=prefill, all_logits=True
+    )
+    return sequence_logits(CpuModel(build_network(ckpt, options)), seqs, prefill)
+
+
+def sequences(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float) -> None:
+    scale = np.abs(ref).max()
+    err = np.abs(ours - ref).max()
+    assert err <= tol * scale, f"max |diff| {err:.3g} > {tol} x max |logit| {scale:.3g}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_prefill_then_decode(family, tiny_dir, hf_model):
+    path = tiny_dir(family)
+    (seq,) = sequences(512, [20])
+    ours = run(path, [seq], prefill=9, dtype="float32")[0]
+    ref = hf_logits(hf_model(path, torch.float32), seq)
+    assert_close(ours, ref, F32_TOL)
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_batch_of_different_lengths(family, tiny_dir, hf_model):
+    """Right-padded batch; one sequence ends inside the prefill call, others decode on."""
+    path = tiny_dir(family)
+    seqs = sequences(512, [17, 11, 5], seed=1)
+    ours = run(path, seqs, prefill=8, dtype="float32")
+    model = hf_model(path, torch.float32)
+    for b, seq in enumerate(seqs):
+        ref = hf_logits(model, seq)
+        assert_close(ours[b, : len(seq)], ref, F32_TOL)
+        np.testing.assert_array_equal(ours[b, : len(seq)].argmax(-1), ref.argmax(-1))
+        assert np.isnan(ours[b, len(seq) :]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_prefill_then_decode(family, tiny_dir, hf_model):
+    path = tiny_dir(family)
+    seqs = sequences(512, [24, 19], seed=2)
+    ours = run(path, seqs, prefill=10, dtype="bfloat16")
+    model = hf_model(path, torch.bfloat16)
+    for b, seq in enumerate(seqs):
+        ref = hf_logits(model, seq)
+        mine = ours[b, : len(seq)]
+        assert_close(mine, ref, BF16_TOL)
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > BF16_TOL * np.abs(ref).max()
+        assert clear.mean() > 0.3, "the fixture should give many clear winners"
+        np.testing.assert_array_equal(mine.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_last_token_logits_match_all_logits(tiny_dir):
+    """The default network returns only last_token_index's logits; they equal that row of all_logits."""
+    ckpt = Checkpoint.open(tiny_dir("gemma3"))
+    seqs = sequences(512, [9, 6], seed=3)
+    full = run(tiny_dir("gemma3"), seqs, prefill=9, dtype="float32")
+    model = CpuModel(build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=16)))
+    model.reset(2)
+    ids = np.zeros((2, 9), np.int32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+    last = model.forward(ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32))
+    assert last.shape == (2, 512)
+    np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,105 @@
+"""A memory-mapped safetensors reader that hands out zero-copy NumPy views, bfloat16 included.
+
+`safetensors`' own NumPy API cannot represent bfloat16, so the format is read directly: an
+8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import CheckpointError
+
+DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+class SafetensorsFile:
+    """One .safetensors file, mapped read-only; `tensor(name)` costs no copy."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fix = f"re-download {self.path.name} (it is truncated or corrupt)"
+        try:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} does not exist; re-download the model.") from None
+        except ValueError:  # mmap of an empty file
+            raise CheckpointError(f"{self.path} is empty; {self._fix}.") from None
+        size = len(self._map)
+        if size < 8:
+            raise CheckpointError(
+                f"{self.path} is too short to be a safetensors file; {self._fix}."
+            )
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        if 8 + header_len > size:
+            raise CheckpointError(
+                f"{self.path} has a header of {header_len} bytes but only {size} bytes in all; {self._fix}."
+            )
+        try:
+            header = json.loads(self._map[8 : 8 + header_len])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path} has an unreadable header; {self._fix}.") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries = {}
+        for name, entry in header.items():
+            self._entries[name] = self._check_entry(name, entry, size - self._data_start)
+
+    def _check_entry(
+        self, name: str, entry: dict, data_size: int
+    ) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has an invalid header entry {entry!r}; {self._fix}."
+            ) from None
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != expected:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} claims bytes [{begin}, {end}) for {expected} bytes of data, "
+                f"but the file holds {data_size}; {self._fix}."
+            )
+        return dtype, shape, begin, end
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = self._entries[name]
+        return dtype, shape
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only view over the mapped file."""
+        dtype, shape, begin, end = self._entries[name]
+        count = (end - begin) // dtype.itemsize
+        return np.frombuffer(
+            self._map, dtype=dtype, count=count, offset=self._data_start + begin
+        ).reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._map) - self._data_start
