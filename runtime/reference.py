@@ -189,6 +189,8 @@ class Executor:
         else:
             try:
                 array = np.asarray(layer.weights)
+                if array.dtype == object:  # what the bindings give for bfloat16 weights
+                    raise TypeError(f"{out_dtype} weights come back as {array!r}")
             except (TypeError, AttributeError) as e:
                 raise ExecutorError(
                     f"constant {layer.name!r} ({out_dtype}) cannot be read back from the bindings; "
@@ -413,6 +415,9 @@ class Executor:
         x = inputs[0]
         if layer.mode != self.trt.SampleMode.STRICT_BOUNDS:
             raise ExecutorError(f"slice {layer.name!r}: mode {layer.mode.name} is not implemented.")
+        if getattr(layer, "axes", None) is not None or (len(inputs) > 5 and inputs[5] is not None):
+            # start/size/stride would then apply to those axes only (Slice operator page).
+            raise ExecutorError(f"slice {layer.name!r}: explicit axes are not implemented.")
         start = (
             tuple(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else tuple(layer.start)
         )
@@ -490,6 +495,11 @@ class Executor:
         if layer.cache_mode != self.trt.KVCacheMode.LINEAR:
             raise ExecutorError(
                 f"KV cache update {layer.name!r}: mode {layer.cache_mode.name} is not implemented."
+            )
+        form = getattr(layer, "update_form", None)  # with PACKED_NHD, update is [tokens, N, H]
+        if form is not None and form != self.trt.AttentionIOForm.PADDED_BHND:
+            raise ExecutorError(
+                f"KV cache update {layer.name!r}: only the padded [B, N, S, H] update is implemented."
             )
         s = update.shape[2]
         for b, start in enumerate(write_indices.tolist()):

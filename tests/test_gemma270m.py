@@ -1,7 +1,7 @@
 """The real Gemma-3-270M (bundled GGUF, converted once): network parity and an engine build.
 
-The prompt is longer than nothing but shorter than the 512-token sliding window, so every
-position is checked; parity past the window is proven on the tiny fixture (window 4).
+The prompts are shorter than the model's 512-token sliding window; parity past a window is
+proven on the tiny fixture (window 4).
 """
 
 from __future__ import annotations
@@ -17,46 +17,72 @@ from weights import Checkpoint
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "The capital of France is Paris. The capital of Germany is"
+PROMPTS = [
+    "The capital of France is Paris. The capital of Germany is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+]
 DECODE_STEPS = 32
 
 
 @pytest.fixture(scope="module")
 def reference(gemma3_270m_dir):
-    """Prompt ids, 32 greedy continuation ids and transformers' float32 logits for all of them."""
+    """Per prompt: its ids followed by 32 greedy ids, the prompt length, and transformers'
+    float32 and bfloat16 logits for every position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gemma3_270m_dir)
+    # Two loads: casting one model back and forth would round its float32 buffers (RoPE).
     model = AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.float32).eval()
-    prompt = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        full = model.generate(prompt, max_new_tokens=DECODE_STEPS, do_sample=False)
-        logits = model(full).logits[0].numpy()
-        bf16 = model.to(torch.bfloat16)(full).logits[0].float().numpy()
-    return full[0].tolist(), prompt.shape[1], logits, bf16
+    model_bf16 = AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.bfloat16).eval()
+    out = []
+    for text in PROMPTS:
+        prompt = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            full = model.generate(prompt, max_new_tokens=DECODE_STEPS, do_sample=False)
+            f32 = model(full).logits[0].numpy()
+            bf16 = model_bf16(full).logits[0].float().numpy()
+        out.append((full[0].tolist(), prompt.shape[1], f32, bf16))
+    return out
+
+
+def ours(model_dir, seq: list[int], prompt_len: int, dtype: str) -> np.ndarray:
+    """Prefill the prompt in one call, then one decode call per following token."""
+    options = NetworkOptions(
+        dtype=dtype, max_seq_len=len(seq), max_prefill=prompt_len, all_logits=True
+    )
+    model = CpuModel(build_network(Checkpoint.open(model_dir), options))
+    return sequence_logits(model, [seq], prompt_len)[0]
 
 
 def test_float32_prefill_and_32_decode_steps(gemma3_270m_dir, reference):
-    seq, prompt_len, ref, _ = reference
-    ckpt = Checkpoint.open(gemma3_270m_dir)
-    options = NetworkOptions(dtype="float32", max_seq_len=len(seq), max_prefill=prompt_len, all_logits=True)
-    ours = sequence_logits(CpuModel(build_network(ckpt, options)), [seq], prompt_len)[0]
-    assert ours.shape == ref.shape
-    err = np.abs(ours - ref).max()
-    assert err <= 1e-3 * np.abs(ref).max(), err
-    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
-    # The greedy continuation transformers generated is what our logits pick, step by step.
-    np.testing.assert_array_equal(ours[prompt_len - 1 : -1].argmax(-1), seq[prompt_len:])
+    for seq, prompt_len, ref, _ in reference:
+        mine = ours(gemma3_270m_dir, seq, prompt_len, "float32")
+        assert mine.shape == ref.shape
+        err = np.abs(mine - ref).max()
+        assert err <= 1e-3 * np.abs(ref).max(), err
+        np.testing.assert_array_equal(mine.argmax(-1), ref.argmax(-1))
+        # The greedy continuation transformers generated is what our logits pick, step by step.
+        np.testing.assert_array_equal(mine[prompt_len - 1 : -1].argmax(-1), seq[prompt_len:])
 
 
-def test_bfloat16_top1_agreement(gemma3_270m_dir, reference):
-    seq, prompt_len, _, ref = reference
-    ckpt = Checkpoint.open(gemma3_270m_dir)
-    options = NetworkOptions(dtype="bfloat16", max_seq_len=len(seq), max_prefill=prompt_len, all_logits=True)
-    ours = sequence_logits(CpuModel(build_network(ckpt, options)), [seq], prompt_len)[0]
-    agreement = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    assert agreement >= 0.99, agreement
-    assert np.abs(ours - ref).max() <= 0.04 * np.abs(ref).max()
+def test_bfloat16_is_as_accurate_as_transformers_bfloat16(gemma3_270m_dir, reference):
+    """bf16 implementations round at different points, so each is judged against float32 truth.
+
+    Our bf16 network's largest logit error must be within 1.25x that of transformers' bf16
+    model; top-1 must match float32 wherever float32's top-2 margin exceeds 0.5 (about the
+    bf16 error, so elsewhere the winner is a coin toss for any bf16 implementation); and
+    top-1 agreement with transformers' bf16 over all 135 positions must be at least 97%.
+    """
+    agree = []
+    for seq, prompt_len, f32, hf_bf16 in reference:
+        mine = ours(gemma3_270m_dir, seq, prompt_len, "bfloat16")
+        assert np.abs(mine - f32).max() <= 1.25 * np.abs(hf_bf16 - f32).max()
+        top2 = np.sort(f32, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 0.5
+        np.testing.assert_array_equal(mine.argmax(-1)[clear], f32.argmax(-1)[clear])
+        agree.append(mine.argmax(-1) == hf_bf16.argmax(-1))
+    assert np.concatenate(agree).mean() >= 0.97
 
 
 def test_bfloat16_engine_builds_with_two_profiles(gemma3_270m_dir, tmp_path):
