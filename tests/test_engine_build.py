@@ -42,7 +42,9 @@ def test_profiles_reach_the_builder(tiny_dir):
     assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (8, 64))
     assert prefill.shapes["past_key_0"][2] == (8, 1, 128, 16)
-    dynamic = NetworkOptions(max_batch=8, max_seq_len=128, profile_set="dynamic").profiles(ckpt.config)
+    dynamic = NetworkOptions(max_batch=8, max_seq_len=128, profile_set="dynamic").profiles(
+        ckpt.config
+    )
     assert [p.name for p in dynamic] == ["dynamic"]
 
 
@@ -57,7 +59,9 @@ def test_io_contract(tiny_dir):
     assert set(inputs) == {"input_ids", "position_ids", "last_token_index"} | {
         f"past_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
-    assert set(outputs) == {"logits"} | {f"present_{k}_{i}" for i in range(n) for k in ("key", "value")}
+    assert set(outputs) == {"logits"} | {
+        f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
+    }
     assert inputs["input_ids"].dtype == trt.int32
     assert tuple(inputs["past_key_0"].shape) == (-1, 2, 32, 32)
     assert inputs["past_key_0"].dtype == trt.bfloat16
@@ -79,9 +83,15 @@ def test_float16_gemma_warns(tiny_dir):
             "max_seq_len=100000 is outside what the model supports (1..max_position_embeddings=256); "
             "choose a smaller --max-seq-len.",
         ),
-        (NetworkOptions(dtype="int8"), "dtype 'int8' is not supported; choose bfloat16, float16 or float32."),
+        (
+            NetworkOptions(dtype="int8"),
+            "dtype 'int8' is not supported; choose bfloat16, float16 or float32.",
+        ),
         (NetworkOptions(max_batch=0), "max_batch=0 must be at least 1."),
-        (NetworkOptions(max_seq_len=64, max_prefill=65), "max_prefill=65 must be between 1 and max_seq_len=64."),
+        (
+            NetworkOptions(max_seq_len=64, max_prefill=65),
+            "max_prefill=65 must be between 1 and max_seq_len=64.",
+        ),
         (
             NetworkOptions(max_seq_len=64, profile_set="decode"),
             "profiles 'decode' is not supported; choose 'decode,prefill' or 'dynamic'.",

@@ -33,7 +33,11 @@ def hf_logits(model, seq: list[int]) -> np.ndarray:
 def run(model_dir, seqs, prefill, dtype):
     ckpt = Checkpoint.open(model_dir)
     options = NetworkOptions(
-        dtype=dtype, max_batch=len(seqs), max_seq_len=max(map(len, seqs)) + 3, max_prefill=prefill, all_logits=True
+        dtype=dtype,
+        max_batch=len(seqs),
+        max_seq_len=max(map(len, seqs)) + 3,
+        max_prefill=prefill,
+        all_logits=True,
     )
     return sequence_logits(CpuModel(build_network(ckpt, options)), seqs, prefill)
 
@@ -94,12 +98,16 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("gemma3"))
     seqs = sequences(512, [9, 6], seed=3)
     full = run(tiny_dir("gemma3"), seqs, prefill=9, dtype="float32")
-    model = CpuModel(build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=16)))
+    model = CpuModel(
+        build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=16))
+    )
     model.reset(2)
     ids = np.zeros((2, 9), np.int32)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = s
-    last = model.forward(ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32))
+    last = model.forward(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
+    )
     assert last.shape == (2, 512)
     np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)
