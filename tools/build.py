@@ -42,7 +42,7 @@ from netdef.artifact import (
 )
 from netdef.backend import compute_capability, is_rtx
 from netdef.engine import EngineBuildError
-from weights import Checkpoint, WeightsError, resolve_model
+from weights import SHORT_NAMES, Checkpoint, WeightsError, resolve_model
 
 
 class BuildError(RuntimeError):
@@ -213,7 +213,11 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.build", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.build",
+        description=__doc__.split("\n\n")[0],
+        epilog="short names: " + ", ".join(SHORT_NAMES),
+    )
     p.add_argument(
         "model",
         help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id or local folder",
