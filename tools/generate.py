@@ -1,0 +1,136 @@
+"""Stream text from an engine artifact, or from a Hugging Face folder on the CPU.
+
+    python -m tools.generate ARTIFACT --prompt "Why is the sky blue?" --chat
+    python -m tools.generate MODEL_DIR --backend reference --prompt "Once upon a time"
+
+Without --prompt it is an interactive chat that keeps the conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from netdef import NetworkOptions, OptionsError, build_network
+from netdef.artifact import is_complete, read_metadata
+from runtime.backend import Backend
+from runtime.cpu import CpuModel
+from runtime.generate import GenerationError, Generator
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+from weights import Checkpoint, WeightsError
+
+
+def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) -> Backend:
+    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)."""
+    if backend == "tensorrt":
+        if not is_complete(path):
+            raise SystemExit(
+                f"error: {path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
+            )
+        from runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend.load(path)
+    if is_complete(path):  # the artifact's own network, executed on the CPU from its source weights
+        meta = read_metadata(path)
+        ckpt = Checkpoint.open(meta["model"]["path"])
+        options = NetworkOptions(**{**meta["options"], "max_batch": 1})
+    else:
+        ckpt = Checkpoint.open(path)
+        seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
+        options = NetworkOptions(
+            dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
+        )
+    return CpuModel(build_network(ckpt, options))
+
+
+def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
+    run = gen.start([prompt], params, chat=chat)
+    for delta in run:
+        print(delta.text, end="", flush=True)
+    print()
+    c = run.completions[0]
+    print(
+        f"[{c.stats.prompt_tokens} prompt tokens, {c.stats.completion_tokens} generated ({c.finish_reason}); "
+        f"prefill {c.stats.prefill_ms:.0f} ms, decode {c.stats.decode_ms_per_token:.1f} ms/token]",
+        file=sys.stderr,
+    )
+    return c.text
+
+
+def chat_loop(gen: Generator, params: SamplingParams) -> None:
+    messages: list[dict] = []
+    print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = stream(gen, messages, params, chat=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.generate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "model",
+        type=Path,
+        help="artifact folder from tools.build, or an HF folder with --backend reference",
+    )
+    p.add_argument(
+        "--prompt",
+        help="text to continue (or the user message with --chat); omit for interactive chat",
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="reference backend only",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, help="reference backend only (default: min(model context, 4096))"
+    )
+    args = p.parse_args(argv)
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+        tokenizer = Tokenizer.from_dir(args.model)
+        gen = Generator(
+            open_backend(args.model, args.backend, args.dtype, args.max_seq_len), tokenizer
+        )
+        if args.prompt is None:
+            chat_loop(gen, params)
+        else:
+            stream(gen, args.prompt, params, args.chat)
+    except (ValueError, WeightsError, OptionsError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
