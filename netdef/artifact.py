@@ -21,20 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from weights.hub import MODEL_FILES
+
 from .decoder import DecoderNetwork
 
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
@@ -106,7 +99,7 @@ def staging(final: Path, force: bool = False) -> Iterator[Path]:
 
 def copy_model_files(model_dir: Path, dest: Path) -> list[str]:
     copied = []
-    for name in COPIED_FILES:
+    for name in MODEL_FILES:
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, dest / name)
             copied.append(name)

