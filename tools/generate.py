@@ -26,8 +26,8 @@ def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) 
     """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)."""
     if backend == "tensorrt":
         if not is_complete(path):
-            raise SystemExit(
-                f"error: {path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
+            raise GenerationError(
+                f"{path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
             )
         from runtime.tensorrt_backend import TensorRTBackend
 

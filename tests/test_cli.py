@@ -1,0 +1,98 @@
+"""The command-line checks anyone can run: tools.logits and tools.generate on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tools import generate as generate_tool
+from tools import logits as logits_tool
+
+
+def test_logits_cli_matches_transformers(tiny_dir, hf_model, tmp_path, capsys):
+    path = tiny_dir("gemma3")
+    seqs = [[5, 17, 301, 44, 9, 250, 3, 77, 12, 400], [8, 3, 99, 41, 7, 6]]
+    out = tmp_path / "logits.npy"
+    args = [str(path), "--prefill", "4", "--out", str(out)]
+    for s in seqs:
+        args += ["--ids", ",".join(map(str, s))]
+    assert logits_tool.main(args) == 0
+    assert capsys.readouterr().out == ""  # nothing but progress (stderr) and errors
+    logits = np.load(out)
+    assert logits.shape == (2, 10, 512) and logits.dtype == np.float32
+    model = hf_model(path, torch.float32)
+    for b, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = model(torch.tensor([s])).logits[0].numpy()
+        assert np.abs(logits[b, : len(s)] - ref).max() <= 1e-3 * np.abs(ref).max()
+        assert np.isnan(logits[b, len(s) :]).all()
+
+
+def test_logits_cli_single_sequence_shape(tiny_dir, tmp_path):
+    out = tmp_path / "one.npy"
+    assert logits_tool.main([str(tiny_dir("qwen2")), "--ids", "1,2,3,4", "--out", str(out)]) == 0
+    assert np.load(out).shape == (4, 512)
+
+
+def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        logits_tool.main(
+            [str(tiny_dir("llama")), "--ids", "1,2,512,900", "--out", str(tmp_path / "x.npy")]
+        )
+    assert str(err.value) == "error: token ids [512, 900] are outside the vocabulary [0, 512)."
+    with pytest.raises(SystemExit):
+        logits_tool.main([str(tiny_dir("llama")), "--ids", "1,x", "--out", str(tmp_path / "x.npy")])
+    assert "--ids takes comma-separated integers" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_generate_cli_streams_transformers_greedy_text(gemma3_270m_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The three primary colors are"
+    tok = AutoTokenizer.from_pretrained(gemma3_270m_dir)
+    model = AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=10, do_sample=False)
+    expected = tok.decode(full[0, ids.shape[1] :], skip_special_tokens=True)
+    args = [
+        str(gemma3_270m_dir),
+        "--backend",
+        "reference",
+        "--dtype",
+        "float32",
+        "--max-seq-len",
+        "64",
+    ]
+    assert generate_tool.main([*args, "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "10 generated (length)" in err and "ms/token" in err
+
+
+def test_generate_cli_chat_without_template_is_one_clear_error(gemma3_270m_dir, capsys):
+    args = [
+        str(gemma3_270m_dir),
+        "--backend",
+        "reference",
+        "--max-seq-len",
+        "32",
+        "--chat",
+        "--prompt",
+        "Hi",
+    ]
+    assert generate_tool.main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: The model in {gemma3_270m_dir} has no chat template; send plain text prompts, or add "
+        "a chat_template to its tokenizer_config.json.\n"
+    )
+
+
+def test_generate_cli_needs_an_artifact_for_tensorrt(gemma3_270m_dir, capsys):
+    assert generate_tool.main([str(gemma3_270m_dir), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {gemma3_270m_dir} is not an engine artifact; build one with python -m tools.build, "
+        "or use --backend reference.\n"
+    )
