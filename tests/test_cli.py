@@ -96,3 +96,13 @@ def test_generate_cli_needs_an_artifact_for_tensorrt(gemma3_270m_dir, capsys):
         f"error: {gemma3_270m_dir} is not an engine artifact; build one with python -m tools.build, "
         "or use --backend reference.\n"
     )
+
+
+def test_logits_cli_sequence_longer_than_the_model_allows(tiny_dir, tmp_path):
+    ids = ",".join(["7"] * 300)
+    with pytest.raises(SystemExit) as err:
+        logits_tool.main([str(tiny_dir("llama")), "--ids", ids, "--out", str(tmp_path / "x.npy")])
+    assert str(err.value) == (
+        "error: max_seq_len=300 is outside what the model supports (1..max_position_embeddings=256); "
+        "choose a smaller --max-seq-len."
+    )
