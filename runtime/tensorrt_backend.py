@@ -218,7 +218,14 @@ class TensorRTBackend:
     """`runtime.backend.Backend` over one execution context. `load` an artifact; the
     constructor takes the parts (plain dicts and any object with IExecutionContext's methods)."""
 
-    def __init__(self, meta: dict, engine_desc: dict, context: Any, keep_alive: tuple = ()):
+    def __init__(
+        self,
+        meta: dict,
+        engine_desc: dict,
+        context: Any,
+        keep_alive: tuple = (),
+        auto_graphs: bool = False,
+    ):
         options = meta["options"]
         self.max_batch = options["max_batch"]
         self.max_seq_len = options["max_seq_len"]
@@ -229,6 +236,7 @@ class TensorRTBackend:
         self.batch = 0
         self.last_call_ms = 0.0
         self.graphs: dict[int, CudaGraph] = {}
+        self.auto_graphs = auto_graphs  # capture each batch size's decode step on first use
         self._profile: int | None = None
         self._state: tuple[int, int, int] | None = None  # (profile, B, S) the context is set up for
         self.device: dict[str, DeviceBuffer] = {}
@@ -254,7 +262,7 @@ class TensorRTBackend:
             raise
 
     @classmethod
-    def load(cls, artifact: Path, trt: Any = None) -> TensorRTBackend:
+    def load(cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True) -> TensorRTBackend:
         from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
         from netdef.backend import BackendError, load_backend
 
@@ -290,7 +298,9 @@ class TensorRTBackend:
                 )
         except EngineLoadError as e:
             raise EngineLoadError(f"cannot load {artifact}: {e}") from None
-        return cls(meta, desc, context, keep_alive=(logger, runtime, engine))
+        return cls(
+            meta, desc, context, keep_alive=(logger, runtime, engine), auto_graphs=cuda_graphs
+        )
 
     def reset(self, batch: int) -> None:
         """Caches are sized for max_batch and need no clearing (stale slots are never read)."""
@@ -321,6 +331,8 @@ class TensorRTBackend:
             self._enqueue(b, s)
         self.timer.stop(self.stream)
         self.stream.synchronize()
+        if self.auto_graphs and s == 1 and b not in self.graphs:
+            self.capture_decode_graph(b)  # the context is set up for it: the next step replays
         self.last_call_ms = self.timer.elapsed_ms()
         shape = self._logits_shape(b, s)
         return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()

@@ -42,6 +42,10 @@ def test_graph_capture_and_100_replays_with_new_inputs():
     gpu_check.check_graph_replay(replays=100)
 
 
+def test_backend_captures_decode_graphs_on_first_use():
+    assert "later steps replayed" in gpu_check.check_auto_graphs()
+
+
 @pytest.mark.parametrize("profile_set", ["decode,prefill", "dynamic"])
 def test_backend_forward_and_decode_graph_with_stand_in_context(profile_set):
     gpu_check.check_backend(profile_set)

@@ -241,6 +241,32 @@ def check_graph_replay(replays: int = 100) -> str:
     return f"{replays} replays, each result exact"
 
 
+def check_auto_graphs(decode_steps: int = 50) -> str:
+    """With auto_graphs (as `load` sets it), the first decode step of a batch size runs plainly
+    and is captured; every later step of that size replays it."""
+    meta, desc = fake_engine(max_seq_len=256, profile_set="decode,prefill")
+    ctx = CopyContext()
+    with TensorRTBackend(meta, desc, ctx, auto_graphs=True) as model:
+        model.reset(2)
+        model.forward(
+            np.ones((2, 4), np.int32),
+            np.tile(np.arange(4, dtype=np.int32), (2, 1)),
+            np.full(2, 3, np.int32),
+        )
+        model.forward(
+            np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32), np.zeros(2, np.int32)
+        )
+        before = ctx.executions
+        for step in range(decode_steps):
+            ids = np.full((2, 1), step, np.int32)
+            logits = model.forward(ids, np.full((2, 1), 5 + step, np.int32), np.zeros(2, np.int32))
+            got = logits.view(np.int32).ravel()[:2].reshape(2, 1)
+            assert np.array_equal(got, ids), "replayed step copied stale inputs"
+        assert ctx.executions == before, "decode steps after the first did not replay"
+        assert list(model.graphs) == [2]
+    return f"first decode step captured, {decode_steps} later steps replayed"
+
+
 def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
     """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
@@ -298,6 +324,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "pinned round trip": check_round_trip,
     "event timing": check_events,
     "graph capture + replay": check_graph_replay,
+    "backend auto graphs": check_auto_graphs,
     "backend, decode+prefill": check_backend,
     "backend, dynamic profile": lambda: check_backend("dynamic"),
 }
