@@ -316,3 +316,14 @@ def test_no_safetensors(llama_copy):
         f"{llama_copy} has no model.safetensors or model.safetensors.index.json; "
         "point to a Hugging Face folder with safetensors weights."
     )
+
+
+def test_gemma3_270m_reads_in_bf16_with_every_tensor_accounted_for(gemma3_270m_dir):
+    from weights.checkpoint import sanitize
+
+    ckpt = Checkpoint.open(gemma3_270m_dir)
+    ckpt.validate()
+    stored = {sanitize(name) for f in ckpt.files for name in f.names()}
+    assert stored == set(ckpt.config.tensor_shapes())  # nothing missing, nothing left over
+    assert {ckpt.tensor(name).dtype for name in stored} == {np.dtype(ml_dtypes.bfloat16)}
+    assert ckpt.config.num_layers == 18 and ckpt.config.tie_word_embeddings
