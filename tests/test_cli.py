@@ -106,3 +106,47 @@ def test_logits_cli_sequence_longer_than_the_model_allows(tiny_dir, tmp_path):
         "error: max_seq_len=300 is outside what the model supports (1..max_position_embeddings=256); "
         "choose a smaller --max-seq-len."
     )
+
+
+def test_generate_cli_interactive_chat_keeps_the_conversation(
+    gemma3_270m_dir, tmp_path, monkeypatch, capsys
+):
+    """No --prompt: a chat loop; each turn is rendered with every earlier turn and reply."""
+    import json
+
+    from runtime.tokenizer import Tokenizer
+    from tests.test_tokenizer import GEMMA3_TEMPLATE
+
+    folder = tmp_path / "chat-model"
+    folder.mkdir()
+    for f in gemma3_270m_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "tokenizer_config.json").unlink()
+    config = json.loads((gemma3_270m_dir / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": GEMMA3_TEMPLATE})
+    )
+
+    seen: list[list[dict]] = []
+    real = Tokenizer.encode_chat
+    monkeypatch.setattr(
+        Tokenizer, "encode_chat", lambda self, m, **kw: seen.append(list(m)) or real(self, m, **kw)
+    )
+    lines = iter(["Hello there", "And again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = [
+        str(folder),
+        "--backend",
+        "reference",
+        "--dtype",
+        "float32",
+        "--max-seq-len",
+        "128",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert generate_tool.main(args) == 0
+    assert [m["role"] for m in seen[0]] == ["user"]
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]
+    assert seen[1][0]["content"] == "Hello there" and seen[1][2]["content"] == "And again"
+    assert seen[1][1]["content"] and seen[1][1]["content"] in capsys.readouterr().out
