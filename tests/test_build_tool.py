@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 
 import pytest
 
@@ -12,7 +10,7 @@ from netdef import load_backend
 from netdef.artifact import ENGINE_FILE, METADATA_FILE, read_metadata
 from tools import build as build_tool
 from tools import inspect as inspect_tool
-from weights import HubError, load_config, repo_id_for, resolve_model
+from weights import load_config
 
 trt = load_backend("tensorrt_rtx")
 
@@ -157,127 +155,3 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_metadata(out_dir)
     assert inspect_tool.main([str(tmp_path)]) == 1
-
-
-@pytest.mark.parametrize(
-    ("name", "repo"),
-    [
-        ("gemma-3-1b-it", "google/gemma-3-1b-it"),
-        ("gemma-3-270m-it", "google/gemma-3-270m-it"),
-        ("gemma-3-4b-it", "google/gemma-3-4b-it"),
-        ("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct"),
-        ("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct"),
-        ("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
-        ("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
-        ("qwen3-0.6b", "Qwen/Qwen3-0.6B"),
-        ("qwen3-1.7b", "Qwen/Qwen3-1.7B"),
-        ("google/gemma-3-1b-it", "google/gemma-3-1b-it"),
-    ],
-)
-def test_short_names(name, repo):
-    assert repo_id_for(name) == repo
-
-
-def test_unknown_short_name_suggests_close_ones():
-    with pytest.raises(HubError) as err:
-        repo_id_for("gemma-3-1b")
-    assert str(err.value) == (
-        "unknown model 'gemma-3-1b': it is neither a local folder, a short name nor a Hub repo id. "
-        "Did you mean 'gemma-3-1b-pt', 'gemma-3-1b-it', 'gemma-3-12b-it'? Pass a short name (see python -m tools.build --help), "
-        "a Hub repo id like google/gemma-3-1b-it, or a local folder."
-    )
-
-
-def test_offline_with_an_empty_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(HubError) as err:
-        resolve_model("gemma-3-1b-it", progress=False)
-    assert str(err.value) == (
-        "google/gemma-3-1b-it is not in the local Hugging Face cache and cannot be downloaded (offline mode or no "
-        "network); connect and unset HF_HUB_OFFLINE, or pass a local folder."
-    )
-
-
-class _FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers every request the way the Hub answers for a gated or a missing repo."""
-
-    status, code = 403, "GatedRepo"
-
-    def do_GET(self):
-        self.send_response(self.status)
-        self.send_header("X-Error-Code", self.code)
-        self.send_header("X-Error-Message", "Access to this model is restricted")
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"error": "restricted"}')
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """A loopback HTTP server standing in for huggingface.co; yields a function to set its answer."""
-    import huggingface_hub.constants as hf_constants
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(
-        hf_constants,
-        "HUGGINGFACE_CO_URL_TEMPLATE",
-        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-    )
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-
-    def answer(status: int, code: str) -> None:
-        _FakeHub.status, _FakeHub.code = status, code
-
-    yield answer
-    server.shutdown()
-    server.server_close()
-
-
-def test_gated_repo_without_token(fake_hub):
-    fake_hub(403, "GatedRepo")
-    with pytest.raises(HubError) as err:
-        resolve_model("llama-3.2-1b-instruct", progress=False)
-    assert str(err.value) == (
-        "meta-llama/Llama-3.2-1B-Instruct is gated: accept its licence on "
-        "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct with your account, then set HF_TOKEN to a "
-        "token of that account (or run `hf auth login`)."
-    )
-
-
-def test_repo_not_found(fake_hub):
-    fake_hub(404, "RepoNotFound")
-    with pytest.raises(HubError) as err:
-        resolve_model("someone/no-such-model", progress=False)
-    assert str(err.value) == (
-        "someone/no-such-model was not found on the Hugging Face Hub; check the name (private repos also need HF_TOKEN)."
-    )
-
-
-def test_no_network(tmp_path, monkeypatch):
-    import socket
-
-    import huggingface_hub.constants as hf_constants
-
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(HubError) as err:
-        resolve_model("qwen3-0.6b", progress=False)
-    assert "Qwen/Qwen3-0.6B" in str(err.value)
-    assert str(err.value).endswith("pass a local folder.")

@@ -13,8 +13,10 @@ from .errors import CheckpointError
 from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
-# Where a decoder's tensors live in each checkpoint layout, most specific first:
-# transformers 5 multimodal Gemma-3, older multimodal Gemma-3, plain causal LMs.
+# Where a decoder's tensors live in each checkpoint layout, most specific first: multimodal
+# Gemma-3 as transformers 5 names it in memory, as the Hub stores it (`language_model.model.*`,
+# with the head at `language_model.lm_head.weight`), and plain causal LMs. Names that keep no
+# canonical form after this (vision tower, projector) are not the decoder's and are ignored.
 PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
 FLOAT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
@@ -28,6 +30,7 @@ def sanitize(name: str) -> str:
 
 
 def shard_paths(model_dir: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index lists, or model.safetensors."""
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
@@ -68,13 +71,15 @@ class Checkpoint:
 
     @classmethod
     def open(cls, model_dir: str | Path) -> Checkpoint:
+        """Read config.json and map every safetensors file of a Hugging Face model folder."""
         model_dir = Path(model_dir)
         config = load_config(model_dir)
         return cls(model_dir, config, [SafetensorsFile(p) for p in shard_paths(model_dir)])
 
     def tensor(self, name: str) -> np.ndarray:
+        """The tensor under its canonical name (see `ModelConfig.tensor_shapes`), without a copy."""
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "embed_tokens.weight"  # tied head: the same bytes, no copy
+            name = "embed_tokens.weight"  # tied head: the same bytes
         if name not in self.shapes:
             raise KeyError(f"{name!r} is not a tensor of a {self.config.family} model")
         if name not in self._where:
@@ -103,4 +108,5 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
+        """Bytes of the decoder's tensors (a tied head counted once; vision tensors not at all)."""
+        return sum(f.tensor(raw).nbytes for f, raw in self._where.values())

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import HubError
+
+if TYPE_CHECKING:
+    from huggingface_hub.errors import HfHubHTTPError
 
 SHORT_NAMES = {
     "gemma-3-270m": "google/gemma-3-270m",
@@ -72,12 +76,19 @@ def resolve_model(
         from .bundled import bundled_model_dir
 
         return bundled_model_dir(progress=progress)
-    repo_id = repo_id_for(name)
+    return download(repo_id_for(name), revision=revision, token=token, progress=progress)
+
+
+def download(
+    repo_id: str, *, revision: str | None = None, token: str | None = None, progress: bool = True
+) -> Path:
+    """The cached snapshot of `repo_id` with the files `DOWNLOAD_PATTERNS` names, fetched if needed."""
     import huggingface_hub
     from huggingface_hub import errors
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
-    (enable_progress_bars if progress else disable_progress_bars)()
+    if not progress:
+        disable_progress_bars()  # for the rest of the process, as a CLI's --quiet means
     try:
         return Path(
             huggingface_hub.snapshot_download(
@@ -97,12 +108,42 @@ def resolve_model(
         raise HubError(
             f"{repo_id} has no revision {revision!r}; pass an existing branch, tag or commit."
         ) from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError as e:  # the Hub could not be asked, and no cached copy
+        raise _not_cached(repo_id, e.__cause__) from None
+    except errors.HfHubHTTPError as e:  # what is left after the cases above: 401, or a failed file
+        raise _http_error(repo_id, e) from None
+    except OSError as e:
         raise HubError(
-            f"{repo_id} is not in the local Hugging Face cache and cannot be downloaded (offline mode or no "
-            "network); connect and unset HF_HUB_OFFLINE, or pass a local folder."
+            f"downloading {repo_id} failed ({type(e).__name__}: {e}); check the network connection "
+            "and free disk space, or pass a local folder."
         ) from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise HubError(
-            f"downloading {repo_id} failed ({type(e).__name__}: {e}); check the network connection or pass a local folder."
-        ) from None
+
+
+def _not_cached(repo_id: str, cause: BaseException | None) -> HubError:
+    """Why huggingface_hub could neither reach the Hub nor find `repo_id` in its cache."""
+    from huggingface_hub import constants, errors
+
+    if isinstance(cause, errors.OfflineModeIsEnabled):
+        return HubError(
+            f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset "
+            "HF_HUB_OFFLINE to download it, download it beforehand, or pass a local folder."
+        )
+    if isinstance(cause, errors.HfHubHTTPError):
+        return _http_error(repo_id, cause)
+    return HubError(
+        f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to download {repo_id}, which is not "
+        "in the local cache either; check the network connection, or pass a local folder."
+    )
+
+
+def _http_error(repo_id: str, error: HfHubHTTPError) -> HubError:
+    """An HTTP error status that is not one of the Hub's named errors (gated, not found, revision)."""
+    status = error.response.status_code
+    if status in (401, 403):
+        return HubError(
+            f"the Hugging Face Hub refused access to {repo_id} (HTTP {status}); set HF_TOKEN to a valid "
+            "token that may read it (or run `hf auth login`), or unset HF_TOKEN for public models."
+        )
+    return HubError(
+        f"the Hugging Face Hub answered HTTP {status} for {repo_id}; try again later, or pass a local folder."
+    )

@@ -1,7 +1,9 @@
 """A memory-mapped safetensors reader that hands out zero-copy NumPy views, bfloat16 included.
 
 `safetensors`' own NumPy API cannot represent bfloat16, so the format is read directly: an
-8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+8-byte little-endian header length, a JSON header, then the raw tensor bytes. The header is
+checked against the file's size before any tensor is handed out, so a truncated or corrupt
+download fails here with the file's name instead of as a crash or garbage weights later.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import mmap
 import struct
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -41,7 +44,7 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} does not exist; re-download the model.") from None
-        except ValueError:  # mmap of an empty file
+        except ValueError:  # mmap refuses empty files
             raise CheckpointError(f"{self.path} is empty; {self._fix}.") from None
         size = len(self._map)
         if size < 8:
@@ -56,26 +59,40 @@ class SafetensorsFile:
         try:
             header = json.loads(self._map[8 : 8 + header_len])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{self.path} has an unreadable header; {self._fix}.") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+            header = None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} has an unreadable header; {self._fix}.")
+        header.pop("__metadata__", None)
         self._data_start = 8 + header_len
-        self._entries = {}
-        for name, entry in header.items():
-            self._entries[name] = self._check_entry(name, entry, size - self._data_start)
+        self._entries = {
+            name: self._check_entry(name, entry, size - self._data_start)
+            for name, entry in header.items()
+        }
 
     def _check_entry(
-        self, name: str, entry: dict, data_size: int
+        self, name: str, entry: Any, data_size: int
     ) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, after checking it fits the file."""
         try:
-            dtype = DTYPES[entry["dtype"]]
+            dtype_name = entry["dtype"]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} has an invalid header entry {entry!r}; {self._fix}."
             ) from None
+        if dtype_name not in DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has dtype {dtype_name!r}, which is not supported "
+                f"(known: {', '.join(DTYPES)}); use a checkpoint stored in BF16, F16 or F32."
+            )
+        dtype = DTYPES[dtype_name]
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not 0 <= begin <= end <= data_size or end - begin != expected:
+        if (
+            min(shape, default=0) < 0
+            or not 0 <= begin <= end <= data_size
+            or end - begin != expected
+        ):
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} claims bytes [{begin}, {end}) for {expected} bytes of data, "
                 f"but the file holds {data_size}; {self._fix}."
@@ -85,10 +102,8 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
     def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor, without touching its bytes."""
         dtype, shape, _, _ = self._entries[name]
         return dtype, shape
 
@@ -99,7 +114,3 @@ class SafetensorsFile:
         return np.frombuffer(
             self._map, dtype=dtype, count=count, offset=self._data_start + begin
         ).reshape(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self._map) - self._data_start
