@@ -10,6 +10,7 @@ Engine I/O contract (docs/architecture.md has the full table):
            last_token_index int32 [B]      which of the S tokens to return logits for
            past_key_<i>, past_value_<i>    dtype [B, kv_heads, max_seq_len, head_dim]
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
+           next_token       int32 [B]            argmax of logits (not with all_logits)
            present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
 Token (b, s) is written to cache slot position_ids[b, s] and attends to slots
 j <= position_ids[b, s] (and j > position_ids[b, s] - window on sliding layers), so padded
@@ -99,14 +100,14 @@ class _Decoder:
         last_index = net.add_input("last_token_index", trt.int32, (-1,))
         # Write index of each sequence = position of its first new token.
         first = g.constant(np.array([0], dtype=np.int32), "write_index.col")
-        first_pos = g._named(
+        first_pos = g.named(
             net.add_gather(self.positions, first, 1), "write_index.gather"
         ).get_output(0)
         self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
 
         embed = g.constant(self.weight("embed_tokens.weight"), "embed_tokens.weight")
-        h = g._named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
+        h = g.named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
         if cfg.embedding_scale is not None:
             h = g.mul(
                 h, g.scalar(cfg.embedding_scale, self.dtype, 3, "embed_scale.value"), "embed_scale"
@@ -122,7 +123,7 @@ class _Decoder:
         if not self.opt.all_logits:  # only the requested token per sequence reaches the head
             gather = net.add_gather(h, last_index, 1)
             gather.num_elementwise_dims = 1
-            h = g._named(gather, "last_token").get_output(0)
+            h = g.named(gather, "last_token").get_output(0)
         h = self.rms_norm(h, "norm.weight", "norm")
         if cfg.tie_word_embeddings:
             head = embed  # the same constant: the engine stores the table once
@@ -140,6 +141,11 @@ class _Decoder:
             logits = g.mul(logits, g.scalar(cap, np.float32, rank, "softcap.cap"), "softcap.mul")
         logits.name = "logits"
         net.mark_output(logits)
+        if not self.opt.all_logits:  # greedy decoding copies one id per sequence, not the vocab
+            top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
+            next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
+            next_token.name = "next_token"
+            net.mark_output(next_token)
 
     def head_matmul(self, h: Any, table: Any) -> Any:
         """h @ embed.T reusing the embedding constant (tied LM head)."""
@@ -154,7 +160,7 @@ class _Decoder:
         layer = g.network.add_matrix_multiply(
             h, trt.MatrixOperation.NONE, t, trt.MatrixOperation.TRANSPOSE
         )
-        return g._named(layer, "lm_head").get_output(0)
+        return g.named(layer, "lm_head").get_output(0)
 
     # Blocks ---------------------------------------------------------------------------------
     def layer(self, i: int, h: Any) -> Any:
@@ -252,7 +258,7 @@ class _Decoder:
         cos, sin = self.rope_tables[rope]
         layer = g.network.add_rotary_embedding(x, cos, sin, False, 0)
         layer.set_input(3, self.positions64)
-        return g._named(layer, name).get_output(0)
+        return g.named(layer, name).get_output(0)
 
     def kv_cache(self, i: int, kind: str, update: Any) -> Any:
         """Write this step's keys/values into the cache in place; return the whole cache."""
@@ -262,7 +268,7 @@ class _Decoder:
         layer = g.network.add_kv_cache_update(
             past, update, self.write_index, trt.KVCacheMode.LINEAR
         )
-        present = g._named(layer, f"{kind}_cache_update").get_output(0)
+        present = g.named(layer, f"{kind}_cache_update").get_output(0)
         present.name = f"present_{kind}_{i}"
         g.network.mark_output(present)
         return present

@@ -42,7 +42,7 @@ class Graph:
         self.constants: dict[str, np.ndarray] = {}
         self.scope = ""
 
-    def _named(self, layer: Any, name: str) -> Any:
+    def named(self, layer: Any, name: str) -> Any:
         layer.name = f"{self.scope}{name}" if self.scope else name
         return layer
 
@@ -51,7 +51,7 @@ class Graph:
         """A constant tensor backed by `array` without a copy (it must stay contiguous)."""
         array = np.ascontiguousarray(array)
         weights = self.trt.Weights(trt_dtype(self.trt, array.dtype), array.ctypes.data, array.size)
-        layer = self._named(self.network.add_constant(array.shape, weights), name)
+        layer = self.named(self.network.add_constant(array.shape, weights), name)
         self.constants[layer.name] = array
         return layer.get_output(0)
 
@@ -62,7 +62,7 @@ class Graph:
     # Elementwise ----------------------------------------------------------------------------
     def elementwise(self, a: Any, b: Any, op: str, name: str) -> Any:
         layer = self.network.add_elementwise(a, b, getattr(self.trt.ElementWiseOperation, op))
-        return self._named(layer, name).get_output(0)
+        return self.named(layer, name).get_output(0)
 
     def add(self, a: Any, b: Any, name: str) -> Any:
         return self.elementwise(a, b, "SUM", name)
@@ -71,24 +71,24 @@ class Graph:
         return self.elementwise(a, b, "PROD", name)
 
     def unary(self, x: Any, op: str, name: str) -> Any:
-        return self._named(
+        return self.named(
             self.network.add_unary(x, getattr(self.trt.UnaryOperation, op)), name
         ).get_output(0)
 
     def activation(self, x: Any, kind: str, name: str) -> Any:
         layer = self.network.add_activation(x, getattr(self.trt.ActivationType, kind))
-        return self._named(layer, name).get_output(0)
+        return self.named(layer, name).get_output(0)
 
     def cast(self, x: Any, dtype: np.dtype, name: str) -> Any:
         target = trt_dtype(self.trt, dtype)
         if x.dtype == target:
             return x
-        return self._named(self.network.add_cast(x, target), name).get_output(0)
+        return self.named(self.network.add_cast(x, target), name).get_output(0)
 
     def mean_last(self, x: Any, name: str) -> Any:
         axes = 1 << (len(x.shape) - 1)
         layer = self.network.add_reduce(x, self.trt.ReduceOperation.AVG, axes, True)
-        return self._named(layer, name).get_output(0)
+        return self.named(layer, name).get_output(0)
 
     # Shapes ---------------------------------------------------------------------------------
     def shuffle(
@@ -100,23 +100,23 @@ class Graph:
             layer.reshape_dims = reshape
         if transpose is not None:
             layer.second_transpose = transpose
-        return self._named(layer, name).get_output(0)
+        return self.named(layer, name).get_output(0)
 
     def split_last(self, x: Any, sizes: list[int], name: str) -> list[Any]:
         """Slices of the last dimension; the leading (dynamic) dims come from the input's shape."""
         rank = len(x.shape)
-        shape = self._named(self.network.add_shape(x), f"{name}.shape").get_output(0)
-        lead = self._named(self.network.add_slice(shape, (0,), (rank - 1,), (1,)), f"{name}.lead")
+        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
+        lead = self.named(self.network.add_slice(shape, (0,), (rank - 1,), (1,)), f"{name}.lead")
         outputs, offset = [], 0
         for i, size in enumerate(sizes):
             width = self.constant(np.array([size], dtype=np.int64), f"{name}.{i}.width")
             concat = self.network.add_concatenation([lead.get_output(0), width])
-            out_shape = self._named(concat, f"{name}.{i}.size").get_output(0)
+            out_shape = self.named(concat, f"{name}.{i}.size").get_output(0)
             layer = self.network.add_slice(
                 x, (0,) * (rank - 1) + (offset,), (1,) * rank, (1,) * rank
             )
             layer.set_input(2, out_shape)
-            outputs.append(self._named(layer, f"{name}.{i}").get_output(0))
+            outputs.append(self.named(layer, f"{name}.{i}").get_output(0))
             offset += size
         return outputs
 
@@ -126,7 +126,7 @@ class Graph:
         rank = len(x.shape)
         w = self.constant(weight.reshape((1,) * (rank - 2) + weight.shape), f"{name}.weight")
         none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
-        y = self._named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
+        y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")

@@ -24,3 +24,8 @@ class Backend(Protocol):
 
         S == 1 is a decode step (decode profile), S > 1 a prefill chunk (prefill profile).
         """
+
+    def forward_greedy(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
+    ) -> np.ndarray:
+        """The same call, returning only int32 [B] argmax ids (the network's next_token output)."""

@@ -44,14 +44,19 @@ class CpuModel:
             for kind in ("key", "value")
         }
 
-    def forward(
-        self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
-    ) -> np.ndarray:
+    def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
         """One network call; returns float32 logits ([B, V], or [B, S, V] for all-logits networks)."""
+        return self._run(input_ids, position_ids, last_token_index)["logits"]
+
+    def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
+        """One network call; returns the network's int32 [B] next_token (argmax of the logits)."""
+        return self._run(input_ids, position_ids, last_token_index)["next_token"]
+
+    def _run(self, input_ids, position_ids, last_token_index) -> dict[str, np.ndarray]:
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int32),
             "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
             **self.caches,
         }
-        return self.executor.run(feeds)["logits"]
+        return self.executor.run(feeds)

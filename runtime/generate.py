@@ -121,9 +121,11 @@ class Run:
         for c in self.completions:
             c.stats.prompt_tokens = len(c.prompt_ids)
         self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
-        self.pending = [""] * len(
-            prompts
-        )  # decoded text not yet released (may start a stop string)
+        # Decoded text not yet released, because it may be the start of a stop string.
+        self.pending = [""] * len(prompts)
+        # Plain greedy needs only the argmax, which the engine computes (one id per sequence
+        # leaves the GPU instead of the vocabulary's logits).
+        self.in_engine_greedy = params.greedy and params.repetition_penalty == 1.0
 
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
@@ -133,13 +135,16 @@ class Run:
         backend.reset(batch)
 
         t0 = time.perf_counter()
-        logits = self._prefill(lengths)
+        out = self._prefill(lengths)
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         pad = self.gen.tokenizer.pad_id or 0
         for step in range(params.max_new_tokens):
-            seen = [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
-            tokens = next_tokens(logits, params, seen, rng)
+            if self.in_engine_greedy:
+                tokens = out
+            else:
+                seen = [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+                tokens = next_tokens(out, params, seen, rng)
             yield from self._accept(tokens, step)
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
                 break
@@ -148,7 +153,7 @@ class Run:
                 np.int32,
             )
             positions = (lengths + step)[:, None].astype(np.int32)
-            logits = backend.forward(feed, positions, np.zeros(batch, np.int32))
+            out = self._call(feed, positions, np.zeros(batch, np.int32))
         decode_ms = (time.perf_counter() - t1) * 1000
         for i, c in enumerate(self.completions):
             if not c.finish_reason:
@@ -160,24 +165,30 @@ class Run:
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
+    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """Next-token ids [B] when the engine picks them, else logits [B, vocab]."""
+        backend = self.gen.backend
+        if self.in_engine_greedy:
+            return backend.forward_greedy(ids, positions, last)
+        return backend.forward(ids, positions, last)
+
     def _prefill(self, lengths: np.ndarray) -> np.ndarray:
-        """Run the prompts in chunks of max_prefill; logits of each prompt's last token."""
+        """Run the prompts in chunks of max_prefill; the output for each prompt's last token."""
         backend = self.gen.backend
         batch, total = len(lengths), int(lengths.max())
         ids = np.zeros((batch, total), np.int32)
         for b, c in enumerate(self.completions):
             ids[b, : len(c.prompt_ids)] = c.prompt_ids
-        last_logits = None
+        result = None
         for start in range(0, total, backend.max_prefill):
             end = min(start + backend.max_prefill, total)
             positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
             last = np.clip(lengths - 1 - start, 0, end - start - 1).astype(np.int32)
-            logits = backend.forward(ids[:, start:end], positions, last)
+            out = self._call(ids[:, start:end], positions, last)
             ends_here = (lengths - 1 >= start) & (lengths - 1 < end)
-            last_logits = (
-                logits if last_logits is None else np.where(ends_here[:, None], logits, last_logits)
-            )
-        return last_logits
+            ends_here = ends_here.reshape((batch,) + (1,) * (out.ndim - 1))
+            result = out if result is None else np.where(ends_here, out, result)
+        return result
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
         stops = self.params.stop

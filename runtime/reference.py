@@ -172,6 +172,7 @@ class Executor:
             T.ATTENTION_INPUT: "IAttentionInputLayer",
             T.ATTENTION_OUTPUT: "IAttentionOutputLayer",
             T.SOFTMAX: "ISoftMaxLayer",
+            T.TOPK: "ITopKLayer",
             T.SELECT: "ISelectLayer",
         }
         if layer.type not in classes:
@@ -252,6 +253,7 @@ class Executor:
             T.UNARY: self._unary,
             T.SOFTMAX: self._softmax,
             T.SELECT: self._select,
+            T.TOPK: self._topk,
             T.ROTARY_EMBEDDING: self._rotary,
             T.KV_CACHE_UPDATE: self._kv_cache_update,
             T.ATTENTION_INPUT: self._attention,
@@ -464,6 +466,18 @@ class Executor:
         axes = tuple(i for i in range(x.ndim) if layer.axes >> i & 1)
         e = np.exp(x - x.max(axis=axes, keepdims=True))
         return [e / e.sum(axis=axes, keepdims=True)]
+
+    def _topk(self, layer, inputs):
+        """The k largest (MAX) or smallest (MIN) values along one axis, sorted, with their
+        int32 indices; equal values keep index order."""
+        x = _f32(inputs[0])
+        axes = [i for i in range(x.ndim) if layer.axes >> i & 1]
+        if len(axes) != 1:
+            raise ExecutorError(f"topk {layer.name!r}: exactly one reduction axis is supported.")
+        key = -x if layer.op == self.trt.TopKOperation.MAX else x
+        order = np.argsort(key, axis=axes[0], kind="stable")
+        index = np.take(order, np.arange(layer.k), axis=axes[0])
+        return [np.take_along_axis(x, index, axis=axes[0]), index.astype(np.int32)]
 
     def _select(self, layer, inputs):
         cond, a, b = inputs

@@ -113,9 +113,14 @@ def check_contract(io: dict) -> None:
     if outputs.get("logits") != "float":
         problems.append("output logits must be float32")
     pasts = {n for n in inputs if n.startswith("past_")}
-    presents = {n.replace("present_", "past_", 1) for n in outputs if n != "logits"}
+    if outputs.get("next_token", "int32") != "int32":
+        problems.append("output next_token must be int32")
+    others = {n for n in outputs if n not in ("logits", "next_token")}
+    presents = {n.replace("present_", "past_", 1) for n in others}
     if pasts != presents:
-        problems.append("outputs other than logits must be exactly present_* for every past_*")
+        problems.append(
+            "outputs other than logits and next_token must be exactly present_* for every past_*"
+        )
     all_io = {**inputs, **outputs}
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
@@ -257,6 +262,8 @@ class TensorRTBackend:
             for name in SMALL_INPUTS:
                 self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
             self.host["logits"] = PinnedBuffer(plan["logits"] // 4, np.float32)
+            if "next_token" in plan:
+                self.host["next_token"] = PinnedBuffer(plan["next_token"] // 4, np.int32)
         except BaseException:
             self.close()
             raise
@@ -311,6 +318,19 @@ class TensorRTBackend:
         self.batch = batch
 
     def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
+        """float32 logits [B, vocab] ([B, S, vocab] for all-logits engines)."""
+        b, s = self._call(input_ids, position_ids, last_token_index, greedy=False)
+        shape = self._logits_shape(b, s)
+        return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
+
+    def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
+        """int32 [B] argmax ids from the engine's next_token: 4 bytes per sequence leave the GPU."""
+        if "next_token" not in self.host:  # an engine built before next_token existed
+            return self.forward(input_ids, position_ids, last_token_index).argmax(-1)
+        b, _ = self._call(input_ids, position_ids, last_token_index, greedy=True)
+        return self.host["next_token"].array[:b].copy()
+
+    def _call(self, input_ids, position_ids, last_token_index, greedy: bool) -> tuple[int, int]:
         ids, pos, last = validate_call(
             input_ids,
             position_ids,
@@ -321,23 +341,22 @@ class TensorRTBackend:
         )
         b, s = ids.shape
         key = (choose_profile(self.profile_names, s), b, s)
-        graph = self.graphs.get(b) if s == 1 and self._state == key else None
+        graph = self.graphs.get((b, greedy)) if s == 1 and self._state == key else None
         self._stage(ids, pos, last)
         self.timer.start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
             self._prepare(key)
-            self._enqueue(b, s)
+            self._enqueue(b, s, greedy)
         self.timer.stop(self.stream)
         self.stream.synchronize()
-        if self.auto_graphs and s == 1 and b not in self.graphs:
-            self.capture_decode_graph(b)  # the context is set up for it: the next step replays
+        if self.auto_graphs and s == 1 and (b, greedy) not in self.graphs:
+            self.capture_decode_graph(b, greedy)  # the context is set up: the next step replays
         self.last_call_ms = self.timer.elapsed_ms()
-        shape = self._logits_shape(b, s)
-        return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
+        return b, s
 
-    def capture_decode_graph(self, batch: int) -> None:
+    def capture_decode_graph(self, batch: int, greedy: bool = False) -> None:
         """Record one decode step for `batch` sequences; S == 1 calls of that batch replay it
         once the context is set up for them (the first decode after a prefill runs plainly)."""
         if not 1 <= batch <= self.max_batch:
@@ -351,12 +370,12 @@ class TensorRTBackend:
             self._prepare(key)
             filler = np.zeros((batch, 1), np.int32)
             self._stage(filler, filler + self.max_seq_len - 1, filler[:, 0])
-            self._enqueue(batch, 1)
+            self._enqueue(batch, 1, greedy)
             self.stream.synchronize()
-        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1))
-        if old := self.graphs.pop(batch, None):
+        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1, greedy))
+        if old := self.graphs.pop((batch, greedy), None):
             old.free()
-        self.graphs[batch] = graph
+        self.graphs[batch, greedy] = graph
 
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray) -> None:
         for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
@@ -389,15 +408,14 @@ class TensorRTBackend:
             next(t["shape"] for t in self.io["outputs"] if t["name"] == "logits"), b, s
         )
 
-    def _enqueue(self, b: int, s: int) -> None:
+    def _enqueue(self, b: int, s: int, greedy: bool = False) -> None:
+        """H2D of the small inputs, execute, D2H of the logits or, for greedy, of the ids."""
         sizes = {"input_ids": b * s * 4, "position_ids": b * s * 4, "last_token_index": b * 4}
         uploads = [(self.device[n], self.host[n], sizes[n]) for n in SMALL_INPUTS]
-        logits = int(np.prod(self._logits_shape(b, s))) * 4
+        out = "next_token" if greedy else "logits"
+        nbytes = b * 4 if greedy else int(np.prod(self._logits_shape(b, s))) * 4
         enqueue_step(
-            self.stream,
-            uploads,
-            self._execute,
-            [(self.host["logits"], self.device["logits"], logits)],
+            self.stream, uploads, self._execute, [(self.host[out], self.device[out], nbytes)]
         )
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ def test_io_contract(tiny_dir):
     assert set(inputs) == {"input_ids", "position_ids", "last_token_index"} | {
         f"past_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
-    assert set(outputs) == {"logits"} | {
+    assert set(outputs) == {"logits", "next_token"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
     assert inputs["input_ids"].dtype == trt.int32
@@ -67,6 +67,8 @@ def test_io_contract(tiny_dir):
     assert inputs["past_key_0"].dtype == trt.bfloat16
     assert outputs["logits"].dtype == trt.float32
     assert tuple(outputs["logits"].shape) == (-1, 512)
+    assert outputs["next_token"].dtype == trt.int32
+    assert tuple(outputs["next_token"].shape) == (-1,)
 
 
 def test_float16_gemma_warns(tiny_dir):

@@ -109,5 +109,10 @@ def test_last_token_logits_match_all_logits(tiny_dir):
         ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
     )
     assert last.shape == (2, 512)
+    model.reset(2)
+    greedy = model.forward_greedy(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
+    )
+    np.testing.assert_array_equal(greedy, last.argmax(-1))  # the in-engine argmax (TopK)
     np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)

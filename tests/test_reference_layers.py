@@ -279,6 +279,25 @@ def test_softmax_over_one_axis(axis):
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["MAX", "MIN"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_values_and_indices_along_one_axis(op, k):
+    """TopK: the k largest (MAX) / smallest (MIN) along the axis, in order, with their indices."""
+    x = floats(2, 5, 4)
+    x[0, 1, 2] = x[0, 3, 2]  # a tie: the lower index comes first
+    net = Net()
+    t = net.input("x0", np.float32, x.shape)
+    layer = net.network.add_topk(t, getattr(trt.TopKOperation, op), k, 1 << 1)
+    net.output(layer.get_output(0), "values")
+    net.output(layer.get_output(1), "indices")
+    out = net.run({"x0": x})
+    for b, col in itertools.product(range(2), range(4)):
+        column = [(float(x[b, i, col]), i) for i in range(5)]
+        ranked = sorted(column, key=lambda vi: (-vi[0] if op == "MAX" else vi[0], vi[1]))[:k]
+        assert out["values"][b, :, col].tolist() == [v for v, _ in ranked]
+        assert out["indices"][b, :, col].tolist() == [i for _, i in ranked]
+
+
 def _softmax_layer(net, t, axes):
     layer = net.network.add_softmax(t)
     layer.axes = axes
@@ -828,14 +847,14 @@ def test_bf16_constant_needs_its_array():
         net.run({})
 
 
-@pytest.mark.parametrize("kind", ["PADDING", "TOPK"])
+@pytest.mark.parametrize("kind", ["PADDING", "NON_ZERO"])
 def test_unsupported_layer_is_named(kind):
     net = Net()
     x = net.input("x", np.float32, (2, 4))
     if kind == "PADDING":
         layer = net.network.add_padding_nd(x, (0, 1), (0, 1))
     else:
-        layer = net.network.add_topk(x, trt.TopKOperation.MAX, 2, 1 << 1)
+        layer = net.network.add_non_zero(x)
     layer.name = "odd"
     net.output(layer.get_output(0))
     message = f"layer 'odd' has type {kind}, which the reference executor does not implement."

@@ -198,7 +198,7 @@ def test_contract_violations():
         check_contract(io)
     assert str(e.value) == (
         "the engine breaks the I/O contract: input input_ids must be int32; output logits must "
-        "be float32; outputs other than logits must be exactly present_* for every past_*."
+        "be float32; outputs other than logits and next_token must be exactly present_* for every past_*."
     )
 
 

@@ -59,7 +59,10 @@ def fake_engine(
             {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
             {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
         ],
-        "outputs": [{"name": "logits", "dtype": "float", "shape": [-1, vocab]}],
+        "outputs": [
+            {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
+            {"name": "next_token", "dtype": "int32", "shape": [-1]},
+        ],
     }
     for i in range(layers):
         for kind in ("key", "value"):
@@ -99,8 +102,8 @@ def fake_engine(
 
 class CopyContext:
     """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues two device copies at
-    the bound addresses: input_ids → logits (as raw int32 words) and position_ids → the start
-    of present_key_0, which must be past_key_0's memory. `executions` counts host calls, so
+    the bound addresses: input_ids → logits (as raw int32 words) and → next_token, and
+    position_ids → the start of present_key_0, which must be past_key_0's memory. `executions` counts host calls, so
     graph replays (which make none) are visible."""
 
     def __init__(self) -> None:
@@ -126,6 +129,7 @@ class CopyContext:
         kind = cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice
         a = self.addresses
         cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a["next_token"], a["input_ids"], b * 4, kind, stream)
         cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
         self.executions += 1
         return True
@@ -263,8 +267,21 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
             got = logits.view(np.int32).ravel()[:2].reshape(2, 1)
             assert np.array_equal(got, ids), "replayed step copied stale inputs"
         assert ctx.executions == before, "decode steps after the first did not replay"
-        assert list(model.graphs) == [2]
-    return f"first decode step captured, {decode_steps} later steps replayed"
+        model.forward_greedy(
+            np.ones((2, 1), np.int32), np.full((2, 1), 60, np.int32), np.zeros(2, np.int32)
+        )
+        before = ctx.executions  # that first greedy step ran plainly, then was captured
+        for step in range(decode_steps):  # greedy steps: only next_token comes back, also replayed
+            ids = np.full((2, 1), 100 + step, np.int32)
+            got = model.forward_greedy(
+                ids, np.full((2, 1), 61 + step, np.int32), np.zeros(2, np.int32)
+            )
+            assert np.array_equal(got, ids[:, 0]), "next_token did not come back"
+        assert ctx.executions == before, "greedy steps after the first did not replay"
+        assert sorted(model.graphs) == [(2, False), (2, True)]
+    return (
+        f"first decode step captured, {decode_steps} later steps replayed (logits and greedy ids)"
+    )
 
 
 def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
