@@ -2,7 +2,9 @@
 
 Families differ only through `ModelConfig` fields (norm offset, qk-norm, biases, sandwich
 norms, activation, embedding scale, per-layer window and RoPE); there is no per-family
-branch here beyond reading those fields.
+branch here beyond reading those fields. Quantization (`options.quant`) happens in
+`Graph.linear` and `Graph.weight`; the skeleton only says whether the LM head (with a tied
+head, the embedding table) is quantized too.
 
 Engine I/O contract (docs/architecture.md has the full table):
   inputs   input_ids        int32 [B, S]   new tokens, right-padded
@@ -19,7 +21,7 @@ tails and stale slots beyond a sequence's end are never read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -30,7 +32,7 @@ from weights.config import ModelConfig
 
 from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
-from .options import NetworkOptions, Profile
+from .options import NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
 
 
@@ -65,17 +67,24 @@ def build_network(
     options: NetworkOptions,
     trt: ModuleType | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    act_amax: Mapping[str, float] | None = None,
 ) -> DecoderNetwork:
     """Define the whole decoder on a fresh strongly typed network (no engine is built yet).
 
-    `on_layer(done, total)` is called after each decoder layer, for progress bars.
+    `on_layer(done, total)` is called after each decoder layer, for progress bars. fp8 needs
+    `act_amax`, each linear layer's input amax from `runtime.calibration.activation_amax`.
     """
     config = source.config
     options.validate(config)
+    if options.quant == "fp8" and act_amax is None:
+        raise OptionsError(
+            "fp8 needs activation ranges from a calibration pass "
+            "(runtime.calibration.activation_amax)."
+        )
     trt = trt or load_backend()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    g = Graph(trt, network)
+    g = Graph(trt, network, options.quant, act_amax)
     _Decoder(g, source, options, on_layer).define()
     return DecoderNetwork(trt, builder, network, config, options, options.profiles(config), g)
 
@@ -106,7 +115,9 @@ class _Decoder:
         self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
 
-        embed = g.constant(self.weight("embed_tokens.weight"), "embed_tokens.weight")
+        # A tied LM head reads this table too, so it is quantized with the head.
+        quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
+        embed = g.weight(self.weight("embed_tokens.weight"), "embed_tokens", quantize_table)
         h = g.named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
         if cfg.embedding_scale is not None:
             h = g.mul(
@@ -129,7 +140,9 @@ class _Decoder:
             head = embed  # the same constant: the engine stores the table once
             logits = self.head_matmul(h, head)
         else:
-            logits = g.linear(h, self.weight("lm_head.weight"), None, "lm_head")
+            logits = g.linear(
+                h, self.weight("lm_head.weight"), None, "lm_head", self.opt.quant_lm_head
+            )
         logits = g.cast(logits, np.dtype(np.float32), "logits.float32")
         if cfg.final_logit_softcap:
             cap = float(cfg.final_logit_softcap)

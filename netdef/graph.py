@@ -3,16 +3,24 @@
 Networks are strongly typed, so every helper states its dtype. Weights handed to TensorRT
 must outlive the build, so `Graph.constants` keeps each array it passes in, by layer name;
 the reference executor reads constants from there too, because TensorRT's Python bindings
-cannot hand bfloat16 weights back as arrays.
+cannot hand bfloat16, FP8 or INT4 weights back as arrays.
+
+Quantization happens in one place, `linear` (and `weight`, for the tied LM head's table):
+quantized weights are constants dequantized in front of the matmul (explicit quantization),
+and under fp8 the activations pass through a Quantize/Dequantize pair too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from .options import OptionsError
+from .quant import FP8, INT4, activation_scale, pack_int4, quantize_weight
 
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -21,25 +29,45 @@ DTYPES = {
 }
 
 
-def trt_dtype(trt: ModuleType, dtype: np.dtype) -> Any:
-    table = {
+def _dtypes(trt: ModuleType) -> dict[np.dtype, Any]:
+    return {
         np.dtype(np.float32): trt.float32,
         np.dtype(np.float16): trt.float16,
         np.dtype(ml_dtypes.bfloat16): trt.bfloat16,
         np.dtype(np.int32): trt.int32,
         np.dtype(np.int64): trt.int64,
         np.dtype(np.bool_): trt.bool,
+        np.dtype(np.int8): trt.int8,
+        INT4: trt.int4,
+        FP8: trt.fp8,
     }
-    return table[np.dtype(dtype)]
+
+
+def trt_dtype(trt: ModuleType, dtype: np.dtype) -> Any:
+    return _dtypes(trt)[np.dtype(dtype)]
 
 
 class Graph:
-    """Builds layers on `network`; names each layer after the module it belongs to."""
+    """Builds layers on `network`; names each layer after the module it belongs to.
 
-    def __init__(self, trt: ModuleType, network: Any):
+    `quant` is a `netdef.quant` mode for the linear layers; fp8 needs `act_amax`, the
+    calibrated input amax of each linear layer by name. `linear_inputs` records the tensor
+    that feeds each linear layer (by layer name), for calibration.
+    """
+
+    def __init__(
+        self,
+        trt: ModuleType,
+        network: Any,
+        quant: str = "none",
+        act_amax: Mapping[str, float] | None = None,
+    ):
         self.trt = trt
         self.network = network
+        self.quant = quant
+        self.act_amax = act_amax or {}
         self.constants: dict[str, np.ndarray] = {}
+        self.linear_inputs: dict[str, str] = {}
         self.scope = ""
 
     def named(self, layer: Any, name: str) -> Any:
@@ -48,11 +76,14 @@ class Graph:
 
     # Leaves ---------------------------------------------------------------------------------
     def constant(self, array: np.ndarray, name: str) -> Any:
-        """A constant tensor backed by `array` without a copy (it must stay contiguous)."""
-        array = np.ascontiguousarray(array)
-        weights = self.trt.Weights(trt_dtype(self.trt, array.dtype), array.ctypes.data, array.size)
+        """A constant tensor backed by `array` without a copy (it must stay contiguous).
+
+        INT4 arrays are handed over packed two per byte, as TensorRT reads them."""
+        array = np.require(array, requirements="C")  # keeps 0-d scalars 0-d
+        data = pack_int4(array) if array.dtype == INT4 else array
+        weights = self.trt.Weights(trt_dtype(self.trt, array.dtype), data.ctypes.data, array.size)
         layer = self.named(self.network.add_constant(array.shape, weights), name)
-        self.constants[layer.name] = array
+        self.constants[layer.name] = data
         return layer.get_output(0)
 
     def scalar(self, value: float, dtype: np.dtype, rank: int, name: str) -> Any:
@@ -121,13 +152,50 @@ class Graph:
         return outputs
 
     # Linear algebra -------------------------------------------------------------------------
-    def linear(self, x: Any, weight: np.ndarray, bias: np.ndarray | None, name: str) -> Any:
-        """x @ weight.T (+ bias) with `weight` in HF layout [out, in]; no transposed copy."""
+    def linear(
+        self, x: Any, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True
+    ) -> Any:
+        """x @ weight.T (+ bias) with `weight` in HF layout [out, in]; no transposed copy.
+
+        The weight is quantized as the graph's mode says unless `quantize` is False."""
         rank = len(x.shape)
-        w = self.constant(weight.reshape((1,) * (rank - 2) + weight.shape), f"{name}.weight")
+        self.linear_inputs[f"{self.scope}{name}"] = x.name
+        quantized = quantize and self.quant != "none"
+        w = self.weight(weight.reshape((1,) * (rank - 2) + weight.shape), name, quantized)
+        if quantized and self.quant == "fp8":
+            x = self.fp8_activation(x, name)
         none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
         y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
         return y
+
+    def weight(self, weight: np.ndarray, name: str, quantize: bool) -> Any:
+        """The tensor a matmul reads for `weight` ([out, in] after leading 1s): the constant, or,
+        when `quantize` and a mode is set, the quantized constant through a Dequantize layer
+        (per output channel, per block of inputs or per tensor, as the mode says)."""
+        if not quantize or self.quant == "none":
+            return self.constant(weight, f"{name}.weight")
+        lead, matrix = weight.shape[:-2], weight.reshape(weight.shape[-2:])
+        q = quantize_weight(matrix, self.quant)
+        values = self.constant(q.values.reshape(weight.shape), f"{name}.weight")
+        blocks = q.scale.ndim == 2  # block scales have the weight's rank
+        scale = self.constant(
+            q.scale.reshape(lead + q.scale.shape) if blocks else q.scale, f"{name}.weight_scale"
+        )
+        layer = self.network.add_dequantize(values, scale, trt_dtype(self.trt, weight.dtype))
+        if q.scale.ndim:  # the output-channel axis, or the blocked input axis
+            layer.axis = weight.ndim - (1 if blocks else 2)
+        return self.named(layer, f"{name}.dequantize").get_output(0)
+
+    def fp8_activation(self, x: Any, name: str) -> Any:
+        """x through FP8 and back with its calibrated per-tensor scale (amax / 448)."""
+        key = f"{self.scope}{name}"
+        if key not in self.act_amax:
+            raise OptionsError(f"fp8: no calibrated activation range for linear layer {key!r}.")
+        dtype = next(n for n, t in _dtypes(self.trt).items() if t == x.dtype)
+        scale = self.constant(activation_scale(self.act_amax[key], dtype), f"{name}.input_scale")
+        q = self.named(self.network.add_quantize(x, scale, self.trt.fp8), f"{name}.quantize_input")
+        dq = self.network.add_dequantize(q.get_output(0), scale, x.dtype)
+        return self.named(dq, f"{name}.dequantize_input").get_output(0)

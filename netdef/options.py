@@ -7,11 +7,25 @@ from dataclasses import dataclass
 
 from weights.config import ModelConfig
 
+from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
+
 Shape = tuple[int, ...]
 
 
 class OptionsError(ValueError):
     """A build option the network cannot honour; raised before any build work."""
+
+
+def check_quant_target(quant: str, target: str | None) -> None:
+    """Refuse fp8 for a GPU target without FP8 matmuls, before any build work."""
+    if quant != "fp8" or target is None:
+        return
+    if "sm" + target.lower().removeprefix("sm").replace(".", "") in NO_FP8_TARGETS:
+        raise OptionsError(
+            f"fp8 needs FP8 matrix multiplies, which TensorRT-RTX has on compute capability 8.9 "
+            f"and newer (sm89, sm120, sm121); target {target} has none. Choose int8-wo or "
+            "int4-wo for it."
+        )
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,8 @@ class NetworkOptions:
     prefill_opt: int | None = None  # S the prefill profile is tuned for; default min(512, max)
     profile_set: str = "decode,prefill"  # or "dynamic": one profile covering S = 1..max_prefill
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
+    quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
+    quant_lm_head: bool = False  # quantize the LM head too (a tied one with the embedding)
 
     @property
     def prefill_len(self) -> int:
@@ -60,11 +76,40 @@ class NetworkOptions:
             raise OptionsError(
                 f"profiles {self.profile_set!r} is not supported; choose 'decode,prefill' or 'dynamic'."
             )
+        self._validate_quant(config)
         if self.dtype == "float16" and config.family == "gemma3":
             warnings.warn(
                 "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.",
                 stacklevel=2,
             )
+
+    def _validate_quant(self, config: ModelConfig) -> None:
+        if self.quant not in MODES:
+            raise OptionsError(
+                f"quant {self.quant!r} is not supported; choose none, int8-wo, int4-wo or fp8."
+            )
+        if self.quant_lm_head and self.quant == "none":
+            raise OptionsError("quant_lm_head needs a quantization mode (--quant).")
+        tied = config.tie_word_embeddings
+        if self.quant_lm_head and tied and self.quant != "int4-wo":
+            # Measured: TensorRT folds an INT8/FP8 table that the embedding lookup also reads
+            # back into a model-dtype constant, so the engine would only lose accuracy.
+            raise OptionsError(
+                f"quant_lm_head with {self.quant} needs an untied LM head: this model's head is "
+                "its embedding table, which TensorRT keeps in the model dtype for the embedding "
+                "lookup. Use int4-wo, or leave the LM head unquantized."
+            )
+        if self.quant != "int4-wo":
+            return
+        head = "embed_tokens.weight" if tied else "lm_head.weight"
+        for name, shape in config.tensor_shapes().items():
+            quantized = name.endswith("_proj.weight") or (self.quant_lm_head and name == head)
+            if quantized and shape[1] % INT4_BLOCK:
+                raise OptionsError(
+                    f"int4-wo quantizes weights in blocks of {INT4_BLOCK} inputs, but {name} has "
+                    f"shape {list(shape)}, whose input dimension {shape[1]} is not a multiple of "
+                    f"{INT4_BLOCK}; choose int8-wo or fp8."
+                )
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
         """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both."""

@@ -6,7 +6,11 @@ round once to the layer's output type (bfloat16 through `ml_dtypes`, round-to-ne
 as GPU kernels that accumulate in float32 do. Known difference from fused GPU kernels:
 attention keeps its probabilities in float32 (flash kernels may round them to the input
 type before the second matmul). A layer type or mode it does not implement is an error,
-never a silent approximation.
+never a silent approximation. Quantize and Dequantize follow TensorRT's explicit
+quantization (netdef.quant holds the formulas): per-tensor, per-channel and block scales,
+INT8, INT4 and FP8 E4M3; INT4 constants are read packed two per byte, as TensorRT reads them.
+A Dequantize rounds its product to its output type, as the network states; a GEMM that
+TensorRT fuses with it may keep that product in float32.
 
     from runtime.reference import run_network
     outputs = run_network(decoder_network, {"input_ids": ids, ...})   # name -> array
@@ -14,13 +18,14 @@ never a silent approximation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from netdef.options import Profile
+from netdef.quant import FP8, INT4, INT8, dequantize, quantize, unpack_int4
 
 
 class ExecutorError(RuntimeError):
@@ -83,6 +88,8 @@ def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
         trt.int32: np.int32,
         trt.int64: np.int64,
         trt.int8: np.int8,
+        trt.int4: INT4,
+        trt.fp8: FP8,
         trt.bool: np.bool_,
     }
     if dtype not in table:
@@ -174,6 +181,8 @@ class Executor:
             T.SOFTMAX: "ISoftMaxLayer",
             T.TOPK: "ITopKLayer",
             T.SELECT: "ISelectLayer",
+            T.QUANTIZE: "IQuantizeLayer",
+            T.DEQUANTIZE: "IDequantizeLayer",
         }
         if layer.type not in classes:
             raise ExecutorError(
@@ -197,7 +206,10 @@ class Executor:
                     f"constant {layer.name!r} ({out_dtype}) cannot be read back from the bindings; "
                     "pass its array in `constants`."
                 ) from e
-        if array.dtype != out_dtype or array.size != int(np.prod(shape)):
+        count = int(np.prod(shape))
+        if out_dtype == INT4 and array.dtype == np.uint8 and array.size == (count + 1) // 2:
+            array = unpack_int4(array, count)  # TensorRT's packing, two values per byte
+        if array.dtype != out_dtype or array.size != count:
             raise ExecutorError(
                 f"constant {layer.name!r}: array {array.dtype}{array.shape} does not match {out_dtype}{shape}."
             )
@@ -233,7 +245,10 @@ class Executor:
         raise ExecutorError(f"the feeds ({shapes}) fit no optimization profile ({described}).")
 
     # Execution ---------------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], extra: Iterable[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Every network output by name, and the intermediate tensors named in `extra`."""
         self._check_feeds(feeds)
         env: dict[str, np.ndarray] = {t.name: feeds[t.name] for t in self.inputs}
         T = self.trt.LayerType
@@ -258,6 +273,8 @@ class Executor:
             T.KV_CACHE_UPDATE: self._kv_cache_update,
             T.ATTENTION_INPUT: self._attention,
             T.ATTENTION_OUTPUT: self._attention_output,
+            T.QUANTIZE: self._quantize,
+            T.DEQUANTIZE: self._dequantize,
         }
         self._pending: dict[str, np.ndarray] = {}
         for layer, kind in zip(self.layers, self.kinds):
@@ -275,7 +292,12 @@ class Executor:
                 out = layer.get_output(i)
                 want = numpy_dtype(self.trt, out.dtype)
                 env[out.name] = value if value.dtype == want else value.astype(want)
-        return {t.name: env[t.name] for t in self.outputs}
+        outputs = {t.name: env[t.name] for t in self.outputs}
+        for name in extra:
+            if name not in env:
+                raise ExecutorError(f"the network has no tensor named {name!r}.")
+            outputs[name] = env[name]
+        return outputs
 
     def _as_f32(self, x: np.ndarray) -> np.ndarray:
         cached = self._weight_f32.get(_address(x)) if x.flags.c_contiguous else None
@@ -565,3 +587,57 @@ class Executor:
 
     def _attention_output(self, layer, inputs):
         return [self._pending.pop(layer.get_output(0).name)]
+
+    def _quantize(self, layer, inputs):
+        """clamp(round(x / scale)) into INT8, INT4 or FP8 (Quantize operator page)."""
+        x, want = inputs[0], self._out(layer)
+        if not _is_float(x.dtype) or want not in (INT8, INT4, FP8):
+            raise ExecutorError(f"quantize {layer.name!r}: {x.dtype} to {want} is not a Quantize.")
+        return [quantize(x, self._scale(layer, inputs, x.shape), want)]
+
+    def _dequantize(self, layer, inputs):
+        """q · scale, rounded once to the output type (Dequantize operator page)."""
+        q, want = inputs[0], self._out(layer)
+        if q.dtype not in (INT8, INT4, FP8) or not _is_float(want):
+            raise ExecutorError(
+                f"dequantize {layer.name!r}: {q.dtype} to {want} is not a Dequantize."
+            )
+        return [dequantize(q, self._scale(layer, inputs, q.shape), want)]
+
+    def _scale(self, layer, inputs, shape: tuple[int, ...]) -> np.ndarray:
+        """The scale input broadcast to `shape`: a scalar (or one value) per tensor, a 1-D scale
+        along `axis` per channel, or a scale of the input's rank per block, where each block
+        is `block_shape` (-1: the whole dimension), else the input's dims over the scale's."""
+        scale = _f32(inputs[1])
+        zero_point = inputs[2] if len(inputs) > 2 else None
+        if zero_point is not None and np.any(zero_point.astype(np.float32) != 0):
+            raise ExecutorError(
+                f"{layer.name!r}: TensorRT quantization is symmetric (zero point 0)."
+            )
+        if np.any(scale <= 0):
+            raise ExecutorError(f"{layer.name!r}: scales must be strictly positive.")
+        if scale.size == 1 and scale.ndim <= 1:
+            return scale.reshape(())
+        if scale.ndim == 1:
+            axis = layer.axis
+            if not 0 <= axis < len(shape) or shape[axis] != scale.size:
+                raise ExecutorError(
+                    f"{layer.name!r}: per-channel scale of {scale.size} does not match axis "
+                    f"{axis} of shape {shape}."
+                )
+            return scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+        if scale.ndim != len(shape):
+            raise ExecutorError(
+                f"{layer.name!r}: a scale of shape {scale.shape} fits no quantization of {shape}."
+            )
+        try:
+            block = [n if b == -1 else b for b, n in zip(layer.block_shape, shape)]
+        except RuntimeError:  # no block shape set: one block per scale element
+            block = [n // max(s, 1) for n, s in zip(shape, scale.shape)]
+        if any(b < 1 or n % b or n // b != s for n, b, s in zip(shape, block, scale.shape)):
+            raise ExecutorError(
+                f"{layer.name!r}: block scale {scale.shape} does not tile shape {shape}."
+            )
+        for d, b in enumerate(block):
+            scale = np.repeat(scale, b, axis=d)
+        return scale

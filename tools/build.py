@@ -1,6 +1,6 @@
 """Build a TensorRT engine artifact from a model name, Hub repo id or local folder.
 
-    python -m tools.build gemma-3-1b-it --backend tensorrt_rtx --target sm89
+    python -m tools.build gemma-3-1b-it --backend tensorrt_rtx --target sm89 [--quant int8-wo]
 
 The artifact folder (engine, metadata.json, tokenizer and generation config) lands in the
 user cache, keyed by the model's files, the options, the backend and its version and the
@@ -42,6 +42,10 @@ from netdef.artifact import (
 )
 from netdef.backend import compute_capability, is_rtx
 from netdef.engine import EngineBuildError
+from netdef.options import check_quant_target
+from netdef.quant import CALIBRATION_TEXT, MODES
+from runtime.calibration import activation_amax
+from runtime.tokenizer import Tokenizer, TokenizerError
 from weights import SHORT_NAMES, Checkpoint, WeightsError, resolve_model
 
 
@@ -103,6 +107,9 @@ def build(
     max_prefill: int | None = None,
     prefill_opt: int | None = None,
     profiles: str = "decode,prefill",
+    quant: str = "none",
+    quant_lm_head: bool = False,
+    calib_file: Path | None = None,
     backend: str | None = None,
     target: str | None = None,
     output: Path | None = None,
@@ -113,7 +120,9 @@ def build(
     revision: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build (or reuse) the artifact for `model`; returns its folder."""
+    """Build (or reuse) the artifact for `model`; returns its folder.
+
+    fp8 calibrates its activation scales on `calib_file` (default: the shipped sample text)."""
     trt = load_backend(backend)
     if is_rtx(trt):
         if target is None:
@@ -126,6 +135,12 @@ def build(
         raise BuildError(
             "--target applies to --backend tensorrt_rtx only; datacenter TensorRT builds for the GPU it runs on."
         )
+    check_quant_target(quant, target)
+    if calib_file is not None and quant != "fp8":
+        raise BuildError("--calib-file applies to --quant fp8 only.")
+    calib_file = Path(calib_file or CALIBRATION_TEXT) if quant == "fp8" else None
+    if calib_file is not None and not calib_file.is_file():
+        raise BuildError(f"calibration text {calib_file} does not exist (--calib-file).")
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
     ckpt = Checkpoint.open(model_dir)
@@ -137,14 +152,28 @@ def build(
         max_prefill=max_prefill,
         prefill_opt=prefill_opt,
         profile_set=profiles,
+        quant=quant,
+        quant_lm_head=quant_lm_head,
     )
     options.validate(config)
+    calibration = None
+    if calib_file is not None:
+        try:
+            calib_ids = Tokenizer.from_dir(model_dir).encode(calib_file.read_text(encoding="utf-8"))
+        except TokenizerError as e:
+            raise BuildError(f"fp8 calibration tokenizes {calib_file}: {e}") from None
+        calibration = {
+            "file": str(calib_file),
+            "sha256": files_sha256([calib_file]),
+            "tokens": min(len(calib_ids), config.max_position_embeddings),
+        }
     key_data = {
         "source": source_fingerprint(model_dir),
         "options": options.__dict__,
         "backend": [trt.__name__, trt.__version__],
         "target": target,
         "optimization_level": optimization_level,
+        "calibration": calibration["sha256"] if calibration else None,
     }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
     slug = Path(model.rstrip("/")).name.lower()
@@ -158,14 +187,25 @@ def build(
         )
 
     with staging(output, force=True) as tmp:
+        act_amax = None
+        if calibration is not None:
+            _say(
+                progress,
+                f"Calibrating FP8 activation ranges on {calibration['tokens']} tokens of {calib_file}...",
+            )
+            act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
         with tqdm(
             total=config.num_layers, desc="Network definition", unit="layer", disable=not progress
         ) as bar:
-            dn = build_network(ckpt, options, trt, on_layer=lambda done, total: bar.update(1))
+            dn = build_network(
+                ckpt, options, trt, on_layer=lambda done, total: bar.update(1), act_amax=act_amax
+            )
         monitor = builder_progress(trt, progress)
         _say(
             progress,
-            f"Building the engine for {target or 'this GPU'} ({dtype}, {dn.network.num_layers} layers)...",
+            f"Building the engine for {target or 'this GPU'} ({dtype}"
+            + (f", {quant}" if quant != "none" else "")
+            + f", {dn.network.num_layers} layers)...",
         )
         engine_bytes = build_engine(
             dn,
@@ -190,6 +230,7 @@ def build(
                 target=target,
                 optimization_level=optimization_level,
                 weights_sha256=files_sha256(shards),
+                calibration=calibration,
                 build={
                     "seconds": round(seconds, 2),
                     "engine_bytes": engine_bytes,
@@ -239,6 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profiles", default="decode,prefill", choices=["decode,prefill", "dynamic"])
     p.add_argument(
+        "--quant",
+        default="none",
+        choices=MODES,
+        help="quantize the linear layers: int8-wo (per-channel INT8 weights), int4-wo (INT4 "
+        "weights in blocks of 128 inputs) or fp8 (FP8 weights and activations, sm89+)",
+    )
+    p.add_argument(
+        "--quant-lm-head",
+        action="store_true",
+        help="quantize the LM head too (embeddings, norms and the head stay unquantized otherwise)",
+    )
+    p.add_argument(
+        "--calib-file",
+        type=Path,
+        help="text whose activation ranges set the fp8 scales (default: a shipped public-domain sample)",
+    )
+    p.add_argument(
         "--backend", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed"
     )
     p.add_argument("--target", help="TensorRT-RTX compute capability, e.g. sm89")
@@ -260,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             max_prefill=args.max_prefill,
             prefill_opt=args.prefill_opt,
             profiles=args.profiles,
+            quant=args.quant,
+            quant_lm_head=args.quant_lm_head,
+            calib_file=args.calib_file,
             backend=args.backend,
             target=args.target,
             output=args.output,

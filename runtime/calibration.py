@@ -1,0 +1,59 @@
+"""FP8 calibration: the activation range entering each linear layer of the unquantized network.
+
+The network runs in the NumPy executor over a calibration text, fed in chunks through the
+KV cache as an engine would be driven, and the executor hands back the input tensor of every
+linear layer (`Graph.linear_inputs`). Each layer's amax (largest |x| over every token)
+becomes its per-tensor FP8 scale, amax / 448, when the fp8 network is defined.
+
+    amax = activation_amax(ckpt, tokenizer.encode(text), "bfloat16")
+    dn = build_network(ckpt, NetworkOptions(quant="fp8"), act_amax=amax)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+
+from netdef import NetworkOptions, build_network
+from netdef.decoder import WeightSource
+
+from .cpu import CpuModel
+
+
+def activation_amax(
+    source: WeightSource,
+    token_ids: Sequence[int],
+    dtype: str,
+    chunk: int = 256,
+    trt: ModuleType | None = None,
+) -> dict[str, float]:
+    """Each linear layer's input amax (by layer name) over `token_ids`, from the unquantized
+    `dtype` network. Tokens beyond the model's context are not used."""
+    ids = np.asarray(token_ids[: source.config.max_position_embeddings], np.int32)
+    if ids.size == 0:
+        raise ValueError("calibration needs at least one token.")
+    options = NetworkOptions(
+        dtype=dtype,
+        max_seq_len=ids.size,
+        max_prefill=min(chunk, ids.size),
+        all_logits=True,  # the LM head's input at every position, not only the last
+    )
+    dn = build_network(source, options, trt)
+    taps = dn.graph.linear_inputs
+    model = CpuModel(dn)
+    model.reset(1)
+    amax = dict.fromkeys(taps, 0.0)
+    for start in range(0, ids.size, chunk):
+        part = ids[None, start : start + chunk]
+        feeds = {
+            "input_ids": part,
+            "position_ids": np.arange(start, start + part.shape[1], dtype=np.int32)[None],
+            "last_token_index": np.zeros(1, np.int32),
+            **model.caches,
+        }
+        seen = model.executor.run(feeds, extra=taps.values())
+        for layer, tensor in taps.items():
+            amax[layer] = max(amax[layer], float(np.abs(seen[tensor].astype(np.float32)).max()))
+    return amax
