@@ -1,0 +1,477 @@
+"""tools.bench: the CPU modes end to end on tiny fixtures, and the GPU mode's pure parts.
+
+No assertion here depends on how fast anything ran: timings are only checked to be positive
+(or, with a stand-in backend that reports fixed call times, to be exactly those numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from runtime.cpu import CpuModel
+from runtime.cuda_buffers import gpu_unavailable_reason
+from tools import bench
+from weights import Checkpoint, load_config, parse_config
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, int | float) and v > 0 and math.isfinite(v) for v in values)
+
+
+# ---- CPU modes, end to end ----
+
+
+def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "build.json"
+    model = str(tiny_dir("llama"))
+    assert bench.main(["--build", model, "--max-seq-len", "64", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "engine builds (tensorrt_rtx, target sm89, bfloat16, max_seq_len 64" in table
+    report = json.loads(out.read_text())
+    assert report["kind"] == "build"
+    assert {"python", "numpy", "tensorrt_rtx"} <= set(report["versions"])
+    assert report["machine"]["cpu_count"] >= 1
+    (build,) = report["builds"]
+    assert build["model"] == model and build["options"]["target"] == "sm89"
+    assert positive(
+        build["wall_s"],
+        build["build_s"],
+        build["network_s"],
+        build["builder_s"],
+        build["peak_rss_bytes"],
+        build["checkpoint_bytes"],
+        build["engine_bytes"],
+        build["peak_rss_x_checkpoint"],
+    )
+    assert build["build_s"] < build["wall_s"]  # the child process does more than build()
+    assert build["checkpoint_bytes"] == (tiny_dir("llama") / "model.safetensors").stat().st_size
+    # RSS at the phases (the builder call instrumented), and the polled builder peak.
+    assert {"imported", "before_network", "before_builder", "after_builder"} <= set(build["rss"])
+    assert positive(*(build["rss"][p]["VmRSS"] for p in build["rss"]))
+    assert build["rss"]["before_builder"]["VmRSS"] <= build["peak_rss_bytes"]
+    assert positive(build["polled_peak_in_builder"]["rss"], build["polls"])
+
+
+def test_cpu_mode_executor_against_transformers(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    args = [str(tiny_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]
+    assert bench.main(["--cpu", *args, "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
+    assert "executor / transformers" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["kind"] == "cpu"
+    assert report["settings"] == {
+        "prompt_len": 8,
+        "decode_tokens": 3,
+        "warmup": 0,
+        "rounds": 2,
+        "batch": 1,
+    }
+    for key in ("executor", "transformers"):
+        r = report[key]
+        assert r["prefill"]["rounds"] == r["decode_per_token"]["rounds"] == 2
+        assert r["prefill"]["min_ms"] <= r["prefill"]["median_ms"]
+        assert positive(
+            r["prefill"]["min_ms"],
+            r["decode_per_token"]["median_ms"],
+            r["prefill_tokens_per_s"],
+            r["decode_tokens_per_s"],
+            r["setup_s"],
+        )
+    assert positive(report["ratio"]["prefill"], report["ratio"]["decode"])
+
+
+# ---- --make-random ----
+
+SMALL = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--vocab", "512"]
+
+
+def test_make_random_writes_a_valid_checkpoint(tmp_path, capsys):
+    out = tmp_path / "random"
+    assert (
+        bench.main(["--make-random", "gemma-3-1b", "--out", str(out), *SMALL, "--head-dim", "16"])
+        == 0
+    )
+    assert str(out) in capsys.readouterr().out
+    ckpt = Checkpoint.open(out)
+    ckpt.validate()  # every tensor present, shape and dtype as config.json implies
+    config = ckpt.config
+    assert (config.family, config.num_layers, config.hidden_size, config.head_dim) == (
+        "gemma3",
+        2,
+        64,
+        16,
+    )
+    # Everything not overridden is gemma-3-1b's.
+    assert (config.num_heads, config.num_kv_heads, config.max_position_embeddings) == (4, 1, 32768)
+    assert [layer.sliding_window for layer in config.layers] == [512, 512]
+    assert config.attention_scale == 256**-0.5
+    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    q = np.asarray(ckpt.tensor("layers.0.self_attn.q_proj.weight"), np.float32)
+    assert ckpt.tensor("layers.0.self_attn.q_proj.weight").dtype == ml_dtypes.bfloat16
+    assert 0.015 < q.std() < 0.025 and np.abs(q).max() <= 0.02 * 3**0.5 * 1.01
+    assert not np.asarray(ckpt.tensor("layers.1.input_layernorm.weight"), np.float32).any()
+
+
+def test_make_random_checkpoint_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = bench.write_random_checkpoint(tmp_path, bench.random_config("gemma-3-1b", **_small()))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7]])).logits
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def _small() -> dict[str, int]:
+    return {"layers": 2, "hidden": 64, "intermediate": 128, "vocab": 512, "head_dim": 16}
+
+
+def test_gemma_3_1b_preset_is_the_real_shape():
+    config = parse_config(bench.random_config("gemma-3-1b"))
+    assert config.summary() == (
+        "gemma3: 26 layers (22 sliding (window [512]) + 4 global), hidden 1152, mlp 6912 "
+        "(gelu_tanh), heads 4/1 kv x 256, vocab 262144, bfloat16"
+    )
+    assert {layer.rope.theta for layer in config.layers} == {1e6, 1e4}
+    assert config.max_position_embeddings == 32768 and config.tie_word_embeddings
+    assert sum(math.prod(s) for s in config.tensor_shapes().values()) == 999_885_952
+    with pytest.raises(bench.BenchError, match="unknown preset"):
+        bench.random_config("gemma-9")
+
+
+def test_bf16_bits_round_to_nearest_even():
+    x = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF], np.uint32).view(np.float32)
+    x = np.concatenate([x, ties, np.float32([0.0, -1.5, 1e-30])])
+    assert np.array_equal(bench.bf16_bits(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert bench.bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0x3F81]
+
+
+# ---- GPU mode: pure helpers ----
+
+
+def test_roofline_bytes_untied_llama(tiny_dir):
+    config = load_config(tiny_dir("llama"))  # vocab 512, hidden 64, mlp 128, 3 layers, 4/1 x 16
+    per_layer = 64 * 64 + 16 * 64 + 16 * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64
+    weights = 3 * per_layer + 512 * 64 + 64 + 2 * 64  # + lm_head, final norm, 2 looked-up rows
+    assert bench.weight_read_bytes(config, "bfloat16", batch=2) == 2 * weights
+    assert bench.weight_read_bytes(config, "float32", batch=2) == 4 * weights
+    # 3 global layers x 10 slots x (key + value) x 1 kv head x 16 x 2 bytes, per sequence
+    assert bench.kv_read_bytes(config, "bfloat16", batch=2, attended=10) == 2 * 3 * 10 * 2 * 16 * 2
+
+
+def test_roofline_bytes_tied_gemma_with_sliding_layers(tiny_dir):
+    # tied; 4 layers: sliding 4, sliding 4, global, sliding 4; 4/2 heads x 16
+    config = load_config(tiny_dir("gemma3"))
+    d, f, q, kv = 64, 128, 4 * 16, 2 * 16
+    per_layer = 2 * (q * d + kv * d) + 3 * f * d
+    norms = 4 * (4 * 4 * d + 4 * 2 * 16 + d)  # float32: 4 per layer, q/k norms, final
+    assert bench.weight_read_bytes(config, "bfloat16", 3) == 2 * (4 * per_layer + 512 * d) + norms
+    per_slot = 2 * 2 * 16 * 2
+    got = bench.decode_read_bytes(config, "bfloat16", batch=3, attended=10, cache_len=64)
+    assert got["kv"] == 3 * (4 + 4 + 10 + 4) * per_slot
+    assert got["kv_as_built"] == 3 * 4 * 64 * per_slot
+    assert got["total"] == got["weights"] + got["kv"]
+    assert bench.floor_ms(2e9, 2000.0) == pytest.approx(1.0)
+
+
+def test_roofline_rows_ratio_to_floor(tiny_dir):
+    config = load_config(tiny_dir("llama"))
+    plan = bench.Plan([16], [1, 4], context=20, steps=8)
+    assert plan.attended == 24
+    rows = bench.roofline_rows(
+        config, "bfloat16", plan, 1.0, {"engine x": {1: 0.5}, "hf": {4: 2.0}}, cache_len=64
+    )
+    assert [r["batch"] for r in rows] == [1, 4]
+    one = rows[0]
+    assert one["bytes"] == bench.decode_read_bytes(config, "bfloat16", 1, 24, 64)
+    assert one["floor_ms"] == pytest.approx(one["bytes"]["total"] / 1e6)
+    assert one["engine x"]["x_floor"] == pytest.approx(0.5 / one["floor_ms"])
+    assert "hf" not in one and rows[1]["hf"]["median_ms"] == 2.0
+    assert rows[1]["floor_as_built_ms"] > rows[1]["floor_ms"]
+
+
+def test_shapes_default_to_the_engine_and_explicit_ones_must_fit():
+    plan = bench.plan_shapes(None, None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096)
+    assert plan == bench.Plan([128, 512, 1024], [1, 4, 8], 128, 32)
+    small = bench.plan_shapes(None, None, None, 32, max_batch=1, max_prefill=64, max_seq_len=64)
+    assert small == bench.Plan([64], [1], 32, 32)
+    full = bench.plan_shapes(None, None, None, 32, max_batch=16, max_prefill=4096, max_seq_len=4096)
+    assert full == bench.Plan([128, 512, 2048], [1, 4, 16], 128, 32)
+    assert bench.plan_shapes([7, 3, 7], [2], 0, 4, max_batch=2, max_prefill=8, max_seq_len=8) == (
+        bench.Plan([3, 7], [2], 0, 4)
+    )
+    with pytest.raises(bench.BenchError, match=r"--prompt-lens \[2048\] exceed .* maximum of 1024"):
+        bench.plan_shapes(
+            [128, 2048], None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096
+        )
+    with pytest.raises(bench.BenchError, match=r"--batches \[16\]"):
+        bench.plan_shapes(None, [16], None, 32, max_batch=8, max_prefill=64, max_seq_len=64)
+    with pytest.raises(bench.BenchError, match="--context 40"):
+        bench.plan_shapes(None, None, 40, 32, max_batch=8, max_prefill=64, max_seq_len=64)
+    with pytest.raises(bench.BenchError, match="--steps"):
+        bench.plan_shapes(None, None, None, 65, max_batch=8, max_prefill=64, max_seq_len=64)
+
+
+def test_option_parsing_defaults_and_errors(capsys):
+    args = bench.parse_args(["artifact"])
+    assert (args.prompt_lens, args.batches, args.context, args.steps) == (None, None, None, 32)
+    assert args.compare_profiles and not args.compare_transformers and not args.no_engine
+    assert (args.warmup, args.rounds, args.dtype, args.bandwidth_mib) == (None, None, None, 512)
+    args = bench.parse_args(
+        ["m", "--prompt-lens", "64,256", "--batches", "1,2", "--no-compare-profiles"]
+    )
+    assert (args.prompt_lens, args.batches, args.compare_profiles) == ([64, 256], [1, 2], False)
+    assert bench.parse_args(["--build", "a", "b"]).models == ["a", "b"]
+    assert bench.parse_args(["m", "--hf-modes", "eager"]).hf_modes == ["eager"]
+    assert bench.int_list("1, 4,16") == [1, 4, 16]
+    for bad in ("x", "0,4", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.int_list(bad)
+    for argv in ([], ["a", "b"], ["--make-random", "gemma-3-1b"], ["m", "--hf-modes", "x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["m", "--rounds", "0"])
+    capsys.readouterr()
+
+
+def test_format_table():
+    table = bench.format_table(
+        ["name", "ms", "x"], [["a", 1.23456, None], ["long name", 1234.5, 0.5]], "title"
+    )
+    assert table.splitlines() == [
+        "title",
+        "name         ms      x",
+        "---------  ----  -----",
+        "a          1.23      -",
+        "long name  1234  0.500",
+    ]
+    assert [bench.fmt(v) for v in (12.345, 0.01234, 7, None, True)] == [
+        "12.3",
+        "0.012",
+        "7",
+        "-",
+        "True",
+    ]
+    assert bench.fmt_bytes(3 * 2**30) == "3.00 GiB" and bench.fmt_bytes(2**20) == "1.0 MiB"
+
+
+def _row(key, n, ms, **extra):
+    return {key: n, "min_ms": ms, "median_ms": ms, "rounds": 3, **extra}
+
+
+def _gpu_report(engines: bool) -> dict:
+    decode = {"context": 128, "steps": 32}
+    report = {
+        "device": {"name": "GPU", "compute_capability": "9.0", "memory_bytes": 1},
+        "bandwidth": {
+            "d2d_copy_gbs": 1500.0,
+            "memory_gbs": 3000.0,
+            "h2d_gbs": 50.0,
+            "d2h_gbs": 50.0,
+        },
+        "model": {"summary": "gemma3: ...", "dtype": "bfloat16"},
+        "engines": {},
+        "transformers": {
+            "prefill": [_row("tokens", 128, 8.0, tokens_per_s=16000.0)],
+            "decode": {
+                "eager": [_row("batch", 1, 20.0, tokens_per_s=50.0, **decode)],
+                "static-compile": [_row("batch", 1, 5.0, tokens_per_s=200.0, **decode)],
+            },
+            "errors": {},
+        },
+        "roofline": [
+            {
+                "batch": 1,
+                "attended_slots": 144,
+                "bytes": {"weights": 2 * 2**30, "kv": 2**20, "total": 2 * 2**30 + 2**20},
+                "floor_ms": 0.5,
+                "transformers eager": {"median_ms": 20.0, "x_floor": 40.0},
+            }
+        ],
+    }
+    if engines:
+        for name, ms in (("decode,prefill", 1.0), ("dynamic", 2.0)):
+            report["engines"][name] = {
+                "prefill": [_row("tokens", 128, 2 * ms)],
+                "decode": [_row("batch", 1, ms, tokens_per_s=1000 / ms, **decode)],
+            }
+    else:
+        report["engine_skipped"] = "--no-engine: the TensorRT engine was not measured"
+    return report
+
+
+def test_gpu_tables_with_engines_and_transformers():
+    text = bench.gpu_tables(_gpu_report(engines=True))
+    assert "profiles: decode+prefill engine vs one dynamic profile" in text
+    lines = text.splitlines()
+    assert any(line.split() == ["decode", "batch", "1", "1.00", "2.00", "2.00"] for line in lines)
+    assert any(
+        line.split() == ["prefill", "128", "tokens", "2.00", "4.00", "2.00"] for line in lines
+    )
+    assert "engine vs HF eager" in text and "NOT MEASURED" not in text
+    # prefill row: engine 2 ms, HF eager 8 ms -> 4x
+    assert any(line.split()[:1] == ["128"] and line.split()[-1] == "4.00" for line in lines)
+
+
+def test_gpu_tables_without_engine():
+    text = bench.gpu_tables(_gpu_report(engines=False))
+    assert "TensorRT engine: NOT MEASURED (--no-engine" in text
+    assert "HF eager / HF static-compile" in text and "profiles:" not in text
+    decode = next(
+        line for line in text.splitlines() if line.startswith("    1") or line.startswith("1 ")
+    )
+    assert decode.split()[-1] == "4.00"  # eager 20 ms / static-compile 5 ms
+    assert "x floor" in text and "40.0" in text
+
+
+# ---- the timing loops ----
+
+
+class FixedTimeBackend:
+    """Records calls; each one 'takes' S ms (reported like TensorRTBackend.last_call_ms)."""
+
+    max_batch, max_seq_len, max_prefill = 4, 64, 16
+
+    def __init__(self):
+        self.calls, self.captured, self.resets = [], [], []
+        self.last_call_ms = 0.0
+
+    def reset(self, batch):
+        self.resets.append(batch)
+
+    def forward(self, ids, positions, last):
+        assert (
+            ids.dtype == np.int32 and ids.shape == positions.shape and last.shape == ids.shape[:1]
+        )
+        self.calls.append((ids.shape, positions[:, 0].tolist(), last.tolist()))
+        self.last_call_ms = float(ids.shape[1])
+        return np.zeros((ids.shape[0], 8), np.float32)
+
+    def capture_decode_graph(self, batch):
+        self.captured.append(batch)
+
+
+def test_measure_loops_use_backend_event_times_and_positions():
+    backend = FixedTimeBackend()
+    ids = bench.prompt_ids(100, 4, 40)
+    assert ids.shape == (4, 40) and ids.min() >= 4 and ids.max() < 100
+    rows = bench.measure_prefill(backend, ids, [3, 16], warmup=1, rounds=2)
+    assert rows == [
+        {"tokens": 3, "min_ms": 3.0, "median_ms": 3.0, "rounds": 2, "tokens_per_s": 1000.0},
+        {"tokens": 16, "min_ms": 16.0, "median_ms": 16.0, "rounds": 2, "tokens_per_s": 1000.0},
+    ]
+    assert backend.calls[0] == ((1, 3), [0], [2]) and len(backend.calls) == 6
+
+    backend = FixedTimeBackend()
+    rows = bench.measure_decode(backend, ids, [1, 4], context=20, steps=3, warmup=1, rounds=2)
+    assert [(r["batch"], r["median_ms"], r["tokens_per_s"], r["graph"]) for r in rows] == [
+        (1, 1.0, 1000.0, True),
+        (4, 1.0, 4000.0, True),
+    ]
+    assert backend.resets == [1, 4] and backend.captured == [1, 4]
+    # context 20 with max_prefill 16: chunks at 0 and 16, then 3 rounds of positions 20..22
+    first = backend.calls[: 2 + 9]
+    assert [c[:2] for c in first[:2]] == [((1, 16), [0]), ((1, 4), [16])]
+    assert [c[1][0] for c in first[2:]] == [20, 21, 22] * 3
+    assert all(c[2] == [0, 0, 0, 0] for c in backend.calls[-9:])
+    no_graph = FixedTimeBackend()
+    assert not bench.measure_decode(no_graph, ids, [2], 0, 2, 0, 1, graph=False)[0]["graph"]
+    assert no_graph.captured == [] and [c[1] for c in no_graph.calls] == [[0, 0], [1, 1]]
+
+
+def test_measure_loops_on_the_cpu_executor(tiny_dir):
+    from netdef import NetworkOptions, build_network, load_backend
+
+    ckpt = Checkpoint.open(tiny_dir("qwen3"))
+    options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=32, max_prefill=8)
+    model = CpuModel(build_network(ckpt, options, load_backend("tensorrt_rtx")))
+    ids = bench.prompt_ids(ckpt.config.vocab_size, 2, 32)
+    pre = bench.measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
+    dec = bench.measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
+    assert [r["tokens"] for r in pre] == [4, 8] and [r["batch"] for r in dec] == [1, 2]
+    assert not any(r["graph"] for r in dec)  # the CPU backend has no graphs
+    assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
+
+
+def test_transformers_timing_structure_on_cpu(tiny_dir):
+    plan = bench.Plan([4, 8], [1, 2], context=6, steps=3)
+    ids = bench.prompt_ids(512, 2, 12)
+    out = bench.transformers_gpu(
+        tiny_dir("llama"), dtype="float32", ids=ids, plan=plan, warmup=0, rounds=1, device="cpu"
+    )
+    assert out["errors"] == {} and [r["tokens"] for r in out["prefill"]] == [4, 8]
+    assert set(out["decode"]) == set(bench.HF_MODES)
+    for rows in out["decode"].values():
+        assert [r["batch"] for r in rows] == [1, 2]
+        assert positive(*(r["median_ms"] for r in rows))
+        assert not any(r["compiled"] for r in rows)  # transformers compiles on CUDA only
+
+
+# ---- on a GPU (python -m pytest -m gpu): the loops through TensorRTBackend's CUDA path ----
+
+
+@pytest.mark.gpu
+def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
+    if reason := gpu_unavailable_reason():
+        pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tools.gpu_check import CopyContext, fake_engine
+
+    meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
+    with TensorRTBackend(meta, desc, CopyContext()) as backend:
+        ids = bench.prompt_ids(64, 4, 40)
+        pre = bench.measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
+        dec = bench.measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)
+        assert set(backend.graphs) == {1, 4}  # decode steps replayed captured graphs
+    assert all(r["graph"] for r in dec)
+    assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
+
+
+def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`python -m tools.bench MODEL --no-engine --compare-transformers` end to end, with the
+    CUDA pieces stubbed and transformers on the CPU: report sections, JSON and tables."""
+    import runtime.cuda_buffers as cb
+    import tools.gpu_check as gpu_check
+
+    monkeypatch.setattr(cb, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cb, "device_info", lambda: cb.DeviceInfo(0, "Stub GPU", 9, 0, 1 << 34))
+    monkeypatch.setattr(
+        gpu_check,
+        "bandwidth",
+        lambda mib, repeats=5: {"H2D": 50.0, "D2H": 50.0, "D2D": 1000.0},
+    )
+    on_cpu = bench.transformers_gpu
+    monkeypatch.setattr(bench, "transformers_gpu", lambda *a, **k: on_cpu(*a, **k, device="cpu"))
+    out = tmp_path / "gpu.json"
+    argv = [str(tiny_dir("gemma3")), "--no-engine", "--compare-transformers", "--steps", "4"]
+    argv += ["--rounds", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out)]
+    assert bench.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "TensorRT engine: NOT MEASURED" in text and "roofline" in text
+    report = json.loads(out.read_text())
+    assert report["kind"] == "gpu" and report["engines"] == {}
+    assert report["bandwidth"]["memory_gbs"] == 2000.0
+    # tiny gemma3: max_position_embeddings 256 -> prompt lengths clipped to 128 and 256
+    assert report["settings"]["prompt_lens"] == [128, 256]
+    assert report["settings"]["batches"] == [1, 4, 16] and report["settings"]["context"] == 128
+    assert [r["tokens"] for r in report["transformers"]["prefill"]] == [128, 256]
+    assert [r["batch"] for r in report["roofline"]] == [1, 4, 16]
+    for row in report["roofline"]:
+        assert set(row) >= {"floor_ms", "floor_as_built_ms", "transformers eager"}
+        assert positive(row["floor_ms"], row["transformers eager"]["x_floor"])
+
+
+def test_busy_machine_warning():
+    assert bench.busy_warning({"load_average_at_start": 0.4, "cpu_count": 2}) is None
+    assert bench.busy_warning({"cpu_count": 2}) is None
+    note = bench.busy_warning({"load_average_at_start": 1.5, "cpu_count": 2})
+    assert note.startswith("note: the 1-minute load average was 1.50 on 2 CPUs")
