@@ -241,6 +241,27 @@ def test_fp8_calibration_file_is_part_of_the_build_key(tmp_path, capsys, monkeyp
     assert read_metadata(second.strip())["calibration"]["file"] == str(other)
 
 
+def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, capsys):
+    folder = tiny_quant_dir("llama")
+    quantized, plain = tmp_path / "int8", tmp_path / "plain"
+    args = [str(folder), "--target", "sm89", "--max-seq-len", "64", "--quiet"]
+    assert build([*args, "--quant", "int8-wo", "--output", str(quantized)], capsys)[0] == 0
+    assert build([*args, "--dtype", "float32", "--output", str(plain)], capsys)[0] == 0
+    text = ["--text", str(MOBY_DICK), "--max-tokens", "48", "--json"]
+    assert eval_tool.main([str(quantized), *text]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dtype"], set(report["modes"]), report["tokens"]) == (
+        "bfloat16",
+        {"int8-wo"},
+        48,
+    )
+    assert report["modes"]["int8-wo"]["top1_agreement"] >= 0.9
+    assert eval_tool.main([str(plain), *text]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {plain} is not quantized; nothing to compare it with."
+    )
+
+
 # Refusals, with their exact messages -------------------------------------------------------------
 def test_fp8_for_a_target_without_fp8_is_refused_before_any_build_work(tmp_path, capsys):
     """The model is not even looked at: the folder does not exist."""

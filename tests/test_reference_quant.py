@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from netdef.graph import trt_dtype
 from runtime.reference import ExecutorError, run_network
 
 trt = pytest.importorskip("tensorrt_rtx")
@@ -30,14 +31,6 @@ trt = pytest.importorskip("tensorrt_rtx")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 INT4 = np.dtype(ml_dtypes.int4)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-TRT = {
-    np.dtype(np.float32): trt.float32,
-    np.dtype(np.float16): trt.float16,
-    BF16: trt.bfloat16,
-    np.dtype(np.int8): trt.int8,
-    INT4: trt.int4,
-    FP8: trt.fp8,
-}
 FLOATS = [np.dtype(np.float32), np.dtype(np.float16), BF16]
 rng = np.random.default_rng(0)
 
@@ -85,7 +78,7 @@ class Net:
         self.constants: dict[str, np.ndarray] = {}
 
     def input(self, x: np.ndarray):
-        return self.network.add_input("x", TRT[x.dtype], x.shape)
+        return self.network.add_input("x", trt_dtype(trt, x.dtype), x.shape)
 
     def const(self, array: np.ndarray, name: str, dtype: np.dtype | None = None, count=None):
         """A constant of `dtype` (default: the array's) backed by `array`'s bytes."""
@@ -93,7 +86,7 @@ class Net:
         array = np.ascontiguousarray(array)
         self.keep.append(array)
         shape = array.shape if count is None else count
-        weights = trt.Weights(TRT[dtype], array.ctypes.data, int(np.prod(shape)))
+        weights = trt.Weights(trt_dtype(trt, dtype), array.ctypes.data, int(np.prod(shape)))
         layer = self.network.add_constant(shape, weights)
         layer.name = name
         self.constants[name] = array  # the bindings return only some types
@@ -108,7 +101,7 @@ class Net:
 
 def quantize_net(x, scale, to, axis=None, block_shape=None):
     net = Net()
-    layer = net.network.add_quantize(net.input(x), net.const(scale, "scale"), TRT[np.dtype(to)])
+    layer = net.network.add_quantize(net.input(x), net.const(scale, "scale"), trt_dtype(trt, to))
     if axis is not None:
         layer.axis = axis
     if block_shape is not None:
@@ -203,7 +196,7 @@ def test_quantize_fp8_random_values_match_the_code_table():
 
 # Dequantize --------------------------------------------------------------------------------------
 def dequantize_net(q_tensor, net, scale, to, axis=None):
-    layer = net.network.add_dequantize(q_tensor, net.const(scale, "scale"), TRT[np.dtype(to)])
+    layer = net.network.add_dequantize(q_tensor, net.const(scale, "scale"), trt_dtype(trt, to))
     if axis is not None:
         layer.axis = axis
     return layer

@@ -2,6 +2,7 @@
 
     python -m tools.eval MODEL_DIR --text FILE [--quant MODE ...] [--quant-lm-head]
         [--calib-file FILE] [--dtype bfloat16] [--max-tokens N] [--chunk N] [--json]
+    python -m tools.eval ARTIFACT --text FILE      # the artifact's model, dtype and quant mode
 
 Every network is the all-logits one, run by the NumPy executor with the text fed in chunks
 through the KV cache, as an engine is driven. Perplexity is over every next-token
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from netdef import NetworkOptions, OptionsError, build_network
+from netdef.artifact import is_complete, read_metadata
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
@@ -109,9 +111,30 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def from_artifact(args: argparse.Namespace) -> None:
+    """Evaluate what an artifact was built with: its model folder, dtype, mode and calibration."""
+    meta = read_metadata(args.model_dir)
+    options = meta["options"]
+    if options["quant"] == "none":
+        raise ValueError(f"{args.model_dir} is not quantized; nothing to compare it with.")
+    args.model_dir = Path(meta["model"]["path"])
+    if not (args.model_dir / "config.json").is_file():
+        raise ValueError(
+            f"the artifact's model folder {args.model_dir} is gone; pass the model folder instead."
+        )
+    args.dtype, args.quant = options["dtype"], [options["quant"]]
+    args.quant_lm_head = options["quant_lm_head"]
+    if meta.get("calibration"):
+        args.calib_file = Path(meta["calibration"]["file"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=Path, help="Hugging Face model folder (with its tokenizer)")
+    p.add_argument(
+        "model_dir",
+        type=Path,
+        help="Hugging Face model folder (with its tokenizer), or an artifact of tools.build",
+    )
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to evaluate on")
     p.add_argument(
         "--quant",
@@ -131,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    modes = args.quant or [m for m in MODES if m != "none"]
     try:
+        if is_complete(args.model_dir):
+            from_artifact(args)
+        modes = args.quant or [m for m in MODES if m != "none"]
         tokenizer = Tokenizer.from_dir(args.model_dir)
         ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))[: args.max_tokens]
         calib = (
