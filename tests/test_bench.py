@@ -17,7 +17,27 @@ import torch
 
 from runtime.cpu import CpuModel
 from runtime.cuda_buffers import gpu_unavailable_reason
-from tools import bench
+from tools.bench import BenchError, gpu
+from tools.bench.__main__ import int_list, main, parse_args
+from tools.bench.gpu import gpu_tables
+from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
+from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
+from tools.bench.roofline import (
+    decode_read_bytes,
+    floor_ms,
+    kv_read_bytes,
+    roofline_rows,
+    weight_read_bytes,
+)
+from tools.bench.timing import (
+    HF_MODES,
+    Plan,
+    measure_decode,
+    measure_prefill,
+    plan_shapes,
+    prompt_ids,
+    transformers_gpu,
+)
 from weights import Checkpoint, load_config, parse_config
 
 
@@ -31,7 +51,7 @@ def positive(*values) -> bool:
 def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
     out = tmp_path / "build.json"
     model = str(tiny_dir("llama"))
-    assert bench.main(["--build", model, "--max-seq-len", "64", "--json", str(out)]) == 0
+    assert main(["--build", model, "--max-seq-len", "64", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "engine builds (tensorrt_rtx, target sm89, bfloat16, max_seq_len 64" in table
     report = json.loads(out.read_text())
@@ -62,7 +82,7 @@ def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
 def test_cpu_mode_executor_against_transformers(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cpu.json"
     args = [str(tiny_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]
-    assert bench.main(["--cpu", *args, "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
+    assert main(["--cpu", *args, "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
     assert "executor / transformers" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["kind"] == "cpu"
@@ -94,10 +114,7 @@ SMALL = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--vocab", 
 
 def test_make_random_writes_a_valid_checkpoint(tmp_path, capsys):
     out = tmp_path / "random"
-    assert (
-        bench.main(["--make-random", "gemma-3-1b", "--out", str(out), *SMALL, "--head-dim", "16"])
-        == 0
-    )
+    assert main(["--make-random", "gemma-3-1b", "--out", str(out), *SMALL, "--head-dim", "16"]) == 0
     assert str(out) in capsys.readouterr().out
     ckpt = Checkpoint.open(out)
     ckpt.validate()  # every tensor present, shape and dtype as config.json implies
@@ -122,7 +139,7 @@ def test_make_random_writes_a_valid_checkpoint(tmp_path, capsys):
 def test_make_random_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = bench.write_random_checkpoint(tmp_path, bench.random_config("gemma-3-1b", **_small()))
+    out = write_random_checkpoint(tmp_path, random_config("gemma-3-1b", **_small()))
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([[5, 6, 7]])).logits
@@ -134,7 +151,7 @@ def _small() -> dict[str, int]:
 
 
 def test_gemma_3_1b_preset_is_the_real_shape():
-    config = parse_config(bench.random_config("gemma-3-1b"))
+    config = parse_config(random_config("gemma-3-1b"))
     assert config.summary() == (
         "gemma3: 26 layers (22 sliding (window [512]) + 4 global), hidden 1152, mlp 6912 "
         "(gelu_tanh), heads 4/1 kv x 256, vocab 262144, bfloat16"
@@ -142,16 +159,16 @@ def test_gemma_3_1b_preset_is_the_real_shape():
     assert {layer.rope.theta for layer in config.layers} == {1e6, 1e4}
     assert config.max_position_embeddings == 32768 and config.tie_word_embeddings
     assert sum(math.prod(s) for s in config.tensor_shapes().values()) == 999_885_952
-    with pytest.raises(bench.BenchError, match="unknown preset"):
-        bench.random_config("gemma-9")
+    with pytest.raises(BenchError, match="unknown preset"):
+        random_config("gemma-9")
 
 
 def test_bf16_bits_round_to_nearest_even():
     x = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
     ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF], np.uint32).view(np.float32)
     x = np.concatenate([x, ties, np.float32([0.0, -1.5, 1e-30])])
-    assert np.array_equal(bench.bf16_bits(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
-    assert bench.bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0x3F81]
+    assert np.array_equal(bf16_bits(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0x3F81]
 
 
 # ---- GPU mode: pure helpers ----
@@ -161,10 +178,10 @@ def test_roofline_bytes_untied_llama(tiny_dir):
     config = load_config(tiny_dir("llama"))  # vocab 512, hidden 64, mlp 128, 3 layers, 4/1 x 16
     per_layer = 64 * 64 + 16 * 64 + 16 * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64
     weights = 3 * per_layer + 512 * 64 + 64 + 2 * 64  # + lm_head, final norm, 2 looked-up rows
-    assert bench.weight_read_bytes(config, "bfloat16", batch=2) == 2 * weights
-    assert bench.weight_read_bytes(config, "float32", batch=2) == 4 * weights
+    assert weight_read_bytes(config, "bfloat16", batch=2) == 2 * weights
+    assert weight_read_bytes(config, "float32", batch=2) == 4 * weights
     # 3 global layers x 10 slots x (key + value) x 1 kv head x 16 x 2 bytes, per sequence
-    assert bench.kv_read_bytes(config, "bfloat16", batch=2, attended=10) == 2 * 3 * 10 * 2 * 16 * 2
+    assert kv_read_bytes(config, "bfloat16", batch=2, attended=10) == 2 * 3 * 10 * 2 * 16 * 2
 
 
 def test_roofline_bytes_tied_gemma_with_sliding_layers(tiny_dir):
@@ -173,25 +190,25 @@ def test_roofline_bytes_tied_gemma_with_sliding_layers(tiny_dir):
     d, f, q, kv = 64, 128, 4 * 16, 2 * 16
     per_layer = 2 * (q * d + kv * d) + 3 * f * d
     norms = 4 * (4 * 4 * d + 4 * 2 * 16 + d)  # float32: 4 per layer, q/k norms, final
-    assert bench.weight_read_bytes(config, "bfloat16", 3) == 2 * (4 * per_layer + 512 * d) + norms
+    assert weight_read_bytes(config, "bfloat16", 3) == 2 * (4 * per_layer + 512 * d) + norms
     per_slot = 2 * 2 * 16 * 2
-    got = bench.decode_read_bytes(config, "bfloat16", batch=3, attended=10, cache_len=64)
+    got = decode_read_bytes(config, "bfloat16", batch=3, attended=10, cache_len=64)
     assert got["kv"] == 3 * (4 + 4 + 10 + 4) * per_slot
     assert got["kv_as_built"] == 3 * 4 * 64 * per_slot
     assert got["total"] == got["weights"] + got["kv"]
-    assert bench.floor_ms(2e9, 2000.0) == pytest.approx(1.0)
+    assert floor_ms(2e9, 2000.0) == pytest.approx(1.0)
 
 
 def test_roofline_rows_ratio_to_floor(tiny_dir):
     config = load_config(tiny_dir("llama"))
-    plan = bench.Plan([16], [1, 4], context=20, steps=8)
+    plan = Plan([16], [1, 4], context=20, steps=8)
     assert plan.attended == 24
-    rows = bench.roofline_rows(
+    rows = roofline_rows(
         config, "bfloat16", plan, 1.0, {"engine x": {1: 0.5}, "hf": {4: 2.0}}, cache_len=64
     )
     assert [r["batch"] for r in rows] == [1, 4]
     one = rows[0]
-    assert one["bytes"] == bench.decode_read_bytes(config, "bfloat16", 1, 24, 64)
+    assert one["bytes"] == decode_read_bytes(config, "bfloat16", 1, 24, 64)
     assert one["floor_ms"] == pytest.approx(one["bytes"]["total"] / 1e6)
     assert one["engine x"]["x_floor"] == pytest.approx(0.5 / one["floor_ms"])
     assert "hf" not in one and rows[1]["hf"]["median_ms"] == 2.0
@@ -199,52 +216,48 @@ def test_roofline_rows_ratio_to_floor(tiny_dir):
 
 
 def test_shapes_default_to_the_engine_and_explicit_ones_must_fit():
-    plan = bench.plan_shapes(None, None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096)
-    assert plan == bench.Plan([128, 512, 1024], [1, 4, 8], 128, 32)
-    small = bench.plan_shapes(None, None, None, 32, max_batch=1, max_prefill=64, max_seq_len=64)
-    assert small == bench.Plan([64], [1], 32, 32)
-    full = bench.plan_shapes(None, None, None, 32, max_batch=16, max_prefill=4096, max_seq_len=4096)
-    assert full == bench.Plan([128, 512, 2048], [1, 4, 16], 128, 32)
-    assert bench.plan_shapes([7, 3, 7], [2], 0, 4, max_batch=2, max_prefill=8, max_seq_len=8) == (
-        bench.Plan([3, 7], [2], 0, 4)
+    plan = plan_shapes(None, None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096)
+    assert plan == Plan([128, 512, 1024], [1, 4, 8], 128, 32)
+    small = plan_shapes(None, None, None, 32, max_batch=1, max_prefill=64, max_seq_len=64)
+    assert small == Plan([64], [1], 32, 32)
+    full = plan_shapes(None, None, None, 32, max_batch=16, max_prefill=4096, max_seq_len=4096)
+    assert full == Plan([128, 512, 2048], [1, 4, 16], 128, 32)
+    assert plan_shapes([7, 3, 7], [2], 0, 4, max_batch=2, max_prefill=8, max_seq_len=8) == (
+        Plan([3, 7], [2], 0, 4)
     )
-    with pytest.raises(bench.BenchError, match=r"--prompt-lens \[2048\] exceed .* maximum of 1024"):
-        bench.plan_shapes(
-            [128, 2048], None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096
-        )
-    with pytest.raises(bench.BenchError, match=r"--batches \[16\]"):
-        bench.plan_shapes(None, [16], None, 32, max_batch=8, max_prefill=64, max_seq_len=64)
-    with pytest.raises(bench.BenchError, match="--context 40"):
-        bench.plan_shapes(None, None, 40, 32, max_batch=8, max_prefill=64, max_seq_len=64)
-    with pytest.raises(bench.BenchError, match="--steps"):
-        bench.plan_shapes(None, None, None, 65, max_batch=8, max_prefill=64, max_seq_len=64)
+    with pytest.raises(BenchError, match=r"--prompt-lens \[2048\] exceed .* maximum of 1024"):
+        plan_shapes([128, 2048], None, None, 32, max_batch=8, max_prefill=1024, max_seq_len=4096)
+    with pytest.raises(BenchError, match=r"--batches \[16\]"):
+        plan_shapes(None, [16], None, 32, max_batch=8, max_prefill=64, max_seq_len=64)
+    with pytest.raises(BenchError, match="--context 40"):
+        plan_shapes(None, None, 40, 32, max_batch=8, max_prefill=64, max_seq_len=64)
+    with pytest.raises(BenchError, match="--steps"):
+        plan_shapes(None, None, None, 65, max_batch=8, max_prefill=64, max_seq_len=64)
 
 
 def test_option_parsing_defaults_and_errors(capsys):
-    args = bench.parse_args(["artifact"])
+    args = parse_args(["artifact"])
     assert (args.prompt_lens, args.batches, args.context, args.steps) == (None, None, None, 32)
     assert args.compare_profiles and not args.compare_transformers and not args.no_engine
     assert (args.warmup, args.rounds, args.dtype, args.bandwidth_mib) == (None, None, None, 512)
-    args = bench.parse_args(
-        ["m", "--prompt-lens", "64,256", "--batches", "1,2", "--no-compare-profiles"]
-    )
+    args = parse_args(["m", "--prompt-lens", "64,256", "--batches", "1,2", "--no-compare-profiles"])
     assert (args.prompt_lens, args.batches, args.compare_profiles) == ([64, 256], [1, 2], False)
-    assert bench.parse_args(["--build", "a", "b"]).models == ["a", "b"]
-    assert bench.parse_args(["m", "--hf-modes", "eager"]).hf_modes == ["eager"]
-    assert bench.int_list("1, 4,16") == [1, 4, 16]
+    assert parse_args(["--build", "a", "b"]).models == ["a", "b"]
+    assert parse_args(["m", "--hf-modes", "eager"]).hf_modes == ["eager"]
+    assert int_list("1, 4,16") == [1, 4, 16]
     for bad in ("x", "0,4", ""):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.int_list(bad)
+            int_list(bad)
     for argv in ([], ["a", "b"], ["--make-random", "gemma-3-1b"], ["m", "--hf-modes", "x"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(argv)
+            parse_args(argv)
     with pytest.raises(SystemExit):
-        bench.parse_args(["m", "--rounds", "0"])
+        parse_args(["m", "--rounds", "0"])
     capsys.readouterr()
 
 
 def test_format_table():
-    table = bench.format_table(
+    table = format_table(
         ["name", "ms", "x"], [["a", 1.23456, None], ["long name", 1234.5, 0.5]], "title"
     )
     assert table.splitlines() == [
@@ -254,14 +267,14 @@ def test_format_table():
         "a          1.23      -",
         "long name  1234  0.500",
     ]
-    assert [bench.fmt(v) for v in (12.345, 0.01234, 7, None, True)] == [
+    assert [fmt(v) for v in (12.345, 0.01234, 7, None, True)] == [
         "12.3",
         "0.012",
         "7",
         "-",
         "True",
     ]
-    assert bench.fmt_bytes(3 * 2**30) == "3.00 GiB" and bench.fmt_bytes(2**20) == "1.0 MiB"
+    assert fmt_bytes(3 * 2**30) == "3.00 GiB" and fmt_bytes(2**20) == "1.0 MiB"
 
 
 def _row(key, n, ms, **extra):
@@ -310,7 +323,7 @@ def _gpu_report(engines: bool) -> dict:
 
 
 def test_gpu_tables_with_engines_and_transformers():
-    text = bench.gpu_tables(_gpu_report(engines=True))
+    text = gpu_tables(_gpu_report(engines=True))
     assert "profiles: decode+prefill engine vs one dynamic profile" in text
     lines = text.splitlines()
     assert any(line.split() == ["decode", "batch", "1", "1.00", "2.00", "2.00"] for line in lines)
@@ -323,7 +336,7 @@ def test_gpu_tables_with_engines_and_transformers():
 
 
 def test_gpu_tables_without_engine():
-    text = bench.gpu_tables(_gpu_report(engines=False))
+    text = gpu_tables(_gpu_report(engines=False))
     assert "TensorRT engine: NOT MEASURED (--no-engine" in text
     assert "HF eager / HF static-compile" in text and "profiles:" not in text
     decode = next(
@@ -362,9 +375,9 @@ class FixedTimeBackend:
 
 def test_measure_loops_use_backend_event_times_and_positions():
     backend = FixedTimeBackend()
-    ids = bench.prompt_ids(100, 4, 40)
+    ids = prompt_ids(100, 4, 40)
     assert ids.shape == (4, 40) and ids.min() >= 4 and ids.max() < 100
-    rows = bench.measure_prefill(backend, ids, [3, 16], warmup=1, rounds=2)
+    rows = measure_prefill(backend, ids, [3, 16], warmup=1, rounds=2)
     assert rows == [
         {"tokens": 3, "min_ms": 3.0, "median_ms": 3.0, "rounds": 2, "tokens_per_s": 1000.0},
         {"tokens": 16, "min_ms": 16.0, "median_ms": 16.0, "rounds": 2, "tokens_per_s": 1000.0},
@@ -372,7 +385,7 @@ def test_measure_loops_use_backend_event_times_and_positions():
     assert backend.calls[0] == ((1, 3), [0], [2]) and len(backend.calls) == 6
 
     backend = FixedTimeBackend()
-    rows = bench.measure_decode(backend, ids, [1, 4], context=20, steps=3, warmup=1, rounds=2)
+    rows = measure_decode(backend, ids, [1, 4], context=20, steps=3, warmup=1, rounds=2)
     assert [(r["batch"], r["median_ms"], r["tokens_per_s"], r["graph"]) for r in rows] == [
         (1, 1.0, 1000.0, True),
         (4, 1.0, 4000.0, True),
@@ -384,7 +397,7 @@ def test_measure_loops_use_backend_event_times_and_positions():
     assert [c[1][0] for c in first[2:]] == [20, 21, 22] * 3
     assert all(c[2] == [0, 0, 0, 0] for c in backend.calls[-9:])
     no_graph = FixedTimeBackend()
-    assert not bench.measure_decode(no_graph, ids, [2], 0, 2, 0, 1, graph=False)[0]["graph"]
+    assert not measure_decode(no_graph, ids, [2], 0, 2, 0, 1, graph=False)[0]["graph"]
     assert no_graph.captured == [] and [c[1] for c in no_graph.calls] == [[0, 0], [1, 1]]
 
 
@@ -394,22 +407,22 @@ def test_measure_loops_on_the_cpu_executor(tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("qwen3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=32, max_prefill=8)
     model = CpuModel(build_network(ckpt, options, load_backend("tensorrt_rtx")))
-    ids = bench.prompt_ids(ckpt.config.vocab_size, 2, 32)
-    pre = bench.measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
-    dec = bench.measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
+    ids = prompt_ids(ckpt.config.vocab_size, 2, 32)
+    pre = measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
+    dec = measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
     assert [r["tokens"] for r in pre] == [4, 8] and [r["batch"] for r in dec] == [1, 2]
     assert not any(r["graph"] for r in dec)  # the CPU backend has no graphs
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 
 
 def test_transformers_timing_structure_on_cpu(tiny_dir):
-    plan = bench.Plan([4, 8], [1, 2], context=6, steps=3)
-    ids = bench.prompt_ids(512, 2, 12)
-    out = bench.transformers_gpu(
+    plan = Plan([4, 8], [1, 2], context=6, steps=3)
+    ids = prompt_ids(512, 2, 12)
+    out = transformers_gpu(
         tiny_dir("llama"), dtype="float32", ids=ids, plan=plan, warmup=0, rounds=1, device="cpu"
     )
     assert out["errors"] == {} and [r["tokens"] for r in out["prefill"]] == [4, 8]
-    assert set(out["decode"]) == set(bench.HF_MODES)
+    assert set(out["decode"]) == set(HF_MODES)
     for rows in out["decode"].values():
         assert [r["batch"] for r in rows] == [1, 2]
         assert positive(*(r["median_ms"] for r in rows))
@@ -428,9 +441,9 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
 
     meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
     with TensorRTBackend(meta, desc, CopyContext()) as backend:
-        ids = bench.prompt_ids(64, 4, 40)
-        pre = bench.measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
-        dec = bench.measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)
+        ids = prompt_ids(64, 4, 40)
+        pre = measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
+        dec = measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)
         assert set(backend.graphs) == {1, 4}  # decode steps replayed captured graphs
     assert all(r["graph"] for r in dec)
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
@@ -449,12 +462,12 @@ def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, 
         "bandwidth",
         lambda mib, repeats=5: {"H2D": 50.0, "D2H": 50.0, "D2D": 1000.0},
     )
-    on_cpu = bench.transformers_gpu
-    monkeypatch.setattr(bench, "transformers_gpu", lambda *a, **k: on_cpu(*a, **k, device="cpu"))
+    on_cpu = transformers_gpu
+    monkeypatch.setattr(gpu, "transformers_gpu", lambda *a, **k: on_cpu(*a, **k, device="cpu"))
     out = tmp_path / "gpu.json"
     argv = [str(tiny_dir("gemma3")), "--no-engine", "--compare-transformers", "--steps", "4"]
     argv += ["--rounds", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out)]
-    assert bench.main(argv) == 0
+    assert main(argv) == 0
     text = capsys.readouterr().out
     assert "TensorRT engine: NOT MEASURED" in text and "roofline" in text
     report = json.loads(out.read_text())
@@ -471,7 +484,7 @@ def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, 
 
 
 def test_busy_machine_warning():
-    assert bench.busy_warning({"load_average_at_start": 0.4, "cpu_count": 2}) is None
-    assert bench.busy_warning({"cpu_count": 2}) is None
-    note = bench.busy_warning({"load_average_at_start": 1.5, "cpu_count": 2})
+    assert busy_warning({"load_average_at_start": 0.4, "cpu_count": 2}) is None
+    assert busy_warning({"cpu_count": 2}) is None
+    note = busy_warning({"load_average_at_start": 1.5, "cpu_count": 2})
     assert note.startswith("note: the 1-minute load average was 1.50 on 2 CPUs")

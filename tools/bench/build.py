@@ -1,0 +1,326 @@
+"""--build: engine build time and memory, each build in its own child process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tools.bench import BenchError
+from tools.bench.report import Report, fmt_bytes, format_table
+
+REPO = Path(__file__).resolve().parents[2]
+PHASE_DEPTH = 3  # builder phases recorded by --build (deeper ones repeat per layer/tensor)
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int] | None:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of a process in bytes (None if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out if "VmRSS" in out else None
+
+
+def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> dict[str, Any]:
+    """Build `model` in a child process; its wall time, exact peak RSS (wait4's rusage of that
+    child alone) and, from polling /proc, the peak split into anonymous and file-backed pages
+    and the peak inside the TensorRT builder call."""
+    with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        result_path = Path(tmp) / "result.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "model": model,
+                    "options": options,
+                    "output": str(Path(tmp) / "artifact"),
+                    "result": str(result_path),
+                }
+            )
+        )
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        )
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.bench", "--build-worker", str(spec)], cwd=REPO, env=env
+        )
+        samples: list[tuple[float, int, int, int]] = []
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if st := proc_status(proc.pid):
+                samples.append(
+                    (time.monotonic(), st["VmRSS"], st.get("RssAnon", 0), st.get("RssFile", 0))
+                )
+            time.sleep(poll_s)
+        wall_s = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0 or not result_path.is_file():
+            raise BenchError(
+                f"building {model} failed (child exit code {proc.returncode}; its errors are above)."
+            )
+        child = json.loads(result_path.read_text())
+    phases = {p["name"]: p for p in child["phases"]}
+
+    def peak(t_from: float = -math.inf, t_to: float = math.inf) -> dict[str, int] | None:
+        window = [s for s in samples if t_from <= s[0] <= t_to]
+        if not window:
+            return None
+        _, rss, anon, file = max(window, key=lambda s: s[1])
+        return {"rss": rss, "anon": anon, "file": file}
+
+    ckpt = child["checkpoint_bytes"]
+    peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux
+    out = {
+        "model": model,
+        "model_dir": child["model_dir"],
+        "options": options,
+        "checkpoint_bytes": ckpt,
+        "engine_bytes": child["engine_bytes"],
+        "wall_s": wall_s,  # the child process: interpreter start, imports, build, exit
+        "build_s": child["build_s"],  # tools.build.build() itself
+        "network_s": child.get("network_s"),
+        "builder_s": child.get("builder_s"),
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_x_checkpoint": peak_rss / ckpt,
+        "rss": {
+            name: {k: phases[name].get(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+            for name in ("imported", "before_network", "before_builder", "after_builder")
+            if name in phases
+        },
+        "polled_peak": peak(),
+        "polls": len(samples),
+        "builder_phases": [],
+    }
+    for p in child["phases"]:  # the builder's phases: RSS at start and finish, polled peak
+        if p["name"].startswith("builder[") and p["name"].endswith(":start"):
+            level, _, name = p["name"][len("builder[") : -len(":start")].partition("]:")
+            end = phases.get(f"builder[{level}]:{name}:finish")
+            t_end = end["t"] if end else math.inf
+            out["builder_phases"].append(
+                {
+                    "name": name,
+                    "depth": int(level),
+                    "seconds": t_end - p["t"],
+                    "rss_start": p.get("VmRSS"),
+                    "rss_finish": end.get("VmRSS") if end else None,
+                    "polled_peak": peak(p["t"], t_end),
+                }
+            )
+    top = max(samples, key=lambda s: s[1], default=None)
+    if top is not None:  # where the polled peak happened
+        at = [p["name"] for p in child["phases"] if p["t"] <= top[0]]
+        out["polled_peak_after_mark"] = at[-1] if at else None
+    if "before_builder" in phases and "after_builder" in phases:
+        out["polled_peak_in_builder"] = peak(
+            phases["before_builder"]["t"], phases["after_builder"]["t"]
+        )
+    base = phases.get("imported", {}).get("VmRSS")
+    before = phases.get("before_builder", {}).get("VmRSS")
+    if base and before:
+        # what the network definition holds, then what the whole build and the builder add
+        out["network_rss_x_checkpoint"] = (before - base) / ckpt
+        out["above_imports_x_checkpoint"] = (peak_rss - base) / ckpt
+        out["builder_added_x_checkpoint"] = (peak_rss - before) / ckpt
+    return out
+
+
+def build_worker(spec_path: str) -> int:
+    """Child side of measure_build: run tools.build.build, noting time and RSS at its phases."""
+    spec = json.loads(Path(spec_path).read_text())
+    phases: list[dict[str, Any]] = []
+
+    def mark(name: str) -> None:
+        phases.append({"name": name, "t": time.monotonic(), **(proc_status() or {})})
+
+    import tools.build as tb
+    from netdef.artifact import read_metadata
+
+    tb.load_backend(spec["options"].get("backend"))
+    mark("imported")
+    timings: dict[str, float] = {}
+
+    def timed_phase(
+        fn: Callable[..., Any], before: str, after: str, key: str
+    ) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            mark(before)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timings[key] = time.perf_counter() - t0
+                mark(after)
+
+        return wrapper
+
+    # Instrument this process's tools.build (nothing is changed on disk).
+    if hasattr(tb, "build_network"):
+        tb.build_network = timed_phase(
+            tb.build_network, "before_network", "after_network", "network_s"
+        )
+    if hasattr(tb, "builder_progress"):  # the builder's phases, down to PHASE_DEPTH
+        make_monitor = tb.builder_progress
+
+        def builder_progress(trt: Any, enabled: bool) -> Any:
+            inner = make_monitor(trt, enabled)
+            depth: dict[str, int] = {}
+            open_key: dict[str, str] = {}
+            seen: dict[str, int] = {}
+
+            class Recorder(trt.IProgressMonitor):
+                def __init__(self) -> None:
+                    trt.IProgressMonitor.__init__(self)
+
+                def phase_start(self, name: str, parent: str | None, steps: int) -> None:
+                    depth[name] = 0 if parent is None else depth.get(parent, 0) + 1
+                    if depth[name] <= PHASE_DEPTH:
+                        seen[name] = seen.get(name, 0) + 1
+                        open_key[name] = f"{name} #{seen[name]}" if seen[name] > 1 else name
+                        mark(f"builder[{depth[name]}]:{open_key[name]}:start")
+                    inner.phase_start(name, parent, steps)
+
+                def step_complete(self, name: str, step: int) -> bool:
+                    return inner.step_complete(name, step)
+
+                def phase_finish(self, name: str) -> None:
+                    if name in open_key:
+                        mark(f"builder[{depth[name]}]:{open_key.pop(name)}:finish")
+                    inner.phase_finish(name)
+
+            return Recorder()
+
+        tb.builder_progress = builder_progress
+    if hasattr(tb, "build_engine"):
+        tb.build_engine = timed_phase(
+            tb.build_engine, "before_builder", "after_builder", "builder_s"
+        )
+    t0 = time.perf_counter()
+    artifact = tb.build(
+        spec["model"], output=Path(spec["output"]), force=True, progress=False, **spec["options"]
+    )
+    build_s = time.perf_counter() - t0
+    mark("done")
+    meta = read_metadata(artifact)
+    Path(spec["result"]).write_text(
+        json.dumps(
+            {
+                "phases": phases,
+                "build_s": build_s,
+                **timings,
+                "model_dir": meta["model"]["path"],
+                "checkpoint_bytes": meta["build"]["checkpoint_bytes"],
+                "engine_bytes": meta["build"]["engine_bytes"],
+            }
+        )
+    )
+    return 0
+
+
+def run_build(args: argparse.Namespace, report: Report) -> None:
+    options = {
+        "backend": args.backend or "tensorrt_rtx",
+        "target": args.target or "sm89",
+        "dtype": args.dtype or "bfloat16",
+        "max_batch": args.max_batch or 1,
+        "max_seq_len": args.max_seq_len,
+        "profiles": args.profiles,
+        "optimization_level": args.optimization_level,
+    }
+    report["builds"] = []
+    for model in args.models:
+        print(f"building {model} in a child process ...", file=sys.stderr)
+        report["builds"].append(measure_build(model, options))
+        report.save()
+
+
+def build_tables(report: dict[str, Any]) -> str:
+    o = report["builds"][0]["options"] if report["builds"] else {}
+    times, memory = [], []
+    for b in report["builds"]:
+        name = Path(b["model"]).name
+        rss = b["rss"]
+        in_builder = b.get("polled_peak_in_builder") or {}
+        times.append(
+            [
+                name,
+                fmt_bytes(b["checkpoint_bytes"]),
+                fmt_bytes(b["engine_bytes"]),
+                b["wall_s"],
+                b["build_s"],
+                b.get("network_s"),
+                b.get("builder_s"),
+                fmt_bytes(b["peak_rss_bytes"]),
+                b["peak_rss_x_checkpoint"],
+            ]
+        )
+        memory.append(
+            [
+                name,
+                fmt_bytes(rss.get("imported", {}).get("VmRSS")),
+                fmt_bytes(rss.get("before_builder", {}).get("VmRSS")),
+                fmt_bytes(in_builder.get("anon")),
+                fmt_bytes(in_builder.get("file")),
+                fmt_bytes(b["peak_rss_bytes"]),
+                b.get("network_rss_x_checkpoint"),
+                b.get("above_imports_x_checkpoint"),
+            ]
+        )
+    title = (
+        f"engine builds ({o.get('backend')}, target {o.get('target')}, {o.get('dtype')}, "
+        f"max_seq_len {o.get('max_seq_len') or 'default'}, max_batch {o.get('max_batch')}), "
+        "each in its own child process"
+    )
+    headers = ["model", "checkpoint", "engine", "wall s", "build s", "network s", "builder s"]
+    first = format_table([*headers, "peak RSS", "peak / ckpt"], times, title)
+    second = format_table(
+        [
+            "model",
+            "after imports",
+            "before builder",
+            "builder peak anon",
+            "builder peak file",
+            "peak RSS",
+            "(before builder - imports) / ckpt",
+            "(peak - imports) / ckpt",
+        ],
+        memory,
+        "RSS: after importing TensorRT, right before build_serialized_network_to_stream, "
+        "and the builder's peak split into anonymous and file-backed pages (libraries, mapped checkpoint)",
+    )
+    largest = max(report["builds"], key=lambda b: b["checkpoint_bytes"], default=None)
+    if not largest or not largest.get("builder_phases"):
+        return first + "\n\n" + second
+    rows = [
+        [
+            "  " * p["depth"] + p["name"],
+            p["seconds"],
+            fmt_bytes(p["rss_start"]),
+            fmt_bytes(p["rss_finish"]),
+            fmt_bytes((p["polled_peak"] or {}).get("rss")),
+        ]
+        for p in largest["builder_phases"]
+    ]
+    third = format_table(
+        ["builder phase", "s", "RSS at start", "RSS at finish", "polled peak"],
+        rows,
+        f"TensorRT builder phases of {Path(largest['model']).name}",
+    )
+    return "\n\n".join([first, second, third])

@@ -1,0 +1,321 @@
+"""GPU mode: TensorRT engine latency (decode+prefill against one dynamic profile), transformers
+on the same prompts, the roofline, and the tables printed from the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tools.bench import BenchError
+from tools.bench.report import Report, fmt_bytes, format_table, ratio
+from tools.bench.roofline import roofline_rows
+from tools.bench.timing import (
+    DEFAULT_BATCHES,
+    HF_MODES,
+    measure_decode,
+    measure_prefill,
+    plan_shapes,
+    prompt_ids,
+    transformers_available,
+    transformers_gpu,
+)
+
+
+def prepare_engines(
+    args: argparse.Namespace, source: str, device_cc: tuple[int, int]
+) -> dict[str, Any]:
+    """{profile set: artifact}, decode+prefill first, plus `skipped` reasons. An artifact is
+    used as it is; its counterpart is built from the model folder named in its metadata."""
+    from netdef.artifact import is_complete, read_metadata
+    from netdef.backend import is_rtx, load_backend
+    from tools.build import build
+
+    out: dict[str, Any] = {"engines": {}, "skipped": None}
+    if is_complete(Path(source)):
+        meta = read_metadata(Path(source))
+        opts = meta["options"]
+        given = opts["profile_set"]
+        out["engines"][given] = Path(source)
+        if args.compare_profiles:
+            other = "dynamic" if given != "dynamic" else "decode,prefill"
+            try:
+                out["engines"][other] = build(
+                    meta["model"]["path"],
+                    dtype=opts["dtype"],
+                    max_batch=opts["max_batch"],
+                    max_seq_len=opts["max_seq_len"],
+                    max_prefill=opts["max_prefill"],
+                    prefill_opt=opts["prefill_opt"],
+                    profiles=other,
+                    backend=meta["backend"]["module"],
+                    target=meta.get("target"),
+                    optimization_level=meta.get("optimization_level"),
+                )
+            except Exception as e:  # the artifact itself is still measured
+                out["skipped"] = f"could not build the {other!r} counterpart: {e}"
+    else:
+        trt = load_backend(args.backend)
+        target = args.target or (f"sm{device_cc[0]}{device_cc[1]}" if is_rtx(trt) else None)
+        common = dict(
+            dtype=args.dtype or "bfloat16",
+            max_batch=args.max_batch or max(args.batches or DEFAULT_BATCHES),
+            max_seq_len=args.max_seq_len,
+            backend=trt.__name__,
+            target=target,
+            optimization_level=args.optimization_level,
+        )
+        out["engines"]["decode,prefill"] = build(source, profiles="decode,prefill", **common)
+        if args.compare_profiles:
+            out["engines"]["dynamic"] = build(source, profiles="dynamic", **common)
+    order = ["decode,prefill", "dynamic"]
+    out["engines"] = {k: out["engines"][k] for k in order if k in out["engines"]}
+    return out
+
+
+def run_gpu(args: argparse.Namespace, report: Report) -> None:
+    from runtime.cuda_buffers import device_info, gpu_unavailable_reason
+    from tools.gpu_check import bandwidth
+    from weights import load_config, resolve_model
+
+    if reason := gpu_unavailable_reason():
+        raise BenchError(f"GPU mode needs cuda-python and a CUDA GPU ({reason}).")
+    source = args.models[0]
+    dev = device_info()
+    report["device"] = {
+        "name": dev.name,
+        "compute_capability": f"{dev.major}.{dev.minor}",
+        "memory_bytes": dev.total_bytes,
+    }
+    bw = bandwidth(args.bandwidth_mib, repeats=5)
+    report["bandwidth"] = {
+        "mib": args.bandwidth_mib,
+        "d2d_copy_gbs": bw["D2D"],
+        "memory_gbs": 2 * bw["D2D"],  # a D2D copy reads and writes each byte
+        "h2d_gbs": bw["H2D"],
+        "d2h_gbs": bw["D2H"],
+    }
+    report.save()
+
+    engines: dict[str, Any] = {}
+    if args.no_engine:
+        report["engine_skipped"] = "--no-engine: the TensorRT engine was not measured"
+    else:
+        prepared = prepare_engines(args, source, dev.cc)
+        engines = prepared["engines"]
+        if prepared["skipped"]:
+            report["profiles_skipped"] = prepared["skipped"]
+
+    # The model folder (for transformers and the roofline) and the limits shapes are fit to.
+    if engines:
+        from netdef.artifact import read_metadata
+
+        meta = read_metadata(next(iter(engines.values())))
+        opts = meta["options"]
+        model_dir, dtype = Path(meta["model"]["path"]), opts["dtype"]
+        config = load_config(next(iter(engines.values())))
+        limits = dict(
+            max_batch=opts["max_batch"],
+            max_prefill=opts["max_prefill"] or opts["max_seq_len"],
+            max_seq_len=opts["max_seq_len"],
+        )
+    else:
+        model_dir = resolve_model(source)
+        config = load_config(model_dir)
+        dtype = args.dtype or "bfloat16"
+        seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
+        limits = dict(
+            max_batch=args.max_batch or max(args.batches or DEFAULT_BATCHES),
+            max_prefill=seq,
+            max_seq_len=seq,
+        )
+    plan = plan_shapes(args.prompt_lens, args.batches, args.context, args.steps, **limits)
+    warmup, rounds = args.warmup if args.warmup is not None else 3, args.rounds or 10
+    report["model"] = {"dir": str(model_dir), "summary": config.summary(), "dtype": dtype}
+    report["settings"] = dict(
+        asdict(plan), **limits, warmup=warmup, rounds=rounds, graph=not args.no_graph
+    )
+    ids = prompt_ids(
+        config.vocab_size, max(plan.batches), max(max(plan.prompt_lens), plan.context + plan.steps)
+    )
+
+    from runtime.tensorrt_backend import TensorRTBackend
+
+    report["engines"] = {}
+    for profile_set, artifact in engines.items():
+        print(f"measuring the {profile_set} engine {artifact} ...", file=sys.stderr)
+        with TensorRTBackend.load(artifact) as backend:
+            report["engines"][profile_set] = {
+                "artifact": str(artifact),
+                "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
+                "decode": measure_decode(
+                    backend,
+                    ids,
+                    plan.batches,
+                    plan.context,
+                    plan.steps,
+                    warmup,
+                    rounds,
+                    not args.no_graph,
+                ),
+            }
+        report.save()
+
+    if args.compare_transformers:
+        if why := transformers_available():
+            report["transformers"] = {"skipped": why}
+        elif not (model_dir / "config.json").is_file():
+            report["transformers"] = {"skipped": f"no model folder at {model_dir}"}
+        else:
+            print(f"timing transformers on {model_dir} ...", file=sys.stderr)
+            modes = args.hf_modes or list(HF_MODES)
+            report["transformers"] = transformers_gpu(
+                model_dir,
+                dtype=dtype,
+                ids=ids,
+                plan=plan,
+                warmup=warmup,
+                rounds=rounds,
+                modes=modes,
+            )
+        report.save()
+
+    measured: dict[str, dict[int, float]] = {}
+    for name, eng in report["engines"].items():
+        measured[f"engine {name}"] = {r["batch"]: r["median_ms"] for r in eng["decode"]}
+    for mode, rows in report.get("transformers", {}).get("decode", {}).items():
+        measured[f"transformers {mode}"] = {r["batch"]: r["median_ms"] for r in rows}
+    report["roofline"] = roofline_rows(
+        config, dtype, plan, report["bandwidth"]["memory_gbs"], measured, limits["max_seq_len"]
+    )
+    report.save()
+
+
+def gpu_tables(report: dict[str, Any]) -> str:
+    """The readable form of a GPU report (engine and transformers columns where measured)."""
+    dev, bw = report["device"], report["bandwidth"]
+    parts = [
+        f"device: {dev['name']} (compute capability {dev['compute_capability']}); "
+        f"D2D copy {bw['d2d_copy_gbs']:.0f} GB/s = {bw['memory_gbs']:.0f} GB/s of memory traffic "
+        f"(read + write), H2D {bw['h2d_gbs']:.1f} GB/s, D2H {bw['d2h_gbs']:.1f} GB/s"
+    ]
+    if "model" in report:
+        parts.append(f"model: {report['model']['summary']}; run in {report['model']['dtype']}")
+    if report.get("engine_skipped"):
+        parts.append(f"TensorRT engine: NOT MEASURED ({report['engine_skipped']})")
+    engines = report.get("engines", {})
+    base = engines.get("decode,prefill") or next(iter(engines.values()), {})
+    hf = report.get("transformers", {})
+
+    eng_pre = {r["tokens"]: r for r in base.get("prefill", [])}
+    hf_pre = {r["tokens"]: r for r in hf.get("prefill", [])}
+    if eng_pre or hf_pre:
+        headers, rows = ["prompt tokens"], []
+        if eng_pre:
+            headers += ["engine min ms", "engine median ms", "engine tok/s"]
+        if hf_pre:
+            headers += ["HF eager min ms", "HF eager median ms", "HF eager tok/s"]
+        if eng_pre and hf_pre:
+            headers.append("engine speedup")
+        for n in sorted(eng_pre.keys() | hf_pre.keys()):
+            e, h = eng_pre.get(n, {}), hf_pre.get(n, {})
+            row: list[Any] = [n]
+            for src, present in ((e, eng_pre), (h, hf_pre)):
+                if present:
+                    row += [src.get("min_ms"), src.get("median_ms"), src.get("tokens_per_s")]
+            if eng_pre and hf_pre:
+                row.append(ratio(h.get("median_ms"), e.get("median_ms")))
+            rows.append(row)
+        parts.append(format_table(headers, rows, "prefill (batch 1), ms per call"))
+
+    eng_dec = {r["batch"]: r for r in base.get("decode", [])}
+    hf_dec = {m: {r["batch"]: r for r in rows} for m, rows in hf.get("decode", {}).items() if rows}
+    if eng_dec or hf_dec:
+        headers = ["batch"]
+        if eng_dec:
+            headers += ["engine min ms", "engine median ms", "engine tok/s"]
+        for mode in hf_dec:
+            headers += [f"HF {mode} min ms", f"HF {mode} median ms", f"HF {mode} tok/s"]
+            if eng_dec:
+                headers.append(f"engine vs HF {mode}")
+        both_hf = not eng_dec and len(hf_dec) == 2
+        if both_hf:
+            headers.append("HF eager / HF static-compile")
+        rows = []
+        for b in sorted(eng_dec.keys() | {b for m in hf_dec.values() for b in m}):
+            e = eng_dec.get(b, {})
+            row = [b]
+            if eng_dec:
+                row += [e.get("min_ms"), e.get("median_ms"), e.get("tokens_per_s")]
+            for by_batch in hf_dec.values():
+                h = by_batch.get(b, {})
+                row += [h.get("min_ms"), h.get("median_ms"), h.get("tokens_per_s")]
+                if eng_dec:
+                    row.append(ratio(h.get("median_ms"), e.get("median_ms")))
+            if both_hf:
+                a, c = (hf_dec[m].get(b, {}).get("median_ms") for m in HF_MODES)
+                row.append(ratio(a, c))
+            rows.append(row)
+        first = next(iter(eng_dec.values()), None) or next(
+            r for m in hf_dec.values() for r in m.values()
+        )
+        parts.append(
+            format_table(
+                headers,
+                rows,
+                f"decode, ms per step (one token for each sequence) after {first['context']} "
+                f"cached tokens, mean of {first['steps']} steps per round",
+            )
+        )
+    for mode, err in hf.get("errors", {}).items():
+        parts.append(f"transformers {mode}: FAILED: {err}")
+    if hf.get("skipped"):
+        parts.append(f"transformers: skipped ({hf['skipped']})")
+
+    if len(engines) == 2:
+        a, d = engines["decode,prefill"], engines["dynamic"]
+        rows = []
+        for kind, key in (("prefill", "tokens"), ("decode", "batch")):
+            dyn = {r[key]: r["median_ms"] for r in d[kind]}
+            for r in a[kind]:
+                label = (
+                    f"prefill {r[key]} tokens" if kind == "prefill" else f"decode batch {r[key]}"
+                )
+                other = dyn.get(r[key])
+                rows.append([label, r["median_ms"], other, ratio(other, r["median_ms"])])
+        parts.append(
+            format_table(
+                ["call", "decode+prefill ms", "dynamic ms", "speedup"],
+                rows,
+                "profiles: decode+prefill engine vs one dynamic profile (median ms per call)",
+            )
+        )
+    elif report.get("profiles_skipped"):
+        parts.append(f"profiles comparison skipped: {report['profiles_skipped']}")
+
+    if report.get("roofline"):
+        roof = report["roofline"]
+        series = sorted({k for r in roof for k in r if k.startswith(("engine ", "transformers "))})
+        as_built = "floor_as_built_ms" in roof[0]
+        headers = ["batch", "weights", "KV", "floor ms"] + ["as-built floor ms"] * as_built
+        for name in series:
+            headers += [f"{name} ms", "x floor"]
+        rows = []
+        for r in roof:
+            row = [r["batch"], fmt_bytes(r["bytes"]["weights"]), fmt_bytes(r["bytes"]["kv"])]
+            row += [r["floor_ms"]] + [r.get("floor_as_built_ms")] * as_built
+            for name in series:
+                row += [r.get(name, {}).get("median_ms"), r.get(name, {}).get("x_floor")]
+            rows.append(row)
+        parts.append(
+            format_table(
+                headers,
+                rows,
+                f"roofline: bytes a decode step must read / {bw['memory_gbs']:.0f} GB/s, KV at "
+                f"{roof[0]['attended_slots']} attended slots (as-built: the engine's attention "
+                "reads every one of its max_seq_len cache slots)",
+            )
+        )
+    return "\n\n".join(parts)

@@ -1,0 +1,123 @@
+"""--make-random: a checkpoint with a real model's shapes and random bfloat16 weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tools.bench import BenchError
+
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    # google/gemma-3-1b-it's config.json (its generation-only "cache_implementation" left out).
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": 2,
+        "eos_token_id": [1, 106],
+        "pad_token_id": 0,
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "initializer_range": 0.02,
+        "intermediate_size": 6912,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 1,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 262144,
+    },
+}
+SHAPE_OVERRIDES = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "vocab": "vocab_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+}
+
+
+def random_config(preset: str, **overrides: int | None) -> dict[str, Any]:
+    """The preset's config.json, with shape overrides (None: keep the preset's value)."""
+    if preset not in RANDOM_PRESETS:
+        raise BenchError(f"unknown preset {preset!r}; choose one of {', '.join(RANDOM_PRESETS)}.")
+    config = dict(RANDOM_PRESETS[preset])
+    for key, value in overrides.items():
+        if value is not None:
+            config[SHAPE_OVERRIDES[key]] = value
+    return config
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return (
+        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    ).astype(np.uint16)
+
+
+def write_random_checkpoint(
+    out: Path, config: dict[str, Any], seed: int = 0, std: float = 0.02
+) -> Path:
+    """config.json plus one model.safetensors of random bfloat16 weights, written tensor by
+    tensor in chunks (memory stays around 100 MB whatever the model size). Matrices are
+    uniform with standard deviation `std`; norm scales are the identity."""
+    from weights.config import parse_config
+
+    parsed = parse_config(config)
+    shapes = {f"model.{name}": shape for name, shape in parsed.tensor_shapes().items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(shapes):
+        nbytes = math.prod(shapes[name]) * 2
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    rng = np.random.default_rng(seed)
+    half_width = np.float32(std * math.sqrt(3.0))
+    norm_bits = bf16_bits(np.array([1.0 - parsed.norm_offset], np.float32))[0]
+    chunk = 1 << 23
+    partial = out / ".model.safetensors.partial"
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(shapes):
+            total = math.prod(shapes[name])
+            if name.endswith("norm.weight"):
+                f.write(np.full(total, norm_bits, np.uint16).tobytes())
+                continue
+            for start in range(0, total, chunk):
+                n = min(chunk, total - start)
+                values = rng.random(n, dtype=np.float32)
+                values *= 2 * half_width
+                values -= half_width
+                f.write(bf16_bits(values).tobytes())
+    os.replace(partial, out / "model.safetensors")
+    return out

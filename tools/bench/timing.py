@@ -1,0 +1,268 @@
+"""The shapes a GPU run measures (Plan) and the loops that time them: over any
+runtime.backend.Backend, and over transformers (torch is imported only there)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tools.bench import BenchError
+from tools.bench.report import stats
+
+DEFAULT_PROMPT_LENS = (128, 512, 2048)
+DEFAULT_BATCHES = (1, 4, 16)
+DEFAULT_CONTEXT = 128  # tokens in the cache before the timed decode steps
+HF_MODES = ("eager", "static-compile")
+
+
+def fit_to_engine(
+    requested: Sequence[int] | None, default: Sequence[int], maximum: int, what: str
+) -> list[int]:
+    """Sorted unique sizes. Explicit ones must fit the engine's `maximum`; defaults are clipped
+    to it (128, 512, 2048 with a max of 1024 -> 128, 512, 1024)."""
+    if requested:
+        if too_big := sorted(v for v in set(requested) if v > maximum):
+            raise BenchError(
+                f"{what} {too_big} exceed the engine's maximum of {maximum}; "
+                "ask for less or rebuild the engine with larger limits."
+            )
+        return sorted(set(requested))
+    return sorted({min(v, maximum) for v in default})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shapes one GPU run measures."""
+
+    prompt_lens: list[int]  # prefill, batch 1
+    batches: list[int]  # decode
+    context: int  # cached tokens before the first timed decode step
+    steps: int  # decode steps per round
+
+    @property
+    def attended(self) -> int:
+        """Cache slots the middle decode step attends to (its own included)."""
+        return self.context + (self.steps + 1) // 2
+
+
+def plan_shapes(
+    prompt_lens: Sequence[int] | None,
+    batches: Sequence[int] | None,
+    context: int | None,
+    steps: int,
+    *,
+    max_batch: int,
+    max_prefill: int,
+    max_seq_len: int,
+) -> Plan:
+    """Requested or default shapes, checked against (defaults clipped to) the engine's limits."""
+    if steps < 1 or steps > max_seq_len:
+        raise BenchError(f"--steps {steps} must be between 1 and max_seq_len={max_seq_len}.")
+    if context is None:
+        context = max(0, min(DEFAULT_CONTEXT, max_seq_len - steps))
+    elif context < 0 or context + steps > max_seq_len:
+        raise BenchError(
+            f"--context {context} + --steps {steps} exceed the engine's max_seq_len={max_seq_len}."
+        )
+    return Plan(
+        fit_to_engine(
+            prompt_lens, DEFAULT_PROMPT_LENS, min(max_prefill, max_seq_len), "--prompt-lens"
+        ),
+        fit_to_engine(batches, DEFAULT_BATCHES, max_batch, "--batches"),
+        context,
+        steps,
+    )
+
+
+# ---- timing loops over any runtime.backend.Backend ----
+
+
+def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    """Random token ids [batch, length] (ids 0-3 are left out: special tokens in most vocabularies)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(min(4, vocab - 1), vocab, size=(batch, length), dtype=np.int32)
+
+
+def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> float:
+    """Milliseconds of one forward: CUDA events where the backend keeps `last_call_ms`
+    (TensorRTBackend), else wall clock."""
+    t0 = time.perf_counter()
+    backend.forward(ids, positions, last)
+    wall = (time.perf_counter() - t0) * 1e3
+    return float(backend.last_call_ms) if hasattr(backend, "last_call_ms") else wall
+
+
+def fill_cache(backend: Any, ids: np.ndarray, batch: int, length: int) -> None:
+    """Prefill `length` tokens of `batch` sequences, in chunks of the backend's max_prefill."""
+    for start in range(0, length, backend.max_prefill):
+        end = min(start + backend.max_prefill, length)
+        pos = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
+        backend.forward(ids[:batch, start:end], pos, np.full(batch, end - start - 1, np.int32))
+
+
+def measure_prefill(
+    backend: Any, ids: np.ndarray, lengths: Sequence[int], warmup: int, rounds: int
+) -> list[dict[str, Any]]:
+    """Per prompt length: one batch-1 prefill call per round, from position 0."""
+    rows = []
+    backend.reset(1)
+    for n in lengths:
+        args = (ids[:1, :n], np.arange(n, dtype=np.int32)[None], np.array([n - 1], np.int32))
+        times = [timed_call(backend, *args) for _ in range(warmup + rounds)][warmup:]
+        row = {"tokens": n, **stats(times)}
+        row["tokens_per_s"] = n / row["median_ms"] * 1e3
+        rows.append(row)
+    return rows
+
+
+def measure_decode(
+    backend: Any,
+    ids: np.ndarray,
+    batches: Sequence[int],
+    context: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    graph: bool = True,
+) -> list[dict[str, Any]]:
+    """Per batch size: prefill `context` tokens, then rounds of `steps` decode steps at
+    positions context .. context+steps-1 (each round rewrites the same slots). A round's
+    figure is its mean ms per step (one token per sequence); min and median over rounds."""
+    rows = []
+    for b in batches:
+        backend.reset(b)
+        fill_cache(backend, ids, b, context)
+        captured = bool(graph and hasattr(backend, "capture_decode_graph"))
+        if captured:
+            backend.capture_decode_graph(b)
+        last = np.zeros(b, np.int32)
+        per_round = []
+        for _ in range(warmup + rounds):
+            times = [
+                timed_call(
+                    backend,
+                    ids[:b, context + s : context + s + 1],
+                    np.full((b, 1), context + s, np.int32),
+                    last,
+                )
+                for s in range(steps)
+            ]
+            per_round.append(statistics.fmean(times))
+        row = {"batch": b, "context": context, "steps": steps, "graph": captured}
+        row.update(stats(per_round[warmup:]))
+        row["tokens_per_s"] = b / row["median_ms"] * 1e3
+        rows.append(row)
+    return rows
+
+
+# ---- transformers (torch is imported only here) ----
+
+
+def transformers_gpu(
+    model_dir: Path,
+    *,
+    dtype: str,
+    ids: np.ndarray,
+    plan: Plan,
+    warmup: int,
+    rounds: int,
+    modes: Sequence[str] = HF_MODES,
+    device: str = "cuda",
+) -> dict[str, Any]:
+    """transformers on the same prompts: prefill = one forward (logits of the last token only),
+    decode = `generate` (greedy, exactly steps + 1 new tokens) with a stopping criterion that
+    synchronizes and stamps the clock after every token, so the figure excludes the prefill.
+    "eager" uses the default dynamic cache; "static-compile" passes cache_implementation=
+    "static", with which generate compiles the decode step (torch.compile, on CUDA)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    out: dict[str, Any] = {
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "device": device,
+        "dtype": dtype,
+        "prefill": [],
+        "decode": {},
+        "errors": {},
+    }
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tokens = torch.from_numpy(ids.astype(np.int64)).to(device)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    with torch.inference_mode():
+        for n in plan.prompt_lens:
+            x = tokens[:1, :n]
+            times = [
+                timed(lambda x=x: model(input_ids=x, use_cache=True, logits_to_keep=1))
+                for _ in range(warmup + rounds)
+            ][warmup:]
+            row = {"tokens": n, **stats(times)}
+            row["tokens_per_s"] = n / row["median_ms"] * 1e3
+            out["prefill"].append(row)
+
+    class Stamps(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            sync()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    context = max(plan.context, 1)
+    for mode in modes:
+        rows: list[dict[str, Any]] = []
+        out["decode"][mode] = rows
+        try:
+            for b in plan.batches:
+                x = tokens[:b, :context]
+                stamps = Stamps()
+                kwargs: dict[str, Any] = dict(
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=plan.steps + 1,
+                    min_new_tokens=plan.steps + 1,
+                    do_sample=False,
+                    pad_token_id=0,
+                    stopping_criteria=StoppingCriteriaList([stamps]),
+                )
+                if mode == "static-compile":
+                    kwargs["cache_implementation"] = "static"
+                per_round = []
+                for _ in range(max(warmup, 1 if mode == "static-compile" else 0) + rounds):
+                    stamps.times.clear()
+                    model.generate(x, **kwargs)
+                    t = stamps.times
+                    per_round.append((t[-1] - t[0]) * 1e3 / (len(t) - 1))
+                row = {"batch": b, "context": context, "steps": plan.steps}
+                row.update(stats(per_round[-rounds:]))
+                row["tokens_per_s"] = b / row["median_ms"] * 1e3
+                row["compiled"] = getattr(model, "_compiled_call", None) is not None
+                rows.append(row)
+        except Exception as e:  # one mode failing (e.g. compile) must not lose the others
+            out["errors"][mode] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def transformers_available() -> str | None:
+    """None if torch and transformers can be imported (without importing them); else why not."""
+    from importlib.util import find_spec
+
+    missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed" if missing else None
