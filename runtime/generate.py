@@ -143,7 +143,11 @@ class Run:
             if self.in_engine_greedy:
                 tokens = out
             else:
-                seen = [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+                seen = (
+                    [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+                    if params.repetition_penalty != 1.0
+                    else []
+                )
                 tokens = next_tokens(out, params, seen, rng)
             yield from self._accept(tokens, step)
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 from runtime.sampling import (
     SamplingParams,
     apply_repetition_penalty,
-    filter_top_k_top_p,
+    candidates,
     next_tokens,
 )
 
@@ -25,16 +25,47 @@ def logits():
     return np.random.default_rng(0).normal(0, 3, (3, 200)).astype(np.float32)
 
 
+def kept(warped: torch.Tensor) -> list[list[int]]:
+    """Per row, the ids a transformers warper left finite."""
+    return [sorted(np.flatnonzero(np.isfinite(row)).tolist()) for row in warped.numpy()]
+
+
+def ours(logits: np.ndarray, top_k: int, top_p: float) -> list[list[int]]:
+    return [sorted(candidates(row, top_k, top_p).tolist()) for row in logits]
+
+
 @pytest.mark.parametrize("top_k", [1, 5, 50])
 def test_top_k_matches_transformers(logits, top_k):
-    ref = TopKLogitsWarper(top_k)(None, torch.from_numpy(logits)).numpy()
-    np.testing.assert_array_equal(filter_top_k_top_p(logits, top_k, 1.0), ref)
+    ref = TopKLogitsWarper(top_k)(None, torch.from_numpy(logits))
+    assert ours(logits, top_k, 1.0) == kept(ref)
+
+
+def test_top_k_keeps_ties_at_the_kth_value_as_transformers_does():
+    logits = np.array([[3.0, 1.0, 2.0, 2.0, 0.0]], np.float32)
+    assert ours(logits, 2, 1.0) == kept(TopKLogitsWarper(2)(None, torch.from_numpy(logits)))
+    assert ours(logits, 2, 1.0) == [[0, 2, 3]]
 
 
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
 def test_top_p_matches_transformers(logits, top_p):
-    ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)).numpy()
-    np.testing.assert_array_equal(np.isinf(filter_top_k_top_p(logits, 0, top_p)), np.isinf(ref))
+    ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(logits))
+    assert ours(logits, 0, top_p) == kept(ref)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.95), (0, 0.5), (64, 0.95), (2000, 0.9)])
+def test_a_262k_vocabulary_matches_transformers(top_k, top_p):
+    """Flat logits, so the nucleus holds tens of thousands of tokens: past the 1024 that
+    `candidates` sorts first."""
+    logits = np.random.default_rng(1).normal(0, 1, (2, 262144)).astype(np.float32)
+    x = torch.from_numpy(logits)
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    ref = kept(TopPLogitsWarper(top_p)(None, x))
+    got = ours(logits, top_k, top_p)
+    assert [len(r) for r in got] == [len(r) for r in ref]
+    assert got == ref
+    if not top_k:
+        assert min(len(r) for r in got) > 1024
 
 
 def test_repetition_penalty_matches_transformers(logits):
@@ -48,10 +79,17 @@ def test_temperature_then_filters_matches_transformers(logits):
     x = torch.from_numpy(logits)
     for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
         x = proc(None, x)
-    ours = filter_top_k_top_p(logits / np.float32(0.7), 20, 0.8)
-    np.testing.assert_array_equal(np.isinf(ours), np.isinf(x.numpy()))
-    finite = np.isfinite(ours)
-    np.testing.assert_allclose(ours[finite], x.numpy()[finite], rtol=1e-6)
+    assert ours(logits / np.float32(0.7), 20, 0.8) == kept(x)
+
+
+def test_sampling_draws_only_from_the_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    params = SamplingParams(temperature=1.0, top_p=0.7)  # keeps 0.5 and 0.3, renormalized
+    rng = np.random.default_rng(2)
+    draws = [next_tokens(logits, params, [np.array([], int)], rng)[0] for _ in range(4000)]
+    np.testing.assert_allclose(
+        np.bincount(draws, minlength=4) / 4000, [0.625, 0.375, 0, 0], atol=0.03
+    )
 
 
 def test_greedy_is_argmax(logits):
