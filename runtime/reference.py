@@ -496,8 +496,11 @@ class Executor:
         axes = [i for i in range(x.ndim) if layer.axes >> i & 1]
         if len(axes) != 1:
             raise ExecutorError(f"topk {layer.name!r}: exactly one reduction axis is supported.")
-        key = -x if layer.op == self.trt.TopKOperation.MAX else x
-        order = np.argsort(key, axis=axes[0], kind="stable")
+        largest = layer.op == self.trt.TopKOperation.MAX
+        if layer.k == 1:  # argmax/argmin return the first of equal values too; no sort
+            index = (np.argmax if largest else np.argmin)(x, axis=axes[0], keepdims=True)
+            return [np.take_along_axis(x, index, axis=axes[0]), index.astype(np.int32)]
+        order = np.argsort(-x if largest else x, axis=axes[0], kind="stable")
         index = np.take(order, np.arange(layer.k), axis=axes[0])
         return [np.take_along_axis(x, index, axis=axes[0]), index.astype(np.int32)]
 

@@ -17,9 +17,11 @@ import torch
 
 from runtime.cpu import CpuModel
 from runtime.cuda_buffers import gpu_unavailable_reason
+from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools.bench import BenchError, gpu
 from tools.bench.__main__ import int_list, main, parse_args
 from tools.bench.gpu import gpu_tables
+from tools.bench.host import SETTINGS
 from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
 from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
 from tools.bench.roofline import (
@@ -79,11 +81,13 @@ def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
     assert positive(build["polled_peak_in_builder"]["rss"], build["polls"])
 
 
-def test_cpu_mode_executor_against_transformers(tiny_dir, tmp_path, capsys):
+def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    args = [str(tiny_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]
+    args = [str(tiny_quant_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]
     assert main(["--cpu", *args, "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
-    assert "executor / transformers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "executor / transformers" in printed
+    assert "generate loop host work per decode step" in printed
     report = json.loads(out.read_text())
     assert report["kind"] == "cpu"
     assert report["settings"] == {
@@ -105,6 +109,12 @@ def test_cpu_mode_executor_against_transformers(tiny_dir, tmp_path, capsys):
             r["setup_s"],
         )
     assert positive(report["ratio"]["prefill"], report["ratio"]["decode"])
+    host = report["host"]
+    assert (host["vocab"], host["steps"]) == (512, 64)
+    assert [(r["setting"], r["batch"]) for r in host["rows"]] == [
+        (name, b) for name in SETTINGS for b in (1, 4)
+    ]
+    assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in host["rows"])
 
 
 # ---- --make-random ----

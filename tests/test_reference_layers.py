@@ -298,6 +298,18 @@ def test_topk_values_and_indices_along_one_axis(op, k):
         assert out["indices"][b, :, col].tolist() == [i for _, i in ranked]
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_topk_ties_at_the_top_keep_index_order(k):
+    x = np.array([[1.0, 5.0, 5.0, 0.0, 5.0]], np.float32)
+    for op, best in (("MAX", [1, 2]), ("MIN", [3, 0])):
+        net = Net()
+        layer = net.network.add_topk(
+            net.input("x0", np.float32, x.shape), getattr(trt.TopKOperation, op), k, 1 << 1
+        )
+        net.output(layer.get_output(1), "indices")
+        assert net.run({"x0": x})["indices"].tolist() == [best[:k]]
+
+
 def _softmax_layer(net, t, axes):
     layer = net.network.add_softmax(t)
     layer.axes = axes

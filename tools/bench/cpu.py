@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tools.bench.host import host_overhead, host_table
 from tools.bench.report import Report, format_table, stats
 from tools.bench.timing import prompt_ids, transformers_available
 
@@ -45,8 +46,9 @@ def with_rates(result: dict[str, Any], prompt_len: int) -> dict[str, Any]:
 
 def executor_cpu(
     model_dir: Path, dtype: str, prompt: np.ndarray, decode: np.ndarray, warmup: int, rounds: int
-) -> dict[str, Any]:
-    """The NumPy executor (runtime.cpu.CpuModel) of the model's network, batch 1."""
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The NumPy executor (runtime.cpu.CpuModel) of the model's network, batch 1; and the
+    logits of the prompt's last token."""
     from netdef import NetworkOptions, build_network, load_backend
     from runtime.cpu import CpuModel
     from weights import Checkpoint
@@ -58,15 +60,17 @@ def executor_cpu(
     model.reset(1)
     setup_s = time.perf_counter() - t0
     zero = np.zeros(1, np.int32)
+    state: dict[str, np.ndarray] = {}
 
     def prefill() -> None:
-        model.forward(prompt[None], np.arange(p, dtype=np.int32)[None], np.array([p - 1], np.int32))
+        last = np.array([p - 1], np.int32)
+        state["logits"] = model.forward(prompt[None], np.arange(p, dtype=np.int32)[None], last)[0]
 
     def step(s: int) -> None:
         model.forward(decode[None, s : s + 1], np.array([[p + s]], np.int32), zero)
 
     result = cpu_rounds(prefill, step, n, warmup, rounds)
-    return with_rates(dict(result, setup_s=setup_s), p)
+    return with_rates(dict(result, setup_s=setup_s), p), state["logits"]
 
 
 def transformers_cpu(
@@ -123,7 +127,13 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
         "batch": 1,
     }
     print(f"timing the NumPy executor on {model_dir} ...", file=sys.stderr)
-    report["executor"] = executor_cpu(model_dir, dtype, prompt, decode, warmup, rounds)
+    report["executor"], logits = executor_cpu(model_dir, dtype, prompt, decode, warmup, rounds)
+    report.save()
+    if not (model_dir / "tokenizer.json").is_file():
+        report["host"] = {"skipped": f"no tokenizer.json in {model_dir}"}
+    else:
+        print("timing the generate loop's host work ...", file=sys.stderr)
+        report["host"] = host_overhead(model_dir, logits, [1, 4], 64, warmup, rounds)
     report.save()
     if why := transformers_available():
         report["transformers"] = {"skipped": why}
@@ -192,4 +202,9 @@ def cpu_tables(report: dict[str, Any]) -> str:
     )
     if report.get("transformers", {}).get("skipped"):
         table += f"\ntransformers: skipped ({report['transformers']['skipped']})"
+    host = report.get("host", {})
+    if "rows" in host:
+        table += "\n\n" + host_table(host)
+    elif "skipped" in host:
+        table += f"\nhost work per step: skipped ({host['skipped']})"
     return table
