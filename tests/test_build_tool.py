@@ -150,6 +150,7 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir)]) == 0
     text = capsys.readouterr().out
     assert "gemma3, 4 layers" in text
+    assert "\nquant      none\n" in text
     assert "decode" in text and "prefill" in text
     assert "past_key_0" in text and "logits" in text
     assert inspect_tool.main([str(out_dir), "--json"]) == 0

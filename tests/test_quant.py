@@ -31,6 +31,7 @@ from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools import build as build_tool
 from tools import eval as eval_tool
+from tools import inspect as inspect_tool
 from tools.logits import sequence_logits
 from weights import Checkpoint
 
@@ -212,6 +213,13 @@ def test_each_mode_builds_for_sm89(family, flags, tmp_path, capsys):
     assert meta["options"]["quant"] == flags[1]
     assert meta["options"]["quant_lm_head"] == ("--quant-lm-head" in flags)
     assert f", {flags[1]}, " in err  # "Building the engine for sm89 (bfloat16, int8-wo, ...)"
+    assert inspect_tool.main([str(out_dir)]) == 0
+    described = {
+        "int8-wo": "int8-wo (LM head too)",
+        "int4-wo": "int4-wo (LM head too)",
+        "fp8": f"fp8, activations calibrated on 256 tokens of {CALIBRATION_TEXT}",
+    }[flags[1]]
+    assert f"\nquant      {described}\n" in capsys.readouterr().out
     if flags[1] == "fp8":
         assert "Calibrating FP8 activation ranges on" in err
         assert meta["calibration"]["file"] == str(CALIBRATION_TEXT)

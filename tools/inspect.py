@@ -13,6 +13,18 @@ from pathlib import Path
 from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
 
 
+def quantization(opt: dict, calibration: dict | None) -> str:
+    if opt.get("quant", "none") == "none":
+        return "none"
+    head = " (LM head too)" if opt.get("quant_lm_head") else ""
+    calibrated = (
+        f", activations calibrated on {calibration['tokens']} tokens of {calibration['file']}"
+        if calibration
+        else ""
+    )
+    return f"{opt['quant']}{head}{calibrated}"
+
+
 def describe(meta: dict) -> str:
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
     lines = [
@@ -20,6 +32,7 @@ def describe(meta: dict) -> str:
         f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})",
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
+        f"quant      {quantization(opt, meta.get('calibration'))}",
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
         f"weights    sha256 {meta.get('weights_sha256', '?')}",
