@@ -13,6 +13,8 @@ Engine I/O contract (docs/architecture.md has the full table):
            past_key_<i>, past_value_<i>    dtype [B, kv_heads, max_seq_len, head_dim]
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
            next_token       int32 [B]            argmax of logits (not with all_logits)
+           top_logits       float32 [B, K]       the K = sample_top_k best logits, best first
+           top_ids          int32 [B, K]         their token ids (both not with all_logits)
            present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
 Token (b, s) is written to cache slot position_ids[b, s] and attends to slots
 j <= position_ids[b, s] (and j > position_ids[b, s] - window on sliding layers), so padded
@@ -154,11 +156,20 @@ class _Decoder:
             logits = g.mul(logits, g.scalar(cap, np.float32, rank, "softcap.cap"), "softcap.mul")
         logits.name = "logits"
         net.mark_output(logits)
-        if not self.opt.all_logits:  # greedy decoding copies one id per sequence, not the vocab
-            top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
-            next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
-            next_token.name = "next_token"
-            net.mark_output(next_token)
+        if self.opt.all_logits:
+            return
+        # Greedy decoding copies one id per sequence, not the vocabulary; sampling with a
+        # top-k of at most sample_top_k copies that many logits and ids.
+        top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
+        next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
+        next_token.name = "next_token"
+        net.mark_output(next_token)
+        if self.opt.sample_top_k:
+            k = self.opt.sample_top_k
+            top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, k, 1 << 1), "sample.topk")
+            for i, name in enumerate(("top_logits", "top_ids")):
+                top.get_output(i).name = name
+                net.mark_output(top.get_output(i))
 
     def head_matmul(self, h: Any, table: Any) -> Any:
         """h @ embed.T reusing the embedding constant (tied LM head)."""

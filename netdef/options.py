@@ -10,6 +10,7 @@ from weights.config import ModelConfig
 from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
 
 Shape = tuple[int, ...]
+TOPK_MAX = 3840  # the largest k ITopKLayer supports
 
 
 class OptionsError(ValueError):
@@ -47,6 +48,7 @@ class NetworkOptions:
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
     quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
     quant_lm_head: bool = False  # quantize the LM head too (a tied one with the embedding)
+    sample_top_k: int = 64  # best logits (and ids) also output for sampling; 0: none
 
     @property
     def prefill_len(self) -> int:
@@ -75,6 +77,11 @@ class NetworkOptions:
         if self.profile_set not in ("decode,prefill", "dynamic"):
             raise OptionsError(
                 f"profiles {self.profile_set!r} is not supported; choose 'decode,prefill' or 'dynamic'."
+            )
+        if not 0 <= self.sample_top_k <= min(TOPK_MAX, config.vocab_size):
+            raise OptionsError(
+                f"sample_top_k={self.sample_top_k} must be between 0 and "
+                f"{min(TOPK_MAX, config.vocab_size)} (TensorRT's TopK takes k <= {TOPK_MAX})."
             )
         self._validate_quant(config)
         if self.dtype == "float16" and config.family == "gemma3":

@@ -13,6 +13,7 @@ class Backend(Protocol):
     max_batch: int  # largest B any call may use
     max_seq_len: int  # KV-cache slots per sequence
     max_prefill: int  # largest S of one call
+    sample_top_k: int  # K of forward_top_k (0: the engine has no top_logits/top_ids)
 
     def reset(self, batch: int) -> None:
         """Prepare KV caches for `batch` new sequences (old contents need not be cleared)."""
@@ -29,3 +30,9 @@ class Backend(Protocol):
         self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
     ) -> np.ndarray:
         """The same call, returning only int32 [B] argmax ids (the network's next_token output)."""
+
+    def forward_top_k(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, last_token_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The same call, returning only the best sample_top_k logits, float32 [B, K] best
+        first, and their int32 [B, K] token ids (the network's top_logits and top_ids)."""

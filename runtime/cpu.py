@@ -34,6 +34,10 @@ class CpuModel:
     def max_prefill(self) -> int:
         return self.dn.options.prefill_len
 
+    @property
+    def sample_top_k(self) -> int:
+        return 0 if self.dn.options.all_logits else self.dn.options.sample_top_k
+
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
         dtype = DTYPES[self.dn.options.dtype]
@@ -51,6 +55,11 @@ class CpuModel:
     def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
         """One network call; returns the network's int32 [B] next_token (argmax of the logits)."""
         return self._run(input_ids, position_ids, last_token_index)["next_token"]
+
+    def forward_top_k(self, input_ids, position_ids, last_token_index):
+        """One network call; returns its top_logits [B, K] and top_ids [B, K]."""
+        out = self._run(input_ids, position_ids, last_token_index)
+        return out["top_logits"], out["top_ids"]
 
     def _run(self, input_ids, position_ids, last_token_index) -> dict[str, np.ndarray]:
         feeds = {

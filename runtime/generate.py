@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import Backend
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, next_tokens, next_tokens_from_top
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -123,9 +123,17 @@ class Run:
         self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
         # Decoded text not yet released, because it may be the start of a stop string.
         self.pending = [""] * len(prompts)
-        # Plain greedy needs only the argmax, which the engine computes (one id per sequence
-        # leaves the GPU instead of the vocabulary's logits).
-        self.in_engine_greedy = params.greedy and params.repetition_penalty == 1.0
+        # What leaves the engine at each call: plain greedy needs only its argmax (one id per
+        # sequence instead of the vocabulary's logits); sampling with a top-k the engine
+        # covers needs only its best K logits and their ids. A repetition penalty needs all.
+        if params.repetition_penalty != 1.0:
+            self.wants = "logits"
+        elif params.greedy:
+            self.wants = "argmax"
+        elif 0 < params.top_k <= gen.backend.sample_top_k:
+            self.wants = "top_k"
+        else:
+            self.wants = "logits"
 
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
@@ -140,15 +148,17 @@ class Run:
         t1 = time.perf_counter()
         pad = self.gen.tokenizer.pad_id or 0
         for step in range(params.max_new_tokens):
-            if self.in_engine_greedy:
-                tokens = out
+            if self.wants == "argmax":
+                tokens = out[0]
+            elif self.wants == "top_k":
+                tokens = next_tokens_from_top(*out, params, rng)
             else:
                 seen = (
                     [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
                     if params.repetition_penalty != 1.0
                     else []
                 )
-                tokens = next_tokens(out, params, seen, rng)
+                tokens = next_tokens(out[0], params, seen, rng)
             yield from self._accept(tokens, step)
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
                 break
@@ -169,14 +179,16 @@ class Run:
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
-    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> np.ndarray:
-        """Next-token ids [B] when the engine picks them, else logits [B, vocab]."""
+    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> tuple:
+        """(argmax ids [B],), (best logits [B, K], their ids [B, K]) or (logits [B, vocab],)."""
         backend = self.gen.backend
-        if self.in_engine_greedy:
-            return backend.forward_greedy(ids, positions, last)
-        return backend.forward(ids, positions, last)
+        if self.wants == "argmax":
+            return (backend.forward_greedy(ids, positions, last),)
+        if self.wants == "top_k":
+            return backend.forward_top_k(ids, positions, last)
+        return (backend.forward(ids, positions, last),)
 
-    def _prefill(self, lengths: np.ndarray) -> np.ndarray:
+    def _prefill(self, lengths: np.ndarray) -> tuple:
         """Run the prompts in chunks of max_prefill; the output for each prompt's last token."""
         backend = self.gen.backend
         batch, total = len(lengths), int(lengths.max())
@@ -190,8 +202,13 @@ class Run:
             last = np.clip(lengths - 1 - start, 0, end - start - 1).astype(np.int32)
             out = self._call(ids[:, start:end], positions, last)
             ends_here = (lengths - 1 >= start) & (lengths - 1 < end)
-            ends_here = ends_here.reshape((batch,) + (1,) * (out.ndim - 1))
-            result = out if result is None else np.where(ends_here, out, result)
+            if result is None:
+                result = out
+            else:
+                result = tuple(
+                    np.where(ends_here.reshape((batch,) + (1,) * (o.ndim - 1)), o, r)
+                    for o, r in zip(out, result)
+                )
         return result
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:

@@ -105,6 +105,16 @@ def _f32(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _best_k(key: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest entries of a 1-D `key`, ascending, ties in index order."""
+    if k >= key.size:
+        return np.argsort(key, kind="stable")
+    kth = np.partition(key, k - 1)[k - 1]
+    below = np.flatnonzero(key < kth)
+    chosen = np.concatenate([below, np.flatnonzero(key == kth)[: k - below.size]])
+    return chosen[np.lexsort((chosen, key[chosen]))]
+
+
 def _address(x: np.ndarray) -> int:
     return x.__array_interface__["data"][0]
 
@@ -496,13 +506,15 @@ class Executor:
         axes = [i for i in range(x.ndim) if layer.axes >> i & 1]
         if len(axes) != 1:
             raise ExecutorError(f"topk {layer.name!r}: exactly one reduction axis is supported.")
-        largest = layer.op == self.trt.TopKOperation.MAX
-        if layer.k == 1:  # argmax/argmin return the first of equal values too; no sort
-            index = (np.argmax if largest else np.argmin)(x, axis=axes[0], keepdims=True)
-            return [np.take_along_axis(x, index, axis=axes[0]), index.astype(np.int32)]
-        order = np.argsort(-x if largest else x, axis=axes[0], kind="stable")
-        index = np.take(order, np.arange(layer.k), axis=axes[0])
-        return [np.take_along_axis(x, index, axis=axes[0]), index.astype(np.int32)]
+        axis, k = axes[0], layer.k
+        key = np.moveaxis(-x if layer.op == self.trt.TopKOperation.MAX else x, axis, -1)
+        if k == 1:  # argmin returns the first of equal values too
+            index = key.argmin(axis=-1)[..., None]
+        else:  # the k best of each line without sorting all of it (a vocabulary is 262k wide)
+            lines = key.reshape(-1, key.shape[-1])
+            index = np.stack([_best_k(line, k) for line in lines]).reshape(*key.shape[:-1], k)
+        index = np.moveaxis(index, -1, axis)
+        return [np.take_along_axis(x, index, axis=axis), index.astype(np.int32)]
 
     def _select(self, layer, inputs):
         cond, a, b = inputs

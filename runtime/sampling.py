@@ -96,8 +96,24 @@ def next_tokens(
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(axis=-1)
-    tokens = []
-    for row in logits / np.float32(params.temperature):
-        ids = candidates(row, params.top_k, params.top_p)
-        tokens.append(ids[draw(row[ids], rng)])
-    return np.array(tokens, np.int64)
+    return np.array([pick(row, None, params, rng) for row in logits], np.int64)
+
+
+def next_tokens_from_top(
+    values: np.ndarray, ids: np.ndarray, params: SamplingParams, rng: np.random.Generator
+) -> np.ndarray:
+    """int64 [B] next token ids from each sequence's best K logits [B, K] and their ids [B, K]
+    (the engine's top_logits/top_ids), for sampling with 0 < top_k <= K and no repetition
+    penalty: the same tokens as `next_tokens` on the whole logits, for the same seed."""
+    return np.array([pick(v, i, params, rng) for v, i in zip(values, ids)], np.int64)
+
+
+def pick(logits: np.ndarray, ids: np.ndarray | None, params: SamplingParams, rng) -> int:
+    """One sampled token id from one row of logits (whose token ids are `ids`, or the
+    positions). The survivors are drawn from in token-id order, so that a seed picks the same
+    token from the whole vocabulary as from the engine's best K."""
+    x = logits / np.float32(params.temperature)
+    keep = candidates(x, params.top_k, params.top_p)
+    tokens = keep if ids is None else ids[keep]
+    order = np.argsort(tokens, kind="stable")
+    return int(tokens[order][draw(x[keep][order], rng)])

@@ -39,6 +39,9 @@ from .cuda_buffers import (
 
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
+# The outputs a call may copy back (the rest are present_* KV caches, never copied).
+RESULTS = {"logits": "float", "next_token": "int32", "top_logits": "float", "top_ids": "int32"}
+LOGITS, GREEDY, TOP_K = ("logits",), ("next_token",), ("top_logits", "top_ids")
 REBUILD = "rebuild it with python -m tools.build"
 
 
@@ -110,16 +113,17 @@ def check_contract(io: dict) -> None:
     inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
     outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
     problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    if outputs.get("logits") != "float":
-        problems.append("output logits must be float32")
+    if "logits" not in outputs:
+        problems.append("output logits is missing")
+    for name, dtype in RESULTS.items():
+        if outputs.get(name, dtype) != dtype:
+            problems.append(f"output {name} must be {'float32' if dtype == 'float' else dtype}")
     pasts = {n for n in inputs if n.startswith("past_")}
-    if outputs.get("next_token", "int32") != "int32":
-        problems.append("output next_token must be int32")
-    others = {n for n in outputs if n not in ("logits", "next_token")}
-    presents = {n.replace("present_", "past_", 1) for n in others}
+    presents = {n.replace("present_", "past_", 1) for n in outputs if n not in RESULTS}
     if pasts != presents:
         problems.append(
-            "outputs other than logits and next_token must be exactly present_* for every past_*"
+            "outputs other than logits, next_token, top_logits and top_ids must be exactly "
+            "present_* for every past_*"
         )
     all_io = {**inputs, **outputs}
     problems += [
@@ -235,12 +239,14 @@ class TensorRTBackend:
         self.max_batch = options["max_batch"]
         self.max_seq_len = options["max_seq_len"]
         self.max_prefill = options.get("max_prefill") or self.max_seq_len
+        top_ids = [t["shape"] for t in engine_desc["io"]["outputs"] if t["name"] == "top_ids"]
+        self.sample_top_k = top_ids[0][-1] if top_ids else 0
         self.profile_names = [p["name"] for p in meta["profiles"]]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
         self.last_call_ms = 0.0
-        self.graphs: dict[int, CudaGraph] = {}
+        self.graphs: dict[tuple[int, tuple[str, ...]], CudaGraph] = {}  # (B, outputs copied)
         self.auto_graphs = auto_graphs  # capture each batch size's decode step on first use
         self._profile: int | None = None
         self._state: tuple[int, int, int] | None = None  # (profile, B, S) the context is set up for
@@ -261,9 +267,10 @@ class TensorRTBackend:
                     ].ptr
             for name in SMALL_INPUTS:
                 self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
-            self.host["logits"] = PinnedBuffer(plan["logits"] // 4, np.float32)
-            if "next_token" in plan:
-                self.host["next_token"] = PinnedBuffer(plan["next_token"] // 4, np.int32)
+            for name, dtype in RESULTS.items():
+                if name in plan:
+                    numpy_type = np.float32 if dtype == "float" else np.int32
+                    self.host[name] = PinnedBuffer(plan[name] // 4, numpy_type)
         except BaseException:
             self.close()
             raise
@@ -319,7 +326,7 @@ class TensorRTBackend:
 
     def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
         """float32 logits [B, vocab] ([B, S, vocab] for all-logits engines)."""
-        b, s = self._call(input_ids, position_ids, last_token_index, greedy=False)
+        b, s = self._call(input_ids, position_ids, last_token_index, LOGITS)
         shape = self._logits_shape(b, s)
         return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
 
@@ -327,10 +334,20 @@ class TensorRTBackend:
         """int32 [B] argmax ids from the engine's next_token: 4 bytes per sequence leave the GPU."""
         if "next_token" not in self.host:  # an engine built before next_token existed
             return self.forward(input_ids, position_ids, last_token_index).argmax(-1)
-        b, _ = self._call(input_ids, position_ids, last_token_index, greedy=True)
+        b, _ = self._call(input_ids, position_ids, last_token_index, GREEDY)
         return self.host["next_token"].array[:b].copy()
 
-    def _call(self, input_ids, position_ids, last_token_index, greedy: bool) -> tuple[int, int]:
+    def forward_top_k(self, input_ids, position_ids, last_token_index):
+        """float32 [B, K] best logits and their int32 [B, K] ids (K = sample_top_k): 8 bytes
+        per candidate and sequence leave the GPU instead of the vocabulary's logits."""
+        if not self.sample_top_k:
+            raise ValueError("this engine has no top_logits/top_ids outputs (sample_top_k=0).")
+        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_K)
+        n = b * self.sample_top_k
+        return tuple(self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
+
+    def _call(self, input_ids, position_ids, last_token_index, wanted: tuple[str, ...]):
+        """Run one call, copying back the outputs named in `wanted`; returns (B, S)."""
         ids, pos, last = validate_call(
             input_ids,
             position_ids,
@@ -341,22 +358,22 @@ class TensorRTBackend:
         )
         b, s = ids.shape
         key = (choose_profile(self.profile_names, s), b, s)
-        graph = self.graphs.get((b, greedy)) if s == 1 and self._state == key else None
+        graph = self.graphs.get((b, wanted)) if s == 1 and self._state == key else None
         self._stage(ids, pos, last)
         self.timer.start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
             self._prepare(key)
-            self._enqueue(b, s, greedy)
+            self._enqueue(b, s, wanted)
         self.timer.stop(self.stream)
         self.stream.synchronize()
-        if self.auto_graphs and s == 1 and (b, greedy) not in self.graphs:
-            self.capture_decode_graph(b, greedy)  # the context is set up: the next step replays
+        if self.auto_graphs and s == 1 and (b, wanted) not in self.graphs:
+            self.capture_decode_graph(b, wanted)  # the context is set up: the next step replays
         self.last_call_ms = self.timer.elapsed_ms()
         return b, s
 
-    def capture_decode_graph(self, batch: int, greedy: bool = False) -> None:
+    def capture_decode_graph(self, batch: int, wanted: tuple[str, ...] = LOGITS) -> None:
         """Record one decode step for `batch` sequences; S == 1 calls of that batch replay it
         once the context is set up for them (the first decode after a prefill runs plainly)."""
         if not 1 <= batch <= self.max_batch:
@@ -370,12 +387,12 @@ class TensorRTBackend:
             self._prepare(key)
             filler = np.zeros((batch, 1), np.int32)
             self._stage(filler, filler + self.max_seq_len - 1, filler[:, 0])
-            self._enqueue(batch, 1, greedy)
+            self._enqueue(batch, 1, wanted)
             self.stream.synchronize()
-        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1, greedy))
-        if old := self.graphs.pop((batch, greedy), None):
+        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1, wanted))
+        if old := self.graphs.pop((batch, wanted), None):
             old.free()
-        self.graphs[batch, greedy] = graph
+        self.graphs[batch, wanted] = graph
 
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray) -> None:
         for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
@@ -408,15 +425,18 @@ class TensorRTBackend:
             next(t["shape"] for t in self.io["outputs"] if t["name"] == "logits"), b, s
         )
 
-    def _enqueue(self, b: int, s: int, greedy: bool = False) -> None:
-        """H2D of the small inputs, execute, D2H of the logits or, for greedy, of the ids."""
+    def _enqueue(self, b: int, s: int, wanted: tuple[str, ...]) -> None:
+        """H2D of the small inputs, execute, D2H of the `wanted` outputs."""
         sizes = {"input_ids": b * s * 4, "position_ids": b * s * 4, "last_token_index": b * 4}
         uploads = [(self.device[n], self.host[n], sizes[n]) for n in SMALL_INPUTS]
-        out = "next_token" if greedy else "logits"
-        nbytes = b * 4 if greedy else int(np.prod(self._logits_shape(b, s))) * 4
-        enqueue_step(
-            self.stream, uploads, self._execute, [(self.host[out], self.device[out], nbytes)]
-        )
+        sizes = {
+            "logits": int(np.prod(self._logits_shape(b, s))) * 4,
+            "next_token": b * 4,
+            "top_logits": b * self.sample_top_k * 4,
+            "top_ids": b * self.sample_top_k * 4,
+        }
+        downloads = [(self.host[n], self.device[n], sizes[n]) for n in wanted]
+        enqueue_step(self.stream, uploads, self._execute, downloads)
 
     def close(self) -> None:
         """Free graphs, buffers, events, stream; then the context, engine and runtime."""

@@ -59,7 +59,7 @@ def test_io_contract(tiny_dir):
     assert set(inputs) == {"input_ids", "position_ids", "last_token_index"} | {
         f"past_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
-    assert set(outputs) == {"logits", "next_token"} | {
+    assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
     assert inputs["input_ids"].dtype == trt.int32
@@ -69,6 +69,11 @@ def test_io_contract(tiny_dir):
     assert tuple(outputs["logits"].shape) == (-1, 512)
     assert outputs["next_token"].dtype == trt.int32
     assert tuple(outputs["next_token"].shape) == (-1,)
+    assert (outputs["top_logits"].dtype, outputs["top_ids"].dtype) == (trt.float32, trt.int32)
+    assert tuple(outputs["top_logits"].shape) == tuple(outputs["top_ids"].shape) == (-1, 64)
+    plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
+    names = {plain.get_output(i).name for i in range(plain.num_outputs)}
+    assert names == set(outputs) - {"top_logits", "top_ids"}
 
 
 def test_float16_gemma_warns(tiny_dir):
@@ -97,6 +102,10 @@ def test_float16_gemma_warns(tiny_dir):
         (
             NetworkOptions(max_seq_len=64, profile_set="decode"),
             "profiles 'decode' is not supported; choose 'decode,prefill' or 'dynamic'.",
+        ),
+        (
+            NetworkOptions(max_seq_len=64, sample_top_k=600),
+            "sample_top_k=600 must be between 0 and 512 (TensorRT's TopK takes k <= 3840).",
         ),
     ],
 )

@@ -91,6 +91,33 @@ def test_seeded_sampling_is_reproducible(cpu_model, tokenizer):
     assert [c.token_ids for c in other.completions] != [c.token_ids for c in first.completions]
 
 
+class WholeLogits:
+    """The same model as an engine without top_logits/top_ids: sampling reads all logits."""
+
+    sample_top_k = 0
+
+    def __init__(self, model):
+        self.model = model
+        self.max_batch, self.max_seq_len = model.max_batch, model.max_seq_len
+        self.max_prefill = model.max_prefill
+        self.reset, self.forward = model.reset, model.forward
+
+
+def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_model, tokenizer):
+    """Gemma-3's sampling (top-k 64, top-p 0.95) through top_logits/top_ids picks, for a seed,
+    exactly the tokens sampled from the whole vocabulary's logits."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=64, top_p=0.95, seed=7)
+    via_top = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, params)
+    assert via_top.wants == "top_k"
+    list(via_top)
+    via_logits = Generator(WholeLogits(cpu_model), tokenizer, eos_ids=[]).start(PROMPTS, params)
+    assert via_logits.wants == "logits"
+    list(via_logits)
+    tokens = [c.token_ids for c in via_top.completions]
+    assert tokens == [c.token_ids for c in via_logits.completions]
+    assert all(len(t) == 16 for t in tokens)
+
+
 def test_eos_ends_the_stream(cpu_model, tokenizer, hf_greedy):
     """Declaring the 5th greedy token an EOS id stops there, without emitting it."""
     eos = hf_greedy[0][4]

@@ -114,5 +114,12 @@ def test_last_token_logits_match_all_logits(tiny_dir):
         ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
     )
     np.testing.assert_array_equal(greedy, last.argmax(-1))  # the in-engine argmax (TopK)
+    model.reset(2)
+    values, top_ids = model.forward_top_k(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
+    )
+    assert values.shape == top_ids.shape == (2, 64)
+    np.testing.assert_array_equal(top_ids, np.argsort(-last, axis=-1, kind="stable")[:, :64])
+    np.testing.assert_array_equal(values, np.take_along_axis(last, top_ids, axis=-1))
     np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)

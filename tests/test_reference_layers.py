@@ -298,10 +298,10 @@ def test_topk_values_and_indices_along_one_axis(op, k):
         assert out["indices"][b, :, col].tolist() == [i for _, i in ranked]
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_topk_ties_at_the_top_keep_index_order(k):
     x = np.array([[1.0, 5.0, 5.0, 0.0, 5.0]], np.float32)
-    for op, best in (("MAX", [1, 2]), ("MIN", [3, 0])):
+    for op, best in (("MAX", [1, 2, 4, 0, 3]), ("MIN", [3, 0, 1, 2, 4])):
         net = Net()
         layer = net.network.add_topk(
             net.input("x0", np.float32, x.shape), getattr(trt.TopKOperation, op), k, 1 << 1

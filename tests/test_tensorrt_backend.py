@@ -194,11 +194,13 @@ def test_contract_violations():
     io["inputs"][0]["dtype"] = "int64"
     io["outputs"] = [t for t in io["outputs"] if t["name"] != "present_value_0"]
     io["outputs"][0]["dtype"] = "half"
+    next(t for t in io["outputs"] if t["name"] == "top_ids")["dtype"] = "float"
     with pytest.raises(EngineLoadError) as e:
         check_contract(io)
     assert str(e.value) == (
         "the engine breaks the I/O contract: input input_ids must be int32; output logits must "
-        "be float32; outputs other than logits and next_token must be exactly present_* for every past_*."
+        "be float32; output top_ids must be int32; outputs other than logits, next_token, "
+        "top_logits and top_ids must be exactly present_* for every past_*."
     )
 
 

@@ -110,6 +110,7 @@ def build(
     quant: str = "none",
     quant_lm_head: bool = False,
     calib_file: Path | None = None,
+    sample_top_k: int = 64,
     backend: str | None = None,
     target: str | None = None,
     output: Path | None = None,
@@ -154,6 +155,7 @@ def build(
         profile_set=profiles,
         quant=quant,
         quant_lm_head=quant_lm_head,
+        sample_top_k=sample_top_k,
     )
     options.validate(config)
     calibration = None
@@ -297,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         help="text whose activation ranges set the fp8 scales (default: a shipped public-domain sample)",
     )
     p.add_argument(
+        "--sample-top-k",
+        type=int,
+        default=64,
+        help="the engine also returns its best K logits and their ids, so sampling with top-k <= K "
+        "copies those instead of the vocabulary (default 64; 0: no such outputs)",
+    )
+    p.add_argument(
         "--backend", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed"
     )
     p.add_argument("--target", help="TensorRT-RTX compute capability, e.g. sm89")
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             quant=args.quant,
             quant_lm_head=args.quant_lm_head,
             calib_file=args.calib_file,
+            sample_top_k=args.sample_top_k,
             backend=args.backend,
             target=args.target,
             output=args.output,

@@ -50,6 +50,7 @@ def fake_engine(
     kv_heads: int = 2,
     head_dim: int = 8,
     profile_set: str = "decode,prefill",
+    sample_top_k: int = 4,
 ) -> tuple[dict, dict]:
     """(metadata.json, describe_engine output) of an imaginary engine following the contract."""
     cache = [kv_heads, max_seq_len, head_dim]
@@ -62,6 +63,8 @@ def fake_engine(
         "outputs": [
             {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
             {"name": "next_token", "dtype": "int32", "shape": [-1]},
+            {"name": "top_logits", "dtype": "float", "shape": [-1, sample_top_k]},
+            {"name": "top_ids", "dtype": "int32", "shape": [-1, sample_top_k]},
         ],
     }
     for i in range(layers):
@@ -101,10 +104,11 @@ def fake_engine(
 
 
 class CopyContext:
-    """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues two device copies at
-    the bound addresses: input_ids → logits (as raw int32 words) and → next_token, and
-    position_ids → the start of present_key_0, which must be past_key_0's memory. `executions` counts host calls, so
-    graph replays (which make none) are visible."""
+    """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues device copies at the
+    bound addresses: input_ids → logits (as raw int32 words), and its first B words →
+    next_token, top_logits (raw) and top_ids; position_ids → the start of present_key_0, which
+    must be past_key_0's memory. `executions` counts host calls, so graph replays (which make
+    none) are visible."""
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -130,6 +134,8 @@ class CopyContext:
         a = self.addresses
         cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
         cuda("cudaMemcpyAsync", a["next_token"], a["input_ids"], b * 4, kind, stream)
+        for top in ("top_logits", "top_ids"):
+            cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
         cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
         self.executions += 1
         return True
@@ -278,9 +284,27 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
             )
             assert np.array_equal(got, ids[:, 0]), "next_token did not come back"
         assert ctx.executions == before, "greedy steps after the first did not replay"
-        assert sorted(model.graphs) == [(2, False), (2, True)]
+        model.forward_top_k(
+            np.ones((2, 1), np.int32), np.full((2, 1), 120, np.int32), np.zeros(2, np.int32)
+        )
+        before = ctx.executions
+        for step in range(decode_steps):  # sampling steps: only the best K come back, replayed
+            ids = np.full((2, 1), 200 + step, np.int32)
+            values, top = model.forward_top_k(
+                ids, np.full((2, 1), 121 + step, np.int32), np.zeros(2, np.int32)
+            )
+            assert values.shape == top.shape == (2, model.sample_top_k)
+            assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
+            assert np.array_equal(values.view(np.int32).ravel()[:2], ids[:, 0])
+        assert ctx.executions == before, "top-k steps after the first did not replay"
+        assert sorted(model.graphs) == [
+            (2, ("logits",)),
+            (2, ("next_token",)),
+            (2, ("top_logits", "top_ids")),
+        ]
     return (
-        f"first decode step captured, {decode_steps} later steps replayed (logits and greedy ids)"
+        f"first decode step captured, {decode_steps} later steps replayed (logits, greedy ids, "
+        "best-K logits and ids)"
     )
 
 

@@ -3,7 +3,8 @@
 The shared loop (runtime.generate: sampling, the streaming detokenizer, stop handling) runs
 over a backend that answers each call at once with the model's real next-token logits, so
 the time per step is the host work a GPU engine's step cannot hide. Greedy decoding takes the
-engine's argmax (next_token) and never sees the logits.
+engine's argmax (next_token); sampling with top_k <= the engine's sample_top_k takes its best
+K logits and ids (top_logits, top_ids); other sampling takes the whole logits.
 """
 
 from __future__ import annotations
@@ -18,26 +19,41 @@ from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 from tools.bench.report import format_table, stats
 
+ENGINE_TOP_K = 64  # NetworkOptions.sample_top_k's default
+GEMMA = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}
+# name: (sampling, the engine's sample_top_k)
 SETTINGS = {
-    "greedy (argmax in the engine)": SamplingParams(),
-    "T 1.0, top-k 64, top-p 0.95 (Gemma-3's default)": SamplingParams(
-        temperature=1.0, top_k=64, top_p=0.95
+    "greedy (argmax in the engine)": (SamplingParams(), ENGINE_TOP_K),
+    "Gemma-3's T 1.0, top-k 64, top-p 0.95 (best 64 from the engine)": (
+        SamplingParams(**GEMMA),
+        ENGINE_TOP_K,
     ),
-    "T 0.7, top-k 20, top-p 0.8 (Qwen2.5's)": SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
-    "T 0.6, top-p 0.9 (Llama 3's)": SamplingParams(temperature=0.6, top_p=0.9),
-    "T 1.0, no filter": SamplingParams(temperature=1.0),
-    "T 1.0, top-k 64, repetition penalty 1.1": SamplingParams(
-        temperature=1.0, top_k=64, repetition_penalty=1.1
+    "the same from the whole logits (engine without top_logits)": (SamplingParams(**GEMMA), 0),
+    "Qwen's T 0.7, top-k 20, top-p 0.8 (best 64 from the engine)": (
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
+        ENGINE_TOP_K,
+    ),
+    "Llama 3's T 0.6, top-p 0.9 (whole logits)": (
+        SamplingParams(temperature=0.6, top_p=0.9),
+        ENGINE_TOP_K,
+    ),
+    "T 1.0, no filter (whole logits)": (SamplingParams(temperature=1.0), ENGINE_TOP_K),
+    "T 1.0, top-k 64, repetition penalty 1.1 (whole logits)": (
+        SamplingParams(temperature=1.0, top_k=64, repetition_penalty=1.1),
+        ENGINE_TOP_K,
     ),
 }
 
 
 class InstantBackend:
-    """Answers every call at once: `logits` for each sequence, or their argmax."""
+    """Answers every call at once: `logits` for each sequence, their argmax, or their best
+    `sample_top_k` (with ids), as an engine built with that sample_top_k would."""
 
-    def __init__(self, logits: np.ndarray, max_batch: int, max_seq_len: int):
+    def __init__(self, logits: np.ndarray, max_batch: int, max_seq_len: int, sample_top_k: int):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
+        self.sample_top_k = sample_top_k
+        self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)
 
     def reset(self, batch: int) -> None:
         pass
@@ -47,6 +63,10 @@ class InstantBackend:
 
     def forward_greedy(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
         return np.full(len(input_ids), self.argmax, np.int32)
+
+    def forward_top_k(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
+        b = len(input_ids)
+        return np.tile(self.logits[self.top_ids], (b, 1)), np.tile(self.top_ids, (b, 1))
 
 
 def host_overhead(
@@ -60,10 +80,10 @@ def host_overhead(
     """ms of host work per decode step, per sampling setting and batch size. No EOS ends a
     sequence early (the run always takes `steps` steps)."""
     tokenizer = Tokenizer.from_dir(model_dir)
-    backend = InstantBackend(logits, max(batches), 64 + steps)
-    gen = Generator(backend, tokenizer, eos_ids=[])
     rows = []
-    for name, base in SETTINGS.items():
+    for name, (base, engine_top_k) in SETTINGS.items():
+        backend = InstantBackend(logits, max(batches), 64 + steps, engine_top_k)
+        gen = Generator(backend, tokenizer, eos_ids=[])
         params = SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": 0})
         for batch in batches:
             samples = []
