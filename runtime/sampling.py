@@ -56,7 +56,7 @@ def apply_repetition_penalty(
 
 
 def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Ids of the tokens of one row that survive top-k, then top-p (never empty).
+    """Ids of the tokens of one row that survive top-k, then top-p, ascending (never empty).
 
     The sets of transformers' TopK and TopP warpers (ties at the k-th value stay; the nucleus
     is the best tokens whose mass before them is under top_p), found without sorting the whole
@@ -79,7 +79,7 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
         probs = np.exp((x[best] - peak).astype(np.float64)) / total
         mass = np.cumsum(probs)
         if mass[-1] >= top_p or size == ids.size:
-            return ids[best[mass - probs < top_p]]
+            return np.sort(ids[best[mass - probs < top_p]])
         size = min(ids.size, size * 8)
 
 
@@ -113,7 +113,8 @@ def pick(logits: np.ndarray, ids: np.ndarray | None, params: SamplingParams, rng
     positions). The survivors are drawn from in token-id order, so that a seed picks the same
     token from the whole vocabulary as from the engine's best K."""
     x = logits / np.float32(params.temperature)
-    keep = candidates(x, params.top_k, params.top_p)
+    keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order for logits
+    if ids is not None:
+        keep = keep[np.argsort(ids[keep])]
     tokens = keep if ids is None else ids[keep]
-    order = np.argsort(tokens, kind="stable")
-    return int(tokens[order][draw(x[keep][order], rng)])
+    return int(tokens[draw(x[keep], rng)])
