@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def transformers_cpu(
     x = torch.from_numpy(prompt.astype(np.int64))[None]
     toks = torch.from_numpy(decode.astype(np.int64))
     state: dict[str, Any] = {}
+    # transformers 5.24 renamed `past_key_values` (input and output) to `cache`.
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def prefill() -> None:
         state["out"] = model(input_ids=x, use_cache=True, logits_to_keep=1)
@@ -95,7 +98,7 @@ def transformers_cpu(
     def step(s: int) -> None:
         state["out"] = model(
             input_ids=toks[s : s + 1][None],
-            past_key_values=state["out"].past_key_values,
+            **{cache: state["out"][cache]},
             use_cache=True,
             logits_to_keep=1,
         )
