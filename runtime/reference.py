@@ -19,6 +19,7 @@ TensorRT fuses with it may keep that product in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import cache
 from typing import Any
 
 import ml_dtypes
@@ -81,7 +82,15 @@ def _topological(layers: list[Any]) -> list[Any]:
 
 
 def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
-    table = {
+    table = _dtype_table(trt)
+    if dtype not in table:
+        raise ExecutorError(f"tensor type {dtype} is not supported by the reference executor.")
+    return table[dtype]
+
+
+@cache
+def _dtype_table(trt: Any) -> dict[Any, np.dtype]:
+    pairs = {
         trt.float32: np.float32,
         trt.float16: np.float16,
         trt.bfloat16: ml_dtypes.bfloat16,
@@ -92,9 +101,7 @@ def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
         trt.fp8: FP8,
         trt.bool: np.bool_,
     }
-    if dtype not in table:
-        raise ExecutorError(f"tensor type {dtype} is not supported by the reference executor.")
-    return np.dtype(table[dtype])
+    return {k: np.dtype(v) for k, v in pairs.items()}
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -141,6 +148,20 @@ class Executor:
             layer.type for layer in layers
         ]  # before _typed: IActivationLayer.type shadows it
         self.layers = [self._typed(layer) for layer in layers]
+        # Each layer's input names and output (name, type), read from the bindings once.
+        self.wiring = [
+            (
+                [
+                    t.name if (t := layer.get_input(i)) is not None else None
+                    for i in range(layer.num_inputs)
+                ],
+                [
+                    (out.name, numpy_dtype(self.trt, out.dtype))
+                    for out in map(layer.get_output, range(layer.num_outputs))
+                ],
+            )
+            for layer in self.layers
+        ]
         self.inputs = [network.get_input(i) for i in range(network.num_inputs)]
         self.outputs = [network.get_output(i) for i in range(network.num_outputs)]
         self.constants = {
@@ -287,21 +308,16 @@ class Executor:
             T.DEQUANTIZE: self._dequantize,
         }
         self._pending: dict[str, np.ndarray] = {}
-        for layer, kind in zip(self.layers, self.kinds):
-            inputs = [
-                env[t.name] if (t := layer.get_input(i)) is not None else None
-                for i in range(layer.num_inputs)
-            ]
+        for layer, kind, (input_names, outs) in zip(self.layers, self.kinds, self.wiring):
+            inputs = [None if name is None else env[name] for name in input_names]
             try:
                 results = handlers[kind](layer, inputs)
             except ExecutorError:
                 raise
             except Exception as e:
                 raise ExecutorError(f"layer {layer.name!r} ({kind.name}) failed: {e}") from e
-            for i, value in enumerate(results):
-                out = layer.get_output(i)
-                want = numpy_dtype(self.trt, out.dtype)
-                env[out.name] = value if value.dtype == want else value.astype(want)
+            for (name, want), value in zip(outs, results):
+                env[name] = value if value.dtype == want else value.astype(want)
         outputs = {t.name: env[t.name] for t in self.outputs}
         for name in extra:
             if name not in env:
