@@ -65,22 +65,22 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     if top_k and top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
         ids = np.flatnonzero(logits >= kth)
+        x = logits[ids]  # as TopP sees them: after top-k
     else:
-        ids = np.arange(logits.size)
+        ids, x = None, logits
     if top_p >= 1.0:
-        return ids
-    x = logits[ids]  # as TopP sees them: after top-k
+        return np.arange(logits.size) if ids is None else ids
     peak = x.max()
-    total = np.exp(x - peak).sum(dtype=np.float64)  # float32 exp: float64's is slow in NumPy
-    size = min(ids.size, 1024)
-    while True:  # sort the best `size` tokens; more if they hold less than top_p
-        best = np.argpartition(-x, size - 1)[:size] if size < ids.size else np.arange(size)
-        best = best[np.argsort(-x[best], kind="stable")]
-        probs = np.exp((x[best] - peak).astype(np.float64)) / total
-        mass = np.cumsum(probs)
-        if mass[-1] >= top_p or size == ids.size:
-            return np.sort(ids[best[mass - probs < top_p]])
-        size = min(ids.size, size * 8)
+    e = np.exp(x - peak)  # float32 exp: float64's is slow in NumPy
+    total = e.sum(dtype=np.float64)
+    # The tokens below this floor hold at most half of 1 - top_p of the mass all together, so
+    # the nucleus (the best-first prefix that reaches top_p) lies among the others.
+    near = np.flatnonzero(e >= 0.5 * (1.0 - top_p) * total / x.size)
+    best = near[np.argsort(-x[near], kind="stable")]
+    probs = np.exp((x[best] - peak).astype(np.float64)) / total
+    mass = np.cumsum(probs)
+    keep = best[mass - probs < top_p]
+    return np.sort(keep if ids is None else ids[keep])
 
 
 def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
