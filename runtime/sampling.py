@@ -83,10 +83,26 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     return np.sort(keep if ids is None else ids[keep])
 
 
+BLOCK = 4096
+
+
 def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """An index drawn with probability softmax(logits): one uniform number, inverse CDF."""
-    cdf = np.cumsum(np.exp(logits - logits.max()), dtype=np.float64)
-    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)
+    """An index drawn with probability softmax(logits): one uniform number, inverse CDF.
+
+    The CDF is walked over blocks of BLOCK entries first, then within one block: a running
+    sum over a whole 262k vocabulary is sequential and costs more than a millisecond."""
+    weights = logits - logits.max()
+    np.exp(weights, out=weights)
+    whole = weights.size // BLOCK * BLOCK
+    sums = weights[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
+    if whole < weights.size:
+        sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
+    cdf = np.cumsum(sums)
+    target = rng.random() * cdf[-1]
+    b = min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
+    block = np.cumsum(weights[b * BLOCK : (b + 1) * BLOCK], dtype=np.float64)
+    block += cdf[b - 1] if b else 0.0
+    return b * BLOCK + min(int(np.searchsorted(block, target, side="right")), block.size - 1)
 
 
 def next_tokens(
@@ -114,6 +130,8 @@ def pick(logits: np.ndarray, ids: np.ndarray | None, params: SamplingParams, rng
     token from the whole vocabulary as from the engine's best K."""
     x = logits / np.float32(params.temperature)
     keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order for logits
+    if ids is None and keep.size == x.size:  # no filter: every position, already in order
+        return draw(x, rng)
     if ids is not None:
         keep = keep[np.argsort(ids[keep])]
     tokens = keep if ids is None else ids[keep]

@@ -13,9 +13,11 @@ from transformers.generation.logits_process import (
 )
 
 from runtime.sampling import (
+    BLOCK,
     SamplingParams,
     apply_repetition_penalty,
     candidates,
+    draw,
     next_tokens,
 )
 
@@ -138,3 +140,16 @@ def test_bad_params(kwargs, message):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert str(err.value) == message
+
+
+def test_draw_over_a_vocabulary_of_several_blocks():
+    """The CDF walk goes block by block: tokens on both sides of block edges, and in the short
+    last block, are drawn as often as their probability says, and no other token is."""
+    x = np.full(2 * BLOCK + 1000, -40, np.float32)
+    chosen = [5, BLOCK - 1, BLOCK, 2 * BLOCK - 1, 2 * BLOCK + 999]
+    x[chosen] = [0.0, 1.0, 0.5, 0.0, 1.0]
+    p = np.exp(x[chosen]) / np.exp(x[chosen]).sum()
+    rng = np.random.default_rng(3)
+    counts = np.bincount([draw(x, rng) for _ in range(20000)], minlength=x.size)
+    assert counts.sum() == counts[chosen].sum()
+    np.testing.assert_allclose(counts[chosen] / 20000, p, atol=0.015)
