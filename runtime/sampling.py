@@ -89,20 +89,28 @@ BLOCK = 4096
 def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
     """An index drawn with probability softmax(logits): one uniform number, inverse CDF.
 
-    The CDF is walked over blocks of BLOCK entries first, then within one block: a running
-    sum over a whole 262k vocabulary is sequential and costs more than a millisecond."""
+    Over more than BLOCK entries the CDF is walked block by block: a running sum over a whole
+    262k vocabulary is sequential and costs more than a millisecond."""
     weights = logits - logits.max()
     np.exp(weights, out=weights)
+    if weights.size <= BLOCK:
+        return _inverse_cdf(np.cumsum(weights, dtype=np.float64), rng.random())
     whole = weights.size // BLOCK * BLOCK
     sums = weights[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
     if whole < weights.size:
         sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
     cdf = np.cumsum(sums)
-    target = rng.random() * cdf[-1]
-    b = min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
+    u = rng.random()
+    b = _inverse_cdf(cdf, u)
     block = np.cumsum(weights[b * BLOCK : (b + 1) * BLOCK], dtype=np.float64)
     block += cdf[b - 1] if b else 0.0
-    return b * BLOCK + min(int(np.searchsorted(block, target, side="right")), block.size - 1)
+    return b * BLOCK + _inverse_cdf(block, u, cdf[-1])
+
+
+def _inverse_cdf(cdf: np.ndarray, u: float, total: float | None = None) -> int:
+    """The first index whose running sum exceeds u * total (total: the last sum if None)."""
+    target = u * (cdf[-1] if total is None else total)
+    return min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
 
 
 def next_tokens(
