@@ -10,11 +10,13 @@ Engine I/O contract (docs/architecture.md has the full table):
   inputs   input_ids        int32 [B, S]   new tokens, right-padded
            position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
            last_token_index int32 [B]      which of the S tokens to return logits for
+           inv_temperature  float32 [B]    1 / sampling temperature (with sample_top_k > 0)
            past_key_<i>, past_value_<i>    dtype [B, kv_heads, max_seq_len, head_dim]
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
            next_token       int32 [B]            argmax of logits (not with all_logits)
            top_logits       float32 [B, K]       the K = sample_top_k best logits, best first
            top_ids          int32 [B, K]         their token ids (both not with all_logits)
+           log_normalizer   float32 [B]          log sum exp(logits * inv_temperature), with them
            present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
 Token (b, s) is written to cache slot position_ids[b, s] and attends to slots
 j <= position_ids[b, s] (and j > position_ids[b, s] - window on sliding layers), so padded
@@ -170,6 +172,20 @@ class _Decoder:
             for i, name in enumerate(("top_logits", "top_ids")):
                 top.get_output(i).name = name
                 net.mark_output(top.get_output(i))
+            self.log_normalizer(logits)
+
+    def log_normalizer(self, logits: Any) -> None:
+        """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
+        sampling without a top-k can also use the best K whenever they hold top_p of the mass."""
+        g, net = self.g, self.g.network
+        inv_t = net.add_input("inv_temperature", g.trt.float32, (-1,))
+        x = g.mul(logits, g.shuffle(inv_t, "inv_temperature.col", reshape=(-1, 1)), "lse.scale")
+        peak = g.reduce_last(x, "MAX", "lse.max")
+        shifted = g.unary(g.elementwise(x, peak, "SUB", "lse.shift"), "EXP", "lse.exp")
+        total = g.unary(g.reduce_last(shifted, "SUM", "lse.sum"), "LOG", "lse.log")
+        out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
+        out.name = "log_normalizer"
+        net.mark_output(out)
 
     def head_matmul(self, h: Any, table: Any) -> Any:
         """h @ embed.T reusing the embedding constant (tied LM head)."""
@@ -206,7 +222,7 @@ class _Decoder:
         rank = len(x.shape)
         f32 = np.dtype(np.float32)
         xf = g.cast(x, f32, f"{name}.to_float")
-        mean_sq = g.mean_last(g.mul(xf, xf, f"{name}.square"), f"{name}.mean")
+        mean_sq = g.reduce_last(g.mul(xf, xf, f"{name}.square"), "AVG", f"{name}.mean")
         eps = g.scalar(cfg.rms_norm_eps, f32, rank, f"{name}.eps")
         inv_rms = g.unary(
             g.unary(g.add(mean_sq, eps, f"{name}.add_eps"), "SQRT", f"{name}.sqrt"),

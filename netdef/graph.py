@@ -116,9 +116,10 @@ class Graph:
             return x
         return self.named(self.network.add_cast(x, target), name).get_output(0)
 
-    def mean_last(self, x: Any, name: str) -> Any:
+    def reduce_last(self, x: Any, op: str, name: str) -> Any:
+        """AVG, MAX, SUM... over the last dimension, kept as size 1."""
         axes = 1 << (len(x.shape) - 1)
-        layer = self.network.add_reduce(x, self.trt.ReduceOperation.AVG, axes, True)
+        layer = self.network.add_reduce(x, getattr(self.trt.ReduceOperation, op), axes, True)
         return self.named(layer, name).get_output(0)
 
     # Shapes ---------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class NetworkOptions:
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
     quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
     quant_lm_head: bool = False  # quantize the LM head too (a tied one with the embedding)
-    sample_top_k: int = 64  # best logits (and ids) also output for sampling; 0: none
+    sample_top_k: int = 64  # best logits, ids and log-normalizer also output; 0: none
 
     @property
     def prefill_len(self) -> int:
@@ -134,6 +134,8 @@ class NetworkOptions:
                 "position_ids": tuple((bb, ss) for bb, ss in zip(batch, seq)),
                 "last_token_index": tuple((bb,) for bb in batch),
             }
+            if self.sample_top_k and not self.all_logits:
+                shapes["inv_temperature"] = tuple((bb,) for bb in batch)
             for i in range(config.num_layers):
                 for kind in ("key", "value"):
                     shapes[f"past_{kind}_{i}"] = tuple((bb, *cache) for bb in batch)

@@ -14,6 +14,7 @@ class Backend(Protocol):
     max_seq_len: int  # KV-cache slots per sequence
     max_prefill: int  # largest S of one call
     sample_top_k: int  # K of forward_top_k (0: the engine has no top_logits/top_ids)
+    has_log_normalizer: bool  # whether forward_top_p is available
 
     def reset(self, batch: int) -> None:
         """Prepare KV caches for `batch` new sequences (old contents need not be cleared)."""
@@ -36,3 +37,16 @@ class Backend(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]:
         """The same call, returning only the best sample_top_k logits, float32 [B, K] best
         first, and their int32 [B, K] token ids (the network's top_logits and top_ids)."""
+
+    def forward_top_p(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        temperature: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """forward_top_k's outputs and float32 [B] log sum exp(logits / temperature) over the
+        vocabulary (the network's log_normalizer, fed inv_temperature = 1 / temperature)."""
+
+    def last_logits(self) -> np.ndarray:
+        """The float32 logits of the latest call (for the steps where the best K fall short)."""

@@ -21,6 +21,7 @@ class CpuModel:
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}
+        self.last: dict[str, np.ndarray] = {}  # the latest call's outputs
 
     @property
     def max_batch(self) -> int:
@@ -37,6 +38,10 @@ class CpuModel:
     @property
     def sample_top_k(self) -> int:
         return 0 if self.dn.options.all_logits else self.dn.options.sample_top_k
+
+    @property
+    def has_log_normalizer(self) -> bool:
+        return self.sample_top_k > 0
 
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
@@ -61,11 +66,25 @@ class CpuModel:
         out = self._run(input_ids, position_ids, last_token_index)
         return out["top_logits"], out["top_ids"]
 
-    def _run(self, input_ids, position_ids, last_token_index) -> dict[str, np.ndarray]:
+    def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
+        """One network call; its top_logits, top_ids and log_normalizer at `temperature`."""
+        out = self._run(input_ids, position_ids, last_token_index, temperature)
+        return out["top_logits"], out["top_ids"], out["log_normalizer"]
+
+    def last_logits(self) -> np.ndarray:
+        """The latest call's logits."""
+        return self.last["logits"]
+
+    def _run(
+        self, input_ids, position_ids, last_token_index, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int32),
             "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
             **self.caches,
         }
-        return self.executor.run(feeds)
+        if self.has_log_normalizer:
+            feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)
+        self.last = self.executor.run(feeds)
+        return self.last

@@ -125,13 +125,18 @@ class Run:
         self.pending = [""] * len(prompts)
         # What leaves the engine at each call: plain greedy needs only its argmax (one id per
         # sequence instead of the vocabulary's logits); sampling with a top-k the engine
-        # covers needs only its best K logits and their ids. A repetition penalty needs all.
+        # covers needs only its best K logits and their ids; top-p alone needs them and the
+        # softmax's log-normalizer (and the logits on the rare steps where the best K hold
+        # less than top_p). A repetition penalty needs all the logits.
+        backend = gen.backend
         if params.repetition_penalty != 1.0:
             self.wants = "logits"
         elif params.greedy:
             self.wants = "argmax"
-        elif 0 < params.top_k <= gen.backend.sample_top_k:
+        elif 0 < params.top_k <= backend.sample_top_k:
             self.wants = "top_k"
+        elif params.top_k == 0 and params.top_p < 1 and backend.has_log_normalizer:
+            self.wants = "top_p"
         else:
             self.wants = "logits"
 
@@ -143,15 +148,21 @@ class Run:
         backend.reset(batch)
 
         t0 = time.perf_counter()
-        out = self._prefill(lengths)
+        # A prompt may end in any prefill chunk, so the top-p path's fallback (the latest
+        # call's logits) would not hold its logits: prefill returns the logits instead.
+        wants = "logits" if self.wants == "top_p" else self.wants
+        out = self._prefill(lengths, wants)
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         pad = self.gen.tokenizer.pad_id or 0
         for step in range(params.max_new_tokens):
-            if self.wants == "argmax":
+            if wants == "argmax":
                 tokens = out[0]
-            elif self.wants == "top_k":
+            elif wants == "top_k":
                 tokens = next_tokens_from_top(*out, params, rng)
+            elif wants == "top_p":
+                values, ids, lse = out
+                tokens = next_tokens_from_top(values, ids, params, rng, lse, backend.last_logits)
             else:
                 seen = (
                     [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
@@ -167,7 +178,8 @@ class Run:
                 np.int32,
             )
             positions = (lengths + step)[:, None].astype(np.int32)
-            out = self._call(feed, positions, np.zeros(batch, np.int32))
+            wants = self.wants
+            out = self._call(feed, positions, np.zeros(batch, np.int32), wants)
         decode_ms = (time.perf_counter() - t1) * 1000
         for i, c in enumerate(self.completions):
             if not c.finish_reason:
@@ -179,16 +191,19 @@ class Run:
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
-    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> tuple:
-        """(argmax ids [B],), (best logits [B, K], their ids [B, K]) or (logits [B, vocab],)."""
+    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray, wants: str) -> tuple:
+        """(argmax ids [B],), (best logits [B, K], their ids [B, K]), the same and the
+        log-normalizers [B], or (logits [B, vocab],)."""
         backend = self.gen.backend
-        if self.wants == "argmax":
+        if wants == "argmax":
             return (backend.forward_greedy(ids, positions, last),)
-        if self.wants == "top_k":
+        if wants == "top_k":
             return backend.forward_top_k(ids, positions, last)
+        if wants == "top_p":
+            return backend.forward_top_p(ids, positions, last, self.params.temperature)
         return (backend.forward(ids, positions, last),)
 
-    def _prefill(self, lengths: np.ndarray) -> tuple:
+    def _prefill(self, lengths: np.ndarray, wants: str) -> tuple:
         """Run the prompts in chunks of max_prefill; the output for each prompt's last token."""
         backend = self.gen.backend
         batch, total = len(lengths), int(lengths.max())
@@ -200,7 +215,7 @@ class Run:
             end = min(start + backend.max_prefill, total)
             positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
             last = np.clip(lengths - 1 - start, 0, end - start - 1).astype(np.int32)
-            out = self._call(ids[:, start:end], positions, last)
+            out = self._call(ids[:, start:end], positions, last, wants)
             ends_here = (lengths - 1 >= start) & (lengths - 1 < end)
             if result is None:
                 result = out

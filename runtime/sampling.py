@@ -6,6 +6,7 @@ top-p, then a draw from the remaining distribution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,20 +125,53 @@ def next_tokens(
 
 
 def next_tokens_from_top(
-    values: np.ndarray, ids: np.ndarray, params: SamplingParams, rng: np.random.Generator
+    values: np.ndarray,
+    ids: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    log_normalizer: np.ndarray | None = None,
+    whole_logits: Callable[[], np.ndarray] | None = None,
 ) -> np.ndarray:
     """int64 [B] next token ids from each sequence's best K logits [B, K] and their ids [B, K]
-    (the engine's top_logits/top_ids), for sampling with 0 < top_k <= K and no repetition
-    penalty: the same tokens as `next_tokens` on the whole logits, for the same seed."""
-    return np.array([pick(v, i, params, rng) for v, i in zip(values, ids)], np.int64)
+    (the engine's top_logits/top_ids), for sampling without a repetition penalty: the same
+    tokens as `next_tokens` on the whole logits, for the same seed.
+
+    With 0 < top_k <= K the best K are enough. Top-p without a top-k also needs each row's
+    `log_normalizer` (log sum exp(logits / temperature) over the vocabulary); a row whose best
+    K hold less than top_p of the mass is sampled from `whole_logits()` [B, vocab] instead."""
+    tokens, whole = [], None
+    for b in range(len(values)):
+        lse = None if log_normalizer is None else float(log_normalizer[b])
+        token = pick(values[b], ids[b], params, rng, lse)
+        if token is None:
+            whole = whole_logits() if whole is None else whole
+            token = pick(whole[b], None, params, rng)
+        tokens.append(token)
+    return np.array(tokens, np.int64)
 
 
-def pick(logits: np.ndarray, ids: np.ndarray | None, params: SamplingParams, rng) -> int:
+def pick(
+    logits: np.ndarray,
+    ids: np.ndarray | None,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    log_normalizer: float | None = None,
+) -> int | None:
     """One sampled token id from one row of logits (whose token ids are `ids`, or the
     positions). The survivors are drawn from in token-id order, so that a seed picks the same
-    token from the whole vocabulary as from the engine's best K."""
+    token from the whole vocabulary as from the engine's best K.
+
+    Given the row's log_normalizer, `logits` are the best K, best first, and the filter is
+    top-p alone: the nucleus is found among them, or None is returned when it reaches beyond."""
     x = logits / np.float32(params.temperature)
-    keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order for logits
+    if log_normalizer is None:
+        keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order for logits
+    else:
+        probs = np.exp((x - np.float32(log_normalizer)).astype(np.float64))
+        mass = np.cumsum(probs)
+        if mass[-1] < params.top_p:
+            return None
+        keep = np.flatnonzero(mass - probs < params.top_p)
     if ids is None and keep.size == x.size:  # no filter: every position, already in order
         return draw(x, rng)
     if ids is not None:

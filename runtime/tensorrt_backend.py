@@ -33,15 +33,24 @@ from .cuda_buffers import (
     EventTimer,
     PinnedBuffer,
     Stream,
+    d2h,
     device_info,
     enqueue_step,
 )
 
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
+INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
 # The outputs a call may copy back (the rest are present_* KV caches, never copied).
-RESULTS = {"logits": "float", "next_token": "int32", "top_logits": "float", "top_ids": "int32"}
+RESULTS = {
+    "logits": "float",
+    "next_token": "int32",
+    "top_logits": "float",
+    "top_ids": "int32",
+    "log_normalizer": "float",
+}
 LOGITS, GREEDY, TOP_K = ("logits",), ("next_token",), ("top_logits", "top_ids")
+TOP_P = (*TOP_K, "log_normalizer")
 REBUILD = "rebuild it with python -m tools.build"
 
 
@@ -122,14 +131,18 @@ def check_contract(io: dict) -> None:
     presents = {n.replace("present_", "past_", 1) for n in outputs if n not in RESULTS}
     if pasts != presents:
         problems.append(
-            "outputs other than logits, next_token, top_logits and top_ids must be exactly "
-            "present_* for every past_*"
+            "outputs other than logits, next_token, top_logits, top_ids and log_normalizer "
+            "must be exactly present_* for every past_*"
         )
+    if ("log_normalizer" in outputs) != (INV_TEMPERATURE in inputs):
+        problems.append("input inv_temperature and output log_normalizer go together")
+    if inputs.get(INV_TEMPERATURE, "float") != "float":
+        problems.append("input inv_temperature must be float32")
     all_io = {**inputs, **outputs}
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
     ]
-    if extra := sorted(inputs.keys() - pasts - set(SMALL_INPUTS)):
+    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE}):
         problems.append(f"unknown inputs {', '.join(extra)}")
     if problems:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
@@ -239,12 +252,15 @@ class TensorRTBackend:
         self.max_batch = options["max_batch"]
         self.max_seq_len = options["max_seq_len"]
         self.max_prefill = options.get("max_prefill") or self.max_seq_len
-        top_ids = [t["shape"] for t in engine_desc["io"]["outputs"] if t["name"] == "top_ids"]
-        self.sample_top_k = top_ids[0][-1] if top_ids else 0
+        outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
+        self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
+        self.has_log_normalizer = "log_normalizer" in outputs
+        self.inv_temperature = 1.0  # what the next call feeds to every sequence
         self.profile_names = [p["name"] for p in meta["profiles"]]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
+        self.last_call = (0, 0)  # (B, S) of the latest call
         self.last_call_ms = 0.0
         self.graphs: dict[tuple[int, tuple[str, ...]], CudaGraph] = {}  # (B, outputs copied)
         self.auto_graphs = auto_graphs  # capture each batch size's decode step on first use
@@ -267,6 +283,8 @@ class TensorRTBackend:
                     ].ptr
             for name in SMALL_INPUTS:
                 self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
+            if self.has_log_normalizer:
+                self.host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
             for name, dtype in RESULTS.items():
                 if name in plan:
                     numpy_type = np.float32 if dtype == "float" else np.int32
@@ -346,6 +364,26 @@ class TensorRTBackend:
         n = b * self.sample_top_k
         return tuple(self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
 
+    def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
+        """The best K logits and ids, and float32 [B] log_normalizer at `temperature`."""
+        if not self.has_log_normalizer:
+            raise ValueError("this engine has no log_normalizer output; rebuild it.")
+        self.inv_temperature = 1.0 / temperature
+        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_P)
+        n = b * self.sample_top_k
+        values, ids = (self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
+        return values, ids, self.host["log_normalizer"].array[:b].copy()
+
+    def last_logits(self) -> np.ndarray:
+        """The latest call's logits, still in device memory: copied back only when asked (a
+        top-p step whose nucleus reaches beyond the engine's best K)."""
+        b, s = self.last_call
+        shape = self._logits_shape(b, s)
+        nbytes = int(np.prod(shape)) * 4
+        d2h(self.host["logits"], self.device["logits"], nbytes, self.stream)
+        self.stream.synchronize()
+        return self.host["logits"].array[: nbytes // 4].reshape(shape).copy()
+
     def _call(self, input_ids, position_ids, last_token_index, wanted: tuple[str, ...]):
         """Run one call, copying back the outputs named in `wanted`; returns (B, S)."""
         ids, pos, last = validate_call(
@@ -371,6 +409,7 @@ class TensorRTBackend:
         if self.auto_graphs and s == 1 and (b, wanted) not in self.graphs:
             self.capture_decode_graph(b, wanted)  # the context is set up: the next step replays
         self.last_call_ms = self.timer.elapsed_ms()
+        self.last_call = (b, s)
         return b, s
 
     def capture_decode_graph(self, batch: int, wanted: tuple[str, ...] = LOGITS) -> None:
@@ -397,6 +436,8 @@ class TensorRTBackend:
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray) -> None:
         for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
             self.host[name].array[: a.size] = a.ravel()
+        if self.has_log_normalizer:
+            self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
 
     def _prepare(self, key: tuple[int, int, int]) -> None:
         profile, b, s = key
@@ -428,12 +469,14 @@ class TensorRTBackend:
     def _enqueue(self, b: int, s: int, wanted: tuple[str, ...]) -> None:
         """H2D of the small inputs, execute, D2H of the `wanted` outputs."""
         sizes = {"input_ids": b * s * 4, "position_ids": b * s * 4, "last_token_index": b * 4}
-        uploads = [(self.device[n], self.host[n], sizes[n]) for n in SMALL_INPUTS]
+        inputs = (*SMALL_INPUTS, INV_TEMPERATURE) if self.has_log_normalizer else SMALL_INPUTS
+        uploads = [(self.device[n], self.host[n], sizes.get(n, b * 4)) for n in inputs]
         sizes = {
             "logits": int(np.prod(self._logits_shape(b, s))) * 4,
             "next_token": b * 4,
             "top_logits": b * self.sample_top_k * 4,
             "top_ids": b * self.sample_top_k * 4,
+            "log_normalizer": b * 4,
         }
         downloads = [(self.host[n], self.device[n], sizes[n]) for n in wanted]
         enqueue_step(self.stream, uploads, self._execute, downloads)

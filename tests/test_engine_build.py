@@ -56,10 +56,10 @@ def test_io_contract(tiny_dir):
     outputs = {net.get_output(i).name: net.get_output(i) for i in range(net.num_outputs)}
     n = ckpt.config.num_layers
     assert list(inputs)[:3] == ["input_ids", "position_ids", "last_token_index"]
-    assert set(inputs) == {"input_ids", "position_ids", "last_token_index"} | {
+    assert set(inputs) == {"input_ids", "position_ids", "last_token_index", "inv_temperature"} | {
         f"past_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
-    assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids"} | {
+    assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids", "log_normalizer"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
     assert inputs["input_ids"].dtype == trt.int32
@@ -71,9 +71,12 @@ def test_io_contract(tiny_dir):
     assert tuple(outputs["next_token"].shape) == (-1,)
     assert (outputs["top_logits"].dtype, outputs["top_ids"].dtype) == (trt.float32, trt.int32)
     assert tuple(outputs["top_logits"].shape) == tuple(outputs["top_ids"].shape) == (-1, 64)
+    assert (inputs["inv_temperature"].dtype, outputs["log_normalizer"].dtype) == (trt.float32,) * 2
+    assert tuple(inputs["inv_temperature"].shape) == tuple(outputs["log_normalizer"].shape) == (-1,)
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}
-    assert names == set(outputs) - {"top_logits", "top_ids"}
+    assert names == set(outputs) - {"top_logits", "top_ids", "log_normalizer"}
+    assert "inv_temperature" not in {plain.get_input(i).name for i in range(plain.num_inputs)}
 
 
 def test_float16_gemma_warns(tiny_dir):

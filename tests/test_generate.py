@@ -95,6 +95,7 @@ class WholeLogits:
     """The same model as an engine without top_logits/top_ids: sampling reads all logits."""
 
     sample_top_k = 0
+    has_log_normalizer = False
 
     def __init__(self, model):
         self.model = model
@@ -116,6 +117,32 @@ def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_m
     tokens = [c.token_ids for c in via_top.completions]
     assert tokens == [c.token_ids for c in via_logits.completions]
     assert all(len(t) == 16 for t in tokens)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 3.0])
+def test_top_p_alone_from_the_best_k_draws_what_the_whole_logits_draw(
+    cpu_model, tokenizer, temperature
+):
+    """Llama 3's sampling (top-p 0.9, no top-k) through top_logits/top_ids and log_normalizer
+    picks, for a seed, exactly the tokens sampled from the whole logits. At T 0.6 the nucleus
+    always lies in the best 64; at T 3.0 it never does, and each step falls back to the
+    latest call's logits."""
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=0.9, seed=3)
+    fallbacks = []
+    last_logits = cpu_model.last_logits
+    cpu_model.last_logits = lambda: fallbacks.append(1) or last_logits()
+    try:
+        via_top = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, params)
+        assert via_top.wants == "top_p"
+        list(via_top)
+    finally:
+        del cpu_model.last_logits
+    via_logits = Generator(WholeLogits(cpu_model), tokenizer, eos_ids=[]).start(PROMPTS, params)
+    list(via_logits)
+    tokens = [c.token_ids for c in via_top.completions]
+    assert tokens == [c.token_ids for c in via_logits.completions]
+    assert all(len(t) == 12 for t in tokens)
+    assert len(fallbacks) == (0 if temperature < 1 else 11)  # one per decode step
 
 
 def test_eos_ends_the_stream(cpu_model, tokenizer, hf_greedy):

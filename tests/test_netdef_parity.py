@@ -121,5 +121,19 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     assert values.shape == top_ids.shape == (2, 64)
     np.testing.assert_array_equal(top_ids, np.argsort(-last, axis=-1, kind="stable")[:, :64])
     np.testing.assert_array_equal(values, np.take_along_axis(last, top_ids, axis=-1))
+    # log_normalizer: log sum exp(logits * inv_temperature) per row, each row its own 1/T.
+    model.reset(2)
+    feeds = {
+        "input_ids": ids,
+        "position_ids": np.tile(np.arange(9, dtype=np.int32), (2, 1)),
+        "last_token_index": np.array([8, 5], np.int32),
+        "inv_temperature": np.array([1 / 0.6, 1 / 1.5], np.float32),
+        **model.caches,
+    }
+    lse = model.executor.run(feeds)["log_normalizer"]
+    x = last.astype(np.float64) * feeds["inv_temperature"][:, None]
+    expected = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    assert lse.dtype == np.float32 and lse.shape == (2,)
+    np.testing.assert_allclose(lse, expected, rtol=1e-6)
     np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)

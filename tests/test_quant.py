@@ -180,6 +180,7 @@ def test_executor_returns_intermediate_tensors_by_name():
         "input_ids": np.array([[5, 6, 7]], np.int32),
         "position_ids": np.array([[0, 1, 2]], np.int32),
         "last_token_index": np.array([2], np.int32),
+        "inv_temperature": np.ones(1, np.float32),
         **model.caches,
     }
     tensor = dn.graph.linear_inputs["layers.0.qkv_proj"]

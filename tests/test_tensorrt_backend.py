@@ -200,7 +200,15 @@ def test_contract_violations():
     assert str(e.value) == (
         "the engine breaks the I/O contract: input input_ids must be int32; output logits must "
         "be float32; output top_ids must be int32; outputs other than logits, next_token, "
-        "top_logits and top_ids must be exactly present_* for every past_*."
+        "top_logits, top_ids and log_normalizer must be exactly present_* for every past_*."
+    )
+    io = json.loads(json.dumps(meta["io"]))
+    io["inputs"] = [t for t in io["inputs"] if t["name"] != "inv_temperature"]
+    with pytest.raises(EngineLoadError) as e:
+        check_contract(io)
+    assert str(e.value) == (
+        "the engine breaks the I/O contract: input inv_temperature and output log_normalizer "
+        "go together."
     )
 
 

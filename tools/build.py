@@ -32,6 +32,7 @@ from netdef import (
 )
 from netdef.artifact import (
     ENGINE_FILE,
+    FORMAT_VERSION,
     copy_model_files,
     files_sha256,
     is_complete,
@@ -170,6 +171,7 @@ def build(
             "tokens": min(len(calib_ids), config.max_position_embeddings),
         }
     key_data = {
+        "format": FORMAT_VERSION,  # a network or contract change makes a new artifact
         "source": source_fingerprint(model_dir),
         "options": options.__dict__,
         "backend": [trt.__name__, trt.__version__],
@@ -302,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sample-top-k",
         type=int,
         default=64,
-        help="the engine also returns its best K logits and their ids, so sampling with top-k <= K "
-        "copies those instead of the vocabulary (default 64; 0: no such outputs)",
+        help="the engine also returns its best K logits and their ids (and the softmax's "
+        "log-normalizer), so sampling with top-k <= K, or top-p whose nucleus fits in K, copies "
+        "those instead of the vocabulary (default 64; 0: no such outputs)",
     )
     p.add_argument(
         "--backend", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed"

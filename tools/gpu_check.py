@@ -63,10 +63,14 @@ def fake_engine(
         "outputs": [
             {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
             {"name": "next_token", "dtype": "int32", "shape": [-1]},
-            {"name": "top_logits", "dtype": "float", "shape": [-1, sample_top_k]},
-            {"name": "top_ids", "dtype": "int32", "shape": [-1, sample_top_k]},
         ],
     }
+    if sample_top_k:
+        io["outputs"] += [
+            {"name": "top_logits", "dtype": "float", "shape": [-1, sample_top_k]},
+            {"name": "top_ids", "dtype": "int32", "shape": [-1, sample_top_k]},
+            {"name": "log_normalizer", "dtype": "float", "shape": [-1]},
+        ]
     for i in range(layers):
         for kind in ("key", "value"):
             io["inputs"].append(
@@ -75,6 +79,8 @@ def fake_engine(
             io["outputs"].append(
                 {"name": f"present_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
             )
+    if sample_top_k:
+        io["inputs"].append({"name": "inv_temperature", "dtype": "float", "shape": [-1]})
     b, p = max_batch, max_prefill
     ranges = {
         "decode": ((1, b, b), (1, 1, 1)),
@@ -91,7 +97,8 @@ def fake_engine(
             "last_token_index": [[bb] for bb in batch],
         }
         for t in io["inputs"][3:]:
-            shapes[t["name"]] = [[bb, *cache] for bb in batch]
+            shape = cache if t["name"].startswith("past_") else []
+            shapes[t["name"]] = [[bb, *shape] for bb in batch]
         profiles.append({"name": name, "shapes": shapes})
     meta = {
         "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
@@ -106,9 +113,9 @@ def fake_engine(
 class CopyContext:
     """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues device copies at the
     bound addresses: input_ids → logits (as raw int32 words), and its first B words →
-    next_token, top_logits (raw) and top_ids; position_ids → the start of present_key_0, which
-    must be past_key_0's memory. `executions` counts host calls, so graph replays (which make
-    none) are visible."""
+    next_token, top_logits (raw) and top_ids; inv_temperature → log_normalizer; position_ids →
+    the start of present_key_0, which must be past_key_0's memory. `executions` counts host
+    calls, so graph replays (which make none) are visible."""
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -135,7 +142,10 @@ class CopyContext:
         cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
         cuda("cudaMemcpyAsync", a["next_token"], a["input_ids"], b * 4, kind, stream)
         for top in ("top_logits", "top_ids"):
-            cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
+            if top in a:
+                cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
+        if "log_normalizer" in a:
+            cuda("cudaMemcpyAsync", a["log_normalizer"], a["inv_temperature"], b * 4, kind, stream)
         cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
         self.executions += 1
         return True
@@ -297,14 +307,32 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
             assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
             assert np.array_equal(values.view(np.int32).ravel()[:2], ids[:, 0])
         assert ctx.executions == before, "top-k steps after the first did not replay"
+        model.forward_top_p(
+            np.ones((2, 1), np.int32), np.full((2, 1), 180, np.int32), np.zeros(2, np.int32), 2.0
+        )
+        before = ctx.executions
+        for step in range(decode_steps):  # top-p steps: best K and log-normalizers, replayed
+            ids = np.full((2, 1), 300 + step, np.int32)
+            temperature = 0.5 + step / decode_steps  # staged anew each step
+            values, top, lse = model.forward_top_p(
+                ids, np.full((2, 1), 181 + step, np.int32), np.zeros(2, np.int32), temperature
+            )
+            assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
+            assert np.array_equal(lse, np.full(2, 1 / temperature, np.float32)), "stale 1/T"
+            whole = model.last_logits()  # left on the GPU by that step; copied when asked
+            assert np.array_equal(whole.view(np.int32).ravel()[:2], ids[:, 0]), (
+                "not the last logits"
+            )
+        assert ctx.executions == before, "top-p steps after the first did not replay"
         assert sorted(model.graphs) == [
             (2, ("logits",)),
             (2, ("next_token",)),
             (2, ("top_logits", "top_ids")),
+            (2, ("top_logits", "top_ids", "log_normalizer")),
         ]
     return (
         f"first decode step captured, {decode_steps} later steps replayed (logits, greedy ids, "
-        "best-K logits and ids)"
+        "best-K logits and ids, and with the log-normalizer at each step's temperature)"
     )
 
 

@@ -33,9 +33,13 @@ SETTINGS = {
         SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
         ENGINE_TOP_K,
     ),
-    "Llama 3's T 0.6, top-p 0.9 (whole logits)": (
+    "Llama 3's T 0.6, top-p 0.9 (best 64 and log-normalizer from the engine)": (
         SamplingParams(temperature=0.6, top_p=0.9),
         ENGINE_TOP_K,
+    ),
+    "the same from the whole logits (engine with --sample-top-k 0)": (
+        SamplingParams(temperature=0.6, top_p=0.9),
+        0,
     ),
     "T 1.0, no filter (whole logits)": (SamplingParams(temperature=1.0), ENGINE_TOP_K),
     "T 1.0, top-k 64, repetition penalty 1.1 (whole logits)": (
@@ -47,26 +51,38 @@ SETTINGS = {
 
 class InstantBackend:
     """Answers every call at once: `logits` for each sequence, their argmax, or their best
-    `sample_top_k` (with ids), as an engine built with that sample_top_k would."""
+    `sample_top_k` (with ids, and the log-normalizer), as an engine built with that
+    sample_top_k would."""
 
     def __init__(self, logits: np.ndarray, max_batch: int, max_seq_len: int, sample_top_k: int):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
         self.sample_top_k = sample_top_k
+        self.has_log_normalizer = sample_top_k > 0
         self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)
+        self.batch = 1
 
     def reset(self, batch: int) -> None:
         pass
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
-        return np.repeat(self.logits[None], len(input_ids), axis=0)  # a fresh array, as D2H gives
+        self.batch = len(input_ids)
+        return self.last_logits()
+
+    def last_logits(self) -> np.ndarray:
+        return np.repeat(self.logits[None], self.batch, axis=0)  # a fresh array, as D2H gives
 
     def forward_greedy(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
         return np.full(len(input_ids), self.argmax, np.int32)
 
     def forward_top_k(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
-        b = len(input_ids)
+        self.batch = b = len(input_ids)
         return np.tile(self.logits[self.top_ids], (b, 1)), np.tile(self.top_ids, (b, 1))
+
+    def forward_top_p(self, input_ids, position_ids, last, temperature: float):
+        x = self.logits.astype(np.float64) / temperature
+        lse = np.float32(x.max() + np.log(np.exp(x - x.max()).sum()))
+        return (*self.forward_top_k(input_ids, position_ids, last), np.full(self.batch, lse))
 
 
 def host_overhead(
