@@ -61,6 +61,7 @@ class InstantBackend:
         self.has_log_normalizer = sample_top_k > 0
         self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)
         self.batch = 1
+        self.lse: dict[float, np.float32] = {}  # log_normalizer per temperature
 
     def reset(self, batch: int) -> None:
         pass
@@ -80,9 +81,11 @@ class InstantBackend:
         return np.tile(self.logits[self.top_ids], (b, 1)), np.tile(self.top_ids, (b, 1))
 
     def forward_top_p(self, input_ids, position_ids, last, temperature: float):
-        x = self.logits.astype(np.float64) / temperature
-        lse = np.float32(x.max() + np.log(np.exp(x - x.max()).sum()))
-        return (*self.forward_top_k(input_ids, position_ids, last), np.full(self.batch, lse))
+        if temperature not in self.lse:  # the engine's work, not the host's: computed once
+            x = self.logits.astype(np.float64) / temperature
+            self.lse[temperature] = np.float32(x.max() + np.log(np.exp(x - x.max()).sum()))
+        lse = np.full(len(input_ids), self.lse[temperature])
+        return (*self.forward_top_k(input_ids, position_ids, last), lse)
 
 
 def host_overhead(
