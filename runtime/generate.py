@@ -125,20 +125,26 @@ class Run:
         self.pending = [""] * len(prompts)
         # What leaves the engine at each call: plain greedy needs only its argmax (one id per
         # sequence instead of the vocabulary's logits); sampling with a top-k the engine
-        # covers needs only its best K logits and their ids; top-p alone needs them and the
-        # softmax's log-normalizer (and the logits on the rare steps where the best K hold
-        # less than top_p). A repetition penalty needs all the logits.
-        backend = gen.backend
-        if params.repetition_penalty != 1.0:
-            self.wants = "logits"
-        elif params.greedy:
+        # covers needs only its best K logits and their ids, also under a repetition penalty
+        # > 1 (which only lowers logits); top-p alone needs them and the softmax's
+        # log-normalizer. The last two fall back to the latest call's logits on the steps
+        # where the best K do not decide. Anything else needs all the logits.
+        backend, penalty = gen.backend, params.repetition_penalty
+        if params.greedy and penalty == 1.0:
             self.wants = "argmax"
-        elif 0 < params.top_k <= backend.sample_top_k:
+        elif not params.greedy and 0 < params.top_k <= backend.sample_top_k and penalty >= 1:
             self.wants = "top_k"
-        elif params.top_k == 0 and params.top_p < 1 and backend.has_log_normalizer:
+        elif (
+            not params.greedy
+            and params.top_k == 0
+            and params.top_p < 1
+            and penalty == 1.0
+            and backend.has_log_normalizer
+        ):
             self.wants = "top_p"
         else:
             self.wants = "logits"
+        self.may_fall_back = self.wants == "top_p" or (self.wants == "top_k" and penalty != 1)
 
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
@@ -148,27 +154,27 @@ class Run:
         backend.reset(batch)
 
         t0 = time.perf_counter()
-        # A prompt may end in any prefill chunk, so the top-p path's fallback (the latest
-        # call's logits) would not hold its logits: prefill returns the logits instead.
-        wants = "logits" if self.wants == "top_p" else self.wants
+        # A prompt may end in any prefill chunk, so a fallback to the latest call's logits
+        # would not find its logits there: prefill returns the logits instead.
+        wants = "logits" if self.may_fall_back else self.wants
         out = self._prefill(lengths, wants)
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         pad = self.gen.tokenizer.pad_id or 0
         for step in range(params.max_new_tokens):
+            seen = (
+                [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+                if params.repetition_penalty != 1.0
+                else []
+            )
             if wants == "argmax":
                 tokens = out[0]
-            elif wants == "top_k":
-                tokens = next_tokens_from_top(*out, params, rng)
-            elif wants == "top_p":
-                values, ids, lse = out
-                tokens = next_tokens_from_top(values, ids, params, rng, lse, backend.last_logits)
-            else:
-                seen = (
-                    [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
-                    if params.repetition_penalty != 1.0
-                    else []
+            elif wants in ("top_k", "top_p"):
+                values, ids, *lse = out
+                tokens = next_tokens_from_top(
+                    values, ids, params, rng, lse[0] if lse else None, backend.last_logits, seen
                 )
+            else:
                 tokens = next_tokens(out[0], params, seen, rng)
             yield from self._accept(tokens, step)
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:

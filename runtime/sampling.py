@@ -51,9 +51,12 @@ def apply_repetition_penalty(
     logits = logits.copy()
     for b, tokens in enumerate(seen):
         ids = np.unique(tokens)
-        values = logits[b, ids]
-        logits[b, ids] = np.where(values > 0, values / penalty, values * penalty)
+        logits[b, ids] = penalized(logits[b, ids], penalty)
     return logits
+
+
+def penalized(values: np.ndarray, penalty: float) -> np.ndarray:
+    return np.where(values > 0, values / penalty, values * penalty)
 
 
 def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -131,21 +134,34 @@ def next_tokens_from_top(
     rng: np.random.Generator,
     log_normalizer: np.ndarray | None = None,
     whole_logits: Callable[[], np.ndarray] | None = None,
+    seen: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """int64 [B] next token ids from each sequence's best K logits [B, K] and their ids [B, K]
-    (the engine's top_logits/top_ids), for sampling without a repetition penalty: the same
-    tokens as `next_tokens` on the whole logits, for the same seed.
+    (the engine's top_logits/top_ids): the same tokens as `next_tokens` on the whole logits,
+    for the same seed. Rows the best K do not decide are sampled from `whole_logits()`.
 
-    With 0 < top_k <= K the best K are enough. Top-p without a top-k also needs each row's
-    `log_normalizer` (log sum exp(logits / temperature) over the vocabulary); a row whose best
-    K hold less than top_p of the mass is sampled from `whole_logits()` [B, vocab] instead."""
+    With 0 < top_k <= K the best K are enough, also under a repetition penalty > 1 (for
+    `seen` tokens) as long as the k-th best penalized logit stays above the K-th logit, which
+    bounds every token beyond them. Top-p without a top-k needs each row's `log_normalizer`
+    (log sum exp(logits / temperature) over the vocabulary) and the best K to hold top_p."""
+    penalty = params.repetition_penalty
     tokens, whole = [], None
     for b in range(len(values)):
-        lse = None if log_normalizer is None else float(log_normalizer[b])
-        token = pick(values[b], ids[b], params, rng, lse)
+        row, token = values[b], None
+        if penalty != 1.0:
+            row = row.copy()
+            hit = np.isin(ids[b], seen[b])
+            row[hit] = penalized(row[hit], penalty)
+            decided = np.partition(row, -params.top_k)[-params.top_k] > values[b, -1]
+        else:
+            decided = True
+        if decided:
+            lse = None if log_normalizer is None else float(log_normalizer[b])
+            token = pick(row, ids[b], params, rng, lse)
         if token is None:
             whole = whole_logits() if whole is None else whole
-            token = pick(whole[b], None, params, rng)
+            own = apply_repetition_penalty(whole[b : b + 1], seen[b : b + 1], penalty)[0]
+            token = pick(own, None, params, rng)
         tokens.append(token)
     return np.array(tokens, np.int64)
 

@@ -119,30 +119,57 @@ def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_m
     assert all(len(t) == 16 for t in tokens)
 
 
+def sample_both_ways(model, tokenizer, params: SamplingParams, wants: str) -> int:
+    """Sample PROMPTS through the engine's best K and through the whole logits; the tokens
+    must be the same. Returns how many steps fell back to the whole logits."""
+    fallbacks = []
+    last_logits = model.last_logits
+    model.last_logits = lambda: fallbacks.append(1) or last_logits()
+    try:
+        via_top = Generator(model, tokenizer, eos_ids=[]).start(PROMPTS, params)
+        assert via_top.wants == wants
+        list(via_top)
+    finally:
+        del model.last_logits
+    via_logits = Generator(WholeLogits(model), tokenizer, eos_ids=[]).start(PROMPTS, params)
+    assert via_logits.wants == "logits"
+    list(via_logits)
+    tokens = [c.token_ids for c in via_top.completions]
+    assert tokens == [c.token_ids for c in via_logits.completions]
+    assert all(len(t) == params.max_new_tokens for t in tokens)
+    return len(fallbacks)
+
+
 @pytest.mark.parametrize("temperature", [0.6, 3.0])
 def test_top_p_alone_from_the_best_k_draws_what_the_whole_logits_draw(
     cpu_model, tokenizer, temperature
 ):
-    """Llama 3's sampling (top-p 0.9, no top-k) through top_logits/top_ids and log_normalizer
-    picks, for a seed, exactly the tokens sampled from the whole logits. At T 0.6 the nucleus
-    always lies in the best 64; at T 3.0 it never does, and each step falls back to the
-    latest call's logits."""
+    """Llama 3's sampling (top-p 0.9, no top-k) through top_logits/top_ids and log_normalizer.
+    At T 0.6 the nucleus always lies in the best 64; at T 3.0 it never does, and each step
+    falls back to the latest call's logits."""
     params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=0.9, seed=3)
-    fallbacks = []
-    last_logits = cpu_model.last_logits
-    cpu_model.last_logits = lambda: fallbacks.append(1) or last_logits()
-    try:
-        via_top = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, params)
-        assert via_top.wants == "top_p"
-        list(via_top)
-    finally:
-        del cpu_model.last_logits
-    via_logits = Generator(WholeLogits(cpu_model), tokenizer, eos_ids=[]).start(PROMPTS, params)
-    list(via_logits)
-    tokens = [c.token_ids for c in via_top.completions]
-    assert tokens == [c.token_ids for c in via_logits.completions]
-    assert all(len(t) == 12 for t in tokens)
-    assert len(fallbacks) == (0 if temperature < 1 else 11)  # one per decode step
+    fallbacks = sample_both_ways(cpu_model, tokenizer, params, "top_p")
+    assert fallbacks == (0 if temperature < 1 else 11)  # one per decode step
+
+
+@pytest.mark.parametrize(("penalty", "top_k"), [(1.05, 20), (50.0, 64)])
+def test_repetition_penalty_from_the_best_k_draws_what_the_whole_logits_draw(
+    cpu_model, tokenizer, penalty, top_k
+):
+    """Qwen2.5's sampling (T 0.7, top-k 20, top-p 0.8, repetition penalty 1.05) through
+    top_logits/top_ids with the penalty applied to them: the best 64 always decide. With a
+    top-k of 64 and a penalty of 50, a repeated token among the best 64 falls below the 64th
+    logit, so a token beyond them may enter the top 64: those steps use the whole logits."""
+    params = SamplingParams(
+        max_new_tokens=12,
+        temperature=0.7,
+        top_k=top_k,
+        top_p=0.8,
+        repetition_penalty=penalty,
+        seed=5,
+    )
+    fallbacks = sample_both_ways(cpu_model, tokenizer, params, "top_k")
+    assert (fallbacks == 0) if top_k < 64 else (fallbacks > 0)
 
 
 def test_eos_ends_the_stream(cpu_model, tokenizer, hf_greedy):

@@ -20,33 +20,27 @@ from runtime.tokenizer import Tokenizer
 from tools.bench.report import format_table, stats
 
 ENGINE_TOP_K = 64  # NetworkOptions.sample_top_k's default
-GEMMA = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}
-# name: (sampling, the engine's sample_top_k)
-SETTINGS = {
-    "greedy (argmax in the engine)": (SamplingParams(), ENGINE_TOP_K),
-    "Gemma-3's T 1.0, top-k 64, top-p 0.95 (best 64 from the engine)": (
-        SamplingParams(**GEMMA),
+GEMMA = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
+QWEN = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
+QWEN25 = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+LLAMA = SamplingParams(temperature=0.6, top_p=0.9)
+WHOLE = "the same from the whole logits (engine built with --sample-top-k 0)"
+# (name, sampling, the engine's sample_top_k)
+SETTINGS = [
+    ("greedy (argmax in the engine)", SamplingParams(), ENGINE_TOP_K),
+    ("Gemma-3's T 1.0, top-k 64, top-p 0.95 (best 64 from the engine)", GEMMA, ENGINE_TOP_K),
+    (WHOLE, GEMMA, 0),
+    ("T 0.7, top-k 20, top-p 0.8 (best 64 from the engine)", QWEN, ENGINE_TOP_K),
+    (
+        "Qwen2.5's: the same, repetition penalty 1.05 (best 64 from the engine)",
+        QWEN25,
         ENGINE_TOP_K,
     ),
-    "the same from the whole logits (engine without top_logits)": (SamplingParams(**GEMMA), 0),
-    "Qwen's T 0.7, top-k 20, top-p 0.8 (best 64 from the engine)": (
-        SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
-        ENGINE_TOP_K,
-    ),
-    "Llama 3's T 0.6, top-p 0.9 (best 64 and log-normalizer from the engine)": (
-        SamplingParams(temperature=0.6, top_p=0.9),
-        ENGINE_TOP_K,
-    ),
-    "the same from the whole logits (engine with --sample-top-k 0)": (
-        SamplingParams(temperature=0.6, top_p=0.9),
-        0,
-    ),
-    "T 1.0, no filter (whole logits)": (SamplingParams(temperature=1.0), ENGINE_TOP_K),
-    "T 1.0, top-k 64, repetition penalty 1.1 (whole logits)": (
-        SamplingParams(temperature=1.0, top_k=64, repetition_penalty=1.1),
-        ENGINE_TOP_K,
-    ),
-}
+    (WHOLE, QWEN25, 0),
+    ("Llama 3's T 0.6, top-p 0.9 (best 64, log-normalizer from the engine)", LLAMA, ENGINE_TOP_K),
+    (WHOLE, LLAMA, 0),
+    ("T 1.0, no filter (whole logits)", SamplingParams(temperature=1.0), ENGINE_TOP_K),
+]
 
 
 class InstantBackend:
@@ -100,7 +94,7 @@ def host_overhead(
     sequence early (the run always takes `steps` steps)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = []
-    for name, (base, engine_top_k) in SETTINGS.items():
+    for name, base, engine_top_k in SETTINGS:
         backend = InstantBackend(logits, max(batches), 64 + steps, engine_top_k)
         gen = Generator(backend, tokenizer, eos_ids=[])
         params = SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": 0})
