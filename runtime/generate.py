@@ -126,21 +126,16 @@ class Run:
         # What leaves the engine at each call: plain greedy needs only its argmax (one id per
         # sequence instead of the vocabulary's logits); sampling with a top-k the engine
         # covers needs only its best K logits and their ids, also under a repetition penalty
-        # > 1 (which only lowers logits); top-p alone needs them and the softmax's
-        # log-normalizer. The last two fall back to the latest call's logits on the steps
-        # where the best K do not decide. Anything else needs all the logits.
+        # > 1, which only lowers logits (greedy is then top-k 1); top-p alone needs them and
+        # the softmax's log-normalizer. The last two fall back to the latest call's logits on
+        # the steps the best K do not decide. Anything else needs all the logits.
         backend, penalty = gen.backend, params.repetition_penalty
+        top_k = 1 if params.greedy else params.top_k
         if params.greedy and penalty == 1.0:
             self.wants = "argmax"
-        elif not params.greedy and 0 < params.top_k <= backend.sample_top_k and penalty >= 1:
+        elif 0 < top_k <= backend.sample_top_k and penalty >= 1:
             self.wants = "top_k"
-        elif (
-            not params.greedy
-            and params.top_k == 0
-            and params.top_p < 1
-            and penalty == 1.0
-            and backend.has_log_normalizer
-        ):
+        elif top_k == 0 and params.top_p < 1 and penalty == 1 and backend.has_log_normalizer:
             self.wants = "top_p"
         else:
             self.wants = "logits"

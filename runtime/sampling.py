@@ -142,9 +142,9 @@ def next_tokens_from_top(
 
     With 0 < top_k <= K the best K are enough, also under a repetition penalty > 1 (for
     `seen` tokens) as long as the k-th best penalized logit stays above the K-th logit, which
-    bounds every token beyond them. Top-p without a top-k needs each row's `log_normalizer`
+    bounds every token beyond them; greedy decoding under a penalty is the case k = 1. Top-p without a top-k needs each row's `log_normalizer`
     (log sum exp(logits / temperature) over the vocabulary) and the best K to hold top_p."""
-    penalty = params.repetition_penalty
+    penalty, k = params.repetition_penalty, 1 if params.greedy else params.top_k
     tokens, whole = [], None
     for b in range(len(values)):
         row, token = values[b], None
@@ -152,16 +152,18 @@ def next_tokens_from_top(
             row = row.copy()
             hit = np.isin(ids[b], seen[b])
             row[hit] = penalized(row[hit], penalty)
-            decided = np.partition(row, -params.top_k)[-params.top_k] > values[b, -1]
+            decided = np.partition(row, -k)[-k] > values[b, -1]
         else:
             decided = True
-        if decided:
+        if decided and params.greedy:  # argmax's first index: the lowest id among ties
+            token = int(ids[b][row == row.max()].min())
+        elif decided:
             lse = None if log_normalizer is None else float(log_normalizer[b])
             token = pick(row, ids[b], params, rng, lse)
         if token is None:
             whole = whole_logits() if whole is None else whole
             own = apply_repetition_penalty(whole[b : b + 1], seen[b : b + 1], penalty)[0]
-            token = pick(own, None, params, rng)
+            token = int(own.argmax()) if params.greedy else pick(own, None, params, rng)
         tokens.append(token)
     return np.array(tokens, np.int64)
 

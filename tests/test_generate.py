@@ -172,6 +172,13 @@ def test_repetition_penalty_from_the_best_k_draws_what_the_whole_logits_draw(
     assert (fallbacks == 0) if top_k < 64 else (fallbacks > 0)
 
 
+def test_greedy_with_repetition_penalty_from_the_best_k(cpu_model, tokenizer):
+    """Greedy decoding under a repetition penalty takes the best penalized logit among the
+    best 64: the same tokens as the whole logits (the fallback: tests/test_sampling.py)."""
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.3)
+    assert sample_both_ways(cpu_model, tokenizer, params, "top_k") == 0
+
+
 def test_eos_ends_the_stream(cpu_model, tokenizer, hf_greedy):
     """Declaring the 5th greedy token an EOS id stops there, without emitting it."""
     eos = hf_greedy[0][4]

@@ -19,6 +19,7 @@ from runtime.sampling import (
     candidates,
     draw,
     next_tokens,
+    next_tokens_from_top,
 )
 
 
@@ -153,3 +154,35 @@ def test_draw_over_a_vocabulary_of_several_blocks():
     counts = np.bincount([draw(x, rng) for _ in range(20000)], minlength=x.size)
     assert counts.sum() == counts[chosen].sum()
     np.testing.assert_allclose(counts[chosen] / 20000, p, atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_best_k_under_a_repetition_penalty_falls_back_when_they_cannot_decide(temperature):
+    """Best 3 of 8 logits. Row 0: its best token is repeated but stays above the 3rd logit, so
+    the best 3 decide. Row 1: all three are repeated and fall below the 3rd logit, so the 4th
+    token, which only the whole row shows, may be among the best."""
+    logits = np.array(
+        [[9.0, 1.0, 8.0, 0.5, 7.0, 0.2, 0.1, 0.0], [6.0, 5.5, 5.1, 4.9, 0.0, 0.0, 0.0, 0.0]],
+        np.float32,
+    )
+    ids = np.argsort(-logits, axis=1, kind="stable")[:, :3].astype(np.int32)
+    values = np.take_along_axis(logits, ids, axis=1)
+    seen = [np.array([0]), np.array([0, 1, 2])]
+    params = SamplingParams(
+        temperature=temperature, top_k=0 if temperature == 0 else 2, repetition_penalty=1.2, seed=0
+    )
+    asked = []
+
+    def whole() -> np.ndarray:
+        asked.append(1)
+        return logits
+
+    for seed in range(20):
+        got = next_tokens_from_top(
+            values, ids, params, np.random.default_rng(seed), None, whole, seen
+        )
+        want = next_tokens(logits, params, seen, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, want)
+    assert len(asked) == 20  # row 1 each time, row 0 never
+    if temperature == 0:
+        np.testing.assert_array_equal(want, [2, 0])
