@@ -253,13 +253,8 @@ class _Decoder:
             np.concatenate([self.weight(p + n + ".bias") for n in names]) if cfg.qkv_bias else None
         )
         qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj")
-        q, k, v = g.split_last(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], "qkv_split")
-
-        heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
-        q, k, v = (
-            g.shuffle(t, f"{n}.heads", reshape=(0, 0, heads[n], cfg.head_dim))
-            for n, t in zip("qkv", (q, k, v))
-        )
+        heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
+        q, k, v = g.split_groups(qkv, heads, cfg.head_dim, "qkv_split")  # [B, S, heads, D]
         if cfg.qk_norm:
             q = self.rms_norm(q, p + "q_norm.weight", "q_norm")
             k = self.rms_norm(k, p + "k_norm.weight", "k_norm")
@@ -344,13 +339,13 @@ class _Decoder:
         gate_up = np.concatenate(
             [self.weight(p + "gate_proj.weight"), self.weight(p + "up_proj.weight")]
         )
-        gate, up = g.split_last(
-            g.linear(x, gate_up, None, "gate_up_proj"), [cfg.intermediate_size] * 2, "gate_up_split"
-        )
+        size = cfg.intermediate_size
+        gate, up = g.split_groups(
+            g.linear(x, gate_up, None, "gate_up_proj"), [1, 1], size, "gate_up_split"
+        )  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
-        return g.linear(
-            g.mul(act, up, "gated"), self.weight(p + "down_proj.weight"), None, "down_proj"
-        )
+        gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
+        return g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj")

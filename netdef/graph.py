@@ -134,22 +134,22 @@ class Graph:
             layer.second_transpose = transpose
         return self.named(layer, name).get_output(0)
 
-    def split_last(self, x: Any, sizes: list[int], name: str) -> list[Any]:
-        """Slices of the last dimension; the leading (dynamic) dims come from the input's shape."""
+    def split_groups(self, x: Any, counts: list[int], width: int, name: str) -> list[Any]:
+        """x [..., sum(counts) * width] as consecutive [..., count, width] groups (heads).
+
+        Gathers along a new axis rather than slicing the last one: the TensorRT-RTX builder
+        stores a matmul's weights once per optimization profile when slices of its output
+        follow it, and once in all when gathers do."""
         rank = len(x.shape)
-        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
-        lead = self.named(self.network.add_slice(shape, (0,), (rank - 1,), (1,)), f"{name}.lead")
-        outputs, offset = [], 0
-        for i, size in enumerate(sizes):
-            width = self.constant(np.array([size], dtype=np.int64), f"{name}.{i}.width")
-            concat = self.network.add_concatenation([lead.get_output(0), width])
-            out_shape = self.named(concat, f"{name}.{i}.size").get_output(0)
-            layer = self.network.add_slice(
-                x, (0,) * (rank - 1) + (offset,), (1,) * rank, (1,) * rank
+        groups = self.shuffle(x, f"{name}.groups", reshape=(0,) * (rank - 1) + (sum(counts), width))
+        outputs, start = [], 0
+        for i, count in enumerate(counts):
+            index = self.constant(
+                np.arange(start, start + count, dtype=np.int32), f"{name}.{i}.index"
             )
-            layer.set_input(2, out_shape)
+            layer = self.network.add_gather(groups, index, rank - 1)
             outputs.append(self.named(layer, f"{name}.{i}").get_output(0))
-            offset += size
+            start += count
         return outputs
 
     # Linear algebra -------------------------------------------------------------------------
