@@ -27,7 +27,7 @@ from .decoder import DecoderNetwork
 
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 2  # 2: inv_temperature input, log_normalizer output
+FORMAT_VERSION = 2  # 2: inv_temperature and log_normalizer; QKV and gate/up split by gathers
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
