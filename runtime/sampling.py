@@ -142,8 +142,9 @@ def next_tokens_from_top(
 
     With 0 < top_k <= K the best K are enough, also under a repetition penalty > 1 (for
     `seen` tokens) as long as the k-th best penalized logit stays above the K-th logit, which
-    bounds every token beyond them; greedy decoding under a penalty is the case k = 1. Top-p without a top-k needs each row's `log_normalizer`
-    (log sum exp(logits / temperature) over the vocabulary) and the best K to hold top_p."""
+    bounds every token beyond them; greedy decoding under a penalty is the case k = 1.
+    Top-p without a top-k needs each row's `log_normalizer` (log sum exp(logits /
+    temperature) over the vocabulary) and the best K to hold top_p."""
     penalty, k = params.repetition_penalty, 1 if params.greedy else params.top_k
     tokens, whole = [], None
     for b in range(len(values)):

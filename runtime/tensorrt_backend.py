@@ -361,8 +361,7 @@ class TensorRTBackend:
         if not self.sample_top_k:
             raise ValueError("this engine has no top_logits/top_ids outputs (sample_top_k=0).")
         b, _ = self._call(input_ids, position_ids, last_token_index, TOP_K)
-        n = b * self.sample_top_k
-        return tuple(self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
+        return self._best_k(b)
 
     def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
         """The best K logits and ids, and float32 [B] log_normalizer at `temperature`."""
@@ -370,13 +369,16 @@ class TensorRTBackend:
             raise ValueError("this engine has no log_normalizer output; rebuild it.")
         self.inv_temperature = 1.0 / temperature
         b, _ = self._call(input_ids, position_ids, last_token_index, TOP_P)
+        return (*self._best_k(b), self.host["log_normalizer"].array[:b].copy())
+
+    def _best_k(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         n = b * self.sample_top_k
         values, ids = (self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
-        return values, ids, self.host["log_normalizer"].array[:b].copy()
+        return values, ids
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits, still in device memory: copied back only when asked (a
-        top-p step whose nucleus reaches beyond the engine's best K)."""
+        sampling step that the engine's best K do not decide)."""
         b, s = self.last_call
         shape = self._logits_shape(b, s)
         nbytes = int(np.prod(shape)) * 4
@@ -468,9 +470,14 @@ class TensorRTBackend:
 
     def _enqueue(self, b: int, s: int, wanted: tuple[str, ...]) -> None:
         """H2D of the small inputs, execute, D2H of the `wanted` outputs."""
-        sizes = {"input_ids": b * s * 4, "position_ids": b * s * 4, "last_token_index": b * 4}
+        sizes = {
+            "input_ids": b * s * 4,
+            "position_ids": b * s * 4,
+            "last_token_index": b * 4,
+            INV_TEMPERATURE: b * 4,
+        }
         inputs = (*SMALL_INPUTS, INV_TEMPERATURE) if self.has_log_normalizer else SMALL_INPUTS
-        uploads = [(self.device[n], self.host[n], sizes.get(n, b * 4)) for n in inputs]
+        uploads = [(self.device[n], self.host[n], sizes[n]) for n in inputs]
         sizes = {
             "logits": int(np.prod(self._logits_shape(b, s))) * 4,
             "next_token": b * 4,
