@@ -1,18 +1,26 @@
-"""Decoder networks written against the TensorRT network-definition API."""
+"""Decoder networks written against the TensorRT network-definition API.
 
-from .backend import BackendError, load_backend
-from .decoder import DecoderNetwork, build_network
-from .engine import EngineBuildError, build_engine
-from .options import NetworkOptions, OptionsError, Profile
+The names below are imported on first use, so that `netdef.slots` (the part of the engine
+contract the runtime feeds) can be imported without the network definer."""
 
-__all__ = [
-    "BackendError",
-    "DecoderNetwork",
-    "EngineBuildError",
-    "NetworkOptions",
-    "OptionsError",
-    "Profile",
-    "build_engine",
-    "build_network",
-    "load_backend",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "BackendError": "backend",
+    "load_backend": "backend",
+    "DecoderNetwork": "decoder",
+    "build_network": "decoder",
+    "EngineBuildError": "engine",
+    "build_engine": "engine",
+    "NetworkOptions": "options",
+    "OptionsError": "options",
+    "Profile": "options",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'netdef' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -27,7 +27,7 @@ from .decoder import DecoderNetwork
 
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 2  # 2: inv_temperature and log_normalizer; QKV and gate/up split by gathers
+FORMAT_VERSION = 3  # 2: inv_temperature, log_normalizer, gather splits; 3: kv_slots, window_slots
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
@@ -54,6 +54,7 @@ def metadata(dn: DecoderNetwork, **extra: Any) -> dict[str, Any]:
             for p in dn.profiles
         ],
         "io": io_contract(dn),
+        "attention_window": dn.window,  # what window_slots covers (netdef.slots)
         "backend": {"module": dn.trt.__name__, "version": dn.trt.__version__},
         **extra,
     }

@@ -36,8 +36,9 @@ from weights.config import ModelConfig
 
 from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
-from .options import NetworkOptions, OptionsError, Profile
+from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
+from .slots import attention_window, layer_windows
 
 
 class WeightSource:
@@ -59,6 +60,12 @@ class DecoderNetwork:
     options: NetworkOptions
     profiles: list[Profile]
     graph: Graph = field(repr=False)  # holds the weight arrays TensorRT points into
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window `window_slots` covers (netdef.slots), or None."""
+        windows = [lc.sliding_window for lc in self.config.layers]
+        return attention_window(layer_windows(windows, self.options.max_seq_len))
 
     @property
     def kv_cache_shape(self) -> tuple[int, int, int]:
@@ -98,7 +105,6 @@ class _Decoder:
         self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
         self.on_layer = on_layer
         self.dtype = DTYPES[options.dtype]
-        self.masks: dict[int | None, Any] = {}
         self.rope_tables: dict[Any, tuple[Any, Any]] = {}
 
     def weight(self, name: str) -> np.ndarray:
@@ -118,10 +124,18 @@ class _Decoder:
         ).get_output(0)
         self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
+        self.windows = layer_windows([lc.sliding_window for lc in cfg.layers], self.opt.max_seq_len)
+        self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
+        if None in self.windows:
+            self.kv_slots = net.add_input("kv_slots", trt.int32, (-1,))
+        if attention_window(self.windows) is not None:
+            self.window_slots = net.add_input("window_slots", trt.int32, (-1, -1))
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
-        embed = g.weight(self.weight("embed_tokens.weight"), "embed_tokens", quantize_table)
+        embed = g.weight(
+            self.weight("embed_tokens.weight"), "embed_tokens", quantize_table, rows=True
+        )
         h = g.named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
         if cfg.embedding_scale is not None:
             h = g.mul(
@@ -167,12 +181,42 @@ class _Decoder:
         next_token.name = "next_token"
         net.mark_output(next_token)
         if self.opt.sample_top_k:
-            k = self.opt.sample_top_k
-            top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, k, 1 << 1), "sample.topk")
-            for i, name in enumerate(("top_logits", "top_ids")):
-                top.get_output(i).name = name
-                net.mark_output(top.get_output(i))
+            values, ids = self.best_k(logits, self.opt.sample_top_k)
+            for t, name in ((values, "top_logits"), (ids, "top_ids")):
+                t.name = name
+                net.mark_output(t)
             self.log_normalizer(logits)
+
+    def best_k(self, logits: Any, k: int) -> tuple[Any, Any]:
+        """The k largest logits [B, k] (best first) and their int32 ids, in two stages: the best
+        k of each block of TOPK_BLOCK logits, then the best k of those. One TopK over a
+        262,144-wide line took 818 us on an H200 (TensorRT-RTX 1.7), the two stages 25 us;
+        the result is the same, since every one of the best k is among its block's best k."""
+        g, trt, vocab = self.g, self.g.trt, self.cfg.vocab_size
+        blocks = -(-vocab // TOPK_BLOCK)
+        if blocks == 1:
+            top = g.named(
+                g.network.add_topk(logits, trt.TopKOperation.MAX, k, 1 << 1), "sample.topk"
+            )
+            return top.get_output(0), top.get_output(1)
+        padded = g.pad_last(logits, blocks * TOPK_BLOCK, float("-inf"), "sample.pad")
+        grouped = g.shuffle(padded, "sample.blocks", reshape=(0, blocks, TOPK_BLOCK))
+        first = g.named(
+            g.network.add_topk(grouped, trt.TopKOperation.MAX, k, 1 << 2), "sample.topk_blocks"
+        )
+        offsets = g.constant(
+            (np.arange(blocks, dtype=np.int32) * TOPK_BLOCK).reshape(1, blocks, 1), "sample.offsets"
+        )
+        ids = g.shuffle(
+            g.add(first.get_output(1), offsets, "sample.block_ids"), "sample.ids", reshape=(0, -1)
+        )
+        values = g.shuffle(first.get_output(0), "sample.values", reshape=(0, -1))
+        second = g.named(
+            g.network.add_topk(values, trt.TopKOperation.MAX, k, 1 << 1), "sample.topk"
+        )
+        pick = g.network.add_gather(ids, second.get_output(1), 1)
+        pick.num_elementwise_dims = 1
+        return second.get_output(0), g.named(pick, "sample.top_ids").get_output(0)
 
     def log_normalizer(self, logits: Any) -> None:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
@@ -188,19 +232,14 @@ class _Decoder:
         net.mark_output(out)
 
     def head_matmul(self, h: Any, table: Any) -> Any:
-        """h @ embed.T reusing the embedding constant (tied LM head)."""
+        """h @ embed.T reusing the embedding constant [vocab, hidden] (tied LM head)."""
         g = self.g
         rank = len(h.shape)
-        t = (
-            g.shuffle(table, "lm_head.table", reshape=(1,) * (rank - 2) + tuple(table.shape))
-            if rank > 2
-            else table
+        t = g.shuffle(table, "lm_head.table", reshape=(1,) * (rank - 2) + tuple(table.shape))
+        none, transpose = g.trt.MatrixOperation.NONE, g.trt.MatrixOperation.TRANSPOSE
+        return g.named(g.network.add_matrix_multiply(h, none, t, transpose), "lm_head").get_output(
+            0
         )
-        trt = g.trt
-        layer = g.network.add_matrix_multiply(
-            h, trt.MatrixOperation.NONE, t, trt.MatrixOperation.TRANSPOSE
-        )
-        return g.named(layer, "lm_head").get_output(0)
 
     # Blocks ---------------------------------------------------------------------------------
     def layer(self, i: int, h: Any) -> Any:
@@ -245,7 +284,7 @@ class _Decoder:
         )
 
     def attention(self, i: int, x: Any) -> Any:
-        cfg, g, trt = self.cfg, self.g, self.g.trt
+        cfg, g = self.cfg, self.g
         p = f"layers.{i}.self_attn."
         names = ("q_proj", "k_proj", "v_proj")
         qkv_w = np.concatenate([self.weight(p + n + ".weight") for n in names])  # one fused matmul
@@ -267,17 +306,97 @@ class _Decoder:
 
         keys = self.kv_cache(i, "key", k)
         values = self.kv_cache(i, "value", v)
-        mask = self.mask(layer_cfg.sliding_window)
-        attn = g.network.add_attention_v2(
-            q, keys, values, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
-        )
-        attn.mask = mask
-        attn.decomposable = True
-        attn.name = g.scope + "attention"
-        out = g.shuffle(attn.get_output(0), "attn.bshd", transpose=bhsd)
-        out = g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
+        out = self.attend(q, keys, values, self.windows[i])  # [B, S, heads * head_dim]
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
         return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj")
+
+    def attend(self, q: Any, keys: Any, values: Any, window: int | None) -> Any:
+        """softmax(q · kᵀ masked) · v over the cache slots this call reads, as matmuls;
+        returns [B, S, heads * head_dim].
+
+        The slots come from `kv_slots` (global layers) or `window_slots` (sliding layers), so
+        a decode step reads about as many slots as are visible, not max_seq_len. Measured on
+        an H200 (TensorRT-RTX 1.7, 1 KV head, 4,096 slots): TensorRT's fused attention took
+        270-320 us per decode call (one block walks the keys), these matmuls 19 us. Scores,
+        softmax and the weighted sum are float32, as inside fused attention kernels (scores
+        rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query heads of a KV head are the rows of one
+        matmul (GQA without repeating K/V); the scores are masked and normalized as
+        [B, kv_heads, L, S, G], where the [B, 1, L, S, 1] mask broadcasts over heads."""
+        g, cfg, trt = self.g, self.cfg, self.g.trt
+        group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
+        slots, visible = self.visible_slots(window)  # [L] or [B, L]; bool [B, 1, L, S, 1]
+        gather = g.network.add_gather(keys, slots, 2)
+        gather.num_elementwise_dims = 0 if window is None else 1
+        f32 = np.dtype(np.float32)
+        k = g.cast(g.named(gather, "attn.keys").get_output(0), f32, "attn.keys_float32")
+        gather = g.network.add_gather(values, slots, 2)
+        gather.num_elementwise_dims = 0 if window is None else 1
+        v = g.cast(g.named(gather, "attn.values").get_output(0), f32, "attn.values_float32")
+        # Row s * G + j of KV head h is token s of query head h * G + j.
+        rows = g.shuffle(
+            q, "attn.groups", reshape=(0, kv_heads, group, -1, d), transpose=(0, 1, 3, 2, 4)
+        )
+        rows = g.shuffle(rows, "attn.rows", reshape=(0, 0, -1, d))  # [B, kv_heads, S*G, D]
+        rows = g.cast(rows, f32, "attn.rows_float32")
+        none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
+        scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
+        scores = g.shuffle(
+            scores.get_output(0),
+            "attn.by_slot",
+            reshape=(0, 0, 0, -1, group),
+            first_transpose=(0, 1, 3, 2),
+        )  # [B, kv_heads, L, S, G]
+        hidden = g.scalar(float("-inf"), np.float32, 5, "attn.hidden")
+        masked = g.named(g.network.add_select(visible, scores, hidden), "attn.mask").get_output(0)
+        softmax = g.named(g.network.add_softmax(masked), "attn.softmax")
+        softmax.axes = 1 << 2
+        probs = g.shuffle(
+            softmax.get_output(0), "attn.probs_rows", reshape=(0, 0, 0, -1)
+        )  # [B, kv_heads, L, S*G]
+        out = g.named(g.network.add_matrix_multiply(probs, transpose, v, none), "attn.context")
+        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")
+        # [B, kv_heads, S*G, D] -> [B, S, kv_heads, G, D] -> [B, S, heads * D]
+        out = g.shuffle(
+            out,
+            "attn.tokens",
+            reshape=(0, 0, -1, group, d),
+            transpose=(0, 2, 1, 3, 4),
+        )
+        return g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
+
+    def visible_slots(self, window: int | None) -> tuple[Any, Any]:
+        """(slots to gather, bool mask [B, 1, L, S, 1]) for global layers (window None) or the
+        sliding layers of `window`: slot j is visible to token (b, s) iff j <= position and,
+        in a window, j > position - window and j >= 0. Built once per window, shared by layers."""
+        if window in self.slots:
+            return self.slots[window]
+        g = self.g
+        saved, g.scope = g.scope, ""
+        tag = f"slots.{window or 'global'}"
+        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
+        if window is None:
+            slots = self.kv_slots
+            line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))  # [1, 1, L, 1, 1]
+        else:
+            raw = self.window_slots  # [B, L], negative before slot 0
+            zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")
+            slots = g.elementwise(raw, zero, "MAX", f"{tag}.clamped")
+            line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, -1, 1, 1))  # [B, 1, L, 1, 1]
+        visible = g.unary(
+            g.elementwise(line, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
+        )
+        if window is not None:
+            start = g.elementwise(
+                pos, g.scalar(window, np.int32, 5, f"{tag}.window"), "SUB", f"{tag}.start"
+            )
+            recent = g.elementwise(line, start, "GREATER", f"{tag}.recent")
+            visible = g.elementwise(visible, recent, "AND", f"{tag}.in_window")
+            none = g.scalar(-1, np.int32, 5, f"{tag}.none")
+            written = g.elementwise(line, none, "GREATER", f"{tag}.written")
+            visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
+        g.scope = saved
+        self.slots[window] = (slots, visible)
+        return self.slots[window]
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
         g = self.g
@@ -307,31 +426,6 @@ class _Decoder:
         present.name = f"present_{kind}_{i}"
         g.network.mark_output(present)
         return present
-
-    def mask(self, window: int | None) -> Any:
-        """bool [B, 1, S, max_seq_len]: True where query (b, s) may attend cache slot j."""
-        if window in self.masks:
-            return self.masks[window]
-        g = self.g
-        saved, g.scope = g.scope, ""
-        tag = f"mask.{window or 'global'}"
-        if not self.masks:
-            slots = np.arange(self.opt.max_seq_len, dtype=np.int32).reshape(1, 1, 1, -1)
-            self.slots = g.constant(slots, "mask.slots")
-        slots = self.slots
-        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))
-        visible = g.unary(
-            g.elementwise(slots, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
-        )
-        if window:
-            start = g.elementwise(
-                pos, g.scalar(window, np.int32, 4, f"{tag}.window"), "SUB", f"{tag}.start"
-            )
-            recent = g.elementwise(slots, start, "GREATER", f"{tag}.recent")
-            visible = g.elementwise(visible, recent, "AND", tag)
-        g.scope = saved
-        self.masks[window] = visible
-        return visible
 
     def mlp(self, i: int, x: Any) -> Any:
         cfg, g = self.cfg, self.g

@@ -124,10 +124,17 @@ class Graph:
 
     # Shapes ---------------------------------------------------------------------------------
     def shuffle(
-        self, x: Any, name: str, reshape: tuple[int, ...] | None = None, transpose=None
+        self,
+        x: Any,
+        name: str,
+        reshape: tuple[int, ...] | None = None,
+        transpose=None,
+        first_transpose=None,
     ) -> Any:
-        """Reshape (0 copies the input dim, -1 infers) then transpose."""
+        """Transpose (`first_transpose`), reshape (0 copies that dim, -1 infers), transpose."""
         layer = self.network.add_shuffle(x)
+        if first_transpose is not None:
+            layer.first_transpose = first_transpose
         if reshape is not None:
             layer.reshape_dims = reshape
         if transpose is not None:
@@ -156,39 +163,65 @@ class Graph:
     def linear(
         self, x: Any, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True
     ) -> Any:
-        """x @ weight.T (+ bias) with `weight` in HF layout [out, in]; no transposed copy.
+        """x @ weight.T (+ bias) with `weight` in HF layout [out, in].
 
         The weight is quantized as the graph's mode says unless `quantize` is False."""
         rank = len(x.shape)
         self.linear_inputs[f"{self.scope}{name}"] = x.name
         quantized = quantize and self.quant != "none"
-        w = self.weight(weight.reshape((1,) * (rank - 2) + weight.shape), name, quantized)
+        w = self.weight(weight, name, quantized, lead=rank - 2)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
-        none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
-        y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
+        none = self.trt.MatrixOperation.NONE
+        y = self.named(self.network.add_matrix_multiply(x, none, w, none), name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
         return y
 
-    def weight(self, weight: np.ndarray, name: str, quantize: bool) -> Any:
-        """The tensor a matmul reads for `weight` ([out, in] after leading 1s): the constant, or,
-        when `quantize` and a mode is set, the quantized constant through a Dequantize layer
-        (per output channel, per block of inputs or per tensor, as the mode says)."""
-        if not quantize or self.quant == "none":
-            return self.constant(weight, f"{name}.weight")
-        lead, matrix = weight.shape[:-2], weight.reshape(weight.shape[-2:])
-        q = quantize_weight(matrix, self.quant)
-        values = self.constant(q.values.reshape(weight.shape), f"{name}.weight")
-        blocks = q.scale.ndim == 2  # block scales have the weight's rank
-        scale = self.constant(
-            q.scale.reshape(lead + q.scale.shape) if blocks else q.scale, f"{name}.weight_scale"
-        )
+    def weight(
+        self, weight: np.ndarray, name: str, quantize: bool, lead: int = 0, rows: bool = False
+    ) -> Any:
+        """The tensor a matmul reads for `weight` [out, in], after `lead` leading 1s: stored
+        transposed, [in, out], since on an H200 (TensorRT-RTX 1.7) decode matmuls read that
+        layout at about 4 TB/s and [out, in] (TRANSPOSE) at 2.7-3 TB/s; that transpose is the
+        one copy of an unquantized weight. `rows` keeps [out, in]: the embedding table, which
+        a lookup reads by rows (a transposed table was stored twice). With `quantize` and a
+        mode set, the quantized constant goes through a Dequantize layer (per output
+        channel, per block of inputs or per tensor, as the mode says)."""
+        quantized = quantize and self.quant != "none"
+        if not quantized:
+            layout = weight if rows else np.ascontiguousarray(weight.T)
+            return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
+        q = quantize_weight(weight, self.quant)
+        values, scale = (q.values, q.scale) if rows else (q.values.T, q.scale.T)
+        shape = (1,) * lead + values.shape
+        values = self.constant(np.ascontiguousarray(values).reshape(shape), f"{name}.weight")
+        blocks = q.scale.ndim == 2  # block scales [out, in / block] have the weight's rank
+        scale = np.ascontiguousarray(scale).reshape((1,) * lead + scale.shape) if blocks else scale
+        scale = self.constant(scale, f"{name}.weight_scale")
         layer = self.network.add_dequantize(values, scale, trt_dtype(self.trt, weight.dtype))
         if q.scale.ndim:  # the output-channel axis, or the blocked input axis
-            layer.axis = weight.ndim - (1 if blocks else 2)
+            out_axis, in_axis = (len(shape) - 2, len(shape) - 1)[:: 1 if rows else -1]
+            layer.axis = in_axis if blocks else out_axis
         return self.named(layer, f"{name}.dequantize").get_output(0)
+
+    def pad_last(self, x: Any, size: int, value: float, name: str) -> Any:
+        """x [B, n] padded with `value` to [B, size] (a FILL slice; B may be dynamic)."""
+        net = self.network
+        batch = self.named(
+            net.add_slice(
+                self.named(net.add_shape(x), f"{name}.shape").get_output(0), (0,), (1,), (1,)
+            ),
+            f"{name}.batch",
+        )
+        width = self.constant(np.array([size], np.int64), f"{name}.width")
+        dims = self.named(net.add_concatenation([batch.get_output(0), width]), f"{name}.dims")
+        layer = net.add_slice(x, (0, 0), (1, size), (1, 1))
+        layer.set_input(2, dims.get_output(0))
+        layer.mode = self.trt.SampleMode.FILL
+        layer.set_input(4, self.constant(np.array(value, np.float32), f"{name}.value"))
+        return self.named(layer, name).get_output(0)
 
     def fp8_activation(self, x: Any, name: str) -> Any:
         """x through FP8 and back with its calibrated per-tensor scale (amax / 448)."""

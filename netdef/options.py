@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from weights.config import ModelConfig
 
 from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
+from .slots import attention_window, kv_length, layer_windows
 
 Shape = tuple[int, ...]
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
+TOPK_BLOCK = 4096  # logits per first-stage TopK block (netdef.decoder.best_k); >= TOPK_MAX
 
 
 class OptionsError(ValueError):
@@ -119,14 +121,17 @@ class NetworkOptions:
                 )
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
-        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both."""
-        b, s_max = self.max_batch, self.prefill_len
+        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both.
+        kv_slots and window_slots (netdef.slots) range up to what such calls read."""
+        b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
         if self.profile_set == "dynamic":
             ranges = [("dynamic", (1, 1, b), (1, s_opt, s_max))]
         else:
             ranges = [("decode", (1, b, b), (1, 1, 1)), ("prefill", (1, 1, b), (1, s_opt, s_max))]
-        cache = (config.num_kv_heads, self.max_seq_len, config.head_dim)
+        windows = layer_windows([lc.sliding_window for lc in config.layers], cache_len)
+        window = attention_window(windows)
+        cache = (config.num_kv_heads, cache_len, config.head_dim)
         out = []
         for name, batch, seq in ranges:
             shapes: dict[str, tuple[Shape, Shape, Shape]] = {
@@ -139,5 +144,12 @@ class NetworkOptions:
             for i in range(config.num_layers):
                 for kind in ("key", "value"):
                     shapes[f"past_{kind}_{i}"] = tuple((bb, *cache) for bb in batch)
+            if None in windows:
+                opt = kv_length(seq[1], cache_len)
+                shapes["kv_slots"] = ((1,), (opt,), (cache_len,))
+            if window is not None:
+                lengths = [min(window + ss - 1, cache_len) for ss in seq]
+                lengths[0] = 1
+                shapes["window_slots"] = tuple((bb, n) for bb, n in zip(batch, lengths))
             out.append(Profile(name, shapes))
         return out

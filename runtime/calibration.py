@@ -47,12 +47,8 @@ def activation_amax(
     amax = dict.fromkeys(taps, 0.0)
     for start in range(0, ids.size, chunk):
         part = ids[None, start : start + chunk]
-        feeds = {
-            "input_ids": part,
-            "position_ids": np.arange(start, start + part.shape[1], dtype=np.int32)[None],
-            "last_token_index": np.zeros(1, np.int32),
-            **model.caches,
-        }
+        positions = np.arange(start, start + part.shape[1], dtype=np.int32)[None]
+        feeds = model.feeds(part, positions, np.zeros(1, np.int32))
         seen = model.executor.run(feeds, extra=taps.values())
         for layer, tensor in taps.items():
             amax[layer] = max(amax[layer], float(np.abs(seen[tensor].astype(np.float32)).max()))

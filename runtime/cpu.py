@@ -10,6 +10,7 @@ import numpy as np
 
 from netdef.decoder import DecoderNetwork
 from netdef.graph import DTYPES
+from netdef.slots import slot_feeds
 
 from .reference import Executor
 
@@ -75,16 +76,26 @@ class CpuModel:
         """The latest call's logits."""
         return self.last["logits"]
 
-    def _run(
+    def feeds(
         self, input_ids, position_ids, last_token_index, temperature: float = 1.0
     ) -> dict[str, np.ndarray]:
+        """Every network input of one call: the tokens, the KV caches and the attended slots."""
+        positions = np.ascontiguousarray(position_ids, dtype=np.int32)
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int32),
+            "position_ids": positions,
             "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
             **self.caches,
+            **slot_feeds(positions, self.max_seq_len, self.dn.window),
         }
         if self.has_log_normalizer:
             feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)
-        self.last = self.executor.run(feeds)
+        return feeds
+
+    def _run(
+        self, input_ids, position_ids, last_token_index, temperature: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        self.last = self.executor.run(
+            self.feeds(input_ids, position_ids, last_token_index, temperature)
+        )
         return self.last

@@ -462,8 +462,11 @@ class Executor:
         return [np.transpose(x, tuple(layer.second_transpose)[: x.ndim])]
 
     def _slice(self, layer, inputs):
+        """STRICT_BOUNDS reads inside the input only; FILL reads the fill value (input 4,
+        default 0) where an index falls outside it."""
         x = inputs[0]
-        if layer.mode != self.trt.SampleMode.STRICT_BOUNDS:
+        M = self.trt.SampleMode
+        if layer.mode not in (M.STRICT_BOUNDS, M.FILL):
             raise ExecutorError(f"slice {layer.name!r}: mode {layer.mode.name} is not implemented.")
         if getattr(layer, "axes", None) is not None or (len(inputs) > 5 and inputs[5] is not None):
             # start/size/stride would then apply to those axes only (Slice operator page).
@@ -478,12 +481,23 @@ class Executor:
         index = []
         for d, (s0, n, st) in enumerate(zip(start, size, stride)):
             last = s0 + (n - 1) * st
-            if n > 0 and not (0 <= s0 < x.shape[d] and 0 <= last < x.shape[d]):
+            if (
+                layer.mode == M.STRICT_BOUNDS
+                and n > 0
+                and not (0 <= s0 < x.shape[d] and 0 <= last < x.shape[d])
+            ):
                 raise ExecutorError(
                     f"slice {layer.name!r}: dim {d} reads [{s0}, {last}] of {x.shape[d]}."
                 )
             index.append(np.arange(n) * st + s0)
-        return [x[np.ix_(*index)]]
+        if layer.mode == M.STRICT_BOUNDS:
+            return [x[np.ix_(*index)]]
+        fill = inputs[4] if len(inputs) > 4 and inputs[4] is not None else np.zeros((), x.dtype)
+        inside = np.ones([len(i) for i in index], bool)
+        for d, (i, n) in enumerate(zip(index, x.shape)):
+            inside &= ((i >= 0) & (i < n)).reshape([-1 if e == d else 1 for e in range(x.ndim)])
+        clipped = [np.clip(i, 0, n - 1) for i, n in zip(index, x.shape)]
+        return [np.where(inside, x[np.ix_(*clipped)], np.asarray(fill, x.dtype))]
 
     def _unary(self, layer, inputs):
         x = inputs[0]

@@ -5,19 +5,17 @@
         logits = model.forward(ids, positions, last)      # float32 [B, vocab]
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
-shapes: input_ids, position_ids, last_token_index, logits, and the KV caches (each present_*
-output is bound to its past_* input's address: KVCacheUpdate writes in place). The small
-inputs and the logits go through pinned host buffers on one stream. `capture_decode_graph(B)`
-records one decode step (H2D, execute, D2H) as a CUDA graph that later S == 1 calls replay.
+shapes: input_ids, position_ids, last_token_index, the attended slots (netdef.slots), the
+outputs and the KV caches (each present_* output is bound to its past_* input's address:
+KVCacheUpdate writes in place). `kv_slots` is 0..max_seq_len-1 in device memory, uploaded
+once; a call binds a prefix of it. The small inputs and the outputs a call asks for go
+through pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each
+decode step shape (batch, kv_slots length, outputs copied) runs plainly once and is captured
+as a CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
-What has been exercised: the pure checks below run in CI on the CPU. No TensorRT engine can
-run anywhere in this project's CI (TensorRT-RTX refuses the only GPU there, an H100 with
-compute capability 9.0, and that machine has no datacenter TensorRT), so `load`, the
-TensorRT calls in `forward` and a captured engine step are NOT exercised. Everything else
-has run on an H100 (driver 580, CUDA 13.0, cuda-bindings 13.3) through tests/test_cuda_gpu.py
-and `python -m tools.gpu_check`: buffers, pinned copies, events, graph capture/replay, and
-this class's forward and decode-graph paths driving a stand-in execution context that copies
-at the bound addresses instead of running an engine.
+What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
+through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
+`pytest -m gpu` (tests/test_engine_gpu.py) and `python -m tools.bench`.
 """
 
 from __future__ import annotations
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from netdef.slots import slot_feeds
 
 from .cuda_buffers import (
     CudaGraph,
@@ -36,11 +36,13 @@ from .cuda_buffers import (
     d2h,
     device_info,
     enqueue_step,
+    h2d,
 )
 
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
 INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
+KV_SLOTS, WINDOW_SLOTS = "kv_slots", "window_slots"  # int32 [L] and [B, Lw] (netdef.slots)
 # The outputs a call may copy back (the rest are present_* KV caches, never copied).
 RESULTS = {
     "logits": "float",
@@ -97,7 +99,11 @@ def check_engine(meta: dict, engine: dict) -> None:
         problems.append(f"only in the engine: {', '.join(only)}")
     for name in sorted(declared.keys() & actual.keys()):
         d, a = declared[name], actual[name]
-        if (d["dtype"], list(d["shape"])) != (a["dtype"], list(a["shape"])):
+        # A dynamic dim may come back fixed where every profile pins it (max_batch 1).
+        same_dims = len(d["shape"]) == len(a["shape"]) and all(
+            want in (-1, got) for want, got in zip(d["shape"], a["shape"])
+        )
+        if d["dtype"] != a["dtype"] or not same_dims:
             problems.append(
                 f"{name} is {d['dtype']} {list(d['shape'])} in metadata.json "
                 f"but {a['dtype']} {list(a['shape'])} in the engine"
@@ -122,6 +128,11 @@ def check_contract(io: dict) -> None:
     inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
     outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
     problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
+    problems += [
+        f"input {n} must be int32"
+        for n in (KV_SLOTS, WINDOW_SLOTS)
+        if inputs.get(n, "int32") != "int32"
+    ]
     if "logits" not in outputs:
         problems.append("output logits is missing")
     for name, dtype in RESULTS.items():
@@ -142,7 +153,9 @@ def check_contract(io: dict) -> None:
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
     ]
-    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE}):
+    if extra := sorted(
+        inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, KV_SLOTS, WINDOW_SLOTS}
+    ):
         problems.append(f"unknown inputs {', '.join(extra)}")
     if problems:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
@@ -236,6 +249,20 @@ def describe_engine(engine: Any, trt: Any) -> dict:
     return {"io": io, "profiles": profiles}
 
 
+def runtime_config(engine: Any, trt: Any) -> Any:
+    """TensorRT-RTX compiles each new shape's kernels on first use before running it (EAGER).
+    Measured on an H200 (TensorRT-RTX 1.7, Gemma-3-1B shape): the default, LAZY, took 38 s
+    to create the context and 8 s for the first prefill, running fallback kernels meanwhile;
+    EAGER 2.0 s and 0.6 s, with the same steady-state speed."""
+    if not hasattr(engine, "create_runtime_config"):
+        return None
+    config = engine.create_runtime_config()
+    if hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
+        strategies = trt.DynamicShapesKernelSpecializationStrategy
+        config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
+    return config
+
+
 class TensorRTBackend:
     """`runtime.backend.Backend` over one execution context. `load` an artifact; the
     constructor takes the parts (plain dicts and any object with IExecutionContext's methods)."""
@@ -262,10 +289,17 @@ class TensorRTBackend:
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call
         self.last_call_ms = 0.0
-        self.graphs: dict[tuple[int, tuple[str, ...]], CudaGraph] = {}  # (B, outputs copied)
-        self.auto_graphs = auto_graphs  # capture each batch size's decode step on first use
+        inputs = {t["name"] for t in self.io["inputs"]}
+        self.window = meta.get("attention_window") if WINDOW_SLOTS in inputs else None
+        extra = (INV_TEMPERATURE, WINDOW_SLOTS)
+        self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
+        self._window_bytes = 0
+        # (B, kv_slots length, outputs copied) -> a captured decode step
+        self.graphs: dict[tuple[int, int, tuple[str, ...]], CudaGraph] = {}
+        self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
-        self._state: tuple[int, int, int] | None = None  # (profile, B, S) the context is set up for
+        # (profile, B, S, kv_slots length) the context is set up for
+        self._state: tuple[int, int, int, int] | None = None
         self.device: dict[str, DeviceBuffer] = {}
         self.host: dict[str, PinnedBuffer] = {}
         self.stream: Stream | None = None
@@ -281,8 +315,15 @@ class TensorRTBackend:
                     self.addresses[t["name"]] = self.device[
                         t["name"].replace("present_", "past_", 1)
                     ].ptr
-            for name in SMALL_INPUTS:
-                self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
+            for name in (*SMALL_INPUTS, WINDOW_SLOTS):
+                if name in plan:
+                    self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
+            if KV_SLOTS in plan:  # 0, 1, ..., max_seq_len - 1 once; a call binds a prefix
+                slots = PinnedBuffer(plan[KV_SLOTS] // 4, np.int32)
+                slots.array[:] = np.arange(slots.array.size, dtype=np.int32)
+                h2d(self.device[KV_SLOTS], slots, plan[KV_SLOTS], self.stream)
+                self.stream.synchronize()
+                slots.free()
             if self.has_log_normalizer:
                 self.host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
             for name, dtype in RESULTS.items():
@@ -323,7 +364,12 @@ class TensorRTBackend:
             desc = describe_engine(engine, trt)
             check_engine(meta, desc)
             check_contract(desc["io"])
-            context = engine.create_execution_context()
+            config = runtime_config(engine, trt)
+            context = (
+                engine.create_execution_context(config)
+                if config is not None
+                else engine.create_execution_context()
+            )
             if context is None:
                 raise EngineLoadError(
                     "TensorRT could not create an execution context (GPU memory?)"
@@ -397,52 +443,39 @@ class TensorRTBackend:
             self.max_seq_len,
         )
         b, s = ids.shape
-        key = (choose_profile(self.profile_names, s), b, s)
-        graph = self.graphs.get((b, wanted)) if s == 1 and self._state == key else None
-        self._stage(ids, pos, last)
+        slots = slot_feeds(pos, self.max_seq_len, self.window)
+        length = slots[KV_SLOTS].size
+        key = (choose_profile(self.profile_names, s), b, s, length)
+        graph = self.graphs.get((b, length, wanted)) if s == 1 and self._state == key else None
+        self._stage(ids, pos, last, slots.get(WINDOW_SLOTS))
         self.timer.start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
-            self._prepare(key)
+            self._prepare(key, slots)
             self._enqueue(b, s, wanted)
         self.timer.stop(self.stream)
         self.stream.synchronize()
-        if self.auto_graphs and s == 1 and (b, wanted) not in self.graphs:
-            self.capture_decode_graph(b, wanted)  # the context is set up: the next step replays
+        if self.auto_graphs and s == 1 and (b, length, wanted) not in self.graphs:
+            # The context is set up for this shape: the next such step replays the capture.
+            self.graphs[b, length, wanted] = CudaGraph.capture(
+                self.stream, lambda: self._enqueue(b, 1, wanted)
+            )
         self.last_call_ms = self.timer.elapsed_ms()
         self.last_call = (b, s)
         return b, s
 
-    def capture_decode_graph(self, batch: int, wanted: tuple[str, ...] = LOGITS) -> None:
-        """Record one decode step for `batch` sequences; S == 1 calls of that batch replay it
-        once the context is set up for them (the first decode after a prefill runs plainly)."""
-        if not 1 <= batch <= self.max_batch:
-            raise ValueError(
-                f"batch of {batch} is outside the engine's 1..max_batch={self.max_batch}."
-            )
-        key = (choose_profile(self.profile_names, 1), batch, 1)
-        if self._state != key:
-            # TensorRT needs one enqueue after a shape change before capture. This one writes
-            # slot max_seq_len - 1, which no sequence reads before its own token overwrites it.
-            self._prepare(key)
-            filler = np.zeros((batch, 1), np.int32)
-            self._stage(filler, filler + self.max_seq_len - 1, filler[:, 0])
-            self._enqueue(batch, 1, wanted)
-            self.stream.synchronize()
-        graph = CudaGraph.capture(self.stream, lambda: self._enqueue(batch, 1, wanted))
-        if old := self.graphs.pop((batch, wanted), None):
-            old.free()
-        self.graphs[batch, wanted] = graph
-
-    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray) -> None:
+    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, window) -> None:
         for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
             self.host[name].array[: a.size] = a.ravel()
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
+        if window is not None:
+            self.host[WINDOW_SLOTS].array[: window.size] = window.ravel()
+            self._window_bytes = window.nbytes
 
-    def _prepare(self, key: tuple[int, int, int]) -> None:
-        profile, b, s = key
+    def _prepare(self, key: tuple[int, int, int, int], slots: dict[str, np.ndarray]) -> None:
+        profile, b, s, _ = key
         self._state = None
         if self._profile != profile:
             if not self.context.set_optimization_profile_async(profile, self.stream.handle):
@@ -450,7 +483,12 @@ class TensorRTBackend:
             self._profile = profile
         for t in self.io["inputs"]:
             name = t["name"]
-            shape = (b, s) if name in SMALL_INPUTS[:2] else (b, *self.max_shapes[name][1:])
+            if name in SMALL_INPUTS[:2]:
+                shape = (b, s)
+            elif name in slots:
+                shape = slots[name].shape
+            else:
+                shape = (b, *self.max_shapes[name][1:])
             if not self.context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused shape {list(shape)} for {name}.")
         for name, ptr in self.addresses.items():
@@ -475,9 +513,9 @@ class TensorRTBackend:
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
             INV_TEMPERATURE: b * 4,
+            WINDOW_SLOTS: self._window_bytes,
         }
-        inputs = (*SMALL_INPUTS, INV_TEMPERATURE) if self.has_log_normalizer else SMALL_INPUTS
-        uploads = [(self.device[n], self.host[n], sizes[n]) for n in inputs]
+        uploads = [(self.device[n], self.host[n], sizes[n]) for n in self._uploads]
         sizes = {
             "logits": int(np.prod(self._logits_shape(b, s))) * 4,
             "next_token": b * 4,

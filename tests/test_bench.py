@@ -364,9 +364,10 @@ class FixedTimeBackend:
 
     max_batch, max_seq_len, max_prefill = 4, 64, 16
 
-    def __init__(self):
-        self.calls, self.captured, self.resets = [], [], []
+    def __init__(self, auto_graphs: bool = True):
+        self.calls, self.resets = [], []
         self.last_call_ms = 0.0
+        self.auto_graphs = auto_graphs
 
     def reset(self, batch):
         self.resets.append(batch)
@@ -379,8 +380,8 @@ class FixedTimeBackend:
         self.last_call_ms = float(ids.shape[1])
         return np.zeros((ids.shape[0], 8), np.float32)
 
-    def capture_decode_graph(self, batch):
-        self.captured.append(batch)
+    def forward_greedy(self, ids, positions, last):
+        return self.forward(ids, positions, last).argmax(-1)
 
 
 def test_measure_loops_use_backend_event_times_and_positions():
@@ -400,15 +401,15 @@ def test_measure_loops_use_backend_event_times_and_positions():
         (1, 1.0, 1000.0, True),
         (4, 1.0, 4000.0, True),
     ]
-    assert backend.resets == [1, 4] and backend.captured == [1, 4]
+    assert backend.resets == [1, 4]
     # context 20 with max_prefill 16: chunks at 0 and 16, then 3 rounds of positions 20..22
     first = backend.calls[: 2 + 9]
     assert [c[:2] for c in first[:2]] == [((1, 16), [0]), ((1, 4), [16])]
     assert [c[1][0] for c in first[2:]] == [20, 21, 22] * 3
     assert all(c[2] == [0, 0, 0, 0] for c in backend.calls[-9:])
-    no_graph = FixedTimeBackend()
-    assert not measure_decode(no_graph, ids, [2], 0, 2, 0, 1, graph=False)[0]["graph"]
-    assert no_graph.captured == [] and [c[1] for c in no_graph.calls] == [[0, 0], [1, 1]]
+    no_graph = FixedTimeBackend(auto_graphs=False)
+    assert not measure_decode(no_graph, ids, [2], 0, 2, 0, 1)[0]["graph"]
+    assert [c[1] for c in no_graph.calls] == [[0, 0], [1, 1]]
 
 
 def test_measure_loops_on_the_cpu_executor(tiny_dir):
@@ -450,11 +451,12 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
     from tools.gpu_check import CopyContext, fake_engine
 
     meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
-    with TensorRTBackend(meta, desc, CopyContext()) as backend:
+    with TensorRTBackend(meta, desc, CopyContext(), auto_graphs=True) as backend:
         ids = prompt_ids(64, 4, 40)
         pre = measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
         dec = measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)
-        assert set(backend.graphs) == {(1, ("logits",)), (4, ("logits",))}  # graphs replayed
+        # (batch, kv_slots length, outputs copied): graphs replayed
+        assert set(backend.graphs) == {(1, 64, ("next_token",)), (4, 64, ("next_token",))}
     assert all(r["graph"] for r in dec)
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 

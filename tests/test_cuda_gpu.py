@@ -1,7 +1,7 @@
 """The TensorRT backend's CUDA plumbing on a real GPU, without TensorRT.
 
 Each test runs one of tools/gpu_check.py's checks, which drive the backend's own helpers
-(`runtime.cuda_buffers`, `buffer_plan`, `TensorRTBackend.forward` / `capture_decode_graph`
+(`runtime.cuda_buffers`, `buffer_plan`, `TensorRTBackend.forward` and its decode graphs
 with a stand-in execution context). Skipped unless cuda-python imports and a CUDA device is
 present: that skip is expected in CI and is not coverage.
 """

@@ -123,13 +123,10 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     np.testing.assert_array_equal(values, np.take_along_axis(last, top_ids, axis=-1))
     # log_normalizer: log sum exp(logits * inv_temperature) per row, each row its own 1/T.
     model.reset(2)
-    feeds = {
-        "input_ids": ids,
-        "position_ids": np.tile(np.arange(9, dtype=np.int32), (2, 1)),
-        "last_token_index": np.array([8, 5], np.int32),
-        "inv_temperature": np.array([1 / 0.6, 1 / 1.5], np.float32),
-        **model.caches,
-    }
+    feeds = model.feeds(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
+    )
+    feeds["inv_temperature"] = np.array([1 / 0.6, 1 / 1.5], np.float32)
     lse = model.executor.run(feeds)["log_normalizer"]
     x = last.astype(np.float64) * feeds["inv_temperature"][:, None]
     expected = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))

@@ -176,13 +176,9 @@ def test_executor_returns_intermediate_tensors_by_name():
     dn = build_network(ckpt, NetworkOptions(dtype="float32", max_seq_len=8), trt)
     model = CpuModel(dn)
     model.reset(1)
-    feeds = {
-        "input_ids": np.array([[5, 6, 7]], np.int32),
-        "position_ids": np.array([[0, 1, 2]], np.int32),
-        "last_token_index": np.array([2], np.int32),
-        "inv_temperature": np.ones(1, np.float32),
-        **model.caches,
-    }
+    feeds = model.feeds(
+        np.array([[5, 6, 7]], np.int32), np.array([[0, 1, 2]], np.int32), np.array([2], np.int32)
+    )
     tensor = dn.graph.linear_inputs["layers.0.qkv_proj"]
     out = Executor.for_network(dn).run(feeds, extra=[tensor])
     assert out[tensor].shape == (1, 3, 128) and "logits" in out

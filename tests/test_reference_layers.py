@@ -511,6 +511,32 @@ def test_slice_out_of_bounds_is_an_error():
         )
 
 
+def test_slice_fill_mode_pads_with_the_fill_value():
+    """FILL reads the fill value (input 4) where an index falls outside the input."""
+    x = floats(2, 5)
+
+    def build(net, t):
+        layer = net.network.add_slice(t, (0, -1), (3, 8), (1, 1))
+        layer.mode = trt.SampleMode.FILL
+        layer.set_input(4, net.const(np.array(-7.5, np.float32), "fill"))
+        return layer.get_output(0)
+
+    expected = np.full((3, 8), -7.5, np.float32)
+    expected[:2, 1:6] = x
+    np.testing.assert_array_equal(run_one(build, x), expected)
+
+
+def test_slice_fill_mode_defaults_to_zero():
+    x = floats(3)
+
+    def build(net, t):
+        layer = net.network.add_slice(t, (1,), (4,), (1,))
+        layer.mode = trt.SampleMode.FILL
+        return layer.get_output(0)
+
+    np.testing.assert_array_equal(run_one(build, x), [x[1], x[2], 0.0, 0.0])
+
+
 def test_slice_with_explicit_axes_is_refused():
     """With axes set, start/size/stride apply to those axes only; not implemented, so an error."""
 

@@ -4,7 +4,7 @@
 
 Runs the checks that tests/test_cuda_gpu.py runs (device buffers sized from a fake engine's
 shape table, pinned round trips of int32 and bf16 data, event timing, CUDA graph capture and
-replay, and `TensorRTBackend.forward` / `capture_decode_graph` driving a stand-in execution
+replay, and `TensorRTBackend.forward` with its captured decode steps driving a stand-in execution
 context that copies instead of running an engine), then measures copy bandwidth and graph
 replay against plain stream launches. Needs cuda-python and a CUDA GPU only (no TensorRT,
 no pytest); exits 1 if a check fails, 2 if there is no usable GPU.
@@ -59,6 +59,7 @@ def fake_engine(
             {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
             {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
             {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
+            {"name": "kv_slots", "dtype": "int32", "shape": [-1]},
         ],
         "outputs": [
             {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
@@ -96,7 +97,8 @@ def fake_engine(
             "position_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
             "last_token_index": [[bb] for bb in batch],
         }
-        for t in io["inputs"][3:]:
+        shapes["kv_slots"] = [[1], [max_seq_len], [max_seq_len]]
+        for t in io["inputs"][4:]:
             shape = cache if t["name"].startswith("past_") else []
             shapes[t["name"]] = [[bb, *shape] for bb in batch]
         profiles.append({"name": name, "shapes": shapes})
@@ -324,11 +326,11 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
                 "not the last logits"
             )
         assert ctx.executions == before, "top-p steps after the first did not replay"
-        assert sorted(model.graphs) == [
-            (2, ("logits",)),
-            (2, ("next_token",)),
-            (2, ("top_logits", "top_ids")),
-            (2, ("top_logits", "top_ids", "log_normalizer")),
+        assert sorted(model.graphs) == [  # (batch, kv_slots length, outputs copied)
+            (2, 256, ("logits",)),
+            (2, 256, ("next_token",)),
+            (2, 256, ("top_logits", "top_ids")),
+            (2, 256, ("top_logits", "top_ids", "log_normalizer")),
         ]
     return (
         f"first decode step captured, {decode_steps} later steps replayed (logits, greedy ids, "
@@ -341,7 +343,7 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
     ctx = CopyContext()
     rng = np.random.default_rng(2)
-    with TensorRTBackend(meta, desc, ctx) as model:
+    with TensorRTBackend(meta, desc, ctx, auto_graphs=True) as model:
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
 
@@ -364,10 +366,10 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
                 rng.integers(0, 1000, (2, 5), dtype=np.int32),
                 np.tile(np.arange(5, dtype=np.int32), (2, 1)),
             )
-            model.capture_decode_graph(2)
+            call(np.ones((2, 1), np.int32), np.full((2, 1), 5, np.int32))  # plain, captured
             before = ctx.executions
             for step in range(decode_steps):
-                pos = np.full((2, 1), 5 + step, np.int32)
+                pos = np.full((2, 1), 6 + step, np.int32)
                 call(rng.integers(0, 1000, (2, 1), dtype=np.int32), pos)
             assert ctx.executions == before, "decode steps did not replay the graph"
             call(
@@ -378,7 +380,7 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
             call(np.ones((2, 1), np.int32), np.full((2, 1), 3, np.int32))  # plain: shapes changed
             call(np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32))  # replay again
             assert ctx.executions == before + 1, "expected one plain step, then a replay"
-            call(np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32))  # no graph for B=1: plain
+            call(np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32))  # first B=1 step: plain
             assert ctx.executions == before + 2
             expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0]
             assert ctx.profile_switches == expected, ctx.profile_switches

@@ -114,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=32, help="decode steps per round (default 32)")
     g.add_argument("--no-graph", action="store_true", help="decode without CUDA graph replay")
     g.add_argument(
+        "--profile",
+        action="store_true",
+        help="also list the GPU kernels of a decode step and a prefill (torch.profiler/CUPTI)",
+    )
+    g.add_argument(
         "--no-compare-profiles",
         dest="compare_profiles",
         action="store_false",

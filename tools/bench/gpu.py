@@ -146,21 +146,20 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     report["engines"] = {}
     for profile_set, artifact in engines.items():
         print(f"measuring the {profile_set} engine {artifact} ...", file=sys.stderr)
-        with TensorRTBackend.load(artifact) as backend:
-            report["engines"][profile_set] = {
+        with TensorRTBackend.load(artifact, cuda_graphs=not args.no_graph) as backend:
+            measured = report["engines"][profile_set] = {
                 "artifact": str(artifact),
                 "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
                 "decode": measure_decode(
-                    backend,
-                    ids,
-                    plan.batches,
-                    plan.context,
-                    plan.steps,
-                    warmup,
-                    rounds,
-                    not args.no_graph,
+                    backend, ids, plan.batches, plan.context, plan.steps, warmup, rounds
                 ),
             }
+            if args.profile:
+                from tools.bench.profile import profile_engine
+
+                measured["profile"] = profile_engine(
+                    backend, ids, plan.context, max(plan.prompt_lens)
+                )
         report.save()
 
     if args.compare_transformers:
@@ -294,6 +293,11 @@ def gpu_tables(report: dict[str, Any]) -> str:
         )
     elif report.get("profiles_skipped"):
         parts.append(f"profiles comparison skipped: {report['profiles_skipped']}")
+
+    if "profile" in base:
+        from tools.bench.profile import profile_tables
+
+        parts += profile_tables(base["profile"], format_table)
 
     if report.get("roofline"):
         roof = report["roofline"]

@@ -90,10 +90,11 @@ def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray
 
 
 def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> float:
-    """Milliseconds of one forward: CUDA events where the backend keeps `last_call_ms`
-    (TensorRTBackend), else wall clock."""
+    """Milliseconds of one greedy call (only next_token is copied back, as greedy generation
+    does): CUDA events where the backend keeps `last_call_ms` (TensorRTBackend), else wall
+    clock."""
     t0 = time.perf_counter()
-    backend.forward(ids, positions, last)
+    backend.forward_greedy(ids, positions, last)
     wall = (time.perf_counter() - t0) * 1e3
     return float(backend.last_call_ms) if hasattr(backend, "last_call_ms") else wall
 
@@ -129,18 +130,16 @@ def measure_decode(
     steps: int,
     warmup: int,
     rounds: int,
-    graph: bool = True,
 ) -> list[dict[str, Any]]:
     """Per batch size: prefill `context` tokens, then rounds of `steps` decode steps at
     positions context .. context+steps-1 (each round rewrites the same slots). A round's
-    figure is its mean ms per step (one token per sequence); min and median over rounds."""
+    figure is its mean ms per step (one token per sequence); min and median over rounds.
+    A backend with `auto_graphs` replays each step shape's CUDA graph after its first use."""
     rows = []
     for b in batches:
         backend.reset(b)
         fill_cache(backend, ids, b, context)
-        captured = bool(graph and hasattr(backend, "capture_decode_graph"))
-        if captured:
-            backend.capture_decode_graph(b)
+        captured = bool(getattr(backend, "auto_graphs", False))
         last = np.zeros(b, np.int32)
         per_round = []
         for _ in range(warmup + rounds):

@@ -1,0 +1,164 @@
+"""Engines on a real GPU against the CPU executor of the same network (`pytest -m gpu`).
+
+Each test builds an artifact with `tools.build` for the GPU it runs on (TensorRT-RTX: the
+device's compute capability as --target), loads it with `TensorRTBackend` and runs the same
+calls through `CpuModel` (the NumPy executor, float32 arithmetic rounded per layer as the
+network states): a ragged batch of two prompts prefilled in chunks, then decode steps with
+each row at its own position, comparing logits, next_token and the best-K outputs, with CUDA
+graphs on and off. Two bf16 implementations round at different points, so logits agree
+within `atol + rtol * max|logit|` (stated per model), ids wherever the executor's margin
+between neighbours is clear. Skipped without cuda-python and a GPU: that skip is not coverage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netdef import NetworkOptions, build_network
+from runtime.cpu import CpuModel
+from runtime.cuda_buffers import device_info, gpu_unavailable_reason
+from weights import Checkpoint
+
+pytestmark = pytest.mark.gpu
+
+# (atol, rtol) of the engine's bf16 logits against the executor's bf16 logits.
+TOLERANCE = {"tiny": (2e-2, 2e-2), "gemma-3-1b": (5e-2, 5e-2)}
+MARGIN = 0.1  # ids are compared where the executor's k-th and (k+1)-th logits differ by more
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_gpu() -> None:
+    if reason := gpu_unavailable_reason():
+        pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+
+
+def build_for_device(model_dir: Path, out: Path, **options) -> Path:
+    from netdef.backend import is_rtx, load_backend
+    from tools.build import build
+
+    cc = device_info().cc
+    target = f"sm{cc[0]}{cc[1]}" if is_rtx(load_backend()) else None
+    return build(str(model_dir), target=target, output=out, progress=False, **options)
+
+
+def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int):
+    """(ids, positions, last) of a ragged batch: prompts of the given lengths, right-padded,
+    prefilled in chunks of `prefill`, then `steps` decode steps from each row's own end."""
+    rng = np.random.default_rng(7)
+    longest = max(batch_lengths)
+    prompts = rng.integers(3, vocab, size=(len(batch_lengths), longest), dtype=np.int32)
+    out = []
+    for start in range(0, longest, prefill):
+        end = min(start + prefill, longest)
+        pos = np.tile(np.arange(start, end, dtype=np.int32), (len(batch_lengths), 1))
+        last = np.array([min(n, end) - 1 - start if n > start else 0 for n in batch_lengths])
+        out.append((prompts[:, start:end], pos, last.astype(np.int32)))
+    ends = np.array(batch_lengths, np.int32)
+    for step in range(steps):
+        ids = rng.integers(3, vocab, size=(len(batch_lengths), 1), dtype=np.int32)
+        out.append((ids, (ends + step)[:, None], np.zeros(len(batch_lengths), np.int32)))
+    return out
+
+
+def run_all(model, sequence, top_k: bool):
+    """Per call: logits, next_token and (best K) from the same cache state (an engine call
+    copies back only what it is asked for; each call rewrites the same slots)."""
+    results = []
+    for ids, pos, last in sequence:
+        logits = model.forward(ids, pos, last)
+        if isinstance(model, CpuModel):  # one executor run has every output
+            out = model.last
+            best = (out["top_logits"], out["top_ids"]) if top_k else None
+            results.append((logits, out["next_token"], best))
+            continue
+        greedy = model.forward_greedy(ids, pos, last)
+        best = model.forward_top_k(ids, pos, last) if top_k else None
+        results.append((logits, greedy, best))
+    return results
+
+
+def assert_close(engine_results, cpu_results, atol: float, rtol: float) -> dict:
+    worst = 0.0
+    for (e_logits, e_greedy, e_best), (c_logits, c_greedy, c_best) in zip(
+        engine_results, cpu_results
+    ):
+        bound = atol + rtol * float(np.abs(c_logits).max())
+        diff = float(np.abs(e_logits - c_logits).max())
+        worst = max(worst, diff / bound)
+        assert diff <= bound, f"logits differ by {diff:.4g} (bound {bound:.4g})"
+        ordered = np.sort(c_logits, axis=-1)[:, ::-1]
+        clear = ordered[:, 0] - ordered[:, 1] > MARGIN
+        np.testing.assert_array_equal(e_greedy[clear], c_greedy[clear])
+        if c_best is not None:
+            k = c_best[0].shape[1]
+            np.testing.assert_allclose(e_best[0], c_best[0], atol=bound, rtol=0)
+            gaps = np.diff(ordered[:, : k + 1], axis=-1) < -MARGIN  # clear neighbour gaps
+            for row in np.flatnonzero(gaps.all(axis=-1)):
+                np.testing.assert_array_equal(e_best[1][row], c_best[1][row])
+    return {"worst_fraction_of_bound": worst}
+
+
+def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tolerance):
+    from netdef.artifact import read_metadata
+    from runtime.tensorrt_backend import TensorRTBackend
+
+    meta = read_metadata(artifact)
+    opts = {k: v for k, v in meta["options"].items()}
+    cpu = CpuModel(build_network(Checkpoint.open(model_dir), NetworkOptions(**opts)))
+    sequence = calls(batch_lengths, prefill, steps, meta["config"]["vocab_size"])
+    top_k = opts["sample_top_k"] > 0
+    cpu.reset(len(batch_lengths))
+    expected = run_all(cpu, sequence, top_k)
+    by_graphs = {}
+    for graphs in (False, True):
+        with TensorRTBackend.load(artifact, cuda_graphs=graphs) as engine:
+            engine.reset(len(batch_lengths))
+            by_graphs[graphs] = run_all(engine, sequence, top_k)
+            if graphs:  # every decode step after the first of its shape was a replay
+                assert engine.graphs, "no decode step was captured"
+        assert_close(by_graphs[graphs], expected, *tolerance)
+    for a, b in zip(by_graphs[False], by_graphs[True]):  # replay == plain execution
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2", "qwen3"])
+def test_tiny_engine_matches_the_executor(family, tmp_path):
+    from tests.fixtures.tiny import tiny_model_dir
+
+    model_dir = tiny_model_dir(family)
+    # max_seq_len 24 > the tiny Gemma's window of 4, so sliding and global layers differ.
+    artifact = build_for_device(
+        model_dir, tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4, sample_top_k=8
+    )
+    compare(artifact, model_dir, [7, 5], prefill=4, steps=6, tolerance=TOLERANCE["tiny"])
+
+
+def test_default_artifact_loads(tmp_path):
+    """The default --max-batch 1 engine pins the batch dim, which the engine reports static."""
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tests.fixtures.tiny import tiny_model_dir
+
+    artifact = build_for_device(tiny_model_dir("llama"), tmp_path / "a")
+    with TensorRTBackend.load(artifact) as engine:
+        engine.reset(1)
+        ids = np.array([[5, 6, 7]], np.int32)
+        assert engine.forward_greedy(
+            ids, np.arange(3, dtype=np.int32)[None], np.array([2])
+        ).shape == (1,)
+
+
+def test_gemma3_1b_shaped_engine_matches_the_executor(tmp_path):
+    from tools.bench.random_model import random_config, write_random_checkpoint
+
+    model_dir = write_random_checkpoint(tmp_path / "g1b", random_config("gemma-3-1b"))
+    artifact = build_for_device(
+        model_dir, tmp_path / "a", max_batch=2, max_seq_len=1024, max_prefill=512
+    )
+    # Prompts of 530 and 520 tokens: past the 512-token window of the sliding layers.
+    compare(
+        artifact, model_dir, [530, 520], prefill=512, steps=3, tolerance=TOLERANCE["gemma-3-1b"]
+    )
