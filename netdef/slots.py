@@ -37,18 +37,23 @@ def kv_length(need: int, max_seq_len: int) -> int:
     return min(max_seq_len, max(MIN_SLOTS, 1 << (max(need, 1) - 1).bit_length()))
 
 
+def window_slots(positions: np.ndarray, length: int, window: int) -> np.ndarray:
+    """int32 [B, Lw]: the slots the sliding layers of each row read, for a call with
+    position_ids [B, S] whose `kv_slots` has `length` slots."""
+    b, s = positions.shape
+    if window + s - 1 < length:
+        first = positions[:, :1] - (window - 1)
+        return first + np.arange(window + s - 1, dtype=np.int32)
+    return np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
+
+
 def slot_feeds(
     positions: np.ndarray, max_seq_len: int, window: int | None
 ) -> dict[str, np.ndarray]:
     """`kv_slots` (and `window_slots` for networks with sliding layers of `window`) for a call
     with int32 position_ids [B, S] (row b is p_b, p_b + 1, ...)."""
-    b, s = positions.shape
     length = kv_length(int(positions[:, -1].max()) + 1, max_seq_len)
     feeds = {"kv_slots": np.arange(length, dtype=np.int32)}
     if window is not None:
-        if window + s - 1 < length:
-            first = positions[:, :1] - (window - 1)
-            feeds["window_slots"] = first + np.arange(window + s - 1, dtype=np.int32)
-        else:
-            feeds["window_slots"] = np.broadcast_to(feeds["kv_slots"], (b, length)).copy()
+        feeds["window_slots"] = window_slots(positions, length, window)
     return feeds

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import slot_feeds
+from netdef.slots import kv_length, window_slots
 
 from .cuda_buffers import (
     CudaGraph,
@@ -214,12 +214,13 @@ def validate_call(ids, positions, last, max_batch: int, max_prefill: int, max_se
         raise ValueError(
             f"{s} tokens in one call is outside the engine's 1..max_prefill={max_prefill}."
         )
-    if positions.min() < 0 or positions[:, 0].max() + s > max_seq_len:
+    first = positions[:, 0]
+    if first.min() < 0 or first.max() + s > max_seq_len:
         raise ValueError(
-            f"positions {positions.min()}..{positions[:, 0].max() + s - 1} are beyond the KV cache "
+            f"positions {first.min()}..{first.max() + s - 1} are beyond the KV cache "
             f"(slots 0..{max_seq_len - 1}, max_seq_len={max_seq_len})."
         )
-    if np.any(positions != positions[:, :1] + np.arange(s, dtype=np.int32)):
+    if s > 1 and np.any(positions != first[:, None] + np.arange(s, dtype=np.int32)):
         raise ValueError("each row of position_ids must be consecutive: p, p+1, ...")
     if last.min() < 0 or last.max() >= s:
         raise ValueError(f"last_token_index must be in 0..{s - 1}.")
@@ -274,6 +275,7 @@ class TensorRTBackend:
         context: Any,
         keep_alive: tuple = (),
         auto_graphs: bool = False,
+        timed: bool = False,
     ):
         options = meta["options"]
         self.max_batch = options["max_batch"]
@@ -288,7 +290,8 @@ class TensorRTBackend:
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call
-        self.last_call_ms = 0.0
+        self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
+        self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         inputs = {t["name"] for t in self.io["inputs"]}
         self.window = meta.get("attention_window") if WINDOW_SLOTS in inputs else None
         extra = (INV_TEMPERATURE, WINDOW_SLOTS)
@@ -335,7 +338,9 @@ class TensorRTBackend:
             raise
 
     @classmethod
-    def load(cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True) -> TensorRTBackend:
+    def load(
+        cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
+    ) -> TensorRTBackend:
         from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
         from netdef.backend import BackendError, load_backend
 
@@ -377,7 +382,12 @@ class TensorRTBackend:
         except EngineLoadError as e:
             raise EngineLoadError(f"cannot load {artifact}: {e}") from None
         return cls(
-            meta, desc, context, keep_alive=(logger, runtime, engine), auto_graphs=cuda_graphs
+            meta,
+            desc,
+            context,
+            keep_alive=(logger, runtime, engine),
+            auto_graphs=cuda_graphs,
+            timed=timed,
         )
 
     def reset(self, batch: int) -> None:
@@ -443,25 +453,28 @@ class TensorRTBackend:
             self.max_seq_len,
         )
         b, s = ids.shape
-        slots = slot_feeds(pos, self.max_seq_len, self.window)
-        length = slots[KV_SLOTS].size
+        length = kv_length(int(pos[:, -1].max()) + 1, self.max_seq_len)
+        window = window_slots(pos, length, self.window) if self.window else None
         key = (choose_profile(self.profile_names, s), b, s, length)
         graph = self.graphs.get((b, length, wanted)) if s == 1 and self._state == key else None
-        self._stage(ids, pos, last, slots.get(WINDOW_SLOTS))
-        self.timer.start(self.stream)
+        self._stage(ids, pos, last, window)
+        if self.timed:
+            self.timer.start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
-            self._prepare(key, slots)
+            self._prepare(key, window)
             self._enqueue(b, s, wanted)
-        self.timer.stop(self.stream)
+        if self.timed:
+            self.timer.stop(self.stream)
         self.stream.synchronize()
         if self.auto_graphs and s == 1 and (b, length, wanted) not in self.graphs:
             # The context is set up for this shape: the next such step replays the capture.
             self.graphs[b, length, wanted] = CudaGraph.capture(
                 self.stream, lambda: self._enqueue(b, 1, wanted)
             )
-        self.last_call_ms = self.timer.elapsed_ms()
+        if self.timed:
+            self.last_call_ms = self.timer.elapsed_ms()
         self.last_call = (b, s)
         return b, s
 
@@ -474,8 +487,8 @@ class TensorRTBackend:
             self.host[WINDOW_SLOTS].array[: window.size] = window.ravel()
             self._window_bytes = window.nbytes
 
-    def _prepare(self, key: tuple[int, int, int, int], slots: dict[str, np.ndarray]) -> None:
-        profile, b, s, _ = key
+    def _prepare(self, key: tuple[int, int, int, int], window: np.ndarray | None) -> None:
+        profile, b, s, length = key
         self._state = None
         if self._profile != profile:
             if not self.context.set_optimization_profile_async(profile, self.stream.handle):
@@ -485,8 +498,10 @@ class TensorRTBackend:
             name = t["name"]
             if name in SMALL_INPUTS[:2]:
                 shape = (b, s)
-            elif name in slots:
-                shape = slots[name].shape
+            elif name == KV_SLOTS:
+                shape = (length,)
+            elif name == WINDOW_SLOTS:
+                shape = window.shape
             else:
                 shape = (b, *self.max_shapes[name][1:])
             if not self.context.set_input_shape(name, shape):

@@ -134,3 +134,25 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     np.testing.assert_allclose(lse, expected, rtol=1e-6)
     np.testing.assert_allclose(last[0], full[0, 8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)
+
+
+def test_best_k_in_two_stages_over_a_padded_vocabulary(tmp_path):
+    """A 5,000-token vocabulary is padded to two TopK blocks of 4,096: the engine's best 64
+    are exactly the 64 largest logits, in order."""
+    from tools.bench.random_model import random_config, write_random_checkpoint
+
+    shapes = dict(
+        layers=2, hidden=64, intermediate=128, vocab=5000, heads=4, kv_heads=2, head_dim=16
+    )
+    ckpt = Checkpoint.open(
+        write_random_checkpoint(tmp_path, random_config("llama-3.2-1b", **shapes))
+    )
+    model = CpuModel(
+        build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64))
+    )
+    model.reset(2)
+    ids = np.random.default_rng(1).integers(3, 5000, (2, 7), dtype=np.int32)
+    logits = model.forward(ids, np.tile(np.arange(7, dtype=np.int32), (2, 1)), np.array([6, 4]))
+    top_ids = model.last["top_ids"]
+    np.testing.assert_array_equal(top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :64])
+    np.testing.assert_array_equal(model.last["top_logits"], np.take_along_axis(logits, top_ids, -1))

@@ -343,7 +343,7 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
     ctx = CopyContext()
     rng = np.random.default_rng(2)
-    with TensorRTBackend(meta, desc, ctx, auto_graphs=True) as model:
+    with TensorRTBackend(meta, desc, ctx, auto_graphs=True, timed=True) as model:
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
 

@@ -146,7 +146,7 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     report["engines"] = {}
     for profile_set, artifact in engines.items():
         print(f"measuring the {profile_set} engine {artifact} ...", file=sys.stderr)
-        with TensorRTBackend.load(artifact, cuda_graphs=not args.no_graph) as backend:
+        with TensorRTBackend.load(artifact, cuda_graphs=not args.no_graph, timed=True) as backend:
             measured = report["engines"][profile_set] = {
                 "artifact": str(artifact),
                 "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
@@ -233,8 +233,10 @@ def gpu_tables(report: dict[str, Any]) -> str:
     hf_dec = {m: {r["batch"]: r for r in rows} for m, rows in hf.get("decode", {}).items() if rows}
     if eng_dec or hf_dec:
         headers = ["batch"]
+        host = any("host_ms" in r for r in eng_dec.values())
         if eng_dec:
             headers += ["engine min ms", "engine median ms", "engine tok/s"]
+            headers += ["untimed wall ms", "host ms"] * host
         for mode in hf_dec:
             headers += [f"HF {mode} min ms", f"HF {mode} median ms", f"HF {mode} tok/s"]
             if eng_dec:
@@ -248,6 +250,7 @@ def gpu_tables(report: dict[str, Any]) -> str:
             row = [b]
             if eng_dec:
                 row += [e.get("min_ms"), e.get("median_ms"), e.get("tokens_per_s")]
+                row += [e.get("wall_ms"), e.get("host_ms")] * host
             for by_batch in hf_dec.values():
                 h = by_batch.get(b, {})
                 row += [h.get("min_ms"), h.get("median_ms"), h.get("tokens_per_s")]

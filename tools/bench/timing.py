@@ -134,7 +134,9 @@ def measure_decode(
     """Per batch size: prefill `context` tokens, then rounds of `steps` decode steps at
     positions context .. context+steps-1 (each round rewrites the same slots). A round's
     figure is its mean ms per step (one token per sequence); min and median over rounds.
-    A backend with `auto_graphs` replays each step shape's CUDA graph after its first use."""
+    A backend with `auto_graphs` replays each step shape's CUDA graph after its first use.
+    With a `timed` backend (CUDA events), one more round runs untimed, as generation does,
+    and its median wall-clock step is `wall_ms`: the host's work is wall_ms - median_ms."""
     rows = []
     for b in batches:
         backend.reset(b)
@@ -156,6 +158,19 @@ def measure_decode(
         row = {"batch": b, "context": context, "steps": steps, "graph": captured}
         row.update(stats(per_round[warmup:]))
         row["tokens_per_s"] = b / row["median_ms"] * 1e3
+        if getattr(backend, "timed", False):
+            backend.timed = False
+            try:
+                wall = []
+                for s in range(steps):
+                    step = (ids[:b, context + s : context + s + 1], np.full((b, 1), context + s))
+                    t0 = time.perf_counter()
+                    backend.forward_greedy(*step, last)
+                    wall.append((time.perf_counter() - t0) * 1e3)
+            finally:
+                backend.timed = True
+            row["wall_ms"] = statistics.median(wall)
+            row["host_ms"] = row["wall_ms"] - row["median_ms"]
         rows.append(row)
     return rows
 
