@@ -13,6 +13,17 @@ from .slots import attention_window, kv_length, layer_windows
 Shape = tuple[int, ...]
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
 TOPK_BLOCK = 4096  # logits per first-stage TopK block (netdef.decoder.best_k); >= TOPK_MAX
+# Attention scores [batch, heads, prefill tokens, cache slots] of one prefill call, float32 in
+# device memory (netdef.decoder.attend): the default --max-prefill keeps them to 4 GiB. (The
+# Llama-3.2-1B shape at batch 16 and 4,096 x 4,096 would need 34 GiB.)
+SCORES_DEFAULT = 1 << 30
+
+
+def default_max_prefill(config: ModelConfig, max_batch: int, max_seq_len: int) -> int:
+    """The longest prompt chunk (a power of two, at most max_seq_len) whose attention scores
+    stay within SCORES_DEFAULT."""
+    fit = SCORES_DEFAULT // (max_batch * config.num_heads * max_seq_len)
+    return min(max_seq_len, 1 << max(fit, 1).bit_length() - 1)
 
 
 class OptionsError(ValueError):

@@ -68,3 +68,16 @@ def test_reading_more_slots_than_visible_changes_nothing(tiny_dir, family):
         fewest["window_slots"] = np.tile(np.arange(-2, 9, dtype=np.int32), (2, 1))
     # equal up to float32 summation order (softmax and matmul over other lengths)
     np.testing.assert_allclose(model.executor.run(fewest)["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_default_max_prefill_bounds_the_attention_scores():
+    """A prefill call materializes float32 scores [batch, heads, chunk, cache slots]."""
+    from netdef.options import default_max_prefill
+    from tools.bench.random_model import random_config
+    from weights.config import parse_config
+
+    gemma, llama = (parse_config(random_config(p)) for p in ("gemma-3-1b", "llama-3.2-1b"))
+    assert default_max_prefill(gemma, 16, 4096) == 4096  # 16 x 4 heads x 4096 x 4096 = 2^30
+    assert default_max_prefill(llama, 16, 4096) == 512  # 32 heads
+    assert default_max_prefill(llama, 1, 4096) == 4096
+    assert default_max_prefill(llama, 1, 3000) == 3000

@@ -43,7 +43,7 @@ from netdef.artifact import (
 )
 from netdef.backend import compute_capability, is_rtx
 from netdef.engine import EngineBuildError
-from netdef.options import check_quant_target
+from netdef.options import check_quant_target, default_max_prefill
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
 from runtime.tokenizer import Tokenizer, TokenizerError
@@ -147,11 +147,12 @@ def build(
     model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
     ckpt = Checkpoint.open(model_dir)
     config = ckpt.config
+    max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
     options = NetworkOptions(
         dtype=dtype,
         max_batch=max_batch,
-        max_seq_len=max_seq_len or min(config.max_position_embeddings, 4096),
-        max_prefill=max_prefill,
+        max_seq_len=max_seq_len,
+        max_prefill=max_prefill or default_max_prefill(config, max_batch, max_seq_len),
         prefill_opt=prefill_opt,
         profile_set=profiles,
         quant=quant,
@@ -275,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         help="KV-cache length per sequence (default: min(model context, 4096))",
     )
     p.add_argument(
-        "--max-prefill", type=int, help="longest prompt chunk per call (default: --max-seq-len)"
+        "--max-prefill",
+        type=int,
+        help="longest prompt chunk per call (default: --max-seq-len, less where the attention "
+        "scores of batch x heads x chunk x cache would pass 2^30)",
     )
     p.add_argument(
         "--prefill-opt",
