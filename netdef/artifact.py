@@ -27,7 +27,9 @@ from .decoder import DecoderNetwork
 
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 3  # 2: inv_temperature, log_normalizer, gather splits; 3: kv_slots, window_slots
+FORMAT_VERSION = (
+    3  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, attention as matmuls
+)
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:

@@ -126,8 +126,6 @@ class _Decoder:
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
         self.windows = layer_windows([lc.sliding_window for lc in cfg.layers], self.opt.max_seq_len)
         self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
-        if None in self.windows:
-            self.kv_slots = net.add_input("kv_slots", trt.int32, (-1,))
         if attention_window(self.windows) is not None:
             self.window_slots = net.add_input("window_slots", trt.int32, (-1, -1))
 
@@ -314,8 +312,11 @@ class _Decoder:
         """softmax(q · kᵀ masked) · v over the cache slots this call reads, as matmuls;
         returns [B, S, heads * head_dim].
 
-        The slots come from `kv_slots` (global layers) or `window_slots` (sliding layers), so
-        a decode step reads about as many slots as are visible, not max_seq_len. Measured on
+        Sliding layers read the slots `window_slots` names (at most the window per decode
+        step); global layers read the whole cache, masked. (Global layers reading only the
+        first L slots, L from an input's shape, made TensorRT-RTX 1.7's builder fail for
+        Llama-family networks above ~3,000 slots: "Myelin ... cannot create std::vector
+        larger than max_size()".) Measured on
         an H200 (TensorRT-RTX 1.7, 1 KV head, 4,096 slots): TensorRT's fused attention took
         270-320 us per decode call (one block walks the keys), these matmuls 19 us. Scores,
         softmax and the weighted sum are float32, as inside fused attention kernels (scores
@@ -324,14 +325,16 @@ class _Decoder:
         [B, kv_heads, L, S, G], where the [B, 1, L, S, 1] mask broadcasts over heads."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
-        slots, visible = self.visible_slots(window)  # [L] or [B, L]; bool [B, 1, L, S, 1]
-        gather = g.network.add_gather(keys, slots, 2)
-        gather.num_elementwise_dims = 0 if window is None else 1
+        slots, visible = self.visible_slots(window)  # bool [B, 1, L, S, 1]
         f32 = np.dtype(np.float32)
-        k = g.cast(g.named(gather, "attn.keys").get_output(0), f32, "attn.keys_float32")
-        gather = g.network.add_gather(values, slots, 2)
-        gather.num_elementwise_dims = 0 if window is None else 1
-        v = g.cast(g.named(gather, "attn.values").get_output(0), f32, "attn.values_float32")
+        if window is not None:  # each row's window_slots
+            k, v = (
+                self.gather_slots(t, slots, f"attn.{n}")
+                for t, n in ((keys, "keys"), (values, "values"))
+            )
+        else:  # the whole cache
+            k, v = keys, values
+        k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
         # Row s * G + j of KV head h is token s of query head h * G + j.
         rows = g.shuffle(
             q, "attn.groups", reshape=(0, kv_heads, group, -1, d), transpose=(0, 1, 3, 2, 4)
@@ -364,6 +367,12 @@ class _Decoder:
         )
         return g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
 
+    def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
+        """cache [B, kv_heads, max_seq_len, D] at each row's slots [B, L]."""
+        gather = self.g.network.add_gather(cache, slots, 2)
+        gather.num_elementwise_dims = 1
+        return self.g.named(gather, name).get_output(0)
+
     def visible_slots(self, window: int | None) -> tuple[Any, Any]:
         """(slots to gather, bool mask [B, 1, L, S, 1]) for global layers (window None) or the
         sliding layers of `window`: slot j is visible to token (b, s) iff j <= position and,
@@ -374,9 +383,12 @@ class _Decoder:
         saved, g.scope = g.scope, ""
         tag = f"slots.{window or 'global'}"
         pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
-        if window is None:
-            slots = self.kv_slots
-            line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))  # [1, 1, L, 1, 1]
+        if window is None:  # every slot: 0 .. max_seq_len - 1
+            slots = None
+            line = g.constant(
+                np.arange(self.opt.max_seq_len, dtype=np.int32).reshape(1, 1, -1, 1, 1),
+                f"{tag}.line",
+            )
         else:
             raw = self.window_slots  # [B, L], negative before slot 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from weights.config import ModelConfig
 
 from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
-from .slots import attention_window, kv_length, layer_windows
+from .slots import attention_window, layer_windows
 
 Shape = tuple[int, ...]
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
@@ -133,7 +133,7 @@ class NetworkOptions:
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
         """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both.
-        kv_slots and window_slots (netdef.slots) range up to what such calls read."""
+        window_slots (netdef.slots) ranges up to what such calls read."""
         b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
         if self.profile_set == "dynamic":
@@ -155,9 +155,6 @@ class NetworkOptions:
             for i in range(config.num_layers):
                 for kind in ("key", "value"):
                     shapes[f"past_{kind}_{i}"] = tuple((bb, *cache) for bb in batch)
-            if None in windows:
-                opt = kv_length(seq[1], cache_len)
-                shapes["kv_slots"] = ((1,), (opt,), (cache_len,))
             if window is not None:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1

@@ -1,17 +1,12 @@
-"""Which KV-cache slots a call's attention reads: the `kv_slots` and `window_slots` inputs.
+"""Which KV-cache slots a call's sliding-window layers read: the `window_slots` input.
 
-A decode step after n cached tokens should read about n slots on global layers and at most
-the window on sliding layers, not the whole `max_seq_len` cache. The network gathers the
-slots these inputs name and masks them by position, so any superset of the visible slots
-gives the same result; the runtime picks small ones:
-
-- `kv_slots` int32 [L]: 0, 1, ..., L-1, read by every global layer. L is the batch's
-  furthest position + 1 rounded up to a power of two (at least `MIN_SLOTS`), so a decode
-  loop meets few distinct shapes: each is a CUDA graph, and TensorRT-RTX compiles kernels
-  for each new shape.
-- `window_slots` int32 [B, Lw]: per sequence, the slots its sliding-window layers read:
-  the `window - 1` before its first new token and the new ones (negative before slot 0), or
-  the global slots when those are fewer.
+A decode step should read at most the window on sliding layers, not the whole
+`max_seq_len` cache. The network gathers the slots `window_slots` names and masks them by
+position, so any superset of the visible slots gives the same result; the runtime picks
+small ones: per sequence, the `window - 1` slots before its first new token and the new
+ones (negative before slot 0), or, when the call's furthest position + 1 rounded up to a
+power of two (at least `MIN_SLOTS`) is fewer, slots 0 .. that - 1. Global layers read the
+whole cache (netdef.decoder.attend says why).
 """
 
 from __future__ import annotations
@@ -32,28 +27,22 @@ def attention_window(windows: list[int | None]) -> int | None:
     return max((w for w in windows if w), default=None)
 
 
-def kv_length(need: int, max_seq_len: int) -> int:
-    """The `kv_slots` length for a call whose furthest token sits in slot need - 1."""
-    return min(max_seq_len, max(MIN_SLOTS, 1 << (max(need, 1) - 1).bit_length()))
-
-
-def window_slots(positions: np.ndarray, length: int, window: int) -> np.ndarray:
+def window_slots(positions: np.ndarray, max_seq_len: int, window: int) -> np.ndarray:
     """int32 [B, Lw]: the slots the sliding layers of each row read, for a call with
-    position_ids [B, S] whose `kv_slots` has `length` slots."""
+    position_ids [B, S] (row b is p_b, p_b + 1, ...)."""
     b, s = positions.shape
-    if window + s - 1 < length:
+    need = int(positions[:, -1].max()) + 1
+    prefix = min(max_seq_len, max(MIN_SLOTS, 1 << (need - 1).bit_length()))
+    if window + s - 1 < prefix:
         first = positions[:, :1] - (window - 1)
         return first + np.arange(window + s - 1, dtype=np.int32)
-    return np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
+    return np.broadcast_to(np.arange(prefix, dtype=np.int32), (b, prefix)).copy()
 
 
 def slot_feeds(
     positions: np.ndarray, max_seq_len: int, window: int | None
 ) -> dict[str, np.ndarray]:
-    """`kv_slots` (and `window_slots` for networks with sliding layers of `window`) for a call
-    with int32 position_ids [B, S] (row b is p_b, p_b + 1, ...)."""
-    length = kv_length(int(positions[:, -1].max()) + 1, max_seq_len)
-    feeds = {"kv_slots": np.arange(length, dtype=np.int32)}
-    if window is not None:
-        feeds["window_slots"] = window_slots(positions, length, window)
-    return feeds
+    """`window_slots` for networks with sliding layers of `window` (else nothing)."""
+    if window is None:
+        return {}
+    return {"window_slots": window_slots(positions, max_seq_len, window)}

@@ -5,13 +5,12 @@
         logits = model.forward(ids, positions, last)      # float32 [B, vocab]
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
-shapes: input_ids, position_ids, last_token_index, the attended slots (netdef.slots), the
-outputs and the KV caches (each present_* output is bound to its past_* input's address:
-KVCacheUpdate writes in place). `kv_slots` is 0..max_seq_len-1 in device memory, uploaded
-once; a call binds a prefix of it. The small inputs and the outputs a call asks for go
-through pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each
-decode step shape (batch, kv_slots length, outputs copied) runs plainly once and is captured
-as a CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
+shapes: input_ids, position_ids, last_token_index, window_slots (netdef.slots), the outputs
+and the KV caches (each present_* output is bound to its past_* input's address:
+KVCacheUpdate writes in place). The small inputs and the outputs a call asks for go through
+pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each decode step
+shape (batch, window_slots length, outputs copied) runs plainly once and is captured as a
+CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import kv_length, window_slots
+from netdef.slots import window_slots
 
 from .cuda_buffers import (
     CudaGraph,
@@ -36,13 +35,12 @@ from .cuda_buffers import (
     d2h,
     device_info,
     enqueue_step,
-    h2d,
 )
 
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
 INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
-KV_SLOTS, WINDOW_SLOTS = "kv_slots", "window_slots"  # int32 [L] and [B, Lw] (netdef.slots)
+WINDOW_SLOTS = "window_slots"  # int32 [B, Lw] (netdef.slots)
 # The outputs a call may copy back (the rest are present_* KV caches, never copied).
 RESULTS = {
     "logits": "float",
@@ -128,11 +126,8 @@ def check_contract(io: dict) -> None:
     inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
     outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
     problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    problems += [
-        f"input {n} must be int32"
-        for n in (KV_SLOTS, WINDOW_SLOTS)
-        if inputs.get(n, "int32") != "int32"
-    ]
+    if inputs.get(WINDOW_SLOTS, "int32") != "int32":
+        problems.append(f"input {WINDOW_SLOTS} must be int32")
     if "logits" not in outputs:
         problems.append("output logits is missing")
     for name, dtype in RESULTS.items():
@@ -153,9 +148,7 @@ def check_contract(io: dict) -> None:
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
     ]
-    if extra := sorted(
-        inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, KV_SLOTS, WINDOW_SLOTS}
-    ):
+    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, WINDOW_SLOTS}):
         problems.append(f"unknown inputs {', '.join(extra)}")
     if problems:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
@@ -297,11 +290,11 @@ class TensorRTBackend:
         extra = (INV_TEMPERATURE, WINDOW_SLOTS)
         self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
         self._window_bytes = 0
-        # (B, kv_slots length, outputs copied) -> a captured decode step
+        # (B, window_slots length, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, int, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
-        # (profile, B, S, kv_slots length) the context is set up for
+        # (profile, B, S, window_slots length) the context is set up for
         self._state: tuple[int, int, int, int] | None = None
         self.device: dict[str, DeviceBuffer] = {}
         self.host: dict[str, PinnedBuffer] = {}
@@ -321,12 +314,6 @@ class TensorRTBackend:
             for name in (*SMALL_INPUTS, WINDOW_SLOTS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
-            if KV_SLOTS in plan:  # 0, 1, ..., max_seq_len - 1 once; a call binds a prefix
-                slots = PinnedBuffer(plan[KV_SLOTS] // 4, np.int32)
-                slots.array[:] = np.arange(slots.array.size, dtype=np.int32)
-                h2d(self.device[KV_SLOTS], slots, plan[KV_SLOTS], self.stream)
-                self.stream.synchronize()
-                slots.free()
             if self.has_log_normalizer:
                 self.host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
             for name, dtype in RESULTS.items():
@@ -453,8 +440,8 @@ class TensorRTBackend:
             self.max_seq_len,
         )
         b, s = ids.shape
-        length = kv_length(int(pos[:, -1].max()) + 1, self.max_seq_len)
-        window = window_slots(pos, length, self.window) if self.window else None
+        window = window_slots(pos, self.max_seq_len, self.window) if self.window else None
+        length = 0 if window is None else window.shape[1]
         key = (choose_profile(self.profile_names, s), b, s, length)
         graph = self.graphs.get((b, length, wanted)) if s == 1 and self._state == key else None
         self._stage(ids, pos, last, window)
@@ -488,7 +475,7 @@ class TensorRTBackend:
             self._window_bytes = window.nbytes
 
     def _prepare(self, key: tuple[int, int, int, int], window: np.ndarray | None) -> None:
-        profile, b, s, length = key
+        profile, b, s, _ = key
         self._state = None
         if self._profile != profile:
             if not self.context.set_optimization_profile_async(profile, self.stream.handle):
@@ -498,8 +485,6 @@ class TensorRTBackend:
             name = t["name"]
             if name in SMALL_INPUTS[:2]:
                 shape = (b, s)
-            elif name == KV_SLOTS:
-                shape = (length,)
             elif name == WINDOW_SLOTS:
                 shape = window.shape
             else:

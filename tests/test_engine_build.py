@@ -60,10 +60,8 @@ def test_io_contract(tiny_dir):
         "input_ids",
         "position_ids",
         "last_token_index",
-        "inv_temperature",
-        "kv_slots",  # every qwen3 layer is global: no window_slots
+        "inv_temperature",  # every qwen3 layer is global: no window_slots
     } | {f"past_{k}_{i}" for i in range(n) for k in ("key", "value")}
-    assert (inputs["kv_slots"].dtype, tuple(inputs["kv_slots"].shape)) == (trt.int32, (-1,))
     assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids", "log_normalizer"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
@@ -79,9 +77,9 @@ def test_io_contract(tiny_dir):
     assert (inputs["inv_temperature"].dtype, outputs["log_normalizer"].dtype) == (trt.float32,) * 2
     assert tuple(inputs["inv_temperature"].shape) == tuple(outputs["log_normalizer"].shape) == (-1,)
     gemma = build_network(Checkpoint.open(tiny_dir("gemma3")), NetworkOptions(max_seq_len=32), trt)
-    slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(5)}
-    window = slots["window_slots"]  # sliding layers (window 4) and global ones
-    assert "kv_slots" in slots and (window.dtype, tuple(window.shape)) == (trt.int32, (-1, -1))
+    slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(4)}
+    window = slots["window_slots"]  # sliding layers (window 4)
+    assert (window.dtype, tuple(window.shape)) == (trt.int32, (-1, -1))
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}
     assert names == set(outputs) - {"top_logits", "top_ids", "log_normalizer"}

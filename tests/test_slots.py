@@ -1,28 +1,14 @@
-"""netdef.slots: which cache slots a call reads, and that the network's result does not
-depend on them beyond the visible ones."""
+"""netdef.slots: which cache slots a call's sliding layers read, and that the network's result
+does not depend on them beyond the visible ones."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from netdef import NetworkOptions, build_network
-from netdef.slots import attention_window, kv_length, layer_windows, slot_feeds
+from netdef.slots import attention_window, layer_windows, slot_feeds
 from runtime.cpu import CpuModel
 from weights import Checkpoint
-
-
-def test_kv_length_rounds_up_to_a_power_of_two_within_the_cache():
-    assert [kv_length(n, 4096) for n in (1, 200, 256, 257, 513, 4000, 4096)] == [
-        256,
-        256,
-        256,
-        512,
-        1024,
-        4096,
-        4096,
-    ]
-    assert kv_length(90, 64) == 64  # never beyond max_seq_len
 
 
 def test_layer_windows_treat_a_window_spanning_the_cache_as_global():
@@ -33,26 +19,27 @@ def test_layer_windows_treat_a_window_spanning_the_cache_as_global():
 
 def test_slot_feeds_decode_and_prefill():
     pos = np.array([[9], [3]], np.int32)  # decode, rows at their own positions
-    feeds = slot_feeds(pos, 64, window=4)
-    np.testing.assert_array_equal(feeds["kv_slots"], np.arange(64))
+    feeds = slot_feeds(pos, 4096, window=4)
     np.testing.assert_array_equal(feeds["window_slots"], [[6, 7, 8, 9], [0, 1, 2, 3]])
     feeds = slot_feeds(np.array([[1]], np.int32), 64, window=4)
     np.testing.assert_array_equal(feeds["window_slots"], [[-2, -1, 0, 1]])  # before slot 0
     prefill = np.tile(np.arange(300, 306, dtype=np.int32), (2, 1))
     feeds = slot_feeds(prefill, 4096, window=4)
-    assert feeds["kv_slots"].shape == (512,) and feeds["kv_slots"].dtype == np.int32
+    assert feeds["window_slots"].dtype == np.int32
     np.testing.assert_array_equal(feeds["window_slots"][0], np.arange(297, 306))
-    # When the global slots are fewer than window + S - 1, sliding layers read those.
+    # When slots 0 .. (furthest position + 1, rounded up to a power of two >= 256) are fewer
+    # than window + S - 1, sliding layers read those.
+    feeds = slot_feeds(np.arange(200, dtype=np.int32)[None], 4096, window=100)
+    np.testing.assert_array_equal(feeds["window_slots"], np.arange(256)[None])
     feeds = slot_feeds(np.arange(8, dtype=np.int32)[None], 16, window=12)
-    np.testing.assert_array_equal(feeds["window_slots"], np.arange(16)[None])
-    assert "window_slots" not in slot_feeds(pos, 64, window=None)
+    np.testing.assert_array_equal(feeds["window_slots"], np.arange(16)[None])  # max_seq_len
+    assert slot_feeds(pos, 64, window=None) == {}
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llama"])
-def test_reading_more_slots_than_visible_changes_nothing(tiny_dir, family):
-    """The network gathers the slots it is given and masks them by position: the runtime's
-    slot sets give the logits that the fewest slots covering the visible ones give."""
-    ckpt = Checkpoint.open(tiny_dir(family))
+def test_reading_more_slots_than_visible_changes_nothing(tiny_dir):
+    """Sliding layers gather the slots they are given and mask them by position: the
+    runtime's window gives the logits that a wider superset of it gives."""
+    ckpt = Checkpoint.open(tiny_dir("gemma3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=256, max_prefill=8)
     model = CpuModel(build_network(ckpt, options))
     model.reset(2)
@@ -60,14 +47,11 @@ def test_reading_more_slots_than_visible_changes_nothing(tiny_dir, family):
     model.forward(ids[:, :8], np.tile(np.arange(8, dtype=np.int32), (2, 1)), np.array([7, 7]))
     step = (ids[:, 8:], np.full((2, 1), 8, np.int32), np.zeros(2, np.int32))
     runtime = model.feeds(*step)
-    assert runtime["kv_slots"].size == 256
+    assert runtime["window_slots"].tolist() == [[5, 6, 7, 8]] * 2  # window 4
     logits = model.executor.run(runtime)["logits"]
-    fewest = dict(runtime, kv_slots=np.arange(9, dtype=np.int32))  # slots 0..8 are visible
-    if "window_slots" in runtime:  # and 11 slots (the most the prefill profile takes) for 4
-        assert runtime["window_slots"].tolist() == [[5, 6, 7, 8]] * 2
-        fewest["window_slots"] = np.tile(np.arange(-2, 9, dtype=np.int32), (2, 1))
+    wider = dict(runtime, window_slots=np.tile(np.arange(-2, 9, dtype=np.int32), (2, 1)))
     # equal up to float32 summation order (softmax and matmul over other lengths)
-    np.testing.assert_allclose(model.executor.run(fewest)["logits"], logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.executor.run(wider)["logits"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_default_max_prefill_bounds_the_attention_scores():

@@ -59,7 +59,6 @@ def fake_engine(
             {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
             {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
             {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
-            {"name": "kv_slots", "dtype": "int32", "shape": [-1]},
         ],
         "outputs": [
             {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
@@ -97,8 +96,7 @@ def fake_engine(
             "position_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
             "last_token_index": [[bb] for bb in batch],
         }
-        shapes["kv_slots"] = [[1], [max_seq_len], [max_seq_len]]
-        for t in io["inputs"][4:]:
+        for t in io["inputs"][3:]:
             shape = cache if t["name"].startswith("past_") else []
             shapes[t["name"]] = [[bb, *shape] for bb in batch]
         profiles.append({"name": name, "shapes": shapes})
@@ -326,11 +324,11 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
                 "not the last logits"
             )
         assert ctx.executions == before, "top-p steps after the first did not replay"
-        assert sorted(model.graphs) == [  # (batch, kv_slots length, outputs copied)
-            (2, 256, ("logits",)),
-            (2, 256, ("next_token",)),
-            (2, 256, ("top_logits", "top_ids")),
-            (2, 256, ("top_logits", "top_ids", "log_normalizer")),
+        assert sorted(model.graphs) == [  # (batch, window_slots length, outputs copied)
+            (2, 0, ("logits",)),
+            (2, 0, ("next_token",)),
+            (2, 0, ("top_logits", "top_ids")),
+            (2, 0, ("top_logits", "top_ids", "log_normalizer")),
         ]
     return (
         f"first decode step captured, {decode_steps} later steps replayed (logits, greedy ids, "
