@@ -5,7 +5,8 @@
     tokenizer.json ...  copied from the model folder, with config.json and generation_config.json
 
 It is written to a temporary sibling folder and renamed into place, so a failed or
-interrupted build leaves nothing that looks usable.
+interrupted build leaves nothing that looks usable. A folder is only ever replaced when it is
+empty or holds nothing but an artifact's own files: nothing else in it is ever deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from .decoder import DecoderNetwork
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2  # 2: inv_temperature and log_normalizer; QKV and gate/up split by gathers
+ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
+
+
+class ArtifactError(Exception):
+    """An artifact folder that cannot be read, or an output folder that may not be replaced."""
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
@@ -79,18 +85,44 @@ def is_complete(artifact: Path) -> bool:
     return (artifact / ENGINE_FILE).is_file() and (artifact / METADATA_FILE).is_file()
 
 
+def check_replaceable(folder: Path) -> None:
+    """Raise ArtifactError unless `folder` is absent, empty, or holds only an artifact's files.
+
+    Replacing such a folder deletes nothing a user put there; anything else is refused, with
+    or without --force."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ArtifactError(
+            f"{folder} exists and is not a folder; choose another --output (nothing was changed)."
+        )
+    names = sorted(p.name for p in folder.iterdir())
+    foreign = [n for n in names if n not in ARTIFACT_FILES or not (folder / n).is_file()]
+    if names and (foreign or METADATA_FILE not in names):
+        held = ", ".join((foreign or names)[:3]) + (", ..." if len(foreign or names) > 3 else "")
+        raise ArtifactError(
+            f"{folder} is not empty and is not an engine artifact (it holds {held}); nothing was "
+            "deleted: choose another --output, or empty that folder yourself."
+        )
+
+
 @contextmanager
-def staging(final: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` atomically."""
+def staging(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it takes `final`'s place.
+
+    An existing `final` is checked again at the end (it may have changed during the build)
+    and then removed file by file, so only an artifact's own files can ever be deleted."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        check_replaceable(final)
         if final.exists():
-            if not force:
-                raise FileExistsError(f"{final} already exists; pass --force to replace it.")
-            shutil.rmtree(final)
+            for name in ARTIFACT_FILES:
+                (final / name).unlink(missing_ok=True)
+            final.rmdir()
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -156,3 +156,75 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_metadata(out_dir)
     assert inspect_tool.main([str(tmp_path)]) == 1
+
+
+def tiny_build_args(tiny_dir, out_dir, *extra: str) -> list[str]:
+    return [str(tiny_dir("qwen3")), "--target", "sm89", "--max-seq-len", "32", "--quiet"] + [
+        "--output",
+        str(out_dir),
+        *extra,
+    ]
+
+
+def test_force_never_deletes_what_the_user_put_in_the_output_folder(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "important.txt").write_text("keep me")
+    for extra in ([], ["--force"]):
+        code, out, err = run_build(tiny_build_args(tiny_dir, out_dir, *extra), capsys)
+        assert code == 1 and out == ""
+        assert err == (
+            f"error: {out_dir} is not empty and is not an engine artifact (it holds important.txt); "
+            "nothing was deleted: choose another --output, or empty that folder yourself.\n"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert [p.name for p in out_dir.iterdir()] == ["important.txt"]
+    assert (out_dir / "important.txt").read_text() == "keep me"
+
+
+def test_force_keeps_a_user_file_inside_an_artifact(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    (out_dir / "notes.md").write_text("mine")
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
+    assert code == 1 and "(it holds notes.md); nothing was deleted" in err
+    assert (out_dir / "notes.md").read_text() == "mine" and (out_dir / ENGINE_FILE).is_file()
+
+
+def test_an_existing_empty_folder_is_built_into(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "empty"
+    out_dir.mkdir()
+    code, out, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert code == 0, err
+    assert out.strip() == str(out_dir) and (out_dir / ENGINE_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no partial folder left
+
+
+def test_another_build_is_replaced_only_with_force(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    other = [*tiny_build_args(tiny_dir, out_dir), "--max-batch", "2"]
+    code, _, err = run_build(other, capsys)
+    assert code == 1
+    assert err == (
+        f"error: {out_dir} holds another or an incomplete engine artifact; pass --force to replace "
+        "it, or choose another --output.\n"
+    )
+    assert read_metadata(out_dir)["options"]["max_batch"] == 1
+    assert run_build([*other, "--force"], capsys)[0] == 0
+    assert read_metadata(out_dir)["options"]["max_batch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_output_that_is_a_file_is_refused_before_the_build(tiny_dir, tmp_path, capsys):
+    out_file = tmp_path / "engine.txt"
+    out_file.write_text("a file")
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_file, "--force"), capsys)
+    assert code == 1
+    assert err == (
+        f"error: {out_file} exists and is not a folder; choose another --output (nothing was "
+        "changed).\n"
+    )
+    assert out_file.read_text() == "a file" and [p.name for p in tmp_path.iterdir()] == [
+        "engine.txt"
+    ]

@@ -33,6 +33,8 @@ from netdef import (
 from netdef.artifact import (
     ENGINE_FILE,
     FORMAT_VERSION,
+    ArtifactError,
+    check_replaceable,
     copy_model_files,
     files_sha256,
     is_complete,
@@ -182,15 +184,17 @@ def build(
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
     slug = Path(model.rstrip("/")).name.lower()
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
-    if is_complete(output) and read_metadata(output).get("build_key") == key and not force:
-        _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
-        return output
-    if output.exists() and not force and not is_complete(output):
+    check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
+    if output.exists() and any(output.iterdir()) and not force:
+        if is_complete(output) and read_metadata(output).get("build_key") == key:
+            _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
+            return output
         raise BuildError(
-            f"{output} exists but is not a complete artifact; remove it or pass --force."
+            f"{output} holds another or an incomplete engine artifact; pass --force to replace it, "
+            "or choose another --output."
         )
 
-    with staging(output, force=True) as tmp:
+    with staging(output) as tmp:
         act_amax = None
         if calibration is not None:
             _say(
@@ -317,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument(
-        "--force", action="store_true", help="rebuild even if an identical artifact exists"
+        "--force",
+        action="store_true",
+        help="rebuild even if an identical artifact exists, or replace another artifact in "
+        "--output (a folder holding anything else is never replaced)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
@@ -344,7 +351,14 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             progress=not args.quiet,
         )
-    except (BuildError, BackendError, WeightsError, OptionsError, EngineBuildError) as e:
+    except (
+        BuildError,
+        ArtifactError,
+        BackendError,
+        WeightsError,
+        OptionsError,
+        EngineBuildError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)
