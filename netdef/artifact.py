@@ -36,6 +36,14 @@ class ArtifactError(Exception):
     """An artifact folder that cannot be read, or an output folder that may not be replaced."""
 
 
+class DamagedArtifact(ArtifactError):
+    """A built artifact whose files no longer are what the build wrote; `reason` says how."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; rebuild it with python -m tools.build --force.")
+        self.reason = reason
+
+
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
     """Name, dtype and declared shape (-1 dynamic) of every network input and output."""
     net = dn.network
@@ -77,12 +85,91 @@ def files_sha256(paths: list[Path], chunk: int = 1 << 24) -> str:
 
 
 def read_metadata(artifact: Path) -> dict[str, Any]:
-    return json.loads((Path(artifact) / METADATA_FILE).read_text())
+    """metadata.json, or an ArtifactError if it is unreadable or lacks what `metadata` writes."""
+    path = Path(artifact) / METADATA_FILE
+    rebuild = "rebuild the artifact with python -m tools.build --force"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{artifact} is not an engine artifact (no {METADATA_FILE}); build one with "
+            "python -m tools.build."
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read as JSON ({e}); {rebuild}.") from None
+    required = ("format_version", "config", "options", "profiles", "io", "backend")
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else required
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}; {rebuild}.")
+    return meta
 
 
 def is_complete(artifact: Path) -> bool:
     artifact = Path(artifact)
     return (artifact / ENGINE_FILE).is_file() and (artifact / METADATA_FILE).is_file()
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Identifies a model folder cheaply: the bytes of every file an artifact copies (config,
+    tokenizer, generation config), plus each shard's name, size and mtime."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + hashlib.sha256((model_dir / name).read_bytes()).digest())
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        st = shard.stat()
+        digest.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def build_key(meta: dict[str, Any]) -> str:
+    """The name of one build, from the metadata fields that decide it.
+
+    `check_intact` recomputes it, so a metadata.json edited after the build is caught."""
+    calibration = meta.get("calibration")
+    decided_by = {
+        "format": meta["format_version"],  # a network or contract change makes a new artifact
+        "source": meta["model"]["fingerprint"],
+        "options": meta["options"],
+        "backend": [meta["backend"]["module"], meta["backend"]["version"]],
+        "target": meta.get("target"),
+        "optimization_level": meta.get("optimization_level"),
+        "calibration": calibration["sha256"] if calibration else None,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()
+
+
+def check_intact(artifact: Path) -> dict[str, Any]:
+    """The metadata of a built artifact that is still what its build wrote.
+
+    Catches what `is_complete` cannot see (a truncated engine, a lost tokenizer file, an
+    edited metadata.json) before anything reuses or runs it; raises DamagedArtifact."""
+    artifact = Path(artifact)
+    meta = read_metadata(artifact)
+    try:
+        built, files, key = meta["build"]["engine_bytes"], meta["model"]["files"], build_key(meta)
+    except (KeyError, TypeError):
+        raise DamagedArtifact(
+            f"{artifact / METADATA_FILE} lacks the build record python -m tools.build writes"
+        ) from None
+    if key != meta.get("build_key"):
+        raise DamagedArtifact(
+            f"{artifact / METADATA_FILE} was edited after the build (it no longer matches its "
+            "build_key)"
+        )
+    engine = artifact / ENGINE_FILE
+    if not engine.is_file():
+        raise DamagedArtifact(f"{artifact} has no {ENGINE_FILE}")
+    if engine.stat().st_size != built:
+        raise DamagedArtifact(
+            f"{engine} is {engine.stat().st_size} bytes but was built as {built} bytes (truncated "
+            "or replaced)"
+        )
+    lost = [name for name in files if not (artifact / name).is_file()]
+    if lost:
+        raise DamagedArtifact(f"{artifact} has lost {', '.join(lost)}")
+    return meta
 
 
 def check_replaceable(folder: Path) -> None:

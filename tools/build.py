@@ -10,8 +10,6 @@ target; an identical second build reuses it at once.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import resource
 import sys
@@ -34,12 +32,15 @@ from netdef.artifact import (
     ENGINE_FILE,
     FORMAT_VERSION,
     ArtifactError,
+    DamagedArtifact,
+    build_key,
+    check_intact,
     check_replaceable,
     copy_model_files,
     files_sha256,
-    is_complete,
     metadata,
     read_metadata,
+    source_fingerprint,
     staging,
     write_metadata,
 )
@@ -58,15 +59,6 @@ class BuildError(RuntimeError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("TRT_NETDEF_CACHE") or Path.home() / ".cache" / "trt-netdef")
-
-
-def source_fingerprint(model_dir: Path) -> str:
-    """Identifies the model's files cheaply: config bytes plus each shard's name, size and mtime."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        st = shard.stat()
-        digest.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()
 
 
 def builder_progress(trt: Any, enabled: bool) -> Any:
@@ -172,28 +164,38 @@ def build(
             "sha256": files_sha256([calib_file]),
             "tokens": min(len(calib_ids), config.max_position_embeddings),
         }
-    key_data = {
-        "format": FORMAT_VERSION,  # a network or contract change makes a new artifact
-        "source": source_fingerprint(model_dir),
+    identity = {  # what decides the build; metadata.json records the same fields
+        "format_version": FORMAT_VERSION,
+        "model": {"fingerprint": source_fingerprint(model_dir)},
         "options": options.__dict__,
-        "backend": [trt.__name__, trt.__version__],
+        "backend": {"module": trt.__name__, "version": trt.__version__},
         "target": target,
         "optimization_level": optimization_level,
-        "calibration": calibration["sha256"] if calibration else None,
+        "calibration": calibration,
     }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
+    key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower()
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
     check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
     if output.exists() and any(output.iterdir()) and not force:
-        if is_complete(output) and read_metadata(output).get("build_key") == key:
+        if read_metadata(output).get("build_key") != key:
+            raise BuildError(
+                f"{output} holds another or an incomplete engine artifact; pass --force to "
+                "replace it, or choose another --output."
+            )
+        try:
+            check_intact(output)
             _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
             return output
-        raise BuildError(
-            f"{output} holds another or an incomplete engine artifact; pass --force to replace it, "
-            "or choose another --output."
-        )
+        except DamagedArtifact as e:  # the same build, damaged: ours to replace
+            _say(progress, f"Rebuilding {output}: {e.reason}.")
 
+    if not (model_dir / "tokenizer.json").is_file():
+        print(
+            f"warning: {model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
+            "this artifact; add the model's tokenizer files to that folder and build again.",
+            file=sys.stderr,
+        )
     with staging(output) as tmp:
         act_amax = None
         if calibration is not None:
@@ -234,7 +236,7 @@ def build(
             dict(
                 contract,
                 build_key=key,
-                model={"name": model, "path": str(model_dir), "files": copied},
+                model={**identity["model"], "name": model, "path": str(model_dir), "files": copied},
                 target=target,
                 optimization_level=optimization_level,
                 weights_sha256=files_sha256(shards),

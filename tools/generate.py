@@ -13,28 +13,38 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import is_complete, read_metadata
+from netdef.artifact import METADATA_FILE, ArtifactError, check_intact, source_fingerprint
 from runtime.backend import Backend
 from runtime.cpu import CpuModel
+from runtime.cuda_buffers import CudaError
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingParams
+from runtime.tensorrt_backend import EngineLoadError
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
 
 
-def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) -> Backend:
-    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)."""
+def open_backend(
+    path: Path, meta: dict | None, backend: str, dtype: str, max_seq_len: int | None
+) -> Backend:
+    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference);
+    `meta` is the artifact's checked metadata, None for a model folder."""
     if backend == "tensorrt":
-        if not is_complete(path):
+        if meta is None:
             raise GenerationError(
                 f"{path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
             )
+        from runtime.cuda_buffers import gpu_unavailable_reason
         from runtime.tensorrt_backend import TensorRTBackend
 
+        if reason := gpu_unavailable_reason():
+            raise GenerationError(
+                f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
+                f"run the artifact's network with --backend reference."
+            )
         return TensorRTBackend.load(path)
-    if is_complete(path):  # the artifact's own network, executed on the CPU from its source weights
-        meta = read_metadata(path)
-        ckpt = Checkpoint.open(meta["model"]["path"])
+    if meta is not None:
+        ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta["options"], "max_batch": 1})
     else:
         ckpt = Checkpoint.open(path)
@@ -43,6 +53,37 @@ def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) 
             dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
     return CpuModel(build_network(ckpt, options))
+
+
+def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
+    """The weights an artifact was built from, which the CPU executes its network with (the
+    engine holds them only in TensorRT's form); refused if they changed since the build."""
+    source = Path(meta["model"]["path"])
+    if not (source / "config.json").is_file():
+        raise GenerationError(
+            f"--backend reference runs the network of {artifact} on the CPU from the weights it "
+            f"was built from, but {source} no longer holds them; pass that model folder instead, "
+            "or run the engine on a GPU (--backend tensorrt)."
+        )
+    if source_fingerprint(source) != meta["model"]["fingerprint"]:
+        raise GenerationError(
+            f"{source} changed after {artifact} was built from it; rebuild the artifact with "
+            f"python -m tools.build --force, or pass {source} itself."
+        )
+    print(
+        f"Running the network of {artifact} on the CPU with the weights in {source}.",
+        file=sys.stderr,
+    )
+    return Checkpoint.open(source)
+
+
+def load_tokenizer(path: Path, meta: dict | None) -> Tokenizer:
+    if meta is not None and not (path / "tokenizer.json").is_file():
+        raise GenerationError(
+            f"{path} has no tokenizer.json: the model folder it was built from had none; add the "
+            "model's tokenizer files to that folder and build again."
+        )
+    return Tokenizer.from_dir(path)
 
 
 def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
@@ -118,15 +159,24 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
-        tokenizer = Tokenizer.from_dir(args.model)
+        meta = check_intact(args.model) if (args.model / METADATA_FILE).is_file() else None
+        tokenizer = load_tokenizer(args.model, meta)
         gen = Generator(
-            open_backend(args.model, args.backend, args.dtype, args.max_seq_len), tokenizer
+            open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
         if args.prompt is None:
             chat_loop(gen, params)
         else:
             stream(gen, args.prompt, params, args.chat)
-    except (ValueError, WeightsError, OptionsError, GenerationError) as e:
+    except (
+        ValueError,
+        ArtifactError,
+        WeightsError,
+        OptionsError,
+        GenerationError,
+        EngineLoadError,
+        CudaError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
