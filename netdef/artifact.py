@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from weights.folders import partial_path
 from weights.hub import MODEL_FILES
 
 from .decoder import DecoderNetwork
@@ -202,7 +202,8 @@ def staging(final: Path) -> Iterator[Path]:
     and then removed file by file, so only an artifact's own files can ever be deleted."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = partial_path(final)
+    tmp.mkdir()  # not mkdtemp: the artifact should get the umask's permissions, not 0700
     try:
         yield tmp
         check_replaceable(final)

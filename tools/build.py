@@ -51,6 +51,7 @@ from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
 from runtime.tokenizer import Tokenizer, TokenizerError
 from weights import SHORT_NAMES, Checkpoint, WeightsError, resolve_model
+from weights.folders import locked, remove_stale_partials
 
 
 class BuildError(RuntimeError):
@@ -140,6 +141,11 @@ def build(
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
     ckpt = Checkpoint.open(model_dir)
+    if (model_dir / "tokenizer.json").is_file():  # a broken one fails now, not after the build
+        try:
+            Tokenizer.from_dir(model_dir)
+        except TokenizerError as e:
+            raise BuildError(str(e)) from None
     config = ckpt.config
     options = NetworkOptions(
         dtype=dtype,
@@ -176,80 +182,102 @@ def build(
     key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower()
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
-    check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
-    if output.exists() and any(output.iterdir()) and not force:
-        if read_metadata(output).get("build_key") != key:
-            raise BuildError(
-                f"{output} holds another or an incomplete engine artifact; pass --force to "
-                "replace it, or choose another --output."
-            )
-        try:
-            check_intact(output)
-            _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
-            return output
-        except DamagedArtifact as e:  # the same build, damaged: ours to replace
-            _say(progress, f"Rebuilding {output}: {e.reason}.")
-
-    if not (model_dir / "tokenizer.json").is_file():
-        print(
-            f"warning: {model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
-            "this artifact; add the model's tokenizer files to that folder and build again.",
-            file=sys.stderr,
-        )
-    with staging(output) as tmp:
-        act_amax = None
-        if calibration is not None:
-            _say(
-                progress,
-                f"Calibrating FP8 activation ranges on {calibration['tokens']} tokens of {calib_file}...",
-            )
-            act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
-        with tqdm(
-            total=config.num_layers, desc="Network definition", unit="layer", disable=not progress
-        ) as bar:
-            dn = build_network(
-                ckpt, options, trt, on_layer=lambda done, total: bar.update(1), act_amax=act_amax
-            )
-        monitor = builder_progress(trt, progress)
-        _say(
-            progress,
-            f"Building the engine for {target or 'this GPU'} ({dtype}"
-            + (f", {quant}" if quant != "none" else "")
-            + f", {dn.network.num_layers} layers)...",
-        )
-        engine_bytes = build_engine(
-            dn,
-            tmp / ENGINE_FILE,
-            target=target,
-            optimization_level=optimization_level,
-            timing_cache=timing_cache,
-            progress_monitor=monitor,
-        )
-        contract = metadata(dn)  # I/O contract, profiles, config, backend versions
-        del dn  # frees the network and its references to the weights
-        copied = copy_model_files(model_dir, tmp)
-        shards = sorted(model_dir.glob("*.safetensors"))
-        seconds = time.perf_counter() - started
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        write_metadata(
-            tmp,
-            dict(
-                contract,
-                build_key=key,
-                model={**identity["model"], "name": model, "path": str(model_dir), "files": copied},
-                target=target,
-                optimization_level=optimization_level,
-                weights_sha256=files_sha256(shards),
-                calibration=calibration,
-                build={
-                    "seconds": round(seconds, 2),
-                    "engine_bytes": engine_bytes,
-                    "checkpoint_bytes": sum(s.stat().st_size for s in shards),
-                    "peak_rss_bytes": peak_rss,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            ),
-        )
+    waiting = f"Waiting for another build of {output} to finish..."
+    try:
+        with locked(output, on_wait=lambda: _say(progress, waiting)):
+            if stale := remove_stale_partials(output):
+                names = ", ".join(p.name for p in stale)
+                _say(progress, f"Removed what interrupted builds left in {output.parent}: {names}.")
+            check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
+            if output.exists() and any(output.iterdir()) and not force:
+                if read_metadata(output).get("build_key") != key:
+                    raise BuildError(
+                        f"{output} holds another or an incomplete engine artifact; pass --force to "
+                        "replace it, or choose another --output."
+                    )
+                try:
+                    check_intact(output)
+                    _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
+                    return output
+                except DamagedArtifact as e:  # the same build, damaged: ours to replace
+                    _say(progress, f"Rebuilding {output}: {e.reason}.")
+            with staging(output) as tmp:
+                if not (model_dir / "tokenizer.json").is_file():
+                    print(
+                        f"warning: {model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
+                        "this artifact; add the model's tokenizer files to that folder and build again.",
+                        file=sys.stderr,
+                    )
+                act_amax = None
+                if calibration is not None:
+                    _say(
+                        progress,
+                        f"Calibrating FP8 activation ranges on {calibration['tokens']} tokens of {calib_file}...",
+                    )
+                    act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
+                with tqdm(
+                    total=config.num_layers,
+                    desc="Network definition",
+                    unit="layer",
+                    disable=not progress,
+                ) as bar:
+                    dn = build_network(
+                        ckpt,
+                        options,
+                        trt,
+                        on_layer=lambda done, total: bar.update(1),
+                        act_amax=act_amax,
+                    )
+                monitor = builder_progress(trt, progress)
+                _say(
+                    progress,
+                    f"Building the engine for {target or 'this GPU'} ({dtype}"
+                    + (f", {quant}" if quant != "none" else "")
+                    + f", {dn.network.num_layers} layers)...",
+                )
+                engine_bytes = build_engine(
+                    dn,
+                    tmp / ENGINE_FILE,
+                    target=target,
+                    optimization_level=optimization_level,
+                    timing_cache=timing_cache,
+                    progress_monitor=monitor,
+                )
+                contract = metadata(dn)  # I/O contract, profiles, config, backend versions
+                del dn  # frees the network and its references to the weights
+                copied = copy_model_files(model_dir, tmp)
+                shards = sorted(model_dir.glob("*.safetensors"))
+                seconds = time.perf_counter() - started
+                peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                write_metadata(
+                    tmp,
+                    dict(
+                        contract,
+                        build_key=key,
+                        model={
+                            **identity["model"],
+                            "name": model,
+                            "path": str(model_dir),
+                            "files": copied,
+                        },
+                        target=target,
+                        optimization_level=optimization_level,
+                        weights_sha256=files_sha256(shards),
+                        calibration=calibration,
+                        build={
+                            "seconds": round(seconds, 2),
+                            "engine_bytes": engine_bytes,
+                            "checkpoint_bytes": sum(s.stat().st_size for s in shards),
+                            "peak_rss_bytes": peak_rss,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        },
+                    ),
+                )
+    except OSError as e:  # the lock and staging folder come first: a read-only place fails at once
+        raise BuildError(
+            f"cannot write {output} ({e.strerror}); choose a writable --output, or "
+            "set TRT_NETDEF_CACHE to a writable folder (and check the free disk space)."
+        ) from None
     _say(
         progress,
         f"Engine: {output / ENGINE_FILE} ({engine_bytes / 2**20:.1f} MiB) in {seconds:.1f} s, "

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import struct
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
 from .config import parse_config
+from .folders import partial_path
 
 ARCH = "gemma3"
 # Output dtype -> (numpy dtype, safetensors tag).
@@ -94,7 +94,7 @@ def convert_gguf(
         )
     config = hf_config(meta, [t.name for t in reader.tensors], dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp = partial_path(out_dir)
     tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
     try:
         _write_weights(reader, tmp / "model.safetensors", config, dtype, progress)
