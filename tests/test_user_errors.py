@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ def test_an_unwritable_output_fails_before_the_build(tiny_dir, capsys):
     code, _, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
     assert code == 1
     assert err == (
-        f"error: cannot write {out_dir} (Operation not permitted); choose a writable --output, "
+        f"error: cannot write {out_dir} (Permission denied); choose a writable --output, "
         "or set TRT_NETDEF_CACHE to a writable folder (and check the free disk space).\n"
     )
 
@@ -135,3 +136,75 @@ def test_logits_out_in_a_missing_folder_fails_before_computing(tiny_dir, tmp_pat
         f"error: --out {out}: the folder {out.parent} does not exist; create it first\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+# Hints that name what the user can do --------------------------------------------------------
+
+
+def generate_cli(model: Path, *args: str) -> list[str]:
+    return [str(model), "--backend", "reference", "--dtype", "float32", *args]
+
+
+def test_a_too_long_prompt_points_at_truncate(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    args = generate_cli(model, "--max-seq-len", "8", "--max-new-tokens", "2")
+    prompt = ["--prompt", " ".join(f"w{i}" for i in range(10, 20))]
+    assert generate_tool.main([*args, *prompt]) == 1
+    assert capsys.readouterr().err.endswith(
+        "or allow truncation. (--truncate keeps the prompt's last tokens.)\n"
+    )
+    assert generate_tool.main([*args, *prompt, "--truncate"]) == 0
+    assert "[6 prompt tokens, 2 generated (length)" in capsys.readouterr().err
+
+
+def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    args = generate_cli(model, "--max-seq-len", "64", "--max-new-tokens", "2000", "--prompt", "w5")
+    assert generate_tool.main(args) == 1
+    assert capsys.readouterr().err == (
+        "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=64; ask for "
+        "fewer new tokens, or use a larger --max-seq-len (at build time for an artifact).\n"
+    )
+
+
+def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --seed: seed=-1 must be in [0, 2**32).\n")
+
+
+def test_a_missing_model_folder_says_so(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert generate_tool.main([str(missing), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass an artifact folder from python -m tools.build, "
+        "or a Hugging Face model folder with --backend reference.\n"
+    )
+
+
+def test_profiles_help_names_two_sets(capsys):
+    from tools import build as build_tool
+
+    with pytest.raises(SystemExit):
+        build_tool.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--profiles SET optimization profiles, one of two sets: 'decode,prefill' (the default: "
+        "one for decode steps, one for prompt chunks) or 'dynamic' (one profile for both)"
+    ) in help_text
+
+
+def test_artifacts_get_the_umask_permissions(artifact):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert artifact.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_readme_cpu_snippet_runs(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [snippet] = [b for b in readme.split("```python\n")[1:] if "CpuModel" in b]
+    code = snippet.split("```")[0].replace('"MODEL_DIR"', repr(str(model)))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

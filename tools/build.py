@@ -316,7 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="prompt length the prefill profile is tuned for (default: min(512, max))",
     )
-    p.add_argument("--profiles", default="decode,prefill", choices=["decode,prefill", "dynamic"])
+    p.add_argument(
+        "--profiles",
+        default="decode,prefill",
+        choices=["decode,prefill", "dynamic"],
+        metavar="SET",
+        help="optimization profiles, one of two sets: 'decode,prefill' (the default: one for "
+        "decode steps, one for prompt chunks) or 'dynamic' (one profile for both)",
+    )
     p.add_argument(
         "--quant",
         default="none",

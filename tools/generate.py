@@ -18,7 +18,7 @@ from runtime.backend import Backend
 from runtime.cpu import CpuModel
 from runtime.cuda_buffers import CudaError
 from runtime.generate import GenerationError, Generator
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
@@ -86,8 +86,13 @@ def load_tokenizer(path: Path, meta: dict | None) -> Tokenizer:
     return Tokenizer.from_dir(path)
 
 
-def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
-    run = gen.start([prompt], params, chat=chat)
+def stream(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate: bool) -> str:
+    try:
+        run = gen.start([prompt], params, chat=chat, truncate=truncate)
+    except GenerationError as e:
+        if "allow truncation" not in str(e):
+            raise
+        raise GenerationError(f"{e} (--truncate keeps the prompt's last tokens.)") from None
     for delta in run:
         print(delta.text, end="", flush=True)
     print()
@@ -100,9 +105,18 @@ def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
     return c.text
 
 
-def chat_loop(gen: Generator, params: SamplingParams) -> None:
+def chat_loop(gen: Generator, params: SamplingParams, truncate: bool) -> None:
+    """A conversation; a base model (no chat template) continues each line as plain text."""
+    chat = bool(gen.tokenizer.chat_templates)
+    if chat:
+        print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
+    else:
+        print(
+            f"{gen.tokenizer.source} is a base model (no chat template), so each line is "
+            "continued as plain text, without the earlier lines (empty line or Ctrl-D to quit).",
+            file=sys.stderr,
+        )
     messages: list[dict] = []
-    print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
@@ -110,8 +124,11 @@ def chat_loop(gen: Generator, params: SamplingParams) -> None:
             break
         if not line:
             break
+        if not chat:
+            stream(gen, line, params, chat=False, truncate=truncate)
+            continue
         messages.append({"role": "user", "content": line})
-        reply = stream(gen, messages, params, chat=True)
+        reply = stream(gen, messages, params, chat=True, truncate=truncate)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -132,9 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep a too-long prompt's last tokens instead of refusing it",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -159,15 +181,31 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
+    except SamplingError as e:
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
+    try:
+        if not args.model.is_dir():
+            raise GenerationError(
+                f"{args.model} does not exist; pass an artifact folder from python -m tools.build, "
+                "or a Hugging Face model folder with --backend reference."
+            )
         meta = check_intact(args.model) if (args.model / METADATA_FILE).is_file() else None
         tokenizer = load_tokenizer(args.model, meta)
+        if args.chat and args.prompt is not None:  # no chat template: refused before any work
+            tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
+        if params.max_new_tokens >= gen.backend.max_seq_len:
+            raise GenerationError(
+                f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
+                f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
+                "--max-seq-len (at build time for an artifact)."
+            )
         if args.prompt is None:
-            chat_loop(gen, params)
+            chat_loop(gen, params, args.truncate)
         else:
-            stream(gen, args.prompt, params, args.chat)
+            stream(gen, args.prompt, params, args.chat, args.truncate)
     except (
         ValueError,
         ArtifactError,
