@@ -63,7 +63,8 @@ def cache_root() -> Path:
 
 
 def builder_progress(trt: Any, enabled: bool) -> Any:
-    """An IProgressMonitor drawing tqdm bars for the builder's top-level phases.
+    """An IProgressMonitor drawing a tqdm bar per top-level builder phase, whose postfix names
+    the nested phase underway and its step, so a long phase visibly moves.
 
     TensorRT calls it from its own threads, hence the lock."""
     lock = threading.Lock()
@@ -72,18 +73,40 @@ def builder_progress(trt: Any, enabled: bool) -> Any:
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.bars: dict[str, tqdm] = {}
+            self.parents: dict[str, str | None] = {}
+            self.steps: dict[str, int] = {}
+            self.drawn = 0.0
+
+        def root(self, phase_name):
+            while self.parents.get(phase_name) is not None:
+                phase_name = self.parents[phase_name]
+            return phase_name
+
+        def show(self, phase_name, step):
+            bar = self.bars.get(self.root(phase_name))
+            if bar is not None and phase_name not in self.bars:
+                total = self.steps.get(phase_name, 0)
+                text = f"{phase_name} {step}/{total}" if total else phase_name
+                bar.set_postfix_str(text, refresh=False)
+                if time.monotonic() - self.drawn >= 0.25:  # redrawn 4 times a second at most
+                    self.drawn = time.monotonic()
+                    bar.refresh()
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            if enabled and parent_phase is None:
-                with lock:
+            with lock:
+                self.parents[phase_name], self.steps[phase_name] = parent_phase, num_steps
+                if enabled and parent_phase is None:
                     self.bars[phase_name] = tqdm(
                         total=num_steps, desc=f"TensorRT: {phase_name}", leave=False
                     )
+                self.show(phase_name, 0)
 
         def step_complete(self, phase_name, step):
             with lock:
                 if phase_name in self.bars:
                     self.bars[phase_name].update(1)
+                else:
+                    self.show(phase_name, step + 1)
             return True
 
         def phase_finish(self, phase_name):

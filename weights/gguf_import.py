@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ def convert_gguf(
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
+    if progress:  # GGUFReader maps and indexes the whole file first: seconds without a bar
+        print(f"Reading {gguf_path}...", file=sys.stderr)
     reader = GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
