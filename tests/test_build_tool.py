@@ -358,3 +358,16 @@ def test_reference_backend_refuses_changed_source_weights(tokenized_artifact, ca
         f"error: {model} changed after {artifact} was built from it; rebuild the artifact with "
         f"python -m tools.build --force, or pass {model} itself.\n",
     )
+
+
+def test_an_intact_artifact_is_reused_where_no_lock_can_be_taken(tiny_dir, tmp_path, capsys):
+    """Reuse only reads, so an artifact in a read-only place serves; here the lock's path is
+    taken by a folder, which any lock attempt fails on (as root, permissions cannot)."""
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    (tmp_path / ".a.lock").mkdir()
+    code, out, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert (code, out.strip()) == (0, str(out_dir))
+    assert err == f"Reusing {out_dir} (identical build; --force rebuilds).\n"
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
+    assert code == 1 and err.startswith(f"error: cannot write {out_dir} (Is a directory); ")

@@ -38,6 +38,7 @@ from netdef.artifact import (
     check_replaceable,
     copy_model_files,
     files_sha256,
+    is_complete,
     metadata,
     read_metadata,
     source_fingerprint,
@@ -205,6 +206,9 @@ def build(
     key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower()
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
+    if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
+        _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
+        return output
     waiting = f"Waiting for another build of {output} to finish..."
     try:
         with locked(output, on_wait=lambda: _say(progress, waiting)):
@@ -307,6 +311,14 @@ def build(
         f"peak RAM {peak_rss / 2**30:.2f} GiB.",
     )
     return output
+
+
+def _reusable(output: Path, key: str) -> bool:
+    """Whether `output` is an intact artifact of the build named `key`."""
+    try:
+        return is_complete(output) and check_intact(output)["build_key"] == key
+    except ArtifactError:
+        return False
 
 
 def _say(enabled: bool, message: str) -> None:
