@@ -30,6 +30,9 @@ ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 2  # 2: inv_temperature and log_normalizer; QKV and gate/up split by gathers
 ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
+# What `metadata` and tools.build write, which every tool reading an artifact may rely on.
+BUILT_FIELDS = ("format_version", "config", "options", "profiles", "io", "backend", "build_key")
+BUILT_FIELDS += ("model", "build")
 
 
 class ArtifactError(Exception):
@@ -85,9 +88,8 @@ def files_sha256(paths: list[Path], chunk: int = 1 << 24) -> str:
 
 
 def read_metadata(artifact: Path) -> dict[str, Any]:
-    """metadata.json, or an ArtifactError if it is unreadable or lacks what `metadata` writes."""
+    """metadata.json as a dict, or an ArtifactError if it is missing or not a JSON object."""
     path = Path(artifact) / METADATA_FILE
-    rebuild = "rebuild the artifact with python -m tools.build --force"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -96,11 +98,9 @@ def read_metadata(artifact: Path) -> dict[str, Any]:
             "python -m tools.build."
         ) from None
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} cannot be read as JSON ({e}); {rebuild}.") from None
-    required = ("format_version", "config", "options", "profiles", "io", "backend")
-    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else required
-    if missing:
-        raise ArtifactError(f"{path} lacks {', '.join(missing)}; {rebuild}.")
+        raise DamagedArtifact(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DamagedArtifact(f"{path} holds no JSON object")
     return meta
 
 
@@ -147,12 +147,13 @@ def check_intact(artifact: Path) -> dict[str, Any]:
     edited metadata.json) before anything reuses or runs it; raises DamagedArtifact."""
     artifact = Path(artifact)
     meta = read_metadata(artifact)
+    missing = [k for k in BUILT_FIELDS if k not in meta]
+    if missing:
+        raise DamagedArtifact(f"{artifact / METADATA_FILE} lacks {', '.join(missing)}")
     try:
         built, files, key = meta["build"]["engine_bytes"], meta["model"]["files"], build_key(meta)
-    except (KeyError, TypeError):
-        raise DamagedArtifact(
-            f"{artifact / METADATA_FILE} lacks the build record python -m tools.build writes"
-        ) from None
+    except (KeyError, TypeError) as e:
+        raise DamagedArtifact(f"{artifact / METADATA_FILE} has a malformed field ({e!r})") from None
     if key != meta.get("build_key"):
         raise DamagedArtifact(
             f"{artifact / METADATA_FILE} was edited after the build (it no longer matches its "

@@ -80,15 +80,18 @@ def artifact(tiny_dir, tmp_path, capsys) -> Path:
     ("text", "problem"),
     [
         ("not json", "cannot be read as JSON (Expecting value: line 1 column 1 (char 0))"),
-        ('{"format_version": 2}', "lacks config, options, profiles, io, backend"),
+        (
+            '{"format_version": 2}',
+            "lacks config, options, profiles, io, backend, build_key, model, build",
+        ),
     ],
     ids=["not-json", "missing-keys"],
 )
 def test_broken_metadata_is_one_line(text, problem, artifact, capsys):
     (artifact / METADATA_FILE).write_text(text)
     expected = (
-        f"error: {artifact / METADATA_FILE} {problem}; rebuild the artifact with "
-        "python -m tools.build --force.\n"
+        f"error: {artifact / METADATA_FILE} {problem}; rebuild it with python -m tools.build "
+        "--force.\n"
     )
     assert inspect_tool.main([str(artifact)]) == 1
     assert capsys.readouterr().err == expected
@@ -102,8 +105,8 @@ def test_metadata_without_a_build_record(artifact, capsys):
     (artifact / METADATA_FILE).write_text(json.dumps(meta))
     assert inspect_tool.main([str(artifact)]) == 1
     assert capsys.readouterr().err == (
-        f"error: {artifact / METADATA_FILE} lacks the build record python -m tools.build writes; "
-        "rebuild it with python -m tools.build --force.\n"
+        f"error: {artifact / METADATA_FILE} lacks model; rebuild it with python -m tools.build "
+        "--force.\n"
     )
 
 
