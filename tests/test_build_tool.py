@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from netdef import load_backend
-from netdef.artifact import ENGINE_FILE, METADATA_FILE, read_metadata
+from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
 from tools import build as build_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
@@ -61,7 +61,7 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
         "position_ids",
         "last_token_index",
     ]
-    assert len(meta["weights_sha256"]) == 64
+    assert meta["weights_sha256"] == files_sha256(sorted(tiny_dir(family).glob("*.safetensors")))
     assert "Network definition" in err and "Engine:" in err
 
 
