@@ -35,7 +35,7 @@ BUILT_FIELDS = ("format_version", "config", "options", "profiles", "io", "backen
 BUILT_FIELDS += ("model", "build")
 
 
-class ArtifactError(Exception):
+class ArtifactError(ValueError):
     """An artifact folder that cannot be read, or an output folder that may not be replaced."""
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import ArtifactError, is_complete, read_metadata
+from netdef.artifact import is_complete, read_metadata
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             calib_ids=calib,
             chunk=args.chunk,
         )
-    except (OSError, ValueError, ArtifactError, WeightsError, OptionsError) as e:
+    except (OSError, ValueError, WeightsError, OptionsError) as e:  # ArtifactError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else format_table(result))

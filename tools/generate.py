@@ -3,7 +3,8 @@
     python -m tools.generate ARTIFACT --prompt "Why is the sky blue?" --chat
     python -m tools.generate MODEL_DIR --backend reference --prompt "Once upon a time"
 
-Without --prompt it is an interactive chat that keeps the conversation.
+Without --prompt it is an interactive chat that keeps the conversation (a base model, with
+no chat template, continues each typed line as plain text instead).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import METADATA_FILE, ArtifactError, check_intact, source_fingerprint
+from netdef.artifact import METADATA_FILE, check_intact, source_fingerprint
 from runtime.backend import Backend
 from runtime.cpu import CpuModel
-from runtime.cuda_buffers import CudaError
+from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingError, SamplingParams
-from runtime.tensorrt_backend import EngineLoadError
+from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
 
@@ -34,9 +35,6 @@ def open_backend(
             raise GenerationError(
                 f"{path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
             )
-        from runtime.cuda_buffers import gpu_unavailable_reason
-        from runtime.tensorrt_backend import TensorRTBackend
-
         if reason := gpu_unavailable_reason():
             raise GenerationError(
                 f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
@@ -207,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stream(gen, args.prompt, params, args.chat, args.truncate)
     except (
-        ValueError,
-        ArtifactError,
+        ValueError,  # ArtifactError, TokenizerError and GenerationError among them
         WeightsError,
         OptionsError,
         GenerationError,
