@@ -5,7 +5,8 @@
     tokenizer.json ...  copied from the model folder, with config.json and generation_config.json
 
 It is written to a temporary sibling folder and renamed into place, so a failed or
-interrupted build leaves nothing that looks usable.
+interrupted build leaves nothing that looks usable. A folder is only ever replaced when it is
+empty or holds nothing but an artifact's own files: nothing else in it is ever deleted.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from weights.folders import partial_path
 from weights.hub import MODEL_FILES
 
 from .decoder import DecoderNetwork
@@ -28,8 +29,24 @@ from .decoder import DecoderNetwork
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = (
-    3  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, attention as matmuls
+    3  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul attention
 )
+ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
+# What `metadata` and tools.build write, which every tool reading an artifact may rely on.
+BUILT_FIELDS = ("format_version", "config", "options", "profiles", "io", "backend", "build_key")
+BUILT_FIELDS += ("model", "build")
+
+
+class ArtifactError(ValueError):
+    """An artifact folder that cannot be read, or an output folder that may not be replaced."""
+
+
+class DamagedArtifact(ArtifactError):
+    """A built artifact whose files no longer are what the build wrote; `reason` says how."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; rebuild it with python -m tools.build --force.")
+        self.reason = reason
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
@@ -74,7 +91,20 @@ def files_sha256(paths: list[Path], chunk: int = 1 << 24) -> str:
 
 
 def read_metadata(artifact: Path) -> dict[str, Any]:
-    return json.loads((Path(artifact) / METADATA_FILE).read_text())
+    """metadata.json as a dict, or an ArtifactError if it is missing or not a JSON object."""
+    path = Path(artifact) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{artifact} is not an engine artifact (no {METADATA_FILE}); build one with "
+            "python -m tools.build."
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DamagedArtifact(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DamagedArtifact(f"{path} holds no JSON object")
+    return meta
 
 
 def is_complete(artifact: Path) -> bool:
@@ -82,18 +112,109 @@ def is_complete(artifact: Path) -> bool:
     return (artifact / ENGINE_FILE).is_file() and (artifact / METADATA_FILE).is_file()
 
 
+def source_fingerprint(model_dir: Path) -> str:
+    """Identifies a model folder cheaply: the bytes of every file an artifact copies (config,
+    tokenizer, generation config), plus each shard's name, size and mtime."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + hashlib.sha256((model_dir / name).read_bytes()).digest())
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        st = shard.stat()
+        digest.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def build_key(meta: dict[str, Any]) -> str:
+    """The name of one build, from the metadata fields that decide it.
+
+    `check_intact` recomputes it, so a metadata.json edited after the build is caught."""
+    calibration = meta.get("calibration")
+    decided_by = {
+        "format": meta["format_version"],  # a network or contract change makes a new artifact
+        "source": meta["model"]["fingerprint"],
+        "options": meta["options"],
+        "backend": [meta["backend"]["module"], meta["backend"]["version"]],
+        "target": meta.get("target"),
+        "optimization_level": meta.get("optimization_level"),
+        "calibration": calibration["sha256"] if calibration else None,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()
+
+
+def check_intact(artifact: Path) -> dict[str, Any]:
+    """The metadata of a built artifact that is still what its build wrote.
+
+    Catches what `is_complete` cannot see (a truncated engine, a lost tokenizer file, an
+    edited metadata.json) before anything reuses or runs it; raises DamagedArtifact."""
+    artifact = Path(artifact)
+    meta = read_metadata(artifact)
+    missing = [k for k in BUILT_FIELDS if k not in meta]
+    if missing:
+        raise DamagedArtifact(f"{artifact / METADATA_FILE} lacks {', '.join(missing)}")
+    try:
+        built, files, key = meta["build"]["engine_bytes"], meta["model"]["files"], build_key(meta)
+    except (KeyError, TypeError) as e:
+        raise DamagedArtifact(f"{artifact / METADATA_FILE} has a malformed field ({e!r})") from None
+    if key != meta.get("build_key"):
+        raise DamagedArtifact(
+            f"{artifact / METADATA_FILE} was edited after the build (it no longer matches its "
+            "build_key)"
+        )
+    engine = artifact / ENGINE_FILE
+    if not engine.is_file():
+        raise DamagedArtifact(f"{artifact} has no {ENGINE_FILE}")
+    if engine.stat().st_size != built:
+        raise DamagedArtifact(
+            f"{engine} is {engine.stat().st_size} bytes but was built as {built} bytes (truncated "
+            "or replaced)"
+        )
+    lost = [name for name in files if not (artifact / name).is_file()]
+    if lost:
+        raise DamagedArtifact(f"{artifact} has lost {', '.join(lost)}")
+    return meta
+
+
+def check_replaceable(folder: Path) -> None:
+    """Raise ArtifactError unless `folder` is absent, empty, or holds only an artifact's files.
+
+    Replacing such a folder deletes nothing a user put there; anything else is refused, with
+    or without --force."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ArtifactError(
+            f"{folder} exists and is not a folder; choose another --output (nothing was changed)."
+        )
+    names = sorted(p.name for p in folder.iterdir())
+    foreign = [n for n in names if n not in ARTIFACT_FILES or not (folder / n).is_file()]
+    if names and (foreign or METADATA_FILE not in names):
+        held = ", ".join((foreign or names)[:3]) + (", ..." if len(foreign or names) > 3 else "")
+        raise ArtifactError(
+            f"{folder} is not empty and is not an engine artifact (it holds {held}); nothing was "
+            "deleted: choose another --output, or empty that folder yourself."
+        )
+
+
 @contextmanager
-def staging(final: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` atomically."""
+def staging(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it takes `final`'s place.
+
+    An existing `final` is checked again at the end (it may have changed during the build)
+    and then removed file by file, so only an artifact's own files can ever be deleted."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = partial_path(final)
+    tmp.mkdir()  # not mkdtemp: the artifact should get the umask's permissions, not 0700
     try:
         yield tmp
+        check_replaceable(final)
         if final.exists():
-            if not force:
-                raise FileExistsError(f"{final} already exists; pass --force to replace it.")
-            shutil.rmtree(final)
+            for name in ARTIFACT_FILES:
+                (final / name).unlink(missing_ok=True)
+            final.rmdir()
         os.replace(tmp, final)
     finally:
         if tmp.exists():

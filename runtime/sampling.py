@@ -12,6 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class SamplingError(ValueError):
+    """A sampling parameter out of range; `field` names it, so a CLI can name its flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -24,18 +32,16 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1"),
-            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 is greedy)"),
-            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)"),
-            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
-            (
-                self.repetition_penalty > 0,
-                f"repetition_penalty={self.repetition_penalty} must be > 0",
-            ),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**32, "must be in [0, 2**32)"),
         ]
-        for ok, message in checks:
+        for field, ok, need in checks:
             if not ok:
-                raise ValueError(message + ".")
+                raise SamplingError(field, f"{field}={getattr(self, field)} {need}.")
 
     @property
     def greedy(self) -> bool:

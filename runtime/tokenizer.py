@@ -76,8 +76,15 @@ class Tokenizer:
                 "includes its tokenizer files."
             )
         config = _read_json(folder / "tokenizer_config.json")
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+            raise TokenizerError(
+                f"{folder / 'tokenizer.json'} cannot be read ({e}); re-download the model's "
+                "tokenizer files."
+            ) from None
         return cls(
-            Backend.from_file(str(folder / "tokenizer.json")),
+            backend,
             _special_tokens(config, _read_json(folder / "special_tokens_map.json")),
             _chat_templates(folder, config),
             _read_json(folder / "generation_config.json"),

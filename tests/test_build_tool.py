@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from netdef import load_backend
-from netdef.artifact import ENGINE_FILE, METADATA_FILE, read_metadata
+from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
 from tools import build as build_tool
+from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from weights import load_config
 
@@ -56,7 +61,7 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
         "position_ids",
         "last_token_index",
     ]
-    assert len(meta["weights_sha256"]) == 64
+    assert meta["weights_sha256"] == files_sha256(sorted(tiny_dir(family).glob("*.safetensors")))
     assert "Network definition" in err and "Engine:" in err
 
 
@@ -156,3 +161,213 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_metadata(out_dir)
     assert inspect_tool.main([str(tmp_path)]) == 1
+
+
+def tiny_build_args(tiny_dir, out_dir, *extra: str) -> list[str]:
+    model = str(tiny_dir("qwen3"))
+    return [model, "--target", "sm89", "--max-seq-len", "32", "--output", str(out_dir), *extra]
+
+
+def test_force_never_deletes_what_the_user_put_in_the_output_folder(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "important.txt").write_text("keep me")
+    for extra in ([], ["--force"]):
+        code, out, err = run_build(tiny_build_args(tiny_dir, out_dir, *extra), capsys)
+        assert code == 1 and out == ""
+        assert err == (
+            f"error: {out_dir} is not empty and is not an engine artifact (it holds important.txt); "
+            "nothing was deleted: choose another --output, or empty that folder yourself.\n"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert [p.name for p in out_dir.iterdir()] == ["important.txt"]
+    assert (out_dir / "important.txt").read_text() == "keep me"
+
+
+def test_force_keeps_a_user_file_inside_an_artifact(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    (out_dir / "notes.md").write_text("mine")
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
+    assert code == 1 and "(it holds notes.md); nothing was deleted" in err
+    assert (out_dir / "notes.md").read_text() == "mine" and (out_dir / ENGINE_FILE).is_file()
+
+
+def test_an_existing_empty_folder_is_built_into(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "empty"
+    out_dir.mkdir()
+    code, out, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert code == 0, err
+    assert out.strip() == str(out_dir) and (out_dir / ENGINE_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no partial folder left
+
+
+def test_another_build_is_replaced_only_with_force(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    other = [*tiny_build_args(tiny_dir, out_dir), "--max-batch", "2"]
+    code, _, err = run_build(other, capsys)
+    assert code == 1
+    assert err == (
+        f"error: {out_dir} holds another or an incomplete engine artifact; pass --force to replace "
+        "it, or choose another --output.\n"
+    )
+    assert read_metadata(out_dir)["options"]["max_batch"] == 1
+    assert run_build([*other, "--force"], capsys)[0] == 0
+    assert read_metadata(out_dir)["options"]["max_batch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_output_that_is_a_file_is_refused_before_the_build(tiny_dir, tmp_path, capsys):
+    out_file = tmp_path / "engine.txt"
+    out_file.write_text("a file")
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_file, "--force"), capsys)
+    assert code == 1
+    assert err == (
+        f"error: {out_file} exists and is not a folder; choose another --output (nothing was "
+        "changed).\n"
+    )
+    assert out_file.read_text() == "a file" and [p.name for p in tmp_path.iterdir()] == [
+        "engine.txt"
+    ]
+
+
+def test_a_truncated_engine_is_rebuilt_not_reused(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    engine = out_dir / ENGINE_FILE
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    built = engine.stat().st_size
+    os.truncate(engine, 1000)
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert code == 0
+    assert (
+        f"Rebuilding {out_dir}: {engine} is 1000 bytes but was built as {built} bytes "
+        "(truncated or replaced).\n" in err
+    )
+    assert "Reusing" not in err and engine.stat().st_size == built
+    assert "Reusing" in run_build(tiny_build_args(tiny_dir, out_dir), capsys)[2]
+
+
+def with_tokenizer(model_dir: Path, dest: Path) -> Path:
+    """A copy of a tiny checkpoint folder (weights linked) plus a word-level tokenizer.json."""
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        (dest / f.name).symlink_to(f)
+    vocab = {f"w{i}": i for i in range(512)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(dest / "tokenizer.json"))
+    return dest
+
+
+def test_the_build_key_covers_the_tokenizer_files(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_dir("qwen3").iterdir():
+        (model / f.name).symlink_to(f)
+    args = [str(model), "--target", "sm89", "--max-seq-len", "32"]
+    code, first, err = run_build(args, capsys)
+    assert code == 0
+    assert (
+        f"warning: {model} has no tokenizer.json, so python -m tools.generate cannot use this "
+        "artifact; add the model's tokenizer files to that folder and build again.\n" in err
+    )
+    artifact = Path(first.strip())
+    assert generate_tool.main([str(artifact), "--prompt", "w5"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {artifact} has no tokenizer.json: the model folder it was built from had none; "
+        "add the model's tokenizer files to that folder and build again.\n"
+    )
+    shutil.copy(with_tokenizer(tiny_dir("qwen3"), tmp_path / "tok") / "tokenizer.json", model)
+    code, second, err = run_build(args, capsys)
+    assert code == 0 and "Reusing" not in err and "warning" not in err
+    assert second != first and (Path(second.strip()) / "tokenizer.json").is_file()
+
+
+@pytest.fixture
+def tokenized_artifact(tiny_dir, tmp_path, capsys) -> tuple[Path, Path]:
+    """(artifact, model folder) of a tiny llama that has a tokenizer."""
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    artifact = tmp_path / "artifact"
+    assert run_build(tiny_build_args(lambda _: model, artifact, "--quiet"), capsys)[0] == 0
+    return artifact, model
+
+
+def generate(artifact: Path, capsys) -> tuple[int, str, str]:
+    args = [str(artifact), "--backend", "reference", "--prompt", "w5 w6", "--max-new-tokens", "3"]
+    code = generate_tool.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_reference_backend_says_which_weights_it_runs_an_artifact_with(tokenized_artifact, capsys):
+    artifact, model = tokenized_artifact
+    code, out, err = generate(artifact, capsys)
+    assert code == 0 and out.strip()
+    assert err.startswith(
+        f"Running the network of {artifact} on the CPU with the weights in {model}.\n"
+    )
+
+
+def test_reference_backend_refuses_a_damaged_artifact(tokenized_artifact, capsys):
+    artifact, _ = tokenized_artifact
+    engine = artifact / ENGINE_FILE
+    built = engine.stat().st_size
+    os.truncate(engine, 1000)
+    assert generate(artifact, capsys)[1:] == (
+        "",
+        f"error: {engine} is 1000 bytes but was built as {built} bytes (truncated or replaced); "
+        "rebuild it with python -m tools.build --force.\n",
+    )
+
+
+def test_reference_backend_refuses_edited_metadata(tokenized_artifact, capsys):
+    artifact, _ = tokenized_artifact
+    meta = read_metadata(artifact)
+    meta["options"]["max_seq_len"] = 4
+    (artifact / METADATA_FILE).write_text(json.dumps(meta))
+    assert generate(artifact, capsys) == (
+        1,
+        "",
+        f"error: {artifact / METADATA_FILE} was edited after the build (it no longer matches its "
+        "build_key); rebuild it with python -m tools.build --force.\n",
+    )
+
+
+def test_reference_backend_names_the_missing_source(tokenized_artifact, capsys):
+    artifact, model = tokenized_artifact
+    model.rename(model.with_name("moved"))
+    assert generate(artifact, capsys) == (
+        1,
+        "",
+        f"error: --backend reference runs the network of {artifact} on the CPU from the weights it "
+        f"was built from, but {model} no longer holds them; pass that model folder instead, or run "
+        "the engine on a GPU (--backend tensorrt).\n",
+    )
+
+
+def test_reference_backend_refuses_changed_source_weights(tokenized_artifact, capsys):
+    artifact, model = tokenized_artifact
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.1}))
+    assert generate(artifact, capsys) == (
+        1,
+        "",
+        f"error: {model} changed after {artifact} was built from it; rebuild the artifact with "
+        f"python -m tools.build --force, or pass {model} itself.\n",
+    )
+
+
+def test_an_intact_artifact_is_reused_where_no_lock_can_be_taken(tiny_dir, tmp_path, capsys):
+    """Reuse only reads, so an artifact in a read-only place serves; here the lock's path is
+    taken by a folder, which any lock attempt fails on (as root, permissions cannot)."""
+    out_dir = tmp_path / "a"
+    assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
+    (tmp_path / ".a.lock").mkdir()
+    code, out, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert (code, out.strip()) == (0, str(out_dir))
+    assert err == f"Reusing {out_dir} (identical build; --force rebuilds).\n"
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
+    assert code == 1 and err.startswith(f"error: cannot write {out_dir} (Is a directory); ")

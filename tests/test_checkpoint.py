@@ -235,6 +235,41 @@ def test_invalid_header_entry(llama):
     )
 
 
+def test_overlapping_tensors_are_refused_as_safetensors_refuses_them(llama, tmp_path, capsys):
+    """Two entries over the same bytes: `tools.build` stops before building, as the
+    `safetensors` library itself refuses to load the file."""
+    from tools import build as build_tool
+
+    path = llama / "model.safetensors"
+    header, data = read_header(path)
+    first, second = (
+        f"model.layers.0.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")
+    )
+    begin, end = header[first]["data_offsets"]
+    header[second]["data_offsets"] = [begin, end]
+    write_raw(path, header, data)
+    with pytest.raises(Exception, match="offset"):
+        load_file(path)
+    out_dir = tmp_path / "artifact"
+    args = [str(llama), "--target", "sm89", "--max-seq-len", "32", "--output", str(out_dir)]
+    assert build_tool.main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {path}: tensor {second!r} starts at byte {begin} of the data, but the tensors "
+        f"before it end at byte {end} (they overlap or leave a gap); {FIX}.\n"
+    )
+    assert not out_dir.exists()
+
+
+def test_bytes_no_tensor_claims_are_refused(llama):
+    path = llama / "model.safetensors"
+    header, data = read_header(path)
+    write_raw(path, header, data + b"\0" * 8)
+    assert open_error(llama) == (
+        f"{path}: its tensors cover {len(data)} bytes of data, but the file holds "
+        f"{len(data) + 8}; {FIX}."
+    )
+
+
 # Well-formed files that do not fit the config -------------------------------------------------
 
 

@@ -150,3 +150,23 @@ def test_generate_cli_interactive_chat_keeps_the_conversation(
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]
     assert seen[1][0]["content"] == "Hello there" and seen[1][2]["content"] == "And again"
     assert seen[1][1]["content"] and seen[1][1]["content"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chat", [[], ["--chat"]], ids=["plain", "chat"])
+def test_generate_cli_interactive_on_a_base_model_says_so_and_continues_text(
+    chat, tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """No chat template: said before the first line, and each line is continued as text."""
+    from tests.test_build_tool import with_tokenizer
+
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    lines = iter(["w5 w6", "w7", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = [str(model), "--backend", "reference", "--max-seq-len", "32", "--max-new-tokens", "3"]
+    assert generate_tool.main([*args, *chat]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"{model} is a base model (no chat template), so each line is continued as plain text, "
+        "without the earlier lines (empty line or Ctrl-D to quit).\n"
+    )
+    assert "[2 prompt tokens, 3 generated" in err and "[1 prompt tokens, 3 generated" in err

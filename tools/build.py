@@ -10,13 +10,12 @@ target; an identical second build reuses it at once.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import resource
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,17 @@ from netdef import (
 from netdef.artifact import (
     ENGINE_FILE,
     FORMAT_VERSION,
+    ArtifactError,
+    DamagedArtifact,
+    build_key,
+    check_intact,
+    check_replaceable,
     copy_model_files,
     files_sha256,
     is_complete,
     metadata,
     read_metadata,
+    source_fingerprint,
     staging,
     write_metadata,
 )
@@ -48,6 +53,7 @@ from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
 from runtime.tokenizer import Tokenizer, TokenizerError
 from weights import SHORT_NAMES, Checkpoint, WeightsError, resolve_model
+from weights.folders import locked, remove_stale_partials
 
 
 class BuildError(RuntimeError):
@@ -58,17 +64,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRT_NETDEF_CACHE") or Path.home() / ".cache" / "trt-netdef")
 
 
-def source_fingerprint(model_dir: Path) -> str:
-    """Identifies the model's files cheaply: config bytes plus each shard's name, size and mtime."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        st = shard.stat()
-        digest.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
 def builder_progress(trt: Any, enabled: bool) -> Any:
-    """An IProgressMonitor drawing tqdm bars for the builder's top-level phases.
+    """An IProgressMonitor drawing a tqdm bar per top-level builder phase, whose postfix names
+    the nested phase underway and its step, so a long phase visibly moves.
 
     TensorRT calls it from its own threads, hence the lock."""
     lock = threading.Lock()
@@ -77,18 +75,40 @@ def builder_progress(trt: Any, enabled: bool) -> Any:
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self.bars: dict[str, tqdm] = {}
+            self.parents: dict[str, str | None] = {}
+            self.steps: dict[str, int] = {}
+            self.drawn = 0.0
+
+        def root(self, phase_name):
+            while self.parents.get(phase_name) is not None:
+                phase_name = self.parents[phase_name]
+            return phase_name
+
+        def show(self, phase_name, step):
+            bar = self.bars.get(self.root(phase_name))
+            if bar is not None and phase_name not in self.bars:
+                total = self.steps.get(phase_name, 0)
+                text = f"{phase_name} {step}/{total}" if total else phase_name
+                bar.set_postfix_str(text, refresh=False)
+                if time.monotonic() - self.drawn >= 0.25:  # redrawn 4 times a second at most
+                    self.drawn = time.monotonic()
+                    bar.refresh()
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            if enabled and parent_phase is None:
-                with lock:
+            with lock:
+                self.parents[phase_name], self.steps[phase_name] = parent_phase, num_steps
+                if enabled and parent_phase is None:
                     self.bars[phase_name] = tqdm(
                         total=num_steps, desc=f"TensorRT: {phase_name}", leave=False
                     )
+                self.show(phase_name, 0)
 
         def step_complete(self, phase_name, step):
             with lock:
                 if phase_name in self.bars:
                     self.bars[phase_name].update(1)
+                else:
+                    self.show(phase_name, step + 1)
             return True
 
         def phase_finish(self, phase_name):
@@ -146,6 +166,11 @@ def build(
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
     ckpt = Checkpoint.open(model_dir)
+    if (model_dir / "tokenizer.json").is_file():  # a broken one fails now, not after the build
+        try:
+            Tokenizer.from_dir(model_dir)
+        except TokenizerError as e:
+            raise BuildError(str(e)) from None
     config = ckpt.config
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
     options = NetworkOptions(
@@ -171,86 +196,137 @@ def build(
             "sha256": files_sha256([calib_file]),
             "tokens": min(len(calib_ids), config.max_position_embeddings),
         }
-    key_data = {
-        "format": FORMAT_VERSION,  # a network or contract change makes a new artifact
-        "source": source_fingerprint(model_dir),
+    identity = {  # what decides the build; metadata.json records the same fields
+        "format_version": FORMAT_VERSION,
+        "model": {"fingerprint": source_fingerprint(model_dir)},
         "options": options.__dict__,
-        "backend": [trt.__name__, trt.__version__],
+        "backend": {"module": trt.__name__, "version": trt.__version__},
         "target": target,
         "optimization_level": optimization_level,
-        "calibration": calibration["sha256"] if calibration else None,
+        "calibration": calibration,
     }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
+    key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower()
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
-    if is_complete(output) and read_metadata(output).get("build_key") == key and not force:
+    if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
         _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
         return output
-    if output.exists() and not force and not is_complete(output):
+    waiting = f"Waiting for another build of {output} to finish..."
+    try:
+        with locked(output, on_wait=lambda: _say(progress, waiting)):
+            if stale := remove_stale_partials(output):
+                names = ", ".join(p.name for p in stale)
+                _say(progress, f"Removed what interrupted builds left in {output.parent}: {names}.")
+            check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
+            if output.exists() and any(output.iterdir()) and not force:
+                if read_metadata(output).get("build_key") != key:
+                    raise BuildError(
+                        f"{output} holds another or an incomplete engine artifact; pass --force to "
+                        "replace it, or choose another --output."
+                    )
+                try:
+                    check_intact(output)
+                    _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
+                    return output
+                except DamagedArtifact as e:  # the same build, damaged: ours to replace
+                    _say(progress, f"Rebuilding {output}: {e.reason}.")
+            with staging(output) as tmp:
+                if not (model_dir / "tokenizer.json").is_file():
+                    print(
+                        f"warning: {model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
+                        "this artifact; add the model's tokenizer files to that folder and build again.",
+                        file=sys.stderr,
+                    )
+                act_amax = None
+                if calibration is not None:
+                    _say(
+                        progress,
+                        f"Calibrating FP8 activation ranges on {calibration['tokens']} tokens of {calib_file}...",
+                    )
+                    act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
+                with tqdm(
+                    total=config.num_layers,
+                    desc="Network definition",
+                    unit="layer",
+                    disable=not progress,
+                ) as bar:
+                    dn = build_network(
+                        ckpt,
+                        options,
+                        trt,
+                        on_layer=lambda done, total: bar.update(1),
+                        act_amax=act_amax,
+                    )
+                shards = sorted(model_dir.glob("*.safetensors"))
+                # Hashed on a thread while the builder runs (hashlib releases the GIL): its
+                # long "Determining refit engines" phases leave a core idle, and the hash
+                # alone is about 10% of a 1B build.
+                hashing = ThreadPoolExecutor(max_workers=1)
+                weights_sha256 = hashing.submit(files_sha256, shards)
+                monitor = builder_progress(trt, progress)
+                _say(
+                    progress,
+                    f"Building the engine for {target or 'this GPU'} ({dtype}"
+                    + (f", {quant}" if quant != "none" else "")
+                    + f", {dn.network.num_layers} layers)...",
+                )
+                engine_bytes = build_engine(
+                    dn,
+                    tmp / ENGINE_FILE,
+                    target=target,
+                    optimization_level=optimization_level,
+                    timing_cache=timing_cache,
+                    progress_monitor=monitor,
+                )
+                contract = metadata(dn)  # I/O contract, profiles, config, backend versions
+                del dn  # frees the network and its references to the weights
+                copied = copy_model_files(model_dir, tmp)
+                hashing.shutdown()
+                seconds = time.perf_counter() - started
+                peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                write_metadata(
+                    tmp,
+                    dict(
+                        contract,
+                        build_key=key,
+                        model={
+                            **identity["model"],
+                            "name": model,
+                            "path": str(model_dir),
+                            "files": copied,
+                        },
+                        target=target,
+                        optimization_level=optimization_level,
+                        weights_sha256=weights_sha256.result(),
+                        calibration=calibration,
+                        build={
+                            "seconds": round(seconds, 2),
+                            "engine_bytes": engine_bytes,
+                            "checkpoint_bytes": sum(s.stat().st_size for s in shards),
+                            "peak_rss_bytes": peak_rss,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        },
+                    ),
+                )
+    except OSError as e:  # the lock and staging folder come first: a read-only place fails at once
         raise BuildError(
-            f"{output} exists but is not a complete artifact; remove it or pass --force."
-        )
-
-    with staging(output, force=True) as tmp:
-        act_amax = None
-        if calibration is not None:
-            _say(
-                progress,
-                f"Calibrating FP8 activation ranges on {calibration['tokens']} tokens of {calib_file}...",
-            )
-            act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
-        with tqdm(
-            total=config.num_layers, desc="Network definition", unit="layer", disable=not progress
-        ) as bar:
-            dn = build_network(
-                ckpt, options, trt, on_layer=lambda done, total: bar.update(1), act_amax=act_amax
-            )
-        monitor = builder_progress(trt, progress)
-        _say(
-            progress,
-            f"Building the engine for {target or 'this GPU'} ({dtype}"
-            + (f", {quant}" if quant != "none" else "")
-            + f", {dn.network.num_layers} layers)...",
-        )
-        engine_bytes = build_engine(
-            dn,
-            tmp / ENGINE_FILE,
-            target=target,
-            optimization_level=optimization_level,
-            timing_cache=timing_cache,
-            progress_monitor=monitor,
-        )
-        contract = metadata(dn)  # I/O contract, profiles, config, backend versions
-        del dn  # frees the network and its references to the weights
-        copied = copy_model_files(model_dir, tmp)
-        shards = sorted(model_dir.glob("*.safetensors"))
-        seconds = time.perf_counter() - started
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        write_metadata(
-            tmp,
-            dict(
-                contract,
-                build_key=key,
-                model={"name": model, "path": str(model_dir), "files": copied},
-                target=target,
-                optimization_level=optimization_level,
-                weights_sha256=files_sha256(shards),
-                calibration=calibration,
-                build={
-                    "seconds": round(seconds, 2),
-                    "engine_bytes": engine_bytes,
-                    "checkpoint_bytes": sum(s.stat().st_size for s in shards),
-                    "peak_rss_bytes": peak_rss,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            ),
-        )
+            f"cannot write {output} ({e.strerror}); choose a writable --output, or "
+            "set TRT_NETDEF_CACHE to a writable folder (and check the free disk space)."
+        ) from None
     _say(
         progress,
         f"Engine: {output / ENGINE_FILE} ({engine_bytes / 2**20:.1f} MiB) in {seconds:.1f} s, "
         f"peak RAM {peak_rss / 2**30:.2f} GiB.",
     )
     return output
+
+
+def _reusable(output: Path, key: str) -> bool:
+    """Whether `output` is an intact artifact of the build named `key`."""
+    try:
+        return is_complete(output) and check_intact(output)["build_key"] == key
+    except ArtifactError:
+        return False
 
 
 def _say(enabled: bool, message: str) -> None:
@@ -286,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="prompt length the prefill profile is tuned for (default: min(512, max))",
     )
-    p.add_argument("--profiles", default="decode,prefill", choices=["decode,prefill", "dynamic"])
+    p.add_argument(
+        "--profiles",
+        default="decode,prefill",
+        choices=["decode,prefill", "dynamic"],
+        metavar="SET",
+        help="optimization profiles, one of two sets: 'decode,prefill' (the default: one for "
+        "decode steps, one for prompt chunks) or 'dynamic' (one profile for both)",
+    )
     p.add_argument(
         "--quant",
         default="none",
@@ -321,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument(
-        "--force", action="store_true", help="rebuild even if an identical artifact exists"
+        "--force",
+        action="store_true",
+        help="rebuild even if an identical artifact exists, or replace another artifact in "
+        "--output (a folder holding anything else is never replaced)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
@@ -348,7 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             progress=not args.quiet,
         )
-    except (BuildError, BackendError, WeightsError, OptionsError, EngineBuildError) as e:
+    except (
+        BuildError,
+        ArtifactError,
+        BackendError,
+        WeightsError,
+        OptionsError,
+        EngineBuildError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
 from netdef.artifact import is_complete, read_metadata
@@ -33,13 +34,17 @@ from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
 
 
-def score(model: CpuModel, ids: Sequence[int], chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Negative log-likelihood (float64) and top-1 id of each next token: [len(ids) - 1] each."""
+def score(
+    model: CpuModel, ids: Sequence[int], chunk: int, desc: str = "scoring"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood (float64) and top-1 id of each next token: [len(ids) - 1] each.
+
+    A bar on stderr counts the chunks: one network takes minutes on the CPU for a long text."""
     ids = np.asarray(ids, np.int32)
     n = ids.size
     nll, top1 = np.empty(n - 1), np.empty(n - 1, np.int64)
     model.reset(1)
-    for start in range(0, n - 1, chunk):
+    for start in tqdm(range(0, n - 1, chunk), desc=desc, unit="chunk", file=sys.stderr):
         end = min(start + chunk, n - 1)  # the last token predicts nothing
         positions = np.arange(start, end, dtype=np.int32)[None]
         logits = model.forward(ids[None, start:end], positions, np.zeros(1, np.int32))[0]
@@ -76,7 +81,8 @@ def evaluate(
         )
         options.validate(source.config)  # before a calibration pass
         amax = activation_amax(source, calib_ids, dtype, chunk, trt) if mode == "fp8" else None
-        return score(CpuModel(build_network(source, options, trt, act_amax=amax)), ids, chunk)
+        model = CpuModel(build_network(source, options, trt, act_amax=amax))
+        return score(model, ids, chunk, desc=f"{mode if mode != 'none' else dtype} network")
 
     ref_nll, ref_top1 = run("none")
     result: dict[str, Any] = {
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             calib_ids=calib,
             chunk=args.chunk,
         )
-    except (OSError, ValueError, WeightsError, OptionsError) as e:
+    except (OSError, ValueError, WeightsError, OptionsError) as e:  # ArtifactError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -3,7 +3,8 @@
     python -m tools.generate ARTIFACT --prompt "Why is the sky blue?" --chat
     python -m tools.generate MODEL_DIR --backend reference --prompt "Once upon a time"
 
-Without --prompt it is an interactive chat that keeps the conversation.
+Without --prompt it is an interactive chat that keeps the conversation (a base model, with
+no chat template, continues each typed line as plain text instead).
 """
 
 from __future__ import annotations
@@ -13,28 +14,35 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import is_complete, read_metadata
+from netdef.artifact import METADATA_FILE, check_intact, source_fingerprint
 from runtime.backend import Backend
 from runtime.cpu import CpuModel
+from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingError, SamplingParams
+from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
 
 
-def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) -> Backend:
-    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)."""
+def open_backend(
+    path: Path, meta: dict | None, backend: str, dtype: str, max_seq_len: int | None
+) -> Backend:
+    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference);
+    `meta` is the artifact's checked metadata, None for a model folder."""
     if backend == "tensorrt":
-        if not is_complete(path):
+        if meta is None:
             raise GenerationError(
                 f"{path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
             )
-        from runtime.tensorrt_backend import TensorRTBackend
-
+        if reason := gpu_unavailable_reason():
+            raise GenerationError(
+                f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
+                f"run the artifact's network with --backend reference."
+            )
         return TensorRTBackend.load(path)
-    if is_complete(path):  # the artifact's own network, executed on the CPU from its source weights
-        meta = read_metadata(path)
-        ckpt = Checkpoint.open(meta["model"]["path"])
+    if meta is not None:
+        ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta["options"], "max_batch": 1})
     else:
         ckpt = Checkpoint.open(path)
@@ -45,8 +53,44 @@ def open_backend(path: Path, backend: str, dtype: str, max_seq_len: int | None) 
     return CpuModel(build_network(ckpt, options))
 
 
-def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
-    run = gen.start([prompt], params, chat=chat)
+def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
+    """The weights an artifact was built from, which the CPU executes its network with (the
+    engine holds them only in TensorRT's form); refused if they changed since the build."""
+    source = Path(meta["model"]["path"])
+    if not (source / "config.json").is_file():
+        raise GenerationError(
+            f"--backend reference runs the network of {artifact} on the CPU from the weights it "
+            f"was built from, but {source} no longer holds them; pass that model folder instead, "
+            "or run the engine on a GPU (--backend tensorrt)."
+        )
+    if source_fingerprint(source) != meta["model"]["fingerprint"]:
+        raise GenerationError(
+            f"{source} changed after {artifact} was built from it; rebuild the artifact with "
+            f"python -m tools.build --force, or pass {source} itself."
+        )
+    print(
+        f"Running the network of {artifact} on the CPU with the weights in {source}.",
+        file=sys.stderr,
+    )
+    return Checkpoint.open(source)
+
+
+def load_tokenizer(path: Path, meta: dict | None) -> Tokenizer:
+    if meta is not None and not (path / "tokenizer.json").is_file():
+        raise GenerationError(
+            f"{path} has no tokenizer.json: the model folder it was built from had none; add the "
+            "model's tokenizer files to that folder and build again."
+        )
+    return Tokenizer.from_dir(path)
+
+
+def stream(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate: bool) -> str:
+    try:
+        run = gen.start([prompt], params, chat=chat, truncate=truncate)
+    except GenerationError as e:
+        if "allow truncation" not in str(e):
+            raise
+        raise GenerationError(f"{e} (--truncate keeps the prompt's last tokens.)") from None
     for delta in run:
         print(delta.text, end="", flush=True)
     print()
@@ -59,9 +103,18 @@ def stream(gen: Generator, prompt, params: SamplingParams, chat: bool) -> str:
     return c.text
 
 
-def chat_loop(gen: Generator, params: SamplingParams) -> None:
+def chat_loop(gen: Generator, params: SamplingParams, truncate: bool) -> None:
+    """A conversation; a base model (no chat template) continues each line as plain text."""
+    chat = bool(gen.tokenizer.chat_templates)
+    if chat:
+        print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
+    else:
+        print(
+            f"{gen.tokenizer.source} is a base model (no chat template), so each line is "
+            "continued as plain text, without the earlier lines (empty line or Ctrl-D to quit).",
+            file=sys.stderr,
+        )
     messages: list[dict] = []
-    print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
@@ -69,8 +122,11 @@ def chat_loop(gen: Generator, params: SamplingParams) -> None:
             break
         if not line:
             break
+        if not chat:
+            stream(gen, line, params, chat=False, truncate=truncate)
+            continue
         messages.append({"role": "user", "content": line})
-        reply = stream(gen, messages, params, chat=True)
+        reply = stream(gen, messages, params, chat=True, truncate=truncate)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -91,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep a too-long prompt's last tokens instead of refusing it",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -118,15 +179,39 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
-        tokenizer = Tokenizer.from_dir(args.model)
+    except SamplingError as e:
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
+    try:
+        if not args.model.is_dir():
+            raise GenerationError(
+                f"{args.model} does not exist; pass an artifact folder from python -m tools.build, "
+                "or a Hugging Face model folder with --backend reference."
+            )
+        meta = check_intact(args.model) if (args.model / METADATA_FILE).is_file() else None
+        tokenizer = load_tokenizer(args.model, meta)
+        if args.chat and args.prompt is not None:  # no chat template: refused before any work
+            tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         gen = Generator(
-            open_backend(args.model, args.backend, args.dtype, args.max_seq_len), tokenizer
+            open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
+        if params.max_new_tokens >= gen.backend.max_seq_len:
+            raise GenerationError(
+                f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
+                f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
+                "--max-seq-len (at build time for an artifact)."
+            )
         if args.prompt is None:
-            chat_loop(gen, params)
+            chat_loop(gen, params, args.truncate)
         else:
-            stream(gen, args.prompt, params, args.chat)
-    except (ValueError, WeightsError, OptionsError, GenerationError) as e:
+            stream(gen, args.prompt, params, args.chat, args.truncate)
+    except (
+        ValueError,  # ArtifactError, TokenizerError and GenerationError among them
+        WeightsError,
+        OptionsError,
+        GenerationError,
+        EngineLoadError,
+        CudaError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

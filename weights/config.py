@@ -152,9 +152,22 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         )
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-download the model.") from e
-    return parse_config(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; "
+            "re-download the model."
+        )
+    try:
+        return parse_config(raw)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong kind
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"{path} has a field of the wrong type or shape ({type(e).__name__}: {e}); "
+            "re-download the model."
+        ) from None
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
@@ -182,6 +195,14 @@ def _require(raw: dict[str, Any], key: str) -> Any:
             f"config.json has no {key!r}, which a {raw.get('model_type')} model needs; re-download the model."
         )
     return raw[key]
+
+
+def _count(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A size field (heads, layers, widths): required unless `default`, a positive integer."""
+    value = raw.get(key) or default if default is not None else _require(raw, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _reject(key, value, "it must be a positive integer")
+    return value
 
 
 def _reject(field: str, value: Any, why: str) -> ConfigError:
@@ -235,13 +256,13 @@ def _single_rope(raw: dict[str, Any]) -> RopeConfig:
 def _common(raw: dict[str, Any], family: str, tie_default: bool) -> dict[str, Any]:
     """Fields every family reads the same way; `tie_default` is the family's class default,
     which `save_pretrained` leaves out of config.json."""
-    heads = int(_require(raw, "num_attention_heads"))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    heads = _count(raw, "num_attention_heads")
+    kv_heads = _count(raw, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise _reject(
             "num_key_value_heads", kv_heads, f"it must divide num_attention_heads={heads}"
         )
-    hidden = int(_require(raw, "hidden_size"))
+    hidden = _count(raw, "hidden_size")
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16").removeprefix("torch.")
@@ -249,14 +270,14 @@ def _common(raw: dict[str, Any], family: str, tie_default: bool) -> dict[str, An
         raise _reject("torch_dtype", dtype, "checkpoints must be bfloat16, float16 or float32")
     return dict(
         family=family,
-        vocab_size=int(_require(raw, "vocab_size")),
+        vocab_size=_count(raw, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_require(raw, "intermediate_size")),
+        intermediate_size=_count(raw, "intermediate_size"),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=int(raw.get("head_dim") or hidden // heads),
+        head_dim=_count(raw, "head_dim", hidden // heads),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+        max_position_embeddings=_count(raw, "max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie_default)),
         checkpoint_dtype=dtype,
         bos_token_id=raw.get("bos_token_id"),
@@ -276,7 +297,7 @@ def _activation(raw: dict[str, Any], key: str) -> Activation:
 
 def _layer_windows(raw: dict[str, Any], pattern_default: int | None) -> list[int | None]:
     """Per-layer sliding window from `layer_types`, or the older per-family conventions."""
-    n = int(_require(raw, "num_hidden_layers"))
+    n = _count(raw, "num_hidden_layers")
     window = raw.get("sliding_window")
     types = raw.get("layer_types")
     if types is None:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import struct
-import uuid
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
 from .config import parse_config
+from .folders import partial_path
 
 ARCH = "gemma3"
 # Output dtype -> (numpy dtype, safetensors tag).
@@ -84,6 +85,8 @@ def convert_gguf(
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
+    if progress:  # GGUFReader maps and indexes the whole file first: seconds without a bar
+        print(f"Reading {gguf_path}...", file=sys.stderr)
     reader = GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     arch = meta.get("general.architecture")
@@ -94,7 +97,7 @@ def convert_gguf(
         )
     config = hf_config(meta, [t.name for t in reader.tensors], dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp = partial_path(out_dir)
     tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
     try:
         _write_weights(reader, tmp / "model.safetensors", config, dtype, progress)

@@ -2,7 +2,8 @@
 
 `safetensors`' own NumPy API cannot represent bfloat16, so the format is read directly: an
 8-byte little-endian header length, a JSON header, then the raw tensor bytes. The header is
-checked against the file's size before any tensor is handed out, so a truncated or corrupt
+checked against the file's size, and the tensors must tile the data exactly as the
+`safetensors` library requires, before any tensor is handed out, so a truncated or corrupt
 download fails here with the file's name instead of as a crash or garbage weights later.
 """
 
@@ -68,6 +69,25 @@ class SafetensorsFile:
             name: self._check_entry(name, entry, size - self._data_start)
             for name, entry in header.items()
         }
+        self._check_tiling(size - self._data_start)
+
+    def _check_tiling(self, data_size: int) -> None:
+        """The tensors must cover the data exactly once, in some order, as the `safetensors`
+        library demands: overlapping entries would hand out the same bytes as two weights."""
+        offset = 0
+        for begin, end, name in sorted((b, e, n) for n, (_, _, b, e) in self._entries.items()):
+            if begin != offset:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} starts at byte {begin} of the data, but the "
+                    f"tensors before it end at byte {offset} (they overlap or leave a gap); "
+                    f"{self._fix}."
+                )
+            offset = end
+        if offset != data_size:
+            raise CheckpointError(
+                f"{self.path}: its tensors cover {offset} bytes of data, but the file holds "
+                f"{data_size}; {self._fix}."
+            )
 
     def _check_entry(
         self, name: str, entry: Any, data_size: int

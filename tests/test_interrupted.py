@@ -1,0 +1,86 @@
+"""Builds and conversions killed outright (kill -9), and two identical builds at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from netdef.artifact import ENGINE_FILE
+from tests.test_build_tool import tiny_build_args
+from weights import bundled
+from weights.bundled import REQUIRED_FILES, bundled_gguf_path, bundled_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_once_partial(proc: subprocess.Popen, folder: Path, pattern: str) -> list[Path]:
+    """SIGKILL `proc` as soon as a partial matching `pattern` exists in `folder`."""
+    while proc.poll() is None:
+        if partials := list(folder.glob(pattern)):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return partials
+    raise AssertionError(f"finished before a partial appeared: {proc.stderr.read()}")
+
+
+def test_a_killed_build_is_cleaned_up_by_the_next(tiny_dir, tmp_path):
+    out_dir = tmp_path / "a"
+    args = tiny_build_args(tiny_dir, out_dir)
+    [partial] = kill_once_partial(start("tools.build", *args), tmp_path, ".a.*.partial")
+    assert partial.is_dir() and not out_dir.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.build", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Removed what interrupted builds left in {tmp_path}: {partial.name}.\n" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert (out_dir / ENGINE_FILE).is_file()
+
+
+def test_two_identical_builds_at_once_build_once(tiny_dir, tmp_path):
+    args = tiny_build_args(tiny_dir, tmp_path / "a")
+    procs = [start("tools.build", *args) for _ in range(2)]
+    errs = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sorted(err.count("\nEngine: ") + err.startswith("Engine: ") for err in errs) == [0, 1]
+    assert sum("Reusing" in err for err in errs) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no lock or partial left
+
+
+def test_a_killed_conversion_is_cleaned_up_by_the_next(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gguf = bundled_gguf_path(ROOT / ".cache" / "fixtures")
+    for f in (gguf, gguf.with_name(gguf.name + ".sha256.json")):
+        (cache / f.name).symlink_to(f)
+    proc = start("tools.bundled", "--cache-dir", str(cache))
+    [partial] = kill_once_partial(proc, cache, ".gemma-3-270m-*.partial")
+
+    def convert(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
+        """Stands in for the minute-long conversion, which test_gguf_import covers."""
+        out_dir.mkdir()
+        for name in REQUIRED_FILES:
+            (out_dir / name).write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(bundled, "convert_gguf", convert)
+    folder = bundled_model_dir(cache, progress=False)
+    assert f"Removed what interrupted runs left in {cache}: {partial.name}.\n" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [folder.name, gguf.name, gguf.name + ".sha256.json"]
+    )

@@ -1,0 +1,213 @@
+"""Bad input through the real commands: one clear line, exit status 1, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from netdef.artifact import METADATA_FILE
+from tests.test_build_tool import run_build, tiny_build_args, with_tokenizer
+from tools import generate as generate_tool
+from tools import inspect as inspect_tool
+from tools import logits as logits_tool
+
+
+def edited_model(tiny_dir, tmp_path: Path, config: object) -> Path:
+    """The tiny llama's weights under a config.json holding `config`."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(tiny_dir("llama") / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def llama_config(tiny_dir) -> dict:
+    return json.loads((tiny_dir("llama") / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: [c],
+            "{config} holds a JSON list, not an object of config fields; re-download the model.",
+        ),
+        (
+            lambda c: {**c, "hidden_size": "sixty-four"},
+            "config field hidden_size='sixty-four' is not supported: it must be a positive integer.",
+        ),
+        (
+            lambda c: {**c, "num_attention_heads": 0},
+            "config field num_attention_heads=0 is not supported: it must be a positive integer.",
+        ),
+    ],
+    ids=["list", "text-size", "zero-heads"],
+)
+def test_a_malformed_config_is_one_line(edit, message, tiny_dir, tmp_path, capsys):
+    model = edited_model(tiny_dir, tmp_path, edit(llama_config(tiny_dir)))
+    out_dir = tmp_path / "artifact"
+    code, out, err = run_build(tiny_build_args(lambda _: model, out_dir), capsys)
+    assert (code, out) == (1, "")
+    assert err == "error: " + message.format(config=model / "config.json") + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_corrupt_tokenizer_fails_before_the_build(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    (model / "tokenizer.json").write_text('{"model": ')
+    code, _, err = run_build(tiny_build_args(lambda _: model, tmp_path / "artifact"), capsys)
+    assert code == 1
+    assert err.startswith(f"error: {model / 'tokenizer.json'} cannot be read (")
+    assert err.endswith("); re-download the model's tokenizer files.\n") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert generate_tool.main([str(model), "--backend", "reference", "--prompt", "w1"]) == 1
+    assert capsys.readouterr().err == err
+
+
+@pytest.fixture
+def artifact(tiny_dir, tmp_path, capsys) -> Path:
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    out_dir = tmp_path / "artifact"
+    assert run_build(tiny_build_args(lambda _: model, out_dir, "--quiet"), capsys)[0] == 0
+    capsys.readouterr()
+    return out_dir
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("not json", "cannot be read as JSON (Expecting value: line 1 column 1 (char 0))"),
+        (
+            '{"format_version": 2}',
+            "lacks config, options, profiles, io, backend, build_key, model, build",
+        ),
+    ],
+    ids=["not-json", "missing-keys"],
+)
+def test_broken_metadata_is_one_line(text, problem, artifact, capsys):
+    (artifact / METADATA_FILE).write_text(text)
+    expected = (
+        f"error: {artifact / METADATA_FILE} {problem}; rebuild it with python -m tools.build "
+        "--force.\n"
+    )
+    assert inspect_tool.main([str(artifact)]) == 1
+    assert capsys.readouterr().err == expected
+    assert generate_tool.main([str(artifact), "--backend", "reference", "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == expected
+
+
+def test_metadata_without_a_build_record(artifact, capsys):
+    meta = json.loads((artifact / METADATA_FILE).read_text())
+    del meta["model"]
+    (artifact / METADATA_FILE).write_text(json.dumps(meta))
+    assert inspect_tool.main([str(artifact)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {artifact / METADATA_FILE} lacks model; rebuild it with python -m tools.build "
+        "--force.\n"
+    )
+
+
+def test_the_tensorrt_backend_without_a_gpu_is_one_line(artifact, capsys):
+    """This machine has no CUDA GPU (and may lack cuda-python): said before anything loads."""
+    assert generate_tool.main([str(artifact), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the TensorRT backend needs cuda-python and a CUDA GPU (")
+    assert err.endswith("); on the CPU, run the artifact's network with --backend reference.\n")
+    assert err.count("\n") == 1
+
+
+def test_an_unwritable_output_fails_before_the_build(tiny_dir, capsys):
+    """/sys refuses new folders even to root: a read-only place any Linux test machine has."""
+    out_dir = Path("/sys/trt-netdef-artifact")
+    code, _, err = run_build(tiny_build_args(tiny_dir, out_dir), capsys)
+    assert code == 1
+    assert err == (
+        f"error: cannot write {out_dir} (Permission denied); choose a writable --output, "
+        "or set TRT_NETDEF_CACHE to a writable folder (and check the free disk space).\n"
+    )
+
+
+def test_logits_out_in_a_missing_folder_fails_before_computing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "nonexistent" / "x.npy"
+    with pytest.raises(SystemExit) as e:
+        logits_tool.main([str(tiny_dir("llama")), "--ids", "1,2", "--out", str(out)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --out {out}: the folder {out.parent} does not exist; create it first\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+# Hints that name what the user can do --------------------------------------------------------
+
+
+def generate_cli(model: Path, *args: str) -> list[str]:
+    return [str(model), "--backend", "reference", "--dtype", "float32", *args]
+
+
+def test_a_too_long_prompt_points_at_truncate(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    args = generate_cli(model, "--max-seq-len", "8", "--max-new-tokens", "2")
+    prompt = ["--prompt", " ".join(f"w{i}" for i in range(10, 20))]
+    assert generate_tool.main([*args, *prompt]) == 1
+    assert capsys.readouterr().err.endswith(
+        "or allow truncation. (--truncate keeps the prompt's last tokens.)\n"
+    )
+    assert generate_tool.main([*args, *prompt, "--truncate"]) == 0
+    assert "[6 prompt tokens, 2 generated (length)" in capsys.readouterr().err
+
+
+def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    args = generate_cli(model, "--max-seq-len", "64", "--max-new-tokens", "2000", "--prompt", "w5")
+    assert generate_tool.main(args) == 1
+    assert capsys.readouterr().err == (
+        "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=64; ask for "
+        "fewer new tokens, or use a larger --max-seq-len (at build time for an artifact).\n"
+    )
+
+
+def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --seed: seed=-1 must be in [0, 2**32).\n")
+
+
+def test_a_missing_model_folder_says_so(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert generate_tool.main([str(missing), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass an artifact folder from python -m tools.build, "
+        "or a Hugging Face model folder with --backend reference.\n"
+    )
+
+
+def test_profiles_help_names_two_sets(capsys):
+    from tools import build as build_tool
+
+    with pytest.raises(SystemExit):
+        build_tool.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--profiles SET optimization profiles, one of two sets: 'decode,prefill' (the default: "
+        "one for decode steps, one for prompt chunks) or 'dynamic' (one profile for both)"
+    ) in help_text
+
+
+def test_artifacts_get_the_umask_permissions(artifact):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert artifact.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_readme_cpu_snippet_runs(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [snippet] = [b for b in readme.split("```python\n")[1:] if "CpuModel" in b]
+    code = snippet.split("```")[0].replace('"MODEL_DIR"', repr(str(model)))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

@@ -1,0 +1,66 @@
+"""Outputs written whole: staged under a hidden partial name beside their final path, renamed
+into place, and guarded by a lock so that concurrent identical writers do the work once.
+
+A partial path is `.<name>.<8 hex>.partial`. While the lock of `<name>` is held nobody else is
+writing one, so any partial of that name left over is from a process that died (`kill -9`,
+power loss) and is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def partial_path(final: Path) -> Path:
+    """A fresh hidden name beside `final` to write it under."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Delete the partials of `final` that dead writers left; call only under `locked(final)`."""
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[0-9a-f]{{8}}\.partial")
+    stale = sorted(
+        p for p in final.parent.glob(f".{final.name}.*.partial") if pattern.fullmatch(p.name)
+    )
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return stale
+
+
+@contextmanager
+def locked(final: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Hold the lock of `final` (`.<name>.lock` beside it, removed on release); `on_wait` is
+    called once if another process holds it, before waiting for it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = final.with_name(f".{final.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removes the file: then lock the one now at that path
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
