@@ -289,7 +289,6 @@ class TensorRTBackend:
         self.window = meta.get("attention_window") if WINDOW_SLOTS in inputs else None
         extra = (INV_TEMPERATURE, WINDOW_SLOTS)
         self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
-        self._window_bytes = 0
         # (B, window_slots length, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, int, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
@@ -472,7 +471,6 @@ class TensorRTBackend:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
         if window is not None:
             self.host[WINDOW_SLOTS].array[: window.size] = window.ravel()
-            self._window_bytes = window.nbytes
 
     def _prepare(self, key: tuple[int, int, int, int], window: np.ndarray | None) -> None:
         profile, b, s, _ = key
@@ -513,7 +511,7 @@ class TensorRTBackend:
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
             INV_TEMPERATURE: b * 4,
-            WINDOW_SLOTS: self._window_bytes,
+            WINDOW_SLOTS: b * self._state[3] * 4,  # [B, Lw] of the shape set up
         }
         uploads = [(self.device[n], self.host[n], sizes[n]) for n in self._uploads]
         sizes = {

@@ -45,36 +45,13 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
         "use_cache": True,
         "vocab_size": 262144,
     },
-    # google/gemma-3-270m's config.json, with its layer pattern as sliding_window_pattern.
+    # google/gemma-3-270m's config.json (where it differs from gemma-3-1b-it's), with its
+    # layer pattern as sliding_window_pattern.
     "gemma-3-270m": {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "attn_logit_softcapping": None,
-        "bos_token_id": 2,
         "eos_token_id": 1,
-        "pad_token_id": 0,
-        "final_logit_softcapping": None,
-        "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh",
         "hidden_size": 640,
-        "initializer_range": 0.02,
         "intermediate_size": 2048,
-        "max_position_embeddings": 32768,
-        "num_attention_heads": 4,
         "num_hidden_layers": 18,
-        "num_key_value_heads": 1,
-        "query_pre_attn_scalar": 256,
-        "rms_norm_eps": 1e-06,
-        "rope_local_base_freq": 10000.0,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "sliding_window": 512,
-        "sliding_window_pattern": 6,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": 262144,
     },
     # meta-llama/Llama-3.2-1B's config.json.
     "llama-3.2-1b": {
@@ -110,6 +87,7 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 128256,
     },
 }
+RANDOM_PRESETS["gemma-3-270m"] = {**RANDOM_PRESETS["gemma-3-1b"], **RANDOM_PRESETS["gemma-3-270m"]}
 SHAPE_OVERRIDES = {
     "layers": "num_hidden_layers",
     "hidden": "hidden_size",
