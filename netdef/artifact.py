@@ -29,7 +29,8 @@ from .decoder import DecoderNetwork
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = (
-    3  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul attention
+    4  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul attention;
+    # 4: sliding layers' KV rings, window_positions
 )
 ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
 # What `metadata` and tools.build write, which every tool reading an artifact may rely on.
@@ -73,10 +74,29 @@ def metadata(dn: DecoderNetwork, **extra: Any) -> dict[str, Any]:
             for p in dn.profiles
         ],
         "io": io_contract(dn),
-        "attention_window": dn.window,  # what window_slots covers (netdef.slots)
+        "attention_window": dn.window,  # what window_positions covers (netdef.slots)
+        "kv_cache": kv_cache_summary(dn),
         "backend": {"module": dn.trt.__name__, "version": dn.trt.__version__},
         **extra,
     }
+
+
+def kv_cache_summary(dn: DecoderNetwork) -> dict[str, Any]:
+    """KV-cache slots per layer and bytes per sequence and per max_batch batch."""
+    per_sequence = dn.options.kv_bytes(dn.config)
+    return {
+        "slots": dn.options.cache_slots(dn.config),
+        "bytes_per_sequence": per_sequence,
+        "bytes_per_batch": per_sequence * dn.options.max_batch,
+    }
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB', 3 << 30 -> '3.00 GiB' (binary units, as the CLIs print sizes)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def files_sha256(paths: list[Path], chunk: int = 1 << 24) -> str:

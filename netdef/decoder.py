@@ -11,16 +11,18 @@ Engine I/O contract (docs/architecture.md has the full table):
            position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
            last_token_index int32 [B]      which of the S tokens to return logits for
            inv_temperature  float32 [B]    1 / sampling temperature (with sample_top_k > 0)
-           past_key_<i>, past_value_<i>    dtype [B, kv_heads, max_seq_len, head_dim]
+           window_positions int32 [B, Lw]  positions sliding layers read (netdef.slots)
+           past_key_<i>, past_value_<i>    dtype [B, kv_heads, slots_i, head_dim]: slots_i is
+                                           max_seq_len, or a sliding layer's ring (netdef.slots)
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
            next_token       int32 [B]            argmax of logits (not with all_logits)
            top_logits       float32 [B, K]       the K = sample_top_k best logits, best first
            top_ids          int32 [B, K]         their token ids (both not with all_logits)
            log_normalizer   float32 [B]          log sum exp(logits * inv_temperature), with them
            present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
-Token (b, s) is written to cache slot position_ids[b, s] and attends to slots
-j <= position_ids[b, s] (and j > position_ids[b, s] - window on sliding layers), so padded
-tails and stale slots beyond a sequence's end are never read.
+Token (b, s) is written to cache slot position_ids[b, s] (mod the ring on sliding layers)
+and attends to positions j <= position_ids[b, s] (and j > position_ids[b, s] - window on
+sliding layers), so padded tails and stale slots beyond a sequence's end are never read.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
-from .slots import attention_window, layer_windows
+from .slots import WINDOW_POSITIONS, attention_window
 
 
 class WeightSource:
@@ -63,14 +65,15 @@ class DecoderNetwork:
 
     @property
     def window(self) -> int | None:
-        """The sliding window `window_slots` covers (netdef.slots), or None."""
-        windows = [lc.sliding_window for lc in self.config.layers]
-        return attention_window(layer_windows(windows, self.options.max_seq_len))
+        """The sliding window `window_positions` covers (netdef.slots), or None."""
+        return attention_window(self.options.windows(self.config))
 
     @property
-    def kv_cache_shape(self) -> tuple[int, int, int]:
-        """[kv_heads, max_seq_len, head_dim] of every past/present tensor (after the batch dim)."""
-        return (self.config.num_kv_heads, self.options.max_seq_len, self.config.head_dim)
+    def kv_cache_shapes(self) -> list[tuple[int, int, int]]:
+        """[kv_heads, slots, head_dim] of each layer's past/present tensors (after the batch
+        dim): slots is max_seq_len, or a sliding layer's ring."""
+        cfg = self.config
+        return [(cfg.num_kv_heads, n, cfg.head_dim) for n in self.options.cache_slots(cfg)]
 
 
 def build_network(
@@ -124,10 +127,12 @@ class _Decoder:
         ).get_output(0)
         self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
-        self.windows = layer_windows([lc.sliding_window for lc in cfg.layers], self.opt.max_seq_len)
+        self.windows = self.opt.windows(cfg)
+        self.cache_slots = self.opt.cache_slots(cfg)
         self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
+        self.ring_index: dict[int, Any] = {}  # ring length -> write index mod it
         if attention_window(self.windows) is not None:
-            self.window_slots = net.add_input("window_slots", trt.int32, (-1, -1))
+            self.window_positions = net.add_input(WINDOW_POSITIONS, trt.int32, (-1, -1))
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
@@ -304,16 +309,17 @@ class _Decoder:
 
         keys = self.kv_cache(i, "key", k)
         values = self.kv_cache(i, "value", v)
-        out = self.attend(q, keys, values, self.windows[i])  # [B, S, heads * head_dim]
+        out = self.attend(q, keys, values, self.windows[i], self.cache_slots[i])
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
         return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj")
 
-    def attend(self, q: Any, keys: Any, values: Any, window: int | None) -> Any:
+    def attend(self, q: Any, keys: Any, values: Any, window: int | None, ring: int) -> Any:
         """softmax(q · kᵀ masked) · v over the cache slots this call reads, as matmuls;
         returns [B, S, heads * head_dim].
 
-        Sliding layers read the slots `window_slots` names (at most the window per decode
-        step); global layers read the whole cache, masked. (Global layers reading only the
+        Sliding layers read the positions `window_positions` names from their ring of `ring`
+        slots (at most the window per decode step); global layers read the whole cache,
+        masked. (Global layers reading only the
         first L slots, L from an input's shape, made TensorRT-RTX 1.7's builder fail for
         Llama-family networks above ~3,000 slots: "Myelin ... cannot create std::vector
         larger than max_size()".) Measured on
@@ -325,9 +331,9 @@ class _Decoder:
         [B, kv_heads, L, S, G], where the [B, 1, L, S, 1] mask broadcasts over heads."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
-        slots, visible = self.visible_slots(window)  # bool [B, 1, L, S, 1]
+        slots, visible = self.visible_slots(window, ring)  # bool [B, 1, L, S, 1]
         f32 = np.dtype(np.float32)
-        if window is not None:  # each row's window_slots
+        if window is not None:  # each row's window_positions
             k, v = (
                 self.gather_slots(t, slots, f"attn.{n}")
                 for t, n in ((keys, "keys"), (values, "values"))
@@ -368,15 +374,16 @@ class _Decoder:
         return g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
-        """cache [B, kv_heads, max_seq_len, D] at each row's slots [B, L]."""
+        """cache [B, kv_heads, slots, D] at each row's slots [B, L]."""
         gather = self.g.network.add_gather(cache, slots, 2)
         gather.num_elementwise_dims = 1
         return self.g.named(gather, name).get_output(0)
 
-    def visible_slots(self, window: int | None) -> tuple[Any, Any]:
+    def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
         """(slots to gather, bool mask [B, 1, L, S, 1]) for global layers (window None) or the
-        sliding layers of `window`: slot j is visible to token (b, s) iff j <= position and,
-        in a window, j > position - window and j >= 0. Built once per window, shared by layers."""
+        sliding layers of `window` and `ring` slots: position j is visible to token (b, s) iff
+        j <= position and, in a window, j > position - window and j >= 0; it is read from slot
+        j mod ring. Built once per window, shared by layers."""
         if window in self.slots:
             return self.slots[window]
         g = self.g
@@ -390,9 +397,9 @@ class _Decoder:
                 f"{tag}.line",
             )
         else:
-            raw = self.window_slots  # [B, L], negative before slot 0
+            raw = self.window_positions  # [B, L], negative before position 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")
-            slots = g.elementwise(raw, zero, "MAX", f"{tag}.clamped")
+            slots = self.modulo(g.elementwise(raw, zero, "MAX", f"{tag}.clamped"), ring, tag)
             line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, -1, 1, 1))  # [B, 1, L, 1, 1]
         visible = g.unary(
             g.elementwise(line, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
@@ -426,13 +433,28 @@ class _Decoder:
         layer.set_input(3, self.positions64)
         return g.named(layer, name).get_output(0)
 
+    def modulo(self, x: Any, n: int, tag: str) -> Any:
+        """x mod n for non-negative int32 x (x unchanged when n is the whole cache)."""
+        if n == self.opt.max_seq_len:
+            return x
+        g = self.g
+        rank = len(x.shape)
+        size = g.scalar(n, np.int32, rank, f"{tag}.ring")
+        whole = g.mul(g.elementwise(x, size, "FLOOR_DIV", f"{tag}.laps"), size, f"{tag}.lapped")
+        return g.elementwise(x, whole, "SUB", f"{tag}.in_ring")
+
     def kv_cache(self, i: int, kind: str, update: Any) -> Any:
-        """Write this step's keys/values into the cache in place; return the whole cache."""
-        g, trt = self.g, self.g.trt
-        shape = (-1, self.cfg.num_kv_heads, self.opt.max_seq_len, self.cfg.head_dim)
+        """Write this step's keys/values into the cache (a ring on sliding layers) in place;
+        return the whole cache."""
+        g, trt, n = self.g, self.g.trt, self.cache_slots[i]
+        if n not in self.ring_index:
+            saved, g.scope = g.scope, ""
+            self.ring_index[n] = self.modulo(self.write_index, n, f"write_index.{n}")
+            g.scope = saved
+        shape = (-1, self.cfg.num_kv_heads, n, self.cfg.head_dim)
         past = g.network.add_input(f"past_{kind}_{i}", trt_dtype(trt, self.dtype), shape)
         layer = g.network.add_kv_cache_update(
-            past, update, self.write_index, trt.KVCacheMode.LINEAR
+            past, update, self.ring_index[n], trt.KVCacheMode.LINEAR
         )
         present = g.named(layer, f"{kind}_cache_update").get_output(0)
         present.name = f"present_{kind}_{i}"

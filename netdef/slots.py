@@ -1,19 +1,30 @@
-"""Which KV-cache slots a call's sliding-window layers read: the `window_slots` input.
+"""Which KV-cache slots hold which positions, and which positions a call's sliding layers read.
 
-A decode step should read at most the window on sliding layers, not the whole
-`max_seq_len` cache. The network gathers the slots `window_slots` names and masks them by
-position, so any superset of the visible slots gives the same result; the runtime picks
-small ones: per sequence, the `window - 1` slots before its first new token and the new
-ones (negative before slot 0), or, when the call's furthest position + 1 rounded up to a
-power of two (at least `MIN_SLOTS`) is fewer, slots 0 .. that - 1. Global layers read the
-whole cache (netdef.decoder.attend says why).
+Global layers keep `max_seq_len` slots, position p in slot p. A sliding-window layer keeps a
+ring of `ring_length` slots, position p in slot p mod ring: a call of S tokens from position p
+writes p .. p+S-1 before its queries read, and its first query still needs p-window+1 .. p, so
+the ring holds window + max_prefill - 1 slots (mlx-lm's RotatingKVCache likewise grows to
+max_size + S - 1 during a prefill). Its writes are contiguous (TensorRT's KVCacheUpdate), so
+no row of a call may cross a ring's end: `call_end` splits prompts there and `ring_crossing`
+refuses other calls.
+
+A decode step should read at most the window on sliding layers, not the whole cache. The
+network gathers the positions `window_positions` names (from slot position mod ring) and masks
+them by position, so any superset of the visible positions gives the same result; the runtime
+picks small ones: per sequence, the `window - 1` positions before its first new token and the
+new ones (negative before position 0), or, when the call's furthest position + 1 rounded up to
+a power of two (at least `MIN_SLOTS`) is fewer, positions 0 .. that - 1. Global layers read
+the whole cache (netdef.decoder.attend says why).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 MIN_SLOTS = 256
+WINDOW_POSITIONS = "window_positions"  # the engine input these functions feed
 
 
 def layer_windows(windows: list[int | None], max_seq_len: int) -> list[int | None]:
@@ -23,12 +34,49 @@ def layer_windows(windows: list[int | None], max_seq_len: int) -> list[int | Non
 
 
 def attention_window(windows: list[int | None]) -> int | None:
-    """The window `window_slots` covers (the largest of `layer_windows`), or None."""
+    """The window `window_positions` covers (the largest of `layer_windows`), or None."""
     return max((w for w in windows if w), default=None)
 
 
-def window_slots(positions: np.ndarray, max_seq_len: int, window: int) -> np.ndarray:
-    """int32 [B, Lw]: the slots the sliding layers of each row read, for a call with
+def ring_length(window: int | None, max_seq_len: int, max_prefill: int) -> int:
+    """KV slots of a layer: max_seq_len for a global one, window + max_prefill - 1 (at most
+    max_seq_len) for a sliding one."""
+    return max_seq_len if window is None else min(max_seq_len, window + max_prefill - 1)
+
+
+def rings(cache_slots: Iterable[int], max_seq_len: int) -> tuple[int, ...]:
+    """The distinct ring lengths among a network's per-layer cache slots (shorter than the
+    whole cache: a ring of max_seq_len slots never wraps)."""
+    return tuple(sorted({n for n in cache_slots if n < max_seq_len}))
+
+
+def call_end(start: int, stop: int, max_prefill: int, ring_lengths: Iterable[int]) -> int:
+    """Where the prompt chunk from position `start` ends (exclusive, at most `stop`): at most
+    max_prefill tokens, and never across the end of a ring."""
+    end = min(stop, start + max_prefill)
+    for n in ring_lengths:
+        end = min(end, (start // n + 1) * n)
+    return end
+
+
+def ring_crossing(positions: np.ndarray, ring_lengths: Iterable[int]) -> str | None:
+    """Why a call with position_ids [B, S] cannot run (a row crosses a ring's end), or None."""
+    s = positions.shape[1]
+    for n in ring_lengths:
+        crossing = np.flatnonzero(positions[:, 0] % n + s > n)
+        if crossing.size:
+            b = int(crossing[0])
+            p = int(positions[b, 0])
+            return (
+                f"row {b}'s positions {p}..{p + s - 1} cross the end of a sliding-window ring "
+                f"of {n} KV slots (at position {(p // n + 1) * n}); split the call there "
+                "(netdef.slots.call_end)"
+            )
+    return None
+
+
+def window_positions(positions: np.ndarray, max_seq_len: int, window: int) -> np.ndarray:
+    """int32 [B, Lw]: the positions the sliding layers of each row read, for a call with
     position_ids [B, S] (row b is p_b, p_b + 1, ...)."""
     b, s = positions.shape
     need = int(positions[:, -1].max()) + 1
@@ -42,7 +90,7 @@ def window_slots(positions: np.ndarray, max_seq_len: int, window: int) -> np.nda
 def slot_feeds(
     positions: np.ndarray, max_seq_len: int, window: int | None
 ) -> dict[str, np.ndarray]:
-    """`window_slots` for networks with sliding layers of `window` (else nothing)."""
+    """`window_positions` for networks with sliding layers of `window` (else nothing)."""
     if window is None:
         return {}
-    return {"window_slots": window_slots(positions, max_seq_len, window)}
+    return {WINDOW_POSITIONS: window_positions(positions, max_seq_len, window)}

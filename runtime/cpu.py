@@ -10,7 +10,7 @@ import numpy as np
 
 from netdef.decoder import DecoderNetwork
 from netdef.graph import DTYPES
-from netdef.slots import slot_feeds
+from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .reference import Executor
 
@@ -37,6 +37,10 @@ class CpuModel:
         return self.dn.options.prefill_len
 
     @property
+    def rings(self) -> tuple[int, ...]:
+        return rings(self.dn.options.cache_slots(self.dn.config), self.max_seq_len)
+
+    @property
     def sample_top_k(self) -> int:
         return 0 if self.dn.options.all_logits else self.dn.options.sample_top_k
 
@@ -47,10 +51,9 @@ class CpuModel:
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
         dtype = DTYPES[self.dn.options.dtype]
-        shape = (batch, *self.dn.kv_cache_shape)
         self.caches = {
-            f"past_{kind}_{i}": np.zeros(shape, dtype)
-            for i in range(self.dn.config.num_layers)
+            f"past_{kind}_{i}": np.zeros((batch, *shape), dtype)
+            for i, shape in enumerate(self.dn.kv_cache_shapes)
             for kind in ("key", "value")
         }
 
@@ -79,13 +82,16 @@ class CpuModel:
     def feeds(
         self, input_ids, position_ids, last_token_index, temperature: float = 1.0
     ) -> dict[str, np.ndarray]:
-        """Every network input of one call: the tokens, the KV caches and the attended slots."""
+        """Every network input of one call: the tokens, the first B rows of the KV caches (a
+        call of B sequences uses rows 0..B-1, as on the GPU) and the attended positions."""
         positions = np.ascontiguousarray(position_ids, dtype=np.int32)
+        if why := ring_crossing(positions, self.rings):
+            raise ValueError(why)
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
             "position_ids": positions,
             "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
-            **self.caches,
+            **{name: cache[: len(positions)] for name, cache in self.caches.items()},
             **slot_feeds(positions, self.max_seq_len, self.dn.window),
         }
         if self.has_log_normalizer:

@@ -73,6 +73,12 @@ def device_info(index: int | None = None) -> DeviceInfo:
     return DeviceInfo(index, name, prop.major, prop.minor, prop.totalGlobalMem)
 
 
+def free_bytes() -> int:
+    """Device memory free on the current GPU now (cudaMemGetInfo)."""
+    free, _total = cuda("cudaMemGetInfo")
+    return int(free)
+
+
 def gpu_unavailable_reason() -> str | None:
     """None when cuda-python imports and a CUDA device is present; else why not (for skips)."""
     try:

@@ -7,9 +7,13 @@
     run.completions[0].stats
 
 A batch is right-padded into one [B, S] call per prefill chunk (S <= the backend's
-max_prefill); each sequence's logits come from its own last prompt token. Decode then feeds
-one token per sequence per step at position prompt_len + step; sequences that finished keep
-their slot (fed a pad token, output ignored) until all are done.
+max_prefill, ending where a sliding layer's KV ring ends); each sequence's logits come from
+its own last prompt token. Cache rows hold the prompts longest first, so a chunk's call
+takes only the rows whose prompts go on (rows 0..B'-1): a row's padding never runs past the
+chunk its prompt ends in, which a KV ring of window + max_prefill - 1 slots absorbs
+(netdef.slots). Decode then feeds one token per sequence per step at position
+prompt_len + step; sequences that finished keep their row (fed a pad token, output ignored)
+until all are done.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from netdef.slots import call_end
 
 from .backend import Backend
 from .sampling import SamplingParams, next_tokens, next_tokens_from_top
@@ -118,6 +124,8 @@ class Run:
     def __init__(self, gen: Generator, prompts: list[list[int]], params: SamplingParams):
         self.gen, self.params = gen, params
         self.completions = [Completion(prompt_ids=p) for p in prompts]
+        # Cache row r holds prompt order[r]: the longest prompts first (module docstring).
+        self.order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for c in self.completions:
             c.stats.prompt_tokens = len(c.prompt_ids)
         self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
@@ -144,7 +152,8 @@ class Run:
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
         batch = len(self.completions)
-        lengths = np.array([len(c.prompt_ids) for c in self.completions])
+        rows = [self.completions[i] for i in self.order]
+        lengths = np.array([len(c.prompt_ids) for c in rows])
         rng = np.random.default_rng(params.seed)
         backend.reset(batch)
 
@@ -158,7 +167,7 @@ class Run:
         pad = self.gen.tokenizer.pad_id or 0
         for step in range(params.max_new_tokens):
             seen = (
-                [np.array(c.prompt_ids + c.token_ids) for c in self.completions]
+                [np.array(c.prompt_ids + c.token_ids) for c in rows]
                 if params.repetition_penalty != 1.0
                 else []
             )
@@ -175,7 +184,7 @@ class Run:
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
                 break
             feed = np.array(
-                [[pad if c.finish_reason else int(t)] for c, t in zip(self.completions, tokens)],
+                [[pad if c.finish_reason else int(t)] for c, t in zip(rows, tokens)],
                 np.int32,
             )
             positions = (lengths + step)[:, None].astype(np.int32)
@@ -205,31 +214,33 @@ class Run:
         return (backend.forward(ids, positions, last),)
 
     def _prefill(self, lengths: np.ndarray, wants: str) -> tuple:
-        """Run the prompts in chunks of max_prefill; the output for each prompt's last token."""
+        """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end
+        (netdef.slots.call_end); the output for each prompt's last token."""
         backend = self.gen.backend
-        batch, total = len(lengths), int(lengths.max())
+        batch, total = len(lengths), int(lengths[0])  # rows are longest first
         ids = np.zeros((batch, total), np.int32)
-        for b, c in enumerate(self.completions):
-            ids[b, : len(c.prompt_ids)] = c.prompt_ids
-        result = None
-        for start in range(0, total, backend.max_prefill):
-            end = min(start + backend.max_prefill, total)
-            positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
-            last = np.clip(lengths - 1 - start, 0, end - start - 1).astype(np.int32)
-            out = self._call(ids[:, start:end], positions, last, wants)
-            ends_here = (lengths - 1 >= start) & (lengths - 1 < end)
-            if result is None:
-                result = out
-            else:
-                result = tuple(
-                    np.where(ends_here.reshape((batch,) + (1,) * (o.ndim - 1)), o, r)
-                    for o, r in zip(out, result)
-                )
-        return result
+        for b, i in enumerate(self.order):
+            ids[b, : len(self.completions[i].prompt_ids)] = self.completions[i].prompt_ids
+        result: list[np.ndarray] = []
+        start = 0
+        while start < total:
+            end = call_end(start, total, backend.max_prefill, backend.rings)
+            going = int((lengths > start).sum())  # rows 0..going-1 still have prompt tokens
+            positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (going, end - start))
+            last = np.clip(lengths[:going] - 1 - start, 0, end - start - 1).astype(np.int32)
+            out = self._call(ids[:going, start:end], positions, last, wants)
+            if not result:  # the first chunk has every row
+                result = [np.array(o) for o in out]
+            ends_here = lengths[:going] - 1 < end
+            for o, r in zip(out, result):
+                r[:going][ends_here] = o[ends_here]
+            start = end
+        return tuple(result)
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
         stops = self.params.stop
-        for i, (c, token) in enumerate(zip(self.completions, tokens.tolist())):
+        for i, token in zip(self.order, tokens.tolist()):
+            c = self.completions[i]
             if c.finish_reason:
                 continue
             if token in self.gen.eos_ids:

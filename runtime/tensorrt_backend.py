@@ -5,11 +5,11 @@
         logits = model.forward(ids, positions, last)      # float32 [B, vocab]
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
-shapes: input_ids, position_ids, last_token_index, window_slots (netdef.slots), the outputs
+shapes: input_ids, position_ids, last_token_index, window_positions (netdef.slots), the outputs
 and the KV caches (each present_* output is bound to its past_* input's address:
 KVCacheUpdate writes in place). The small inputs and the outputs a call asks for go through
 pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each decode step
-shape (batch, window_slots length, outputs copied) runs plainly once and is captured as a
+shape (batch, window_positions length, outputs copied) runs plainly once and is captured as a
 CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import window_slots
+from netdef.slots import WINDOW_POSITIONS, ring_crossing, rings, window_positions
 
 from .cuda_buffers import (
     CudaGraph,
@@ -35,12 +35,12 @@ from .cuda_buffers import (
     d2h,
     device_info,
     enqueue_step,
+    free_bytes,
 )
 
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
 INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
-WINDOW_SLOTS = "window_slots"  # int32 [B, Lw] (netdef.slots)
 # The outputs a call may copy back (the rest are present_* KV caches, never copied).
 RESULTS = {
     "logits": "float",
@@ -126,8 +126,8 @@ def check_contract(io: dict) -> None:
     inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
     outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
     problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    if inputs.get(WINDOW_SLOTS, "int32") != "int32":
-        problems.append(f"input {WINDOW_SLOTS} must be int32")
+    if inputs.get(WINDOW_POSITIONS, "int32") != "int32":
+        problems.append(f"input {WINDOW_POSITIONS} must be int32")
     if "logits" not in outputs:
         problems.append("output logits is missing")
     for name, dtype in RESULTS.items():
@@ -148,7 +148,7 @@ def check_contract(io: dict) -> None:
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
     ]
-    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, WINDOW_SLOTS}):
+    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, WINDOW_POSITIONS}):
         problems.append(f"unknown inputs {', '.join(extra)}")
     if problems:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
@@ -192,7 +192,9 @@ def buffer_plan(
     return plan
 
 
-def validate_call(ids, positions, last, max_batch: int, max_prefill: int, max_seq_len: int):
+def validate_call(
+    ids, positions, last, max_batch: int, max_prefill: int, max_seq_len: int, ring_lengths=()
+):
     """int32 C-contiguous (ids, positions, last), or ValueError before any GPU work."""
     ids, positions, last = (np.ascontiguousarray(a, np.int32) for a in (ids, positions, last))
     if ids.ndim != 2 or positions.shape != ids.shape or last.shape != ids.shape[:1]:
@@ -217,7 +219,30 @@ def validate_call(ids, positions, last, max_batch: int, max_prefill: int, max_se
         raise ValueError("each row of position_ids must be consecutive: p, p+1, ...")
     if last.min() < 0 or last.max() >= s:
         raise ValueError(f"last_token_index must be in 0..{s - 1}.")
+    if why := ring_crossing(positions, ring_lengths):
+        raise ValueError(why)
     return ids, positions, last
+
+
+def kv_cache_bytes(plan: dict[str, int]) -> int:
+    """Bytes of the KV caches in a buffer plan (the past_* inputs; present_* share them)."""
+    return sum(n for name, n in plan.items() if name.startswith("past_"))
+
+
+def check_memory(plan: dict[str, int], free: int, max_batch: int, max_seq_len: int) -> None:
+    """Refuse, before allocating, buffers that do not fit the GPU's free memory."""
+    from netdef.artifact import fmt_bytes
+
+    need = sum(plan.values())
+    if need <= free:
+        return
+    kv = kv_cache_bytes(plan)
+    raise EngineLoadError(
+        f"its buffers need {fmt_bytes(need)}, of which the KV caches are {fmt_bytes(kv)} "
+        f"({max_batch} x {fmt_bytes(kv // max_batch)} per sequence at max_seq_len "
+        f"{max_seq_len}), but the GPU has {fmt_bytes(free)} free; rebuild it with a smaller "
+        "--max-seq-len or --max-batch (python -m tools.build), or free GPU memory"
+    )
 
 
 # ---- TensorRT ----
@@ -269,6 +294,7 @@ class TensorRTBackend:
         keep_alive: tuple = (),
         auto_graphs: bool = False,
         timed: bool = False,
+        check_free_memory: bool = False,
     ):
         options = meta["options"]
         self.max_batch = options["max_batch"]
@@ -286,14 +312,18 @@ class TensorRTBackend:
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         inputs = {t["name"] for t in self.io["inputs"]}
-        self.window = meta.get("attention_window") if WINDOW_SLOTS in inputs else None
-        extra = (INV_TEMPERATURE, WINDOW_SLOTS)
+        self.window = meta.get("attention_window") if WINDOW_POSITIONS in inputs else None
+        self.rings = rings(
+            (t["shape"][2] for t in self.io["inputs"] if t["name"].startswith("past_")),
+            self.max_seq_len,
+        )
+        extra = (INV_TEMPERATURE, WINDOW_POSITIONS)
         self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
-        # (B, window_slots length, outputs copied) -> a captured decode step
+        # (B, window_positions length, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, int, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
-        # (profile, B, S, window_slots length) the context is set up for
+        # (profile, B, S, window_positions length) the context is set up for
         self._state: tuple[int, int, int, int] | None = None
         self.device: dict[str, DeviceBuffer] = {}
         self.host: dict[str, PinnedBuffer] = {}
@@ -302,6 +332,9 @@ class TensorRTBackend:
         try:
             self.stream, self.timer = Stream(), EventTimer()
             plan = buffer_plan(self.io, self.max_shapes, self.max_batch, self.max_prefill)
+            self.kv_bytes = kv_cache_bytes(plan)  # all max_batch sequences' KV caches
+            if check_free_memory:
+                check_memory(plan, free_bytes(), self.max_batch, self.max_seq_len)
             for name, nbytes in plan.items():
                 self.device[name] = DeviceBuffer(nbytes)
             self.addresses = {n: b.ptr for n, b in self.device.items()}
@@ -310,7 +343,7 @@ class TensorRTBackend:
                     self.addresses[t["name"]] = self.device[
                         t["name"].replace("present_", "past_", 1)
                     ].ptr
-            for name in (*SMALL_INPUTS, WINDOW_SLOTS):
+            for name in (*SMALL_INPUTS, WINDOW_POSITIONS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
             if self.has_log_normalizer:
@@ -374,6 +407,7 @@ class TensorRTBackend:
             keep_alive=(logger, runtime, engine),
             auto_graphs=cuda_graphs,
             timed=timed,
+            check_free_memory=True,
         )
 
     def reset(self, batch: int) -> None:
@@ -437,9 +471,10 @@ class TensorRTBackend:
             self.max_batch,
             self.max_prefill,
             self.max_seq_len,
+            self.rings,
         )
         b, s = ids.shape
-        window = window_slots(pos, self.max_seq_len, self.window) if self.window else None
+        window = window_positions(pos, self.max_seq_len, self.window) if self.window else None
         length = 0 if window is None else window.shape[1]
         key = (choose_profile(self.profile_names, s), b, s, length)
         graph = self.graphs.get((b, length, wanted)) if s == 1 and self._state == key else None
@@ -470,7 +505,7 @@ class TensorRTBackend:
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
         if window is not None:
-            self.host[WINDOW_SLOTS].array[: window.size] = window.ravel()
+            self.host[WINDOW_POSITIONS].array[: window.size] = window.ravel()
 
     def _prepare(self, key: tuple[int, int, int, int], window: np.ndarray | None) -> None:
         profile, b, s, _ = key
@@ -483,7 +518,7 @@ class TensorRTBackend:
             name = t["name"]
             if name in SMALL_INPUTS[:2]:
                 shape = (b, s)
-            elif name == WINDOW_SLOTS:
+            elif name == WINDOW_POSITIONS:
                 shape = window.shape
             else:
                 shape = (b, *self.max_shapes[name][1:])
@@ -511,7 +546,7 @@ class TensorRTBackend:
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
             INV_TEMPERATURE: b * 4,
-            WINDOW_SLOTS: b * self._state[3] * 4,  # [B, Lw] of the shape set up
+            WINDOW_POSITIONS: b * self._state[3] * 4,  # [B, Lw] of the shape set up
         }
         uploads = [(self.device[n], self.host[n], sizes[n]) for n in self._uploads]
         sizes = {

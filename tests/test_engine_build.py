@@ -60,7 +60,7 @@ def test_io_contract(tiny_dir):
         "input_ids",
         "position_ids",
         "last_token_index",
-        "inv_temperature",  # every qwen3 layer is global: no window_slots
+        "inv_temperature",  # every qwen3 layer is global: no window_positions
     } | {f"past_{k}_{i}" for i in range(n) for k in ("key", "value")}
     assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids", "log_normalizer"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
@@ -78,7 +78,7 @@ def test_io_contract(tiny_dir):
     assert tuple(inputs["inv_temperature"].shape) == tuple(outputs["log_normalizer"].shape) == (-1,)
     gemma = build_network(Checkpoint.open(tiny_dir("gemma3")), NetworkOptions(max_seq_len=32), trt)
     slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(4)}
-    window = slots["window_slots"]  # sliding layers (window 4)
+    window = slots["window_positions"]  # sliding layers (window 4)
     assert (window.dtype, tuple(window.shape)) == (trt.int32, (-1, -1))
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}

@@ -100,7 +100,7 @@ class WholeLogits:
     def __init__(self, model):
         self.model = model
         self.max_batch, self.max_seq_len = model.max_batch, model.max_seq_len
-        self.max_prefill = model.max_prefill
+        self.max_prefill, self.rings = model.max_prefill, model.rings
         self.reset, self.forward = model.reset, model.forward
 
 

@@ -20,19 +20,19 @@ def test_layer_windows_treat_a_window_spanning_the_cache_as_global():
 def test_slot_feeds_decode_and_prefill():
     pos = np.array([[9], [3]], np.int32)  # decode, rows at their own positions
     feeds = slot_feeds(pos, 4096, window=4)
-    np.testing.assert_array_equal(feeds["window_slots"], [[6, 7, 8, 9], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(feeds["window_positions"], [[6, 7, 8, 9], [0, 1, 2, 3]])
     feeds = slot_feeds(np.array([[1]], np.int32), 64, window=4)
-    np.testing.assert_array_equal(feeds["window_slots"], [[-2, -1, 0, 1]])  # before slot 0
+    np.testing.assert_array_equal(feeds["window_positions"], [[-2, -1, 0, 1]])  # before slot 0
     prefill = np.tile(np.arange(300, 306, dtype=np.int32), (2, 1))
     feeds = slot_feeds(prefill, 4096, window=4)
-    assert feeds["window_slots"].dtype == np.int32
-    np.testing.assert_array_equal(feeds["window_slots"][0], np.arange(297, 306))
+    assert feeds["window_positions"].dtype == np.int32
+    np.testing.assert_array_equal(feeds["window_positions"][0], np.arange(297, 306))
     # When slots 0 .. (furthest position + 1, rounded up to a power of two >= 256) are fewer
     # than window + S - 1, sliding layers read those.
     feeds = slot_feeds(np.arange(200, dtype=np.int32)[None], 4096, window=100)
-    np.testing.assert_array_equal(feeds["window_slots"], np.arange(256)[None])
+    np.testing.assert_array_equal(feeds["window_positions"], np.arange(256)[None])
     feeds = slot_feeds(np.arange(8, dtype=np.int32)[None], 16, window=12)
-    np.testing.assert_array_equal(feeds["window_slots"], np.arange(16)[None])  # max_seq_len
+    np.testing.assert_array_equal(feeds["window_positions"], np.arange(16)[None])  # max_seq_len
     assert slot_feeds(pos, 64, window=None) == {}
 
 
@@ -47,9 +47,9 @@ def test_reading_more_slots_than_visible_changes_nothing(tiny_dir):
     model.forward(ids[:, :8], np.tile(np.arange(8, dtype=np.int32), (2, 1)), np.array([7, 7]))
     step = (ids[:, 8:], np.full((2, 1), 8, np.int32), np.zeros(2, np.int32))
     runtime = model.feeds(*step)
-    assert runtime["window_slots"].tolist() == [[5, 6, 7, 8]] * 2  # window 4
+    assert runtime["window_positions"].tolist() == [[5, 6, 7, 8]] * 2  # window 4
     logits = model.executor.run(runtime)["logits"]
-    wider = dict(runtime, window_slots=np.tile(np.arange(-2, 9, dtype=np.int32), (2, 1)))
+    wider = dict(runtime, window_positions=np.tile(np.arange(-2, 9, dtype=np.int32), (2, 1)))
     # equal up to float32 summation order (softmax and matmul over other lengths)
     np.testing.assert_allclose(model.executor.run(wider)["logits"], logits, rtol=1e-5, atol=1e-5)
 
@@ -61,7 +61,8 @@ def test_default_max_prefill_bounds_the_attention_scores():
     from weights.config import parse_config
 
     gemma, llama = (parse_config(random_config(p)) for p in ("gemma-3-1b", "llama-3.2-1b"))
-    assert default_max_prefill(gemma, 16, 4096) == 4096  # 16 x 4 heads x 4096 x 4096 = 2^30
+    assert default_max_prefill(gemma, 16, 4096) == 2048  # 4 windows of 512 (its KV rings)
+    assert default_max_prefill(gemma, 16, 16384) == 1024  # 16 x 4 heads x 1024 x 16384 = 2^30
     assert default_max_prefill(llama, 16, 4096) == 512  # 32 heads
     assert default_max_prefill(llama, 1, 4096) == 4096
     assert default_max_prefill(llama, 1, 3000) == 3000

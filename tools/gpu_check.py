@@ -324,7 +324,7 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
                 "not the last logits"
             )
         assert ctx.executions == before, "top-p steps after the first did not replay"
-        assert sorted(model.graphs) == [  # (batch, window_slots length, outputs copied)
+        assert sorted(model.graphs) == [  # (batch, window_positions length, outputs copied)
             (2, 0, ("logits",)),
             (2, 0, ("next_token",)),
             (2, 0, ("top_logits", "top_ids")),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-GiB, MiB = 1 << 30, 1 << 20
+from netdef.artifact import fmt_bytes as artifact_bytes
 
 
 def stats(samples_ms: Sequence[float]) -> dict[str, float]:
@@ -46,9 +46,7 @@ def fmt(value: Any) -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+    return "-" if n is None else artifact_bytes(n)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from netdef.options import DTYPE_BYTES
 from tools.bench.timing import Plan
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def weight_read_bytes(config: Any, dtype: str, batch: int) -> int:

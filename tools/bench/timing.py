@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from netdef.slots import call_end
 from tools.bench import BenchError
 from tools.bench.report import stats
 
@@ -100,11 +101,13 @@ def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.nd
 
 
 def fill_cache(backend: Any, ids: np.ndarray, batch: int, length: int) -> None:
-    """Prefill `length` tokens of `batch` sequences, in chunks of the backend's max_prefill."""
-    for start in range(0, length, backend.max_prefill):
-        end = min(start + backend.max_prefill, length)
+    """Prefill `length` tokens of `batch` sequences, in the chunks the generate loop uses."""
+    start = 0
+    while start < length:
+        end = call_end(start, length, backend.max_prefill, backend.rings)
         pos = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
         backend.forward(ids[:batch, start:end], pos, np.full(batch, end - start - 1, np.int32))
+        start = end
 
 
 def measure_prefill(
