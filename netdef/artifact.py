@@ -35,7 +35,7 @@ FORMAT_VERSION = (
 ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
 # What `metadata` and tools.build write, which every tool reading an artifact may rely on.
 BUILT_FIELDS = ("format_version", "config", "options", "profiles", "io", "backend", "build_key")
-BUILT_FIELDS += ("model", "build")
+BUILT_FIELDS += ("model", "build", "kv_cache")
 
 
 class ArtifactError(ValueError):

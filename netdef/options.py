@@ -24,6 +24,11 @@ SCORES_DEFAULT = 1 << 30
 RING_PREFILL = 4
 
 
+def default_max_seq_len(config: ModelConfig) -> int:
+    """The model's own context: sliding layers' KV rings keep long contexts affordable."""
+    return config.max_position_embeddings
+
+
 def default_max_prefill(config: ModelConfig, max_batch: int, max_seq_len: int) -> int:
     """The longest prompt chunk (a power of two, at most max_seq_len) whose attention scores
     stay within SCORES_DEFAULT and, with sliding layers, at most RING_PREFILL windows: their

@@ -14,6 +14,7 @@ class Backend(Protocol):
     max_seq_len: int  # KV-cache slots per sequence
     max_prefill: int  # largest S of one call
     rings: tuple[int, ...]  # sliding layers' KV ring lengths: no call's row may cross one's end
+    kv_bytes: int  # device (or host) memory of max_batch sequences' KV caches
     sample_top_k: int  # K of forward_top_k (0: the engine has no top_logits/top_ids)
     has_log_normalizer: bool  # whether forward_top_p is available
 

@@ -37,6 +37,11 @@ class CpuModel:
         return self.dn.options.prefill_len
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes of max_batch sequences' KV caches."""
+        return self.dn.options.kv_bytes(self.dn.config) * self.max_batch
+
+    @property
     def rings(self) -> tuple[int, ...]:
         return rings(self.dn.options.cache_slots(self.dn.config), self.max_seq_len)
 

@@ -156,6 +156,12 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "gemma3, 4 layers" in text
     assert "\nquant      none\n" in text
+    # 3 sliding layers keep rings of window 4 + default max_prefill 16 - 1 = 19 slots, the
+    # global one 32; 2 KV heads x 16 x 2 (key, value) x 2 bytes = 128 bytes a slot.
+    assert (
+        "\nKV cache   11.1 KiB per sequence, 11.1 KiB per batch of 1 "
+        "(layers x slots: 1 x 32, 3 x 19)\n"
+    ) in text
     assert "decode" in text and "prefill" in text
     assert "past_key_0" in text and "logits" in text
     assert inspect_tool.main([str(out_dir), "--json"]) == 0

@@ -147,10 +147,11 @@ def test_kv_memory_that_does_not_fit_is_refused_with_the_numbers():
 def test_generate_batched_over_rings_matches_transformers_greedy(tiny_dir, gemma3_270m_dir):
     """runtime.generate on prompts of different lengths (rows longest first, chunks cut at the
     ring's end), 24 greedy tokens each: the tokens transformers generates for each alone."""
+    from transformers import AutoModelForCausalLM
+
     from runtime.generate import Generator
     from runtime.sampling import SamplingParams
     from runtime.tokenizer import Tokenizer
-    from transformers import AutoModelForCausalLM
 
     path = tiny_dir("gemma3")
     prompts = sequences(512, [11, 23, 16], seed=6)

@@ -48,7 +48,7 @@ from netdef.artifact import (
 )
 from netdef.backend import compute_capability, is_rtx
 from netdef.engine import EngineBuildError
-from netdef.options import check_quant_target, default_max_prefill
+from netdef.options import check_quant_target, default_max_prefill, default_max_seq_len
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
 from runtime.tokenizer import Tokenizer, TokenizerError
@@ -172,7 +172,7 @@ def build(
         except TokenizerError as e:
             raise BuildError(str(e)) from None
     config = ckpt.config
-    max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+    max_seq_len = max_seq_len or default_max_seq_len(config)
     options = NetworkOptions(
         dtype=dtype,
         max_batch=max_batch,
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-seq-len",
         type=int,
-        help="KV-cache length per sequence (default: min(model context, 4096))",
+        help="KV-cache length per sequence (default: the model's context)",
     )
     p.add_argument(
         "--max-prefill",

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import METADATA_FILE, check_intact, source_fingerprint
+from netdef.artifact import METADATA_FILE, check_intact, fmt_bytes, source_fingerprint
+from netdef.options import default_max_seq_len
 from runtime.backend import Backend
 from runtime.cpu import CpuModel
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
@@ -46,7 +47,7 @@ def open_backend(
         options = NetworkOptions(**{**meta["options"], "max_batch": 1})
     else:
         ckpt = Checkpoint.open(path)
-        seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
+        seq_len = max_seq_len or default_max_seq_len(ckpt.config)
         options = NetworkOptions(
             dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         help="reference backend only",
     )
     p.add_argument(
-        "--max-seq-len", type=int, help="reference backend only (default: min(model context, 4096))"
+        "--max-seq-len", type=int, help="reference backend only (default: the model's context)"
     )
     args = p.parse_args(argv)
     try:
@@ -193,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
+        )
+        print(
+            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
+            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
+            file=sys.stderr,
         )
         if params.max_new_tokens >= gen.backend.max_seq_len:
             raise GenerationError(

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, is_complete
+from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, fmt_bytes, is_complete
 
 
 def quantization(opt: dict, calibration: dict | None) -> str:
@@ -25,6 +25,18 @@ def quantization(opt: dict, calibration: dict | None) -> str:
     return f"{opt['quant']}{head}{calibrated}"
 
 
+def kv_cache(kv: dict, max_batch: int) -> str:
+    """Bytes per sequence and per batch, and how many layers keep how many slots."""
+    counts: dict[int, int] = {}
+    for n in kv["slots"]:
+        counts[n] = counts.get(n, 0) + 1
+    layers = ", ".join(f"{k} x {n}" for n, k in sorted(counts.items(), reverse=True))
+    return (
+        f"{fmt_bytes(kv['bytes_per_sequence'])} per sequence, {fmt_bytes(kv['bytes_per_batch'])} "
+        f"per batch of {max_batch} (layers x slots: {layers})"
+    )
+
+
 def describe(meta: dict) -> str:
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
     lines = [
@@ -32,6 +44,7 @@ def describe(meta: dict) -> str:
         f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})",
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
+        f"KV cache   {kv_cache(meta['kv_cache'], opt['max_batch'])}",
         f"quant      {quantization(opt, meta.get('calibration'))}",
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",

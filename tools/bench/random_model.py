@@ -53,6 +53,18 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
         "intermediate_size": 2048,
         "num_hidden_layers": 18,
     },
+    # google/gemma-3-4b-it's text_config (where it differs from gemma-3-1b-it's).
+    "gemma-3-4b": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 34,
+        "num_key_value_heads": 4,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+        "vocab_size": 262208,
+    },
     # meta-llama/Llama-3.2-1B's config.json.
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"],
@@ -88,6 +100,7 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 RANDOM_PRESETS["gemma-3-270m"] = {**RANDOM_PRESETS["gemma-3-1b"], **RANDOM_PRESETS["gemma-3-270m"]}
+RANDOM_PRESETS["gemma-3-4b"] = {**RANDOM_PRESETS["gemma-3-1b"], **RANDOM_PRESETS["gemma-3-4b"]}
 SHAPE_OVERRIDES = {
     "layers": "num_hidden_layers",
     "hidden": "hidden_size",
