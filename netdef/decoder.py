@@ -12,6 +12,7 @@ Engine I/O contract (docs/architecture.md has the full table):
            last_token_index int32 [B]      which of the S tokens to return logits for
            inv_temperature  float32 [B]    1 / sampling temperature (with sample_top_k > 0)
            window_positions int32 [B, Lw]  positions sliding layers read (netdef.slots)
+           global_positions int32 [Lg]     positions global layers read (netdef.slots)
            past_key_<i>, past_value_<i>    dtype [B, kv_heads, slots_i, head_dim]: slots_i is
                                            max_seq_len, or a sliding layer's ring (netdef.slots)
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
@@ -40,7 +41,7 @@ from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
-from .slots import WINDOW_POSITIONS, attention_window
+from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window
 
 
 class WeightSource:
@@ -67,6 +68,11 @@ class DecoderNetwork:
     def window(self) -> int | None:
         """The sliding window `window_positions` covers (netdef.slots), or None."""
         return attention_window(self.options.windows(self.config))
+
+    @property
+    def has_global(self) -> bool:
+        """Whether a layer attends to the whole context (and reads `global_positions`)."""
+        return None in self.options.windows(self.config)
 
     @property
     def kv_cache_shapes(self) -> list[tuple[int, int, int]]:
@@ -133,6 +139,8 @@ class _Decoder:
         self.ring_index: dict[int, Any] = {}  # ring length -> write index mod it
         if attention_window(self.windows) is not None:
             self.window_positions = net.add_input(WINDOW_POSITIONS, trt.int32, (-1, -1))
+        if None in self.windows:
+            self.global_positions = net.add_input(GLOBAL_POSITIONS, trt.int32, (-1,))
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
@@ -318,11 +326,8 @@ class _Decoder:
         returns [B, S, heads * head_dim].
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
-        slots (at most the window per decode step); global layers read the whole cache,
-        masked. (Global layers reading only the
-        first L slots, L from an input's shape, made TensorRT-RTX 1.7's builder fail for
-        Llama-family networks above ~3,000 slots: "Myelin ... cannot create std::vector
-        larger than max_size()".) Measured on
+        slots (at most the window per decode step), global layers those `global_positions`
+        names (O(n) after n cached tokens). Measured on
         an H200 (TensorRT-RTX 1.7, 1 KV head, 4,096 slots): TensorRT's fused attention took
         270-320 us per decode call (one block walks the keys), these matmuls 19 us. Scores,
         softmax and the weighted sum are float32, as inside fused attention kernels (scores
@@ -333,13 +338,10 @@ class _Decoder:
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         slots, visible = self.visible_slots(window, ring)  # bool [B, 1, L, S, 1]
         f32 = np.dtype(np.float32)
-        if window is not None:  # each row's window_positions
-            k, v = (
-                self.gather_slots(t, slots, f"attn.{n}")
-                for t, n in ((keys, "keys"), (values, "values"))
-            )
-        else:  # the whole cache
-            k, v = keys, values
+        k, v = (
+            self.gather_slots(t, slots, f"attn.{n}")
+            for t, n in ((keys, "keys"), (values, "values"))
+        )
         k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
         # Row s * G + j of KV head h is token s of query head h * G + j.
         rows = g.shuffle(
@@ -374,9 +376,9 @@ class _Decoder:
         return g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
-        """cache [B, kv_heads, slots, D] at each row's slots [B, L]."""
+        """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
         gather = self.g.network.add_gather(cache, slots, 2)
-        gather.num_elementwise_dims = 1
+        gather.num_elementwise_dims = len(slots.shape) - 1
         return self.g.named(gather, name).get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
@@ -390,12 +392,9 @@ class _Decoder:
         saved, g.scope = g.scope, ""
         tag = f"slots.{window or 'global'}"
         pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
-        if window is None:  # every slot: 0 .. max_seq_len - 1
-            slots = None
-            line = g.constant(
-                np.arange(self.opt.max_seq_len, dtype=np.int32).reshape(1, 1, -1, 1, 1),
-                f"{tag}.line",
-            )
+        if window is None:  # the positions global_positions names, in their own slots
+            slots = self.global_positions
+            line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))
         else:
             raw = self.window_positions  # [B, L], negative before position 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")

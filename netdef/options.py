@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from weights.config import ModelConfig
 
 from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
-from .slots import WINDOW_POSITIONS, attention_window, layer_windows, ring_length
+from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window, layer_windows, ring_length
 
 Shape = tuple[int, ...]
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # the network dtypes
@@ -168,7 +168,8 @@ class NetworkOptions:
             ranges = [("dynamic", (1, 1, b), (1, s_opt, s_max))]
         else:
             ranges = [("decode", (1, b, b), (1, 1, 1)), ("prefill", (1, 1, b), (1, s_opt, s_max))]
-        window = attention_window(self.windows(config))
+        windows = self.windows(config)
+        window = attention_window(windows)
         slots = self.cache_slots(config)
         out = []
         for name, batch, seq in ranges:
@@ -187,5 +188,7 @@ class NetworkOptions:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1
                 shapes[WINDOW_POSITIONS] = tuple((bb, n) for bb, n in zip(batch, lengths))
+            if None in windows:
+                shapes[GLOBAL_POSITIONS] = ((1,), (min(cache_len, 1024),), (cache_len,))
             out.append(Profile(name, shapes))
         return out

@@ -8,13 +8,14 @@ max_size + S - 1 during a prefill). Its writes are contiguous (TensorRT's KVCach
 no row of a call may cross a ring's end: `call_end` splits prompts there and `ring_crossing`
 refuses other calls.
 
-A decode step should read at most the window on sliding layers, not the whole cache. The
-network gathers the positions `window_positions` names (from slot position mod ring) and masks
-them by position, so any superset of the visible positions gives the same result; the runtime
-picks small ones: per sequence, the `window - 1` positions before its first new token and the
-new ones (negative before position 0), or, when the call's furthest position + 1 rounded up to
-a power of two (at least `MIN_SLOTS`) is fewer, positions 0 .. that - 1. Global layers read
-the whole cache (netdef.decoder.attend says why).
+A decode step after n cached tokens should read O(n) slots on global layers and at most the
+window on sliding layers, not the whole cache. The network gathers the positions the
+`window_positions` and `global_positions` inputs name (sliding layers from slot position mod
+ring) and masks them by position, so any superset of the visible positions gives the same
+result; the runtime picks small ones: global layers read positions 0 .. P-1, P the call's
+furthest position + 1 rounded up to a power of two (at least `MIN_SLOTS`); sliding layers,
+per sequence, the `window - 1` positions before its first new token and the new ones
+(negative before position 0), or 0 .. P-1 when that is fewer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections.abc import Iterable
 import numpy as np
 
 MIN_SLOTS = 256
-WINDOW_POSITIONS = "window_positions"  # the engine input these functions feed
+WINDOW_POSITIONS = "window_positions"  # int32 [B, Lw]: what sliding layers read
+GLOBAL_POSITIONS = "global_positions"  # int32 [Lg]: what global layers read
 
 
 def layer_windows(windows: list[int | None], max_seq_len: int) -> list[int | None]:
@@ -75,12 +77,18 @@ def ring_crossing(positions: np.ndarray, ring_lengths: Iterable[int]) -> str | N
     return None
 
 
+def prefix_length(positions: np.ndarray, max_seq_len: int) -> int:
+    """How many positions from 0 a call reads at most: its furthest position + 1, rounded up
+    to a power of two (at least MIN_SLOTS, at most max_seq_len), so few shapes recur."""
+    need = int(positions[:, -1].max()) + 1
+    return min(max_seq_len, max(MIN_SLOTS, 1 << (need - 1).bit_length()))
+
+
 def window_positions(positions: np.ndarray, max_seq_len: int, window: int) -> np.ndarray:
     """int32 [B, Lw]: the positions the sliding layers of each row read, for a call with
     position_ids [B, S] (row b is p_b, p_b + 1, ...)."""
     b, s = positions.shape
-    need = int(positions[:, -1].max()) + 1
-    prefix = min(max_seq_len, max(MIN_SLOTS, 1 << (need - 1).bit_length()))
+    prefix = prefix_length(positions, max_seq_len)
     if window + s - 1 < prefix:
         first = positions[:, :1] - (window - 1)
         return first + np.arange(window + s - 1, dtype=np.int32)
@@ -88,9 +96,13 @@ def window_positions(positions: np.ndarray, max_seq_len: int, window: int) -> np
 
 
 def slot_feeds(
-    positions: np.ndarray, max_seq_len: int, window: int | None
+    positions: np.ndarray, max_seq_len: int, window: int | None, has_global: bool
 ) -> dict[str, np.ndarray]:
-    """`window_positions` for networks with sliding layers of `window` (else nothing)."""
-    if window is None:
-        return {}
-    return {WINDOW_POSITIONS: window_positions(positions, max_seq_len, window)}
+    """The position inputs of a call: `window_positions` for networks with sliding layers of
+    `window`, `global_positions` (0 .. prefix_length - 1) for networks with global layers."""
+    feeds = {}
+    if window is not None:
+        feeds[WINDOW_POSITIONS] = window_positions(positions, max_seq_len, window)
+    if has_global:
+        feeds[GLOBAL_POSITIONS] = np.arange(prefix_length(positions, max_seq_len), dtype=np.int32)
+    return feeds

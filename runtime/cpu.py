@@ -97,7 +97,7 @@ class CpuModel:
             "position_ids": positions,
             "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
             **{name: cache[: len(positions)] for name, cache in self.caches.items()},
-            **slot_feeds(positions, self.max_seq_len, self.dn.window),
+            **slot_feeds(positions, self.max_seq_len, self.dn.window, self.dn.has_global),
         }
         if self.has_log_normalizer:
             feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)

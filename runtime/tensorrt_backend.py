@@ -5,11 +5,11 @@
         logits = model.forward(ids, positions, last)      # float32 [B, vocab]
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
-shapes: input_ids, position_ids, last_token_index, window_positions (netdef.slots), the outputs
+shapes: input_ids, position_ids, last_token_index, the position inputs (netdef.slots), the outputs
 and the KV caches (each present_* output is bound to its past_* input's address:
 KVCacheUpdate writes in place). The small inputs and the outputs a call asks for go through
 pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each decode step
-shape (batch, window_positions length, outputs copied) runs plainly once and is captured as a
+shape (batch, position input shapes, outputs copied) runs plainly once and is captured as a
 CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import WINDOW_POSITIONS, ring_crossing, rings, window_positions
+from netdef.slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, ring_crossing, rings, slot_feeds
 
 from .cuda_buffers import (
     CudaGraph,
@@ -41,6 +41,8 @@ from .cuda_buffers import (
 DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
 SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
 INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
+POSITION_INPUTS = (WINDOW_POSITIONS, GLOBAL_POSITIONS)  # int32, what attention reads
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each position input
 # The outputs a call may copy back (the rest are present_* KV caches, never copied).
 RESULTS = {
     "logits": "float",
@@ -126,8 +128,9 @@ def check_contract(io: dict) -> None:
     inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
     outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
     problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    if inputs.get(WINDOW_POSITIONS, "int32") != "int32":
-        problems.append(f"input {WINDOW_POSITIONS} must be int32")
+    problems += [
+        f"input {n} must be int32" for n in POSITION_INPUTS if inputs.get(n, "int32") != "int32"
+    ]
     if "logits" not in outputs:
         problems.append("output logits is missing")
     for name, dtype in RESULTS.items():
@@ -148,7 +151,7 @@ def check_contract(io: dict) -> None:
     problems += [
         f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
     ]
-    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, WINDOW_POSITIONS}):
+    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, *POSITION_INPUTS}):
         problems.append(f"unknown inputs {', '.join(extra)}")
     if problems:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
@@ -313,18 +316,19 @@ class TensorRTBackend:
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         inputs = {t["name"] for t in self.io["inputs"]}
         self.window = meta.get("attention_window") if WINDOW_POSITIONS in inputs else None
+        self.has_global = GLOBAL_POSITIONS in inputs
         self.rings = rings(
             (t["shape"][2] for t in self.io["inputs"] if t["name"].startswith("past_")),
             self.max_seq_len,
         )
-        extra = (INV_TEMPERATURE, WINDOW_POSITIONS)
+        extra = (INV_TEMPERATURE, *POSITION_INPUTS)
         self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
-        # (B, window_positions length, outputs copied) -> a captured decode step
-        self.graphs: dict[tuple[int, int, tuple[str, ...]], CudaGraph] = {}
+        # (B, position input shapes, outputs copied) -> a captured decode step
+        self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
-        # (profile, B, S, window_positions length) the context is set up for
-        self._state: tuple[int, int, int, int] | None = None
+        # (profile, B, S, position input shapes) the context is set up for
+        self._state: tuple[int, int, int, Shapes] | None = None
         self.device: dict[str, DeviceBuffer] = {}
         self.host: dict[str, PinnedBuffer] = {}
         self.stream: Stream | None = None
@@ -343,7 +347,7 @@ class TensorRTBackend:
                     self.addresses[t["name"]] = self.device[
                         t["name"].replace("present_", "past_", 1)
                     ].ptr
-            for name in (*SMALL_INPUTS, WINDOW_POSITIONS):
+            for name in (*SMALL_INPUTS, *POSITION_INPUTS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
             if self.has_log_normalizer:
@@ -474,24 +478,24 @@ class TensorRTBackend:
             self.rings,
         )
         b, s = ids.shape
-        window = window_positions(pos, self.max_seq_len, self.window) if self.window else None
-        length = 0 if window is None else window.shape[1]
-        key = (choose_profile(self.profile_names, s), b, s, length)
-        graph = self.graphs.get((b, length, wanted)) if s == 1 and self._state == key else None
-        self._stage(ids, pos, last, window)
+        feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
+        shapes = tuple((name, a.shape) for name, a in feeds.items())
+        key = (choose_profile(self.profile_names, s), b, s, shapes)
+        graph = self.graphs.get((b, shapes, wanted)) if s == 1 and self._state == key else None
+        self._stage(ids, pos, last, feeds)
         if self.timed:
             self.timer.start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
-            self._prepare(key, window)
+            self._prepare(key)
             self._enqueue(b, s, wanted)
         if self.timed:
             self.timer.stop(self.stream)
         self.stream.synchronize()
-        if self.auto_graphs and s == 1 and (b, length, wanted) not in self.graphs:
+        if self.auto_graphs and s == 1 and (b, shapes, wanted) not in self.graphs:
             # The context is set up for this shape: the next such step replays the capture.
-            self.graphs[b, length, wanted] = CudaGraph.capture(
+            self.graphs[b, shapes, wanted] = CudaGraph.capture(
                 self.stream, lambda: self._enqueue(b, 1, wanted)
             )
         if self.timed:
@@ -499,16 +503,15 @@ class TensorRTBackend:
         self.last_call = (b, s)
         return b, s
 
-    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, window) -> None:
-        for name, a in zip(SMALL_INPUTS, (ids, pos, last)):
+    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
+        for name, a in (*zip(SMALL_INPUTS, (ids, pos, last)), *feeds.items()):
             self.host[name].array[: a.size] = a.ravel()
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
-        if window is not None:
-            self.host[WINDOW_POSITIONS].array[: window.size] = window.ravel()
 
-    def _prepare(self, key: tuple[int, int, int, int], window: np.ndarray | None) -> None:
-        profile, b, s, _ = key
+    def _prepare(self, key: tuple[int, int, int, Shapes]) -> None:
+        profile, b, s, shapes = key
+        positions = dict(shapes)
         self._state = None
         if self._profile != profile:
             if not self.context.set_optimization_profile_async(profile, self.stream.handle):
@@ -518,8 +521,8 @@ class TensorRTBackend:
             name = t["name"]
             if name in SMALL_INPUTS[:2]:
                 shape = (b, s)
-            elif name == WINDOW_POSITIONS:
-                shape = window.shape
+            elif name in positions:
+                shape = positions[name]
             else:
                 shape = (b, *self.max_shapes[name][1:])
             if not self.context.set_input_shape(name, shape):
@@ -546,7 +549,7 @@ class TensorRTBackend:
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
             INV_TEMPERATURE: b * 4,
-            WINDOW_POSITIONS: b * self._state[3] * 4,  # [B, Lw] of the shape set up
+            **{name: int(np.prod(shape)) * 4 for name, shape in self._state[3]},
         }
         uploads = [(self.device[n], self.host[n], sizes[n]) for n in self._uploads]
         sizes = {

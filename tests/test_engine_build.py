@@ -60,8 +60,13 @@ def test_io_contract(tiny_dir):
         "input_ids",
         "position_ids",
         "last_token_index",
-        "inv_temperature",  # every qwen3 layer is global: no window_positions
+        "inv_temperature",
+        "global_positions",  # every qwen3 layer is global: no window_positions
     } | {f"past_{k}_{i}" for i in range(n) for k in ("key", "value")}
+    assert (inputs["global_positions"].dtype, tuple(inputs["global_positions"].shape)) == (
+        trt.int32,
+        (-1,),
+    )
     assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids", "log_normalizer"} | {
         f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
     }
@@ -77,9 +82,12 @@ def test_io_contract(tiny_dir):
     assert (inputs["inv_temperature"].dtype, outputs["log_normalizer"].dtype) == (trt.float32,) * 2
     assert tuple(inputs["inv_temperature"].shape) == tuple(outputs["log_normalizer"].shape) == (-1,)
     gemma = build_network(Checkpoint.open(tiny_dir("gemma3")), NetworkOptions(max_seq_len=32), trt)
-    slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(4)}
+    slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(5)}
     window = slots["window_positions"]  # sliding layers (window 4)
     assert (window.dtype, tuple(window.shape)) == (trt.int32, (-1, -1))
+    assert "global_positions" in slots  # and a global one
+    # Sliding layers keep rings of window 4 + max_prefill 32 - 1 slots: here the whole cache.
+    assert [tuple(gemma.network.get_input(i).shape)[2] for i in range(5, 13, 2)] == [32] * 4
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}
     assert names == set(outputs) - {"top_logits", "top_ids", "log_normalizer"}

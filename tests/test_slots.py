@@ -19,21 +19,31 @@ def test_layer_windows_treat_a_window_spanning_the_cache_as_global():
 
 def test_slot_feeds_decode_and_prefill():
     pos = np.array([[9], [3]], np.int32)  # decode, rows at their own positions
-    feeds = slot_feeds(pos, 4096, window=4)
+    feeds = slot_feeds(pos, 4096, window=4, has_global=False)
     np.testing.assert_array_equal(feeds["window_positions"], [[6, 7, 8, 9], [0, 1, 2, 3]])
-    feeds = slot_feeds(np.array([[1]], np.int32), 64, window=4)
+    feeds = slot_feeds(np.array([[1]], np.int32), 64, window=4, has_global=False)
     np.testing.assert_array_equal(feeds["window_positions"], [[-2, -1, 0, 1]])  # before slot 0
     prefill = np.tile(np.arange(300, 306, dtype=np.int32), (2, 1))
-    feeds = slot_feeds(prefill, 4096, window=4)
+    feeds = slot_feeds(prefill, 4096, window=4, has_global=False)
     assert feeds["window_positions"].dtype == np.int32
     np.testing.assert_array_equal(feeds["window_positions"][0], np.arange(297, 306))
     # When slots 0 .. (furthest position + 1, rounded up to a power of two >= 256) are fewer
     # than window + S - 1, sliding layers read those.
-    feeds = slot_feeds(np.arange(200, dtype=np.int32)[None], 4096, window=100)
+    feeds = slot_feeds(np.arange(200, dtype=np.int32)[None], 4096, window=100, has_global=False)
     np.testing.assert_array_equal(feeds["window_positions"], np.arange(256)[None])
-    feeds = slot_feeds(np.arange(8, dtype=np.int32)[None], 16, window=12)
+    feeds = slot_feeds(np.arange(8, dtype=np.int32)[None], 16, window=12, has_global=False)
     np.testing.assert_array_equal(feeds["window_positions"], np.arange(16)[None])  # max_seq_len
-    assert slot_feeds(pos, 64, window=None) == {}
+    assert slot_feeds(pos, 64, window=None, has_global=False) == {}
+    # Global layers read positions 0 .. P-1: the furthest position + 1 rounded up to a power
+    # of two, at least 256, at most max_seq_len.
+    feeds = slot_feeds(pos, 4096, window=None, has_global=True)
+    assert list(feeds) == ["global_positions"]
+    np.testing.assert_array_equal(feeds["global_positions"], np.arange(256))
+    far = np.array([[700], [3]], np.int32)
+    np.testing.assert_array_equal(
+        slot_feeds(far, 4096, 4, True)["global_positions"], np.arange(1024)
+    )
+    np.testing.assert_array_equal(slot_feeds(far, 800, 4, True)["global_positions"], np.arange(800))
 
 
 def test_reading_more_slots_than_visible_changes_nothing(tiny_dir):
