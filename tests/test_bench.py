@@ -204,7 +204,9 @@ def test_roofline_bytes_tied_gemma_with_sliding_layers(tiny_dir):
     per_slot = 2 * 2 * 16 * 2
     got = decode_read_bytes(config, "bfloat16", batch=3, attended=10, cache_len=64)
     assert got["kv"] == 3 * (4 + 4 + 10 + 4) * per_slot
-    assert got["kv_as_built"] == 3 * 4 * 64 * per_slot
+    assert got["kv_as_built"] == 3 * (4 + 4 + 64 + 4) * per_slot  # 10 -> 256 -> cache_len 64
+    wide = decode_read_bytes(config, "bfloat16", batch=1, attended=300, cache_len=4096)
+    assert wide["kv_as_built"] == (4 + 4 + 512 + 4) * per_slot
     assert got["total"] == got["weights"] + got["kv"]
     assert floor_ms(2e9, 2000.0) == pytest.approx(1.0)
 

@@ -165,7 +165,8 @@ def test_generate_cli_interactive_on_a_base_model_says_so_and_continues_text(
     args = [str(model), "--backend", "reference", "--max-seq-len", "32", "--max-new-tokens", "3"]
     assert generate_tool.main([*args, *chat]) == 0
     err = capsys.readouterr().err
-    assert err.startswith(
+    assert err.startswith(  # 3 layers x 32 slots x 1 KV head x 16 x (key, value) x 2 bytes
+        "KV caches: 6.0 KiB for 1 sequence(s) of up to 32 tokens\n"
         f"{model} is a base model (no chat template), so each line is continued as plain text, "
         "without the earlier lines (empty line or Ctrl-D to quit).\n"
     )

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network
+from netdef.slots import call_end
 from runtime.cpu import CpuModel
 from runtime.cuda_buffers import device_info, gpu_unavailable_reason
 from weights import Checkpoint
@@ -47,18 +48,24 @@ def build_for_device(model_dir: Path, out: Path, **options) -> Path:
     return build(str(model_dir), target=target, output=out, progress=False, **options)
 
 
-def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int):
-    """(ids, positions, last) of a ragged batch: prompts of the given lengths, right-padded,
-    prefilled in chunks of `prefill`, then `steps` decode steps from each row's own end."""
+def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=()):
+    """(ids, positions, last) of a ragged batch: prompts of the given lengths (longest
+    first), right-padded, prefilled in chunks of `prefill` cut at the KV rings' ends, each
+    call taking the rows still in their prompt (as runtime.generate does), then `steps`
+    decode steps from each row's own end."""
+    assert batch_lengths == sorted(batch_lengths, reverse=True)
     rng = np.random.default_rng(7)
     longest = max(batch_lengths)
     prompts = rng.integers(3, vocab, size=(len(batch_lengths), longest), dtype=np.int32)
     out = []
-    for start in range(0, longest, prefill):
-        end = min(start + prefill, longest)
-        pos = np.tile(np.arange(start, end, dtype=np.int32), (len(batch_lengths), 1))
-        last = np.array([min(n, end) - 1 - start if n > start else 0 for n in batch_lengths])
-        out.append((prompts[:, start:end], pos, last.astype(np.int32)))
+    start = 0
+    while start < longest:
+        end = call_end(start, longest, prefill, rings)
+        going = sum(n > start for n in batch_lengths)
+        pos = np.tile(np.arange(start, end, dtype=np.int32), (going, 1))
+        last = np.array([min(n, end) - 1 - start for n in batch_lengths[:going]], np.int32)
+        out.append((prompts[:going, start:end], pos, last))
+        start = end
     ends = np.array(batch_lengths, np.int32)
     for step in range(steps):
         ids = rng.integers(3, vocab, size=(len(batch_lengths), 1), dtype=np.int32)
@@ -109,7 +116,7 @@ def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tole
     meta = read_metadata(artifact)
     opts = {k: v for k, v in meta["options"].items()}
     cpu = CpuModel(build_network(Checkpoint.open(model_dir), NetworkOptions(**opts)))
-    sequence = calls(batch_lengths, prefill, steps, meta["config"]["vocab_size"])
+    sequence = calls(batch_lengths, prefill, steps, meta["config"]["vocab_size"], cpu.rings)
     top_k = opts["sample_top_k"] > 0
     cpu.reset(len(batch_lengths))
     expected = run_all(cpu, sequence, top_k)
@@ -126,12 +133,13 @@ def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tole
         np.testing.assert_array_equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2", "qwen2_sliding", "qwen3"])
 def test_tiny_engine_matches_the_executor(family, tmp_path):
     from tests.fixtures.tiny import tiny_model_dir
 
     model_dir = tiny_model_dir(family)
-    # max_seq_len 24 > the tiny Gemma's window of 4, so sliding and global layers differ.
+    # max_seq_len 24 > the window of 4, so sliding and global layers differ; the sliding
+    # layers' rings of 4 + 4 - 1 = 7 slots wrap (prompts of 7 and 5, then 3 decode steps).
     artifact = build_for_device(
         model_dir, tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4, sample_top_k=8
     )

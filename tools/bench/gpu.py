@@ -321,8 +321,8 @@ def gpu_tables(report: dict[str, Any]) -> str:
                 headers,
                 rows,
                 f"roofline: bytes a decode step must read / {bw['memory_gbs']:.0f} GB/s, KV at "
-                f"{roof[0]['attended_slots']} attended slots (as-built: the engine's attention "
-                "reads every one of its max_seq_len cache slots)",
+                f"{roof[0]['attended_slots']} attended slots (as-built: global layers read "
+                "that rounded up to a power of two >= 256, sliding ones their window)",
             )
         )
     return "\n\n".join(parts)

@@ -51,6 +51,7 @@ class InstantBackend:
     def __init__(self, logits: np.ndarray, max_batch: int, max_seq_len: int, sample_top_k: int):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
+        self.rings: tuple[int, ...] = ()  # no sliding-window KV rings
         self.sample_top_k = sample_top_k
         self.has_log_normalizer = sample_top_k > 0
         self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from netdef.options import DTYPE_BYTES
+from netdef.slots import prefix_length
 from tools.bench.timing import Plan
 
 
@@ -40,13 +43,19 @@ def decode_read_bytes(
     config: Any, dtype: str, batch: int, attended: int, cache_len: int | None = None
 ) -> dict[str, int]:
     """Weights + KV bytes of one decode step. `kv_as_built` is what this project's engines
-    read: their attention sees every one of the `cache_len` slots and masks the unused ones."""
+    read (netdef.slots): global layers the positions up to `attended` rounded up to a power
+    of two (at least MIN_SLOTS, at most `cache_len`), sliding layers at most their window."""
     w = weight_read_bytes(config, dtype, batch)
     kv = kv_read_bytes(config, dtype, batch, attended)
     out = {"weights": w, "kv": kv, "total": w + kv}
     if cache_len:
         per_slot = 2 * config.num_kv_heads * config.head_dim * DTYPE_BYTES[dtype]
-        out["kv_as_built"] = batch * config.num_layers * cache_len * per_slot
+        prefix = prefix_length(np.array([[attended - 1]]), cache_len)
+        slots = sum(
+            min(layer.sliding_window, prefix) if layer.sliding_window else prefix
+            for layer in config.layers
+        )
+        out["kv_as_built"] = batch * slots * per_slot
     return out
 
 
