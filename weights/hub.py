@@ -67,9 +67,17 @@ def repo_id_for(name: str) -> str:
 def resolve_model(
     name: str, *, revision: str | None = None, token: str | None = None, progress: bool = True
 ) -> Path:
-    """A local folder as given, the bundled Gemma-3-270M for "bundled", else the Hub snapshot
-    of the named repo (downloaded if needed)."""
+    """A local folder as given; a GGUF file (or a folder holding one and no config.json)
+    converted to a folder in the user cache; the bundled Gemma-3-270M for "bundled"; else the
+    Hub snapshot of the named repo (downloaded if needed)."""
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" or (
+        path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
+    ):
+        from .bundled import default_cache_dir
+        from .gguf_import import gguf_model_dir
+
+        return gguf_model_dir(path, default_cache_dir(), progress=progress)
     if path.is_dir():
         return path
     if name == BUNDLED:
