@@ -69,6 +69,7 @@ def metadata(dn: DecoderNetwork, **extra: Any) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(dn.config),
         "options": dataclasses.asdict(dn.options),
+        "int4_block": dn.options.int4_block(dn.config),  # inputs per INT4 scale (int4-wo)
         "profiles": [
             {"name": p.name, "shapes": {k: list(map(list, v)) for k, v in p.shapes.items()}}
             for p in dn.profiles

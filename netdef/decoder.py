@@ -104,7 +104,7 @@ def build_network(
     trt = trt or load_backend()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    g = Graph(trt, network, options.quant, act_amax)
+    g = Graph(trt, network, options.quant, act_amax, options.int4_block(config))
     _Decoder(g, source, options, on_layer).define()
     return DecoderNetwork(trt, builder, network, config, options, options.profiles(config), g)
 

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from .options import OptionsError
-from .quant import FP8, INT4, activation_scale, pack_int4, quantize_weight
+from .quant import FP8, INT4, INT4_BLOCKS, activation_scale, pack_int4, quantize_weight
 
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -50,8 +50,9 @@ def trt_dtype(trt: ModuleType, dtype: np.dtype) -> Any:
 class Graph:
     """Builds layers on `network`; names each layer after the module it belongs to.
 
-    `quant` is a `netdef.quant` mode for the linear layers; fp8 needs `act_amax`, the
-    calibrated input amax of each linear layer by name. `linear_inputs` records the tensor
+    `quant` is a `netdef.quant` mode for the linear layers (int4-wo in blocks of
+    `int4_block` inputs); fp8 needs `act_amax`, the calibrated input amax of each linear layer
+    by name. `linear_inputs` records the tensor
     that feeds each linear layer (by layer name), for calibration.
     """
 
@@ -61,10 +62,12 @@ class Graph:
         network: Any,
         quant: str = "none",
         act_amax: Mapping[str, float] | None = None,
+        int4_block: int | None = None,
     ):
         self.trt = trt
         self.network = network
         self.quant = quant
+        self.int4_block = int4_block or INT4_BLOCKS[0]
         self.act_amax = act_amax or {}
         self.constants: dict[str, np.ndarray] = {}
         self.linear_inputs: dict[str, str] = {}
@@ -193,7 +196,7 @@ class Graph:
         if not quantized:
             layout = weight if rows else np.ascontiguousarray(weight.T)
             return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
-        q = quantize_weight(weight, self.quant)
+        q = quantize_weight(weight, self.quant, self.int4_block)
         values, scale = (q.values, q.scale) if rows else (q.values.T, q.scale.T)
         shape = (1,) * lead + values.shape
         values = self.constant(np.ascontiguousarray(values).reshape(shape), f"{name}.weight")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from weights.config import ModelConfig
 
-from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
+from .quant import INT4_BLOCKS, MODES, NO_FP8_TARGETS, int4_block
 from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window, layer_windows, ring_length
 
 Shape = tuple[int, ...]
@@ -133,17 +133,29 @@ class NetworkOptions:
                 "its embedding table, which TensorRT keeps in the model dtype for the embedding "
                 "lookup. Use int4-wo, or leave the LM head unquantized."
             )
+        if self.quant == "int4-wo" and self.int4_block(config) is None:
+            name, n = next((k, n) for k, n in self._quantized_inputs(config).items() if n % 32)
+            raise OptionsError(
+                f"int4-wo quantizes weights in blocks of {', '.join(map(str, INT4_BLOCKS))} "
+                f"inputs, but {name} has {n} inputs, a multiple of none of them; choose int8-wo "
+                "or fp8."
+            )
+
+    def int4_block(self, config: ModelConfig) -> int | None:
+        """int4-wo's block size for this model: the largest of INT4_BLOCKS that divides the
+        input size of every weight it quantizes (None under other modes, or if none does)."""
         if self.quant != "int4-wo":
-            return
-        head = "embed_tokens.weight" if tied else "lm_head.weight"
-        for name, shape in config.tensor_shapes().items():
-            quantized = name.endswith("_proj.weight") or (self.quant_lm_head and name == head)
-            if quantized and shape[1] % INT4_BLOCK:
-                raise OptionsError(
-                    f"int4-wo quantizes weights in blocks of {INT4_BLOCK} inputs, but {name} has "
-                    f"shape {list(shape)}, whose input dimension {shape[1]} is not a multiple of "
-                    f"{INT4_BLOCK}; choose int8-wo or fp8."
-                )
+            return None
+        return int4_block(list(self._quantized_inputs(config).values()))
+
+    def _quantized_inputs(self, config: ModelConfig) -> dict[str, int]:
+        """The input size of every weight the mode quantizes, by tensor name."""
+        head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        return {
+            name: shape[1]
+            for name, shape in config.tensor_shapes().items()
+            if name.endswith("_proj.weight") or (self.quant_lm_head and name == head)
+        }
 
     def windows(self, config: ModelConfig) -> list[int | None]:
         """Each layer's sliding window as the network applies it (netdef.slots.layer_windows)."""

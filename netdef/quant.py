@@ -9,7 +9,8 @@ The modes quantize the weights of every linear layer once, here, at network defi
 the network stores them quantized and dequantizes them in front of the matmul:
 
     int8-wo   INT8 weights, one scale per output channel (weight-only)
-    int4-wo   INT4 weights, one scale per block of 128 inputs of an output channel
+    int4-wo   INT4 weights, one scale per block of 128 inputs of an output channel (64 or 32
+              where 128 does not divide every quantized weight's input size)
     fp8       FP8 E4M3 weights and activations, one scale per tensor; activation scales
               come from a calibration pass (runtime.calibration): amax / 448, over
               CALIBRATION_TEXT unless another text is given
@@ -29,7 +30,9 @@ import numpy as np
 MODES = ("none", "int8-wo", "int4-wo", "fp8")
 # Public-domain sample text (Pride and Prejudice, chapters 1-2) for fp8 calibration.
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
-INT4_BLOCK = 128  # inputs per INT4 scale (TensorRT supports blocks of 64 and 128)
+# Inputs per INT4 scale, best first: a model takes the largest that divides the input size of
+# every weight it quantizes (a hidden size of 576 takes 64). Larger blocks store fewer scales.
+INT4_BLOCKS = (128, 64, 32)
 # Targets without FP8 matmuls: TensorRT-RTX runs FP8 GEMMs on compute capability 8.9+.
 NO_FP8_TARGETS = ("sm75", "sm80", "sm86")
 
@@ -76,7 +79,7 @@ def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
 class QuantizedWeight:
     """A weight [out, in] as the network stores it: `values` (INT8, INT4 or FP8, same shape)
     and the `scale` its Dequantize layer multiplies by, in the model dtype: shape [] (fp8),
-    [out] (int8-wo, per channel) or [out, in / 128] (int4-wo, per block)."""
+    [out] (int8-wo, per channel) or [out, in / block] (int4-wo, per block)."""
 
     values: np.ndarray
     scale: np.ndarray
@@ -97,8 +100,14 @@ def expand_scale(scale: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return scale
 
 
-def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:
-    """Quantize a [out, in] weight for `mode`; scales are amax / qmax in the weight's dtype.
+def int4_block(inputs: list[int]) -> int | None:
+    """The largest of INT4_BLOCKS that divides every input size, or None."""
+    return next((b for b in INT4_BLOCKS if all(n % b == 0 for n in inputs)), None)
+
+
+def quantize_weight(weight: np.ndarray, mode: str, block: int = INT4_BLOCKS[0]) -> QuantizedWeight:
+    """Quantize a [out, in] weight for `mode`; scales are amax / qmax in the weight's dtype
+    (int4-wo: over blocks of `block` inputs).
 
     The scale is rounded to the model dtype before quantizing, so the network dequantizes
     with exactly the scale the values were computed with."""
@@ -108,7 +117,7 @@ def quantize_weight(weight: np.ndarray, mode: str) -> QuantizedWeight:
     if mode == "int8-wo":
         amax = np.abs(w).max(axis=1)
     elif mode == "int4-wo":
-        amax = np.abs(w.reshape(out, inp // INT4_BLOCK, INT4_BLOCK)).max(axis=2)
+        amax = np.abs(w.reshape(out, inp // block, block)).max(axis=2)
     else:
         amax = np.abs(w).max()
     scale = scale_for(amax, QMAX[dtype], weight.dtype)

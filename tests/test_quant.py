@@ -20,6 +20,7 @@ from netdef.quant import (
     FP8,
     INT4,
     QuantizedWeight,
+    int4_block,
     pack_int4,
     quantize_weight,
     unpack_int4,
@@ -33,7 +34,7 @@ from tools import build as build_tool
 from tools import eval as eval_tool
 from tools import inspect as inspect_tool
 from tools.logits import sequence_logits
-from weights import Checkpoint
+from weights import Checkpoint, parse_config
 
 trt = load_backend("tensorrt_rtx")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -95,14 +96,15 @@ def test_int4_packing_puts_the_first_value_in_the_low_nibble():
 class Dequantized:
     """A checkpoint whose linear weights are replaced by what a quantized network computes with."""
 
-    def __init__(self, ckpt: Checkpoint, mode: str, head: bool):
-        self.ckpt, self.mode, self.config = ckpt, mode, ckpt.config
+    def __init__(self, ckpt: Checkpoint, mode: str, head: bool, block: int = 128):
+        self.ckpt, self.mode, self.config, self.block = ckpt, mode, ckpt.config, block
         self.head = "embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
         self.quantized = lambda name: name.endswith("_proj.weight") or (head and name == self.head)
 
     def tensor(self, name: str) -> np.ndarray:
         w = self.ckpt.tensor(name)
-        return quantize_weight(w, self.mode).dequantized() if self.quantized(name) else w
+        q = quantize_weight(w, self.mode, self.block) if self.quantized(name) else None
+        return w if q is None else q.dequantized()
 
 
 @pytest.mark.parametrize(
@@ -213,7 +215,7 @@ def test_each_mode_builds_for_sm89(family, flags, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir)]) == 0
     described = {
         "int8-wo": "int8-wo (LM head too)",
-        "int4-wo": "int4-wo (LM head too)",
+        "int4-wo": "int4-wo, blocks of 128 inputs (LM head too)",
         "fp8": f"fp8, activations calibrated on 256 tokens of {CALIBRATION_TEXT}",
     }[flags[1]]
     assert f"\nquant      {described}\n" in capsys.readouterr().out
@@ -337,14 +339,47 @@ def test_bad_quantization_options(model, options, message):
     assert str(err.value) == message
 
 
-def test_int4_needs_input_dimensions_of_whole_blocks(tiny_dir, capsys):
-    """The 64-wide tiny Llama: its first quantized weight is named, with its shape."""
-    code, _, err = build([str(tiny_dir("llama")), "--target", "sm89", "--quant", "int4-wo"], capsys)
-    assert code == 1
-    assert err.strip() == (
-        "error: int4-wo quantizes weights in blocks of 128 inputs, but "
-        "layers.0.self_attn.q_proj.weight has shape [64, 64], whose input dimension 64 is not "
-        "a multiple of 128; choose int8-wo or fp8."
+def test_int4_falls_back_to_the_largest_block_that_divides(tiny_dir, tmp_path, capsys):
+    """The 64-wide tiny Llama (a hidden size no multiple of 128, like 576) builds with blocks
+    of 64: recorded in metadata, shown by tools.inspect, and what the network computes with."""
+    out_dir = tmp_path / "artifact"
+    args = [str(tiny_dir("llama")), "--target", "sm89", "--max-seq-len", "32"]
+    code, _, err = build([*args, "--quant", "int4-wo", "--output", str(out_dir)], capsys)
+    assert code == 0, err
+    assert read_metadata(out_dir)["int4_block"] == 64
+    assert inspect_tool.main([str(out_dir)]) == 0
+    assert "\nquant      int4-wo, blocks of 64 inputs\n" in capsys.readouterr().out
+    ckpt = Checkpoint.open(tiny_dir("llama"))
+    options = NetworkOptions(dtype="bfloat16", max_seq_len=16, max_prefill=6, all_logits=True)
+    dn = build_network(ckpt, NetworkOptions(**{**options.__dict__, "quant": "int4-wo"}), trt)
+    scales = {k: v.shape for k, v in dn.graph.constants.items() if k.endswith("weight_scale")}
+    assert scales["layers.0.qkv_proj.weight_scale"] == (1, 1, 96)  # [1, in / 64, q + k + v]
+    assert scales["layers.0.down_proj.weight_scale"] == (1, 2, 64)  # 128 inputs: 2 blocks
+    seq = rng.integers(0, 512, 14).tolist()
+    blocked = Dequantized(ckpt, "int4-wo", head=False, block=64)
+    ref = sequence_logits(CpuModel(build_network(blocked, options, trt)), [seq], 6)
+    np.testing.assert_array_equal(sequence_logits(CpuModel(dn), [seq], 6), ref)
+
+
+def test_int4_block_is_the_largest_that_divides_every_input():
+    assert [int4_block(sizes) for sizes in ([1152, 6912], [576, 1536], [96, 256], [80])] == [
+        128,
+        64,
+        32,
+        None,
+    ]
+
+
+def test_int4_needs_input_dimensions_of_whole_blocks(tiny_dir):
+    """A hidden size of 80 is a multiple of no block: its first quantized weight is named."""
+    raw = json.loads((tiny_dir("llama") / "config.json").read_text())
+    config = parse_config({**raw, "hidden_size": 80, "num_attention_heads": 5})
+    with pytest.raises(OptionsError) as err:
+        NetworkOptions(quant="int4-wo", max_seq_len=32).validate(config)
+    assert str(err.value) == (
+        "int4-wo quantizes weights in blocks of 128, 64, 32 inputs, but "
+        "layers.0.self_attn.q_proj.weight has 80 inputs, a multiple of none of them; choose "
+        "int8-wo or fp8."
     )
 
 

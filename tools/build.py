@@ -1,6 +1,7 @@
-"""Build a TensorRT engine artifact from a model name, Hub repo id or local folder.
+"""Build a TensorRT engine artifact from a model name, Hub repo id, local folder or GGUF file.
 
     python -m tools.build gemma-3-1b-it --backend tensorrt_rtx --target sm89 [--quant int8-wo]
+    python -m tools.build path/to/model.gguf --target sm89
 
 The artifact folder (engine, metadata.json, tokenizer and generation config) lands in the
 user cache, keyed by the model's files, the options, the backend and its version and the
@@ -206,7 +207,7 @@ def build(
         "calibration": calibration,
     }
     key = build_key(identity)
-    slug = Path(model.rstrip("/")).name.lower()
+    slug = Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
     output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
     if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
         _say(progress, f"Reusing {output} (identical build; --force rebuilds).")
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "model",
-        help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id or local folder",
+        help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id, "
+        "local folder, or a GGUF file (or a folder holding one)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-batch", type=int, default=1)
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         choices=MODES,
         help="quantize the linear layers: int8-wo (per-channel INT8 weights), int4-wo (INT4 "
-        "weights in blocks of 128 inputs) or fp8 (FP8 weights and activations, sm89+)",
+        "weights in blocks of 128 inputs, or 64 or 32 where 128 does not divide a layer's "
+        "inputs) or fp8 (FP8 weights and activations, sm89+)",
     )
     p.add_argument(
         "--quant-lm-head",

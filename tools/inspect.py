@@ -13,16 +13,17 @@ from pathlib import Path
 from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, fmt_bytes, is_complete
 
 
-def quantization(opt: dict, calibration: dict | None) -> str:
+def quantization(opt: dict, calibration: dict | None, int4_block: int | None) -> str:
     if opt.get("quant", "none") == "none":
         return "none"
     head = " (LM head too)" if opt.get("quant_lm_head") else ""
+    blocks = f", blocks of {int4_block} inputs" if int4_block else ""
     calibrated = (
         f", activations calibrated on {calibration['tokens']} tokens of {calibration['file']}"
         if calibration
         else ""
     )
-    return f"{opt['quant']}{head}{calibrated}"
+    return f"{opt['quant']}{blocks}{head}{calibrated}"
 
 
 def kv_cache(kv: dict, max_batch: int) -> str:
@@ -45,7 +46,7 @@ def describe(meta: dict) -> str:
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
         f"KV cache   {kv_cache(meta['kv_cache'], opt['max_batch'])}",
-        f"quant      {quantization(opt, meta.get('calibration'))}",
+        f"quant      {quantization(opt, meta.get('calibration'), meta.get('int4_block'))}",
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
         f"weights    sha256 {meta.get('weights_sha256', '?')}",
