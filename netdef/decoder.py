@@ -40,6 +40,7 @@ from weights.config import ModelConfig
 from .backend import load_backend
 from .graph import DTYPES, Graph, trt_dtype
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
+from .quant import QuantizedWeight
 from .rope import cos_sin_tables
 from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window
 
@@ -96,6 +97,11 @@ def build_network(
     """
     config = source.config
     options.validate(config)
+    if options.quant == "from-gguf" and not hasattr(source, "quantized"):
+        raise OptionsError(
+            "from-gguf needs the GGUF file's own quantization (weights.gguf_quant.GGUFQuantized), "
+            "not a plain checkpoint."
+        )
     if options.quant == "fp8" and act_amax is None:
         raise OptionsError(
             "fp8 needs activation ranges from a calibration pass "
@@ -112,6 +118,7 @@ def build_network(
 class _Decoder:
     def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions, on_layer=None):
         self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
+        self.source = source
         self.on_layer = on_layer
         self.dtype = DTYPES[options.dtype]
         self.rope_tables: dict[Any, tuple[Any, Any]] = {}
@@ -119,6 +126,18 @@ class _Decoder:
     def weight(self, name: str) -> np.ndarray:
         """A checkpoint tensor in the network dtype (zero-copy when it already is)."""
         return np.asarray(self.w(name)).astype(self.dtype, copy=False)
+
+    def kept(self, names: list[str]) -> QuantizedWeight | None:
+        """Under from-gguf, the file's own INT8 blocks of the fused weight `names` (the source's
+        `quantized`), if every part has them at one block size; else None (unquantized)."""
+        if self.opt.quant != "from-gguf":
+            return None
+        parts = [self.source.quantized(name) for name in names]
+        if any(p is None for p in parts) or len({s.shape[1] for _, s in parts}) != 1:
+            return None  # same input size, so the same number of scales means the same block
+        return QuantizedWeight(
+            np.concatenate([v for v, _ in parts]), np.concatenate([s for _, s in parts])
+        )
 
     def define(self) -> None:
         g, cfg, trt = self.g, self.cfg, self.g.trt
@@ -302,7 +321,8 @@ class _Decoder:
         qkv_b = (
             np.concatenate([self.weight(p + n + ".bias") for n in names]) if cfg.qkv_bias else None
         )
-        qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj")
+        kept = self.kept([p + n + ".weight" for n in names])
+        qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj", kept=kept)
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
         q, k, v = g.split_groups(qkv, heads, cfg.head_dim, "qkv_split")  # [B, S, heads, D]
         if cfg.qk_norm:
@@ -319,7 +339,8 @@ class _Decoder:
         values = self.kv_cache(i, "value", v)
         out = self.attend(q, keys, values, self.windows[i], self.cache_slots[i])
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
-        return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj")
+        kept = self.kept([p + "o_proj.weight"])
+        return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj", kept=kept)
 
     def attend(self, q: Any, keys: Any, values: Any, window: int | None, ring: int) -> Any:
         """softmax(q · kᵀ masked) · v over the positions this call reads; returns
@@ -492,12 +513,14 @@ class _Decoder:
             [self.weight(p + "gate_proj.weight"), self.weight(p + "up_proj.weight")]
         )
         size = cfg.intermediate_size
+        kept = self.kept([p + "gate_proj.weight", p + "up_proj.weight"])
         gate, up = g.split_groups(
-            g.linear(x, gate_up, None, "gate_up_proj"), [1, 1], size, "gate_up_split"
+            g.linear(x, gate_up, None, "gate_up_proj", kept=kept), [1, 1], size, "gate_up_split"
         )  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
-        return g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj")
+        kept = self.kept([p + "down_proj.weight"])
+        return g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj", kept=kept)

@@ -20,7 +20,15 @@ import ml_dtypes
 import numpy as np
 
 from .options import OptionsError
-from .quant import FP8, INT4, INT4_BLOCKS, activation_scale, pack_int4, quantize_weight
+from .quant import (
+    FP8,
+    INT4,
+    INT4_BLOCKS,
+    QuantizedWeight,
+    activation_scale,
+    pack_int4,
+    quantize_weight,
+)
 
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -71,6 +79,7 @@ class Graph:
         self.act_amax = act_amax or {}
         self.constants: dict[str, np.ndarray] = {}
         self.linear_inputs: dict[str, str] = {}
+        self.kept: list[str] = []  # linear layers built from already quantized weights (from-gguf)
         self.scope = ""
 
     def named(self, layer: Any, name: str) -> Any:
@@ -164,15 +173,22 @@ class Graph:
 
     # Linear algebra -------------------------------------------------------------------------
     def linear(
-        self, x: Any, weight: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True
+        self,
+        x: Any,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        name: str,
+        quantize: bool = True,
+        kept: QuantizedWeight | None = None,
     ) -> Any:
         """x @ weight.T (+ bias) with `weight` in HF layout [out, in].
 
-        The weight is quantized as the graph's mode says unless `quantize` is False."""
+        The weight is quantized as the graph's mode says unless `quantize` is False; under
+        from-gguf it is `kept` (the GGUF file's own blocks) where given, else unquantized."""
         rank = len(x.shape)
         self.linear_inputs[f"{self.scope}{name}"] = x.name
-        quantized = quantize and self.quant != "none"
-        w = self.weight(weight, name, quantized, lead=rank - 2)
+        quantized = quantize and self.quant not in ("none", "from-gguf")
+        w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
         none = self.trt.MatrixOperation.NONE
@@ -183,7 +199,13 @@ class Graph:
         return y
 
     def weight(
-        self, weight: np.ndarray, name: str, quantize: bool, lead: int = 0, rows: bool = False
+        self,
+        weight: np.ndarray,
+        name: str,
+        quantize: bool,
+        lead: int = 0,
+        rows: bool = False,
+        kept: QuantizedWeight | None = None,
     ) -> Any:
         """The tensor a matmul reads for `weight` [out, in], after `lead` leading 1s: stored
         transposed, [in, out], since on an H200 (TensorRT-RTX 1.7) decode matmuls read that
@@ -191,12 +213,14 @@ class Graph:
         one copy of an unquantized weight. `rows` keeps [out, in]: the embedding table, which
         a lookup reads by rows (a transposed table was stored twice). With `quantize` and a
         mode set, the quantized constant goes through a Dequantize layer (per output
-        channel, per block of inputs or per tensor, as the mode says)."""
-        quantized = quantize and self.quant != "none"
-        if not quantized:
+        channel, per block of inputs or per tensor, as the mode says); `kept` is a weight
+        already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
+        if kept is None and not (quantize and self.quant != "none"):
             layout = weight if rows else np.ascontiguousarray(weight.T)
             return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
-        q = quantize_weight(weight, self.quant, self.int4_block)
+        q = kept if kept is not None else quantize_weight(weight, self.quant, self.int4_block)
+        if kept is not None:
+            self.kept.append(f"{self.scope}{name}")
         values, scale = (q.values, q.scale) if rows else (q.values.T, q.scale.T)
         shape = (1,) * lead + values.shape
         values = self.constant(np.ascontiguousarray(values).reshape(shape), f"{name}.weight")

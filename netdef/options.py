@@ -120,7 +120,13 @@ class NetworkOptions:
     def _validate_quant(self, config: ModelConfig) -> None:
         if self.quant not in MODES:
             raise OptionsError(
-                f"quant {self.quant!r} is not supported; choose none, int8-wo, int4-wo or fp8."
+                f"quant {self.quant!r} is not supported; choose none, int8-wo, int4-wo, fp8 or "
+                "from-gguf."
+            )
+        if self.quant_lm_head and self.quant == "from-gguf":
+            raise OptionsError(
+                "quant_lm_head does not apply to from-gguf, which keeps the GGUF quantization of "
+                "the linear layers only (the embedding and LM head stay unquantized)."
             )
         if self.quant_lm_head and self.quant == "none":
             raise OptionsError("quant_lm_head needs a quantization mode (--quant).")

@@ -14,6 +14,9 @@ the network stores them quantized and dequantizes them in front of the matmul:
     fp8       FP8 E4M3 weights and activations, one scale per tensor; activation scales
               come from a calibration pass (runtime.calibration): amax / 448, over
               CALIBRATION_TEXT unless another text is given
+    from-gguf nothing is quantized here: a GGUF file's weights whose block format TensorRT
+              expresses exactly keep it, as INT8 in blocks of 32 or 16 with float32 scales
+              (weights.gguf_quant says which formats); the others stay unquantized
 
 The network reader (runtime.reference) uses `quantize`, `dequantize` and `unpack_int4`
 too, so weights quantized here and Quantize layers executed there agree bit for bit.
@@ -27,7 +30,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-MODES = ("none", "int8-wo", "int4-wo", "fp8")
+MODES = ("none", "int8-wo", "int4-wo", "fp8", "from-gguf")
 # Public-domain sample text (Pride and Prejudice, chapters 1-2) for fp8 calibration.
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 # Inputs per INT4 scale, best first: a model takes the largest that divides the input size of

@@ -310,7 +310,7 @@ def test_calibration_file_errors(tmp_path, capsys):
         (
             "llama",
             NetworkOptions(quant="int3"),
-            "quant 'int3' is not supported; choose none, int8-wo, int4-wo or fp8.",
+            "quant 'int3' is not supported; choose none, int8-wo, int4-wo, fp8 or from-gguf.",
         ),
         (
             "llama",

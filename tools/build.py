@@ -54,7 +54,9 @@ from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
 from runtime.tokenizer import Tokenizer, TokenizerError
 from weights import SHORT_NAMES, Checkpoint, WeightsError, resolve_model
+from weights.bundled import default_cache_dir
 from weights.folders import locked, remove_stale_partials
+from weights.gguf_quant import GGUFQuantized
 
 
 class BuildError(RuntimeError):
@@ -167,6 +169,8 @@ def build(
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=progress)
     ckpt = Checkpoint.open(model_dir)
+    if quant == "from-gguf":  # the file's own quantized blocks, where TensorRT has them exactly
+        ckpt = GGUFQuantized.open(ckpt, model, default_cache_dir())
     if (model_dir / "tokenizer.json").is_file():  # a broken one fails now, not after the build
         try:
             Tokenizer.from_dir(model_dir)
@@ -280,6 +284,11 @@ def build(
                     progress_monitor=monitor,
                 )
                 contract = metadata(dn)  # I/O contract, profiles, config, backend versions
+                if quant == "from-gguf":  # how many linear layers kept the GGUF's INT8 blocks
+                    contract["from_gguf"] = {
+                        "kept": len(dn.graph.kept),
+                        "of": 4 * config.num_layers,
+                    }
                 del dn  # frees the network and its references to the weights
                 copied = copy_model_files(model_dir, tmp)
                 hashing.shutdown()
@@ -378,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=MODES,
         help="quantize the linear layers: int8-wo (per-channel INT8 weights), int4-wo (INT4 "
         "weights in blocks of 128 inputs, or 64 or 32 where 128 does not divide a layer's "
-        "inputs) or fp8 (FP8 weights and activations, sm89+)",
+        "inputs), fp8 (FP8 weights and activations, sm89+) or from-gguf (a GGUF MODEL's "
+        "Q8_0/Q5_0/Q4_0/Q6_K weights keep their blocks exactly, as INT8; the rest unquantized)",
     )
     p.add_argument(
         "--quant-lm-head",

@@ -24,6 +24,8 @@ from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
+from weights.bundled import default_cache_dir
+from weights.gguf_quant import GGUFQuantized
 
 
 def open_backend(
@@ -45,6 +47,8 @@ def open_backend(
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta["options"], "max_batch": 1})
+        if options.quant == "from-gguf":  # the GGUF file holds the kept blocks
+            ckpt = GGUFQuantized.open(ckpt, meta["model"]["name"], default_cache_dir())
     else:
         ckpt = Checkpoint.open(path)
         seq_len = max_seq_len or default_max_seq_len(ckpt.config)

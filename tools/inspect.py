@@ -13,9 +13,16 @@ from pathlib import Path
 from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, fmt_bytes, is_complete
 
 
-def quantization(opt: dict, calibration: dict | None, int4_block: int | None) -> str:
+def quantization(meta: dict) -> str:
+    opt, calibration, int4_block = meta["options"], meta.get("calibration"), meta.get("int4_block")
     if opt.get("quant", "none") == "none":
         return "none"
+    if opt["quant"] == "from-gguf":
+        kept = meta.get("from_gguf", {})
+        return (
+            f"from-gguf ({kept.get('kept', '?')} of {kept.get('of', '?')} linear layers keep the "
+            "file's blocks, as INT8)"
+        )
     head = " (LM head too)" if opt.get("quant_lm_head") else ""
     blocks = f", blocks of {int4_block} inputs" if int4_block else ""
     calibrated = (
@@ -46,7 +53,7 @@ def describe(meta: dict) -> str:
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
         f"KV cache   {kv_cache(meta['kv_cache'], opt['max_batch'])}",
-        f"quant      {quantization(opt, meta.get('calibration'), meta.get('int4_block'))}",
+        f"quant      {quantization(meta)}",
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
         f"weights    sha256 {meta.get('weights_sha256', '?')}",

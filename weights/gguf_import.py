@@ -531,11 +531,7 @@ def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     """The Hugging Face folder of a GGUF file (or of the folder holding one), converted into
     `cache_dir/gguf/` on first use and reused while the file (every part) is unchanged."""
     source = find_gguf(path).resolve()
-    gguf = open_gguf(source)  # every input error before any work
-    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in gguf.parts]
-    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
-    stem = _SPLIT_NAME.sub(r"\g<prefix>", source.name).removesuffix(".gguf")
-    target = Path(cache_dir) / "gguf" / f"{stem}-{key}-v{CONVERTER_VERSION}"
+    target = converted_path(source, cache_dir)
     try:
         return converted(source, target, progress)
     except OSError as e:
@@ -543,6 +539,17 @@ def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
             f"cannot convert {source} into {target.parent} ({e.strerror}); set TRT_NETDEF_CACHE "
             "to a writable folder with room for the model in bfloat16."
         ) from None
+
+
+def converted_path(source: Path, cache_dir: Path) -> Path:
+    """Where `gguf_model_dir` keeps the conversion of the GGUF file `source` as it is now:
+    named by its path, size and mtime (every part's), which a full hash of a multi-GB file
+    would take seconds to confirm. Validates the file first (`open_gguf`)."""
+    gguf = open_gguf(source)  # every input error before any work
+    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in gguf.parts]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    stem = _SPLIT_NAME.sub(r"\g<prefix>", source.name).removesuffix(".gguf")
+    return Path(cache_dir) / "gguf" / f"{stem}-{key}-v{CONVERTER_VERSION}"
 
 
 def converted(gguf_path: Path, target: Path, progress: bool) -> Path:
