@@ -2,7 +2,8 @@
 
 transformers reads the bundled GGUF itself (`gguf_file=`); the folder we convert it to must
 give it the same weights, config, tokenizer and logits. The conversion runs fresh into a
-temporary cache here, so a stale cached folder can never hide a converter change.
+temporary cache here, through the path any GGUF file takes, so a stale cached folder can
+never hide a converter change.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from weights import bundled, gguf_import
 from weights.bundled import bundled_gguf_path, bundled_model_dir
 from weights.config import load_config
 from weights.errors import WeightsError
-from weights.gguf_import import convert_gguf
+from weights.gguf_import import convert_gguf, gguf_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +52,18 @@ def gguf_file(cache: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(cache: Path) -> Path:
-    return bundled_model_dir(cache, progress=False)
+def converted(gguf_file: Path, cache: Path) -> Path:
+    """Through the path `tools.build FILE.gguf` takes (weights.resolve_model)."""
+    return gguf_model_dir(gguf_file, cache, progress=False)
+
+
+def test_any_gguf_path_gives_the_bundled_folder(converted: Path, gemma3_270m_dir: Path):
+    """The bundled model's folder (bundled_model_dir) and the general GGUF path agree byte
+    for byte: the same weights checksum, config and tokenizer, hence the same artifact."""
+    names = sorted(p.name for p in gemma3_270m_dir.iterdir())
+    assert sorted(p.name for p in converted.iterdir()) == names
+    for name in names:
+        assert (converted / name).read_bytes() == (gemma3_270m_dir / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +198,16 @@ def test_interrupted_conversion_leaves_nothing(gguf_file: Path, tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bundled_model_dir_is_reused(cache: Path, converted: Path, monkeypatch):
-    sha = bundled._package().EXPECTED_SHA256
-    assert converted == cache / f"gemma-3-270m-{sha[:16]}-v{gguf_import.CONVERTER_VERSION}"
+def test_bundled_model_dir_is_reused(gemma3_270m_dir: Path, monkeypatch):
+    cache, sha = gemma3_270m_dir.parent, bundled._package().EXPECTED_SHA256
+    assert gemma3_270m_dir == cache / f"gemma-3-270m-{sha[:16]}-v{gguf_import.CONVERTER_VERSION}"
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(bundled, "convert_gguf", no_conversion)
     start = time.perf_counter()
-    assert bundled_model_dir(cache) == converted
+    assert bundled_model_dir(cache) == gemma3_270m_dir
     assert time.perf_counter() - start < 1.0  # the GGUF's hash is remembered, not recomputed
 
 

@@ -366,21 +366,3 @@ def test_build_cli_from_a_gguf_file(files, converted, cache, tmp_path, monkeypat
     assert meta["weights_sha256"] == files_sha256([folder / "model.safetensors"])
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (folder / name).read_bytes(), name
-
-
-@pytest.mark.slow
-def test_bundled_gguf_through_the_new_path_is_todays_folder(gemma3_270m_dir, tmp_path):
-    """The bundled Gemma-3-270M, named as a GGUF file, converts to the bundled model's folder
-    byte for byte: the same weights checksum, config and tokenizer, hence the same artifact."""
-    from netdef.artifact import files_sha256
-    from weights.bundled import bundled_gguf_path
-
-    gguf_file = bundled_gguf_path(gemma3_270m_dir.parent)
-    folder = gguf_model_dir(gguf_file, tmp_path, progress=False)
-    names = sorted(p.name for p in gemma3_270m_dir.iterdir())
-    assert sorted(p.name for p in folder.iterdir()) == names
-    for name in names:
-        assert (folder / name).read_bytes() == (gemma3_270m_dir / name).read_bytes(), name
-    assert files_sha256([folder / "model.safetensors"]) == files_sha256(
-        [gemma3_270m_dir / "model.safetensors"]
-    )
