@@ -284,8 +284,9 @@ def build(
                     progress_monitor=monitor,
                 )
                 contract = metadata(dn)  # I/O contract, profiles, config, backend versions
-                if quant == "from-gguf":  # how many linear layers kept the GGUF's INT8 blocks
+                if quant == "from-gguf":  # the file, and how many linear layers kept its blocks
                     contract["from_gguf"] = {
+                        "file": str(ckpt.gguf.path),
                         "kept": len(dn.graph.kept),
                         "of": 4 * config.num_layers,
                     }

@@ -48,7 +48,7 @@ def open_backend(
         ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta["options"], "max_batch": 1})
         if options.quant == "from-gguf":  # the GGUF file holds the kept blocks
-            ckpt = GGUFQuantized.open(ckpt, meta["model"]["name"], default_cache_dir())
+            ckpt = GGUFQuantized.open(ckpt, meta["from_gguf"]["file"], default_cache_dir())
     else:
         ckpt = Checkpoint.open(path)
         seq_len = max_seq_len or default_max_seq_len(ckpt.config)

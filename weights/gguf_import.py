@@ -326,14 +326,6 @@ def _llama_config(gguf: GGUFFile, names: set[str], dtype: str) -> dict[str, Any]
     }
     if gguf.arch != "qwen2":  # Qwen2 always has q/k/v biases; the others say so by tensors
         config["attention_bias"] = "blk.0.attn_q.bias" in names
-    if "blk.0.attn_output.bias" in names:
-        raise WeightsError(
-            f"{gguf.path} has an attention output bias (attn_output.bias), which "
-            f"{gguf.arch} models do not have; the file is not a plain {gguf.arch} model."
-        )
-    sliding = key("attention.sliding_window", None)
-    if sliding:  # Qwen2 files converted with sliding windows on: every layer slides
-        config.update(use_sliding_window=True, sliding_window=sliding, max_window_layers=0)
     return config
 
 

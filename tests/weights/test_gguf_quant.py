@@ -98,7 +98,7 @@ def test_build_cli_keeps_the_blocks(tmp_path, monkeypatch, capsys):
     assert build_tool.main([*args, "--output", str(out), "--quiet"]) == 0
     meta = read_metadata(out)
     assert meta["options"]["quant"] == "from-gguf"
-    assert meta["from_gguf"] == {"kept": 12, "of": 12}
+    assert meta["from_gguf"] == {"file": str(path.resolve()), "kept": 12, "of": 12}
     capsys.readouterr()
     assert inspect_tool.main([str(out)]) == 0
     shown = "\nquant      from-gguf (12 of 12 linear layers keep the file's blocks, as INT8)\n"
