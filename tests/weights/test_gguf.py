@@ -7,7 +7,7 @@ takes (`weights.resolve_model`). transformers reads the same files itself
 bfloat16 by torch, as our folder stores them.
 
 Where transformers' GGUF loader does not read what llama.cpp stores or assumes, the oracle is
-given it through its config (`ORACLE_FIXES`): Gemma-3's linear RoPE scaling and query scale
+given it through its config (`oracle_config`): Gemma-3's linear RoPE scaling and query scale
 (llama.cpp: head_dim), Llama 3's RoPE scaling (stored as the `rope_freqs` tensor, which
 transformers skips), and Qwen3's head_dim (attention.key_length). Everything else (every
 tensor, the tokenizer) is transformers' own reading of the file.
