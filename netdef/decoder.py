@@ -333,7 +333,7 @@ class _Decoder:
         positions but 270-320 us over 4,096 (the matmuls: 19 us), so it suits the bounded
         window only; fused on the sliding layers took a batch-16 decode step from 2.83 to
         2.58 ms (batch 1: 2.25 to 2.29) and a 2,048-token prefill from 23.0 to 14.6 ms."""
-        slots, visible = self.visible_slots(window, ring)  # bool [B, 1, L, S, 1]
+        slots, visible = self.visible_slots(window, ring)
         k, v = (
             self.gather_slots(t, slots, f"attn.{n}")
             for t, n in ((keys, "keys"), (values, "values"))
@@ -342,13 +342,10 @@ class _Decoder:
             return self.fused_attention(q, k, v, visible)
         return self.matmul_attention(q, k, v, visible)
 
-    def fused_attention(self, q: Any, k: Any, v: Any, visible: Any) -> Any:
-        """TensorRT's attention (GQA native, no scale of its own: q is scaled) under the
-        [B, 1, S, L] form of the mask."""
+    def fused_attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        """TensorRT's attention (GQA native, no scale of its own: q is scaled) under a
+        [B, 1, S, L] bool mask."""
         g, trt = self.g, self.g.trt
-        mask = g.shuffle(
-            visible, "attn.mask_rows", reshape=(0, 1, 0, 0), first_transpose=(0, 1, 3, 2, 4)
-        )
         attn = g.network.add_attention_v2(
             q, k, v, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
         )
@@ -407,34 +404,40 @@ class _Decoder:
         return self.g.named(gather, name).get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
-        """(slots to gather, bool mask [B, 1, L, S, 1]) for global layers (window None) or the
-        sliding layers of `window` and `ring` slots: position j is visible to token (b, s) iff
+        """(slots to gather, bool mask) for global layers (window None; [B, 1, L, S, 1], as the
+        matmul attention normalizes) or the sliding layers of `window` and `ring` slots
+        ([B, 1, S, L], TensorRT's attention mask): position j is visible to token (b, s) iff
         j <= position and, in a window, j > position - window and j >= 0; it is read from slot
-        j mod ring. Built once per window, shared by layers."""
+        j mod ring. Built once per window, shared by layers, in the layout it is used in
+        (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1: "Graph
+        contains more than one op named ..._iota")."""
         if window in self.slots:
             return self.slots[window]
         g = self.g
         saved, g.scope = g.scope, ""
         tag = f"slots.{window or 'global'}"
-        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
         if window is None:  # the positions global_positions names, in their own slots
+            rank = 5
+            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
             slots = self.global_positions
             line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))
         else:
+            rank = 4
+            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))
             raw = self.window_positions  # [B, L], negative before position 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")
             slots = self.modulo(g.elementwise(raw, zero, "MAX", f"{tag}.clamped"), ring, tag)
-            line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, -1, 1, 1))  # [B, 1, L, 1, 1]
+            line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, 1, -1))  # [B, 1, 1, L]
         visible = g.unary(
             g.elementwise(line, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
         )
         if window is not None:
             start = g.elementwise(
-                pos, g.scalar(window, np.int32, 5, f"{tag}.window"), "SUB", f"{tag}.start"
+                pos, g.scalar(window, np.int32, rank, f"{tag}.window"), "SUB", f"{tag}.start"
             )
             recent = g.elementwise(line, start, "GREATER", f"{tag}.recent")
             visible = g.elementwise(visible, recent, "AND", f"{tag}.in_window")
-            none = g.scalar(-1, np.int32, 5, f"{tag}.none")
+            none = g.scalar(-1, np.int32, rank, f"{tag}.none")
             written = g.elementwise(line, none, "GREATER", f"{tag}.written")
             visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
         g.scope = saved
