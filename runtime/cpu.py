@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from netdef.contract import KV_KINDS, MODEL_DTYPES, past
 from netdef.decoder import DecoderNetwork
-from netdef.graph import DTYPES
 from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .reference import Executor
@@ -55,11 +55,11 @@ class CpuModel:
 
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
-        dtype = DTYPES[self.dn.options.dtype]
+        dtype = MODEL_DTYPES[self.dn.options.dtype]
         self.caches = {
-            f"past_{kind}_{i}": np.zeros((batch, *shape), dtype)
+            past(kind, i): np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
-            for kind in ("key", "value")
+            for kind in KV_KINDS
         }
 
     def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:

@@ -20,12 +20,13 @@ TensorRT fuses with it may keep that product in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from functools import cache
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from netdef.backend import load_backend
+from netdef.contract import TENSOR_DTYPES, dtype_name
 from netdef.options import Profile
 from netdef.quant import FP8, INT4, INT8, dequantize, quantize, unpack_int4
 
@@ -82,27 +83,11 @@ def _topological(layers: list[Any]) -> list[Any]:
     return order
 
 
-def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
-    table = _dtype_table(trt)
-    if dtype not in table:
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The NumPy dtype of a TensorRT DataType (netdef.contract's table)."""
+    if dtype_name(dtype) not in TENSOR_DTYPES:
         raise ExecutorError(f"tensor type {dtype} is not supported by the reference executor.")
-    return table[dtype]
-
-
-@cache
-def _dtype_table(trt: Any) -> dict[Any, np.dtype]:
-    pairs = {
-        trt.float32: np.float32,
-        trt.float16: np.float16,
-        trt.bfloat16: ml_dtypes.bfloat16,
-        trt.int32: np.int32,
-        trt.int64: np.int64,
-        trt.int8: np.int8,
-        trt.int4: INT4,
-        trt.fp8: FP8,
-        trt.bool: np.bool_,
-    }
-    return {k: np.dtype(v) for k, v in pairs.items()}
+    return TENSOR_DTYPES[dtype_name(dtype)]
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -140,8 +125,8 @@ class Executor:
         profiles: list[Profile] | None,
         constants: Mapping[str, np.ndarray] | None,
     ):
-        import_module = type(network).__module__.split(".")[0]
-        self.trt = __import__(import_module.removesuffix("_bindings"))
+        # The module that made the network (its bindings live in <module>_bindings).
+        self.trt = load_backend(type(network).__module__.split(".")[0].removesuffix("_bindings"))
         self.network = network
         self.profiles = profiles or []
         layers = _topological([network.get_layer(i) for i in range(network.num_layers)])
@@ -157,7 +142,7 @@ class Executor:
                     for i in range(layer.num_inputs)
                 ],
                 [
-                    (out.name, numpy_dtype(self.trt, out.dtype))
+                    (out.name, numpy_dtype(out.dtype))
                     for out in map(layer.get_output, range(layer.num_outputs))
                 ],
             )
@@ -208,8 +193,6 @@ class Executor:
             T.UNARY: "IUnaryLayer",
             T.ROTARY_EMBEDDING: "IRotaryEmbeddingLayer",
             T.KV_CACHE_UPDATE: "IKVCacheUpdateLayer",
-            T.ATTENTION_INPUT: "IAttentionInputLayer",
-            T.ATTENTION_OUTPUT: "IAttentionOutputLayer",
             T.SOFTMAX: "ISoftMaxLayer",
             T.TOPK: "ITopKLayer",
             T.SELECT: "ISelectLayer",
@@ -224,7 +207,7 @@ class Executor:
         return layer
 
     def _constant(self, layer: Any, constants: Mapping[str, np.ndarray]) -> np.ndarray:
-        out_dtype = numpy_dtype(self.trt, layer.get_output(0).dtype)
+        out_dtype = numpy_dtype(layer.get_output(0).dtype)
         shape = tuple(layer.shape)
         if layer.name in constants:
             array = np.asarray(constants[layer.name])
@@ -253,7 +236,7 @@ class Executor:
             if t.name not in feeds:
                 raise ExecutorError(f"input {t.name!r} was not fed.")
             x = feeds[t.name]
-            want = numpy_dtype(self.trt, t.dtype)
+            want = numpy_dtype(t.dtype)
             if x.dtype != want:
                 raise ExecutorError(f"input {t.name!r} must be {want}, got {x.dtype}.")
             declared = tuple(t.shape)
@@ -303,12 +286,9 @@ class Executor:
             T.TOPK: self._topk,
             T.ROTARY_EMBEDDING: self._rotary,
             T.KV_CACHE_UPDATE: self._kv_cache_update,
-            T.ATTENTION_INPUT: self._attention,
-            T.ATTENTION_OUTPUT: self._attention_output,
             T.QUANTIZE: self._quantize,
             T.DEQUANTIZE: self._dequantize,
         }
-        self._pending: dict[str, np.ndarray] = {}
         for layer, kind, (input_names, outs) in zip(self.layers, self.kinds, self.wiring):
             inputs = [None if name is None else env[name] for name in input_names]
             try:
@@ -333,7 +313,7 @@ class Executor:
         return x.astype(np.float64)
 
     def _out(self, layer: Any, i: int = 0) -> np.dtype:
-        return numpy_dtype(self.trt, layer.get_output(i).dtype)
+        return numpy_dtype(layer.get_output(i).dtype)
 
     # Layers (each follows the TensorRT operator page of the same name) --------------------------
     def _activation(self, layer, inputs):
@@ -592,47 +572,6 @@ class Executor:
                 )
             cache[b, :, start : start + s, :] = update[b]  # in place: the output aliases the input
         return [cache]
-
-    def _attention(self, layer, inputs):
-        """softmax(Q Kᵀ + mask) V with GQA; no scale (the network scales Q itself)."""
-        attention = layer.attention
-        if attention.key_value_lengths is not None or attention.query_lengths is not None:
-            raise ExecutorError(f"attention {layer.name!r}: variable lengths are not implemented.")
-        if attention.key_value_form != self.trt.AttentionIOForm.PADDED_BHND:
-            raise ExecutorError(
-                f"attention {layer.name!r}: only the padded [B, N, S, H] layout is implemented."
-            )
-        q, k, v = (_f32(x) for x in inputs[:3])
-        mask = inputs[3] if len(inputs) > 3 else None  # the mask is the boundary layer's 4th input
-        b, nq, sq, h = q.shape
-        nkv, skv = k.shape[1], k.shape[2]
-        if nq % nkv:
-            raise ExecutorError(
-                f"attention {layer.name!r}: {nq} query heads are not a multiple of {nkv} kv heads."
-            )
-        qg = q.reshape(b, nkv, nq // nkv, sq, h)
-        scores = np.matmul(qg, np.swapaxes(k, -1, -2)[:, :, None])  # [B, Nkv, G, Sq, Skv]
-        scores = scores.reshape(b, nq, sq, skv)
-        C = self.trt.CausalMaskKind
-        kind = attention.causal_kind
-        if kind != C.NONE:
-            i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
-            visible = j <= i + (skv - sq) if kind == C.LOWER_RIGHT else j <= i
-            scores = np.where(visible, scores, -np.inf)
-        if mask is not None:
-            scores = (
-                np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + _f32(mask)
-            )
-        if attention.norm_op == self.trt.AttentionNormalizationOp.SOFTMAX:
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            scores = scores / scores.sum(axis=-1, keepdims=True)
-        out = np.matmul(scores.reshape(b, nkv, nq // nkv, sq, skv), v[:, :, None])
-        # The result belongs to the ATTENTION_OUTPUT boundary layer, which comes next.
-        self._pending[attention.get_output(0).name] = out.reshape(b, nq, sq, h)
-        return [np.empty(0, dtype=self._out(layer))] * layer.num_outputs
-
-    def _attention_output(self, layer, inputs):
-        return [self._pending.pop(layer.get_output(0).name)]
 
     def _quantize(self, layer, inputs):
         """clamp(round(x / scale)) into INT8, INT4 or FP8 (Quantize operator page)."""

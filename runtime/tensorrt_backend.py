@@ -24,7 +24,24 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, ring_crossing, rings, slot_feeds
+from netdef.contract import (
+    GLOBAL_POSITIONS,
+    INV_TEMPERATURE,
+    IO_DTYPES,
+    LOG_NORMALIZER,
+    LOGITS,
+    NEXT_TOKEN,
+    POSITION_INPUTS,
+    RESULTS,
+    TOKEN_INPUTS,
+    TOP_IDS,
+    TOP_LOGITS,
+    WINDOW_POSITIONS,
+    contract_problems,
+    past_of,
+    target_capability,
+)
+from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .cuda_buffers import (
     CudaGraph,
@@ -38,21 +55,10 @@ from .cuda_buffers import (
     free_bytes,
 )
 
-DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
-SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
-INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
-POSITION_INPUTS = (WINDOW_POSITIONS, GLOBAL_POSITIONS)  # int32, what attention reads
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in IO_DTYPES.items()}
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each position input
-# The outputs a call may copy back (the rest are present_* KV caches, never copied).
-RESULTS = {
-    "logits": "float",
-    "next_token": "int32",
-    "top_logits": "float",
-    "top_ids": "int32",
-    "log_normalizer": "float",
-}
-LOGITS, GREEDY, TOP_K = ("logits",), ("next_token",), ("top_logits", "top_ids")
-TOP_P = (*TOP_K, "log_normalizer")
+GREEDY, TOP_K = (NEXT_TOKEN,), (TOP_LOGITS, TOP_IDS)
+TOP_P = (*TOP_K, LOG_NORMALIZER)
 REBUILD = "rebuild it with python -m tools.build"
 
 
@@ -61,12 +67,6 @@ class EngineLoadError(RuntimeError):
 
 
 # ---- pure checks over plain dicts (metadata.json and `describe_engine` output) ----
-
-
-def parse_target(target: str) -> tuple[int, int]:
-    """'sm89' or '8.9' -> (8, 9); 'sm120' -> (12, 0)."""
-    digits = target.lower().removeprefix("sm").replace(".", "")
-    return int(digits[:-1]), int(digits[-1])
 
 
 def check_portability(
@@ -80,7 +80,7 @@ def check_portability(
             f"is installed; engines are not portable across TensorRT modules or versions: {REBUILD}."
         )
     target = meta.get("target")
-    if target and device_cc is not None and parse_target(target) != tuple(device_cc):
+    if target and device_cc is not None and target_capability(target) != tuple(device_cc):
         major, minor = device_cc
         raise EngineLoadError(
             f"the engine was built for {target} but this GPU is sm{major}{minor} (compute "
@@ -124,36 +124,8 @@ def check_engine(meta: dict, engine: dict) -> None:
 
 
 def check_contract(io: dict) -> None:
-    """The engine I/O contract of docs/architecture.md, as far as this backend relies on it."""
-    inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
-    outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
-    problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    problems += [
-        f"input {n} must be int32" for n in POSITION_INPUTS if inputs.get(n, "int32") != "int32"
-    ]
-    if "logits" not in outputs:
-        problems.append("output logits is missing")
-    for name, dtype in RESULTS.items():
-        if outputs.get(name, dtype) != dtype:
-            problems.append(f"output {name} must be {'float32' if dtype == 'float' else dtype}")
-    pasts = {n for n in inputs if n.startswith("past_")}
-    presents = {n.replace("present_", "past_", 1) for n in outputs if n not in RESULTS}
-    if pasts != presents:
-        problems.append(
-            "outputs other than logits, next_token, top_logits, top_ids and log_normalizer "
-            "must be exactly present_* for every past_*"
-        )
-    if ("log_normalizer" in outputs) != (INV_TEMPERATURE in inputs):
-        problems.append("input inv_temperature and output log_normalizer go together")
-    if inputs.get(INV_TEMPERATURE, "float") != "float":
-        problems.append("input inv_temperature must be float32")
-    all_io = {**inputs, **outputs}
-    problems += [
-        f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
-    ]
-    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, *POSITION_INPUTS}):
-        problems.append(f"unknown inputs {', '.join(extra)}")
-    if problems:
+    """The engine I/O contract (netdef.contract), as far as this backend relies on it."""
+    if problems := contract_problems(io):
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
 
 
@@ -322,7 +294,7 @@ class TensorRTBackend:
             self.max_seq_len,
         )
         extra = (INV_TEMPERATURE, *POSITION_INPUTS)
-        self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
+        self._uploads = [*TOKEN_INPUTS, *(n for n in extra if n in inputs)]
         # (B, position input shapes, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
@@ -344,10 +316,8 @@ class TensorRTBackend:
             self.addresses = {n: b.ptr for n, b in self.device.items()}
             for t in self.io["outputs"]:
                 if t["name"].startswith("present_"):  # in-place KV cache update
-                    self.addresses[t["name"]] = self.device[
-                        t["name"].replace("present_", "past_", 1)
-                    ].ptr
-            for name in (*SMALL_INPUTS, *POSITION_INPUTS):
+                    self.addresses[t["name"]] = self.device[past_of(t["name"])].ptr
+            for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
             if self.has_log_normalizer:
@@ -504,7 +474,7 @@ class TensorRTBackend:
         return b, s
 
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
-        for name, a in (*zip(SMALL_INPUTS, (ids, pos, last)), *feeds.items()):
+        for name, a in (*zip(TOKEN_INPUTS, (ids, pos, last)), *feeds.items()):
             self.host[name].array[: a.size] = a.ravel()
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
@@ -519,7 +489,7 @@ class TensorRTBackend:
             self._profile = profile
         for t in self.io["inputs"]:
             name = t["name"]
-            if name in SMALL_INPUTS[:2]:
+            if name in TOKEN_INPUTS[:2]:
                 shape = (b, s)
             elif name in positions:
                 shape = positions[name]

@@ -47,6 +47,7 @@ from netdef.artifact import (
     write_metadata,
 )
 from netdef.backend import compute_capability, is_rtx
+from netdef.contract import MODEL_DTYPES
 from netdef.engine import EngineBuildError
 from netdef.options import check_quant_target, default_max_prefill, default_max_seq_len
 from netdef.quant import CALIBRATION_TEXT, MODES
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "model",
         help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id or local folder",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
     p.add_argument("--max-batch", type=int, default=1)
     p.add_argument(
         "--max-seq-len",

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
 from netdef.artifact import is_complete, read_metadata
+from netdef.contract import MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         default=CALIBRATION_TEXT,
         help="fp8 calibration text (default: the shipped sample)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
     p.add_argument("--max-tokens", type=int, help="evaluate on the text's first N tokens")
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
 from netdef.artifact import METADATA_FILE, check_intact, fmt_bytes, source_fingerprint
+from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
 from runtime.cpu import CpuModel
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=list(MODEL_DTYPES),
         default="bfloat16",
         help="reference backend only",
     )

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
+from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuModel
 from weights import Checkpoint, WeightsError
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefill", type=int, help="ids per sequence in the first call (default: all)"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES))
     parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
     args = parser.parse_args(argv)
     try:
