@@ -14,6 +14,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+# Bumped whenever the network or this contract changes, so an older artifact is rebuilt (its
+# build key changes) or refused at load. 2: inv_temperature, log_normalizer, gather splits;
+# 3: window_slots, matmul attention; 4: sliding layers' KV rings, window_positions.
+FORMAT_VERSION = 4
+
 # Inputs
 INPUT_IDS = "input_ids"  # int32 [B, S], right-padded
 POSITION_IDS = "position_ids"  # int32 [B, S], the cache slot of each token
@@ -91,15 +96,6 @@ def trt_dtype(trt: Any, dtype: np.dtype) -> Any:
 def dtype_name(trt_type: Any) -> str:
     """A TensorRT DataType as metadata.json names it ('float', 'bf16', ...)."""
     return trt_type.name.lower()
-
-
-# Defaults every tool applies the same way
-DEFAULT_MAX_SEQ_LEN = 4096
-
-
-def default_max_seq_len(max_position_embeddings: int) -> int:
-    """The KV-cache length when none is asked for: the model's context, at most 4,096."""
-    return min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
 
 
 def normalize_target(target: str) -> str:

@@ -20,7 +20,7 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from netdef.contract import (
     target_capability,
 )
 from netdef.slots import ring_crossing, rings, slot_feeds
+
+if TYPE_CHECKING:  # loaded with the artifact: importing this module needs only the contract
+    from netdef.artifact import Metadata
 
 from .cuda_buffers import (
     CudaGraph,
@@ -259,11 +262,12 @@ def runtime_config(engine: Any, trt: Any) -> Any:
 
 class TensorRTBackend:
     """`runtime.backend.Backend` over one execution context. `load` an artifact; the
-    constructor takes the parts (plain dicts and any object with IExecutionContext's methods)."""
+    constructor takes the parts (its Metadata, `describe_engine`'s dict and any object with
+    IExecutionContext's methods)."""
 
     def __init__(
         self,
-        meta: dict,
+        meta: Metadata,
         engine_desc: dict,
         context: Any,
         keep_alive: tuple = (),
@@ -271,15 +275,13 @@ class TensorRTBackend:
         timed: bool = False,
         check_free_memory: bool = False,
     ):
-        options = meta["options"]
-        self.max_batch = options["max_batch"]
-        self.max_seq_len = options["max_seq_len"]
-        self.max_prefill = options.get("max_prefill") or self.max_seq_len
+        self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
+        self.max_prefill = meta.max_prefill
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
         self.inv_temperature = 1.0  # what the next call feeds to every sequence
-        self.profile_names = [p["name"] for p in meta["profiles"]]
+        self.profile_names = [p["name"] for p in meta.profiles]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
@@ -287,7 +289,7 @@ class TensorRTBackend:
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         inputs = {t["name"] for t in self.io["inputs"]}
-        self.window = meta.get("attention_window") if WINDOW_POSITIONS in inputs else None
+        self.window = meta.attention_window if WINDOW_POSITIONS in inputs else None
         self.has_global = GLOBAL_POSITIONS in inputs
         self.rings = rings(
             (t["shape"][2] for t in self.io["inputs"] if t["name"].startswith("past_")),
@@ -334,7 +336,7 @@ class TensorRTBackend:
     def load(
         cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
     ) -> TensorRTBackend:
-        from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
+        from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
         from netdef.backend import BackendError, load_backend
 
         artifact = Path(artifact)
@@ -342,7 +344,10 @@ class TensorRTBackend:
             raise EngineLoadError(
                 f"{artifact} is not an engine artifact; build one with python -m tools.build."
             )
-        meta = read_metadata(artifact)
+        meta = read_metadata(
+            artifact
+        )  # ArtifactError (a ValueError) if broken or of another format
+        check_format(artifact, meta)
         try:
             if trt is None:
                 try:
@@ -375,7 +380,7 @@ class TensorRTBackend:
         except EngineLoadError as e:
             raise EngineLoadError(f"cannot load {artifact}: {e}") from None
         return cls(
-            meta,
+            Metadata.from_dict(meta),
             desc,
             context,
             keep_alive=(logger, runtime, engine),

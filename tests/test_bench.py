@@ -449,11 +449,14 @@ def test_transformers_timing_structure_on_cpu(tiny_dir):
 def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
     if reason := gpu_unavailable_reason():
         pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+    from netdef.artifact import Metadata
     from runtime.tensorrt_backend import TensorRTBackend
     from tools.gpu_check import CopyContext, fake_engine
 
     meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
-    with TensorRTBackend(meta, desc, CopyContext(), auto_graphs=True, timed=True) as backend:
+    with TensorRTBackend(
+        Metadata.from_dict(meta), desc, CopyContext(), auto_graphs=True, timed=True
+    ) as backend:
         ids = prompt_ids(64, 4, 40)
         pre = measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
         dec = measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)

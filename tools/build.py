@@ -325,7 +325,7 @@ def build(
 def _reusable(output: Path, key: str) -> bool:
     """Whether `output` is an intact artifact of the build named `key`."""
     try:
-        return is_complete(output) and check_intact(output)["build_key"] == key
+        return is_complete(output) and check_intact(output).build_key == key
     except ArtifactError:
         return False
 

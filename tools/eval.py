@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import is_complete, read_metadata
+from netdef.artifact import is_complete, open_artifact
 from netdef.contract import MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
@@ -120,19 +120,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 def from_artifact(args: argparse.Namespace) -> None:
     """Evaluate what an artifact was built with: its model folder, dtype, mode and calibration."""
-    meta = read_metadata(args.model_dir)
-    options = meta["options"]
+    meta = open_artifact(args.model_dir)
+    options = meta.options
     if options["quant"] == "none":
         raise ValueError(f"{args.model_dir} is not quantized; nothing to compare it with.")
-    args.model_dir = Path(meta["model"]["path"])
+    args.model_dir = meta.model_path
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(
             f"the artifact's model folder {args.model_dir} is gone; pass the model folder instead."
         )
     args.dtype, args.quant = options["dtype"], [options["quant"]]
     args.quant_lm_head = options["quant_lm_head"]
-    if meta.get("calibration"):
-        args.calib_file = Path(meta["calibration"]["file"])
+    if meta.calibration:
+        args.calib_file = Path(meta.calibration["file"])
 
 
 def main(argv: list[str] | None = None) -> int:

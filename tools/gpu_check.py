@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from netdef.contract import FORMAT_VERSION
 from runtime.cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
@@ -101,6 +102,7 @@ def fake_engine(
             shapes[t["name"]] = [[bb, *shape] for bb in batch]
         profiles.append({"name": name, "shapes": shapes})
     meta = {
+        "format_version": FORMAT_VERSION,
         "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
         "profiles": profiles,
         "io": io,
@@ -264,9 +266,11 @@ def check_graph_replay(replays: int = 100) -> str:
 def check_auto_graphs(decode_steps: int = 50) -> str:
     """With auto_graphs (as `load` sets it), the first decode step of a batch size runs plainly
     and is captured; every later step of that size replays it."""
+    from netdef.artifact import Metadata
+
     meta, desc = fake_engine(max_seq_len=256, profile_set="decode,prefill")
     ctx = CopyContext()
-    with TensorRTBackend(meta, desc, ctx, auto_graphs=True) as model:
+    with TensorRTBackend(Metadata.from_dict(meta), desc, ctx, auto_graphs=True) as model:
         model.reset(2)
         model.forward(
             np.ones((2, 4), np.int32),
@@ -338,10 +342,14 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
 
 def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
     """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
+    from netdef.artifact import Metadata
+
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
     ctx = CopyContext()
     rng = np.random.default_rng(2)
-    with TensorRTBackend(meta, desc, ctx, auto_graphs=True, timed=True) as model:
+    with TensorRTBackend(
+        Metadata.from_dict(meta), desc, ctx, auto_graphs=True, timed=True
+    ) as model:
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
 
