@@ -19,7 +19,7 @@ import numpy as np
 from netdef import NetworkOptions, build_network
 from netdef.decoder import WeightSource
 
-from .cpu import CpuModel
+from .cpu import CpuBackend
 
 
 def activation_amax(
@@ -42,7 +42,7 @@ def activation_amax(
     )
     dn = build_network(source, options, trt)
     taps = dn.graph.linear_inputs
-    model = CpuModel(dn)
+    model = CpuBackend(dn)
     model.reset(1)
     amax = dict.fromkeys(taps, 0.0)
     for start in range(0, ids.size, chunk):

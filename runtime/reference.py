@@ -150,6 +150,7 @@ class Executor:
         ]
         self.inputs = [network.get_input(i) for i in range(network.num_inputs)]
         self.outputs = [network.get_output(i) for i in range(network.num_outputs)]
+        self.output_names = {t.name for t in self.outputs}
         self.constants = {
             layer.name: self._constant(layer, constants or {})
             for layer, kind in zip(self.layers, self.kinds)

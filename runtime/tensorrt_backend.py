@@ -2,7 +2,7 @@
 
     with TensorRTBackend.load(artifact) as model:
         model.reset(1)
-        logits = model.forward(ids, positions, last)      # float32 [B, vocab]
+        out = model.forward(ids, positions, last, ALL_LOGITS)   # {"logits": float32 [B, vocab]}
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
 shapes: input_ids, position_ids, last_token_index, the position inputs (netdef.slots), the outputs
@@ -57,11 +57,10 @@ from .cuda_buffers import (
     enqueue_step,
     free_bytes,
 )
+from .readout import Outputs, Readout
 
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in IO_DTYPES.items()}
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each position input
-GREEDY, TOP_K = (NEXT_TOKEN,), (TOP_LOGITS, TOP_IDS)
-TOP_P = (*TOP_K, LOG_NORMALIZER)
 REBUILD = "rebuild it with python -m tools.build"
 
 
@@ -397,39 +396,27 @@ class TensorRTBackend:
             )
         self.batch = batch
 
-    def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """float32 logits [B, vocab] ([B, S, vocab] for all-logits engines)."""
-        b, s = self._call(input_ids, position_ids, last_token_index, LOGITS)
-        shape = self._logits_shape(b, s)
-        return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
+    def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
+        """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
+        ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
+        instead of the vocabulary's logits, which stay on the GPU for `last_logits`."""
+        wanted = readout.outputs
+        if missing := [n for n in wanted if n not in self.host]:
+            raise ValueError(f"this engine has no {', '.join(missing)} output; rebuild it.")
+        if LOG_NORMALIZER in wanted:
+            self.inv_temperature = 1.0 / readout.temperature
+        b, s = self._call(input_ids, position_ids, last_token_index, wanted)
+        return {name: self._result(name, b, s) for name in wanted}
 
-    def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """int32 [B] argmax ids from the engine's next_token: 4 bytes per sequence leave the GPU."""
-        if "next_token" not in self.host:  # an engine built before next_token existed
-            return self.forward(input_ids, position_ids, last_token_index).argmax(-1)
-        b, _ = self._call(input_ids, position_ids, last_token_index, GREEDY)
-        return self.host["next_token"].array[:b].copy()
-
-    def forward_top_k(self, input_ids, position_ids, last_token_index):
-        """float32 [B, K] best logits and their int32 [B, K] ids (K = sample_top_k): 8 bytes
-        per candidate and sequence leave the GPU instead of the vocabulary's logits."""
-        if not self.sample_top_k:
-            raise ValueError("this engine has no top_logits/top_ids outputs (sample_top_k=0).")
-        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_K)
-        return self._best_k(b)
-
-    def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
-        """The best K logits and ids, and float32 [B] log_normalizer at `temperature`."""
-        if not self.has_log_normalizer:
-            raise ValueError("this engine has no log_normalizer output; rebuild it.")
-        self.inv_temperature = 1.0 / temperature
-        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_P)
-        return (*self._best_k(b), self.host["log_normalizer"].array[:b].copy())
-
-    def _best_k(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        n = b * self.sample_top_k
-        values, ids = (self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
-        return values, ids
+    def _result(self, name: str, b: int, s: int) -> np.ndarray:
+        shape = {
+            LOGITS: self._logits_shape(b, s),
+            NEXT_TOKEN: (b,),
+            TOP_LOGITS: (b, self.sample_top_k),
+            TOP_IDS: (b, self.sample_top_k),
+            LOG_NORMALIZER: (b,),
+        }[name]
+        return self.host[name].array[: int(np.prod(shape))].reshape(shape).copy()
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits, still in device memory: copied back only when asked (a

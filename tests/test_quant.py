@@ -25,7 +25,7 @@ from netdef.quant import (
     unpack_int4,
 )
 from runtime.calibration import activation_amax
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.reference import Executor, ExecutorError
 from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny_quant import tiny_quant_dir
@@ -123,9 +123,9 @@ def test_weight_only_network_computes_with_the_dequantized_weights(family, mode,
     options = NetworkOptions(dtype="bfloat16", max_seq_len=16, max_prefill=6, all_logits=True)
     quant = NetworkOptions(**{**options.__dict__, "quant": mode, "quant_lm_head": head})
     dn = build_network(ckpt, quant, trt)
-    ours = sequence_logits(CpuModel(dn), [seq], 6)
+    ours = sequence_logits(CpuBackend(dn), [seq], 6)
     ref = sequence_logits(
-        CpuModel(build_network(Dequantized(ckpt, mode, head), options, trt)), [seq], 6
+        CpuBackend(build_network(Dequantized(ckpt, mode, head), options, trt)), [seq], 6
     )
     np.testing.assert_array_equal(ours, ref)
     kinds = [dn.network.get_layer(i).type for i in range(dn.network.num_layers)]
@@ -174,7 +174,7 @@ def test_calibration_amax_is_the_largest_linear_input_over_every_chunk():
 def test_executor_returns_intermediate_tensors_by_name():
     ckpt = Checkpoint.open(tiny_quant_dir("llama"))
     dn = build_network(ckpt, NetworkOptions(dtype="float32", max_seq_len=8), trt)
-    model = CpuModel(dn)
+    model = CpuBackend(dn)
     model.reset(1)
     feeds = model.feeds(
         np.array([[5, 6, 7]], np.int32), np.array([[0, 1, 2]], np.int32), np.array([2], np.int32)

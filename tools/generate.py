@@ -18,7 +18,7 @@ from netdef.artifact import METADATA_FILE, Metadata, check_intact, fmt_bytes, so
 from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingError, SamplingParams
@@ -52,7 +52,7 @@ def open_backend(
         options = NetworkOptions(
             dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
-    return CpuModel(build_network(ckpt, options))
+    return CpuBackend(build_network(ckpt, options))
 
 
 def source_checkpoint(artifact: Path, meta: Metadata) -> Checkpoint:

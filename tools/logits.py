@@ -19,12 +19,13 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.contract import MODEL_DTYPES
-from runtime.cpu import CpuModel
+from netdef.contract import LOGITS, MODEL_DTYPES
+from runtime.cpu import CpuBackend
+from runtime.readout import ALL_LOGITS
 from weights import Checkpoint, WeightsError
 
 
-def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.ndarray:
+def sequence_logits(model: CpuBackend, seqs: list[list[int]], prefill: int) -> np.ndarray:
     """[B, T_max, vocab] logits, NaN where a sequence has ended."""
     batch, t_max = len(seqs), max(len(s) for s in seqs)
     ids = np.zeros((batch, t_max), np.int32)
@@ -34,7 +35,7 @@ def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.
     model.reset(batch)
     positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
     last = np.minimum(lengths, prefill) - 1
-    steps = [model.forward(ids[:, :prefill], positions, last)]
+    steps = [model.forward(ids[:, :prefill], positions, last, ALL_LOGITS)[LOGITS]]
     for t in tqdm(
         range(prefill, t_max),
         desc="decode",
@@ -44,8 +45,11 @@ def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.
     ):
         steps.append(
             model.forward(
-                ids[:, t : t + 1], np.full((batch, 1), t, np.int32), np.zeros(batch, np.int32)
-            )
+                ids[:, t : t + 1],
+                np.full((batch, 1), t, np.int32),
+                np.zeros(batch, np.int32),
+                ALL_LOGITS,
+            )[LOGITS]
         )
     logits = np.concatenate(steps, axis=1)
     logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prefill=prefill,
             all_logits=True,
         )
-        model = CpuModel(build_network(ckpt, options))
+        model = CpuBackend(build_network(ckpt, options))
     except (WeightsError, OptionsError) as e:
         raise SystemExit(f"error: {e}") from None
     logits = sequence_logits(model, seqs, prefill)

@@ -20,7 +20,7 @@ that except the engine (for a GPU without TensorRT).
 --build builds each model's engine in a child process (tools.build.build, TensorRT-RTX ahead
 of time for --target) and reports its wall time and peak RSS (the child's own rusage from
 wait4, plus /proc polling for the anonymous/file-backed split and per-phase figures), also as
-a multiple of the checkpoint size. --cpu times the NumPy executor (runtime.cpu.CpuModel)
+a multiple of the checkpoint size. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
 against transformers on the CPU. --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
