@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from netdef import load_backend
 from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
+from runtime import build as pipeline
 from tools import build as build_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
@@ -84,7 +85,7 @@ def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatc
     def must_not_build(*a, **k):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(build_tool, "build_engine", must_not_build)
+    monkeypatch.setattr(pipeline, "build_engine", must_not_build)
     code, second, err = run_build(args, capsys)
     assert code == 0 and second.strip() == artifact
     assert "Reusing" in err
@@ -100,7 +101,7 @@ def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
         (args[1]).write_bytes(b"half an engine")
         raise RuntimeError("builder crashed")
 
-    monkeypatch.setattr(build_tool, "build_engine", crash)
+    monkeypatch.setattr(pipeline, "build_engine", crash)
     out_dir = tmp_path / "artifact"
     with pytest.raises(RuntimeError, match="builder crashed"):
         build_tool.main(

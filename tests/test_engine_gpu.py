@@ -42,11 +42,11 @@ def _needs_gpu() -> None:
 
 def build_for_device(model_dir: Path, out: Path, **options) -> Path:
     from netdef.backend import is_rtx, load_backend
-    from tools.build import build
+    from runtime.build import build
 
     cc = device_info().cc
     target = f"sm{cc[0]}{cc[1]}" if is_rtx(load_backend()) else None
-    return build(str(model_dir), target=target, output=out, progress=False, **options)
+    return build(str(model_dir), target=target, output=out, **options)
 
 
 def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=()):

@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return build_worker(args.build_worker)
     from netdef import BackendError, OptionsError
     from netdef.engine import EngineBuildError
+    from runtime.build import BuildError
     from runtime.cuda_buffers import CudaError
     from runtime.tensorrt_backend import EngineLoadError
-    from tools.build import BuildError
     from weights import WeightsError
 
     errors = (BenchError, BackendError, BuildError, CudaError, EngineBuildError, EngineLoadError)

@@ -31,7 +31,8 @@ def prepare_engines(
     used as it is; its counterpart is built from the model folder named in its metadata."""
     from netdef.artifact import is_complete, open_artifact
     from netdef.backend import is_rtx, load_backend
-    from tools.build import build
+    from runtime.build import build
+    from tools.build import ConsoleHooks
 
     out: dict[str, Any] = {"engines": {}, "skipped": None}
     if is_complete(Path(source)):
@@ -53,6 +54,7 @@ def prepare_engines(
                     backend=meta.backend_module,
                     target=meta.target,
                     optimization_level=meta.optimization_level,
+                    hooks=ConsoleHooks(),
                 )
             except Exception as e:  # the artifact itself is still measured
                 out["skipped"] = f"could not build the {other!r} counterpart: {e}"
@@ -66,6 +68,7 @@ def prepare_engines(
             backend=trt.__name__,
             target=target,
             optimization_level=args.optimization_level,
+            hooks=ConsoleHooks(),
         )
         out["engines"]["decode,prefill"] = build(source, profiles="decode,prefill", **common)
         if args.compare_profiles:
