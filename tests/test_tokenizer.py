@@ -624,7 +624,7 @@ def test_stream_decoder_emits_as_soon_as_complete(small_dirs: dict[str, Path]) -
     tok = Tokenizer.from_dir(small_dirs["llama2"])
     ids = tok.encode("a 😀 b", add_special_tokens=False)
     deltas = _stream(tok, ids, skip=True)
-    assert "😀" in deltas[ids.index(tok.backend.token_to_id("<0x80>"))]  # the emoji's last byte
+    assert "😀" in deltas[ids.index(tok.hf.token_to_id("<0x80>"))]  # the emoji's last byte
     assert deltas[0] == "a"  # the first space is stripped, as decode does
     assert "".join(deltas) == "a 😀 b"
 
