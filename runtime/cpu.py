@@ -6,13 +6,16 @@ once per batch size, fed as the past_* inputs and updated in place by the networ
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+from tqdm import tqdm
 
 from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, past
 from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
-from .readout import Outputs, Readout
+from .readout import ALL_LOGITS, Outputs, Readout
 from .reference import Executor
 
 
@@ -94,3 +97,34 @@ class CpuBackend:
         if self.has_log_normalizer:
             feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)
         return feeds
+
+
+def sequence_logits(model: CpuBackend, seqs: list[list[int]], prefill: int) -> np.ndarray:
+    """[B, T_max, vocab] logits, NaN where a sequence has ended."""
+    batch, t_max = len(seqs), max(len(s) for s in seqs)
+    ids = np.zeros((batch, t_max), np.int32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+    lengths = np.array([len(s) for s in seqs])
+    model.reset(batch)
+    positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
+    last = np.minimum(lengths, prefill) - 1
+    steps = [model.forward(ids[:, :prefill], positions, last, ALL_LOGITS)[LOGITS]]
+    for t in tqdm(
+        range(prefill, t_max),
+        desc="decode",
+        unit="tok",
+        disable=t_max - prefill < 2,
+        file=sys.stderr,
+    ):
+        steps.append(
+            model.forward(
+                ids[:, t : t + 1],
+                np.full((batch, 1), t, np.int32),
+                np.zeros(batch, np.int32),
+                ALL_LOGITS,
+            )[LOGITS]
+        )
+    logits = np.concatenate(steps, axis=1)
+    logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
+    return logits

@@ -14,7 +14,7 @@ CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
-`pytest -m gpu` (tests/test_engine_gpu.py) and `python -m tools.bench`.
+`pytest -m gpu` (tests/runtime/test_engine_gpu.py) and `python -m tools.bench`.
 """
 
 from __future__ import annotations

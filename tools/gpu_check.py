@@ -2,7 +2,7 @@
 
     python -m tools.gpu_check [--mib 256] [--launches 1000]
 
-Runs the checks that tests/test_cuda_gpu.py runs (device buffers sized from a fake engine's
+Runs the checks that tests/runtime/test_cuda_gpu.py runs (device buffers sized from a fake engine's
 shape table, pinned round trips of int32 and bf16 data, event timing, CUDA graph capture and
 replay, and `TensorRTBackend.forward` with its captured decode steps driving a stand-in execution
 context that copies instead of running an engine), then measures copy bandwidth and graph

@@ -16,44 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.contract import LOGITS, MODEL_DTYPES
-from runtime.cpu import CpuBackend
-from runtime.readout import ALL_LOGITS
+from netdef.contract import MODEL_DTYPES
+from runtime.cpu import CpuBackend, sequence_logits
 from weights import Checkpoint, WeightsError
-
-
-def sequence_logits(model: CpuBackend, seqs: list[list[int]], prefill: int) -> np.ndarray:
-    """[B, T_max, vocab] logits, NaN where a sequence has ended."""
-    batch, t_max = len(seqs), max(len(s) for s in seqs)
-    ids = np.zeros((batch, t_max), np.int32)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = s
-    lengths = np.array([len(s) for s in seqs])
-    model.reset(batch)
-    positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
-    last = np.minimum(lengths, prefill) - 1
-    steps = [model.forward(ids[:, :prefill], positions, last, ALL_LOGITS)[LOGITS]]
-    for t in tqdm(
-        range(prefill, t_max),
-        desc="decode",
-        unit="tok",
-        disable=t_max - prefill < 2,
-        file=sys.stderr,
-    ):
-        steps.append(
-            model.forward(
-                ids[:, t : t + 1],
-                np.full((batch, 1), t, np.int32),
-                np.zeros(batch, np.int32),
-                ALL_LOGITS,
-            )[LOGITS]
-        )
-    logits = np.concatenate(steps, axis=1)
-    logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
-    return logits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from tools.gpu_check import fake_engine
 from weights.config import load_config
 
 trt = load_backend("tensorrt_rtx")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ZeroWeights:

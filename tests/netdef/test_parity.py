@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_network
-from runtime.cpu import CpuBackend
+from runtime.cpu import CpuBackend, sequence_logits
 from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K
-from tools.logits import sequence_logits
 from weights import Checkpoint
 
 FAMILIES = ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"]

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_engine, build_network, load_backend
-from runtime.cpu import CpuBackend
-from tools.logits import sequence_logits
+from runtime.cpu import CpuBackend, sequence_logits
 from weights import Checkpoint
 
 pytestmark = pytest.mark.slow

@@ -174,7 +174,7 @@ def test_repetition_penalty_from_the_best_k_draws_what_the_whole_logits_draw(
 
 def test_greedy_with_repetition_penalty_from_the_best_k(cpu_model, tokenizer):
     """Greedy decoding under a repetition penalty takes the best penalized logit among the
-    best 64: the same tokens as the whole logits (the fallback: tests/test_sampling.py)."""
+    best 64: the same tokens as the whole logits (the fallback: tests/runtime/test_sampling.py)."""
     params = SamplingParams(max_new_tokens=12, repetition_penalty=1.3)
     assert sample_both_ways(cpu_model, tokenizer, params, "top_k") == 0
 
