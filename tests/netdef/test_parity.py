@@ -14,20 +14,10 @@ import torch
 from netdef import NetworkOptions, build_network
 from runtime.cpu import CpuBackend, sequence_logits
 from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K
+from tests.fixtures.parity import BF16_TOL, F32_TOL, assert_close, hf_logits, sequences
 from weights import Checkpoint
 
 FAMILIES = ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"]
-# float32 networks: within 1e-3 of the largest reference logit, identical top-1 everywhere.
-F32_TOL = 1e-3
-# bfloat16 networks: within 4% of the largest reference logit (two correct bf16 implementations
-# round at different points), and the same top-1 wherever the reference's top-2 margin exceeds
-# that tolerance (elsewhere the winner is a coin toss for any bf16 implementation).
-BF16_TOL = 0.04
-
-
-def hf_logits(model, seq: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([seq])).logits[0].float().numpy()
 
 
 def run(model_dir, seqs, prefill, dtype):
@@ -40,17 +30,6 @@ def run(model_dir, seqs, prefill, dtype):
         all_logits=True,
     )
     return sequence_logits(CpuBackend(build_network(ckpt, options)), seqs, prefill)
-
-
-def sequences(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, n).tolist() for n in lengths]
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float) -> None:
-    scale = np.abs(ref).max()
-    err = np.abs(ours - ref).max()
-    assert err <= tol * scale, f"max |diff| {err:.3g} > {tol} x max |logit| {scale:.3g}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -17,7 +17,7 @@ from netdef.slots import call_end, ring_crossing, ring_length, rings
 from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
 from runtime.tensorrt_backend import EngineLoadError, check_memory, validate_call
-from tests.test_netdef_parity import F32_TOL, assert_close, hf_logits, sequences
+from tests.fixtures.parity import F32_TOL, assert_close, hf_logits, sequences
 from weights import Checkpoint
 
 WINDOW = 4  # the tiny Gemma-3's and qwen2_sliding's sliding window
