@@ -82,7 +82,7 @@ def artifact(tiny_dir, tmp_path, capsys) -> Path:
         ("not json", "cannot be read as JSON (Expecting value: line 1 column 1 (char 0))"),
         (
             '{"format_version": 2}',
-            "lacks config, options, profiles, io, backend, build_key, model, build",
+            "lacks config, options, profiles, io, backend, build_key, model, build, kv_cache",
         ),
     ],
     ids=["not-json", "missing-keys"],
