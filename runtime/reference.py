@@ -194,6 +194,8 @@ class Executor:
             T.UNARY: "IUnaryLayer",
             T.ROTARY_EMBEDDING: "IRotaryEmbeddingLayer",
             T.KV_CACHE_UPDATE: "IKVCacheUpdateLayer",
+            T.ATTENTION_INPUT: "IAttentionInputLayer",
+            T.ATTENTION_OUTPUT: "IAttentionOutputLayer",
             T.SOFTMAX: "ISoftMaxLayer",
             T.TOPK: "ITopKLayer",
             T.SELECT: "ISelectLayer",
@@ -287,9 +289,12 @@ class Executor:
             T.TOPK: self._topk,
             T.ROTARY_EMBEDDING: self._rotary,
             T.KV_CACHE_UPDATE: self._kv_cache_update,
+            T.ATTENTION_INPUT: self._attention,
+            T.ATTENTION_OUTPUT: self._attention_output,
             T.QUANTIZE: self._quantize,
             T.DEQUANTIZE: self._dequantize,
         }
+        self._pending: dict[str, np.ndarray] = {}
         for layer, kind, (input_names, outs) in zip(self.layers, self.kinds, self.wiring):
             inputs = [None if name is None else env[name] for name in input_names]
             try:
@@ -573,6 +578,47 @@ class Executor:
                 )
             cache[b, :, start : start + s, :] = update[b]  # in place: the output aliases the input
         return [cache]
+
+    def _attention(self, layer, inputs):
+        """softmax(Q Kᵀ + mask) V with GQA; no scale (the network scales Q itself)."""
+        attention = layer.attention
+        if attention.key_value_lengths is not None or attention.query_lengths is not None:
+            raise ExecutorError(f"attention {layer.name!r}: variable lengths are not implemented.")
+        if attention.key_value_form != self.trt.AttentionIOForm.PADDED_BHND:
+            raise ExecutorError(
+                f"attention {layer.name!r}: only the padded [B, N, S, H] layout is implemented."
+            )
+        q, k, v = (_f32(x) for x in inputs[:3])
+        mask = inputs[3] if len(inputs) > 3 else None  # the mask is the boundary layer's 4th input
+        b, nq, sq, h = q.shape
+        nkv, skv = k.shape[1], k.shape[2]
+        if nq % nkv:
+            raise ExecutorError(
+                f"attention {layer.name!r}: {nq} query heads are not a multiple of {nkv} kv heads."
+            )
+        qg = q.reshape(b, nkv, nq // nkv, sq, h)
+        scores = np.matmul(qg, np.swapaxes(k, -1, -2)[:, :, None])  # [B, Nkv, G, Sq, Skv]
+        scores = scores.reshape(b, nq, sq, skv)
+        C = self.trt.CausalMaskKind
+        kind = attention.causal_kind
+        if kind != C.NONE:
+            i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
+            visible = j <= i + (skv - sq) if kind == C.LOWER_RIGHT else j <= i
+            scores = np.where(visible, scores, -np.inf)
+        if mask is not None:
+            scores = (
+                np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + _f32(mask)
+            )
+        if attention.norm_op == self.trt.AttentionNormalizationOp.SOFTMAX:
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores.reshape(b, nkv, nq // nkv, sq, skv), v[:, :, None])
+        # The result belongs to the ATTENTION_OUTPUT boundary layer, which comes next.
+        self._pending[attention.get_output(0).name] = out.reshape(b, nq, sq, h)
+        return [np.empty(0, dtype=self._out(layer))] * layer.num_outputs
+
+    def _attention_output(self, layer, inputs):
+        return [self._pending.pop(layer.get_output(0).name)]
 
     def _quantize(self, layer, inputs):
         """clamp(round(x / scale)) into INT8, INT4 or FP8 (Quantize operator page)."""

@@ -737,6 +737,111 @@ def test_rotary_embedding(interleaved, with_positions, rot_dim):
         np.testing.assert_array_equal(out[..., rot_dim:], x[..., rot_dim:])
 
 
+# Attention ------------------------------------------------------------------------------------
+def attention_loops(q, k, v, mask=None, causal=None, softmax=True):
+    """softmax(Q Kᵀ (+ mask)) V per query head, no scale; query head n reads kv head n // group."""
+    batch, nq, sq, head_dim = q.shape
+    nkv, skv = k.shape[1], k.shape[2]
+    group = nq // nkv
+    out = np.zeros(q.shape)
+    for b, n, i in itertools.product(range(batch), range(nq), range(sq)):
+        kv = n // group
+        weights = []
+        for j in range(skv):
+            score = sum(float(q[b, n, i, h]) * float(k[b, kv, j, h]) for h in range(head_dim))
+            visible = True
+            if causal == "LOWER_RIGHT":
+                visible = j <= i + (skv - sq)
+            elif causal == "UPPER_LEFT":
+                visible = j <= i
+            if mask is not None:
+                m = mask[(*broadcast_index((b, n), mask.shape[:2]), i, j)]
+                if mask.dtype == np.bool_:
+                    visible = visible and bool(m)
+                else:
+                    score += float(m)
+            weights.append(score if visible else None)
+        if softmax:
+            top = max(w for w in weights if w is not None)
+            exps = [math.exp(w - top) if w is not None else 0.0 for w in weights]
+            weights = [e / sum(exps) for e in exps]
+        for j, w in enumerate(weights):
+            out[b, n, i] += w * v[b, kv, j].astype(np.float64)
+    return out
+
+
+def run_attention(q, k, v, mask=None, causal="NONE", norm="SOFTMAX"):
+    net = Net()
+    tensors = [net.input(name, a.dtype, a.shape) for name, a in zip("qkv", (q, k, v))]
+    attn = net.network.add_attention_v2(
+        *tensors,
+        getattr(trt.AttentionNormalizationOp, norm),
+        getattr(trt.CausalMaskKind, causal),
+    )
+    feeds = dict(zip("qkv", (q, k, v)))
+    if mask is not None:
+        attn.mask = net.input("mask", mask.dtype, mask.shape)
+        feeds["mask"] = mask
+    net.output(attn.get_output(0))
+    return net.run(feeds)["out"]
+
+
+def qkv(batch=2, nq=4, nkv=2, sq=3, skv=5, head_dim=4):
+    return (
+        floats(batch, nq, sq, head_dim),
+        floats(batch, nkv, skv, head_dim),
+        floats(batch, nkv, skv, head_dim),
+    )
+
+
+@pytest.mark.parametrize("nkv", [1, 2, 4])
+def test_attention_gqa_without_mask_applies_no_scale(nkv):
+    q, k, v = qkv(nkv=nkv)
+    out = run_attention(q, k, v)
+    assert out.shape == q.shape
+    np.testing.assert_allclose(out, attention_loops(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 3, 5), (2, 1, 3, 5), (2, 4, 3, 5)])
+def test_attention_bool_mask_true_may_attend(mask_shape):
+    q, k, v = qkv()
+    mask = rng.random(mask_shape) < 0.6
+    mask[..., 0] = True  # every query sees at least one key
+    out = run_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(out, attention_loops(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_float_mask_is_added():
+    q, k, v = qkv()
+    mask = floats(1, 4, 3, 5, low=-3.0, high=1.0)
+    out = run_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(out, attention_loops(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", ["LOWER_RIGHT", "UPPER_LEFT"])
+def test_attention_causal(causal):
+    q, k, v = qkv(sq=3, skv=5)
+    out = run_attention(q, k, v, causal=causal)
+    np.testing.assert_allclose(out, attention_loops(q, k, v, causal=causal), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_legacy_causal_flag_is_upper_left():
+    q, k, v = qkv(sq=3, skv=5)
+    net = Net()
+    tensors = [net.input(name, a.dtype, a.shape) for name, a in zip("qkv", (q, k, v))]
+    attn = net.network.add_attention(*tensors, trt.AttentionNormalizationOp.SOFTMAX, True)
+    net.output(attn.get_output(0))
+    out = net.run(dict(zip("qkv", (q, k, v))))["out"]
+    expected = attention_loops(q, k, v, causal="UPPER_LEFT")
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_without_normalization_is_plain_qk_v():
+    q, k, v = qkv()
+    out = run_attention(q, k, v, norm="NONE")
+    np.testing.assert_allclose(out, attention_loops(q, k, v, softmax=False), rtol=1e-5, atol=1e-5)
+
+
 # Executor errors ------------------------------------------------------------------------------
 def relu_network():
     net = Net()
