@@ -6,7 +6,7 @@ branch here beyond reading those fields. Quantization (`options.quant`) happens 
 `Graph.linear` and `Graph.weight`; the skeleton only says whether the LM head (with a tied
 head, the embedding table) is quantized too.
 
-Engine I/O contract (docs/architecture.md has the full table):
+Engine I/O contract (netdef.contract names the tensors; docs/architecture.md has the table):
   inputs   input_ids        int32 [B, S]   new tokens, right-padded
            position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
            last_token_index int32 [B]      which of the S tokens to return logits for
@@ -37,8 +37,10 @@ import numpy as np
 
 from weights.config import ModelConfig
 
+from . import contract as io
 from .backend import load_backend
-from .graph import DTYPES, Graph, trt_dtype
+from .contract import MODEL_DTYPES, trt_dtype
+from .graph import Graph
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
 from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window
@@ -113,7 +115,7 @@ class _Decoder:
     def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions, on_layer=None):
         self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
         self.on_layer = on_layer
-        self.dtype = DTYPES[options.dtype]
+        self.dtype = MODEL_DTYPES[options.dtype]
         self.rope_tables: dict[Any, tuple[Any, Any]] = {}
 
     def weight(self, name: str) -> np.ndarray:
@@ -123,9 +125,9 @@ class _Decoder:
     def define(self) -> None:
         g, cfg, trt = self.g, self.cfg, self.g.trt
         net = g.network
-        self.input_ids = net.add_input("input_ids", trt.int32, (-1, -1))
-        self.positions = net.add_input("position_ids", trt.int32, (-1, -1))
-        last_index = net.add_input("last_token_index", trt.int32, (-1,))
+        self.input_ids = net.add_input(io.INPUT_IDS, trt.int32, (-1, -1))
+        self.positions = net.add_input(io.POSITION_IDS, trt.int32, (-1, -1))
+        last_index = net.add_input(io.LAST_TOKEN_INDEX, trt.int32, (-1,))
         # Write index of each sequence = position of its first new token.
         first = g.constant(np.array([0], dtype=np.int32), "write_index.col")
         first_pos = g.named(
@@ -181,7 +183,7 @@ class _Decoder:
             )
             logits = g.activation(logits, "TANH", "softcap.tanh")
             logits = g.mul(logits, g.scalar(cap, np.float32, rank, "softcap.cap"), "softcap.mul")
-        logits.name = "logits"
+        logits.name = io.LOGITS
         net.mark_output(logits)
         if self.opt.all_logits:
             return
@@ -189,11 +191,11 @@ class _Decoder:
         # top-k of at most sample_top_k copies that many logits and ids.
         top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
         next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
-        next_token.name = "next_token"
+        next_token.name = io.NEXT_TOKEN
         net.mark_output(next_token)
         if self.opt.sample_top_k:
             values, ids = self.best_k(logits, self.opt.sample_top_k)
-            for t, name in ((values, "top_logits"), (ids, "top_ids")):
+            for t, name in ((values, io.TOP_LOGITS), (ids, io.TOP_IDS)):
                 t.name = name
                 net.mark_output(t)
             self.log_normalizer(logits)
@@ -233,13 +235,13 @@ class _Decoder:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
         sampling without a top-k can also use the best K whenever they hold top_p of the mass."""
         g, net = self.g, self.g.network
-        inv_t = net.add_input("inv_temperature", g.trt.float32, (-1,))
+        inv_t = net.add_input(io.INV_TEMPERATURE, g.trt.float32, (-1,))
         x = g.mul(logits, g.shuffle(inv_t, "inv_temperature.col", reshape=(-1, 1)), "lse.scale")
         peak = g.reduce_last(x, "MAX", "lse.max")
         shifted = g.unary(g.elementwise(x, peak, "SUB", "lse.shift"), "EXP", "lse.exp")
         total = g.unary(g.reduce_last(shifted, "SUM", "lse.sum"), "LOG", "lse.log")
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
-        out.name = "log_normalizer"
+        out.name = io.LOG_NORMALIZER
         net.mark_output(out)
 
     def head_matmul(self, h: Any, table: Any) -> Any:
@@ -479,12 +481,12 @@ class _Decoder:
             self.ring_index[n] = self.modulo(self.write_index, n, f"write_index.{n}")
             g.scope = saved
         shape = (-1, self.cfg.num_kv_heads, n, self.cfg.head_dim)
-        past = g.network.add_input(f"past_{kind}_{i}", trt_dtype(trt, self.dtype), shape)
+        past = g.network.add_input(io.past(kind, i), trt_dtype(trt, self.dtype), shape)
         layer = g.network.add_kv_cache_update(
             past, update, self.ring_index[n], trt.KVCacheMode.LINEAR
         )
         present = g.named(layer, f"{kind}_cache_update").get_output(0)
-        present.name = f"present_{kind}_{i}"
+        present.name = io.present(kind, i)
         g.network.mark_output(present)
         return present
 
