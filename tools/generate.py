@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import METADATA_FILE, check_intact, fmt_bytes, source_fingerprint
+from netdef.artifact import METADATA_FILE, Metadata, check_intact, fmt_bytes, source_fingerprint
+from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingError, SamplingParams
@@ -29,7 +30,7 @@ from weights.gguf_quant import GGUFQuantized
 
 
 def open_backend(
-    path: Path, meta: dict | None, backend: str, dtype: str, max_seq_len: int | None
+    path: Path, meta: Metadata | None, backend: str, dtype: str, max_seq_len: int | None
 ) -> Backend:
     """The engine of an artifact (TensorRT), or the network executed on the CPU (reference);
     `meta` is the artifact's checked metadata, None for a model folder."""
@@ -46,29 +47,28 @@ def open_backend(
         return TensorRTBackend.load(path)
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
-        options = NetworkOptions(**{**meta["options"], "max_batch": 1})
-        if options.quant == "from-gguf":  # the GGUF file holds the kept blocks
-            ckpt = GGUFQuantized.open(ckpt, meta["from_gguf"]["file"], default_cache_dir())
+        options = NetworkOptions(**{**meta.options, "max_batch": 1})
     else:
         ckpt = Checkpoint.open(path)
         seq_len = max_seq_len or default_max_seq_len(ckpt.config)
         options = NetworkOptions(
             dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
-    return CpuModel(build_network(ckpt, options))
+    return CpuBackend(build_network(ckpt, options))
 
 
-def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
+def source_checkpoint(artifact: Path, meta: Metadata) -> Checkpoint | GGUFQuantized:
     """The weights an artifact was built from, which the CPU executes its network with (the
-    engine holds them only in TensorRT's form); refused if they changed since the build."""
-    source = Path(meta["model"]["path"])
+    engine holds them only in TensorRT's form); refused if they changed since the build.
+    A from-gguf build's kept blocks come from the GGUF file its metadata names."""
+    source = meta.model_path
     if not (source / "config.json").is_file():
         raise GenerationError(
             f"--backend reference runs the network of {artifact} on the CPU from the weights it "
             f"was built from, but {source} no longer holds them; pass that model folder instead, "
             "or run the engine on a GPU (--backend tensorrt)."
         )
-    if source_fingerprint(source) != meta["model"]["fingerprint"]:
+    if source_fingerprint(source) != meta.fingerprint:
         raise GenerationError(
             f"{source} changed after {artifact} was built from it; rebuild the artifact with "
             f"python -m tools.build --force, or pass {source} itself."
@@ -77,10 +77,13 @@ def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
         f"Running the network of {artifact} on the CPU with the weights in {source}.",
         file=sys.stderr,
     )
-    return Checkpoint.open(source)
+    ckpt = Checkpoint.open(source)
+    if meta.from_gguf is not None:
+        return GGUFQuantized.open(ckpt, meta.from_gguf["file"], default_cache_dir())
+    return ckpt
 
 
-def load_tokenizer(path: Path, meta: dict | None) -> Tokenizer:
+def load_tokenizer(path: Path, meta: Metadata | None) -> Tokenizer:
     if meta is not None and not (path / "tokenizer.json").is_file():
         raise GenerationError(
             f"{path} has no tokenizer.json: the model folder it was built from had none; add the "
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=list(MODEL_DTYPES),
         default="bfloat16",
         help="reference backend only",
     )
@@ -199,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
-        print(
-            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
-            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
-            file=sys.stderr,
-        )
         if params.max_new_tokens >= gen.backend.max_seq_len:
             raise GenerationError(
                 f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
                 f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
                 "--max-seq-len (at build time for an artifact)."
             )
+        print(
+            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
+            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
+            file=sys.stderr,
+        )
         if args.prompt is None:
             chat_loop(gen, params, args.truncate)
         else:

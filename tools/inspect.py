@@ -10,24 +10,32 @@ import json
 import sys
 from pathlib import Path
 
-from netdef.artifact import ENGINE_FILE, ArtifactError, check_intact, fmt_bytes, is_complete
+from netdef.artifact import (
+    ENGINE_FILE,
+    ArtifactError,
+    Metadata,
+    check_intact,
+    fmt_bytes,
+    is_complete,
+)
 
 
-def quantization(meta: dict) -> str:
-    opt, calibration, int4_block = meta["options"], meta.get("calibration"), meta.get("int4_block")
+def quantization(meta: Metadata) -> str:
+    opt = meta.options
     if opt.get("quant", "none") == "none":
         return "none"
     if opt["quant"] == "from-gguf":
-        kept = meta.get("from_gguf", {})
+        kept = meta.from_gguf or {}
         return (
             f"from-gguf ({kept.get('kept', '?')} of {kept.get('of', '?')} linear layers keep the "
             "file's blocks, as INT8)"
         )
     head = " (LM head too)" if opt.get("quant_lm_head") else ""
-    blocks = f", blocks of {int4_block} inputs" if int4_block else ""
+    blocks = f", blocks of {meta.int4_block} inputs" if meta.int4_block else ""
     calibrated = (
-        f", activations calibrated on {calibration['tokens']} tokens of {calibration['file']}"
-        if calibration
+        f", activations calibrated on {meta.calibration['tokens']} tokens of "
+        f"{meta.calibration['file']}"
+        if meta.calibration
         else ""
     )
     return f"{opt['quant']}{blocks}{head}{calibrated}"
@@ -45,7 +53,8 @@ def kv_cache(kv: dict, max_batch: int) -> str:
     )
 
 
-def describe(meta: dict) -> str:
+def describe(metadata: Metadata) -> str:
+    meta = metadata.data  # the fields only a person reads stay as metadata.json has them
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
     lines = [
         f"model      {meta['model']['name']} ({cfg['family']}, {len(cfg['layers'])} layers, "
@@ -53,7 +62,7 @@ def describe(meta: dict) -> str:
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
         f"KV cache   {kv_cache(meta['kv_cache'], opt['max_batch'])}",
-        f"quant      {quantization(meta)}",
+        f"quant      {quantization(metadata)}",
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
         f"weights    sha256 {meta.get('weights_sha256', '?')}",
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(meta, indent=2) if args.json else describe(meta))
+    print(json.dumps(meta.data, indent=2) if args.json else describe(meta))
     return 0
 
 

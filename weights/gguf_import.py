@@ -34,7 +34,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
@@ -44,13 +43,10 @@ from .config import parse_config
 from .errors import WeightsError
 from .folders import locked, partial_path, remove_stale_partials
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
+from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
 
-# Output dtype -> (numpy dtype, safetensors tag).
-DTYPES: dict[str, tuple[Any, str]] = {
-    "bfloat16": (ml_dtypes.bfloat16, "BF16"),
-    "float16": (np.float16, "F16"),
-    "float32": (np.float32, "F32"),
-}
+# Output dtype -> its safetensors tag (the NumPy dtype is safetensors_file.DTYPES[tag]).
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 Q = GGMLQuantizationType
 # Tensor types we dequantize (with the gguf package): those of llama.cpp's common file types
 # (Q4_K_M mixes Q4_K, Q5_0, Q6_K, ...), every one covered by the tests.
@@ -484,7 +480,8 @@ def _write_weights(
     Every shape is known from the GGUF header, so the safetensors header is written first and
     each tensor is dequantized, converted and appended after it.
     """
-    np_dtype, tag = DTYPES[dtype]
+    tag = DTYPES[dtype]
+    np_dtype = SAFETENSORS_DTYPES[tag]
     plan = tensor_plan(gguf, config)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset, itemsize = 0, np.dtype(np_dtype).itemsize

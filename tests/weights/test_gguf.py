@@ -26,13 +26,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from netdef import NetworkOptions, build_network
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend, sequence_logits
 from runtime.generate import Generator
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny import tiny_model_dir
 from tests.fixtures.tiny_gguf import write_gguf, write_wide_gguf
-from tools.logits import sequence_logits
 from weights import Checkpoint, WeightsError, resolve_model
 from weights.gguf_import import gguf_model_dir
 
@@ -163,7 +162,7 @@ def test_executor_logits_match_transformers(converted, oracles):
     for case, folder in converted.items():
         seq = rng.integers(0, 512, 20).tolist()
         options = NetworkOptions(dtype="float32", max_seq_len=24, max_prefill=9, all_logits=True)
-        model = CpuModel(build_network(Checkpoint.open(folder), options))
+        model = CpuBackend(build_network(Checkpoint.open(folder), options))
         ours = sequence_logits(model, [seq], 9)[0]
         with torch.no_grad():
             ref = oracles[case](torch.tensor([seq])).logits[0].numpy()
@@ -177,7 +176,7 @@ def test_greedy_is_token_exact(converted, oracles):
     for case, folder in converted.items():
         tokenizer = Tokenizer.from_dir(folder)
         options = NetworkOptions(dtype="float32", max_seq_len=40, max_prefill=8)
-        model = CpuModel(build_network(Checkpoint.open(folder), options))
+        model = CpuBackend(build_network(Checkpoint.open(folder), options))
         run = Generator(model, tokenizer, eos_ids=[]).start(
             [prompt], SamplingParams(max_new_tokens=12)
         )

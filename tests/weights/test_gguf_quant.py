@@ -14,14 +14,13 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from netdef import NetworkOptions, OptionsError, build_network, load_backend
-from netdef.artifact import read_metadata
-from runtime.cpu import CpuModel
+from netdef.artifact import check_intact
+from runtime.cpu import CpuBackend, sequence_logits
 from tests.fixtures.tiny import tiny_model_dir
 from tests.fixtures.tiny_gguf import ALL_Q8_0, _k_quant, write_gguf
 from tools import build as build_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
-from tools.logits import sequence_logits
 from weights import Checkpoint, WeightsError
 from weights.gguf_import import convert_gguf, gguf_model_dir, open_gguf
 from weights.gguf_quant import EXACT, GGUFQuantized, exact_int8
@@ -71,8 +70,8 @@ def test_from_gguf_network_equals_the_float32_network_of_the_file(tmp_path):
     scale = dn.graph.constants["layers.0.qkv_proj.weight_scale"]
     assert scale.dtype == np.float32 and scale.shape == (1, 64 // 32, 96)
     seq = rng.integers(0, 512, 14).tolist()
-    ours = sequence_logits(CpuModel(dn), [seq], 6)
-    ref = sequence_logits(CpuModel(build_network(plain, options, trt)), [seq], 6)
+    ours = sequence_logits(CpuBackend(dn), [seq], 6)
+    ref = sequence_logits(CpuBackend(build_network(plain, options, trt)), [seq], 6)
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -96,9 +95,9 @@ def test_build_cli_keeps_the_blocks(tmp_path, monkeypatch, capsys):
     out = tmp_path / "artifact"
     args = [str(path), "--target", "sm89", "--max-seq-len", "32", "--quant", "from-gguf"]
     assert build_tool.main([*args, "--output", str(out), "--quiet"]) == 0
-    meta = read_metadata(out)
-    assert meta["options"]["quant"] == "from-gguf"
-    assert meta["from_gguf"] == {"file": str(path.resolve()), "kept": 12, "of": 12}
+    meta = check_intact(out)
+    assert meta.options["quant"] == "from-gguf"
+    assert meta.from_gguf == {"file": str(path.resolve()), "kept": 12, "of": 12}
     capsys.readouterr()
     assert inspect_tool.main([str(out)]) == 0
     shown = "\nquant      from-gguf (12 of 12 linear layers keep the file's blocks, as INT8)\n"

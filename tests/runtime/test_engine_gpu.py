@@ -2,7 +2,7 @@
 
 Each test builds an artifact with `tools.build` for the GPU it runs on (TensorRT-RTX: the
 device's compute capability as --target), loads it with `TensorRTBackend` and runs the same
-calls through `CpuModel` (the NumPy executor, float32 arithmetic rounded per layer as the
+calls through `CpuBackend` (the NumPy executor, float32 arithmetic rounded per layer as the
 network states): a ragged batch of two prompts prefilled in chunks, then decode steps with
 each row at its own position, comparing logits, next_token and the best-K outputs, with CUDA
 graphs on and off. Two bf16 implementations round at different points (the tiny fixtures'
@@ -22,8 +22,9 @@ import pytest
 
 from netdef import NetworkOptions, build_network
 from netdef.slots import call_end
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import device_info, gpu_unavailable_reason
+from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K
 from weights import Checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -41,11 +42,11 @@ def _needs_gpu() -> None:
 
 def build_for_device(model_dir: Path, out: Path, **options) -> Path:
     from netdef.backend import is_rtx, load_backend
-    from tools.build import build
+    from runtime.build import build
 
     cc = device_info().cc
     target = f"sm{cc[0]}{cc[1]}" if is_rtx(load_backend()) else None
-    return build(str(model_dir), target=target, output=out, progress=False, **options)
+    return build(str(model_dir), target=target, output=out, **options)
 
 
 def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=()):
@@ -78,14 +79,18 @@ def run_all(model, sequence, top_k: bool):
     copies back only what it is asked for; each call rewrites the same slots)."""
     results = []
     for ids, pos, last in sequence:
-        logits = model.forward(ids, pos, last)
-        if isinstance(model, CpuModel):  # one executor run has every output
+        logits = model.forward(ids, pos, last, ALL_LOGITS)["logits"]
+        if isinstance(model, CpuBackend):  # one executor run has every output
             out = model.last
             best = (out["top_logits"], out["top_ids"]) if top_k else None
             results.append((logits, out["next_token"], best))
             continue
-        greedy = model.forward_greedy(ids, pos, last)
-        best = model.forward_top_k(ids, pos, last) if top_k else None
+        greedy = model.forward(ids, pos, last, ARGMAX)["next_token"]
+        if top_k:
+            out = model.forward(ids, pos, last, TOP_K)
+            best = (out["top_logits"], out["top_ids"])
+        else:
+            best = None
         results.append((logits, greedy, best))
     return results
 
@@ -115,7 +120,7 @@ def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tole
 
     meta = read_metadata(artifact)
     opts = {k: v for k, v in meta["options"].items()}
-    cpu = CpuModel(build_network(Checkpoint.open(model_dir), NetworkOptions(**opts)))
+    cpu = CpuBackend(build_network(Checkpoint.open(model_dir), NetworkOptions(**opts)))
     sequence = calls(batch_lengths, prefill, steps, meta["config"]["vocab_size"], cpu.rings)
     top_k = opts["sample_top_k"] > 0
     cpu.reset(len(batch_lengths))
@@ -167,9 +172,8 @@ def test_default_artifact_loads(tmp_path):
     with TensorRTBackend.load(artifact) as engine:
         engine.reset(1)
         ids = np.array([[5, 6, 7]], np.int32)
-        assert engine.forward_greedy(
-            ids, np.arange(3, dtype=np.int32)[None], np.array([2])
-        ).shape == (1,)
+        out = engine.forward(ids, np.arange(3, dtype=np.int32)[None], np.array([2]), ARGMAX)
+        assert out["next_token"].shape == (1,)
 
 
 def test_gemma3_1b_shaped_engine_matches_the_executor(tmp_path):
