@@ -6,12 +6,16 @@ once per batch size, fed as the past_* inputs and updated in place by the networ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
 from netdef.decoder import DecoderNetwork
 from netdef.graph import DTYPES
 from netdef.slots import ring_crossing, rings, slot_feeds
 
+from .backend import check_row
 from .reference import Executor
 
 
@@ -22,6 +26,7 @@ class CpuModel:
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}
+        self.batch = 0  # rows of the caches
         self.last: dict[str, np.ndarray] = {}  # the latest call's outputs
 
     @property
@@ -56,11 +61,25 @@ class CpuModel:
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
         dtype = DTYPES[self.dn.options.dtype]
+        self.batch = batch
         self.caches = {
             f"past_{kind}_{i}": np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
             for kind in ("key", "value")
         }
+
+    @contextmanager
+    def row(self, k: int) -> Iterator[None]:
+        """Calls inside run on cache row k alone, as a batch of one (continuous batching:
+        one sequence's prefill without touching the others). The rows are views, so the
+        network's in-place updates land in the whole caches."""
+        check_row(k, self.batch)
+        whole = self.caches
+        self.caches = {name: cache[k : k + 1] for name, cache in whole.items()}
+        try:
+            yield
+        finally:
+            self.caches = whole
 
     def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
         """One network call; returns float32 logits ([B, V], or [B, S, V] for all-logits networks)."""

@@ -100,22 +100,28 @@ class Generator:
                 f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
                 "send fewer at once or rebuild with a larger --max-batch."
             )
-        limit = self.backend.max_seq_len - params.max_new_tokens
-        encoded = []
-        for i, prompt in enumerate(prompts):
-            ids = self.encode(prompt, chat)
-            if not ids:
-                raise GenerationError(f"prompt {i} is empty after tokenization.")
-            if len(ids) > limit:
-                if not truncate or limit < 1:
-                    raise GenerationError(
-                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
-                        f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
-                        "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
-                    )
-                ids = ids[-limit:]  # keep the most recent context
-            encoded.append(ids)
+        encoded = [
+            self.prompt_ids(prompt, params, chat, truncate, i) for i, prompt in enumerate(prompts)
+        ]
         return Run(self, encoded, params)
+
+    def prompt_ids(
+        self, prompt: Prompt, params: SamplingParams, chat: bool, truncate: bool, i: int = 0
+    ) -> list[int]:
+        """Prompt `i` tokenized and checked against max_seq_len (or truncated to fit)."""
+        limit = self.backend.max_seq_len - params.max_new_tokens
+        ids = self.encode(prompt, chat)
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty after tokenization.")
+        if len(ids) > limit:
+            if not truncate or limit < 1:
+                raise GenerationError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                    f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
+                    "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+                )
+            ids = ids[-limit:]  # keep the most recent context
+        return ids
 
 
 class Run:
@@ -128,26 +134,8 @@ class Run:
         self.order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for c in self.completions:
             c.stats.prompt_tokens = len(c.prompt_ids)
-        self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
-        # Decoded text not yet released, because it may be the start of a stop string.
-        self.pending = [""] * len(prompts)
-        # What leaves the engine at each call: plain greedy needs only its argmax (one id per
-        # sequence instead of the vocabulary's logits); sampling with a top-k the engine
-        # covers needs only its best K logits and their ids, also under a repetition penalty
-        # > 1, which only lowers logits (greedy is then top-k 1); top-p alone needs them and
-        # the softmax's log-normalizer. The last two fall back to the latest call's logits on
-        # the steps the best K do not decide. Anything else needs all the logits.
-        backend, penalty = gen.backend, params.repetition_penalty
-        top_k = 1 if params.greedy else params.top_k
-        if params.greedy and penalty == 1.0:
-            self.wants = "argmax"
-        elif 0 < top_k <= backend.sample_top_k and penalty >= 1:
-            self.wants = "top_k"
-        elif top_k == 0 and params.top_p < 1 and penalty == 1 and backend.has_log_normalizer:
-            self.wants = "top_p"
-        else:
-            self.wants = "logits"
-        self.may_fall_back = self.wants == "top_p" or (self.wants == "top_k" and penalty != 1)
+        self.texts = [TextStream(gen, c, params.stop) for c in self.completions]
+        self.wants, self.may_fall_back = readout(params, gen.backend)
 
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
@@ -192,26 +180,13 @@ class Run:
             out = self._call(feed, positions, np.zeros(batch, np.int32), wants)
         decode_ms = (time.perf_counter() - t1) * 1000
         for i, c in enumerate(self.completions):
-            if not c.finish_reason:
-                c.finish_reason = "length"
-                tail = self.pending[i] + self.streams[i].flush()
-                if tail:
-                    c.text += tail
-                    yield Delta(i, tail)
+            if not c.finish_reason and (tail := self.texts[i].finish()):
+                yield Delta(i, tail)
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
     def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray, wants: str) -> tuple:
-        """(argmax ids [B],), (best logits [B, K], their ids [B, K]), the same and the
-        log-normalizers [B], or (logits [B, vocab],)."""
-        backend = self.gen.backend
-        if wants == "argmax":
-            return (backend.forward_greedy(ids, positions, last),)
-        if wants == "top_k":
-            return backend.forward_top_k(ids, positions, last)
-        if wants == "top_p":
-            return backend.forward_top_p(ids, positions, last, self.params.temperature)
-        return (backend.forward(ids, positions, last),)
+        return call(self.gen.backend, wants, ids, positions, last, self.params.temperature)
 
     def _prefill(self, lengths: np.ndarray, wants: str) -> tuple:
         """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end
@@ -238,27 +213,89 @@ class Run:
         return tuple(result)
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
-        stops = self.params.stop
         for i, token in zip(self.order, tokens.tolist()):
-            c = self.completions[i]
-            if c.finish_reason:
-                continue
-            if token in self.gen.eos_ids:
-                c.finish_reason = "stop"
-                text = self.pending[i] + self.streams[i].flush()
-            else:
-                c.token_ids.append(token)
-                text = self.pending[i] + self.streams[i].push(token)
-                hit = min((text.find(s) for s in stops if s in text), default=-1)
-                if hit >= 0:
-                    c.finish_reason = "stop"
-                    text = text[:hit]
-                else:  # hold back an ending that could still grow into a stop string
-                    keep = max(
-                        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                        default=0,
-                    )
-                    text, self.pending[i] = text[: len(text) - keep], text[len(text) - keep :]
-            if text:
-                c.text += text
+            if not self.completions[i].finish_reason and (text := self.texts[i].accept(token)):
                 yield Delta(i, text)
+
+
+def readout(params: SamplingParams, backend: Backend) -> tuple[str, bool]:
+    """What leaves the engine at each call for `params`, and whether a step may fall back to
+    the whole logits (`Backend.last_logits`).
+
+    Plain greedy needs only its argmax (one id per sequence instead of the vocabulary's
+    logits); sampling with a top-k the engine covers needs only its best K logits and their
+    ids, also under a repetition penalty > 1, which only lowers logits (greedy is then top-k
+    1); top-p alone needs them and the softmax's log-normalizer. The last two fall back to the
+    latest call's logits on the steps the best K do not decide. Anything else needs all the
+    logits."""
+    penalty = params.repetition_penalty
+    top_k = 1 if params.greedy else params.top_k
+    if params.greedy and penalty == 1.0:
+        wants = "argmax"
+    elif 0 < top_k <= backend.sample_top_k and penalty >= 1:
+        wants = "top_k"
+    elif top_k == 0 and params.top_p < 1 and penalty == 1 and backend.has_log_normalizer:
+        wants = "top_p"
+    else:
+        wants = "logits"
+    return wants, wants == "top_p" or (wants == "top_k" and penalty != 1)
+
+
+def call(
+    backend: Backend,
+    wants: str,
+    ids: np.ndarray,
+    positions: np.ndarray,
+    last: np.ndarray,
+    temperature: float,
+) -> tuple:
+    """One backend call returning what `wants` names (see `readout`): (argmax ids [B],),
+    (best logits [B, K], their ids [B, K]), the same and the log-normalizers [B] at
+    `temperature`, or (logits [B, vocab],). The one place that picks a backend method."""
+    if wants == "argmax":
+        return (backend.forward_greedy(ids, positions, last),)
+    if wants == "top_k":
+        return backend.forward_top_k(ids, positions, last)
+    if wants == "top_p":
+        return backend.forward_top_p(ids, positions, last, temperature)
+    return (backend.forward(ids, positions, last),)
+
+
+class TextStream:
+    """One sequence's text as its tokens arrive: detokenized without splitting a character,
+    ended by EOS or cut before the first stop string (`completion.finish_reason` "stop"); an
+    ending that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, gen: Generator, completion: Completion, stops: Sequence[str]):
+        self.completion, self.stops, self.eos_ids = completion, stops, gen.eos_ids
+        self.decoder = StreamDecoder(gen.tokenizer)
+        self.pending = ""  # decoded text not yet released
+
+    def accept(self, token: int) -> str:
+        """The text `token` releases (it joins `completion`)."""
+        c = self.completion
+        if token in self.eos_ids:
+            c.finish_reason = "stop"
+            text = self.pending + self.decoder.flush()
+        else:
+            c.token_ids.append(token)
+            text = self.pending + self.decoder.push(token)
+            hit = min((text.find(s) for s in self.stops if s in text), default=-1)
+            if hit >= 0:
+                c.finish_reason = "stop"
+                text = text[:hit]
+            else:
+                keep = max(
+                    (k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                    default=0,
+                )
+                text, self.pending = text[: len(text) - keep], text[len(text) - keep :]
+        c.text += text
+        return text
+
+    def finish(self, reason: str = "length") -> str:
+        """The held-back text, at the end of a sequence that met no stop."""
+        self.completion.finish_reason = reason
+        text, self.pending = self.pending + self.decoder.flush(), ""
+        self.completion.text += text
+        return text
