@@ -381,7 +381,8 @@ class Server:
     def _head(self, call: Call, request: Request) -> dict:
         chat = call.kind == "chat"
         return {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request.id}-{uuid.uuid4().hex[:12]}",
+            # The process id says which server (or Ray Serve replica) answered.
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{os.getpid()}-{request.id}-{uuid.uuid4().hex[:8]}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": self.model,
@@ -475,20 +476,25 @@ class ServeConfig:
     served_name: str
     drain_timeout: float
 
+    def rows(self) -> int:
+        """Sequences the engine runs at once: --max-batch, else the artifact's, else 4."""
+        from netdef.artifact import METADATA_FILE, read_metadata
+
+        if self.max_batch:
+            return self.max_batch
+        if (self.model / METADATA_FILE).is_file():
+            return read_metadata(self.model)["options"]["max_batch"]
+        return 4
+
     def server(self) -> Server:
         """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
         from netdef.artifact import METADATA_FILE, check_intact
         from tools.generate import load_tokenizer, open_backend
 
-        if not self.model.is_dir():
-            raise GenerationError(
-                f"{self.model} does not exist; pass an artifact folder from python -m tools.build, "
-                "or a Hugging Face model folder with --backend reference."
-            )
         meta = check_intact(self.model) if (self.model / METADATA_FILE).is_file() else None
         tokenizer = load_tokenizer(self.model, meta)
-        batch = self.max_batch or (meta["options"]["max_batch"] if meta else 4)
-        backend = open_backend(self.model, meta, self.backend, self.dtype, self.max_seq_len, batch)
+        rows = self.rows()
+        backend = open_backend(self.model, meta, self.backend, self.dtype, self.max_seq_len, rows)
         return Server(
             lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
             self.served_name,
@@ -571,6 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     from weights import WeightsError
 
     args, config = parse_args(argv)
+    if not config.model.is_dir():
+        print(
+            f"error: {config.model} does not exist; pass an artifact folder from python -m "
+            "tools.build, or a Hugging Face model folder with --backend reference.",
+            file=sys.stderr,
+        )
+        return 1
     if args.ray_replicas:
         from tools.serve_ray import run_on_ray
 
