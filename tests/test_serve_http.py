@@ -391,3 +391,19 @@ def test_gemma3_270m_chat_equals_tools_generate(gemma3_270m_dir, tmp_path, capsy
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat
     finally:
         assert server.stop() == 0
+
+
+def test_the_serving_benchmark_reports_each_level(server, tmp_path, capsys):
+    from tools.bench import serve as bench
+
+    out = tmp_path / "serve.json"
+    args = ["--url", f"http://127.0.0.1:{server.port}/v1", "--streams", "1,3", "--rounds", "2"]
+    assert bench.main([*args, "--prompt-tokens", "5", "--max-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [lv["streams"] for lv in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["requests"] == 2 * level["streams"]
+        assert 0 < level["completion_tokens"] <= 4 * level["requests"]
+        assert level["tokens_per_s"] == pytest.approx(level["completion_tokens"] / level["wall_s"])
+        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+    assert "3 streams:" in capsys.readouterr().out

@@ -11,7 +11,8 @@ that many clients each send --rounds streaming completions back to back (a promp
 --prompt-tokens random token ids, seeded per request; greedy; --max-tokens new tokens).
 Time to first token is from sending a request to its first text chunk; inter-token latency
 is the gap between consecutive chunks (one per token); tokens/s is the level's generated
-tokens (from each response's usage) over its wall time. The openai client drives it.
+tokens (from each response's usage) over its wall time. The openai client drives it
+(`pip install openai`; the test extra has it).
 """
 
 from __future__ import annotations
