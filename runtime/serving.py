@@ -242,12 +242,19 @@ class Engine:
                 if self._stop and not any(self.rows):
                     return
                 self._admit()
-            admitted = sorted((r for r in self.rows if r and not r.decoding), key=lambda r: r.id)
-            if admitted:
-                self._prefill(admitted[0])
-            decoding = [r for r in self.rows if r and r.decoding and not r.done]
-            if decoding:
-                self._decode(decoding)
+            try:
+                self._turn()
+            except Exception as e:  # a fault outside a backend call: fail what runs, go on
+                self._fail([r for r in self.rows if r], e)
+
+    def _turn(self) -> None:
+        """One prefill chunk of the oldest admitted request, then one decode step."""
+        admitted = sorted((r for r in self.rows if r and not r.decoding), key=lambda r: r.id)
+        if admitted:
+            self._prefill(admitted[0])
+        decoding = [r for r in self.rows if r and r.decoding and not r.done]
+        if decoding:
+            self._decode(decoding)
 
     def _admit(self) -> None:
         for k, request in enumerate(self.rows):

@@ -277,3 +277,25 @@ def test_a_call_on_one_row_leaves_the_others_alone(model):
     with pytest.raises(ValueError) as e, backend.row(3):
         pass
     assert str(e.value) == "cache row 3 is outside the caches' rows 0..2."
+
+
+def test_a_fault_outside_a_backend_call_fails_the_running_requests_only(model):
+    """An on_token hook that raises once: the requests then running fail with EngineFault,
+    the step thread lives on and serves the next request."""
+    raised = []
+
+    def hook(request, now):
+        if not raised:
+            raised.append(request.id)
+            raise RuntimeError("hook broke")
+
+    engine = Engine(cpu(model, 2), model[1], on_token=hook)
+    params = SamplingParams(max_new_tokens=4)
+    first = engine.submit(words(5, 3), params)
+    with pytest.raises(EngineFault) as e:
+        list(first)
+    assert str(e.value) == "the engine failed on this request: hook broke"
+    after = engine.submit(words(9, 3), params)
+    assert "".join(after) == alone(model, words(9, 3), params)[1]
+    engine.shutdown()
+    assert engine.active == 0
