@@ -7,6 +7,10 @@
 It is written to a temporary sibling folder and renamed into place, so a failed or
 interrupted build leaves nothing that looks usable. A folder is only ever replaced when it is
 empty or holds nothing but an artifact's own files: nothing else in it is ever deleted.
+
+Readers take `Metadata` (typed fields over metadata.json) from `open_artifact` (to run an
+engine: complete, of this FORMAT_VERSION) or `check_intact` (also unchanged since its
+build). This module imports neither TensorRT nor the network definer.
 """
 
 from __future__ import annotations
@@ -18,20 +22,20 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weights.folders import partial_path
 from weights.hub import MODEL_FILES
 
-from .decoder import DecoderNetwork
+from .contract import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from .decoder import DecoderNetwork
 
 ENGINE_FILE = "model.engine"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = (
-    4  # 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul attention;
-    # 4: sliding layers' KV rings, window_positions
-)
 ARTIFACT_FILES = frozenset({ENGINE_FILE, METADATA_FILE, *MODEL_FILES})  # all an artifact holds
 # What `metadata` and tools.build write, which every tool reading an artifact may rely on.
 BUILT_FIELDS = ("format_version", "config", "options", "profiles", "io", "backend", "build_key")
@@ -48,6 +52,57 @@ class DamagedArtifact(ArtifactError):
     def __init__(self, reason: str):
         super().__init__(f"{reason}; rebuild it with python -m tools.build --force.")
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The fields of metadata.json that runtimes and tools rely on, typed, with the build's
+    defaults resolved once; `data` is the whole file as written. Partial metadata (tests,
+    stand-in engines) leaves the missing fields empty."""
+
+    data: dict[str, Any]
+    format_version: int | None
+    options: dict[str, Any]
+    max_batch: int
+    max_seq_len: int
+    max_prefill: int  # the build's max_prefill, or max_seq_len where it set none
+    profiles: list[dict[str, Any]]
+    io: dict[str, list[dict[str, Any]]]
+    attention_window: int | None
+    backend_module: str
+    backend_version: str
+    target: str | None
+    optimization_level: int | None
+    model_name: str | None
+    model_path: Path | None
+    fingerprint: str | None
+    calibration: dict[str, Any] | None
+    build_key: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Metadata:
+        options, model = data.get("options", {}), data.get("model", {})
+        backend = data.get("backend", {})
+        return cls(
+            data=data,
+            format_version=data.get("format_version"),
+            options=options,
+            max_batch=options.get("max_batch", 1),
+            max_seq_len=options.get("max_seq_len", 0),
+            max_prefill=options.get("max_prefill") or options.get("max_seq_len", 0),
+            profiles=data.get("profiles", []),
+            io=data.get("io", {"inputs": [], "outputs": []}),
+            attention_window=data.get("attention_window"),
+            backend_module=backend.get("module", ""),
+            backend_version=backend.get("version", ""),
+            target=data.get("target"),
+            optimization_level=data.get("optimization_level"),
+            model_name=model.get("name"),
+            model_path=Path(model["path"]) if model.get("path") else None,
+            fingerprint=model.get("fingerprint"),
+            calibration=data.get("calibration"),
+            build_key=data.get("build_key"),
+        )
 
 
 def io_contract(dn: DecoderNetwork) -> dict[str, list[dict[str, Any]]]:
@@ -163,7 +218,29 @@ def build_key(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()
 
 
-def check_intact(artifact: Path) -> dict[str, Any]:
+def check_format(artifact: Path, meta: dict[str, Any]) -> None:
+    """Refuse an artifact of another FORMAT_VERSION: its network follows another contract."""
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{artifact} has artifact format {version}, but this trt-netdef reads format "
+            f"{FORMAT_VERSION}; rebuild it with python -m tools.build --force."
+        )
+
+
+def open_artifact(artifact: Path) -> Metadata:
+    """The metadata of an artifact to run: complete and of this FORMAT_VERSION."""
+    artifact = Path(artifact)
+    if not is_complete(artifact):
+        raise ArtifactError(
+            f"{artifact} is not an engine artifact; build one with python -m tools.build."
+        )
+    meta = read_metadata(artifact)
+    check_format(artifact, meta)
+    return Metadata.from_dict(meta)
+
+
+def check_intact(artifact: Path) -> Metadata:
     """The metadata of a built artifact that is still what its build wrote.
 
     Catches what `is_complete` cannot see (a truncated engine, a lost tokenizer file, an
@@ -173,6 +250,7 @@ def check_intact(artifact: Path) -> dict[str, Any]:
     missing = [k for k in BUILT_FIELDS if k not in meta]
     if missing:
         raise DamagedArtifact(f"{artifact / METADATA_FILE} lacks {', '.join(missing)}")
+    check_format(artifact, meta)
     try:
         built, files, key = meta["build"]["engine_bytes"], meta["model"]["files"], build_key(meta)
     except (KeyError, TypeError) as e:
@@ -193,7 +271,7 @@ def check_intact(artifact: Path) -> dict[str, Any]:
     lost = [name for name in files if not (artifact / name).is_file()]
     if lost:
         raise DamagedArtifact(f"{artifact} has lost {', '.join(lost)}")
-    return meta
+    return Metadata.from_dict(meta)
 
 
 def check_replaceable(folder: Path) -> None:

@@ -11,6 +11,8 @@ import importlib
 import os
 from types import ModuleType
 
+from .contract import normalize_target
+
 BACKENDS = ("tensorrt", "tensorrt_rtx")
 
 
@@ -43,8 +45,7 @@ def is_rtx(trt: ModuleType) -> bool:
 
 def compute_capability(trt: ModuleType, target: str):
     """'sm89' or '8.9' -> trt.ComputeCapability.SM89 (TensorRT-RTX ahead-of-time targets)."""
-    digits = target.lower().removeprefix("sm").replace(".", "")
-    member = getattr(trt.ComputeCapability, f"SM{digits}", None)
+    member = getattr(trt.ComputeCapability, normalize_target(target).upper(), None)
     if member is None:
         known = [m.lower() for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
         raise BackendError(

@@ -6,7 +6,7 @@ branch here beyond reading those fields. Quantization (`options.quant`) happens 
 `Graph.linear` and `Graph.weight`; the skeleton only says whether the LM head (with a tied
 head, the embedding table) is quantized too.
 
-Engine I/O contract (docs/architecture.md has the full table):
+Engine I/O contract (netdef.contract names the tensors; docs/architecture.md has the table):
   inputs   input_ids        int32 [B, S]   new tokens, right-padded
            position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
            last_token_index int32 [B]      which of the S tokens to return logits for
@@ -37,8 +37,10 @@ import numpy as np
 
 from weights.config import ModelConfig
 
+from . import contract as io
 from .backend import load_backend
-from .graph import DTYPES, Graph, trt_dtype
+from .contract import MODEL_DTYPES, trt_dtype
+from .graph import Graph
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .rope import cos_sin_tables
 from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window
@@ -113,7 +115,7 @@ class _Decoder:
     def __init__(self, g: Graph, source: WeightSource, options: NetworkOptions, on_layer=None):
         self.g, self.w, self.opt, self.cfg = g, source.tensor, options, source.config
         self.on_layer = on_layer
-        self.dtype = DTYPES[options.dtype]
+        self.dtype = MODEL_DTYPES[options.dtype]
         self.rope_tables: dict[Any, tuple[Any, Any]] = {}
 
     def weight(self, name: str) -> np.ndarray:
@@ -123,9 +125,9 @@ class _Decoder:
     def define(self) -> None:
         g, cfg, trt = self.g, self.cfg, self.g.trt
         net = g.network
-        self.input_ids = net.add_input("input_ids", trt.int32, (-1, -1))
-        self.positions = net.add_input("position_ids", trt.int32, (-1, -1))
-        last_index = net.add_input("last_token_index", trt.int32, (-1,))
+        self.input_ids = net.add_input(io.INPUT_IDS, trt.int32, (-1, -1))
+        self.positions = net.add_input(io.POSITION_IDS, trt.int32, (-1, -1))
+        last_index = net.add_input(io.LAST_TOKEN_INDEX, trt.int32, (-1,))
         # Write index of each sequence = position of its first new token.
         first = g.constant(np.array([0], dtype=np.int32), "write_index.col")
         first_pos = g.named(
@@ -181,7 +183,7 @@ class _Decoder:
             )
             logits = g.activation(logits, "TANH", "softcap.tanh")
             logits = g.mul(logits, g.scalar(cap, np.float32, rank, "softcap.cap"), "softcap.mul")
-        logits.name = "logits"
+        logits.name = io.LOGITS
         net.mark_output(logits)
         if self.opt.all_logits:
             return
@@ -189,11 +191,11 @@ class _Decoder:
         # top-k of at most sample_top_k copies that many logits and ids.
         top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
         next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
-        next_token.name = "next_token"
+        next_token.name = io.NEXT_TOKEN
         net.mark_output(next_token)
         if self.opt.sample_top_k:
             values, ids = self.best_k(logits, self.opt.sample_top_k)
-            for t, name in ((values, "top_logits"), (ids, "top_ids")):
+            for t, name in ((values, io.TOP_LOGITS), (ids, io.TOP_IDS)):
                 t.name = name
                 net.mark_output(t)
             self.log_normalizer(logits)
@@ -233,13 +235,13 @@ class _Decoder:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
         sampling without a top-k can also use the best K whenever they hold top_p of the mass."""
         g, net = self.g, self.g.network
-        inv_t = net.add_input("inv_temperature", g.trt.float32, (-1,))
+        inv_t = net.add_input(io.INV_TEMPERATURE, g.trt.float32, (-1,))
         x = g.mul(logits, g.shuffle(inv_t, "inv_temperature.col", reshape=(-1, 1)), "lse.scale")
         peak = g.reduce_last(x, "MAX", "lse.max")
         shifted = g.unary(g.elementwise(x, peak, "SUB", "lse.shift"), "EXP", "lse.exp")
         total = g.unary(g.reduce_last(shifted, "SUM", "lse.sum"), "LOG", "lse.log")
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
-        out.name = "log_normalizer"
+        out.name = io.LOG_NORMALIZER
         net.mark_output(out)
 
     def head_matmul(self, h: Any, table: Any) -> Any:
@@ -333,7 +335,7 @@ class _Decoder:
         positions but 270-320 us over 4,096 (the matmuls: 19 us), so it suits the bounded
         window only; fused on the sliding layers took a batch-16 decode step from 2.83 to
         2.58 ms (batch 1: 2.25 to 2.29) and a 2,048-token prefill from 23.0 to 14.6 ms."""
-        slots, visible = self.visible_slots(window, ring)  # bool [B, 1, L, S, 1]
+        slots, visible = self.visible_slots(window, ring)
         k, v = (
             self.gather_slots(t, slots, f"attn.{n}")
             for t, n in ((keys, "keys"), (values, "values"))
@@ -342,13 +344,10 @@ class _Decoder:
             return self.fused_attention(q, k, v, visible)
         return self.matmul_attention(q, k, v, visible)
 
-    def fused_attention(self, q: Any, k: Any, v: Any, visible: Any) -> Any:
-        """TensorRT's attention (GQA native, no scale of its own: q is scaled) under the
-        [B, 1, S, L] form of the mask."""
+    def fused_attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        """TensorRT's attention (GQA native, no scale of its own: q is scaled) under a
+        [B, 1, S, L] bool mask."""
         g, trt = self.g, self.g.trt
-        mask = g.shuffle(
-            visible, "attn.mask_rows", reshape=(0, 1, 0, 0), first_transpose=(0, 1, 3, 2, 4)
-        )
         attn = g.network.add_attention_v2(
             q, k, v, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
         )
@@ -407,34 +406,40 @@ class _Decoder:
         return self.g.named(gather, name).get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
-        """(slots to gather, bool mask [B, 1, L, S, 1]) for global layers (window None) or the
-        sliding layers of `window` and `ring` slots: position j is visible to token (b, s) iff
+        """(slots to gather, bool mask) for global layers (window None; [B, 1, L, S, 1], as the
+        matmul attention normalizes) or the sliding layers of `window` and `ring` slots
+        ([B, 1, S, L], TensorRT's attention mask): position j is visible to token (b, s) iff
         j <= position and, in a window, j > position - window and j >= 0; it is read from slot
-        j mod ring. Built once per window, shared by layers."""
+        j mod ring. Built once per window, shared by layers, in the layout it is used in
+        (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1: "Graph
+        contains more than one op named ..._iota")."""
         if window in self.slots:
             return self.slots[window]
         g = self.g
         saved, g.scope = g.scope, ""
         tag = f"slots.{window or 'global'}"
-        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
         if window is None:  # the positions global_positions names, in their own slots
+            rank = 5
+            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
             slots = self.global_positions
             line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))
         else:
+            rank = 4
+            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))
             raw = self.window_positions  # [B, L], negative before position 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")
             slots = self.modulo(g.elementwise(raw, zero, "MAX", f"{tag}.clamped"), ring, tag)
-            line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, -1, 1, 1))  # [B, 1, L, 1, 1]
+            line = g.shuffle(raw, f"{tag}.line", reshape=(0, 1, 1, -1))  # [B, 1, 1, L]
         visible = g.unary(
             g.elementwise(line, pos, "GREATER", f"{tag}.future"), "NOT", f"{tag}.causal"
         )
         if window is not None:
             start = g.elementwise(
-                pos, g.scalar(window, np.int32, 5, f"{tag}.window"), "SUB", f"{tag}.start"
+                pos, g.scalar(window, np.int32, rank, f"{tag}.window"), "SUB", f"{tag}.start"
             )
             recent = g.elementwise(line, start, "GREATER", f"{tag}.recent")
             visible = g.elementwise(visible, recent, "AND", f"{tag}.in_window")
-            none = g.scalar(-1, np.int32, 5, f"{tag}.none")
+            none = g.scalar(-1, np.int32, rank, f"{tag}.none")
             written = g.elementwise(line, none, "GREATER", f"{tag}.written")
             visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
         g.scope = saved
@@ -476,12 +481,12 @@ class _Decoder:
             self.ring_index[n] = self.modulo(self.write_index, n, f"write_index.{n}")
             g.scope = saved
         shape = (-1, self.cfg.num_kv_heads, n, self.cfg.head_dim)
-        past = g.network.add_input(f"past_{kind}_{i}", trt_dtype(trt, self.dtype), shape)
+        past = g.network.add_input(io.past(kind, i), trt_dtype(trt, self.dtype), shape)
         layer = g.network.add_kv_cache_update(
             past, update, self.ring_index[n], trt.KVCacheMode.LINEAR
         )
         present = g.named(layer, f"{kind}_cache_update").get_output(0)
-        present.name = f"present_{kind}_{i}"
+        present.name = io.present(kind, i)
         g.network.mark_output(present)
         return present
 

@@ -16,35 +16,11 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from .contract import TENSOR_DTYPES, dtype_name, trt_dtype
 from .options import OptionsError
-from .quant import FP8, INT4, activation_scale, pack_int4, quantize_weight
-
-DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
-
-
-def _dtypes(trt: ModuleType) -> dict[np.dtype, Any]:
-    return {
-        np.dtype(np.float32): trt.float32,
-        np.dtype(np.float16): trt.float16,
-        np.dtype(ml_dtypes.bfloat16): trt.bfloat16,
-        np.dtype(np.int32): trt.int32,
-        np.dtype(np.int64): trt.int64,
-        np.dtype(np.bool_): trt.bool,
-        np.dtype(np.int8): trt.int8,
-        INT4: trt.int4,
-        FP8: trt.fp8,
-    }
-
-
-def trt_dtype(trt: ModuleType, dtype: np.dtype) -> Any:
-    return _dtypes(trt)[np.dtype(dtype)]
+from .quant import INT4, activation_scale, pack_int4, quantize_weight
 
 
 class Graph:
@@ -228,7 +204,7 @@ class Graph:
         key = f"{self.scope}{name}"
         if key not in self.act_amax:
             raise OptionsError(f"fp8: no calibrated activation range for linear layer {key!r}.")
-        dtype = next(n for n, t in _dtypes(self.trt).items() if t == x.dtype)
+        dtype = TENSOR_DTYPES[dtype_name(x.dtype)]
         scale = self.constant(activation_scale(self.act_amax[key], dtype), f"{name}.input_scale")
         q = self.named(self.network.add_quantize(x, scale, self.trt.fp8), f"{name}.quantize_input")
         dq = self.network.add_dequantize(q.get_output(0), scale, x.dtype)

@@ -7,11 +7,21 @@ from dataclasses import dataclass
 
 from weights.config import ModelConfig
 
+from .contract import (
+    GLOBAL_POSITIONS,
+    INV_TEMPERATURE,
+    KV_KINDS,
+    MODEL_DTYPES,
+    TOKEN_INPUTS,
+    WINDOW_POSITIONS,
+    normalize_target,
+    past,
+)
 from .quant import INT4_BLOCK, MODES, NO_FP8_TARGETS
-from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window, layer_windows, ring_length
+from .slots import attention_window, layer_windows, ring_length
 
 Shape = tuple[int, ...]
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # the network dtypes
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in MODEL_DTYPES.items()}
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
 TOPK_BLOCK = 4096  # logits per first-stage TopK block (netdef.decoder.best_k); >= TOPK_MAX
 # Attention scores [batch, heads, prefill tokens, cache slots] of one prefill call, float32 in
@@ -48,7 +58,7 @@ def check_quant_target(quant: str, target: str | None) -> None:
     """Refuse fp8 for a GPU target without FP8 matmuls, before any build work."""
     if quant != "fp8" or target is None:
         return
-    if "sm" + target.lower().removeprefix("sm").replace(".", "") in NO_FP8_TARGETS:
+    if normalize_target(target) in NO_FP8_TARGETS:
         raise OptionsError(
             f"fp8 needs FP8 matrix multiplies, which TensorRT-RTX has on compute capability 8.9 "
             f"and newer (sm89, sm120, sm121); target {target} has none. Choose int8-wo or "
@@ -82,7 +92,7 @@ class NetworkOptions:
         return self.max_prefill or self.max_seq_len
 
     def validate(self, config: ModelConfig) -> None:
-        if self.dtype not in DTYPE_BYTES:
+        if self.dtype not in MODEL_DTYPES:
             raise OptionsError(
                 f"dtype {self.dtype!r} is not supported; choose bfloat16, float16 or float32."
             )
@@ -173,17 +183,19 @@ class NetworkOptions:
         slots = self.cache_slots(config)
         out = []
         for name, batch, seq in ranges:
+            tokens = tuple((bb, ss) for bb, ss in zip(batch, seq))
+            ids, positions, last = TOKEN_INPUTS
             shapes: dict[str, tuple[Shape, Shape, Shape]] = {
-                "input_ids": tuple((bb, ss) for bb, ss in zip(batch, seq)),
-                "position_ids": tuple((bb, ss) for bb, ss in zip(batch, seq)),
-                "last_token_index": tuple((bb,) for bb in batch),
+                ids: tokens,
+                positions: tokens,
+                last: tuple((bb,) for bb in batch),
             }
             if self.sample_top_k and not self.all_logits:
-                shapes["inv_temperature"] = tuple((bb,) for bb in batch)
+                shapes[INV_TEMPERATURE] = tuple((bb,) for bb in batch)
             for i, n in enumerate(slots):
                 cache = (config.num_kv_heads, n, config.head_dim)
-                for kind in ("key", "value"):
-                    shapes[f"past_{kind}_{i}"] = tuple((bb, *cache) for bb in batch)
+                for kind in KV_KINDS:
+                    shapes[past(kind, i)] = tuple((bb, *cache) for bb in batch)
             if window is not None:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1

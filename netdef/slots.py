@@ -24,9 +24,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .contract import GLOBAL_POSITIONS, WINDOW_POSITIONS
+
 MIN_SLOTS = 256
-WINDOW_POSITIONS = "window_positions"  # int32 [B, Lw]: what sliding layers read
-GLOBAL_POSITIONS = "global_positions"  # int32 [Lg]: what global layers read
 
 
 def layer_windows(windows: list[int | None], max_seq_len: int) -> list[int | None]:

@@ -18,8 +18,9 @@ import numpy as np
 
 from netdef import NetworkOptions, build_network
 from netdef.decoder import WeightSource
+from netdef.slots import call_end
 
-from .cpu import CpuModel
+from .cpu import CpuBackend
 
 
 def activation_amax(
@@ -42,14 +43,16 @@ def activation_amax(
     )
     dn = build_network(source, options, trt)
     taps = dn.graph.linear_inputs
-    model = CpuModel(dn)
+    model = CpuBackend(dn)
     model.reset(1)
     amax = dict.fromkeys(taps, 0.0)
-    for start in range(0, ids.size, chunk):
-        part = ids[None, start : start + chunk]
-        positions = np.arange(start, start + part.shape[1], dtype=np.int32)[None]
-        feeds = model.feeds(part, positions, np.zeros(1, np.int32))
+    start = 0
+    while start < ids.size:  # chunks cut at KV ring ends, as the generate loop cuts them
+        end = call_end(start, ids.size, model.max_prefill, model.rings)
+        positions = np.arange(start, end, dtype=np.int32)[None]
+        feeds = model.feeds(ids[None, start:end], positions, np.zeros(1, np.int32))
         seen = model.executor.run(feeds, extra=taps.values())
         for layer, tensor in taps.items():
             amax[layer] = max(amax[layer], float(np.abs(seen[tensor].astype(np.float32)).max()))
+        start = end
     return amax

@@ -6,28 +6,32 @@ once per batch size, fed as the past_* inputs and updated in place by the networ
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+from tqdm import tqdm
 
+from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, past
 from netdef.decoder import DecoderNetwork
-from netdef.graph import DTYPES
 from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .backend import check_row
+from .readout import ALL_LOGITS, Outputs, Readout
 from .reference import Executor
 
 
-class CpuModel:
-    """`runtime.backend.Backend` on the CPU."""
+class CpuBackend:
+    """`runtime.backend.Backend` on the CPU. One executor run computes every output; a call
+    returns those its readout names."""
 
     def __init__(self, dn: DecoderNetwork):
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}
         self.batch = 0  # rows of the caches
-        self.last: dict[str, np.ndarray] = {}  # the latest call's outputs
+        self.last: Outputs = {}  # the latest call's outputs
 
     @property
     def max_batch(self) -> int:
@@ -60,12 +64,12 @@ class CpuModel:
 
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
-        dtype = DTYPES[self.dn.options.dtype]
+        dtype = MODEL_DTYPES[self.dn.options.dtype]
         self.batch = batch
         self.caches = {
-            f"past_{kind}_{i}": np.zeros((batch, *shape), dtype)
+            past(kind, i): np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
-            for kind in ("key", "value")
+            for kind in KV_KINDS
         }
 
     @contextmanager
@@ -81,27 +85,17 @@ class CpuModel:
         finally:
             self.caches = whole
 
-    def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """One network call; returns float32 logits ([B, V], or [B, S, V] for all-logits networks)."""
-        return self._run(input_ids, position_ids, last_token_index)["logits"]
-
-    def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """One network call; returns the network's int32 [B] next_token (argmax of the logits)."""
-        return self._run(input_ids, position_ids, last_token_index)["next_token"]
-
-    def forward_top_k(self, input_ids, position_ids, last_token_index):
-        """One network call; returns its top_logits [B, K] and top_ids [B, K]."""
-        out = self._run(input_ids, position_ids, last_token_index)
-        return out["top_logits"], out["top_ids"]
-
-    def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
-        """One network call; its top_logits, top_ids and log_normalizer at `temperature`."""
-        out = self._run(input_ids, position_ids, last_token_index, temperature)
-        return out["top_logits"], out["top_ids"], out["log_normalizer"]
+    def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
+        """One network call; the outputs `readout` names."""
+        if missing := [n for n in readout.outputs if n not in self.executor.output_names]:
+            raise ValueError(f"this network has no {', '.join(missing)} output.")
+        feeds = self.feeds(input_ids, position_ids, last_token_index, readout.temperature)
+        self.last = self.executor.run(feeds)
+        return {name: self.last[name] for name in readout.outputs}
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits."""
-        return self.last["logits"]
+        return self.last[LOGITS]
 
     def feeds(
         self, input_ids, position_ids, last_token_index, temperature: float = 1.0
@@ -122,10 +116,33 @@ class CpuModel:
             feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)
         return feeds
 
-    def _run(
-        self, input_ids, position_ids, last_token_index, temperature: float = 1.0
-    ) -> dict[str, np.ndarray]:
-        self.last = self.executor.run(
-            self.feeds(input_ids, position_ids, last_token_index, temperature)
+
+def sequence_logits(model: CpuBackend, seqs: list[list[int]], prefill: int) -> np.ndarray:
+    """[B, T_max, vocab] logits, NaN where a sequence has ended."""
+    batch, t_max = len(seqs), max(len(s) for s in seqs)
+    ids = np.zeros((batch, t_max), np.int32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+    lengths = np.array([len(s) for s in seqs])
+    model.reset(batch)
+    positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
+    last = np.minimum(lengths, prefill) - 1
+    steps = [model.forward(ids[:, :prefill], positions, last, ALL_LOGITS)[LOGITS]]
+    for t in tqdm(
+        range(prefill, t_max),
+        desc="decode",
+        unit="tok",
+        disable=t_max - prefill < 2,
+        file=sys.stderr,
+    ):
+        steps.append(
+            model.forward(
+                ids[:, t : t + 1],
+                np.full((batch, 1), t, np.int32),
+                np.zeros(batch, np.int32),
+                ALL_LOGITS,
+            )[LOGITS]
         )
-        return self.last
+    logits = np.concatenate(steps, axis=1)
+    logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
+    return logits

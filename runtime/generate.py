@@ -27,7 +27,8 @@ import numpy as np
 from netdef.slots import call_end
 
 from .backend import Backend
-from .sampling import SamplingParams, next_tokens, next_tokens_from_top
+from .readout import ALL_LOGITS, Outputs, Readout, may_fall_back, next_tokens_from, readout_for
+from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -135,7 +136,9 @@ class Run:
         for c in self.completions:
             c.stats.prompt_tokens = len(c.prompt_ids)
         self.texts = [TextStream(gen, c, params.stop) for c in self.completions]
-        self.wants, self.may_fall_back = readout(params, gen.backend)
+        # What leaves the engine at each decode step (runtime.readout says why).
+        backend = gen.backend
+        self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
 
     def __iter__(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
@@ -148,8 +151,9 @@ class Run:
         t0 = time.perf_counter()
         # A prompt may end in any prefill chunk, so a fallback to the latest call's logits
         # would not find its logits there: prefill returns the logits instead.
-        wants = "logits" if self.may_fall_back else self.wants
-        out = self._prefill(lengths, wants)
+        out = self._prefill(
+            lengths, ALL_LOGITS if may_fall_back(self.readout, params) else self.readout
+        )
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         pad = self.gen.tokenizer.pad_id or 0
@@ -159,15 +163,7 @@ class Run:
                 if params.repetition_penalty != 1.0
                 else []
             )
-            if wants == "argmax":
-                tokens = out[0]
-            elif wants in ("top_k", "top_p"):
-                values, ids, *lse = out
-                tokens = next_tokens_from_top(
-                    values, ids, params, rng, lse[0] if lse else None, backend.last_logits, seen
-                )
-            else:
-                tokens = next_tokens(out[0], params, seen, rng)
+            tokens = next_tokens_from(out, params, rng, seen, lambda: backend.last_logits())
             yield from self._accept(tokens, step)
             if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
                 break
@@ -176,8 +172,7 @@ class Run:
                 np.int32,
             )
             positions = (lengths + step)[:, None].astype(np.int32)
-            wants = self.wants
-            out = self._call(feed, positions, np.zeros(batch, np.int32), wants)
+            out = backend.forward(feed, positions, np.zeros(batch, np.int32), self.readout)
         decode_ms = (time.perf_counter() - t1) * 1000
         for i, c in enumerate(self.completions):
             if not c.finish_reason and (tail := self.texts[i].finish()):
@@ -185,10 +180,7 @@ class Run:
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
-    def _call(self, ids: np.ndarray, positions: np.ndarray, last: np.ndarray, wants: str) -> tuple:
-        return call(self.gen.backend, wants, ids, positions, last, self.params.temperature)
-
-    def _prefill(self, lengths: np.ndarray, wants: str) -> tuple:
+    def _prefill(self, lengths: np.ndarray, readout: Readout) -> Outputs:
         """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end
         (netdef.slots.call_end); the output for each prompt's last token."""
         backend = self.gen.backend
@@ -196,69 +188,26 @@ class Run:
         ids = np.zeros((batch, total), np.int32)
         for b, i in enumerate(self.order):
             ids[b, : len(self.completions[i].prompt_ids)] = self.completions[i].prompt_ids
-        result: list[np.ndarray] = []
+        result: Outputs = {}
         start = 0
         while start < total:
             end = call_end(start, total, backend.max_prefill, backend.rings)
             going = int((lengths > start).sum())  # rows 0..going-1 still have prompt tokens
             positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (going, end - start))
             last = np.clip(lengths[:going] - 1 - start, 0, end - start - 1).astype(np.int32)
-            out = self._call(ids[:going, start:end], positions, last, wants)
+            out = backend.forward(ids[:going, start:end], positions, last, readout)
             if not result:  # the first chunk has every row
-                result = [np.array(o) for o in out]
+                result = {name: np.array(o) for name, o in out.items()}
             ends_here = lengths[:going] - 1 < end
-            for o, r in zip(out, result):
-                r[:going][ends_here] = o[ends_here]
+            for name, o in out.items():
+                result[name][:going][ends_here] = o[ends_here]
             start = end
-        return tuple(result)
+        return result
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
         for i, token in zip(self.order, tokens.tolist()):
             if not self.completions[i].finish_reason and (text := self.texts[i].accept(token)):
                 yield Delta(i, text)
-
-
-def readout(params: SamplingParams, backend: Backend) -> tuple[str, bool]:
-    """What leaves the engine at each call for `params`, and whether a step may fall back to
-    the whole logits (`Backend.last_logits`).
-
-    Plain greedy needs only its argmax (one id per sequence instead of the vocabulary's
-    logits); sampling with a top-k the engine covers needs only its best K logits and their
-    ids, also under a repetition penalty > 1, which only lowers logits (greedy is then top-k
-    1); top-p alone needs them and the softmax's log-normalizer. The last two fall back to the
-    latest call's logits on the steps the best K do not decide. Anything else needs all the
-    logits."""
-    penalty = params.repetition_penalty
-    top_k = 1 if params.greedy else params.top_k
-    if params.greedy and penalty == 1.0:
-        wants = "argmax"
-    elif 0 < top_k <= backend.sample_top_k and penalty >= 1:
-        wants = "top_k"
-    elif top_k == 0 and params.top_p < 1 and penalty == 1 and backend.has_log_normalizer:
-        wants = "top_p"
-    else:
-        wants = "logits"
-    return wants, wants == "top_p" or (wants == "top_k" and penalty != 1)
-
-
-def call(
-    backend: Backend,
-    wants: str,
-    ids: np.ndarray,
-    positions: np.ndarray,
-    last: np.ndarray,
-    temperature: float,
-) -> tuple:
-    """One backend call returning what `wants` names (see `readout`): (argmax ids [B],),
-    (best logits [B, K], their ids [B, K]), the same and the log-normalizers [B] at
-    `temperature`, or (logits [B, vocab],). The one place that picks a backend method."""
-    if wants == "argmax":
-        return (backend.forward_greedy(ids, positions, last),)
-    if wants == "top_k":
-        return backend.forward_top_k(ids, positions, last)
-    if wants == "top_p":
-        return backend.forward_top_p(ids, positions, last, temperature)
-    return (backend.forward(ids, positions, last),)
 
 
 class TextStream:

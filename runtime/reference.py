@@ -20,12 +20,13 @@ TensorRT fuses with it may keep that product in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from functools import cache
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from netdef.backend import load_backend
+from netdef.contract import TENSOR_DTYPES, dtype_name
 from netdef.options import Profile
 from netdef.quant import FP8, INT4, INT8, dequantize, quantize, unpack_int4
 
@@ -82,27 +83,11 @@ def _topological(layers: list[Any]) -> list[Any]:
     return order
 
 
-def numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
-    table = _dtype_table(trt)
-    if dtype not in table:
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The NumPy dtype of a TensorRT DataType (netdef.contract's table)."""
+    if dtype_name(dtype) not in TENSOR_DTYPES:
         raise ExecutorError(f"tensor type {dtype} is not supported by the reference executor.")
-    return table[dtype]
-
-
-@cache
-def _dtype_table(trt: Any) -> dict[Any, np.dtype]:
-    pairs = {
-        trt.float32: np.float32,
-        trt.float16: np.float16,
-        trt.bfloat16: ml_dtypes.bfloat16,
-        trt.int32: np.int32,
-        trt.int64: np.int64,
-        trt.int8: np.int8,
-        trt.int4: INT4,
-        trt.fp8: FP8,
-        trt.bool: np.bool_,
-    }
-    return {k: np.dtype(v) for k, v in pairs.items()}
+    return TENSOR_DTYPES[dtype_name(dtype)]
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -140,8 +125,8 @@ class Executor:
         profiles: list[Profile] | None,
         constants: Mapping[str, np.ndarray] | None,
     ):
-        import_module = type(network).__module__.split(".")[0]
-        self.trt = __import__(import_module.removesuffix("_bindings"))
+        # The module that made the network (its bindings live in <module>_bindings).
+        self.trt = load_backend(type(network).__module__.split(".")[0].removesuffix("_bindings"))
         self.network = network
         self.profiles = profiles or []
         layers = _topological([network.get_layer(i) for i in range(network.num_layers)])
@@ -157,7 +142,7 @@ class Executor:
                     for i in range(layer.num_inputs)
                 ],
                 [
-                    (out.name, numpy_dtype(self.trt, out.dtype))
+                    (out.name, numpy_dtype(out.dtype))
                     for out in map(layer.get_output, range(layer.num_outputs))
                 ],
             )
@@ -165,6 +150,7 @@ class Executor:
         ]
         self.inputs = [network.get_input(i) for i in range(network.num_inputs)]
         self.outputs = [network.get_output(i) for i in range(network.num_outputs)]
+        self.output_names = {t.name for t in self.outputs}
         self.constants = {
             layer.name: self._constant(layer, constants or {})
             for layer, kind in zip(self.layers, self.kinds)
@@ -224,7 +210,7 @@ class Executor:
         return layer
 
     def _constant(self, layer: Any, constants: Mapping[str, np.ndarray]) -> np.ndarray:
-        out_dtype = numpy_dtype(self.trt, layer.get_output(0).dtype)
+        out_dtype = numpy_dtype(layer.get_output(0).dtype)
         shape = tuple(layer.shape)
         if layer.name in constants:
             array = np.asarray(constants[layer.name])
@@ -253,7 +239,7 @@ class Executor:
             if t.name not in feeds:
                 raise ExecutorError(f"input {t.name!r} was not fed.")
             x = feeds[t.name]
-            want = numpy_dtype(self.trt, t.dtype)
+            want = numpy_dtype(t.dtype)
             if x.dtype != want:
                 raise ExecutorError(f"input {t.name!r} must be {want}, got {x.dtype}.")
             declared = tuple(t.shape)
@@ -333,7 +319,7 @@ class Executor:
         return x.astype(np.float64)
 
     def _out(self, layer: Any, i: int = 0) -> np.dtype:
-        return numpy_dtype(self.trt, layer.get_output(i).dtype)
+        return numpy_dtype(layer.get_output(i).dtype)
 
     # Layers (each follows the TensorRT operator page of the same name) --------------------------
     def _activation(self, layer, inputs):

@@ -39,11 +39,21 @@ from itertools import count
 
 import numpy as np
 
+from netdef.contract import LOG_NORMALIZER
 from netdef.slots import call_end
 
 from .backend import Backend
-from .generate import Completion, Generator, Prompt, TextStream, call, readout
-from .sampling import SamplingParams, next_tokens, next_tokens_from_top
+from .generate import Completion, Generator, Prompt, TextStream
+from .readout import (
+    ALL_LOGITS,
+    ARGMAX,
+    TOP_K,
+    Outputs,
+    Readout,
+    next_tokens_from,
+    readout_for,
+)
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 _END = object()  # the last event of a request
@@ -70,7 +80,8 @@ class Request:
         self.completion = Completion(prompt_ids=prompt_ids)
         self.completion.stats.prompt_tokens = len(prompt_ids)
         self.text = TextStream(engine.gen, self.completion, params.stop)
-        self.wants, self.may_fall_back = readout(params, engine.backend)
+        backend = engine.backend
+        self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
         self.rng = np.random.default_rng(params.seed)
         self.row: int | None = None
         self.prefilled = 0  # prompt tokens in the cache
@@ -271,10 +282,10 @@ class Engine:
         last = np.array([end - start - 1], np.int32)
         try:
             with self.backend.row(r.row):
-                out = call(self.backend, r.wants, ids, positions, last, r.params.temperature)
+                out = self.backend.forward(ids, positions, last, r.readout)
             r.prefilled = end
             if r.decoding:
-                token = self._sample(r, out, 0, r.wants, self._whole_logits())
+                token = self._sample(r, out, 0, self._whole_logits())
         except Exception as e:
             self._fail([r], e)
             return
@@ -292,11 +303,11 @@ class Engine:
                 positions[k] = r.next_slot
         for r in decoding:
             ids[r.row] = r.next_token
-        wants, temperature = decode_readout(decoding)
+        readout = decode_readout(decoding)
         try:
-            out = call(self.backend, wants, ids, positions, np.zeros(n, np.int32), temperature)
+            out = self.backend.forward(ids, positions, np.zeros(n, np.int32), readout)
             whole = self._whole_logits()
-            tokens = [self._sample(r, out, r.row, wants, whole) for r in decoding]
+            tokens = [self._sample(r, out, r.row, whole) for r in decoding]
         except Exception as e:
             self._fail(decoding, e)
             return
@@ -308,26 +319,16 @@ class Engine:
         kept: list[np.ndarray] = []
         return lambda: kept[0] if kept else kept.append(self.backend.last_logits()) or kept[0]
 
-    def _sample(self, r: Request, out: tuple, b: int, wants: str, whole) -> int:
-        """r's next token from row b of a call's outputs (`wants` names them)."""
-        params = r.params
+    def _sample(self, r: Request, out: Outputs, b: int, whole) -> int:
+        """r's next token from row b of a call's outputs. A log-normalizer there belongs to
+        the top-p requests of the call; the others sample from their best K alone."""
+        own = {
+            name: o[b : b + 1]
+            for name, o in out.items()
+            if name != LOG_NORMALIZER or name in r.readout.outputs
+        }
         seen = [np.array(r.prompt_ids + r.completion.token_ids)]
-        if wants == "argmax":
-            return int(out[0][b])
-        if wants == "logits":
-            return int(next_tokens(out[0][b : b + 1], params, seen, r.rng)[0])
-        values, ids, *lse = out
-        normalizer = lse[0][b : b + 1] if lse and r.wants == "top_p" else None
-        row = next_tokens_from_top(
-            values[b : b + 1],
-            ids[b : b + 1],
-            params,
-            r.rng,
-            normalizer,
-            lambda: whole()[b : b + 1],
-            seen,
-        )
-        return int(row[0])
+        return int(next_tokens_from(own, r.params, r.rng, seen, lambda: whole()[b : b + 1])[0])
 
     def _accept(self, r: Request, token: int) -> None:
         now = time.perf_counter()
@@ -367,15 +368,15 @@ class Engine:
                 self._finish(r, "error")
 
 
-def decode_readout(requests: list[Request]) -> tuple[str, float]:
-    """One call's outputs for every request in it: the least that decides each (see
-    `runtime.generate.readout`), and the temperature of its log-normalizer."""
-    kinds = {r.wants for r in requests}
-    top_p = {r.params.temperature for r in requests if r.wants == "top_p"}
-    if kinds == {"argmax"}:
-        return "argmax", 1.0
-    if kinds <= {"argmax", "top_k"}:
-        return "top_k", 1.0
-    if kinds <= {"argmax", "top_k", "top_p"} and len(top_p) == 1:
-        return "top_p", top_p.pop()
-    return "logits", 1.0
+def decode_readout(requests: list[Request]) -> Readout:
+    """One call's readout for every request in it: the least that decides each (their own
+    readouts, runtime.readout), top-p ones only if they share one temperature."""
+    readouts = {r.readout for r in requests}
+    if readouts == {ARGMAX}:
+        return ARGMAX
+    if readouts <= {ARGMAX, TOP_K}:
+        return TOP_K
+    top_p = {x for x in readouts if LOG_NORMALIZER in x.outputs}
+    if readouts - top_p <= {ARGMAX, TOP_K} and len(top_p) == 1:
+        return top_p.pop()
+    return ALL_LOGITS

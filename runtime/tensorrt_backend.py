@@ -2,7 +2,7 @@
 
     with TensorRTBackend.load(artifact) as model:
         model.reset(1)
-        logits = model.forward(ids, positions, last)      # float32 [B, vocab]
+        out = model.forward(ids, positions, last, ALL_LOGITS)   # {"logits": float32 [B, vocab]}
 
 Every device buffer is allocated once at load, sized from the engine's largest profile
 shapes: input_ids, position_ids, last_token_index, the position inputs (netdef.slots), the outputs
@@ -14,7 +14,7 @@ CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
-`pytest -m gpu` (tests/test_engine_gpu.py) and `python -m tools.bench`.
+`pytest -m gpu` (tests/runtime/test_engine_gpu.py) and `python -m tools.bench`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from netdef.slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, ring_crossing, rings, slot_feeds
+from netdef.contract import (
+    GLOBAL_POSITIONS,
+    INV_TEMPERATURE,
+    IO_DTYPES,
+    LOG_NORMALIZER,
+    LOGITS,
+    NEXT_TOKEN,
+    POSITION_INPUTS,
+    RESULTS,
+    TOKEN_INPUTS,
+    TOP_IDS,
+    TOP_LOGITS,
+    WINDOW_POSITIONS,
+    contract_problems,
+    past_of,
+    target_capability,
+)
+from netdef.slots import ring_crossing, rings, slot_feeds
+
+if TYPE_CHECKING:  # loaded with the artifact: importing this module needs only the contract
+    from netdef.artifact import Metadata
 
 from .backend import check_row
 from .cuda_buffers import (
@@ -40,22 +60,10 @@ from .cuda_buffers import (
     enqueue_step,
     free_bytes,
 )
+from .readout import Outputs, Readout
 
-DTYPE_BYTES = {"float": 4, "half": 2, "bf16": 2, "int32": 4, "int64": 8, "int8": 1, "bool": 1}
-SMALL_INPUTS = ("input_ids", "position_ids", "last_token_index")
-INV_TEMPERATURE = "inv_temperature"  # float32 [B], in engines with log_normalizer
-POSITION_INPUTS = (WINDOW_POSITIONS, GLOBAL_POSITIONS)  # int32, what attention reads
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in IO_DTYPES.items()}
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each position input
-# The outputs a call may copy back (the rest are present_* KV caches, never copied).
-RESULTS = {
-    "logits": "float",
-    "next_token": "int32",
-    "top_logits": "float",
-    "top_ids": "int32",
-    "log_normalizer": "float",
-}
-LOGITS, GREEDY, TOP_K = ("logits",), ("next_token",), ("top_logits", "top_ids")
-TOP_P = (*TOP_K, "log_normalizer")
 REBUILD = "rebuild it with python -m tools.build"
 
 
@@ -64,12 +72,6 @@ class EngineLoadError(RuntimeError):
 
 
 # ---- pure checks over plain dicts (metadata.json and `describe_engine` output) ----
-
-
-def parse_target(target: str) -> tuple[int, int]:
-    """'sm89' or '8.9' -> (8, 9); 'sm120' -> (12, 0)."""
-    digits = target.lower().removeprefix("sm").replace(".", "")
-    return int(digits[:-1]), int(digits[-1])
 
 
 def check_portability(
@@ -83,7 +85,7 @@ def check_portability(
             f"is installed; engines are not portable across TensorRT modules or versions: {REBUILD}."
         )
     target = meta.get("target")
-    if target and device_cc is not None and parse_target(target) != tuple(device_cc):
+    if target and device_cc is not None and target_capability(target) != tuple(device_cc):
         major, minor = device_cc
         raise EngineLoadError(
             f"the engine was built for {target} but this GPU is sm{major}{minor} (compute "
@@ -127,36 +129,8 @@ def check_engine(meta: dict, engine: dict) -> None:
 
 
 def check_contract(io: dict) -> None:
-    """The engine I/O contract of docs/architecture.md, as far as this backend relies on it."""
-    inputs = {t["name"]: t["dtype"] for t in io["inputs"]}
-    outputs = {t["name"]: t["dtype"] for t in io["outputs"]}
-    problems = [f"input {n} must be int32" for n in SMALL_INPUTS if inputs.get(n) != "int32"]
-    problems += [
-        f"input {n} must be int32" for n in POSITION_INPUTS if inputs.get(n, "int32") != "int32"
-    ]
-    if "logits" not in outputs:
-        problems.append("output logits is missing")
-    for name, dtype in RESULTS.items():
-        if outputs.get(name, dtype) != dtype:
-            problems.append(f"output {name} must be {'float32' if dtype == 'float' else dtype}")
-    pasts = {n for n in inputs if n.startswith("past_")}
-    presents = {n.replace("present_", "past_", 1) for n in outputs if n not in RESULTS}
-    if pasts != presents:
-        problems.append(
-            "outputs other than logits, next_token, top_logits, top_ids and log_normalizer "
-            "must be exactly present_* for every past_*"
-        )
-    if ("log_normalizer" in outputs) != (INV_TEMPERATURE in inputs):
-        problems.append("input inv_temperature and output log_normalizer go together")
-    if inputs.get(INV_TEMPERATURE, "float") != "float":
-        problems.append("input inv_temperature must be float32")
-    all_io = {**inputs, **outputs}
-    problems += [
-        f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in DTYPE_BYTES
-    ]
-    if extra := sorted(inputs.keys() - pasts - {*SMALL_INPUTS, INV_TEMPERATURE, *POSITION_INPUTS}):
-        problems.append(f"unknown inputs {', '.join(extra)}")
-    if problems:
+    """The engine I/O contract (netdef.contract), as far as this backend relies on it."""
+    if problems := contract_problems(io):
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
 
 
@@ -290,11 +264,12 @@ def runtime_config(engine: Any, trt: Any) -> Any:
 
 class TensorRTBackend:
     """`runtime.backend.Backend` over one execution context. `load` an artifact; the
-    constructor takes the parts (plain dicts and any object with IExecutionContext's methods)."""
+    constructor takes the parts (its Metadata, `describe_engine`'s dict and any object with
+    IExecutionContext's methods)."""
 
     def __init__(
         self,
-        meta: dict,
+        meta: Metadata,
         engine_desc: dict,
         context: Any,
         keep_alive: tuple = (),
@@ -302,15 +277,13 @@ class TensorRTBackend:
         timed: bool = False,
         check_free_memory: bool = False,
     ):
-        options = meta["options"]
-        self.max_batch = options["max_batch"]
-        self.max_seq_len = options["max_seq_len"]
-        self.max_prefill = options.get("max_prefill") or self.max_seq_len
+        self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
+        self.max_prefill = meta.max_prefill
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
         self.inv_temperature = 1.0  # what the next call feeds to every sequence
-        self.profile_names = [p["name"] for p in meta["profiles"]]
+        self.profile_names = [p["name"] for p in meta.profiles]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
@@ -318,14 +291,14 @@ class TensorRTBackend:
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         inputs = {t["name"] for t in self.io["inputs"]}
-        self.window = meta.get("attention_window") if WINDOW_POSITIONS in inputs else None
+        self.window = meta.attention_window if WINDOW_POSITIONS in inputs else None
         self.has_global = GLOBAL_POSITIONS in inputs
         self.rings = rings(
             (t["shape"][2] for t in self.io["inputs"] if t["name"].startswith("past_")),
             self.max_seq_len,
         )
         extra = (INV_TEMPERATURE, *POSITION_INPUTS)
-        self._uploads = [*SMALL_INPUTS, *(n for n in extra if n in inputs)]
+        self._uploads = [*TOKEN_INPUTS, *(n for n in extra if n in inputs)]
         # (B, position input shapes, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
@@ -355,10 +328,10 @@ class TensorRTBackend:
             }
             for t in self.io["outputs"]:
                 if t["name"].startswith("present_"):  # in-place KV cache update
-                    past = t["name"].replace("present_", "past_", 1)
+                    past = past_of(t["name"])
                     self.addresses[t["name"]] = self.device[past].ptr
                     self.row_bytes[t["name"]] = self.row_bytes[past]
-            for name in (*SMALL_INPUTS, *POSITION_INPUTS):
+            for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
             if self.has_log_normalizer:
@@ -375,7 +348,7 @@ class TensorRTBackend:
     def load(
         cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
     ) -> TensorRTBackend:
-        from netdef.artifact import ENGINE_FILE, is_complete, read_metadata
+        from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
         from netdef.backend import BackendError, load_backend
 
         artifact = Path(artifact)
@@ -383,7 +356,10 @@ class TensorRTBackend:
             raise EngineLoadError(
                 f"{artifact} is not an engine artifact; build one with python -m tools.build."
             )
-        meta = read_metadata(artifact)
+        meta = read_metadata(
+            artifact
+        )  # ArtifactError (a ValueError) if broken or of another format
+        check_format(artifact, meta)
         try:
             if trt is None:
                 try:
@@ -416,7 +392,7 @@ class TensorRTBackend:
         except EngineLoadError as e:
             raise EngineLoadError(f"cannot load {artifact}: {e}") from None
         return cls(
-            meta,
+            Metadata.from_dict(meta),
             desc,
             context,
             keep_alive=(logger, runtime, engine),
@@ -445,39 +421,27 @@ class TensorRTBackend:
         finally:
             self._row = None
 
-    def forward(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """float32 logits [B, vocab] ([B, S, vocab] for all-logits engines)."""
-        b, s = self._call(input_ids, position_ids, last_token_index, LOGITS)
-        shape = self._logits_shape(b, s)
-        return self.host["logits"].array[: int(np.prod(shape))].reshape(shape).copy()
+    def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
+        """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
+        ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
+        instead of the vocabulary's logits, which stay on the GPU for `last_logits`."""
+        wanted = readout.outputs
+        if missing := [n for n in wanted if n not in self.host]:
+            raise ValueError(f"this engine has no {', '.join(missing)} output; rebuild it.")
+        if LOG_NORMALIZER in wanted:
+            self.inv_temperature = 1.0 / readout.temperature
+        b, s = self._call(input_ids, position_ids, last_token_index, wanted)
+        return {name: self._result(name, b, s) for name in wanted}
 
-    def forward_greedy(self, input_ids, position_ids, last_token_index) -> np.ndarray:
-        """int32 [B] argmax ids from the engine's next_token: 4 bytes per sequence leave the GPU."""
-        if "next_token" not in self.host:  # an engine built before next_token existed
-            return self.forward(input_ids, position_ids, last_token_index).argmax(-1)
-        b, _ = self._call(input_ids, position_ids, last_token_index, GREEDY)
-        return self.host["next_token"].array[:b].copy()
-
-    def forward_top_k(self, input_ids, position_ids, last_token_index):
-        """float32 [B, K] best logits and their int32 [B, K] ids (K = sample_top_k): 8 bytes
-        per candidate and sequence leave the GPU instead of the vocabulary's logits."""
-        if not self.sample_top_k:
-            raise ValueError("this engine has no top_logits/top_ids outputs (sample_top_k=0).")
-        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_K)
-        return self._best_k(b)
-
-    def forward_top_p(self, input_ids, position_ids, last_token_index, temperature: float):
-        """The best K logits and ids, and float32 [B] log_normalizer at `temperature`."""
-        if not self.has_log_normalizer:
-            raise ValueError("this engine has no log_normalizer output; rebuild it.")
-        self.inv_temperature = 1.0 / temperature
-        b, _ = self._call(input_ids, position_ids, last_token_index, TOP_P)
-        return (*self._best_k(b), self.host["log_normalizer"].array[:b].copy())
-
-    def _best_k(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        n = b * self.sample_top_k
-        values, ids = (self.host[name].array[:n].reshape(b, -1).copy() for name in TOP_K)
-        return values, ids
+    def _result(self, name: str, b: int, s: int) -> np.ndarray:
+        shape = {
+            LOGITS: self._logits_shape(b, s),
+            NEXT_TOKEN: (b,),
+            TOP_LOGITS: (b, self.sample_top_k),
+            TOP_IDS: (b, self.sample_top_k),
+            LOG_NORMALIZER: (b,),
+        }[name]
+        return self.host[name].array[: int(np.prod(shape))].reshape(shape).copy()
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits, still in device memory: copied back only when asked (a
@@ -534,7 +498,7 @@ class TensorRTBackend:
         return b, s
 
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
-        for name, a in (*zip(SMALL_INPUTS, (ids, pos, last)), *feeds.items()):
+        for name, a in (*zip(TOKEN_INPUTS, (ids, pos, last)), *feeds.items()):
             self.host[name].array[: a.size] = a.ravel()
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
@@ -549,7 +513,7 @@ class TensorRTBackend:
             self._profile = profile
         for t in self.io["inputs"]:
             name = t["name"]
-            if name in SMALL_INPUTS[:2]:
+            if name in TOKEN_INPUTS[:2]:
                 shape = (b, s)
             elif name in positions:
                 shape = positions[name]

@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer as Backend
+from tokenizers import Tokenizer as HFTokenizer  # wrapped by Tokenizer below
 
 # The names under which transformers hands a message's reasoning to templates.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -43,16 +43,16 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: Backend,
+        hf: HFTokenizer,
         special_tokens: Mapping[str, str],
         chat_templates: Mapping[str, str],
         generation_config: Mapping[str, Any],
         source: str,
     ):
         # transformers turns padding and truncation off unless a call asks for them.
-        backend.no_padding()
-        backend.no_truncation()
-        self.backend = backend
+        hf.no_padding()
+        hf.no_truncation()
+        self.hf = hf
         self.special_tokens = dict(special_tokens)
         self.chat_templates = dict(chat_templates)
         self.source = source
@@ -62,9 +62,9 @@ class Tokenizer:
         self.eos_ids = frozenset(
             _id_list(gen.get("eos_token_id")) + _id_list(self._token_id("eos_token"))
         )
-        added = backend.get_added_tokens_decoder()
+        added = hf.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, token in added.items() if token.special)
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -77,14 +77,14 @@ class Tokenizer:
             )
         config = _read_json(folder / "tokenizer_config.json")
         try:
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
+            hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
             raise TokenizerError(
                 f"{folder / 'tokenizer.json'} cannot be read ({e}); re-download the model's "
                 "tokenizer files."
             ) from None
         return cls(
-            backend,
+            hf,
             _special_tokens(config, _read_json(folder / "special_tokens_map.json")),
             _chat_templates(folder, config),
             _read_json(folder / "generation_config.json"),
@@ -97,10 +97,10 @@ class Tokenizer:
         `add_bos_token` in tokenizer_config.json plays no part: transformers 5 ignores it too
         when tokenizer.json exists.
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self,
@@ -155,7 +155,7 @@ class Tokenizer:
 
     def _token_id(self, name: str, fallback: int | None = None) -> int | None:
         token = self.special_tokens.get(name)
-        found = self.backend.token_to_id(token) if token is not None else None
+        found = self.hf.token_to_id(token) if token is not None else None
         return fallback if found is None else found
 
 

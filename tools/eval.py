@@ -25,17 +25,19 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import is_complete, read_metadata
+from netdef.artifact import is_complete, open_artifact
+from netdef.contract import LOGITS, MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
 from runtime.calibration import activation_amax
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
+from runtime.readout import ALL_LOGITS
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError
 
 
 def score(
-    model: CpuModel, ids: Sequence[int], chunk: int, desc: str = "scoring"
+    model: CpuBackend, ids: Sequence[int], chunk: int, desc: str = "scoring"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood (float64) and top-1 id of each next token: [len(ids) - 1] each.
 
@@ -47,7 +49,8 @@ def score(
     for start in tqdm(range(0, n - 1, chunk), desc=desc, unit="chunk", file=sys.stderr):
         end = min(start + chunk, n - 1)  # the last token predicts nothing
         positions = np.arange(start, end, dtype=np.int32)[None]
-        logits = model.forward(ids[None, start:end], positions, np.zeros(1, np.int32))[0]
+        last = np.zeros(1, np.int32)
+        logits = model.forward(ids[None, start:end], positions, last, ALL_LOGITS)[LOGITS][0]
         peak = logits.max(axis=-1)
         log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1, dtype=np.float64))
         nll[start:end] = log_z - logits[np.arange(end - start), ids[start + 1 : end + 1]]
@@ -81,7 +84,7 @@ def evaluate(
         )
         options.validate(source.config)  # before a calibration pass
         amax = activation_amax(source, calib_ids, dtype, chunk, trt) if mode == "fp8" else None
-        model = CpuModel(build_network(source, options, trt, act_amax=amax))
+        model = CpuBackend(build_network(source, options, trt, act_amax=amax))
         return score(model, ids, chunk, desc=f"{mode if mode != 'none' else dtype} network")
 
     ref_nll, ref_top1 = run("none")
@@ -119,19 +122,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 def from_artifact(args: argparse.Namespace) -> None:
     """Evaluate what an artifact was built with: its model folder, dtype, mode and calibration."""
-    meta = read_metadata(args.model_dir)
-    options = meta["options"]
+    meta = open_artifact(args.model_dir)
+    options = meta.options
     if options["quant"] == "none":
         raise ValueError(f"{args.model_dir} is not quantized; nothing to compare it with.")
-    args.model_dir = Path(meta["model"]["path"])
+    args.model_dir = meta.model_path
     if not (args.model_dir / "config.json").is_file():
         raise ValueError(
             f"the artifact's model folder {args.model_dir} is gone; pass the model folder instead."
         )
     args.dtype, args.quant = options["dtype"], [options["quant"]]
     args.quant_lm_head = options["quant_lm_head"]
-    if meta.get("calibration"):
-        args.calib_file = Path(meta["calibration"]["file"])
+    if meta.calibration:
+        args.calib_file = Path(meta.calibration["file"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         default=CALIBRATION_TEXT,
         help="fp8 calibration text (default: the shipped sample)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
     p.add_argument("--max-tokens", type=int, help="evaluate on the text's first N tokens")
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import METADATA_FILE, check_intact, fmt_bytes, source_fingerprint
+from netdef.artifact import METADATA_FILE, Metadata, check_intact, fmt_bytes, source_fingerprint
+from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingError, SamplingParams
@@ -28,7 +29,7 @@ from weights import Checkpoint, WeightsError
 
 def open_backend(
     path: Path,
-    meta: dict | None,
+    meta: Metadata | None,
     backend: str,
     dtype: str,
     max_seq_len: int | None,
@@ -50,27 +51,27 @@ def open_backend(
         return TensorRTBackend.load(path)
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
-        options = NetworkOptions(**{**meta["options"], "max_batch": max_batch})
+        options = NetworkOptions(**{**meta.options, "max_batch": max_batch})
     else:
         ckpt = Checkpoint.open(path)
         seq_len = max_seq_len or default_max_seq_len(ckpt.config)
         options = NetworkOptions(
             dtype=dtype, max_batch=max_batch, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
-    return CpuModel(build_network(ckpt, options))
+    return CpuBackend(build_network(ckpt, options))
 
 
-def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
+def source_checkpoint(artifact: Path, meta: Metadata) -> Checkpoint:
     """The weights an artifact was built from, which the CPU executes its network with (the
     engine holds them only in TensorRT's form); refused if they changed since the build."""
-    source = Path(meta["model"]["path"])
+    source = meta.model_path
     if not (source / "config.json").is_file():
         raise GenerationError(
             f"--backend reference runs the network of {artifact} on the CPU from the weights it "
             f"was built from, but {source} no longer holds them; pass that model folder instead, "
             "or run the engine on a GPU (--backend tensorrt)."
         )
-    if source_fingerprint(source) != meta["model"]["fingerprint"]:
+    if source_fingerprint(source) != meta.fingerprint:
         raise GenerationError(
             f"{source} changed after {artifact} was built from it; rebuild the artifact with "
             f"python -m tools.build --force, or pass {source} itself."
@@ -82,7 +83,7 @@ def source_checkpoint(artifact: Path, meta: dict) -> Checkpoint:
     return Checkpoint.open(source)
 
 
-def load_tokenizer(path: Path, meta: dict | None) -> Tokenizer:
+def load_tokenizer(path: Path, meta: Metadata | None) -> Tokenizer:
     if meta is not None and not (path / "tokenizer.json").is_file():
         raise GenerationError(
             f"{path} has no tokenizer.json: the model folder it was built from had none; add the "
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=list(MODEL_DTYPES),
         default="bfloat16",
         help="reference backend only",
     )
@@ -201,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
-        print(
-            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
-            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
-            file=sys.stderr,
-        )
         if params.max_new_tokens >= gen.backend.max_seq_len:
             raise GenerationError(
                 f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
                 f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
                 "--max-seq-len (at build time for an artifact)."
             )
+        print(
+            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
+            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
+            file=sys.stderr,
+        )
         if args.prompt is None:
             chat_loop(gen, params, args.truncate)
         else:

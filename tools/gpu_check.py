@@ -2,7 +2,7 @@
 
     python -m tools.gpu_check [--mib 256] [--launches 1000]
 
-Runs the checks that tests/test_cuda_gpu.py runs (device buffers sized from a fake engine's
+Runs the checks that tests/runtime/test_cuda_gpu.py runs (device buffers sized from a fake engine's
 shape table, pinned round trips of int32 and bf16 data, event timing, CUDA graph capture and
 replay, and `TensorRTBackend.forward` with its captured decode steps driving a stand-in execution
 context that copies instead of running an engine), then measures copy bandwidth and graph
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from netdef.contract import FORMAT_VERSION
 from runtime.cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
@@ -36,6 +37,7 @@ from runtime.cuda_buffers import (
     gpu_unavailable_reason,
     h2d,
 )
+from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K, top_k_lse
 from runtime.tensorrt_backend import TensorRTBackend, buffer_plan, max_profile_shapes
 
 MiB = 1 << 20
@@ -101,6 +103,7 @@ def fake_engine(
             shapes[t["name"]] = [[bb, *shape] for bb in batch]
         profiles.append({"name": name, "shapes": shapes})
     meta = {
+        "format_version": FORMAT_VERSION,
         "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
         "profiles": profiles,
         "io": io,
@@ -264,59 +267,68 @@ def check_graph_replay(replays: int = 100) -> str:
 def check_auto_graphs(decode_steps: int = 50) -> str:
     """With auto_graphs (as `load` sets it), the first decode step of a batch size runs plainly
     and is captured; every later step of that size replays it."""
+    from netdef.artifact import Metadata
+
     meta, desc = fake_engine(max_seq_len=256, profile_set="decode,prefill")
     ctx = CopyContext()
-    with TensorRTBackend(meta, desc, ctx, auto_graphs=True) as model:
+    with TensorRTBackend(Metadata.from_dict(meta), desc, ctx, auto_graphs=True) as model:
         model.reset(2)
         model.forward(
             np.ones((2, 4), np.int32),
             np.tile(np.arange(4, dtype=np.int32), (2, 1)),
             np.full(2, 3, np.int32),
+            ALL_LOGITS,
         )
         model.forward(
-            np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32), np.zeros(2, np.int32)
+            np.ones((2, 1), np.int32),
+            np.full((2, 1), 4, np.int32),
+            np.zeros(2, np.int32),
+            ALL_LOGITS,
         )
         before = ctx.executions
         for step in range(decode_steps):
             ids = np.full((2, 1), step, np.int32)
-            logits = model.forward(ids, np.full((2, 1), 5 + step, np.int32), np.zeros(2, np.int32))
+            pos = np.full((2, 1), 5 + step, np.int32)
+            logits = model.forward(ids, pos, np.zeros(2, np.int32), ALL_LOGITS)["logits"]
             got = logits.view(np.int32).ravel()[:2].reshape(2, 1)
             assert np.array_equal(got, ids), "replayed step copied stale inputs"
         assert ctx.executions == before, "decode steps after the first did not replay"
-        model.forward_greedy(
-            np.ones((2, 1), np.int32), np.full((2, 1), 60, np.int32), np.zeros(2, np.int32)
+        model.forward(
+            np.ones((2, 1), np.int32), np.full((2, 1), 60, np.int32), np.zeros(2, np.int32), ARGMAX
         )
         before = ctx.executions  # that first greedy step ran plainly, then was captured
         for step in range(decode_steps):  # greedy steps: only next_token comes back, also replayed
             ids = np.full((2, 1), 100 + step, np.int32)
-            got = model.forward_greedy(
-                ids, np.full((2, 1), 61 + step, np.int32), np.zeros(2, np.int32)
-            )
+            pos = np.full((2, 1), 61 + step, np.int32)
+            got = model.forward(ids, pos, np.zeros(2, np.int32), ARGMAX)["next_token"]
             assert np.array_equal(got, ids[:, 0]), "next_token did not come back"
         assert ctx.executions == before, "greedy steps after the first did not replay"
-        model.forward_top_k(
-            np.ones((2, 1), np.int32), np.full((2, 1), 120, np.int32), np.zeros(2, np.int32)
+        model.forward(
+            np.ones((2, 1), np.int32), np.full((2, 1), 120, np.int32), np.zeros(2, np.int32), TOP_K
         )
         before = ctx.executions
         for step in range(decode_steps):  # sampling steps: only the best K come back, replayed
             ids = np.full((2, 1), 200 + step, np.int32)
-            values, top = model.forward_top_k(
-                ids, np.full((2, 1), 121 + step, np.int32), np.zeros(2, np.int32)
-            )
+            pos = np.full((2, 1), 121 + step, np.int32)
+            out = model.forward(ids, pos, np.zeros(2, np.int32), TOP_K)
+            values, top = out["top_logits"], out["top_ids"]
             assert values.shape == top.shape == (2, model.sample_top_k)
             assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
             assert np.array_equal(values.view(np.int32).ravel()[:2], ids[:, 0])
         assert ctx.executions == before, "top-k steps after the first did not replay"
-        model.forward_top_p(
-            np.ones((2, 1), np.int32), np.full((2, 1), 180, np.int32), np.zeros(2, np.int32), 2.0
+        model.forward(
+            np.ones((2, 1), np.int32),
+            np.full((2, 1), 180, np.int32),
+            np.zeros(2, np.int32),
+            top_k_lse(2.0),
         )
         before = ctx.executions
         for step in range(decode_steps):  # top-p steps: best K and log-normalizers, replayed
             ids = np.full((2, 1), 300 + step, np.int32)
             temperature = 0.5 + step / decode_steps  # staged anew each step
-            values, top, lse = model.forward_top_p(
-                ids, np.full((2, 1), 181 + step, np.int32), np.zeros(2, np.int32), temperature
-            )
+            pos = np.full((2, 1), 181 + step, np.int32)
+            out = model.forward(ids, pos, np.zeros(2, np.int32), top_k_lse(temperature))
+            top, lse = out["top_ids"], out["log_normalizer"]
             assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
             assert np.array_equal(lse, np.full(2, 1 / temperature, np.float32)), "stale 1/T"
             whole = model.last_logits()  # left on the GPU by that step; copied when asked
@@ -338,10 +350,14 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
 
 def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
     """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
+    from netdef.artifact import Metadata
+
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
     ctx = CopyContext()
     rng = np.random.default_rng(2)
-    with TensorRTBackend(meta, desc, ctx, auto_graphs=True, timed=True) as model:
+    with TensorRTBackend(
+        Metadata.from_dict(meta), desc, ctx, auto_graphs=True, timed=True
+    ) as model:
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
 
@@ -352,7 +368,8 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
 
             def call(ids: np.ndarray, pos: np.ndarray) -> None:
                 b, s = ids.shape
-                logits = model.forward(ids, pos, np.full(b, s - 1, np.int32))
+                out = model.forward(ids, pos, np.full(b, s - 1, np.int32), ALL_LOGITS)
+                logits = out["logits"]
                 assert logits.shape == (b, 64) and logits.dtype == np.float32
                 got = logits.view(np.int32).ravel()[: b * s].reshape(b, s)
                 assert np.array_equal(got, ids), "logits buffer does not hold the copied ids"

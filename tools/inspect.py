@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        meta = check_intact(args.artifact)
+        meta = check_intact(args.artifact).data
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

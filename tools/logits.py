@@ -16,39 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from runtime.cpu import CpuModel
+from netdef.contract import MODEL_DTYPES
+from runtime.cpu import CpuBackend, sequence_logits
 from weights import Checkpoint, WeightsError
-
-
-def sequence_logits(model: CpuModel, seqs: list[list[int]], prefill: int) -> np.ndarray:
-    """[B, T_max, vocab] logits, NaN where a sequence has ended."""
-    batch, t_max = len(seqs), max(len(s) for s in seqs)
-    ids = np.zeros((batch, t_max), np.int32)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = s
-    lengths = np.array([len(s) for s in seqs])
-    model.reset(batch)
-    positions = np.broadcast_to(np.arange(prefill, dtype=np.int32), (batch, prefill))
-    last = np.minimum(lengths, prefill) - 1
-    steps = [model.forward(ids[:, :prefill], positions, last)]
-    for t in tqdm(
-        range(prefill, t_max),
-        desc="decode",
-        unit="tok",
-        disable=t_max - prefill < 2,
-        file=sys.stderr,
-    ):
-        steps.append(
-            model.forward(
-                ids[:, t : t + 1], np.full((batch, 1), t, np.int32), np.zeros(batch, np.int32)
-            )
-        )
-    logits = np.concatenate(steps, axis=1)
-    logits[np.arange(t_max)[None, :] >= lengths[:, None]] = np.nan
-    return logits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefill", type=int, help="ids per sequence in the first call (default: all)"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES))
     parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
     args = parser.parse_args(argv)
     try:
@@ -97,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prefill=prefill,
             all_logits=True,
         )
-        model = CpuModel(build_network(ckpt, options))
+        model = CpuBackend(build_network(ckpt, options))
     except (WeightsError, OptionsError) as e:
         raise SystemExit(f"error: {e}") from None
     logits = sequence_logits(model, seqs, prefill)

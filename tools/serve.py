@@ -478,12 +478,12 @@ class ServeConfig:
 
     def rows(self) -> int:
         """Sequences the engine runs at once: --max-batch, else the artifact's, else 4."""
-        from netdef.artifact import METADATA_FILE, read_metadata
+        from netdef.artifact import METADATA_FILE, Metadata, read_metadata
 
         if self.max_batch:
             return self.max_batch
         if (self.model / METADATA_FILE).is_file():
-            return read_metadata(self.model)["options"]["max_batch"]
+            return Metadata.from_dict(read_metadata(self.model)).max_batch
         return 4
 
     def server(self) -> Server:

@@ -20,7 +20,7 @@ that except the engine (for a GPU without TensorRT).
 --build builds each model's engine in a child process (tools.build.build, TensorRT-RTX ahead
 of time for --target) and reports its wall time and peak RSS (the child's own rusage from
 wait4, plus /proc polling for the anonymous/file-backed split and per-phase figures), also as
-a multiple of the checkpoint size. --cpu times the NumPy executor (runtime.cpu.CpuModel)
+a multiple of the checkpoint size. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
 against transformers on the CPU. --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return build_worker(args.build_worker)
     from netdef import BackendError, OptionsError
     from netdef.engine import EngineBuildError
+    from runtime.build import BuildError
     from runtime.cuda_buffers import CudaError
     from runtime.tensorrt_backend import EngineLoadError
-    from tools.build import BuildError
     from weights import WeightsError
 
     errors = (BenchError, BackendError, BuildError, CudaError, EngineBuildError, EngineLoadError)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> 
         "checkpoint_bytes": ckpt,
         "engine_bytes": child["engine_bytes"],
         "wall_s": wall_s,  # the child process: interpreter start, imports, build, exit
-        "build_s": child["build_s"],  # tools.build.build() itself
+        "build_s": child["build_s"],  # runtime.build.build() itself
         "network_s": child.get("network_s"),
         "builder_s": child.get("builder_s"),
         "peak_rss_bytes": peak_rss,
@@ -143,44 +144,41 @@ def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> 
 
 
 def build_worker(spec_path: str) -> int:
-    """Child side of measure_build: run tools.build.build, noting time and RSS at its phases."""
+    """Child side of measure_build: run runtime.build.build, noting time and RSS at its phases
+    through BuildHooks."""
     spec = json.loads(Path(spec_path).read_text())
     phases: list[dict[str, Any]] = []
 
     def mark(name: str) -> None:
         phases.append({"name": name, "t": time.monotonic(), **(proc_status() or {})})
 
-    import tools.build as tb
+    from netdef import load_backend
     from netdef.artifact import read_metadata
+    from runtime.build import BuildHooks, build
 
-    tb.load_backend(spec["options"].get("backend"))
+    load_backend(spec["options"].get("backend"))
     mark("imported")
     timings: dict[str, float] = {}
 
-    def timed_phase(
-        fn: Callable[..., Any], before: str, after: str, key: str
-    ) -> Callable[..., Any]:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            mark(before)
+    class Recording(BuildHooks):
+        """Marks RSS and time around the network definition and the builder call, and at
+        the builder's phases down to PHASE_DEPTH."""
+
+        @contextmanager
+        def phase(self, name: str, total: int = 0) -> Iterator[None]:
+            marks = {"network": "network", "engine": "builder"}.get(name)
+            if marks is None:
+                yield None
+                return
+            mark(f"before_{marks}")
             t0 = time.perf_counter()
             try:
-                return fn(*a, **k)
+                yield None
             finally:
-                timings[key] = time.perf_counter() - t0
-                mark(after)
+                timings[f"{marks}_s"] = time.perf_counter() - t0
+                mark(f"after_{marks}")
 
-        return wrapper
-
-    # Instrument this process's tools.build (nothing is changed on disk).
-    if hasattr(tb, "build_network"):
-        tb.build_network = timed_phase(
-            tb.build_network, "before_network", "after_network", "network_s"
-        )
-    if hasattr(tb, "builder_progress"):  # the builder's phases, down to PHASE_DEPTH
-        make_monitor = tb.builder_progress
-
-        def builder_progress(trt: Any, enabled: bool) -> Any:
-            inner = make_monitor(trt, enabled)
+        def builder_monitor(self, trt: Any) -> Any:
             depth: dict[str, int] = {}
             open_key: dict[str, str] = {}
             seen: dict[str, int] = {}
@@ -195,26 +193,19 @@ def build_worker(spec_path: str) -> int:
                         seen[name] = seen.get(name, 0) + 1
                         open_key[name] = f"{name} #{seen[name]}" if seen[name] > 1 else name
                         mark(f"builder[{depth[name]}]:{open_key[name]}:start")
-                    inner.phase_start(name, parent, steps)
 
                 def step_complete(self, name: str, step: int) -> bool:
-                    return inner.step_complete(name, step)
+                    return True
 
                 def phase_finish(self, name: str) -> None:
                     if name in open_key:
                         mark(f"builder[{depth[name]}]:{open_key.pop(name)}:finish")
-                    inner.phase_finish(name)
 
             return Recorder()
 
-        tb.builder_progress = builder_progress
-    if hasattr(tb, "build_engine"):
-        tb.build_engine = timed_phase(
-            tb.build_engine, "before_builder", "after_builder", "builder_s"
-        )
     t0 = time.perf_counter()
-    artifact = tb.build(
-        spec["model"], output=Path(spec["output"]), force=True, progress=False, **spec["options"]
+    artifact = build(
+        spec["model"], output=Path(spec["output"]), force=True, hooks=Recording(), **spec["options"]
     )
     build_s = time.perf_counter() - t0
     mark("done")

@@ -1,4 +1,4 @@
-"""--cpu: the NumPy executor (runtime.cpu.CpuModel) against transformers on the CPU, batch 1."""
+"""--cpu: the NumPy executor (runtime.cpu.CpuBackend) against transformers on the CPU, batch 1."""
 
 from __future__ import annotations
 
@@ -48,16 +48,17 @@ def with_rates(result: dict[str, Any], prompt_len: int) -> dict[str, Any]:
 def executor_cpu(
     model_dir: Path, dtype: str, prompt: np.ndarray, decode: np.ndarray, warmup: int, rounds: int
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """The NumPy executor (runtime.cpu.CpuModel) of the model's network, batch 1; and the
+    """The NumPy executor (runtime.cpu.CpuBackend) of the model's network, batch 1; and the
     logits of the prompt's last token."""
     from netdef import NetworkOptions, build_network, load_backend
-    from runtime.cpu import CpuModel
+    from runtime.cpu import CpuBackend
+    from runtime.readout import ALL_LOGITS
     from weights import Checkpoint
 
     p, n = len(prompt), len(decode)
     t0 = time.perf_counter()
     options = NetworkOptions(dtype=dtype, max_batch=1, max_seq_len=p + n, max_prefill=p)
-    model = CpuModel(build_network(Checkpoint.open(model_dir), options, load_backend()))
+    model = CpuBackend(build_network(Checkpoint.open(model_dir), options, load_backend()))
     model.reset(1)
     setup_s = time.perf_counter() - t0
     zero = np.zeros(1, np.int32)
@@ -65,10 +66,11 @@ def executor_cpu(
 
     def prefill() -> None:
         last = np.array([p - 1], np.int32)
-        state["logits"] = model.forward(prompt[None], np.arange(p, dtype=np.int32)[None], last)[0]
+        out = model.forward(prompt[None], np.arange(p, dtype=np.int32)[None], last, ALL_LOGITS)
+        state["logits"] = out["logits"][0]
 
     def step(s: int) -> None:
-        model.forward(decode[None, s : s + 1], np.array([[p + s]], np.int32), zero)
+        model.forward(decode[None, s : s + 1], np.array([[p + s]], np.int32), zero, ALL_LOGITS)
 
     result = cpu_rounds(prefill, step, n, warmup, rounds)
     return with_rates(dict(result, setup_s=setup_s), p), state["logits"]

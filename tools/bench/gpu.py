@@ -29,30 +29,32 @@ def prepare_engines(
 ) -> dict[str, Any]:
     """{profile set: artifact}, decode+prefill first, plus `skipped` reasons. An artifact is
     used as it is; its counterpart is built from the model folder named in its metadata."""
-    from netdef.artifact import is_complete, read_metadata
+    from netdef.artifact import is_complete, open_artifact
     from netdef.backend import is_rtx, load_backend
-    from tools.build import build
+    from runtime.build import build
+    from tools.build import ConsoleHooks
 
     out: dict[str, Any] = {"engines": {}, "skipped": None}
     if is_complete(Path(source)):
-        meta = read_metadata(Path(source))
-        opts = meta["options"]
+        meta = open_artifact(Path(source))
+        opts = meta.options
         given = opts["profile_set"]
         out["engines"][given] = Path(source)
         if args.compare_profiles:
             other = "dynamic" if given != "dynamic" else "decode,prefill"
             try:
                 out["engines"][other] = build(
-                    meta["model"]["path"],
+                    str(meta.model_path),
                     dtype=opts["dtype"],
                     max_batch=opts["max_batch"],
                     max_seq_len=opts["max_seq_len"],
                     max_prefill=opts["max_prefill"],
                     prefill_opt=opts["prefill_opt"],
                     profiles=other,
-                    backend=meta["backend"]["module"],
-                    target=meta.get("target"),
-                    optimization_level=meta.get("optimization_level"),
+                    backend=meta.backend_module,
+                    target=meta.target,
+                    optimization_level=meta.optimization_level,
+                    hooks=ConsoleHooks(),
                 )
             except Exception as e:  # the artifact itself is still measured
                 out["skipped"] = f"could not build the {other!r} counterpart: {e}"
@@ -66,6 +68,7 @@ def prepare_engines(
             backend=trt.__name__,
             target=target,
             optimization_level=args.optimization_level,
+            hooks=ConsoleHooks(),
         )
         out["engines"]["decode,prefill"] = build(source, profiles="decode,prefill", **common)
         if args.compare_profiles:
@@ -110,16 +113,13 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
 
     # The model folder (for transformers and the roofline) and the limits shapes are fit to.
     if engines:
-        from netdef.artifact import read_metadata
+        from netdef.artifact import open_artifact
 
-        meta = read_metadata(next(iter(engines.values())))
-        opts = meta["options"]
-        model_dir, dtype = Path(meta["model"]["path"]), opts["dtype"]
+        meta = open_artifact(next(iter(engines.values())))
+        model_dir, dtype = meta.model_path, meta.options["dtype"]
         config = load_config(next(iter(engines.values())))
         limits = dict(
-            max_batch=opts["max_batch"],
-            max_prefill=opts["max_prefill"] or opts["max_seq_len"],
-            max_seq_len=opts["max_seq_len"],
+            max_batch=meta.max_batch, max_prefill=meta.max_prefill, max_seq_len=meta.max_seq_len
         )
     else:
         model_dir = resolve_model(source)

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from netdef.contract import LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
 from runtime.generate import Generator
+from runtime.readout import Outputs, Readout
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 from tools.bench.report import format_table, stats
@@ -61,26 +63,25 @@ class InstantBackend:
     def reset(self, batch: int) -> None:
         pass
 
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
-        self.batch = len(input_ids)
-        return self.last_logits()
+    def forward(self, input_ids, position_ids, last, readout: Readout) -> Outputs:
+        self.batch = b = len(input_ids)
+        out = {
+            LOGITS: self.last_logits,
+            NEXT_TOKEN: lambda: np.full(b, self.argmax, np.int32),
+            TOP_LOGITS: lambda: np.tile(self.logits[self.top_ids], (b, 1)),
+            TOP_IDS: lambda: np.tile(self.top_ids, (b, 1)),
+            LOG_NORMALIZER: lambda: np.full(b, self.log_normalizer(readout.temperature)),
+        }
+        return {name: out[name]() for name in readout.outputs}
 
     def last_logits(self) -> np.ndarray:
         return np.repeat(self.logits[None], self.batch, axis=0)  # a fresh array, as D2H gives
 
-    def forward_greedy(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
-        return np.full(len(input_ids), self.argmax, np.int32)
-
-    def forward_top_k(self, input_ids: np.ndarray, position_ids: np.ndarray, last: np.ndarray):
-        self.batch = b = len(input_ids)
-        return np.tile(self.logits[self.top_ids], (b, 1)), np.tile(self.top_ids, (b, 1))
-
-    def forward_top_p(self, input_ids, position_ids, last, temperature: float):
+    def log_normalizer(self, temperature: float) -> np.float32:
         if temperature not in self.lse:  # the engine's work, not the host's: computed once
             x = self.logits.astype(np.float64) / temperature
             self.lse[temperature] = np.float32(x.max() + np.log(np.exp(x - x.max()).sum()))
-        lse = np.full(len(input_ids), self.lse[temperature])
-        return (*self.forward_top_k(input_ids, position_ids, last), lse)
+        return self.lse[temperature]
 
 
 def host_overhead(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.readout import ARGMAX
 from tools.bench import BenchError
 
 TOP_KERNELS = 15
@@ -57,12 +58,12 @@ def profile_engine(
     try:
         pos = np.arange(prompt_len, dtype=np.int32)[None]
         prefill = kernel_profile(
-            lambda: backend.forward_greedy(ids[:1, :prompt_len], pos, np.array([prompt_len - 1])),
+            lambda: backend.forward(ids[:1, :prompt_len], pos, np.array([prompt_len - 1]), ARGMAX),
             repeats,
         )
         step = (ids[:1, context : context + 1], np.full((1, 1), context, np.int32))
         decode = kernel_profile(
-            lambda: backend.forward_greedy(*step, np.zeros(1, np.int32)), repeats
+            lambda: backend.forward(*step, np.zeros(1, np.int32), ARGMAX), repeats
         )
     finally:
         backend.auto_graphs = auto

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from netdef.slots import call_end
+from runtime.readout import ALL_LOGITS, ARGMAX
 from tools.bench import BenchError
 from tools.bench.report import stats
 
@@ -95,7 +96,7 @@ def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.nd
     does): CUDA events where the backend keeps `last_call_ms` (TensorRTBackend), else wall
     clock."""
     t0 = time.perf_counter()
-    backend.forward_greedy(ids, positions, last)
+    backend.forward(ids, positions, last, ARGMAX)
     wall = (time.perf_counter() - t0) * 1e3
     return float(backend.last_call_ms) if hasattr(backend, "last_call_ms") else wall
 
@@ -106,7 +107,8 @@ def fill_cache(backend: Any, ids: np.ndarray, batch: int, length: int) -> None:
     while start < length:
         end = call_end(start, length, backend.max_prefill, backend.rings)
         pos = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
-        backend.forward(ids[:batch, start:end], pos, np.full(batch, end - start - 1, np.int32))
+        last = np.full(batch, end - start - 1, np.int32)
+        backend.forward(ids[:batch, start:end], pos, last, ALL_LOGITS)
         start = end
 
 
@@ -168,7 +170,7 @@ def measure_decode(
                 for s in range(steps):
                     step = (ids[:b, context + s : context + s + 1], np.full((b, 1), context + s))
                     t0 = time.perf_counter()
-                    backend.forward_greedy(*step, last)
+                    backend.forward(*step, last, ARGMAX)
                     wall.append((time.perf_counter() - t0) * 1e3)
             finally:
                 backend.timed = True

@@ -13,6 +13,7 @@ import pytest
 
 from netdef import NetworkOptions, build_network, load_backend
 from netdef.artifact import ENGINE_FILE, metadata, write_metadata
+from netdef.contract import target_capability
 from runtime import cuda_buffers
 from runtime.tensorrt_backend import (
     EngineLoadError,
@@ -24,7 +25,6 @@ from runtime.tensorrt_backend import (
     choose_profile,
     describe_engine,
     max_profile_shapes,
-    parse_target,
     resolve_dynamic,
     validate_call,
 )
@@ -32,7 +32,7 @@ from tools.gpu_check import fake_engine
 from weights.config import load_config
 
 trt = load_backend("tensorrt_rtx")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ZeroWeights:
@@ -96,11 +96,11 @@ class NetworkAsEngine:
 META = {"backend": {"module": "tensorrt_rtx", "version": "1.7.1.116"}, "target": "sm89"}
 
 
-def test_parse_target():
-    assert parse_target("sm89") == (8, 9)
-    assert parse_target("8.9") == (8, 9)
-    assert parse_target("sm120") == (12, 0)
-    assert parse_target("SM121") == (12, 1)
+def test_target_capability():
+    assert target_capability("sm89") == (8, 9)
+    assert target_capability("8.9") == (8, 9)
+    assert target_capability("sm120") == (12, 0)
+    assert target_capability("SM121") == (12, 1)
 
 
 def test_portable_engine_passes():
@@ -314,14 +314,15 @@ def test_load_refuses_a_missing_tensorrt_module(tmp_path, monkeypatch):
 
 
 def test_importing_the_backend_needs_neither_cuda_python_nor_tensorrt():
-    """Nor the network definer: of netdef, only the slot rule the backend feeds."""
+    """Nor the network definer: of netdef, only the I/O contract and the slot rule the backend
+    feeds."""
     code = (
         "import sys; import runtime.tensorrt_backend, tools.gpu_check; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cuda', 'tensorrt', 'tensorrt_rtx', 'netdef')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['netdef', 'netdef.slots']"
+    assert out.stdout.strip() == "['netdef', 'netdef.contract', 'netdef.slots']"
 
 
 def test_missing_cuda_python_says_how_to_install(monkeypatch):

@@ -18,49 +18,9 @@ from tokenizers import Tokenizer as Backend
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from tests.fixtures.templates import GEMMA3_TEMPLATE
 
 # The official Gemma-3 instruction template (the GGUF-derived folder ships none).
-GEMMA3_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
 
 # Llama-3.1-style: strftime_now, tools through tojson(indent=4), {% generation %}, {% break %}.
 LLAMA3_TEMPLATE = """{{- bos_token }}
@@ -624,7 +584,7 @@ def test_stream_decoder_emits_as_soon_as_complete(small_dirs: dict[str, Path]) -
     tok = Tokenizer.from_dir(small_dirs["llama2"])
     ids = tok.encode("a 😀 b", add_special_tokens=False)
     deltas = _stream(tok, ids, skip=True)
-    assert "😀" in deltas[ids.index(tok.backend.token_to_id("<0x80>"))]  # the emoji's last byte
+    assert "😀" in deltas[ids.index(tok.hf.token_to_id("<0x80>"))]  # the emoji's last byte
     assert deltas[0] == "a"  # the first space is stripped, as decode does
     assert "".join(deltas) == "a 😀 b"
 

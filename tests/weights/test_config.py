@@ -16,13 +16,8 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tests.fixtures.tiny import TINY_MODELS, tiny_model_dir
+from tests.fixtures.tiny import TINY_MODELS, decoder_of, tiny_model_dir
 from weights import ConfigError, ModelConfig, RopeConfig, load_config, parse_config
-
-
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack of a causal LM or of a multimodal Gemma-3."""
-    return getattr(model.model, "language_model", model.model)
 
 
 def raw_config(name: str) -> dict:

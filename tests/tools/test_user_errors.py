@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from netdef.artifact import METADATA_FILE
-from tests.test_build_tool import run_build, tiny_build_args, with_tokenizer
+from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from tools import logits as logits_tool
@@ -82,7 +82,7 @@ def artifact(tiny_dir, tmp_path, capsys) -> Path:
         ("not json", "cannot be read as JSON (Expecting value: line 1 column 1 (char 0))"),
         (
             '{"format_version": 2}',
-            "lacks config, options, profiles, io, backend, build_key, model, build",
+            "lacks config, options, profiles, io, backend, build_key, model, build, kv_cache",
         ),
     ],
     ids=["not-json", "missing-keys"],
@@ -206,8 +206,8 @@ def test_artifacts_get_the_umask_permissions(artifact):
 
 def test_the_readme_cpu_snippet_runs(tiny_dir, tmp_path, capsys):
     model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [snippet] = [b for b in readme.split("```python\n")[1:] if "CpuModel" in b]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [snippet] = [b for b in readme.split("```python\n")[1:] if "CpuBackend" in b]
     code = snippet.split("```")[0].replace('"MODEL_DIR"', repr(str(model)))
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()

@@ -115,7 +115,7 @@ def test_generate_cli_interactive_chat_keeps_the_conversation(
     import json
 
     from runtime.tokenizer import Tokenizer
-    from tests.test_tokenizer import GEMMA3_TEMPLATE
+    from tests.fixtures.templates import GEMMA3_TEMPLATE
 
     folder = tmp_path / "chat-model"
     folder.mkdir()
@@ -157,7 +157,7 @@ def test_generate_cli_interactive_on_a_base_model_says_so_and_continues_text(
     chat, tiny_dir, tmp_path, monkeypatch, capsys
 ):
     """No chat template: said before the first line, and each line is continued as text."""
-    from tests.test_build_tool import with_tokenizer
+    from tests.tools.cli import with_tokenizer
 
     model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
     lines = iter(["w5 w6", "w7", ""])

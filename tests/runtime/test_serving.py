@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network
+from netdef.contract import LOGITS
 from netdef.slots import call_end
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.generate import GenerationError, Generator
+from runtime.readout import ALL_LOGITS
 from runtime.sampling import SamplingParams
 from runtime.serving import Engine, EngineFault, EngineStopped, QueueFull
 from runtime.tokenizer import Tokenizer
-from tests.test_build_tool import with_tokenizer
+from tests.fixtures.serving import Recording
+from tests.tools.cli import with_tokenizer
 from weights import Checkpoint
 
 PREFILL = 4
@@ -31,9 +34,9 @@ def model(request, tiny_dir, tmp_path_factory):
     return Checkpoint.open(folder), Tokenizer.from_dir(folder)
 
 
-def cpu(model, batch: int, seq: int = 64) -> CpuModel:
+def cpu(model, batch: int, seq: int = 64) -> CpuBackend:
     options = NetworkOptions(dtype="float32", max_batch=batch, max_seq_len=seq, max_prefill=PREFILL)
-    return CpuModel(build_network(model[0], options))
+    return CpuBackend(build_network(model[0], options))
 
 
 def words(first: int, n: int) -> str:
@@ -46,47 +49,6 @@ def alone(model, prompt, params: SamplingParams):
     text = "".join(d.text for d in run)
     c = run.completions[0]
     return c.token_ids, text, c.finish_reason
-
-
-class Recording:
-    """A CpuModel that records each call's (B, S, row) and can fail on a chosen token id."""
-
-    def __init__(self, backend: CpuModel, poison: int | None = None):
-        self.backend, self.poison, self.calls, self._row = backend, poison, [], None
-        for name in ("max_batch", "max_seq_len", "max_prefill", "sample_top_k", "rings"):
-            setattr(self, name, getattr(backend, name))
-        self.has_log_normalizer = backend.has_log_normalizer
-
-    def reset(self, batch):
-        self.backend.reset(batch)
-
-    def row(self, k):
-        recorder, inner = self, self.backend.row(k)
-
-        class Row:
-            def __enter__(self):
-                recorder._row = k
-                return inner.__enter__()
-
-            def __exit__(self, *exc):
-                recorder._row = None
-                return inner.__exit__(*exc)
-
-        return Row()
-
-    def last_logits(self):
-        return self.backend.last_logits()
-
-    def __getattr__(self, name):  # forward, forward_greedy, forward_top_k, forward_top_p
-        method = getattr(self.backend, name)
-
-        def recorded(ids, *args):
-            self.calls.append((*np.shape(ids), self._row))
-            if self.poison is not None and self.poison in np.asarray(ids):
-                raise RuntimeError("injected fault")
-            return method(ids, *args)
-
-        return recorded
 
 
 def chunks(n: int, backend) -> int:
@@ -256,7 +218,7 @@ def test_a_prompt_too_long_is_refused_before_it_queues(model):
 
 
 def test_a_call_on_one_row_leaves_the_others_alone(model):
-    """CpuModel.row(k): a prefill on row 2 gives the logits of the same prefill on a fresh
+    """CpuBackend.row(k): a prefill on row 2 gives the logits of the same prefill on a fresh
     batch of one, and rows 0 and 1 keep every byte."""
     backend = cpu(model, 3)
     backend.reset(3)
@@ -267,10 +229,11 @@ def test_a_call_on_one_row_leaves_the_others_alone(model):
     ids = np.array([[5, 9, 11, 40]], np.int32)
     pos = np.arange(4, dtype=np.int32)[None]
     with backend.row(2):
-        logits = backend.forward(ids, pos, np.array([3], np.int32))
+        logits = backend.forward(ids, pos, np.array([3], np.int32), ALL_LOGITS)[LOGITS]
     single = cpu(model, 1)
     single.reset(1)
-    assert np.array_equal(logits, single.forward(ids, pos, np.array([3], np.int32)))
+    alone = single.forward(ids, pos, np.array([3], np.int32), ALL_LOGITS)[LOGITS]
+    assert np.array_equal(logits, alone)
     for name, cache in backend.caches.items():
         assert np.array_equal(cache[:2], before[name][:2])
         assert np.array_equal(cache[2, :, :4], single.caches[name][0, :, :4])

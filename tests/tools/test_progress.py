@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.test_build_tool import run_build, tiny_build_args, with_tokenizer
+from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import eval as eval_tool
 
 

@@ -5,105 +5,28 @@ response equals the same request alone, errors, disconnects, 429, SIGTERM and en
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.test_build_tool import with_tokenizer
-from tools import generate as generate_tool
-
-ROOT = Path(__file__).resolve().parents[1]
-SEQ = 256  # the tiny fixtures' max_position_embeddings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def post(port: int, path: str, data: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def health(port: int) -> dict:
-    return json.loads(get(port, "/health")[1])
-
-
-def metric(port: int, name: str) -> float:
-    """A series' value from /metrics (0 when absent)."""
-    for line in get(port, "/metrics")[1].splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def wait_for(predicate, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-class LiveServer:
-    """`python -m tools.serve MODEL ARGS` on a free loopback port, up until /health answers."""
-
-    def __init__(self, model: Path, *args: str, startup_s: float = 180.0):
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "tools.serve", str(model), "--backend", "reference"]
-        self.proc = subprocess.Popen(
-            [*cmd, "--port", str(self.port), *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            wait_for(lambda: self.proc.poll() is not None or health(self.port), startup_s)
-        except BaseException:
-            self.stop()
-            raise
-        assert self.proc.poll() is None, self.proc.stdout.read()
-        self.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="-", max_retries=0
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+from tests.tools.cli import (
+    SEQ,
+    LiveServer,
+    free_port,
+    generate_text,
+    get,
+    health,
+    metric,
+    post,
+    wait_for,
+    with_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +39,6 @@ def server(tiny):
     s = LiveServer(tiny, "--dtype", "float32", "--max-seq-len", str(SEQ), "--max-batch", "4")
     yield s
     assert s.stop() == 0
-
-
-def generate_text(model: Path, prompt: str, tokens: int, capsys, *extra: str) -> str:
-    """tools.generate's output for the prompt (greedy, float32 reference)."""
-    args = [str(model), "--backend", "reference", "--dtype", "float32", "--max-seq-len", str(SEQ)]
-    assert (
-        generate_tool.main([*args, *extra, "--prompt", prompt, "--max-new-tokens", str(tokens)])
-        == 0
-    )
-    return capsys.readouterr().out.removesuffix("\n")
 
 
 def test_completions_equal_tools_generate_streamed_or_not(server, tiny, capsys):
@@ -327,15 +240,15 @@ def test_an_engine_fault_fails_its_request_not_the_server(tiny):
     import uvicorn
 
     from netdef import NetworkOptions, build_network
-    from runtime.cpu import CpuModel
+    from runtime.cpu import CpuBackend
     from runtime.serving import Engine
     from runtime.tokenizer import Tokenizer
-    from tests.test_serve_engine import Recording
+    from tests.fixtures.serving import Recording
     from tools.serve import Server
     from weights import Checkpoint
 
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64, max_prefill=8)
-    backend = Recording(CpuModel(build_network(Checkpoint.open(tiny), options)), poison=77)
+    backend = Recording(CpuBackend(build_network(Checkpoint.open(tiny), options)), poison=77)
     tokenizer = Tokenizer.from_dir(tiny)
     app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", 5).app
     port = free_port()
@@ -362,7 +275,7 @@ def test_an_engine_fault_fails_its_request_not_the_server(tiny):
 @pytest.mark.slow
 def test_gemma3_270m_chat_equals_tools_generate(gemma3_270m_dir, tmp_path, capsys):
     """The bundled model, given Gemma-3's chat template (its GGUF carries none)."""
-    from tests.test_tokenizer import GEMMA3_TEMPLATE
+    from tests.fixtures.templates import GEMMA3_TEMPLATE
 
     model = tmp_path / "gemma-270m"
     model.mkdir()

@@ -27,7 +27,7 @@ import pytest
 from tests.fixtures.tiny import tiny_model_dir
 from weights import Checkpoint, HubError, repo_id_for, resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -8,22 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from netdef import load_backend
 from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
+from runtime import build as pipeline
+from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import build as build_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from weights import load_config
 
 trt = load_backend("tensorrt_rtx")
-
-
-def run_build(args: list[str], capsys) -> tuple[int, str, str]:
-    code = build_tool.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"])
@@ -84,7 +79,7 @@ def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatc
     def must_not_build(*a, **k):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(build_tool, "build_engine", must_not_build)
+    monkeypatch.setattr(pipeline, "build_engine", must_not_build)
     code, second, err = run_build(args, capsys)
     assert code == 0 and second.strip() == artifact
     assert "Reusing" in err
@@ -100,7 +95,7 @@ def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
         (args[1]).write_bytes(b"half an engine")
         raise RuntimeError("builder crashed")
 
-    monkeypatch.setattr(build_tool, "build_engine", crash)
+    monkeypatch.setattr(pipeline, "build_engine", crash)
     out_dir = tmp_path / "artifact"
     with pytest.raises(RuntimeError, match="builder crashed"):
         build_tool.main(
@@ -167,11 +162,6 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     assert inspect_tool.main([str(out_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_metadata(out_dir)
     assert inspect_tool.main([str(tmp_path)]) == 1
-
-
-def tiny_build_args(tiny_dir, out_dir, *extra: str) -> list[str]:
-    model = str(tiny_dir("qwen3"))
-    return [model, "--target", "sm89", "--max-seq-len", "32", "--output", str(out_dir), *extra]
 
 
 def test_force_never_deletes_what_the_user_put_in_the_output_folder(tiny_dir, tmp_path, capsys):
@@ -252,18 +242,6 @@ def test_a_truncated_engine_is_rebuilt_not_reused(tiny_dir, tmp_path, capsys):
     )
     assert "Reusing" not in err and engine.stat().st_size == built
     assert "Reusing" in run_build(tiny_build_args(tiny_dir, out_dir), capsys)[2]
-
-
-def with_tokenizer(model_dir: Path, dest: Path) -> Path:
-    """A copy of a tiny checkpoint folder (weights linked) plus a word-level tokenizer.json."""
-    dest.mkdir()
-    for f in model_dir.iterdir():
-        (dest / f.name).symlink_to(f)
-    vocab = {f"w{i}": i for i in range(512)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(dest / "tokenizer.json"))
-    return dest
 
 
 def test_the_build_key_covers_the_tokenizer_files(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -19,8 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.fixtures.tiny import TINY_MODELS, tiny_model_dir
-from tests.test_weights_config import decoder_of
+from tests.fixtures.tiny import TINY_MODELS, decoder_of, tiny_model_dir
 from weights import Checkpoint, CheckpointError
 from weights.checkpoint import sanitize
 

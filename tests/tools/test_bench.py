@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools.bench import BenchError, gpu
@@ -374,16 +374,14 @@ class FixedTimeBackend:
     def reset(self, batch):
         self.resets.append(batch)
 
-    def forward(self, ids, positions, last):
+    def forward(self, ids, positions, last, readout):
         assert (
             ids.dtype == np.int32 and ids.shape == positions.shape and last.shape == ids.shape[:1]
         )
         self.calls.append((ids.shape, positions[:, 0].tolist(), last.tolist()))
         self.last_call_ms = float(ids.shape[1])
-        return np.zeros((ids.shape[0], 8), np.float32)
-
-    def forward_greedy(self, ids, positions, last):
-        return self.forward(ids, positions, last).argmax(-1)
+        logits = np.zeros((ids.shape[0], 8), np.float32)
+        return {"logits": logits, "next_token": logits.argmax(-1)}
 
 
 def test_measure_loops_use_backend_event_times_and_positions():
@@ -419,7 +417,7 @@ def test_measure_loops_on_the_cpu_executor(tiny_dir):
 
     ckpt = Checkpoint.open(tiny_dir("qwen3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=32, max_prefill=8)
-    model = CpuModel(build_network(ckpt, options, load_backend("tensorrt_rtx")))
+    model = CpuBackend(build_network(ckpt, options, load_backend("tensorrt_rtx")))
     ids = prompt_ids(ckpt.config.vocab_size, 2, 32)
     pre = measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
     dec = measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
@@ -449,11 +447,14 @@ def test_transformers_timing_structure_on_cpu(tiny_dir):
 def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
     if reason := gpu_unavailable_reason():
         pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+    from netdef.artifact import Metadata
     from runtime.tensorrt_backend import TensorRTBackend
     from tools.gpu_check import CopyContext, fake_engine
 
     meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
-    with TensorRTBackend(meta, desc, CopyContext(), auto_graphs=True, timed=True) as backend:
+    with TensorRTBackend(
+        Metadata.from_dict(meta), desc, CopyContext(), auto_graphs=True, timed=True
+    ) as backend:
         ids = prompt_ids(64, 4, 40)
         pre = measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
         dec = measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)

@@ -14,8 +14,7 @@ import signal
 import openai
 import pytest
 
-from tests.test_build_tool import with_tokenizer
-from tests.test_serve_http import LiveServer, generate_text
+from tests.tools.cli import LiveServer, generate_text, with_tokenizer
 
 pytestmark = pytest.mark.ray
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_engine, build_network, load_backend
-from runtime.cpu import CpuModel
-from tools.logits import sequence_logits
+from runtime.cpu import CpuBackend, sequence_logits
 from weights import Checkpoint
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,7 @@ def ours(model_dir, seq: list[int], prompt_len: int, dtype: str) -> np.ndarray:
     options = NetworkOptions(
         dtype=dtype, max_seq_len=len(seq), max_prefill=prompt_len, all_logits=True
     )
-    model = CpuModel(build_network(Checkpoint.open(model_dir), options))
+    model = CpuBackend(build_network(Checkpoint.open(model_dir), options))
     return sequence_logits(model, [seq], prompt_len)[0]
 
 

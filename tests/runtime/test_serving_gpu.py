@@ -4,7 +4,7 @@ CPU executor, and the scheduler on the engine against each request run alone.
 Row calls bind each past_*/present_* tensor at row k of its cache; the decode steps around
 them run on the caches' first rows with CUDA graphs, so the sequence below interleaves both
 (graphs captured before a row call are replayed after it) and compares every call's outputs
-with the executor's within test_engine_gpu's tolerances. Skipped without cuda-python and a
+with the executor's within tests/fixtures/gpu.py's tolerances. Skipped without cuda-python and a
 GPU: that skip is not coverage.
 """
 
@@ -17,10 +17,10 @@ import pytest
 
 from netdef import NetworkOptions, build_network
 from netdef.slots import call_end
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
-from tests.test_build_tool import with_tokenizer
-from tests.test_engine_gpu import TOLERANCE, assert_close, build_for_device, run_all
+from tests.fixtures.gpu import TOLERANCE, assert_close, build_for_device, run_all
+from tests.tools.cli import with_tokenizer
 from weights import Checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -78,7 +78,7 @@ def run_rows(model, sequence):
 
 
 def test_row_calls_match_the_executor(tmp_path):
-    from netdef.artifact import read_metadata
+    from netdef.artifact import open_artifact
     from runtime.tensorrt_backend import TensorRTBackend
     from tests.fixtures.tiny import tiny_model_dir
 
@@ -86,9 +86,9 @@ def test_row_calls_match_the_executor(tmp_path):
     artifact = build_for_device(
         model_dir, tmp_path / "a", max_batch=3, max_seq_len=24, max_prefill=4, sample_top_k=8
     )
-    meta = read_metadata(artifact)
-    cpu = CpuModel(build_network(Checkpoint.open(model_dir), NetworkOptions(**meta["options"])))
-    sequence = row_sequence(meta["config"]["vocab_size"], cpu.rings)
+    meta = open_artifact(artifact)
+    cpu = CpuBackend(build_network(Checkpoint.open(model_dir), NetworkOptions(**meta.options)))
+    sequence = row_sequence(cpu.dn.config.vocab_size, cpu.rings)
     cpu.reset(3)
     expected = run_rows(cpu, sequence)
     with TensorRTBackend.load(artifact) as engine:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_network
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
 from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
@@ -29,7 +29,7 @@ def tokenizer(gemma3_270m_dir):
 def cpu_model(gemma3_270m_dir):
     """float32 network, batch up to 3, prefill chunks of 4 tokens (so prompts take several calls)."""
     options = NetworkOptions(dtype="float32", max_batch=3, max_seq_len=64, max_prefill=4)
-    return CpuModel(build_network(Checkpoint.open(gemma3_270m_dir), options))
+    return CpuBackend(build_network(Checkpoint.open(gemma3_270m_dir), options))
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +109,10 @@ def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_m
     exactly the tokens sampled from the whole vocabulary's logits."""
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=64, top_p=0.95, seed=7)
     via_top = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, params)
-    assert via_top.wants == "top_k"
+    assert via_top.readout.name == "top_k"
     list(via_top)
     via_logits = Generator(WholeLogits(cpu_model), tokenizer, eos_ids=[]).start(PROMPTS, params)
-    assert via_logits.wants == "logits"
+    assert via_logits.readout.name == "logits"
     list(via_logits)
     tokens = [c.token_ids for c in via_top.completions]
     assert tokens == [c.token_ids for c in via_logits.completions]
@@ -127,12 +127,12 @@ def sample_both_ways(model, tokenizer, params: SamplingParams, wants: str) -> in
     model.last_logits = lambda: fallbacks.append(1) or last_logits()
     try:
         via_top = Generator(model, tokenizer, eos_ids=[]).start(PROMPTS, params)
-        assert via_top.wants == wants
+        assert via_top.readout.name == wants
         list(via_top)
     finally:
         del model.last_logits
     via_logits = Generator(WholeLogits(model), tokenizer, eos_ids=[]).start(PROMPTS, params)
-    assert via_logits.wants == "logits"
+    assert via_logits.readout.name == "logits"
     list(via_logits)
     tokens = [c.token_ids for c in via_top.completions]
     assert tokens == [c.token_ids for c in via_logits.completions]
@@ -174,7 +174,7 @@ def test_repetition_penalty_from_the_best_k_draws_what_the_whole_logits_draw(
 
 def test_greedy_with_repetition_penalty_from_the_best_k(cpu_model, tokenizer):
     """Greedy decoding under a repetition penalty takes the best penalized logit among the
-    best 64: the same tokens as the whole logits (the fallback: tests/test_sampling.py)."""
+    best 64: the same tokens as the whole logits (the fallback: tests/runtime/test_sampling.py)."""
     params = SamplingParams(max_new_tokens=12, repetition_penalty=1.3)
     assert sample_both_ways(cpu_model, tokenizer, params, "top_k") == 0
 

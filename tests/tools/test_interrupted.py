@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from netdef.artifact import ENGINE_FILE
-from tests.test_build_tool import tiny_build_args
+from tests.tools.cli import tiny_build_args
 from weights import bundled
 from weights.bundled import REQUIRED_FILES, bundled_gguf_path, bundled_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start(module: str, *args: str) -> subprocess.Popen:

@@ -14,16 +14,17 @@ import torch
 
 from netdef import NetworkOptions, build_network
 from netdef.slots import call_end, ring_crossing, ring_length, rings
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
+from runtime.readout import ALL_LOGITS
 from runtime.tensorrt_backend import EngineLoadError, check_memory, validate_call
-from tests.test_netdef_parity import F32_TOL, assert_close, hf_logits, sequences
+from tests.fixtures.parity import F32_TOL, assert_close, hf_logits, sequences
 from weights import Checkpoint
 
 WINDOW = 4  # the tiny Gemma-3's and qwen2_sliding's sliding window
 PREFILL = 6  # -> rings of 4 + 6 - 1 = 9 slots
 
 
-def ring_model(path, batch: int, max_seq_len: int = 40, all_logits: bool = True) -> CpuModel:
+def ring_model(path, batch: int, max_seq_len: int = 40, all_logits: bool = True) -> CpuBackend:
     options = NetworkOptions(
         dtype="float32",
         max_batch=batch,
@@ -31,10 +32,10 @@ def ring_model(path, batch: int, max_seq_len: int = 40, all_logits: bool = True)
         max_prefill=PREFILL,
         all_logits=all_logits,
     )
-    return CpuModel(build_network(Checkpoint.open(path), options))
+    return CpuBackend(build_network(Checkpoint.open(path), options))
 
 
-def ragged_logits(model: CpuModel, seqs: list[list[int]], prompts: list[int]) -> np.ndarray:
+def ragged_logits(model: CpuBackend, seqs: list[list[int]], prompts: list[int]) -> np.ndarray:
     """[B, T_max, vocab]: the prompts (longest first) prefilled together, right-padded, in
     chunks from call_end, each call taking the rows whose prompts go on (as runtime.generate
     does), then every row decoding its own tokens at its own position; NaN past an end."""
@@ -50,7 +51,8 @@ def ragged_logits(model: CpuModel, seqs: list[list[int]], prompts: list[int]) ->
         end = call_end(start, total, model.max_prefill, model.rings)
         going = sum(n > start for n in prompts)
         positions = np.tile(np.arange(start, end, dtype=np.int32), (going, 1))
-        logits = model.forward(ids[:going, start:end], positions, np.zeros(going, np.int32))
+        last = np.zeros(going, np.int32)
+        logits = model.forward(ids[:going, start:end], positions, last, ALL_LOGITS)["logits"]
         for b, n in enumerate(prompts[:going]):
             out[b, start : min(end, n)] = logits[b, : max(0, min(end, n) - start)]
         start = end
@@ -59,8 +61,11 @@ def ragged_logits(model: CpuModel, seqs: list[list[int]], prompts: list[int]) ->
     while (pos < lengths).any():
         at = np.minimum(pos, lengths - 1)  # finished rows repeat their last token
         logits = model.forward(
-            ids[np.arange(batch), at][:, None], at[:, None].astype(np.int32), np.zeros(batch)
-        )
+            ids[np.arange(batch), at][:, None],
+            at[:, None].astype(np.int32),
+            np.zeros(batch),
+            ALL_LOGITS,
+        )["logits"]
         for b in np.flatnonzero(pos < lengths):
             out[b, pos[b]] = logits[b, 0]
         pos = pos + 1
@@ -106,7 +111,8 @@ def test_full_chunks_overwrite_only_what_no_query_reads(tiny_dir, hf_model):
     for size in (1, 6, 2, 6, 6, 4, 6):  # ring offsets 0, 1, 7 (cut at 9), ...
         end = call_end(start, min(start + size, 31), PREFILL, model.rings)
         positions = np.arange(start, end, dtype=np.int32)[None]
-        got.append(model.forward(ids[:, start:end], positions, np.zeros(1, np.int32))[0])
+        out = model.forward(ids[:, start:end], positions, np.zeros(1, np.int32), ALL_LOGITS)
+        got.append(out["logits"][0])
         start = end
     ours = np.concatenate(got)
     ref = hf_logits(hf_model(path, torch.float32), seq[: len(ours)])
@@ -125,7 +131,7 @@ def test_a_call_across_the_ring_end_is_refused(tiny_dir):
     )
     assert ring_crossing(positions, model.rings) == expected
     with pytest.raises(ValueError) as e:
-        model.forward(np.zeros((2, 3), np.int32), positions, np.zeros(2, np.int32))
+        model.forward(np.zeros((2, 3), np.int32), positions, np.zeros(2, np.int32), ALL_LOGITS)
     assert str(e.value) == expected
     with pytest.raises(ValueError) as e:
         validate_call(np.zeros((2, 3)), positions, np.zeros(2), 2, 6, 40, model.rings)

@@ -7,7 +7,8 @@ import numpy as np
 
 from netdef import NetworkOptions, build_network
 from netdef.slots import attention_window, layer_windows, slot_feeds
-from runtime.cpu import CpuModel
+from runtime.cpu import CpuBackend
+from runtime.readout import ALL_LOGITS
 from weights import Checkpoint
 
 
@@ -51,10 +52,11 @@ def test_reading_more_slots_than_visible_changes_nothing(tiny_dir):
     runtime's window gives the logits that a wider superset of it gives."""
     ckpt = Checkpoint.open(tiny_dir("gemma3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=256, max_prefill=8)
-    model = CpuModel(build_network(ckpt, options))
+    model = CpuBackend(build_network(ckpt, options))
     model.reset(2)
     ids = np.random.default_rng(3).integers(3, ckpt.config.vocab_size, (2, 9), dtype=np.int32)
-    model.forward(ids[:, :8], np.tile(np.arange(8, dtype=np.int32), (2, 1)), np.array([7, 7]))
+    pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+    model.forward(ids[:, :8], pos, np.array([7, 7]), ALL_LOGITS)
     step = (ids[:, 8:], np.full((2, 1), 8, np.int32), np.zeros(2, np.int32))
     runtime = model.feeds(*step)
     assert runtime["window_positions"].tolist() == [[5, 6, 7, 8]] * 2  # window 4

@@ -12,22 +12,12 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_network
-from runtime.cpu import CpuModel
-from tools.logits import sequence_logits
+from runtime.cpu import CpuBackend, sequence_logits
+from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K
+from tests.fixtures.parity import BF16_TOL, F32_TOL, assert_close, hf_logits, sequences
 from weights import Checkpoint
 
 FAMILIES = ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"]
-# float32 networks: within 1e-3 of the largest reference logit, identical top-1 everywhere.
-F32_TOL = 1e-3
-# bfloat16 networks: within 4% of the largest reference logit (two correct bf16 implementations
-# round at different points), and the same top-1 wherever the reference's top-2 margin exceeds
-# that tolerance (elsewhere the winner is a coin toss for any bf16 implementation).
-BF16_TOL = 0.04
-
-
-def hf_logits(model, seq: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([seq])).logits[0].float().numpy()
 
 
 def run(model_dir, seqs, prefill, dtype):
@@ -39,18 +29,7 @@ def run(model_dir, seqs, prefill, dtype):
         max_prefill=prefill,
         all_logits=True,
     )
-    return sequence_logits(CpuModel(build_network(ckpt, options)), seqs, prefill)
-
-
-def sequences(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, n).tolist() for n in lengths]
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float) -> None:
-    scale = np.abs(ref).max()
-    err = np.abs(ours - ref).max()
-    assert err <= tol * scale, f"max |diff| {err:.3g} > {tol} x max |logit| {scale:.3g}"
+    return sequence_logits(CpuBackend(build_network(ckpt, options)), seqs, prefill)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,7 +77,7 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("gemma3"))
     seqs = sequences(512, [9, 6], seed=3)
     full = run(tiny_dir("gemma3"), seqs, prefill=9, dtype="float32")
-    model = CpuModel(
+    model = CpuBackend(
         build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=16))
     )
     model.reset(2)
@@ -106,18 +85,19 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = s
     last = model.forward(
-        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
-    )
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32), ALL_LOGITS
+    )["logits"]
     assert last.shape == (2, 512)
     model.reset(2)
-    greedy = model.forward_greedy(
-        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
-    )
+    greedy = model.forward(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32), ARGMAX
+    )["next_token"]
     np.testing.assert_array_equal(greedy, last.argmax(-1))  # the in-engine argmax (TopK)
     model.reset(2)
-    values, top_ids = model.forward_top_k(
-        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32)
+    out = model.forward(
+        ids, np.tile(np.arange(9, dtype=np.int32), (2, 1)), np.array([8, 5], np.int32), TOP_K
     )
+    values, top_ids = out["top_logits"], out["top_ids"]
     assert values.shape == top_ids.shape == (2, 64)
     np.testing.assert_array_equal(top_ids, np.argsort(-last, axis=-1, kind="stable")[:, :64])
     np.testing.assert_array_equal(values, np.take_along_axis(last, top_ids, axis=-1))
@@ -147,12 +127,13 @@ def test_best_k_in_two_stages_over_a_padded_vocabulary(tmp_path):
     ckpt = Checkpoint.open(
         write_random_checkpoint(tmp_path, random_config("llama-3.2-1b", **shapes))
     )
-    model = CpuModel(
+    model = CpuBackend(
         build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64))
     )
     model.reset(2)
     ids = np.random.default_rng(1).integers(3, 5000, (2, 7), dtype=np.int32)
-    logits = model.forward(ids, np.tile(np.arange(7, dtype=np.int32), (2, 1)), np.array([6, 4]))
+    pos = np.tile(np.arange(7, dtype=np.int32), (2, 1))
+    logits = model.forward(ids, pos, np.array([6, 4]), ALL_LOGITS)["logits"]
     top_ids = model.last["top_ids"]
     np.testing.assert_array_equal(top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :64])
     np.testing.assert_array_equal(model.last["top_logits"], np.take_along_axis(logits, top_ids, -1))

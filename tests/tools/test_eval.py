@@ -1,0 +1,92 @@
+"""python -m tools.eval: quantized networks against the unquantized one, from an artifact or
+a model folder, and the accuracy of each mode on the real Gemma-3-270M."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from netdef import load_backend
+from netdef.quant import (
+    CALIBRATION_TEXT,
+)
+from runtime.tokenizer import Tokenizer
+from tests.fixtures.tiny_quant import tiny_quant_dir
+from tools import build as build_tool
+from tools import eval as eval_tool
+from weights import Checkpoint
+
+trt = load_backend("tensorrt_rtx")
+MOBY_DICK = CALIBRATION_TEXT.parents[2] / "tests" / "data" / "moby_dick_loomings.txt"
+
+
+def build(args, capsys):
+    code = build_tool.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, capsys):
+    folder = tiny_quant_dir("llama")
+    quantized, plain = tmp_path / "int8", tmp_path / "plain"
+    args = [str(folder), "--target", "sm89", "--max-seq-len", "64", "--quiet"]
+    assert build([*args, "--quant", "int8-wo", "--output", str(quantized)], capsys)[0] == 0
+    assert build([*args, "--dtype", "float32", "--output", str(plain)], capsys)[0] == 0
+    text = ["--text", str(MOBY_DICK), "--max-tokens", "48", "--json"]
+    assert eval_tool.main([str(quantized), *text]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dtype"], set(report["modes"]), report["tokens"]) == (
+        "bfloat16",
+        {"int8-wo"},
+        48,
+    )
+    assert report["modes"]["int8-wo"]["top1_agreement"] >= 0.9
+    assert eval_tool.main([str(plain), *text]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {plain} is not quantized; nothing to compare it with."
+    )
+
+
+@pytest.mark.slow
+def test_gemma270m_quantized_accuracy(gemma3_270m_dir, capsys):
+    """Over 320 tokens of Moby-Dick against the bfloat16 network (fp8 calibrated on 256 tokens
+    of the shipped text). Measured: int8-wo 98.4% top-1 agreement, perplexity +0.4%; fp8
+    91.5%, +0.8%; int4-wo 52.7%, 2.0x. This checkpoint is the bundled Q4_K_M GGUF
+    dequantized: its weights already sit on another 4-bit grid (asymmetric, blocks of 32)
+    that symmetric INT4 in blocks of 128 represents poorly, hence int4's loose bounds."""
+    tok = Tokenizer.from_dir(gemma3_270m_dir)
+    ids = tok.encode(MOBY_DICK.read_text())[:320]
+    calib = tok.encode(CALIBRATION_TEXT.read_text())[:256]
+    result = eval_tool.evaluate(
+        Checkpoint.open(gemma3_270m_dir),
+        ids,
+        ["int8-wo", "fp8", "int4-wo"],
+        calib_ids=calib,
+        trt=trt,
+    )
+    ref = result["reference"]["perplexity"]
+    modes = result["modes"]
+    assert 20 < ref < 200
+    assert modes["int8-wo"]["top1_agreement"] >= 0.97
+    assert modes["int8-wo"]["perplexity"] <= 1.02 * ref
+    assert modes["fp8"]["top1_agreement"] >= 0.85
+    assert modes["fp8"]["perplexity"] <= 1.05 * ref
+    assert modes["int4-wo"]["top1_agreement"] >= 0.45
+    assert modes["int4-wo"]["perplexity"] <= 2.5 * ref
+    # The command-line tool prints the same figures as a table and as JSON.
+    args = [
+        str(gemma3_270m_dir),
+        "--text",
+        str(MOBY_DICK),
+        "--max-tokens",
+        "40",
+        "--quant",
+        "int8-wo",
+    ]
+    assert eval_tool.main(args) == 0
+    table = capsys.readouterr().out
+    assert "40 tokens, bfloat16 reference" in table and "int8-wo" in table
+    assert eval_tool.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 40 and set(report["modes"]) == {"int8-wo"}
