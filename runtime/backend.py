@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +25,11 @@ class Backend(Protocol):
     def reset(self, batch: int) -> None:
         """Prepare KV caches for `batch` new sequences (old contents need not be cleared)."""
 
+    def row(self, k: int) -> AbstractContextManager[None]:
+        """Calls inside the `with` block use KV-cache row k alone, as a batch of one (B = 1):
+        a new sequence's prefill next to running ones (runtime/serving.py). Outside, a call
+        of B rows uses rows 0..B-1."""
+
     def forward(
         self,
         input_ids: np.ndarray,
@@ -36,3 +42,9 @@ class Backend(Protocol):
 
     def last_logits(self) -> np.ndarray:
         """The float32 logits of the latest call (for the steps where the best K fall short)."""
+
+
+def check_row(k: int, rows: int) -> None:
+    """`Backend.row`'s argument check, shared by the backends."""
+    if not 0 <= k < rows:
+        raise ValueError(f"cache row {k} is outside the caches' rows 0..{rows - 1}.")

@@ -7,6 +7,8 @@ once per batch size, fed as the past_* inputs and updated in place by the networ
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
@@ -15,6 +17,7 @@ from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, past
 from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
+from .backend import check_row
 from .readout import ALL_LOGITS, Outputs, Readout
 from .reference import Executor
 
@@ -27,6 +30,7 @@ class CpuBackend:
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}
+        self.batch = 0  # rows of the caches
         self.last: Outputs = {}  # the latest call's outputs
 
     @property
@@ -61,11 +65,25 @@ class CpuBackend:
     def reset(self, batch: int) -> None:
         """Fresh, zeroed KV caches for `batch` sequences."""
         dtype = MODEL_DTYPES[self.dn.options.dtype]
+        self.batch = batch
         self.caches = {
             past(kind, i): np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
             for kind in KV_KINDS
         }
+
+    @contextmanager
+    def row(self, k: int) -> Iterator[None]:
+        """Calls inside run on cache row k alone, as a batch of one (continuous batching:
+        one sequence's prefill without touching the others). The rows are views, so the
+        network's in-place updates land in the whole caches."""
+        check_row(k, self.batch)
+        whole = self.caches
+        self.caches = {name: cache[k : k + 1] for name, cache in whole.items()}
+        try:
+            yield
+        finally:
+            self.caches = whole
 
     def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
         """One network call; the outputs `readout` names."""

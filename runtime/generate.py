@@ -101,22 +101,28 @@ class Generator:
                 f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
                 "send fewer at once or rebuild with a larger --max-batch."
             )
-        limit = self.backend.max_seq_len - params.max_new_tokens
-        encoded = []
-        for i, prompt in enumerate(prompts):
-            ids = self.encode(prompt, chat)
-            if not ids:
-                raise GenerationError(f"prompt {i} is empty after tokenization.")
-            if len(ids) > limit:
-                if not truncate or limit < 1:
-                    raise GenerationError(
-                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
-                        f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
-                        "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
-                    )
-                ids = ids[-limit:]  # keep the most recent context
-            encoded.append(ids)
+        encoded = [
+            self.prompt_ids(prompt, params, chat, truncate, i) for i, prompt in enumerate(prompts)
+        ]
         return Run(self, encoded, params)
+
+    def prompt_ids(
+        self, prompt: Prompt, params: SamplingParams, chat: bool, truncate: bool, i: int = 0
+    ) -> list[int]:
+        """Prompt `i` tokenized and checked against max_seq_len (or truncated to fit)."""
+        limit = self.backend.max_seq_len - params.max_new_tokens
+        ids = self.encode(prompt, chat)
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty after tokenization.")
+        if len(ids) > limit:
+            if not truncate or limit < 1:
+                raise GenerationError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                    f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
+                    "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+                )
+            ids = ids[-limit:]  # keep the most recent context
+        return ids
 
 
 class Run:
@@ -129,9 +135,7 @@ class Run:
         self.order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for c in self.completions:
             c.stats.prompt_tokens = len(c.prompt_ids)
-        self.streams = [StreamDecoder(gen.tokenizer) for _ in prompts]
-        # Decoded text not yet released, because it may be the start of a stop string.
-        self.pending = [""] * len(prompts)
+        self.texts = [TextStream(gen, c, params.stop) for c in self.completions]
         # What leaves the engine at each decode step (runtime.readout says why).
         backend = gen.backend
         self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
@@ -171,12 +175,8 @@ class Run:
             out = backend.forward(feed, positions, np.zeros(batch, np.int32), self.readout)
         decode_ms = (time.perf_counter() - t1) * 1000
         for i, c in enumerate(self.completions):
-            if not c.finish_reason:
-                c.finish_reason = "length"
-                tail = self.pending[i] + self.streams[i].flush()
-                if tail:
-                    c.text += tail
-                    yield Delta(i, tail)
+            if not c.finish_reason and (tail := self.texts[i].finish()):
+                yield Delta(i, tail)
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
@@ -205,27 +205,46 @@ class Run:
         return result
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
-        stops = self.params.stop
         for i, token in zip(self.order, tokens.tolist()):
-            c = self.completions[i]
-            if c.finish_reason:
-                continue
-            if token in self.gen.eos_ids:
-                c.finish_reason = "stop"
-                text = self.pending[i] + self.streams[i].flush()
-            else:
-                c.token_ids.append(token)
-                text = self.pending[i] + self.streams[i].push(token)
-                hit = min((text.find(s) for s in stops if s in text), default=-1)
-                if hit >= 0:
-                    c.finish_reason = "stop"
-                    text = text[:hit]
-                else:  # hold back an ending that could still grow into a stop string
-                    keep = max(
-                        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                        default=0,
-                    )
-                    text, self.pending[i] = text[: len(text) - keep], text[len(text) - keep :]
-            if text:
-                c.text += text
+            if not self.completions[i].finish_reason and (text := self.texts[i].accept(token)):
                 yield Delta(i, text)
+
+
+class TextStream:
+    """One sequence's text as its tokens arrive: detokenized without splitting a character,
+    ended by EOS or cut before the first stop string (`completion.finish_reason` "stop"); an
+    ending that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, gen: Generator, completion: Completion, stops: Sequence[str]):
+        self.completion, self.stops, self.eos_ids = completion, stops, gen.eos_ids
+        self.decoder = StreamDecoder(gen.tokenizer)
+        self.pending = ""  # decoded text not yet released
+
+    def accept(self, token: int) -> str:
+        """The text `token` releases (it joins `completion`)."""
+        c = self.completion
+        if token in self.eos_ids:
+            c.finish_reason = "stop"
+            text = self.pending + self.decoder.flush()
+        else:
+            c.token_ids.append(token)
+            text = self.pending + self.decoder.push(token)
+            hit = min((text.find(s) for s in self.stops if s in text), default=-1)
+            if hit >= 0:
+                c.finish_reason = "stop"
+                text = text[:hit]
+            else:
+                keep = max(
+                    (k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                    default=0,
+                )
+                text, self.pending = text[: len(text) - keep], text[len(text) - keep :]
+        c.text += text
+        return text
+
+    def finish(self, reason: str = "length") -> str:
+        """The held-back text, at the end of a sequence that met no stop."""
+        self.completion.finish_reason = reason
+        text, self.pending = self.pending + self.decoder.flush(), ""
+        self.completion.text += text
+        return text

@@ -19,6 +19,8 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,7 @@ from netdef.slots import ring_crossing, rings, slot_feeds
 if TYPE_CHECKING:  # loaded with the artifact: importing this module needs only the contract
     from netdef.artifact import Metadata
 
+from .backend import check_row
 from .cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
@@ -300,8 +303,9 @@ class TensorRTBackend:
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
-        # (profile, B, S, position input shapes) the context is set up for
-        self._state: tuple[int, int, int, Shapes] | None = None
+        self._row: int | None = None  # inside `row(k)`: the KV-cache row calls bind
+        # (profile, B, S, position input shapes, row) the context is set up for
+        self._state: tuple[int, int, int, Shapes, int | None] | None = None
         self.device: dict[str, DeviceBuffer] = {}
         self.host: dict[str, PinnedBuffer] = {}
         self.stream: Stream | None = None
@@ -315,9 +319,18 @@ class TensorRTBackend:
             for name, nbytes in plan.items():
                 self.device[name] = DeviceBuffer(nbytes)
             self.addresses = {n: b.ptr for n, b in self.device.items()}
+            # Bytes of one sequence's row of each KV cache (rows are contiguous: [B, ...]).
+            dtypes = {t["name"]: t["dtype"] for t in self.io["inputs"]}
+            self.row_bytes = {
+                name: int(np.prod(self.max_shapes[name][1:])) * DTYPE_BYTES[dtypes[name]]
+                for name in dtypes
+                if name.startswith("past_")
+            }
             for t in self.io["outputs"]:
                 if t["name"].startswith("present_"):  # in-place KV cache update
-                    self.addresses[t["name"]] = self.device[past_of(t["name"])].ptr
+                    past = past_of(t["name"])
+                    self.addresses[t["name"]] = self.device[past].ptr
+                    self.row_bytes[t["name"]] = self.row_bytes[past]
             for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
                 if name in plan:
                     self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
@@ -396,6 +409,18 @@ class TensorRTBackend:
             )
         self.batch = batch
 
+    @contextmanager
+    def row(self, k: int) -> Iterator[None]:
+        """Calls inside bind every past_*/present_* tensor at row k of its cache (base +
+        k * row bytes) with B = 1. They run plainly: CUDA graphs hold base addresses, so
+        they are neither captured nor replayed here, and the next call outside re-binds."""
+        check_row(k, self.batch)
+        self._row = k
+        try:
+            yield
+        finally:
+            self._row = None
+
     def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
         """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
         ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
@@ -440,10 +465,17 @@ class TensorRTBackend:
             self.rings,
         )
         b, s = ids.shape
+        if self._row is not None and b != 1:
+            raise ValueError(f"a call on cache row {self._row} has batch 1, not {b}.")
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
-        key = (choose_profile(self.profile_names, s), b, s, shapes)
-        graph = self.graphs.get((b, shapes, wanted)) if s == 1 and self._state == key else None
+        key = (choose_profile(self.profile_names, s), b, s, shapes, self._row)
+        plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
+        graph = (
+            self.graphs.get((b, shapes, wanted))
+            if plain and s == 1 and self._state == key
+            else None
+        )
         self._stage(ids, pos, last, feeds)
         if self.timed:
             self.timer.start(self.stream)
@@ -455,7 +487,7 @@ class TensorRTBackend:
         if self.timed:
             self.timer.stop(self.stream)
         self.stream.synchronize()
-        if self.auto_graphs and s == 1 and (b, shapes, wanted) not in self.graphs:
+        if plain and self.auto_graphs and s == 1 and (b, shapes, wanted) not in self.graphs:
             # The context is set up for this shape: the next such step replays the capture.
             self.graphs[b, shapes, wanted] = CudaGraph.capture(
                 self.stream, lambda: self._enqueue(b, 1, wanted)
@@ -471,8 +503,8 @@ class TensorRTBackend:
         if self.has_log_normalizer:
             self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
 
-    def _prepare(self, key: tuple[int, int, int, Shapes]) -> None:
-        profile, b, s, shapes = key
+    def _prepare(self, key: tuple[int, int, int, Shapes, int | None]) -> None:
+        profile, b, s, shapes, row = key
         positions = dict(shapes)
         self._state = None
         if self._profile != profile:
@@ -490,6 +522,8 @@ class TensorRTBackend:
             if not self.context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused shape {list(shape)} for {name}.")
         for name, ptr in self.addresses.items():
+            if row is not None and name in self.row_bytes:
+                ptr += row * self.row_bytes[name]
             if not self.context.set_tensor_address(name, ptr):
                 raise RuntimeError(f"TensorRT refused the address of {name}.")
         self._state = key

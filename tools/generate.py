@@ -30,10 +30,16 @@ from weights.gguf_quant import GGUFQuantized
 
 
 def open_backend(
-    path: Path, meta: Metadata | None, backend: str, dtype: str, max_seq_len: int | None
+    path: Path,
+    meta: Metadata | None,
+    backend: str,
+    dtype: str,
+    max_seq_len: int | None,
+    max_batch: int = 1,
 ) -> Backend:
-    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference);
-    `meta` is the artifact's checked metadata, None for a model folder."""
+    """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)
+    for `max_batch` sequences; `meta` is the artifact's checked metadata, None for a model
+    folder."""
     if backend == "tensorrt":
         if meta is None:
             raise GenerationError(
@@ -47,12 +53,12 @@ def open_backend(
         return TensorRTBackend.load(path)
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
-        options = NetworkOptions(**{**meta.options, "max_batch": 1})
+        options = NetworkOptions(**{**meta.options, "max_batch": max_batch})
     else:
         ckpt = Checkpoint.open(path)
         seq_len = max_seq_len or default_max_seq_len(ckpt.config)
         options = NetworkOptions(
-            dtype=dtype, max_batch=1, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
+            dtype=dtype, max_batch=max_batch, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
     return CpuBackend(build_network(ckpt, options))
 

@@ -23,30 +23,18 @@ import pytest
 from netdef import NetworkOptions, build_network
 from netdef.slots import call_end
 from runtime.cpu import CpuBackend
-from runtime.cuda_buffers import device_info, gpu_unavailable_reason
-from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K
+from runtime.cuda_buffers import gpu_unavailable_reason
+from runtime.readout import ARGMAX
+from tests.fixtures.gpu import TOLERANCE, assert_close, build_for_device, run_all
 from weights import Checkpoint
 
 pytestmark = pytest.mark.gpu
-
-# (atol, rtol) of the engine's bf16 logits against the executor's bf16 logits. Measured on an
-# H200 (TensorRT-RTX 1.7): tiny Gemma-3 0.3125 at max |logit| 14.3.
-TOLERANCE = {"tiny": (2e-2, 4e-2), "gemma-3-1b": (5e-2, 5e-2)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_gpu() -> None:
     if reason := gpu_unavailable_reason():
         pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
-
-
-def build_for_device(model_dir: Path, out: Path, **options) -> Path:
-    from netdef.backend import is_rtx, load_backend
-    from runtime.build import build
-
-    cc = device_info().cc
-    target = f"sm{cc[0]}{cc[1]}" if is_rtx(load_backend()) else None
-    return build(str(model_dir), target=target, output=out, **options)
 
 
 def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=()):
@@ -72,46 +60,6 @@ def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=
         ids = rng.integers(3, vocab, size=(len(batch_lengths), 1), dtype=np.int32)
         out.append((ids, (ends + step)[:, None], np.zeros(len(batch_lengths), np.int32)))
     return out
-
-
-def run_all(model, sequence, top_k: bool):
-    """Per call: logits, next_token and (best K) from the same cache state (an engine call
-    copies back only what it is asked for; each call rewrites the same slots)."""
-    results = []
-    for ids, pos, last in sequence:
-        logits = model.forward(ids, pos, last, ALL_LOGITS)["logits"]
-        if isinstance(model, CpuBackend):  # one executor run has every output
-            out = model.last
-            best = (out["top_logits"], out["top_ids"]) if top_k else None
-            results.append((logits, out["next_token"], best))
-            continue
-        greedy = model.forward(ids, pos, last, ARGMAX)["next_token"]
-        if top_k:
-            out = model.forward(ids, pos, last, TOP_K)
-            best = (out["top_logits"], out["top_ids"])
-        else:
-            best = None
-        results.append((logits, greedy, best))
-    return results
-
-
-def assert_close(engine_results, cpu_results, atol: float, rtol: float) -> None:
-    for (e_logits, e_greedy, e_best), (c_logits, c_greedy, c_best) in zip(
-        engine_results, cpu_results
-    ):
-        bound = atol + rtol * float(np.abs(c_logits).max())
-        diff = np.abs(e_logits - c_logits)
-        assert diff.max() <= bound, f"logits differ by {diff.max():.4g} (bound {bound:.4g})"
-        assert diff.mean() <= bound / 4, f"mean difference {diff.mean():.4g} (bound {bound:.4g})"
-        ordered = np.sort(c_logits, axis=-1)[:, ::-1]
-        clear = ordered[:, 0] - ordered[:, 1] > 2 * bound
-        np.testing.assert_array_equal(e_greedy[clear], c_greedy[clear])
-        if c_best is not None:
-            k = c_best[0].shape[1]
-            np.testing.assert_allclose(e_best[0], c_best[0], atol=bound, rtol=0)
-            gaps = np.diff(ordered[:, : k + 1], axis=-1) < -2 * bound  # clear neighbour gaps
-            for row in np.flatnonzero(gaps.all(axis=-1)):
-                np.testing.assert_array_equal(e_best[1][row], c_best[1][row])
 
 
 def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tolerance):

@@ -1,0 +1,382 @@
+"""Continuous batching: many requests sharing one backend's max_batch KV-cache rows.
+
+    engine = Engine(backend, tokenizer)                  # starts its step thread
+    request = engine.submit("Hello", SamplingParams(max_new_tokens=32))
+    async for text in request:                           # or `for text in request` in a thread
+        print(text, end="")
+    request.completion                                   # token ids, text, finish_reason, stats
+    engine.shutdown(timeout=30)                          # drain, then stop the thread
+
+One thread owns the backend. Each turn it
+- admits waiting requests in FIFO order into free cache rows, the lowest first so that calls
+  stay small (a full queue refuses new ones: `QueueFull`);
+- runs one prefill chunk (at most max_prefill tokens, cut at KV ring ends as in
+  `runtime.generate`) of the oldest admitted request, alone on its row (`Backend.row`): a
+  running stream waits at most one chunk per token;
+- runs one decode step over rows 0..n-1 (n: the highest decoding row + 1). Decoding rows
+  feed their last token at its position; the others feed a pad token at the slot they write
+  next (a free row: slot 0), which is written again before anything reads it.
+
+Why prefill alone and decode batched: a prefill chunk inside a mixed [B, S] call would make
+every row compute S tokens; alone it costs only its own. The decode call keeps the engine's
+usual shape (the caches' first n rows), so the TensorRT backend's CUDA graphs still apply.
+A request that finishes, is cancelled or fails frees its row for the next waiting one at the
+next turn; rows are never cleared (stale slots are never read, docs/architecture.md).
+
+Each request samples with its own parameters and random generator, seeded as a batch of one
+in `runtime.generate`, and its prefill chunks are the ones it gets alone: its output is the
+output it gets alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from itertools import count
+
+import numpy as np
+
+from netdef.contract import LOG_NORMALIZER
+from netdef.slots import call_end
+
+from .backend import Backend
+from .generate import Completion, Generator, Prompt, TextStream
+from .readout import (
+    ALL_LOGITS,
+    ARGMAX,
+    TOP_K,
+    Outputs,
+    Readout,
+    next_tokens_from,
+    readout_for,
+)
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+_END = object()  # the last event of a request
+
+
+class QueueFull(RuntimeError):
+    """Every row is busy and the waiting queue is at its bound: try again later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class EngineFault(RuntimeError):
+    """The backend failed during a call this request was part of."""
+
+
+class Request:
+    """One submitted prompt: iterate it (in a thread or with `async for`) for its text deltas;
+    `completion` fills in as it goes. `cancel()` ends it and frees its row."""
+
+    def __init__(self, engine: Engine, rid: int, prompt_ids: list[int], params: SamplingParams):
+        self.engine, self.id, self.params = engine, rid, params
+        self.completion = Completion(prompt_ids=prompt_ids)
+        self.completion.stats.prompt_tokens = len(prompt_ids)
+        self.text = TextStream(engine.gen, self.completion, params.stop)
+        backend = engine.backend
+        self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
+        self.rng = np.random.default_rng(params.seed)
+        self.row: int | None = None
+        self.prefilled = 0  # prompt tokens in the cache
+        self.next_token = 0  # the token the next decode step feeds
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._events: deque = deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.completion.prompt_ids
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
+
+    @property
+    def next_slot(self) -> int:
+        """The cache slot the next call of this request writes."""
+        if not self.decoding:
+            return self.prefilled
+        return len(self.prompt_ids) + len(self.completion.token_ids) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.completion.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating: a waiting request leaves the queue, a running one frees its row
+        at the engine's next turn. Nothing happens to a finished request."""
+        self.engine._cancel(self)
+
+    def _put(self, item: object) -> None:
+        with self._cond:
+            self._events.append(item)
+            self._cond.notify_all()
+            loop, wake = self._loop, self._wake
+        if loop is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    def _item(self, item: object) -> str | None:
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._events)
+                item = self._events.popleft()
+            if (text := self._item(item)) is None:
+                return
+            yield text
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        with self._cond:
+            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            with self._cond:
+                item = self._events.popleft() if self._events else None
+                if item is None:
+                    self._wake.clear()
+            if item is None:
+                await self._wake.wait()
+                continue
+            if (text := self._item(item)) is None:
+                return
+            yield text
+
+
+class Engine:
+    """The scheduler over `backend` (any `runtime.backend.Backend`); see the module docstring.
+
+    `on_token(request, now)` is called from the step thread for each token accepted, before
+    `request.first_token_at` and `last_token_at` count it (metrics: the time to the first
+    token is `now - request.submitted`, the gap after it `now - request.last_token_at`)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        max_queue: int = 256,
+        on_token: Callable[[Request, float], None] | None = None,
+    ):
+        self.backend, self.gen = backend, Generator(backend, tokenizer)
+        self.max_queue, self.on_token = max_queue, on_token
+        self.pad = tokenizer.pad_id or 0
+        self.rows: list[Request | None] = [None] * backend.max_batch
+        self.waiting: deque[Request] = deque()
+        self.accepting, self._stop = True, False
+        self._cond = threading.Condition()
+        self._ids = count()
+        backend.reset(backend.max_batch)
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side (any thread) ----
+
+    def submit(
+        self, prompt: Prompt, params: SamplingParams, chat: bool = False, truncate: bool = False
+    ) -> Request:
+        """Tokenize and check the prompt (GenerationError), then queue it (QueueFull,
+        EngineStopped)."""
+        ids = self.gen.prompt_ids(prompt, params, chat, truncate)
+        with self._cond:
+            if not self.accepting:
+                raise EngineStopped("the server is shutting down and takes no new requests.")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting (the queue's bound); "
+                    "retry later."
+                )
+            request = Request(self, next(self._ids), ids, params)
+            self.waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a cache row."""
+        return sum(r is not None for r in self.rows)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Take no new requests; let the admitted and waiting ones finish for up to `timeout`
+        seconds (None: no limit), cancel what is left, then stop the step thread."""
+        with self._cond:
+            self.accepting = False
+            self._cond.wait_for(lambda: not self.waiting and not any(self.rows), timeout)
+            for request in [*self.waiting, *(r for r in self.rows if r)]:
+                self._cancel_locked(request)
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _cancel(self, request: Request) -> None:
+        with self._cond:
+            self._cancel_locked(request)
+
+    def _cancel_locked(self, request: Request) -> None:
+        if request.done:
+            return
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled")
+        self._cond.notify_all()
+
+    # ---- the step thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                for request in self.rows:
+                    if request is not None and request.cancelled:
+                        self._finish(request, "cancelled")
+                self._cond.wait_for(lambda: self._stop or self.waiting or any(self.rows))
+                if self._stop and not any(self.rows):
+                    return
+                self._admit()
+            try:
+                self._turn()
+            except Exception as e:  # a fault outside a backend call: fail what runs, go on
+                self._fail([r for r in self.rows if r], e)
+
+    def _turn(self) -> None:
+        """One prefill chunk of the oldest admitted request, then one decode step."""
+        admitted = sorted((r for r in self.rows if r and not r.decoding), key=lambda r: r.id)
+        if admitted:
+            self._prefill(admitted[0])
+        decoding = [r for r in self.rows if r and r.decoding and not r.done]
+        if decoding:
+            self._decode(decoding)
+
+    def _admit(self) -> None:
+        for k, request in enumerate(self.rows):
+            if request is None and self.waiting:
+                self.rows[k] = admitted = self.waiting.popleft()
+                admitted.row = k
+
+    def _prefill(self, r: Request) -> None:
+        """One chunk of r's prompt, alone on its row; its first token after the last one."""
+        start = r.prefilled
+        end = call_end(start, len(r.prompt_ids), self.backend.max_prefill, self.backend.rings)
+        ids = np.array([r.prompt_ids[start:end]], np.int32)
+        positions = np.arange(start, end, dtype=np.int32)[None]
+        last = np.array([end - start - 1], np.int32)
+        try:
+            with self.backend.row(r.row):
+                out = self.backend.forward(ids, positions, last, r.readout)
+            r.prefilled = end
+            if r.decoding:
+                token = self._sample(r, out, 0, self._whole_logits())
+        except Exception as e:
+            self._fail([r], e)
+            return
+        if r.decoding:
+            r.completion.stats.prefill_ms = (time.perf_counter() - r.submitted) * 1000
+            self._accept(r, token)
+
+    def _decode(self, decoding: list[Request]) -> None:
+        """One decode step over rows 0..n-1 (the module docstring says what each row feeds)."""
+        n = max(r.row for r in decoding) + 1
+        ids = np.full((n, 1), self.pad, np.int32)
+        positions = np.zeros((n, 1), np.int32)
+        for k, r in enumerate(self.rows[:n]):
+            if r is not None:
+                positions[k] = r.next_slot
+        for r in decoding:
+            ids[r.row] = r.next_token
+        readout = decode_readout(decoding)
+        try:
+            out = self.backend.forward(ids, positions, np.zeros(n, np.int32), readout)
+            whole = self._whole_logits()
+            tokens = [self._sample(r, out, r.row, whole) for r in decoding]
+        except Exception as e:
+            self._fail(decoding, e)
+            return
+        for r, token in zip(decoding, tokens):
+            self._accept(r, token)
+
+    def _whole_logits(self) -> Callable[[], np.ndarray]:
+        """The latest call's logits, copied from the backend at most once."""
+        kept: list[np.ndarray] = []
+        return lambda: kept[0] if kept else kept.append(self.backend.last_logits()) or kept[0]
+
+    def _sample(self, r: Request, out: Outputs, b: int, whole) -> int:
+        """r's next token from row b of a call's outputs. A log-normalizer there belongs to
+        the top-p requests of the call; the others sample from their best K alone."""
+        own = {
+            name: o[b : b + 1]
+            for name, o in out.items()
+            if name != LOG_NORMALIZER or name in r.readout.outputs
+        }
+        seen = [np.array(r.prompt_ids + r.completion.token_ids)]
+        return int(next_tokens_from(own, r.params, r.rng, seen, lambda: whole()[b : b + 1])[0])
+
+    def _accept(self, r: Request, token: int) -> None:
+        now = time.perf_counter()
+        if self.on_token is not None:
+            self.on_token(r, now)
+        if r.first_token_at is None:
+            r.first_token_at = now
+        r.last_token_at = now
+        if text := r.text.accept(token):
+            r._put(text)
+        r.next_token = token
+        at_length = len(r.completion.token_ids) == r.params.max_new_tokens
+        if not r.done and at_length and (tail := r.text.finish("length")):
+            r._put(tail)
+        if r.done:
+            with self._cond:
+                self._finish(r)
+
+    def _finish(self, r: Request, reason: str | None = None) -> None:
+        """End r (with `reason` unless it has one) and free its row; under the lock."""
+        c = r.completion
+        if reason is not None and c.finish_reason is None:
+            c.finish_reason = reason
+        c.stats.completion_tokens = len(c.token_ids)
+        if r.first_token_at is not None:
+            c.stats.decode_ms = (r.last_token_at - r.first_token_at) * 1000
+        if r.row is not None and self.rows[r.row] is r:
+            self.rows[r.row] = None
+        r._put(r.error if r.error is not None else _END)
+        self._cond.notify_all()
+
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        """A backend call failed: it fails the requests it touched, not the engine."""
+        with self._cond:
+            for r in requests:
+                r.error = EngineFault(f"the engine failed on this request: {error}")
+                self._finish(r, "error")
+
+
+def decode_readout(requests: list[Request]) -> Readout:
+    """One call's readout for every request in it: the least that decides each (their own
+    readouts, runtime.readout), top-p ones only if they share one temperature."""
+    readouts = {r.readout for r in requests}
+    if readouts == {ARGMAX}:
+        return ARGMAX
+    if readouts <= {ARGMAX, TOP_K}:
+        return TOP_K
+    top_p = {x for x in readouts if LOG_NORMALIZER in x.outputs}
+    if readouts - top_p <= {ARGMAX, TOP_K} and len(top_p) == 1:
+        return top_p.pop()
+    return ALL_LOGITS

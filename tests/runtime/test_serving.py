@@ -1,0 +1,264 @@
+"""Continuous batching (runtime/serving.py) on the CPU backend: every request's output equals
+the same request run alone through `Generator`, however requests interleave; rows are freed
+and reused; cancellation, a full queue, engine faults and shutdown each do one clear thing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from netdef import NetworkOptions, build_network
+from netdef.contract import LOGITS
+from netdef.slots import call_end
+from runtime.cpu import CpuBackend
+from runtime.generate import GenerationError, Generator
+from runtime.readout import ALL_LOGITS
+from runtime.sampling import SamplingParams
+from runtime.serving import Engine, EngineFault, EngineStopped, QueueFull
+from runtime.tokenizer import Tokenizer
+from tests.fixtures.serving import Recording
+from tests.tools.cli import with_tokenizer
+from weights import Checkpoint
+
+PREFILL = 4
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def model(request, tiny_dir, tmp_path_factory):
+    """(checkpoint, tokenizer) of a tiny model with a word-level tokenizer ("w5 w6 ...")."""
+    folder = with_tokenizer(tiny_dir(request.param), tmp_path_factory.mktemp("m") / "model")
+    return Checkpoint.open(folder), Tokenizer.from_dir(folder)
+
+
+def cpu(model, batch: int, seq: int = 64) -> CpuBackend:
+    options = NetworkOptions(dtype="float32", max_batch=batch, max_seq_len=seq, max_prefill=PREFILL)
+    return CpuBackend(build_network(model[0], options))
+
+
+def words(first: int, n: int) -> str:
+    return " ".join(f"w{first + j}" for j in range(n))
+
+
+def alone(model, prompt, params: SamplingParams):
+    """(token ids, text, finish_reason) of the prompt run by itself, as a batch of one."""
+    run = Generator(cpu(model, 1), model[1]).start([prompt], params)
+    text = "".join(d.text for d in run)
+    c = run.completions[0]
+    return c.token_ids, text, c.finish_reason
+
+
+def chunks(n: int, backend) -> int:
+    """Prefill calls of an n-token prompt alone: max_prefill tokens, cut at ring ends."""
+    start, count = 0, 0
+    while start < n:
+        start, count = call_end(start, n, backend.max_prefill, backend.rings), count + 1
+    return count
+
+
+def test_every_request_equals_itself_alone(model):
+    """Six requests on three rows (three wait, then reuse freed rows), prompts of 1..12 tokens
+    prefilled in chunks of 4 between decode steps, each with its own sampling: greedy, top-k,
+    top-p and plain sampling seeded, a repetition penalty, a stop string."""
+    lengths = [3, 9, 1, 6, 12, 5]
+    prompts = [words(5 + 7 * i, n) for i, n in enumerate(lengths)]
+    params = [
+        SamplingParams(max_new_tokens=10),
+        SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5, seed=1),
+        SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=2),
+        SamplingParams(max_new_tokens=7, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=9, temperature=0.7, seed=3),
+        SamplingParams(max_new_tokens=6),
+    ]
+    # A stop string the last request meets: the text of its third token alone.
+    ids, _, _ = alone(model, prompts[5], params[5])
+    stop = model[1].decode(ids[2:3]).strip()
+    params[5] = SamplingParams(max_new_tokens=6, stop=(stop,))
+    expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+    assert expected[5][2] == "stop"
+
+    backend = Recording(cpu(model, 3))
+    engine = Engine(backend, model[1])
+    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    texts = ["".join(r) for r in requests]
+    engine.shutdown()
+    for r, text, (ids, want_text, reason) in zip(requests, texts, expected):
+        assert r.completion.token_ids == ids
+        assert text == want_text == r.completion.text
+        assert r.completion.finish_reason == reason
+        assert r.completion.stats.completion_tokens == len(ids)
+        assert r.row in (0, 1, 2)
+    assert engine.active == 0 and engine.queue_depth == 0
+    assert {r.row for r in requests} == {0, 1, 2}  # the later three reused freed rows
+    # Prefill chunks run alone on their row; decode steps over the first rows; a decode
+    # step never waits for more than one prefill chunk.
+    prefills = [c for c in backend.calls if c[2] is not None]
+    decodes = [c for c in backend.calls if c[2] is None]
+    assert all(b == 1 and 1 <= s <= PREFILL for b, s, _ in prefills)
+    assert sum(chunks(n, backend) for n in lengths) == len(prefills)
+    assert all(s == 1 and 1 <= b <= 3 for b, s, _ in decodes)
+    assert max(b for b, _, _ in decodes) == 3
+    runs, between = [], 0
+    for call in backend.calls:
+        if call[2] is None:
+            runs.append(between)
+            between = 0
+        else:
+            between += 1
+    assert max(runs[1:]) == 1
+
+
+def test_async_streams_interleave(model):
+    """Two `async for` consumers on one event loop get their own text, deltas in order."""
+    prompts = [words(5, 6), words(40, 2)]
+    params = SamplingParams(max_new_tokens=8)
+    expected = [alone(model, p, params)[1] for p in prompts]
+    engine = Engine(cpu(model, 2), model[1])
+
+    async def consume(prompt):
+        return "".join([text async for text in engine.submit(prompt, params)])
+
+    async def both():
+        return await asyncio.gather(*(consume(p) for p in prompts))
+
+    assert asyncio.run(both()) == expected
+    engine.shutdown()
+
+
+def wait_until(predicate, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_cancel_frees_the_row_and_a_full_queue_refuses(model):
+    engine = Engine(cpu(model, 1, seq=256), model[1], max_queue=1)
+    long = SamplingParams(max_new_tokens=200)
+    running = engine.submit(words(5, 3), long)
+    wait_until(lambda: engine.active == 1)
+    waiting = engine.submit(words(6, 3), long)
+    with pytest.raises(QueueFull) as e:
+        engine.submit(words(7, 3), long)
+    assert str(e.value) == "1 requests are already waiting (the queue's bound); retry later."
+    waiting.cancel()  # leaves the queue without running
+    assert list(waiting) == [] and waiting.completion.finish_reason == "cancelled"
+    assert waiting.completion.token_ids == [] and engine.queue_depth == 0
+    it = iter(running)
+    next(it)
+    running.cancel()
+    list(it)  # ends at once
+    assert running.completion.finish_reason == "cancelled"
+    assert 0 < len(running.completion.token_ids) < 200
+    wait_until(lambda: engine.active == 0)
+    # The freed row serves the next request as if nothing ran before.
+    params = SamplingParams(max_new_tokens=5)
+    after = engine.submit(words(9, 5), params)
+    assert "".join(after) == alone(model, words(9, 5), params)[1]
+    engine.shutdown()
+
+
+def test_an_engine_fault_fails_only_the_requests_it_touched(model):
+    """A call that raises fails the request being prefilled; the running stream and later
+    requests go on unharmed."""
+    backend = Recording(cpu(model, 2), poison=77)
+    engine = Engine(backend, model[1])
+    params = SamplingParams(max_new_tokens=12)
+    good = engine.submit(words(5, 3), params)
+    wait_until(lambda: good.first_token_at is not None)
+    bad = engine.submit(words(75, 4), params)  # w77 is in its first prefill chunk
+    with pytest.raises(EngineFault) as e:
+        list(bad)
+    assert str(e.value) == "the engine failed on this request: injected fault"
+    assert bad.completion.finish_reason == "error"
+    assert "".join(good) == alone(model, words(5, 3), params)[1]
+    later = engine.submit(words(20, 3), params)
+    assert "".join(later) == alone(model, words(20, 3), params)[1]
+    engine.shutdown()
+    assert engine.active == 0
+
+
+def test_shutdown_drains_then_cancels(model):
+    engine = Engine(cpu(model, 1, seq=256), model[1])
+    params = SamplingParams(max_new_tokens=6)
+    finishing = engine.submit(words(5, 3), params)
+    engine.shutdown(timeout=None)  # waits for it
+    assert finishing.completion.finish_reason == "length"
+    assert "".join(finishing) == alone(model, words(5, 3), params)[1]
+    with pytest.raises(EngineStopped) as e:
+        engine.submit(words(5, 3), params)
+    assert str(e.value) == "the server is shutting down and takes no new requests."
+
+    engine = Engine(cpu(model, 1, seq=256), model[1])
+    running = engine.submit(words(5, 3), SamplingParams(max_new_tokens=240))
+    queued = engine.submit(words(6, 3), params)
+    t = threading.Thread(target=engine.shutdown, kwargs={"timeout": 0.2})
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert running.completion.finish_reason == "cancelled"
+    assert queued.completion.finish_reason == "cancelled"
+    assert engine.active == 0
+
+
+def test_a_prompt_too_long_is_refused_before_it_queues(model):
+    engine = Engine(cpu(model, 1, seq=16), model[1])
+    with pytest.raises(GenerationError) as e:
+        engine.submit(words(5, 12), SamplingParams(max_new_tokens=8))
+    assert str(e.value) == (
+        "prompt 0 has 12 tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=16. "
+        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len, or "
+        "allow truncation."
+    )
+    assert engine.queue_depth == 0
+    engine.shutdown()
+
+
+def test_a_call_on_one_row_leaves_the_others_alone(model):
+    """CpuBackend.row(k): a prefill on row 2 gives the logits of the same prefill on a fresh
+    batch of one, and rows 0 and 1 keep every byte."""
+    backend = cpu(model, 3)
+    backend.reset(3)
+    rng = np.random.default_rng(0)
+    for cache in backend.caches.values():
+        cache[...] = rng.standard_normal(cache.shape)
+    before = {n: c.copy() for n, c in backend.caches.items()}
+    ids = np.array([[5, 9, 11, 40]], np.int32)
+    pos = np.arange(4, dtype=np.int32)[None]
+    with backend.row(2):
+        logits = backend.forward(ids, pos, np.array([3], np.int32), ALL_LOGITS)[LOGITS]
+    single = cpu(model, 1)
+    single.reset(1)
+    alone = single.forward(ids, pos, np.array([3], np.int32), ALL_LOGITS)[LOGITS]
+    assert np.array_equal(logits, alone)
+    for name, cache in backend.caches.items():
+        assert np.array_equal(cache[:2], before[name][:2])
+        assert np.array_equal(cache[2, :, :4], single.caches[name][0, :, :4])
+    with pytest.raises(ValueError) as e, backend.row(3):
+        pass
+    assert str(e.value) == "cache row 3 is outside the caches' rows 0..2."
+
+
+def test_a_fault_outside_a_backend_call_fails_the_running_requests_only(model):
+    """An on_token hook that raises once: the requests then running fail with EngineFault,
+    the step thread lives on and serves the next request."""
+    raised = []
+
+    def hook(request, now):
+        if not raised:
+            raised.append(request.id)
+            raise RuntimeError("hook broke")
+
+    engine = Engine(cpu(model, 2), model[1], on_token=hook)
+    params = SamplingParams(max_new_tokens=4)
+    first = engine.submit(words(5, 3), params)
+    with pytest.raises(EngineFault) as e:
+        list(first)
+    assert str(e.value) == "the engine failed on this request: hook broke"
+    after = engine.submit(words(9, 3), params)
+    assert "".join(after) == alone(model, words(9, 3), params)[1]
+    engine.shutdown()
+    assert engine.active == 0

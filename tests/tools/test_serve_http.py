@@ -1,0 +1,322 @@
+"""`python -m tools.serve` against live servers on loopback ports, through the official openai
+client (reference backend): outputs equal tools.generate's, a 32-stream load test where each
+response equals the same request alone, errors, disconnects, 429, SIGTERM and engine faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.tools.cli import (
+    SEQ,
+    LiveServer,
+    free_port,
+    generate_text,
+    get,
+    health,
+    metric,
+    post,
+    wait_for,
+    with_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, tmp_path_factory) -> Path:
+    return with_tokenizer(tiny_dir("llama"), tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    s = LiveServer(tiny, "--dtype", "float32", "--max-seq-len", str(SEQ), "--max-batch", "4")
+    yield s
+    assert s.stop() == 0
+
+
+def test_completions_equal_tools_generate_streamed_or_not(server, tiny, capsys):
+    prompt = "w5 w9 w17 w3 w40 w41"
+    expected = generate_text(tiny, prompt, 12, capsys)
+    done = server.client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0
+    )
+    assert done.choices[0].text == expected
+    assert done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6, 12)
+    chunks = list(
+        server.client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
+    # A stop string ends the text before it.
+    stop = expected.split()[3]
+    cut = server.client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == expected[: expected.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+
+
+def test_errors_are_openai_error_bodies(server):
+    c = server.client
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-4", prompt="w5")
+    assert e.value.body["message"] == "the model 'gpt-4' does not exist; this server serves 'tiny'."
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=" ".join(["w5"] * 250), max_tokens=10)
+    assert e.value.body["message"] == (
+        "the prompt has 250 tokens and max_tokens is 10, more than this engine's context of "
+        "max_seq_len=256 tokens; shorten the prompt or lower max_tokens."
+    )
+    assert e.value.body["code"] == "context_length_exceeded"
+    cases = [
+        ({"n": 2}, "'n' is not supported: this server does not do n > 1 (one choice per request)."),
+        ({"logprobs": 2}, "'logprobs' is not supported: this server does not do logprobs."),
+        ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]."),
+        ({"temperature": -1}, "temperature=-1.0 must be >= 0 (0 is greedy)."),
+        ({"max_tokens": 0}, "max_tokens=0 must be at least 1."),
+        ({"top_k": "five"}, "'top_k' must be an integer, not \"five\"."),
+        ({"frequency_penalty": 0.5}, "unrecognized request argument(s): frequency_penalty."),
+    ]
+    for fields, message in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="w5", extra_body=fields)
+        assert e.value.body["message"] == message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "w5"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    assert e.value.body["message"] == "unrecognized request argument(s): tools."
+    with pytest.raises(openai.BadRequestError) as e:  # the tiny model has no chat template
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w5"}])
+    assert "chat template" in e.value.body["message"]
+    status, body = post(server.port, "/v1/completions", b'{"model": "tiny", "prompt": ')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert body["error"]["message"].startswith("the request body is not valid JSON: ")
+    status, body = post(server.port, "/v1/completions", b"[1, 2]")
+    assert (status, body["error"]["message"]) == (400, "the request body must be a JSON object.")
+    assert health(server.port)["active"] == 0
+
+
+def test_32_concurrent_streams_each_equal_the_request_alone(server):
+    """Greedy and seeded sampled streams, 32 at once over 4 rows: every text equals the same
+    request sent alone afterwards; /health answers throughout; no row is left taken."""
+    requests = [
+        dict(
+            prompt=" ".join(f"w{5 + (7 * i + j) % 500}" for j in range(1 + i % 9)),
+            max_tokens=4 + i % 5,
+            temperature=0 if i % 2 else 0.9,
+            seed=i,
+            top_k=0 if i % 3 else 20,
+        )
+        for i in range(32)
+    ]
+
+    async def one(client, r):
+        extra = {"top_k": r["top_k"]}
+        fields = {k: v for k, v in r.items() if k != "top_k"}
+        stream = await client.completions.create(
+            model="tiny", stream=True, extra_body=extra, **fields
+        )
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    healthy, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            healthy.append(get(server.port, "/health")[0] == 200)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+
+    async def load():
+        client = openai.AsyncOpenAI(base_url=server.client.base_url, api_key="-", max_retries=0)
+        together = await asyncio.wait_for(asyncio.gather(*(one(client, r) for r in requests)), 120)
+        stop.set()
+        return together, [await one(client, r) for r in requests]
+
+    try:
+        together, alone = asyncio.run(load())
+    finally:
+        stop.set()
+        poller.join()
+    assert together == alone
+    assert all(healthy) and len(healthy) >= 2
+    h = health(server.port)
+    assert (h["active"], h["waiting"]) == (0, 0)
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    before = metric(server.port, "trtnetdef_disconnects_total")
+    finished = metric(server.port, "trtnetdef_completion_tokens_total")
+    stream = server.client.completions.create(
+        model="tiny", prompt="w5 w6", max_tokens=240, temperature=0, stream=True
+    )
+    next(iter(stream))
+    wait_for(lambda: health(server.port)["active"] == 1, 10)
+    stream.close()
+    wait_for(lambda: health(server.port)["active"] == 0, 10)
+    # A non-streaming request whose client gives up.
+    impatient = server.client.with_options(timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="tiny", prompt="w7 w8", max_tokens=240, temperature=0)
+    wait_for(lambda: health(server.port)["active"] == 0, 10)
+    assert metric(server.port, "trtnetdef_disconnects_total") == before + 2
+    # Both stopped early: together they generated fewer tokens than one would have.
+    assert metric(server.port, "trtnetdef_completion_tokens_total") - finished < 240
+    assert (
+        metric(server.port, 'trtnetdef_requests_total{endpoint="/v1/completions",status="499"}')
+        == 1
+    )
+
+
+def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
+    """One row, one waiting place: a third request gets 429. SIGTERM then refuses new
+    connections, lets both running requests finish, and exits 0."""
+    server = LiveServer(
+        tiny,
+        "--max-seq-len",
+        str(SEQ),
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--dtype",
+        "float32",
+    )
+    try:
+        first = server.client.completions.create(
+            model="tiny", prompt="w5", max_tokens=200, temperature=0, stream=True
+        )
+        chunks = iter(first)
+        next(chunks)
+        queued = server.client.completions.create(
+            model="tiny", prompt="w6", max_tokens=3, temperature=0, stream=True
+        )
+        wait_for(lambda: health(server.port)["waiting"] == 1, 10)
+        with pytest.raises(openai.RateLimitError) as e:
+            server.client.completions.create(model="tiny", prompt="w7", max_tokens=3)
+        assert e.value.body["message"] == (
+            "the server is busy: 1 requests are already waiting (the queue's bound); retry later."
+        )
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: not can_connect(server.port), 10)
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert len("".join(c.choices[0].text for c in rest).split()) == 199
+        assert [c.choices[0].finish_reason for c in queued][-1] == "length"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def can_connect(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_engine_fault_fails_its_request_not_the_server(tiny):
+    """In-process: a backend whose calls fail on token w77 behind the real app and uvicorn."""
+    import uvicorn
+
+    from netdef import NetworkOptions, build_network
+    from runtime.cpu import CpuBackend
+    from runtime.serving import Engine
+    from runtime.tokenizer import Tokenizer
+    from tests.fixtures.serving import Recording
+    from tools.serve import Server
+    from weights import Checkpoint
+
+    options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64, max_prefill=8)
+    backend = Recording(CpuBackend(build_network(Checkpoint.open(tiny), options)), poison=77)
+    tokenizer = Tokenizer.from_dir(tiny)
+    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", 5).app
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run)
+    thread.start()
+    try:
+        wait_for(lambda: health(port), 30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="tiny", prompt="w76 w77", max_tokens=4)
+        assert e.value.body["message"] == "the engine failed on this request: injected fault"
+        with pytest.raises(openai.APIError) as e:  # mid-stream: an error event ends the stream
+            list(client.completions.create(model="tiny", prompt="w77", max_tokens=4, stream=True))
+        assert e.value.message == "the engine failed on this request: injected fault"
+        ok = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=4, temperature=0)
+        assert ok.choices[0].finish_reason == "length" and len(ok.choices[0].text.split()) == 4
+        assert health(port)["active"] == 0
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_chat_equals_tools_generate(gemma3_270m_dir, tmp_path, capsys):
+    """The bundled model, given Gemma-3's chat template (its GGUF carries none)."""
+    from tests.fixtures.templates import GEMMA3_TEMPLATE
+
+    model = tmp_path / "gemma-270m"
+    model.mkdir()
+    for f in gemma3_270m_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((gemma3_270m_dir / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": GEMMA3_TEMPLATE})
+    )
+    question = "Name a primary color."
+    expected_chat = generate_text(model, question, 8, capsys, "--chat")
+    assert expected_chat
+    server = LiveServer(model, "--dtype", "float32", "--max-seq-len", str(SEQ), "--max-batch", "2")
+    try:
+        name = model.name
+        stream = server.client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": question}],
+            max_completion_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_serving_benchmark_reports_each_level(server, tmp_path, capsys):
+    from tools.bench import serve as bench
+
+    out = tmp_path / "serve.json"
+    args = ["--url", f"http://127.0.0.1:{server.port}/v1", "--streams", "1,3", "--rounds", "2"]
+    assert bench.main([*args, "--prompt-tokens", "5", "--max-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [lv["streams"] for lv in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["requests"] == 2 * level["streams"]
+        assert 0 < level["completion_tokens"] <= 4 * level["requests"]
+        assert level["tokens_per_s"] == pytest.approx(level["completion_tokens"] / level["wall_s"])
+        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+    assert "3 streams:" in capsys.readouterr().out

@@ -1,0 +1,59 @@
+"""`python -m tools.serve --ray-replicas 2` on a local Ray cluster the server starts and stops
+(reference backend, tiny fixture): both replicas answer, each text equals tools.generate's,
+and SIGTERM tears the cluster down with exit code 0.
+
+Ray's startup (a local cluster, the Serve controller and proxy, two replicas loading the
+model) takes ~30 s on two shared cores; `ray` marks it so `-m "not ray"` can leave it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import openai
+import pytest
+
+from tests.tools.cli import LiveServer, generate_text, with_tokenizer
+
+pytestmark = pytest.mark.ray
+
+
+def test_two_replicas_serve_the_same_answers(tiny_dir, tmp_path, capsys):
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    prompts = [" ".join(f"w{5 + 11 * i + j}" for j in range(2 + i % 4)) for i in range(8)]
+    expected = [generate_text(model, p, 24, capsys) for p in prompts]
+    server = LiveServer(
+        model,
+        "--dtype",
+        "float32",
+        "--max-seq-len",
+        "256",
+        "--max-batch",
+        "2",
+        "--ray-replicas",
+        "2",
+        startup_s=300,
+    )
+    try:
+
+        async def one(client, prompt):
+            stream = await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True
+            )
+            chunks = [c async for c in stream]
+            return chunks[0].id.split("-")[1], "".join(c.choices[0].text for c in chunks)
+
+        async def load():
+            client = openai.AsyncOpenAI(base_url=server.client.base_url, api_key="-", max_retries=0)
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 120)
+
+        answers = asyncio.run(load())
+        assert [text for _, text in answers] == expected
+        assert len({pid for pid, _ in answers}) == 2  # both replicas took requests
+        with pytest.raises(openai.NotFoundError):  # the app's own errors, through the proxy
+            server.client.completions.create(model="other", prompt="w5")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 0
+    finally:
+        server.stop()

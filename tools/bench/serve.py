@@ -1,0 +1,199 @@
+"""Load on the live server: tokens/s, time to first token and inter-token latency per number
+of concurrent streams.
+
+    python -m tools.bench.serve ARTIFACT --json docs/bench/serve-h200.json          # GPU
+    python -m tools.bench.serve MODEL_DIR --backend reference --max-batch 16 --json out.json
+    python -m tools.bench.serve --url http://127.0.0.1:8000/v1 --model NAME         # running
+
+Without --url it starts `python -m tools.serve` on a free loopback port (its --backend,
+--max-batch, --dtype, --max-seq-len) and stops it at the end. For each level of --streams,
+that many clients each send --rounds streaming completions back to back (a prompt of
+--prompt-tokens random token ids, seeded per request; greedy; --max-tokens new tokens).
+Time to first token is from sending a request to its first text chunk; inter-token latency
+is the gap between consecutive chunks (one per token); tokens/s is the level's generated
+tokens (from each response's usage) over its wall time. The openai client drives it
+(`pip install openai`; the test extra has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from tools.bench.__main__ import int_list
+from tools.bench.report import machine, versions
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1000 if values else None
+
+
+async def one_level(client, model: str, streams: int, args, vocab: int) -> dict:
+    ttft, itl, tokens = [], [], 0
+
+    async def client_loop(k: int) -> None:
+        nonlocal tokens
+        for r in range(args.rounds):
+            rng = np.random.default_rng(1000 * k + r)
+            prompt = rng.integers(10, vocab, args.prompt_tokens).tolist()
+            start = time.perf_counter()
+            stream = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=args.max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            last = None
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.usage is not None:
+                    tokens += chunk.usage.completion_tokens
+                if not chunk.choices or not chunk.choices[0].text:
+                    continue
+                if last is None:
+                    ttft.append(now - start)
+                else:
+                    itl.append(now - last)
+                last = now
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(k) for k in range(streams)))
+    wall = time.perf_counter() - t0
+    return {
+        "streams": streams,
+        "requests": streams * args.rounds,
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)},
+        "itl_ms": {"p50": percentile(itl, 50), "p99": percentile(itl, 99)},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tools.serve", str(args.model_path), "--port", str(port)]
+    cmd += ["--backend", args.backend, "--max-queue", str(max(args.streams) * 2)]
+    if args.backend == "reference":
+        cmd += ["--dtype", args.dtype, "--max-batch", str(args.max_batch or 16)]
+        if args.max_seq_len:
+            cmd += ["--max-seq-len", str(args.max_seq_len)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return proc, url + "/v1"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(
+                    f"error: the server did not start (exit code {proc.poll()})."
+                ) from None
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import openai
+
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench.serve", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "model_path", nargs="?", type=Path, help="artifact or model folder (not with --url)"
+    )
+    p.add_argument("--url", help="a running server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="the served model name (default: the server's only model)")
+    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
+    p.add_argument(
+        "--max-batch", type=int, help="reference backend: the server's rows (default 16)"
+    )
+    p.add_argument("--dtype", default="bfloat16", help="reference backend only")
+    p.add_argument("--max-seq-len", type=int, help="reference backend only")
+    p.add_argument("--streams", type=int_list, default=[1, 4, 16, 64])
+    p.add_argument("--rounds", type=int, default=2, help="requests per client and level")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--json", type=Path, help="write the raw results here")
+    args = p.parse_args(argv)
+    if (args.url is None) == (args.model_path is None):
+        p.error("give an artifact or model folder, or --url of a running server (not both).")
+    proc = None
+    try:
+        if args.url is None:
+            proc, args.url = start_server(args)
+        client = openai.AsyncOpenAI(base_url=args.url, api_key="-", max_retries=0, timeout=3600)
+        sync = openai.OpenAI(base_url=args.url, api_key="-", max_retries=0)
+        model = args.model or sync.models.list().data[0].id
+        vocab = 256 if args.model_path is None else json_vocab(args.model_path)
+        levels = []
+
+        async def run() -> None:
+            await one_level(
+                client, model, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), vocab
+            )
+            for streams in args.streams:
+                level = await one_level(client, model, streams, args, vocab)
+                levels.append(level)
+                print(
+                    f"{streams:>3} streams: {level['tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                    f"{level['ttft_ms']['p50']:8.1f} p99 {level['ttft_ms']['p99']:8.1f} ms  ITL p50 "
+                    f"{level['itl_ms']['p50']:7.1f} p99 {level['itl_ms']['p99']:7.1f} ms",
+                    flush=True,
+                )
+
+        asyncio.run(run())  # the first, unrecorded request warms the server up
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(120)
+    if args.json:
+        report = {
+            "kind": "serve",
+            "model": model,
+            "backend": args.backend,
+            "max_batch": args.max_batch,
+            "prompt_tokens": args.prompt_tokens,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "machine": machine(),
+            "versions": versions(),
+            "levels": levels,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def json_vocab(path: Path) -> int:
+    """The vocabulary size in the folder's config.json (an artifact keeps the model's)."""
+    for name in ("config.json", "metadata.json"):
+        f = path / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            data = data.get("config", data)
+            data = data.get("text_config", data)
+            if "vocab_size" in data:
+                return int(data["vocab_size"])
+    return 256
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,616 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (runtime/serving.py).
+
+    python -m tools.serve ARTIFACT                                  # TensorRT, port 8000
+    python -m tools.serve MODEL_DIR --backend reference --max-batch 4
+    python -m tools.serve ARTIFACT --ray-replicas 8                 # Ray Serve, a GPU each
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events
+when `stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus).
+
+Starlette + uvicorn rather than FastAPI: the OpenAI schema is validated here by hand, field
+by field, because every refusal must be an OpenAI-style error body that names the field
+(unknown and unsupported fields included, which a pydantic model would drop or answer in
+FastAPI's own format); what FastAPI adds over Starlette is that pydantic layer. Ray Serve
+takes any ASGI app (`serve.ingress`), so the same app runs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as prometheus_text
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.generate import GenerationError
+from runtime.sampling import SamplingError, SamplingParams
+from runtime.serving import Engine, EngineStopped, QueueFull, Request
+from runtime.tokenizer import TokenizerError
+
+# Buckets of the latency histograms, in seconds: from GPU decode steps to CPU prefills.
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+EXTRA_FIELDS = {"stream_options", "top_k", "repetition_penalty", "user", "n"}
+FIELDS = {
+    "completion": COMMON_FIELDS | EXTRA_FIELDS | {"prompt", "logprobs", "echo", "best_of"},
+    "chat": COMMON_FIELDS | EXTRA_FIELDS | {"messages", "max_completion_tokens", "logprobs"},
+}
+DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's; chat defaults to the room left
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
+        body = {
+            "message": str(self),
+            "type": kind.get(
+                self.status, "invalid_request_error" if self.status < 500 else "server_error"
+            ),
+            "param": self.param,
+            "code": self.code,
+        }
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One validated request."""
+
+    kind: str  # "completion" or "chat"
+    prompt: str | list[int] | list[dict]
+    params: SamplingParams
+    max_tokens_given: bool
+    stream: bool
+    include_usage: bool
+
+
+def _typed(body: dict, name: str, types: tuple, what: str):
+    value = body.get(name)
+    if value is not None and (
+        not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+    ):
+        raise ApiError(
+            400, f"'{name}' must be {what}, not {json.dumps(value)}.", name, "invalid_type"
+        )
+    return value
+
+
+def parse_call(body: object, kind: str, served: str) -> Call:
+    """The request body checked field by field (ApiError naming the first bad one)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    if unknown := sorted(body.keys() - FIELDS[kind]):
+        raise ApiError(
+            400,
+            f"unrecognized request argument(s): {', '.join(unknown)}.",
+            unknown[0],
+            "unknown_field",
+        )
+    model = _typed(body, "model", (str,), "a string")
+    if model is None:
+        raise ApiError(
+            400, "'model' is required; GET /v1/models lists it.", "model", "missing_field"
+        )
+    if model != served:
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{served}'.",
+            "model",
+            "model_not_found",
+        )
+    unsupported = [
+        ("n", body.get("n") not in (None, 1), "n > 1 (one choice per request)"),
+        ("logprobs", body.get("logprobs") not in (None, False, 0), "logprobs"),
+        ("echo", body.get("echo") not in (None, False), "echo"),
+        ("best_of", body.get("best_of") not in (None, 1), "best_of > 1"),
+    ]
+    for name, used, what in unsupported:
+        if used:
+            raise ApiError(
+                400,
+                f"'{name}' is not supported: this server does not do {what}.",
+                name,
+                "unsupported",
+            )
+    if kind == "chat":
+        messages = body.get("messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise ApiError(
+                400,
+                '\'messages\' must be a non-empty list of {"role": ..., "content": "text"} objects.',
+                "messages",
+                "invalid_type",
+            )
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ids_ok = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
+        if not (isinstance(prompt, str) and prompt) and not ids_ok:
+            raise ApiError(
+                400,
+                "'prompt' must be a non-empty string or a list of token ids (one prompt).",
+                "prompt",
+                "invalid_type",
+            )
+    max_tokens = _typed(body, "max_tokens", (int,), "an integer")
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        max_tokens = _typed(body, "max_completion_tokens", (int,), "an integer")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (
+        isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    ):
+        raise ApiError(
+            400, "'stop' must be a string or a list of non-empty strings.", "stop", "invalid_type"
+        )
+    stream = _typed(body, "stream", (bool,), "true or false") or False
+    options = _typed(body, "stream_options", (dict,), "an object") or {}
+    if unknown := sorted(options.keys() - {"include_usage"}):
+        raise ApiError(
+            400,
+            f"unrecognized stream_options: {', '.join(unknown)}.",
+            "stream_options",
+            "unknown_field",
+        )
+    temperature = _typed(body, "temperature", (int, float), "a number")
+    try:
+        params = SamplingParams(
+            max_new_tokens=1 if max_tokens is None else max_tokens,
+            temperature=1.0 if temperature is None else float(temperature),
+            top_k=_typed(body, "top_k", (int,), "an integer") or 0,
+            top_p=float(_typed(body, "top_p", (int, float), "a number") or 1.0),
+            repetition_penalty=float(
+                _typed(body, "repetition_penalty", (int, float), "a number") or 1.0
+            ),
+            seed=_typed(body, "seed", (int,), "an integer"),
+            stop=tuple(stop or ()),
+        )
+    except SamplingError as e:
+        name = "max_tokens" if e.field == "max_new_tokens" else e.field
+        message = str(e).replace("max_new_tokens", name)
+        raise ApiError(400, message, name, "invalid_value") from None
+    return Call(
+        kind, prompt, params, max_tokens is not None, stream, bool(options.get("include_usage"))
+    )
+
+
+class Metrics:
+    """The Prometheus series of one server (its own registry: several apps may share a process)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "trtnetdef_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "trtnetdef_prompt_tokens", "prompt tokens of admitted requests", registry=r
+        )
+        self.completion_tokens = Counter(
+            "trtnetdef_completion_tokens", "tokens generated", registry=r
+        )
+        Gauge("trtnetdef_queue_depth", "requests waiting for a cache row", registry=r).set_function(
+            lambda: engine.queue_depth
+        )
+        Gauge("trtnetdef_active_requests", "requests holding a cache row", registry=r).set_function(
+            lambda: engine.active
+        )
+        self.disconnects = Counter(
+            "trtnetdef_disconnects", "requests cancelled because the client went away", registry=r
+        )
+        self.ttft = Histogram(
+            "trtnetdef_time_to_first_token_seconds",
+            "from arrival to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "trtnetdef_inter_token_latency_seconds",
+            "between consecutive tokens of a request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def on_token(self, request: Request, now: float) -> None:
+        self.completion_tokens.inc()
+        if request.last_token_at is None:
+            self.ttft.observe(now - request.submitted)
+        else:
+            self.itl.observe(now - request.last_token_at)
+
+
+class Server:
+    """The routes over one engine; `app` is the ASGI application."""
+
+    def __init__(self, make_engine: Callable[[Callable], Engine], model: str, drain_timeout: float):
+        self.model, self.drain_timeout = model, drain_timeout
+        self.metrics: Metrics | None = None
+        self.engine = make_engine(lambda r, now: self.metrics.on_token(r, now))
+        self.metrics = Metrics(self.engine)
+        self.created = int(time.time())
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app) -> AsyncIterator[None]:
+        yield
+        # uvicorn has stopped listening and waited drain_timeout for running requests.
+        await asyncio.to_thread(self.engine.shutdown, 0)
+
+    async def models(self, _: HttpRequest) -> Response:
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "trt-netdef",
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, _: HttpRequest) -> Response:
+        e = self.engine
+        return JSONResponse(
+            {"status": "ok", "active": e.active, "waiting": e.queue_depth, "pid": os.getpid()}
+        )
+
+    async def prometheus(self, _: HttpRequest) -> Response:
+        return Response(prometheus_text(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def completions(self, http: HttpRequest) -> Response:
+        return await self._serve(http, "completion")
+
+    async def chat(self, http: HttpRequest) -> Response:
+        return await self._serve(http, "chat")
+
+    async def _serve(self, http: HttpRequest, kind: str) -> Response:
+        endpoint = http.url.path
+        try:
+            try:
+                body = json.loads(await http.body())
+            except ValueError as e:
+                raise ApiError(
+                    400, f"the request body is not valid JSON: {e}.", None, "invalid_json"
+                ) from None
+            call = parse_call(body, kind, self.model)
+            request = self._submit(call)
+        except ApiError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            return e.response()
+        if call.stream:
+            self.metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(
+                self._events(http, call, request), media_type="text/event-stream"
+            )
+        watcher = asyncio.create_task(cancel_on_disconnect(http, request, self.metrics))
+        try:
+            text = "".join([t async for t in request])
+        except Exception as e:  # an engine fault: this request fails, the server goes on
+            self.metrics.requests.labels(endpoint, "500").inc()
+            return ApiError(500, str(e), None, "engine_error").response()
+        finally:
+            watcher.cancel()
+            request.cancel()
+        # 499: the client closed the request (nginx's code), nobody reads this answer.
+        status = "499" if request.completion.finish_reason == "cancelled" else "200"
+        self.metrics.requests.labels(endpoint, status).inc()
+        choice = {"index": 0, "logprobs": None, "finish_reason": request.completion.finish_reason}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse(
+            {**self._head(call, request), "choices": [choice], "usage": usage(request)}
+        )
+
+    def _submit(self, call: Call) -> Request:
+        """Tokenize, size max_tokens and queue, as ApiErrors."""
+        engine = self.engine
+        try:
+            ids = engine.gen.encode(call.prompt, chat=call.kind == "chat")
+            params = call.params
+            room = engine.backend.max_seq_len - len(ids)
+            if not call.max_tokens_given:
+                default = room if call.kind == "chat" else DEFAULT_MAX_TOKENS
+                params = SamplingParams(
+                    **{**params.__dict__, "max_new_tokens": max(1, min(default, room))}
+                )
+            if not ids:
+                raise ApiError(
+                    400, "the prompt is empty after tokenization.", "prompt", "invalid_value"
+                )
+            if room < params.max_new_tokens:
+                param = "messages" if call.kind == "chat" else "prompt"
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(ids)} tokens and max_tokens is {params.max_new_tokens}, more "
+                    f"than this engine's context of max_seq_len={engine.backend.max_seq_len} tokens; "
+                    "shorten the prompt or lower max_tokens.",
+                    param,
+                    "context_length_exceeded",
+                )
+            request = engine.submit(ids, params)
+            self.metrics.prompt_tokens.inc(len(ids))
+            return request
+        except (TokenizerError, GenerationError) as e:
+            raise ApiError(400, str(e), None, "invalid_value") from None
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), None, "shutting_down") from None
+
+    def _head(self, call: Call, request: Request) -> dict:
+        chat = call.kind == "chat"
+        return {
+            # The process id says which server (or Ray Serve replica) answered.
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{os.getpid()}-{request.id}-{uuid.uuid4().hex[:8]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+        }
+
+    async def _events(self, http: HttpRequest, call: Call, request: Request) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per text delta, the finish_reason, usage if asked, [DONE]."""
+        head = self._head(call, request)
+        chat = call.kind == "chat"
+        if chat:
+            head["object"] = "chat.completion.chunk"
+
+        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+            if chat:
+                delta = (
+                    {"role": "assistant", "content": ""}
+                    if role
+                    else {}
+                    if text is None
+                    else {"content": text}
+                )
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            extra = {"usage": None} if call.include_usage else {}
+            return sse({**head, "choices": [choice], **extra})
+
+        watcher = asyncio.create_task(cancel_on_disconnect(http, request, self.metrics))
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            try:
+                async for text in request:
+                    yield chunk(text)
+            except Exception as e:
+                yield sse(
+                    {
+                        "error": {
+                            "message": str(e),
+                            "type": "server_error",
+                            "param": None,
+                            "code": "engine_error",
+                        }
+                    }
+                )
+                return
+            yield chunk(None, request.completion.finish_reason)
+            if call.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(request)})
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            request.cancel()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def usage(request: Request) -> dict:
+    prompt, completion = len(request.prompt_ids), len(request.completion.token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def cancel_on_disconnect(http: HttpRequest, request: Request, metrics: Metrics) -> None:
+    """Cancel `request` (freeing its cache row) as soon as the client goes away."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    if not request.done:
+        metrics.disconnects.inc()
+    request.cancel()
+
+
+# ---- the command line ----
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a server process (or each Ray Serve replica) needs to open the model."""
+
+    model: Path
+    backend: str
+    dtype: str
+    max_seq_len: int | None
+    max_batch: int | None
+    max_queue: int
+    served_name: str
+    drain_timeout: float
+
+    def rows(self) -> int:
+        """Sequences the engine runs at once: --max-batch, else the artifact's, else 4."""
+        from netdef.artifact import METADATA_FILE, Metadata, read_metadata
+
+        if self.max_batch:
+            return self.max_batch
+        if (self.model / METADATA_FILE).is_file():
+            return Metadata.from_dict(read_metadata(self.model)).max_batch
+        return 4
+
+    def server(self) -> Server:
+        """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
+        from netdef.artifact import METADATA_FILE, check_intact
+        from tools.generate import load_tokenizer, open_backend
+
+        meta = check_intact(self.model) if (self.model / METADATA_FILE).is_file() else None
+        tokenizer = load_tokenizer(self.model, meta)
+        rows = self.rows()
+        backend = open_backend(self.model, meta, self.backend, self.dtype, self.max_seq_len, rows)
+        return Server(
+            lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
+            self.served_name,
+            self.drain_timeout,
+        )
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]:
+    p = argparse.ArgumentParser(prog="python -m tools.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "model",
+        type=Path,
+        help="artifact folder from tools.build, or an HF folder with --backend reference",
+    )
+    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name", help="the 'model' clients ask for (default: the folder's name)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="concurrent sequences (reference backend; an engine has its own)",
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM lets running requests finish",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="reference backend only",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, help="reference backend only (default: min(model context, 4096))"
+    )
+    p.add_argument(
+        "--ray-replicas",
+        type=int,
+        help="serve through Ray Serve with this many replicas (a GPU each)",
+    )
+    p.add_argument(
+        "--ray-address", help="a running Ray cluster (e.g. auto); default: start a local one"
+    )
+    args = p.parse_args(argv)
+    for flag, value, low in (
+        ("--max-queue", args.max_queue, 0),
+        ("--ray-replicas", args.ray_replicas, 1),
+    ):
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}.")
+    if args.backend == "tensorrt" and args.max_batch is not None:
+        p.error(
+            "--max-batch applies to the reference backend; an engine's is fixed when it is built."
+        )
+    config = ServeConfig(
+        model=args.model.resolve(),
+        backend=args.backend,
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        served_name=args.served_model_name or args.model.resolve().name,
+        drain_timeout=args.drain_timeout,
+    )
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from netdef import OptionsError
+    from runtime.cuda_buffers import CudaError
+    from runtime.tensorrt_backend import EngineLoadError
+    from weights import WeightsError
+
+    args, config = parse_args(argv)
+    if not config.model.is_dir():
+        print(
+            f"error: {config.model} does not exist; pass an artifact folder from python -m "
+            "tools.build, or a Hugging Face model folder with --backend reference.",
+            file=sys.stderr,
+        )
+        return 1
+    if args.ray_replicas:
+        from tools.serve_ray import run_on_ray
+
+        return run_on_ray(args, config)
+    try:
+        server = config.server()
+    except (ValueError, WeightsError, OptionsError, EngineLoadError, CudaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    # uvicorn re-raises the SIGTERM it drained on to the handler it found: make that a no-op,
+    # so a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn_config = uvicorn.Config(
+        server.app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=config.drain_timeout,
+    )
+    print(
+        f"Serving {config.served_name} on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.Server(uvicorn_config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

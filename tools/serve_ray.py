@@ -1,0 +1,71 @@
+"""The server of tools/serve.py as a Ray Serve deployment: N replicas, each with its own engine
+(one GPU each with the TensorRT backend), behind Ray Serve's HTTP proxy.
+
+    python -m tools.serve ARTIFACT --ray-replicas 8                      # one machine
+    python -m tools.serve ARTIFACT --ray-replicas 16 --ray-address auto  # a running cluster
+
+Each replica builds the same Starlette app (`serve.ingress` with a builder, evaluated on the
+replica), so routes, errors and streaming are those of the single-process server. The proxy
+spreads requests over replicas and cancels a request whose client goes away. /health and
+/metrics answer from whichever replica the proxy picks (the `pid` in /health says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+APP_NAME = "trt-netdef"
+
+
+def deployment(config, replicas: int):
+    """The bound Ray Serve application of `config` (a tools.serve.ServeConfig)."""
+    from ray import serve
+
+    def build_app():
+        return config.server().app
+
+    gpus = 1 if config.backend == "tensorrt" else 0
+    rows = config.rows()
+    return serve.deployment(
+        serve.ingress(build_app)(),
+        name="llm",
+        num_replicas=replicas,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+        # A replica holds what fills its rows and the next ones to prefill; the rest wait
+        # in Ray's router, which hands each to the replica that frees a row first (a
+        # replica's own queue would bind a request to it early). Beyond max_queue
+        # waiting, Ray answers 503.
+        max_ongoing_requests=2 * rows,
+        max_queued_requests=config.max_queue,
+        graceful_shutdown_timeout_s=config.drain_timeout,
+    ).bind()
+
+
+def run_on_ray(args: argparse.Namespace, config) -> int:
+    """Start (or join) a Ray cluster, deploy, serve until SIGTERM/SIGINT, then tear down."""
+    import ray
+    from ray import serve
+
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    # After ray.init, whose own SIGTERM handler exits at once with code 15.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment(config, args.ray_replicas), name=APP_NAME, route_prefix="/")
+        print(
+            f"Serving {config.served_name} on http://{args.host}:{args.port}/v1 with "
+            f"{args.ray_replicas} Ray Serve replicas",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop.wait()
+        print("Draining the replicas.", file=sys.stderr, flush=True)
+        serve.shutdown()  # each replica drains for graceful_shutdown_timeout_s
+    finally:
+        ray.shutdown()
+    return 0
