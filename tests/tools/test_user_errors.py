@@ -207,7 +207,7 @@ def test_artifacts_get_the_umask_permissions(artifact):
 def test_the_readme_cpu_snippet_runs(tiny_dir, tmp_path, capsys):
     model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    [snippet] = [b for b in readme.split("```python\n")[1:] if "CpuBackend" in b]
+    [snippet] = [b for b in readme.split("```python\n")[1:] if "import CpuBackend" in b]
     code = snippet.split("```")[0].replace('"MODEL_DIR"', repr(str(model)))
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
