@@ -44,7 +44,7 @@ from .graph import Graph
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .quant import QuantizedWeight
 from .rope import cos_sin_tables
-from .slots import GLOBAL_POSITIONS, WINDOW_POSITIONS, attention_window
+from .slots import attention_window
 
 
 class WeightSource:
@@ -159,9 +159,9 @@ class _Decoder:
         self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
         self.ring_index: dict[int, Any] = {}  # ring length -> write index mod it
         if attention_window(self.windows) is not None:
-            self.window_positions = net.add_input(WINDOW_POSITIONS, trt.int32, (-1, -1))
+            self.window_positions = net.add_input(io.WINDOW_POSITIONS, trt.int32, (-1, -1))
         if None in self.windows:
-            self.global_positions = net.add_input(GLOBAL_POSITIONS, trt.int32, (-1,))
+            self.global_positions = net.add_input(io.GLOBAL_POSITIONS, trt.int32, (-1,))
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head

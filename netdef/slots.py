@@ -5,8 +5,8 @@ ring of `ring_length` slots, position p in slot p mod ring: a call of S tokens f
 writes p .. p+S-1 before its queries read, and its first query still needs p-window+1 .. p, so
 the ring holds window + max_prefill - 1 slots (mlx-lm's RotatingKVCache likewise grows to
 max_size + S - 1 during a prefill). Its writes are contiguous (TensorRT's KVCacheUpdate), so
-no row of a call may cross a ring's end: `call_end` splits prompts there and `ring_crossing`
-refuses other calls.
+no row of a call may cross a ring's end: `call_end` (and `prompt_chunks`) split prompts there
+and `ring_crossing` refuses other calls.
 
 A decode step after n cached tokens should read O(n) slots on global layers and at most the
 window on sliding layers, not the whole cache. The network gathers the positions the
@@ -20,7 +20,7 @@ per sequence, the `window - 1` positions before its first new token and the new 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -59,6 +59,17 @@ def call_end(start: int, stop: int, max_prefill: int, ring_lengths: Iterable[int
     for n in ring_lengths:
         end = min(end, (start // n + 1) * n)
     return end
+
+
+def prompt_chunks(
+    stop: int, max_prefill: int, ring_lengths: Iterable[int]
+) -> Iterator[tuple[int, int]]:
+    """(start, end) of each prompt chunk from position 0 to `stop`, cut by `call_end`."""
+    start = 0
+    while start < stop:
+        end = call_end(start, stop, max_prefill, ring_lengths)
+        yield start, end
+        start = end
 
 
 def ring_crossing(positions: np.ndarray, ring_lengths: Iterable[int]) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from netdef import NetworkOptions, build_network
 from netdef.decoder import WeightSource
-from netdef.slots import call_end
+from netdef.slots import prompt_chunks
 
 from .cpu import CpuBackend
 
@@ -46,13 +46,11 @@ def activation_amax(
     model = CpuBackend(dn)
     model.reset(1)
     amax = dict.fromkeys(taps, 0.0)
-    start = 0
-    while start < ids.size:  # chunks cut at KV ring ends, as the generate loop cuts them
-        end = call_end(start, ids.size, model.max_prefill, model.rings)
+    # chunks cut at KV ring ends, as the generate loop cuts them
+    for start, end in prompt_chunks(ids.size, model.max_prefill, model.rings):
         positions = np.arange(start, end, dtype=np.int32)[None]
         feeds = model.feeds(ids[None, start:end], positions, np.zeros(1, np.int32))
         seen = model.executor.run(feeds, extra=taps.values())
         for layer, tensor in taps.items():
             amax[layer] = max(amax[layer], float(np.abs(seen[tensor].astype(np.float32)).max()))
-        start = end
     return amax

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from netdef.slots import call_end
+from netdef.slots import prompt_chunks
 
 from .backend import Backend
 from .readout import ALL_LOGITS, Outputs, Readout, may_fall_back, next_tokens_from, readout_for
@@ -182,16 +182,14 @@ class Run:
 
     def _prefill(self, lengths: np.ndarray, readout: Readout) -> Outputs:
         """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end
-        (netdef.slots.call_end); the output for each prompt's last token."""
+        (netdef.slots.prompt_chunks); the output for each prompt's last token."""
         backend = self.gen.backend
         batch, total = len(lengths), int(lengths[0])  # rows are longest first
         ids = np.zeros((batch, total), np.int32)
         for b, i in enumerate(self.order):
             ids[b, : len(self.completions[i].prompt_ids)] = self.completions[i].prompt_ids
         result: Outputs = {}
-        start = 0
-        while start < total:
-            end = call_end(start, total, backend.max_prefill, backend.rings)
+        for start, end in prompt_chunks(total, backend.max_prefill, backend.rings):
             going = int((lengths > start).sum())  # rows 0..going-1 still have prompt tokens
             positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (going, end - start))
             last = np.clip(lengths[:going] - 1 - start, 0, end - start - 1).astype(np.int32)
@@ -201,7 +199,6 @@ class Run:
             ends_here = lengths[:going] - 1 < end
             for name, o in out.items():
                 result[name][:going][ends_here] = o[ends_here]
-            start = end
         return result
 
     def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:

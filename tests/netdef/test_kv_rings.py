@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from netdef import NetworkOptions, build_network
-from netdef.slots import call_end, ring_crossing, ring_length, rings
+from netdef.slots import call_end, prompt_chunks, ring_crossing, ring_length, rings
 from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
 from runtime.tensorrt_backend import EngineLoadError, check_memory, validate_call
@@ -37,7 +37,7 @@ def ring_model(path, batch: int, max_seq_len: int = 40, all_logits: bool = True)
 
 def ragged_logits(model: CpuBackend, seqs: list[list[int]], prompts: list[int]) -> np.ndarray:
     """[B, T_max, vocab]: the prompts (longest first) prefilled together, right-padded, in
-    chunks from call_end, each call taking the rows whose prompts go on (as runtime.generate
+    chunks from prompt_chunks, each call taking the rows whose prompts go on (as runtime.generate
     does), then every row decoding its own tokens at its own position; NaN past an end."""
     assert prompts == sorted(prompts, reverse=True)
     batch, t_max = len(seqs), max(map(len, seqs))
@@ -46,16 +46,13 @@ def ragged_logits(model: CpuBackend, seqs: list[list[int]], prompts: list[int]) 
         ids[b, : len(s)] = s
     out = np.full((batch, t_max, model.dn.config.vocab_size), np.nan, np.float32)
     model.reset(batch)
-    start, total = 0, max(prompts)
-    while start < total:
-        end = call_end(start, total, model.max_prefill, model.rings)
+    for start, end in prompt_chunks(max(prompts), model.max_prefill, model.rings):
         going = sum(n > start for n in prompts)
         positions = np.tile(np.arange(start, end, dtype=np.int32), (going, 1))
         last = np.zeros(going, np.int32)
         logits = model.forward(ids[:going, start:end], positions, last, ALL_LOGITS)["logits"]
         for b, n in enumerate(prompts[:going]):
             out[b, start : min(end, n)] = logits[b, : max(0, min(end, n) - start)]
-        start = end
     pos = np.array(prompts)
     lengths = np.array([len(s) for s in seqs])
     while (pos < lengths).any():
@@ -77,9 +74,7 @@ def test_ring_lengths_and_call_ends():
     assert ring_length(512, 4096, 2048) == 2559
     assert ring_length(512, 2048, 2048) == 2048  # never more than the whole cache
     assert rings([4096, 2559, 2559, 4096], 4096) == (2559,)
-    spans, start = [], 0
-    while start < 20:
-        spans.append((start, start := call_end(start, 20, 6, (9,))))
+    spans = list(prompt_chunks(20, 6, (9,)))
     assert spans == [(0, 6), (6, 9), (9, 15), (15, 18), (18, 20)]
     assert call_end(3, 100, 6, ()) == 9
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network
-from netdef.slots import call_end
+from netdef.slots import prompt_chunks
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
 from runtime.readout import ARGMAX
@@ -47,14 +47,11 @@ def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=
     longest = max(batch_lengths)
     prompts = rng.integers(3, vocab, size=(len(batch_lengths), longest), dtype=np.int32)
     out = []
-    start = 0
-    while start < longest:
-        end = call_end(start, longest, prefill, rings)
+    for start, end in prompt_chunks(longest, prefill, rings):
         going = sum(n > start for n in batch_lengths)
         pos = np.tile(np.arange(start, end, dtype=np.int32), (going, 1))
         last = np.array([min(n, end) - 1 - start for n in batch_lengths[:going]], np.int32)
         out.append((prompts[:going, start:end], pos, last))
-        start = end
     ends = np.array(batch_lengths, np.int32)
     for step in range(steps):
         ids = rng.integers(3, vocab, size=(len(batch_lengths), 1), dtype=np.int32)

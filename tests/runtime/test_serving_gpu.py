@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network
-from netdef.slots import call_end
+from netdef.slots import prompt_chunks
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
 from tests.fixtures.gpu import TOLERANCE, assert_close, build_for_device, run_all
@@ -45,12 +45,10 @@ def row_sequence(vocab: int, ring_lengths: tuple[int, ...]):
     seq, ends = [], {}
 
     def prefill(row):
-        p, start = prompts[row], 0
-        while start < len(p):
-            end = call_end(start, len(p), 4, ring_lengths)
+        p = prompts[row]
+        for start, end in prompt_chunks(len(p), 4, ring_lengths):
             pos = np.arange(start, end, dtype=np.int32)[None]
             seq.append((row, p[None, start:end].astype(np.int32), pos, np.array([end - start - 1])))
-            start = end
         ends[row] = len(p)
 
     def decode(steps):

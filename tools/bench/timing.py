@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.slots import call_end
+from netdef.slots import prompt_chunks
 from runtime.readout import ALL_LOGITS, ARGMAX
 from tools.bench import BenchError
 from tools.bench.report import stats
@@ -103,13 +103,10 @@ def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.nd
 
 def fill_cache(backend: Any, ids: np.ndarray, batch: int, length: int) -> None:
     """Prefill `length` tokens of `batch` sequences, in the chunks the generate loop uses."""
-    start = 0
-    while start < length:
-        end = call_end(start, length, backend.max_prefill, backend.rings)
+    for start, end in prompt_chunks(length, backend.max_prefill, backend.rings):
         pos = np.broadcast_to(np.arange(start, end, dtype=np.int32), (batch, end - start))
         last = np.full(batch, end - start - 1, np.int32)
         backend.forward(ids[:batch, start:end], pos, last, ALL_LOGITS)
-        start = end
 
 
 def measure_prefill(
