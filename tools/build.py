@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-prefill",
         type=int,
         help="longest prompt chunk per call (default: --max-seq-len, less where the attention "
-        "scores of batch x heads x chunk x cache would pass 2^30)",
+        "scores of batch x heads x chunk x cache would pass 2^30, and at most 4 sliding windows; "
+        "sliding layers keep window + max-prefill - 1 KV slots)",
     )
     p.add_argument(
         "--prefill-opt",
