@@ -353,7 +353,7 @@ class TensorRTBackend:
         cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
     ) -> TensorRTBackend:
         from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
-        from netdef.backend import BackendError, load_backend
+        from netdef.tensorrt_module import TensorRTModuleError, load_tensorrt
 
         artifact = Path(artifact)
         if not is_complete(artifact):
@@ -367,8 +367,8 @@ class TensorRTBackend:
         try:
             if trt is None:
                 try:
-                    trt = load_backend(meta["backend"]["module"])
-                except BackendError as e:
+                    trt = load_tensorrt(meta["backend"]["module"])
+                except TensorRTModuleError as e:
                     raise EngineLoadError(
                         f"the engine was built by {meta['backend']['module']}: {e}"
                     ) from None

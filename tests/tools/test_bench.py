@@ -413,11 +413,11 @@ def test_measure_loops_use_backend_event_times_and_positions():
 
 
 def test_measure_loops_on_the_cpu_executor(tiny_dir):
-    from netdef import NetworkOptions, build_network, load_backend
+    from netdef import NetworkOptions, build_network, load_tensorrt
 
     ckpt = Checkpoint.open(tiny_dir("qwen3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=32, max_prefill=8)
-    model = CpuBackend(build_network(ckpt, options, load_backend("tensorrt_rtx")))
+    model = CpuBackend(build_network(ckpt, options, load_tensorrt("tensorrt_rtx")))
     ids = prompt_ids(ckpt.config.vocab_size, 2, 32)
     pre = measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
     dec = measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
