@@ -79,8 +79,7 @@ def prepare_engines(
 
 
 def run_gpu(args: argparse.Namespace, report: Report) -> None:
-    from runtime.cuda_buffers import device_info, gpu_unavailable_reason
-    from tools.gpu_check import bandwidth
+    from runtime.cuda_buffers import bandwidth, device_info, gpu_unavailable_reason
     from weights import load_config, resolve_model
 
     if reason := gpu_unavailable_reason():
