@@ -7,8 +7,8 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "BackendError": "backend",
-    "load_backend": "backend",
+    "TensorRTModuleError": "tensorrt_module",
+    "load_tensorrt": "tensorrt_module",
     "DecoderNetwork": "decoder",
     "build_network": "decoder",
     "EngineBuildError": "engine",

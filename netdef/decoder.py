@@ -38,13 +38,13 @@ import numpy as np
 from weights.config import ModelConfig
 
 from . import contract as io
-from .backend import load_backend
 from .contract import MODEL_DTYPES, trt_dtype
 from .graph import Graph
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .quant import QuantizedWeight
 from .rope import cos_sin_tables
 from .slots import attention_window
+from .tensorrt_module import load_tensorrt
 
 
 class WeightSource:
@@ -112,7 +112,7 @@ def build_network(
             "fp8 needs activation ranges from a calibration pass "
             "(runtime.calibration.activation_amax)."
         )
-    trt = trt or load_backend()
+    trt = trt or load_tensorrt()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     g = Graph(trt, network, options.quant, act_amax, options.int4_block(config))

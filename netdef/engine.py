@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .backend import compute_capability, is_rtx
 from .decoder import DecoderNetwork
+from .tensorrt_module import compute_capability, is_rtx
 
 
 class EngineBuildError(RuntimeError):

@@ -121,7 +121,7 @@ class NetworkOptions:
                 f"{min(TOPK_MAX, config.vocab_size)} (TensorRT's TopK takes k <= {TOPK_MAX})."
             )
         self._validate_quant(config)
-        if self.dtype == "float16" and config.family == "gemma3":
+        if self.dtype == "float16" and config.float16_overflows:
             warnings.warn(
                 "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.",
                 stacklevel=2,

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from netdef import NetworkOptions, build_engine, build_network, load_backend
+from netdef import NetworkOptions, build_engine, build_network, load_tensorrt
 from netdef.artifact import (
     ENGINE_FILE,
     ArtifactError,
@@ -40,10 +40,10 @@ from netdef.artifact import (
     staging,
     write_metadata,
 )
-from netdef.backend import compute_capability, is_rtx
 from netdef.contract import FORMAT_VERSION
 from netdef.options import check_quant_target, default_max_prefill, default_max_seq_len
 from netdef.quant import CALIBRATION_TEXT
+from netdef.tensorrt_module import compute_capability, is_rtx
 from weights import Checkpoint, resolve_model
 from weights.bundled import default_cache_dir
 from weights.folders import locked, remove_stale_partials
@@ -111,7 +111,7 @@ def build(
     fp8 calibrates its activation scales on `calib_file` (default: the shipped sample text).
     `hooks` hear of each phase (tools.build draws progress with them, tools.bench times them)."""
     hooks = hooks or BuildHooks()
-    trt = load_backend(backend)
+    trt = load_tensorrt(backend)
     if is_rtx(trt):
         if target is None:
             raise BuildError(

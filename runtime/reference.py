@@ -25,10 +25,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from netdef.backend import load_backend
 from netdef.contract import TENSOR_DTYPES, dtype_name
 from netdef.options import Profile
 from netdef.quant import FP8, INT4, INT8, dequantize, quantize, unpack_int4
+from netdef.tensorrt_module import load_tensorrt
 
 
 class ExecutorError(RuntimeError):
@@ -126,7 +126,7 @@ class Executor:
         constants: Mapping[str, np.ndarray] | None,
     ):
         # The module that made the network (its bindings live in <module>_bindings).
-        self.trt = load_backend(type(network).__module__.split(".")[0].removesuffix("_bindings"))
+        self.trt = load_tensorrt(type(network).__module__.split(".")[0].removesuffix("_bindings"))
         self.network = network
         self.profiles = profiles or []
         layers = _topological([network.get_layer(i) for i in range(network.num_layers)])

@@ -19,6 +19,7 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,7 @@ from .cuda_buffers import (
     EventTimer,
     PinnedBuffer,
     Stream,
+    cuda,
     d2h,
     device_info,
     enqueue_step,
@@ -290,6 +292,8 @@ class TensorRTBackend:
         self.last_call = (0, 0)  # (B, S) of the latest call
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
+        self._device = cuda("cudaGetDevice")
+        self._thread = threading.get_ident()  # the thread this device is known current on
         inputs = {t["name"] for t in self.io["inputs"]}
         self.window = meta.attention_window if WINDOW_POSITIONS in inputs else None
         self.has_global = GLOBAL_POSITIONS in inputs
@@ -349,7 +353,7 @@ class TensorRTBackend:
         cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
     ) -> TensorRTBackend:
         from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
-        from netdef.backend import BackendError, load_backend
+        from netdef.tensorrt_module import TensorRTModuleError, load_tensorrt
 
         artifact = Path(artifact)
         if not is_complete(artifact):
@@ -363,8 +367,8 @@ class TensorRTBackend:
         try:
             if trt is None:
                 try:
-                    trt = load_backend(meta["backend"]["module"])
-                except BackendError as e:
+                    trt = load_tensorrt(meta["backend"]["module"])
+                except TensorRTModuleError as e:
                     raise EngineLoadError(
                         f"the engine was built by {meta['backend']['module']}: {e}"
                     ) from None
@@ -446,6 +450,7 @@ class TensorRTBackend:
     def last_logits(self) -> np.ndarray:
         """The latest call's logits, still in device memory: copied back only when asked (a
         sampling step that the engine's best K do not decide)."""
+        self._make_current()
         b, s = self.last_call
         shape = self._logits_shape(b, s)
         nbytes = int(np.prod(shape)) * 4
@@ -453,8 +458,17 @@ class TensorRTBackend:
         self.stream.synchronize()
         return self.host["logits"].array[: nbytes // 4].reshape(shape).copy()
 
+    def _make_current(self) -> None:
+        """Make the engine's device current on the calling thread. The CUDA runtime does so
+        on a thread's first runtime call, but a server's step thread calls TensorRT first, and
+        its Myelin kernels then fail with "No CUDA context is current" (seen on an H200)."""
+        if (thread := threading.get_ident()) != self._thread:
+            cuda("cudaSetDevice", self._device)
+            self._thread = thread
+
     def _call(self, input_ids, position_ids, last_token_index, wanted: tuple[str, ...]):
         """Run one call, copying back the outputs named in `wanted`; returns (B, S)."""
+        self._make_current()
         ids, pos, last = validate_call(
             input_ids,
             position_ids,

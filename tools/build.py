@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from netdef import BackendError, OptionsError
+from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
 from netdef.contract import MODEL_DTYPES
 from netdef.engine import EngineBuildError
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         BuildError,
         ArtifactError,
-        BackendError,
+        TensorRTModuleError,
         WeightsError,
         OptionsError,
         EngineBuildError,

@@ -75,6 +75,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    float16_overflows: bool = False  # Gemma-3's activations exceed float16's range
 
     @property
     def num_layers(self) -> int:
@@ -358,6 +359,7 @@ def _gemma3(raw: dict[str, Any]) -> ModelConfig:
         attention_scale=scalar**-0.5,
         norm_offset=1.0,
         norm_weight_in_float32=True,
+        float16_overflows=True,
         qk_norm=True,
         qkv_bias=bool(raw.get("attention_bias", False)),
         o_bias=bool(raw.get("attention_bias", False)),

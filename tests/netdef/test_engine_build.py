@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_backend
+from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_tensorrt
 from netdef.engine import builder_config
 from weights import Checkpoint
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 
 
 def weight_bytes(ckpt: Checkpoint, itemsize: int) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from netdef import NetworkOptions, build_engine, build_network, load_backend
+from netdef import NetworkOptions, build_engine, build_network, load_tensorrt
 from runtime.cpu import CpuBackend, sequence_logits
 from weights import Checkpoint
 
@@ -85,7 +85,7 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(gemma3_270m_dir, refer
 
 
 def test_bfloat16_engine_builds_with_two_profiles(gemma3_270m_dir, tmp_path):
-    trt = load_backend("tensorrt_rtx")
+    trt = load_tensorrt("tensorrt_rtx")
     ckpt = Checkpoint.open(gemma3_270m_dir)
     dn = build_network(ckpt, NetworkOptions(dtype="bfloat16", max_batch=2, max_seq_len=512), trt)
     assert [p.name for p in dn.profiles] == ["decode", "prefill"]

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_backend
+from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_tensorrt
 from netdef.quant import (
     CALIBRATION_TEXT,
     FP8,
@@ -29,7 +29,7 @@ from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from weights import Checkpoint, parse_config
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 rng = np.random.default_rng(0)
 

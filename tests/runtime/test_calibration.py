@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netdef import NetworkOptions, build_network, load_backend
+from netdef import NetworkOptions, build_network, load_tensorrt
 from runtime.calibration import activation_amax
 from runtime.cpu import CpuBackend
 from runtime.reference import Executor, ExecutorError
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from weights import Checkpoint
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 rng = np.random.default_rng(0)
 
 

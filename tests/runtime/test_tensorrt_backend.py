@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netdef import NetworkOptions, build_network, load_backend
+from netdef import NetworkOptions, build_network, load_tensorrt
 from netdef.artifact import ENGINE_FILE, metadata, write_metadata
 from netdef.contract import target_capability
 from runtime import cuda_buffers
+from runtime.standin import fake_engine
 from runtime.tensorrt_backend import (
     EngineLoadError,
     TensorRTBackend,
@@ -28,10 +29,9 @@ from runtime.tensorrt_backend import (
     resolve_dynamic,
     validate_call,
 )
-from tools.gpu_check import fake_engine
 from weights.config import load_config
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 ROOT = Path(__file__).resolve().parents[2]
 
 

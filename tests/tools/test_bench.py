@@ -413,11 +413,11 @@ def test_measure_loops_use_backend_event_times_and_positions():
 
 
 def test_measure_loops_on_the_cpu_executor(tiny_dir):
-    from netdef import NetworkOptions, build_network, load_backend
+    from netdef import NetworkOptions, build_network, load_tensorrt
 
     ckpt = Checkpoint.open(tiny_dir("qwen3"))
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=32, max_prefill=8)
-    model = CpuBackend(build_network(ckpt, options, load_backend("tensorrt_rtx")))
+    model = CpuBackend(build_network(ckpt, options, load_tensorrt("tensorrt_rtx")))
     ids = prompt_ids(ckpt.config.vocab_size, 2, 32)
     pre = measure_prefill(model, ids, [4, 8], warmup=0, rounds=1)
     dec = measure_decode(model, ids, [1, 2], context=12, steps=2, warmup=0, rounds=2)
@@ -448,8 +448,8 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
     if reason := gpu_unavailable_reason():
         pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
     from netdef.artifact import Metadata
+    from runtime.standin import CopyContext, fake_engine
     from runtime.tensorrt_backend import TensorRTBackend
-    from tools.gpu_check import CopyContext, fake_engine
 
     meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
     with TensorRTBackend(
@@ -468,12 +468,11 @@ def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, 
     """`python -m tools.bench MODEL --no-engine --compare-transformers` end to end, with the
     CUDA pieces stubbed and transformers on the CPU: report sections, JSON and tables."""
     import runtime.cuda_buffers as cb
-    import tools.gpu_check as gpu_check
 
     monkeypatch.setattr(cb, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(cb, "device_info", lambda: cb.DeviceInfo(0, "Stub GPU", 9, 0, 1 << 34))
     monkeypatch.setattr(
-        gpu_check,
+        cb,
         "bandwidth",
         lambda mib, repeats=5: {"H2D": 50.0, "D2H": 50.0, "D2D": 1000.0},
     )

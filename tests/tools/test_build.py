@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netdef import load_backend
+from netdef import load_tensorrt
 from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
 from runtime import build as pipeline
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
@@ -18,7 +18,7 @@ from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from weights import load_config
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3_mm", "llama", "qwen2", "qwen3"])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from netdef import load_backend
+from netdef import load_tensorrt
 from netdef.quant import (
     CALIBRATION_TEXT,
 )
@@ -17,7 +17,7 @@ from tools import build as build_tool
 from tools import eval as eval_tool
 from weights import Checkpoint
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 MOBY_DICK = CALIBRATION_TEXT.parents[2] / "tests" / "data" / "moby_dick_loomings.txt"
 
 

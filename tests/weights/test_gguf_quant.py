@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from netdef import NetworkOptions, OptionsError, build_network, load_backend
+from netdef import NetworkOptions, OptionsError, build_network, load_tensorrt
 from netdef.artifact import check_intact
 from runtime.cpu import CpuBackend, sequence_logits
 from tests.fixtures.tiny import tiny_model_dir
@@ -25,7 +25,7 @@ from weights import Checkpoint, WeightsError
 from weights.gguf_import import convert_gguf, gguf_model_dir, open_gguf
 from weights.gguf_quant import EXACT, GGUFQuantized, exact_int8
 
-trt = load_backend("tensorrt_rtx")
+trt = load_tensorrt("tensorrt_rtx")
 rng = np.random.default_rng(0)
 
 

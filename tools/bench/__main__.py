@@ -195,14 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.build_worker:
         return build_worker(args.build_worker)
-    from netdef import BackendError, OptionsError
+    from netdef import OptionsError, TensorRTModuleError
     from netdef.engine import EngineBuildError
     from runtime.build import BuildError
     from runtime.cuda_buffers import CudaError
     from runtime.tensorrt_backend import EngineLoadError
     from weights import WeightsError
 
-    errors = (BenchError, BackendError, BuildError, CudaError, EngineBuildError, EngineLoadError)
+    errors = (
+        BenchError,
+        TensorRTModuleError,
+        BuildError,
+        CudaError,
+        EngineBuildError,
+        EngineLoadError,
+    )
     errors += (OptionsError, WeightsError)
 
     if args.make_random:

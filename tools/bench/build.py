@@ -152,11 +152,11 @@ def build_worker(spec_path: str) -> int:
     def mark(name: str) -> None:
         phases.append({"name": name, "t": time.monotonic(), **(proc_status() or {})})
 
-    from netdef import load_backend
+    from netdef import load_tensorrt
     from netdef.artifact import read_metadata
     from runtime.build import BuildHooks, build
 
-    load_backend(spec["options"].get("backend"))
+    load_tensorrt(spec["options"].get("backend"))
     mark("imported")
     timings: dict[str, float] = {}
 

@@ -50,7 +50,7 @@ def executor_cpu(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The NumPy executor (runtime.cpu.CpuBackend) of the model's network, batch 1; and the
     logits of the prompt's last token."""
-    from netdef import NetworkOptions, build_network, load_backend
+    from netdef import NetworkOptions, build_network, load_tensorrt
     from runtime.cpu import CpuBackend
     from runtime.readout import ALL_LOGITS
     from weights import Checkpoint
@@ -58,7 +58,7 @@ def executor_cpu(
     p, n = len(prompt), len(decode)
     t0 = time.perf_counter()
     options = NetworkOptions(dtype=dtype, max_batch=1, max_seq_len=p + n, max_prefill=p)
-    model = CpuBackend(build_network(Checkpoint.open(model_dir), options, load_backend()))
+    model = CpuBackend(build_network(Checkpoint.open(model_dir), options, load_tensorrt()))
     model.reset(1)
     setup_s = time.perf_counter() - t0
     zero = np.zeros(1, np.int32)

@@ -30,7 +30,7 @@ def prepare_engines(
     """{profile set: artifact}, decode+prefill first, plus `skipped` reasons. An artifact is
     used as it is; its counterpart is built from the model folder named in its metadata."""
     from netdef.artifact import is_complete, open_artifact
-    from netdef.backend import is_rtx, load_backend
+    from netdef.tensorrt_module import is_rtx, load_tensorrt
     from runtime.build import build
     from tools.build import ConsoleHooks
 
@@ -59,7 +59,7 @@ def prepare_engines(
             except Exception as e:  # the artifact itself is still measured
                 out["skipped"] = f"could not build the {other!r} counterpart: {e}"
     else:
-        trt = load_backend(args.backend)
+        trt = load_tensorrt(args.backend)
         target = args.target or (f"sm{device_cc[0]}{device_cc[1]}" if is_rtx(trt) else None)
         common = dict(
             dtype=args.dtype or "bfloat16",
@@ -79,8 +79,7 @@ def prepare_engines(
 
 
 def run_gpu(args: argparse.Namespace, report: Report) -> None:
-    from runtime.cuda_buffers import device_info, gpu_unavailable_reason
-    from tools.gpu_check import bandwidth
+    from runtime.cuda_buffers import bandwidth, device_info, gpu_unavailable_reason
     from weights import load_config, resolve_model
 
     if reason := gpu_unavailable_reason():

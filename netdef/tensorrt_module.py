@@ -2,7 +2,7 @@
 
 `tensorrt` (datacenter GPUs) and `tensorrt_rtx` (RTX GPUs, and ahead-of-time builds on a
 machine without a GPU) share the network-definition API this project uses. Everything
-else imports `trt` through `load_backend()`; nothing else names either module.
+else imports `trt` through `load_tensorrt()`; nothing else names either module.
 """
 
 from __future__ import annotations
@@ -13,25 +13,27 @@ from types import ModuleType
 
 from .contract import normalize_target
 
-BACKENDS = ("tensorrt", "tensorrt_rtx")
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
 
 
-class BackendError(RuntimeError):
+class TensorRTModuleError(RuntimeError):
     """No usable TensorRT module."""
 
 
-def load_backend(name: str | None = None) -> ModuleType:
+def load_tensorrt(name: str | None = None) -> ModuleType:
     """Import the TensorRT module `name`, else $TRT_NETDEF_BACKEND, else whichever is installed."""
     name = name or os.environ.get("TRT_NETDEF_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name is not None and name not in TENSORRT_MODULES:
+        raise TensorRTModuleError(
+            f"unknown backend {name!r}; choose one of {', '.join(TENSORRT_MODULES)}."
+        )
     errors = []
-    for candidate in [name] if name else BACKENDS:
+    for candidate in [name] if name else TENSORRT_MODULES:
         try:
             return importlib.import_module(candidate)
         except ImportError as e:  # also catches the datacenter wheel's library stub
             errors.append(f"{candidate}: {e}")
-    raise BackendError(
+    raise TensorRTModuleError(
         "no TensorRT Python module could be imported ("
         + "; ".join(errors)
         + "); install one: pip install -e '.[rtx]' (TensorRT-RTX, also builds on CPU-only machines) "
@@ -48,7 +50,7 @@ def compute_capability(trt: ModuleType, target: str):
     member = getattr(trt.ComputeCapability, normalize_target(target).upper(), None)
     if member is None:
         known = [m.lower() for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
-        raise BackendError(
+        raise TensorRTModuleError(
             f"unknown compute capability target {target!r}; choose one of {', '.join(known)}."
         )
     return member

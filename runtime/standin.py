@@ -1,0 +1,121 @@
+"""A stand-in engine: the engine I/O contract (netdef.contract) with device copies instead of
+TensorRT, so that `TensorRTBackend`'s CUDA path (buffers, bindings, profile switches, CUDA
+graphs) can be checked on a GPU without TensorRT: by `python -m tools.gpu_check` and the
+GPU tests of the backend and the bench."""
+
+from __future__ import annotations
+
+from netdef.contract import FORMAT_VERSION
+
+from .cuda_buffers import cuda, cudart
+
+
+def fake_engine(
+    max_batch: int = 4,
+    max_prefill: int = 8,
+    max_seq_len: int = 32,
+    vocab: int = 64,
+    layers: int = 2,
+    kv_heads: int = 2,
+    head_dim: int = 8,
+    profile_set: str = "decode,prefill",
+    sample_top_k: int = 4,
+) -> tuple[dict, dict]:
+    """(metadata.json, describe_engine output) of an imaginary engine following the contract."""
+    cache = [kv_heads, max_seq_len, head_dim]
+    io: dict[str, list] = {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
+            {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
+            {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
+            {"name": "next_token", "dtype": "int32", "shape": [-1]},
+        ],
+    }
+    if sample_top_k:
+        io["outputs"] += [
+            {"name": "top_logits", "dtype": "float", "shape": [-1, sample_top_k]},
+            {"name": "top_ids", "dtype": "int32", "shape": [-1, sample_top_k]},
+            {"name": "log_normalizer", "dtype": "float", "shape": [-1]},
+        ]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            io["inputs"].append(
+                {"name": f"past_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
+            )
+            io["outputs"].append(
+                {"name": f"present_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
+            )
+    if sample_top_k:
+        io["inputs"].append({"name": "inv_temperature", "dtype": "float", "shape": [-1]})
+    b, p = max_batch, max_prefill
+    ranges = {
+        "decode": ((1, b, b), (1, 1, 1)),
+        "prefill": ((1, 1, b), (1, min(4, p), p)),
+        "dynamic": ((1, 1, b), (1, min(4, p), p)),
+    }
+    names = ["dynamic"] if profile_set == "dynamic" else ["decode", "prefill"]
+    profiles = []
+    for name in names:
+        batch, seq = ranges[name]
+        shapes = {
+            "input_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
+            "position_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
+            "last_token_index": [[bb] for bb in batch],
+        }
+        for t in io["inputs"][3:]:
+            shape = cache if t["name"].startswith("past_") else []
+            shapes[t["name"]] = [[bb, *shape] for bb in batch]
+        profiles.append({"name": name, "shapes": shapes})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
+        "profiles": profiles,
+        "io": io,
+        "backend": {"module": "tensorrt", "version": "10.15.1.29"},
+        "target": None,
+    }
+    return meta, {"io": io, "profiles": [p["shapes"] for p in profiles]}
+
+
+class CopyContext:
+    """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues device copies at the
+    bound addresses: input_ids → logits (as raw int32 words), and its first B words →
+    next_token, top_logits (raw) and top_ids; inv_temperature → log_normalizer; position_ids →
+    the start of present_key_0, which must be past_key_0's memory. `executions` counts host
+    calls, so graph replays (which make none) are visible."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.profile_switches: list[int] = []
+        self.executions = 0
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.profile_switches.append(index)
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        b, s = self.shapes["input_ids"]
+        kind = cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        a = self.addresses
+        cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a["next_token"], a["input_ids"], b * 4, kind, stream)
+        for top in ("top_logits", "top_ids"):
+            if top in a:
+                cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
+        if "log_normalizer" in a:
+            cuda("cudaMemcpyAsync", a["log_normalizer"], a["inv_temperature"], b * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
+        self.executions += 1
+        return True
