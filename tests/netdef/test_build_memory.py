@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from netdef import NetworkOptions, build_network, load_backend
+from netdef import NetworkOptions, build_network, load_tensorrt
 from netdef.graph import TRANSPOSE_ROWS, transposed
 from tests.fixtures.tiny import TINY_MODELS
 from weights import Checkpoint
@@ -43,7 +43,7 @@ def test_network_releases_every_linear_weight_and_keeps_a_copy(family, quant, ti
     ckpt.released = []
     cfg = ckpt.config
     dn = build_network(
-        ckpt, NetworkOptions(max_seq_len=64, max_prefill=16, quant=quant), load_backend()
+        ckpt, NetworkOptions(max_seq_len=64, max_prefill=16, quant=quant), load_tensorrt()
     )
     expected = {
         f"layers.{i}.{m}.{n}.weight"
