@@ -48,11 +48,14 @@ from .tensorrt_module import load_tensorrt
 
 
 class WeightSource:
-    """What the skeleton reads weights from: `weights.Checkpoint` satisfies it."""
+    """What the skeleton reads weights from: `weights.Checkpoint` satisfies it. `release`
+    (optional) tells the source that a tensor has been copied and is not read again."""
 
     config: ModelConfig
 
     def tensor(self, name: str) -> np.ndarray: ...
+
+    def release(self, name: str) -> None: ...
 
 
 @dataclass
@@ -129,6 +132,15 @@ class _Decoder:
         """A checkpoint tensor in the network dtype (zero-copy when it already is)."""
         return np.asarray(self.w(name)).astype(self.dtype, copy=False)
 
+    def copied(self, names: list[str]) -> None:
+        """Tell the source that the linear weights `names` are no longer read: Graph.linear
+        holds its own copy of each (transposed, fused or quantized), so a mapped checkpoint
+        can drop their pages (Checkpoint.release) instead of keeping them resident through
+        the engine build."""
+        release = getattr(self.source, "release", None)
+        for name in names if release else ():
+            release(name)
+
     def kept(self, names: list[str]) -> QuantizedWeight | None:
         """Under from-gguf, the file's own INT8 blocks of the fused weight `names` (the source's
         `quantized`), if every part has them at one block size; else None (unquantized)."""
@@ -193,6 +205,7 @@ class _Decoder:
             logits = g.linear(
                 h, self.weight("lm_head.weight"), None, "lm_head", self.opt.quant_lm_head
             )
+            self.copied(["lm_head.weight"])
         logits = g.cast(logits, np.dtype(np.float32), "logits.float32")
         if cfg.final_logit_softcap:
             cap = float(cfg.final_logit_softcap)
@@ -325,6 +338,7 @@ class _Decoder:
         )
         kept = self.kept([p + n + ".weight" for n in names])
         qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj", kept=kept)
+        self.copied([p + n + ".weight" for n in names])
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
         q, k, v = g.split_groups(qkv, heads, cfg.head_dim, "qkv_split")  # [B, S, heads, D]
         if cfg.qk_norm:
@@ -342,7 +356,9 @@ class _Decoder:
         out = self.attend(q, keys, values, self.windows[i], self.cache_slots[i])
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
         kept = self.kept([p + "o_proj.weight"])
-        return g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj", kept=kept)
+        out = g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj", kept=kept)
+        self.copied([p + "o_proj.weight"])
+        return out
 
     def attend(self, q: Any, keys: Any, values: Any, window: int | None, ring: int) -> Any:
         """softmax(q · kᵀ masked) · v over the positions this call reads; returns
@@ -519,13 +535,15 @@ class _Decoder:
         )
         size = cfg.intermediate_size
         kept = self.kept([p + "gate_proj.weight", p + "up_proj.weight"])
-        gate, up = g.split_groups(
-            g.linear(x, gate_up, None, "gate_up_proj", kept=kept), [1, 1], size, "gate_up_split"
-        )  # [B, S, 1, size] each
+        fused = g.linear(x, gate_up, None, "gate_up_proj", kept=kept)
+        self.copied([p + "gate_proj.weight", p + "up_proj.weight"])
+        gate, up = g.split_groups(fused, [1, 1], size, "gate_up_split")  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
         kept = self.kept([p + "down_proj.weight"])
-        return g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj", kept=kept)
+        out = g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj", kept=kept)
+        self.copied([p + "down_proj.weight"])
+        return out

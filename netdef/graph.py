@@ -22,6 +22,21 @@ from .contract import TENSOR_DTYPES, dtype_name, trt_dtype
 from .options import OptionsError
 from .quant import INT4, INT4_BLOCKS, QuantizedWeight, activation_scale, pack_int4, quantize_weight
 
+TRANSPOSE_ROWS = 256  # rows of [out, in] per block in `transposed`
+
+
+def transposed(weight: np.ndarray) -> np.ndarray:
+    """weight.T [in, out] as a new C-contiguous array, the same bytes as
+    np.ascontiguousarray(weight.T), copied 256 rows of `weight` at a time so that each block
+    stays in the CPU caches: the 52 down/up weights of the Gemma-3-1B shape (1.1 GiB of
+    bfloat16) took 1.0 s instead of 1.9-2.1 s (2-core Xeon VM)."""
+    if weight.ndim != 2:
+        return np.ascontiguousarray(weight.T)
+    out = np.empty(weight.shape[::-1], weight.dtype)
+    for start in range(0, weight.shape[0], TRANSPOSE_ROWS):
+        out[:, start : start + TRANSPOSE_ROWS] = weight[start : start + TRANSPOSE_ROWS].T
+    return out
+
 
 class Graph:
     """Builds layers on `network`; names each layer after the module it belongs to.
@@ -184,7 +199,7 @@ class Graph:
         channel, per block of inputs or per tensor, as the mode says); `kept` is a weight
         already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
         if kept is None and not (quantize and self.quant != "none"):
-            layout = weight if rows else np.ascontiguousarray(weight.T)
+            layout = weight if rows else transposed(weight)
             return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
         q = kept if kept is not None else quantize_weight(weight, self.quant, self.int4_block)
         if kept is not None:

@@ -101,6 +101,15 @@ class Checkpoint:
             )
         return f.tensor(raw)
 
+    def release(self, name: str) -> None:
+        """Drop this process's mapped pages of a tensor it has copied (SafetensorsFile.release);
+        a tied head's name is ignored, since the embedding table it names is read in place."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return
+        if name in self._where:
+            f, raw = self._where[name]
+            f.release(raw)
+
     def validate(self) -> None:
         """Every tensor the config needs is present with the right shape and dtype."""
         for name in self.shapes:

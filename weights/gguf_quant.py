@@ -109,6 +109,9 @@ class GGUFQuantized:
     def tensor(self, name: str) -> np.ndarray:
         return self.ckpt.tensor(name)
 
+    def release(self, name: str) -> None:
+        self.ckpt.release(name)
+
     def quantized(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(INT8 values, float32 scales) of linear weight `name`, or None if its type has no
         exact TensorRT form (it is then built unquantized)."""

@@ -357,3 +357,44 @@ def test_gemma3_270m_reads_in_bf16_with_every_tensor_accounted_for(gemma3_270m_d
     assert stored == set(ckpt.config.tensor_shapes())  # nothing missing, nothing left over
     assert {ckpt.tensor(name).dtype for name in stored} == {np.dtype(ml_dtypes.bfloat16)}
     assert ckpt.config.num_layers == 18 and ckpt.config.tie_word_embeddings
+
+
+def mapped_rss(path: Path) -> int:
+    """Bytes of `path`'s mappings resident in this process (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and ":" not in fields[0]:
+            inside = line.endswith(str(path))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_release_drops_a_tensors_mapped_pages_and_a_later_read_maps_them_again(tmp_path):
+    from weights.safetensors_file import SafetensorsFile
+
+    path = tmp_path / "model.safetensors"
+    big = torch.arange(2**20, dtype=torch.float32)  # 4 MiB
+    save_file({"small": torch.ones(3), "big": big, "after": torch.full((5,), 2.0)}, path)
+    f = SafetensorsFile(path)
+    assert float(f.tensor("big").sum(dtype=np.float64)) == float(big.double().sum())
+    assert mapped_rss(path) >= 4 * 2**20
+    f.release("big")
+    assert mapped_rss(path) <= 2 * mmap.PAGESIZE  # only the pages it shares with neighbours
+    np.testing.assert_array_equal(f.tensor("small"), np.ones(3, np.float32))
+    np.testing.assert_array_equal(f.tensor("after"), np.full(5, 2.0, np.float32))
+    np.testing.assert_array_equal(f.tensor("big"), big.numpy())  # mapped again from the file
+
+
+def test_checkpoint_release_leaves_a_tied_heads_table_mapped(tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("gemma3"))
+    assert ckpt.config.tie_word_embeddings
+    calls = []
+    f, raw = ckpt._where["embed_tokens.weight"]
+    f.release = calls.append
+    ckpt.release("lm_head.weight")
+    assert calls == []
+    ckpt.release("embed_tokens.weight")
+    assert calls == [raw]
