@@ -202,15 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.tensorrt_backend import EngineLoadError
     from weights import WeightsError
 
-    errors = (
-        BenchError,
-        TensorRTModuleError,
-        BuildError,
-        CudaError,
-        EngineBuildError,
-        EngineLoadError,
-    )
-    errors += (OptionsError, WeightsError)
+    errors = (BenchError, TensorRTModuleError, BuildError, CudaError, EngineBuildError)
+    errors += (EngineLoadError, OptionsError, WeightsError)
 
     if args.make_random:
         overrides = {key: getattr(args, key) for key in SHAPE_OVERRIDES}
