@@ -166,6 +166,7 @@ class _Decoder:
         ).get_output(0)
         self.write_index = g.shuffle(first_pos, "write_index", reshape=(-1,))
         self.positions64 = g.cast(self.positions, np.dtype(np.int64), "position_ids.int64")
+        self.call_rows()
         self.windows = self.opt.windows(cfg)
         self.cache_slots = self.opt.cache_slots(cfg)
         self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
@@ -365,25 +366,45 @@ class _Decoder:
         [B, S, heads * head_dim].
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
-        slots (at most the window per decode step) and attend with TensorRT's fused attention;
-        global layers read those `global_positions` names (O(n) after n cached tokens) and
-        attend as matmuls. Measured on an H200 (TensorRT-RTX 1.7, Gemma-3-1B shape): the
-        fused decode kernel walks the keys in one block per KV head, 23 us per call over 512
-        positions but 270-320 us over 4,096 (the matmuls: 19 us), so it suits the bounded
-        window only; fused on the sliding layers took a batch-16 decode step from 2.83 to
-        2.58 ms (batch 1: 2.25 to 2.29) and a 2,048-token prefill from 23.0 to 14.6 ms."""
+        slots (at most the window per decode step), global layers those `global_positions`
+        names (O(n) after n cached tokens). A decode step (S == 1) attends as matmuls, a
+        prefill with TensorRT's fused attention, chosen per call by a conditional on the
+        input's shape. Measured on an H200 (TensorRT-RTX 1.7, window 512, head_dim 256): the
+        fused decode kernel walks the keys in one block per KV head, 22.5 us per layer over
+        512 positions and 270-320 us over 4,096, where the matmuls take 10-15 us; for a
+        2,048-token prefill the fused kernel is the faster (18.1 against 23.0 ms a step)."""
         slots, visible = self.visible_slots(window, ring)
         k, v = (
             self.gather_slots(t, slots, f"attn.{n}")
             for t, n in ((keys, "keys"), (values, "values"))
         )
-        if window is not None:
-            return self.fused_attention(q, k, v, visible)
-        return self.matmul_attention(q, k, v, visible)
+        g = self.g
+        # A decode step's query as matmuls (static S = 1: the first token, kept only in a
+        # decode step), every token of a prefill by the fused attention (none in a step).
+        first = g.constant(np.array([0], np.int32), "attn.first_token")
+        step = self.matmul_attention(
+            *(
+                g.named(g.network.add_gather(t, first, 2), f"attn.step_{n}").get_output(0)
+                for n, t in (("query", q), ("mask", visible))
+            ),
+            k,
+            v,
+        )
+        step = g.span(step, 2, 0, self.step_rows, "attn.step_out")
+        rest = g.elementwise(self.tokens, self.step_rows, "SUB", "attn.prompt_rows")
+        prompt = self.fused_attention(
+            g.span(q, 2, self.step_rows, rest, "attn.prompt_query"),
+            k,
+            v,
+            g.span(visible, 2, self.step_rows, rest, "attn.prompt_mask"),
+        )
+        out = g.concat([step, prompt], 2, "attn.rows")  # [B, heads, S, D]
+        out = g.shuffle(out, "attn.bshd", transpose=(0, 2, 1, 3))
+        return g.shuffle(out, "attn.merge", reshape=(0, 0, self.cfg.q_size))
 
     def fused_attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
         """TensorRT's attention (GQA native, no scale of its own: q is scaled) under a
-        [B, 1, S, L] bool mask."""
+        [B, 1, S, L] bool mask; [B, heads, S, D]."""
         g, trt = self.g, self.g.trt
         attn = g.network.add_attention_v2(
             q, k, v, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
@@ -391,50 +412,30 @@ class _Decoder:
         attn.mask = mask
         attn.decomposable = True
         attn.name = g.scope + "attention"
-        out = g.shuffle(attn.get_output(0), "attn.bshd", transpose=(0, 2, 1, 3))
-        return g.shuffle(out, "attn.merge", reshape=(0, 0, self.cfg.q_size))
+        return attn.get_output(0)
 
-    def matmul_attention(self, q: Any, k: Any, v: Any, visible: Any) -> Any:
-        """Scores, softmax and the weighted sum in float32, as inside fused attention kernels
-        (scores rounded to bfloat16 lost top-1 agreement in the quantization tests). The G
-        query heads of a KV head are the rows of one matmul (GQA without repeating K/V); the
-        scores are masked and normalized as [B, kv_heads, L, S, G], where the
-        [B, 1, L, S, 1] mask broadcasts over heads."""
+    def matmul_attention(self, q: Any, mask: Any, k: Any, v: Any) -> Any:
+        """One query token per row (q [B, heads, 1, D], mask [B, 1, 1, L]) attended as two
+        matmuls and a softmax, all in float32 as inside fused attention kernels (scores
+        rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query
+        heads of a KV head are the rows of one matmul (GQA without repeating K/V)."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
         k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
-        # Row s * G + j of KV head h is token s of query head h * G + j.
-        rows = g.shuffle(
-            q, "attn.groups", reshape=(0, kv_heads, group, -1, d), transpose=(0, 1, 3, 2, 4)
-        )
-        rows = g.shuffle(rows, "attn.rows", reshape=(0, 0, -1, d))  # [B, kv_heads, S*G, D]
+        rows = g.shuffle(q, "attn.rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
-        scores = g.shuffle(
-            scores.get_output(0),
-            "attn.by_slot",
-            reshape=(0, 0, 0, -1, group),
-            first_transpose=(0, 1, 3, 2),
-        )  # [B, kv_heads, L, S, G]
-        hidden = g.scalar(float("-inf"), np.float32, 5, "attn.hidden")
-        masked = g.named(g.network.add_select(visible, scores, hidden), "attn.mask").get_output(0)
-        softmax = g.named(g.network.add_softmax(masked), "attn.softmax")
-        softmax.axes = 1 << 2
-        probs = g.shuffle(
-            softmax.get_output(0), "attn.probs_rows", reshape=(0, 0, 0, -1)
-        )  # [B, kv_heads, L, S*G]
-        out = g.named(g.network.add_matrix_multiply(probs, transpose, v, none), "attn.context")
-        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")
-        # [B, kv_heads, S*G, D] -> [B, S, kv_heads, G, D] -> [B, S, heads * D]
-        out = g.shuffle(
-            out,
-            "attn.tokens",
-            reshape=(0, 0, -1, group, d),
-            transpose=(0, 2, 1, 3, 4),
+        hidden = g.scalar(float("-inf"), np.float32, 4, "attn.hidden")
+        masked = g.named(g.network.add_select(mask, scores.get_output(0), hidden), "attn.mask")
+        softmax = g.named(g.network.add_softmax(masked.get_output(0)), "attn.softmax")
+        softmax.axes = 1 << 3
+        out = g.named(
+            g.network.add_matrix_multiply(softmax.get_output(0), none, v, none), "attn.context"
         )
-        return g.shuffle(out, "attn.merge", reshape=(0, 0, cfg.q_size))
+        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B, kv, G, D]
+        return g.shuffle(out, "attn.heads", reshape=(0, cfg.num_heads, 1, d))
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
         """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
@@ -443,26 +444,22 @@ class _Decoder:
         return self.g.named(gather, name).get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
-        """(slots to gather, bool mask) for global layers (window None; [B, 1, L, S, 1], as the
-        matmul attention normalizes) or the sliding layers of `window` and `ring` slots
-        ([B, 1, S, L], TensorRT's attention mask): position j is visible to token (b, s) iff
-        j <= position and, in a window, j > position - window and j >= 0; it is read from slot
-        j mod ring. Built once per window, shared by layers, in the layout it is used in
-        (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1: "Graph
-        contains more than one op named ..._iota")."""
+        """(slots to gather, bool mask [B, 1, S, L]) for global layers (window None) or the
+        sliding layers of `window` and `ring` slots: position j is visible to token (b, s)
+        iff j <= position and, in a window, j > position - window and j >= 0; it is read from
+        slot j mod ring. Built once per window, shared by layers, in the layout attention
+        uses (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1:
+        "Graph contains more than one op named ..._iota")."""
         if window in self.slots:
             return self.slots[window]
         g = self.g
         saved, g.scope = g.scope, ""
         tag = f"slots.{window or 'global'}"
+        pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))  # [B,1,S,1]
         if window is None:  # the positions global_positions names, in their own slots
-            rank = 5
-            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, 1, -1, 1))
             slots = self.global_positions
-            line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, -1, 1, 1))
+            line = g.shuffle(slots, f"{tag}.line", reshape=(1, 1, 1, -1))  # [1, 1, 1, L]
         else:
-            rank = 4
-            pos = g.shuffle(self.positions, f"{tag}.positions", reshape=(0, 1, -1, 1))
             raw = self.window_positions  # [B, L], negative before position 0
             zero = g.constant(np.zeros((1, 1), np.int32), f"{tag}.zero")
             slots = self.modulo(g.elementwise(raw, zero, "MAX", f"{tag}.clamped"), ring, tag)
@@ -472,16 +469,34 @@ class _Decoder:
         )
         if window is not None:
             start = g.elementwise(
-                pos, g.scalar(window, np.int32, rank, f"{tag}.window"), "SUB", f"{tag}.start"
+                pos, g.scalar(window, np.int32, 4, f"{tag}.window"), "SUB", f"{tag}.start"
             )
             recent = g.elementwise(line, start, "GREATER", f"{tag}.recent")
             visible = g.elementwise(visible, recent, "AND", f"{tag}.in_window")
-            none = g.scalar(-1, np.int32, rank, f"{tag}.none")
+            none = g.scalar(-1, np.int32, 4, f"{tag}.none")
             written = g.elementwise(line, none, "GREATER", f"{tag}.written")
             visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
         g.scope = saved
         self.slots[window] = (slots, visible)
         return self.slots[window]
+
+    def call_rows(self) -> None:
+        """The int64 [1] shape tensors that route a call's rows between two forms of the same
+        computation: `tokens` (S), `step_rows` (1 in a decode step, S == 1, else 0) and
+        `one_row` (1 when the call has a single token, B * S == 1, else 0). The network
+        holds both forms and gives one of them every row and the other none, so TensorRT
+        runs only one per call (an IIfConditional would do the same, but TensorRT-RTX 1.7's
+        Myelin cannot build IAttention inside one)."""
+        g = self.g
+        batch = g.dim(self.input_ids, 0, "rows.batch")
+        self.tokens = g.dim(self.input_ids, 1, "rows.tokens")
+        two = g.constant(np.array([2], np.int64), "rows.two")
+
+        def is_one(n: Any, name: str) -> Any:  # 2 - min(n, 2): 1 for n == 1, 0 for n >= 2
+            return g.elementwise(two, g.elementwise(n, two, "MIN", f"{name}.min2"), "SUB", name)
+
+        self.step_rows = is_one(self.tokens, "rows.step")
+        self.one_row = is_one(g.mul(batch, self.tokens, "rows.count"), "rows.one")
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
         g = self.g
