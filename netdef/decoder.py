@@ -198,7 +198,7 @@ class _Decoder:
             gather = net.add_gather(h, last_index, 1)
             gather.num_elementwise_dims = 1
             h = g.named(gather, "last_token").get_output(0)
-        h = self.rms_norm(h, "norm.weight", "norm")
+        h = self.rms_norm(h, self.w("norm.weight"), "norm")
         if cfg.tie_word_embeddings:
             head = embed  # the same constant: the engine stores the table once
             logits = self.head_matmul(h, head)
@@ -291,18 +291,19 @@ class _Decoder:
     def layer(self, i: int, h: Any) -> Any:
         cfg, g = self.cfg, self.g
         p = f"layers.{i}."
-        a = self.attention(i, self.rms_norm(h, p + "input_layernorm.weight", "input_norm"))
+        a = self.attention(i, self.rms_norm(h, self.w(p + "input_layernorm.weight"), "input_norm"))
         if cfg.sandwich_norms:
-            a = self.rms_norm(a, p + "post_attention_layernorm.weight", "post_attn_norm")
+            a = self.rms_norm(a, self.w(p + "post_attention_layernorm.weight"), "post_attn_norm")
         h = g.add(h, a, "attn_residual")
         mlp_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
-        m = self.mlp(i, self.rms_norm(h, p + mlp_norm + ".weight", "mlp_norm"))
+        m = self.mlp(i, self.rms_norm(h, self.w(p + mlp_norm + ".weight"), "mlp_norm"))
         if cfg.sandwich_norms:
-            m = self.rms_norm(m, p + "post_feedforward_layernorm.weight", "post_mlp_norm")
+            m = self.rms_norm(m, self.w(p + "post_feedforward_layernorm.weight"), "post_mlp_norm")
         return g.add(h, m, "mlp_residual")
 
-    def rms_norm(self, x: Any, weight_name: str, name: str) -> Any:
-        """RMSNorm computed in float32; the scale is applied the way the family's HF code does."""
+    def rms_norm(self, x: Any, weight: np.ndarray, name: str) -> Any:
+        """RMSNorm over the last dim computed in float32; the scale (`weight` broadcast over
+        the leading dims) is applied the way the family's HF code does."""
         g, cfg = self.g, self.cfg
         rank = len(x.shape)
         f32 = np.dtype(np.float32)
@@ -315,8 +316,8 @@ class _Decoder:
             f"{name}.rsqrt",
         )
         normed = g.mul(xf, inv_rms, f"{name}.normalize")
-        weight = np.asarray(self.w(weight_name)).astype(np.float32) + np.float32(cfg.norm_offset)
-        shape = (1,) * (rank - 1) + weight.shape
+        weight = np.asarray(weight).astype(np.float32) + np.float32(cfg.norm_offset)
+        shape = (1,) * (rank - weight.ndim) + weight.shape
         if cfg.norm_weight_in_float32:  # Gemma: (x * (1 + w)) in float32, then cast
             scaled = g.mul(
                 normed, g.constant(weight.reshape(shape), f"{name}.weight"), f"{name}.scale"
@@ -340,11 +341,15 @@ class _Decoder:
         kept = self.kept([p + n + ".weight" for n in names])
         qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj", kept=kept)
         self.copied([p + n + ".weight" for n in names])
-        heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
-        q, k, v = g.split_groups(qkv, heads, cfg.head_dim, "qkv_split")  # [B, S, heads, D]
-        if cfg.qk_norm:
-            q = self.rms_norm(q, p + "q_norm.weight", "q_norm")
-            k = self.rms_norm(k, p + "k_norm.weight", "k_norm")
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if cfg.qk_norm:  # the query and key heads in one normalization (one reduction kernel)
+            qk, v = g.split_groups(qkv, [heads + kv_heads, kv_heads], d, "qkv_split")
+            scales = [(p + "q_norm.weight", heads), (p + "k_norm.weight", kv_heads)]
+            weight = np.concatenate([np.broadcast_to(self.w(n), (c, d)) for n, c in scales])
+            qk = g.shuffle(self.rms_norm(qk, weight, "qk_norm"), "qk_flat", reshape=(0, 0, -1))
+            q, k = g.split_groups(qk, [heads, kv_heads], d, "qk_split")
+        else:
+            q, k, v = g.split_groups(qkv, [heads, kv_heads, kv_heads], d, "qkv_split")
         bhsd = (0, 2, 1, 3)
         q, k, v = (g.shuffle(t, f"{n}.bhsd", transpose=bhsd) for n, t in zip("qkv", (q, k, v)))
         layer_cfg = cfg.layers[i]
@@ -423,7 +428,7 @@ class _Decoder:
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
         k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
-        rows = g.shuffle(q, "attn.rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
+        rows = g.shuffle(q, "attn.query_rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
