@@ -378,7 +378,7 @@ class _Decoder:
         fused decode kernel walks the keys in one block per KV head, 22.5 us per layer over
         512 positions and 270-320 us over 4,096, where the matmuls take 10-15 us; for a
         2,048-token prefill the fused kernel is the faster (18.1 against 23.0 ms a step)."""
-        slots, visible = self.visible_slots(window, ring)
+        slots, masks = self.visible_slots(window, ring)
         k, v = (
             self.gather_slots(t, slots, f"attn.{n}")
             for t, n in ((keys, "keys"), (values, "values"))
@@ -386,23 +386,14 @@ class _Decoder:
         g = self.g
         # A decode step's query as matmuls (static S = 1: the first token, kept only in a
         # decode step), every token of a prefill by the fused attention (none in a step).
+        step_mask, prompt_mask = masks
         first = g.constant(np.array([0], np.int32), "attn.first_token")
-        step = self.matmul_attention(
-            *(
-                g.named(g.network.add_gather(t, first, 2), f"attn.step_{n}").get_output(0)
-                for n, t in (("query", q), ("mask", visible))
-            ),
-            k,
-            v,
+        step_q = g.named(g.network.add_gather(q, first, 2), "attn.step_query").get_output(0)
+        step = g.span(
+            self.matmul_attention(step_q, step_mask, k, v), 2, 0, self.step_rows, "attn.step_out"
         )
-        step = g.span(step, 2, 0, self.step_rows, "attn.step_out")
-        rest = g.elementwise(self.tokens, self.step_rows, "SUB", "attn.prompt_rows")
-        prompt = self.fused_attention(
-            g.span(q, 2, self.step_rows, rest, "attn.prompt_query"),
-            k,
-            v,
-            g.span(visible, 2, self.step_rows, rest, "attn.prompt_mask"),
-        )
+        prompt_q = g.span(q, 2, self.step_rows, self.prompt_rows, "attn.prompt_query")
+        prompt = self.fused_attention(prompt_q, k, v, prompt_mask)
         out = g.concat([step, prompt], 2, "attn.rows")  # [B, heads, S, D]
         out = g.shuffle(out, "attn.bshd", transpose=(0, 2, 1, 3))
         return g.shuffle(out, "attn.merge", reshape=(0, 0, self.cfg.q_size))
@@ -481,8 +472,11 @@ class _Decoder:
             none = g.scalar(-1, np.int32, 4, f"{tag}.none")
             written = g.elementwise(line, none, "GREATER", f"{tag}.written")
             visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
+        first = g.constant(np.array([0], np.int32), f"{tag}.first_token")
+        step_mask = g.named(g.network.add_gather(visible, first, 2), f"{tag}.step").get_output(0)
+        prompt_mask = g.span(visible, 2, self.step_rows, self.prompt_rows, f"{tag}.prompt")
         g.scope = saved
-        self.slots[window] = (slots, visible)
+        self.slots[window] = (slots, (step_mask, prompt_mask))
         return self.slots[window]
 
     def call_rows(self) -> None:
@@ -501,6 +495,7 @@ class _Decoder:
             return g.elementwise(two, g.elementwise(n, two, "MIN", f"{name}.min2"), "SUB", name)
 
         self.step_rows = is_one(self.tokens, "rows.step")
+        self.prompt_rows = g.elementwise(self.tokens, self.step_rows, "SUB", "rows.prompt")
         self.one_row = is_one(g.mul(batch, self.tokens, "rows.count"), "rows.one")
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
