@@ -169,7 +169,7 @@ class _Decoder:
         self.call_rows()
         self.windows = self.opt.windows(cfg)
         self.cache_slots = self.opt.cache_slots(cfg)
-        self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots read, mask)
+        self.slots: dict[int | None, tuple[Any, Any]] = {}  # window -> (slots, masks)
         self.ring_index: dict[int, Any] = {}  # ring length -> write index mod it
         if attention_window(self.windows) is not None:
             self.window_positions = net.add_input(io.WINDOW_POSITIONS, trt.int32, (-1, -1))
@@ -372,26 +372,30 @@ class _Decoder:
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
         slots (at most the window per decode step), global layers those `global_positions`
-        names (O(n) after n cached tokens). A decode step (S == 1) attends as matmuls, a
-        prefill with TensorRT's fused attention, chosen per call by a conditional on the
-        input's shape. Measured on an H200 (TensorRT-RTX 1.7, window 512, head_dim 256): the
-        fused decode kernel walks the keys in one block per KV head, 22.5 us per layer over
-        512 positions and 270-320 us over 4,096, where the matmuls take 10-15 us; for a
-        2,048-token prefill the fused kernel is the faster (18.1 against 23.0 ms a step)."""
-        slots, masks = self.visible_slots(window, ring)
+        names (O(n) after n cached tokens). The network holds two forms and routes each
+        call's query rows to one of them (`call_rows`): a decode step's row attends as
+        float32 matmuls, a prefill's rows with TensorRT's fused attention; the other form
+        gets no rows. IIfConditional would say this directly, but TensorRT-RTX 1.7's Myelin
+        cannot build an IAttention inside one.
+
+        Why two forms, measured on an H200 (TensorRT-RTX 1.7 through the gpu-rig, Gemma-3-1B
+        shape, docs/benchmarks.md): the fused decode kernel walks the keys in one block per
+        KV head, 22.5 us per layer over a 512-position window (270-320 us over 4,096), where
+        the matmuls take 10-15 us; for prefills the fused kernel is the faster one. Against
+        fused attention on sliding layers and matmuls on global ones for every call, decode
+        went from 2.27 / 2.36 / 2.63 to 2.13 / 2.32 / 2.52 ms at batch 1 / 4 / 16 and a
+        2,048-token prefill from 19.1 to 16.5 ms, while 128- and 512-token prefills went
+        from 5.7 / 7.4 to 6.3 / 8.1 ms."""
+        slots, (step_mask, prompt_mask) = self.visible_slots(window, ring)
         k, v = (
             self.gather_slots(t, slots, f"attn.{n}")
             for t, n in ((keys, "keys"), (values, "values"))
         )
         g = self.g
-        # A decode step's query as matmuls (static S = 1: the first token, kept only in a
-        # decode step), every token of a prefill by the fused attention (none in a step).
-        step_mask, prompt_mask = masks
         first = g.constant(np.array([0], np.int32), "attn.first_token")
         step_q = g.named(g.network.add_gather(q, first, 2), "attn.step_query").get_output(0)
-        step = g.span(
-            self.matmul_attention(step_q, step_mask, k, v), 2, 0, self.step_rows, "attn.step_out"
-        )
+        step = self.matmul_attention(step_q, step_mask, k, v)  # [B, heads, 1, D]
+        step = g.span(step, 2, 0, self.step_rows, "attn.step_rows")  # kept in a step only
         prompt_q = g.span(q, 2, self.step_rows, self.prompt_rows, "attn.prompt_query")
         prompt = self.fused_attention(prompt_q, k, v, prompt_mask)
         out = g.concat([step, prompt], 2, "attn.rows")  # [B, heads, S, D]
@@ -439,11 +443,13 @@ class _Decoder:
         gather.num_elementwise_dims = len(slots.shape) - 1
         return self.g.named(gather, name).get_output(0)
 
-    def visible_slots(self, window: int | None, ring: int) -> tuple[Any, Any]:
-        """(slots to gather, bool mask [B, 1, S, L]) for global layers (window None) or the
-        sliding layers of `window` and `ring` slots: position j is visible to token (b, s)
-        iff j <= position and, in a window, j > position - window and j >= 0; it is read from
-        slot j mod ring. Built once per window, shared by layers, in the layout attention
+    def visible_slots(self, window: int | None, ring: int) -> tuple[Any, tuple[Any, Any]]:
+        """(slots to gather, (step mask, prompt mask)) for global layers (window None) or the
+        sliding layers of `window` and `ring` slots. The bool mask [B, 1, S, L] says position
+        j is visible to token (b, s) iff j <= position and, in a window, j > position - window
+        and j >= 0; it is read from slot j mod ring. The step mask is its first row (the
+        matmul form's [B, 1, 1, L]), the prompt mask its `prompt_rows` rows (the fused
+        attention's). Built once per window and shared by layers, in the layout attention
         uses (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1:
         "Graph contains more than one op named ..._iota")."""
         if window in self.slots:
@@ -480,23 +486,16 @@ class _Decoder:
         return self.slots[window]
 
     def call_rows(self) -> None:
-        """The int64 [1] shape tensors that route a call's rows between two forms of the same
-        computation: `tokens` (S), `step_rows` (1 in a decode step, S == 1, else 0) and
-        `one_row` (1 when the call has a single token, B * S == 1, else 0). The network
-        holds both forms and gives one of them every row and the other none, so TensorRT
-        runs only one per call (an IIfConditional would do the same, but TensorRT-RTX 1.7's
-        Myelin cannot build IAttention inside one)."""
+        """int64 [1] shape tensors that route a call's query rows between the two attention
+        forms (`attend`): `step_rows` is 1 in a decode step (S == 1) and 0 otherwise,
+        `prompt_rows` is S - step_rows. TensorRT knows them from the input's shape before
+        the call runs, and a form given no rows does no work."""
         g = self.g
-        batch = g.dim(self.input_ids, 0, "rows.batch")
-        self.tokens = g.dim(self.input_ids, 1, "rows.tokens")
+        tokens = g.dim(self.input_ids, 1, "rows.tokens")
         two = g.constant(np.array([2], np.int64), "rows.two")
-
-        def is_one(n: Any, name: str) -> Any:  # 2 - min(n, 2): 1 for n == 1, 0 for n >= 2
-            return g.elementwise(two, g.elementwise(n, two, "MIN", f"{name}.min2"), "SUB", name)
-
-        self.step_rows = is_one(self.tokens, "rows.step")
-        self.prompt_rows = g.elementwise(self.tokens, self.step_rows, "SUB", "rows.prompt")
-        self.one_row = is_one(g.mul(batch, self.tokens, "rows.count"), "rows.one")
+        at_most_two = g.elementwise(tokens, two, "MIN", "rows.at_most_two")
+        self.step_rows = g.elementwise(two, at_most_two, "SUB", "rows.step")  # 2 - min(S, 2)
+        self.prompt_rows = g.elementwise(tokens, self.step_rows, "SUB", "rows.prompt")
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
         g = self.g

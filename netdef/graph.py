@@ -160,39 +160,25 @@ class Graph:
         return self.named(self.network.add_slice(shape, (axis,), (1,), (1,)), name).get_output(0)
 
     def span(self, x: Any, axis: int, start: Any, size: Any, name: str) -> Any:
-        """x[..., start : start + size, ...] along `axis`; `start` and `size` are int64 [1]
-        shape tensors (or a Python int start), so the span may be empty."""
+        """x[..., start : start + size, ...] along `axis`, where `start` (or a Python int) and
+        `size` are int64 [1] shape tensors, so the span may be empty."""
         rank = len(x.shape)
         shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
-
-        def vector(parts: list[Any], tag: str) -> Any:
-            layer = self.network.add_concatenation(parts)
-            return self.named(layer, f"{name}.{tag}").get_output(0)
-
-        def piece(lo: int, hi: int, tag: str) -> list[Any]:
-            if lo == hi:
-                return []
-            return [
-                self.named(
-                    self.network.add_slice(shape, (lo,), (hi - lo,), (1,)), f"{name}.{tag}"
-                ).get_output(0)
-            ]
-
         if isinstance(start, int):
-            start = self.constant(np.array([start], np.int64), f"{name}.start_at")
-        zeros = np.zeros(rank, np.int64)
-        starts = vector(
-            [
-                *([self.constant(zeros[:axis], f"{name}.before")] if axis else []),
-                start,
-                *([self.constant(zeros[axis + 1 :], f"{name}.after")] if axis < rank - 1 else []),
-            ],
-            "starts",
-        )
-        sizes = vector([*piece(0, axis, "lead"), size, *piece(axis + 1, rank, "trail")], "sizes")
+            start = self.constant(np.array([start], np.int64), f"{name}.start")
+        zero = [self.constant(np.zeros(1, np.int64), f"{name}.zero")]
+        starts = zero * axis + [start] + zero * (rank - axis - 1)
+        sizes = [
+            self.named(
+                self.network.add_slice(shape, (i,), (1,), (1,)), f"{name}.dim{i}"
+            ).get_output(0)
+            if i != axis
+            else size
+            for i in range(rank)
+        ]
         layer = self.network.add_slice(x, (0,) * rank, (1,) * rank, (1,) * rank)
-        layer.set_input(1, starts)
-        layer.set_input(2, sizes)
+        layer.set_input(1, self.concat(starts, 0, f"{name}.starts"))
+        layer.set_input(2, self.concat(sizes, 0, f"{name}.sizes"))
         return self.named(layer, name).get_output(0)
 
     def concat(self, parts: list[Any], axis: int, name: str) -> Any:
