@@ -49,7 +49,8 @@ from .tensorrt_module import load_tensorrt
 
 class WeightSource:
     """What the skeleton reads weights from: `weights.Checkpoint` satisfies it. `release`
-    (optional) tells the source that a tensor has been copied and is not read again."""
+    (optional) tells the source that the network holds its own copy of a tensor and does not
+    read it again."""
 
     config: ModelConfig
 
@@ -132,14 +133,24 @@ class _Decoder:
         """A checkpoint tensor in the network dtype (zero-copy when it already is)."""
         return np.asarray(self.w(name)).astype(self.dtype, copy=False)
 
-    def copied(self, names: list[str]) -> None:
-        """Tell the source that the linear weights `names` are no longer read: Graph.linear
-        holds its own copy of each (transposed, fused or quantized), so a mapped checkpoint
-        can drop their pages (Checkpoint.release) instead of keeping them resident through
-        the engine build."""
+    def linear(
+        self, x: Any, names: list[str], bias: np.ndarray | None, name: str, quantize: bool = True
+    ) -> Any:
+        """x through the linear layer of checkpoint weights `names` ([out, in] each; several
+        are fused along out into one matmul). The network reads a single unquantized weight
+        of the network dtype in place; every other one it holds as its own copy (fused,
+        converted or quantized), so the source may drop those pages now
+        (`Checkpoint.release`) instead of keeping them resident through the engine build."""
+        parts = [self.weight(n) for n in names]
+        weight = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        kept = self.kept(names) if quantize else None
+        y = self.g.linear(x, weight, bias, name, quantize, kept=kept)
+        stored = self.g.constants[f"{self.g.scope}{name}.weight"]
         release = getattr(self.source, "release", None)
-        for name in names if release else ():
-            release(name)
+        for n in names if release else ():
+            if not np.may_share_memory(stored, self.w(n)):
+                release(n)
+        return y
 
     def kept(self, names: list[str]) -> QuantizedWeight | None:
         """Under from-gguf, the file's own INT8 blocks of the fused weight `names` (the source's
@@ -178,9 +189,7 @@ class _Decoder:
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
-        embed = g.weight(
-            self.weight("embed_tokens.weight"), "embed_tokens", quantize_table, rows=True
-        )
+        embed = g.weight(self.weight("embed_tokens.weight"), "embed_tokens", quantize_table)
         h = g.named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
         if cfg.embedding_scale is not None:
             h = g.mul(
@@ -203,10 +212,7 @@ class _Decoder:
             head = embed  # the same constant: the engine stores the table once
             logits = self.head_matmul(h, head)
         else:
-            logits = g.linear(
-                h, self.weight("lm_head.weight"), None, "lm_head", self.opt.quant_lm_head
-            )
-            self.copied(["lm_head.weight"])
+            logits = self.linear(h, ["lm_head.weight"], None, "lm_head", self.opt.quant_lm_head)
         logits = g.cast(logits, np.dtype(np.float32), "logits.float32")
         if cfg.final_logit_softcap:
             cap = float(cfg.final_logit_softcap)
@@ -334,13 +340,10 @@ class _Decoder:
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.self_attn."
         names = ("q_proj", "k_proj", "v_proj")
-        qkv_w = np.concatenate([self.weight(p + n + ".weight") for n in names])  # one fused matmul
         qkv_b = (
             np.concatenate([self.weight(p + n + ".bias") for n in names]) if cfg.qkv_bias else None
         )
-        kept = self.kept([p + n + ".weight" for n in names])
-        qkv = g.linear(x, qkv_w, qkv_b, "qkv_proj", kept=kept)
-        self.copied([p + n + ".weight" for n in names])
+        qkv = self.linear(x, [p + n + ".weight" for n in names], qkv_b, "qkv_proj")
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if cfg.qk_norm:  # the query and key heads in one normalization (one reduction kernel)
             qk, v = g.split_groups(qkv, [heads + kv_heads, kv_heads], d, "qkv_split")
@@ -361,9 +364,7 @@ class _Decoder:
         values = self.kv_cache(i, "value", v)
         out = self.attend(q, keys, values, self.windows[i], self.cache_slots[i])
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
-        kept = self.kept([p + "o_proj.weight"])
-        out = g.linear(out, self.weight(p + "o_proj.weight"), o_bias, "o_proj", kept=kept)
-        self.copied([p + "o_proj.weight"])
+        out = self.linear(out, [p + "o_proj.weight"], o_bias, "o_proj")
         return out
 
     def attend(self, q: Any, keys: Any, values: Any, window: int | None, ring: int) -> Any:
@@ -544,20 +545,12 @@ class _Decoder:
     def mlp(self, i: int, x: Any) -> Any:
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.mlp."
-        gate_up = np.concatenate(
-            [self.weight(p + "gate_proj.weight"), self.weight(p + "up_proj.weight")]
-        )
         size = cfg.intermediate_size
-        kept = self.kept([p + "gate_proj.weight", p + "up_proj.weight"])
-        fused = g.linear(x, gate_up, None, "gate_up_proj", kept=kept)
-        self.copied([p + "gate_proj.weight", p + "up_proj.weight"])
+        fused = self.linear(x, [p + "gate_proj.weight", p + "up_proj.weight"], None, "gate_up_proj")
         gate, up = g.split_groups(fused, [1, 1], size, "gate_up_split")  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
-        kept = self.kept([p + "down_proj.weight"])
-        out = g.linear(gated, self.weight(p + "down_proj.weight"), None, "down_proj", kept=kept)
-        self.copied([p + "down_proj.weight"])
-        return out
+        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj")

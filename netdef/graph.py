@@ -22,21 +22,6 @@ from .contract import TENSOR_DTYPES, dtype_name, trt_dtype
 from .options import OptionsError
 from .quant import INT4, INT4_BLOCKS, QuantizedWeight, activation_scale, pack_int4, quantize_weight
 
-TRANSPOSE_ROWS = 256  # rows of [out, in] per block in `transposed`
-
-
-def transposed(weight: np.ndarray) -> np.ndarray:
-    """weight.T [in, out] as a new C-contiguous array, the same bytes as
-    np.ascontiguousarray(weight.T), copied 256 rows of `weight` at a time so that each block
-    stays in the CPU caches: the 52 down/up weights of the Gemma-3-1B shape (1.1 GiB of
-    bfloat16) took 1.0 s instead of 1.9-2.1 s (2-core Xeon VM)."""
-    if weight.ndim != 2:
-        return np.ascontiguousarray(weight.T)
-    out = np.empty(weight.shape[::-1], weight.dtype)
-    for start in range(0, weight.shape[0], TRANSPOSE_ROWS):
-        out[:, start : start + TRANSPOSE_ROWS] = weight[start : start + TRANSPOSE_ROWS].T
-    return out
-
 
 class Graph:
     """Builds layers on `network`; names each layer after the module it belongs to.
@@ -206,8 +191,8 @@ class Graph:
         w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
-        none = self.trt.MatrixOperation.NONE
-        y = self.named(self.network.add_matrix_multiply(x, none, w, none), name).get_output(0)
+        none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
+        y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
@@ -219,33 +204,30 @@ class Graph:
         name: str,
         quantize: bool,
         lead: int = 0,
-        rows: bool = False,
         kept: QuantizedWeight | None = None,
     ) -> Any:
-        """The tensor a matmul reads for `weight` [out, in], after `lead` leading 1s: stored
-        transposed, [in, out], since on an H200 (TensorRT-RTX 1.7) decode matmuls read that
-        layout at about 4 TB/s and [out, in] (TRANSPOSE) at 2.7-3 TB/s; that transpose is the
-        one copy of an unquantized weight. `rows` keeps [out, in]: the embedding table, which
-        a lookup reads by rows (a transposed table was stored twice). With `quantize` and a
-        mode set, the quantized constant goes through a Dequantize layer (per output
-        channel, per block of inputs or per tensor, as the mode says); `kept` is a weight
-        already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
+        """The tensor a matmul (with TRANSPOSE) or a lookup reads for `weight` [out, in], after
+        `lead` leading 1s, in the checkpoint's own layout, so an unquantized weight is read
+        in place. Stored transposed ([in, out]), the CPU-built decode+prefill engine of the
+        Gemma-3-1B shape held every linear weight once per profile: 3.22 GiB instead of
+        1.92, a build of 40.6 instead of 26.0 s and a peak of 7.00 instead of 4.53 GiB
+        (docs/benchmarks.md), for decode matmuls about 3.5% faster on an H200. With
+        `quantize` and a mode set, the quantized constant goes through a Dequantize layer
+        (per output channel, per block of inputs or per tensor, as the mode says); `kept` is
+        a weight already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
         if kept is None and not (quantize and self.quant != "none"):
-            layout = weight if rows else transposed(weight)
-            return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
+            return self.constant(weight.reshape((1,) * lead + weight.shape), f"{name}.weight")
         q = kept if kept is not None else quantize_weight(weight, self.quant, self.int4_block)
         if kept is not None:
             self.kept.append(f"{self.scope}{name}")
-        values, scale = (q.values, q.scale) if rows else (q.values.T, q.scale.T)
-        shape = (1,) * lead + values.shape
-        values = self.constant(np.ascontiguousarray(values).reshape(shape), f"{name}.weight")
+        shape = (1,) * lead + q.values.shape
+        values = self.constant(np.ascontiguousarray(q.values).reshape(shape), f"{name}.weight")
         blocks = q.scale.ndim == 2  # block scales [out, in / block] have the weight's rank
-        scale = np.ascontiguousarray(scale).reshape((1,) * lead + scale.shape) if blocks else scale
-        scale = self.constant(scale, f"{name}.weight_scale")
+        scale = q.scale.reshape((1,) * lead + q.scale.shape) if blocks else q.scale
+        scale = self.constant(np.ascontiguousarray(scale), f"{name}.weight_scale")
         layer = self.network.add_dequantize(values, scale, trt_dtype(self.trt, weight.dtype))
-        if q.scale.ndim:  # the output-channel axis, or the blocked input axis
-            out_axis, in_axis = (len(shape) - 2, len(shape) - 1)[:: 1 if rows else -1]
-            layer.axis = in_axis if blocks else out_axis
+        if q.scale.ndim:  # the blocked input axis, or the output-channel axis
+            layer.axis = len(shape) - 1 if blocks else len(shape) - 2
         return self.named(layer, f"{name}.dequantize").get_output(0)
 
     def pad_last(self, x: Any, size: int, value: float, name: str) -> Any:
