@@ -194,8 +194,8 @@ def test_int4_network_computes_with_blocks_of_64_where_128_does_not_divide(tiny_
     options = NetworkOptions(dtype="bfloat16", max_seq_len=16, max_prefill=6, all_logits=True)
     dn = build_network(ckpt, NetworkOptions(**{**options.__dict__, "quant": "int4-wo"}), trt)
     scales = {k: v.shape for k, v in dn.graph.constants.items() if k.endswith("weight_scale")}
-    assert scales["layers.0.qkv_proj.weight_scale"] == (1, 1, 96)  # [1, in / 64, q + k + v]
-    assert scales["layers.0.down_proj.weight_scale"] == (1, 2, 64)  # 128 inputs: 2 blocks
+    assert scales["layers.0.qkv_proj.weight_scale"] == (1, 96, 1)  # [1, q + k + v, in / 64]
+    assert scales["layers.0.down_proj.weight_scale"] == (1, 64, 2)  # 128 inputs: 2 blocks
     seq = rng.integers(0, 512, 14).tolist()
     blocked = Dequantized(ckpt, "int4-wo", head=False, block=64)
     ref = sequence_logits(CpuBackend(build_network(blocked, options, trt)), [seq], 6)

@@ -68,7 +68,7 @@ def test_from_gguf_network_equals_the_float32_network_of_the_file(tmp_path):
     dn = build_network(source, NetworkOptions(**{**options.__dict__, "quant": "from-gguf"}), trt)
     assert len(dn.graph.kept) == 4 * 3  # qkv, o, gate_up, down of 3 layers
     scale = dn.graph.constants["layers.0.qkv_proj.weight_scale"]
-    assert scale.dtype == np.float32 and scale.shape == (1, 64 // 32, 96)
+    assert scale.dtype == np.float32 and scale.shape == (1, 96, 64 // 32)  # [1, out, in / 32]
     seq = rng.integers(0, 512, 14).tolist()
     ours = sequence_logits(CpuBackend(dn), [seq], 6)
     ref = sequence_logits(CpuBackend(build_network(plain, options, trt)), [seq], 6)
