@@ -384,24 +384,20 @@ class _Decoder:
             for t, n in ((keys, "keys"), (values, "values"))
         )
         g = self.g
-        # A decode step's query as matmuls (static S = 1: the first token, kept only in a
-        # decode step), every token of a prefill by the fused attention (none in a step).
-        first = g.constant(np.array([0], np.int32), "attn.first_token")
-        step = self.matmul_attention(
-            *(
-                g.named(g.network.add_gather(t, first, 2), f"attn.step_{n}").get_output(0)
-                for n, t in (("query", q), ("mask", visible))
-            ),
-            k,
-            v,
-        )
-        step = g.span(step, 2, 0, self.step_rows, "attn.step_out")
+        # A decode step's rows attend as matmuls, a prefill's with the fused attention; each
+        # call gives one form every row and the other none (netdef.slots.call_rows).
         rest = g.elementwise(self.tokens, self.step_rows, "SUB", "attn.prompt_rows")
-        prompt = self.fused_attention(
-            g.span(q, 2, self.step_rows, rest, "attn.prompt_query"),
-            k,
-            v,
-            g.span(visible, 2, self.step_rows, rest, "attn.prompt_mask"),
+        step, prompt = (
+            form(
+                g.span(q, 2, start, rows, f"attn.{kind}_query"),
+                k,
+                v,
+                g.span(visible, 2, start, rows, f"attn.{kind}_mask"),
+            )
+            for form, kind, start, rows in (
+                (self.matmul_attention, "step", 0, self.step_rows),
+                (self.fused_attention, "prompt", self.step_rows, rest),
+            )
         )
         out = g.concat([step, prompt], 2, "attn.rows")  # [B, heads, S, D]
         out = g.shuffle(out, "attn.bshd", transpose=(0, 2, 1, 3))
@@ -419,28 +415,36 @@ class _Decoder:
         attn.name = g.scope + "attention"
         return attn.get_output(0)
 
-    def matmul_attention(self, q: Any, mask: Any, k: Any, v: Any) -> Any:
-        """One query token per row (q [B, heads, 1, D], mask [B, 1, 1, L]) attended as two
-        matmuls and a softmax, all in float32 as inside fused attention kernels (scores
-        rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query
-        heads of a KV head are the rows of one matmul (GQA without repeating K/V)."""
+    def matmul_attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        """The same as `fused_attention` as two matmuls and a softmax, all in float32 as inside
+        fused attention kernels (scores rounded to bfloat16 lost top-1 agreement in the
+        quantization tests). The G query heads of a KV head are one batch dim of the matmuls,
+        over which K and V broadcast (GQA without repeating K/V); the reshapes take their
+        sizes from the tensors, so q may have no rows."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
-        k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
-        rows = g.shuffle(q, "attn.query_rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
-        rows = g.cast(rows, f32, "attn.rows_float32")
+        batch, rows = g.dim(q, 0, "attn.batch"), g.dim(q, 2, "attn.query_count")
+        q = g.reshape_to(q, [batch, kv_heads, group, rows, d], "attn.groups")  # [B, kv, G, n, D]
+        k, v = (
+            g.cast(g.shuffle(t, f"attn.{n}_groups", reshape=(0, 0, 1, -1, d)), f32, f"attn.{n}_f32")
+            for t, n in ((k, "keys"), (v, "values"))
+        )  # [B, kv, 1, L, D]
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
-        scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
-        hidden = g.scalar(float("-inf"), np.float32, 4, "attn.hidden")
-        masked = g.named(g.network.add_select(mask, scores.get_output(0), hidden), "attn.mask")
-        softmax = g.named(g.network.add_softmax(masked.get_output(0)), "attn.softmax")
-        softmax.axes = 1 << 3
+        scores = g.network.add_matrix_multiply(g.cast(q, f32, "attn.query_f32"), none, k, transpose)
+        length = g.dim(mask, 3, "attn.key_count")
+        mask = g.reshape_to(mask, [batch, 1, 1, rows, length], "attn.mask_groups")
+        hidden = g.scalar(float("-inf"), np.float32, 5, "attn.hidden")
+        masked = g.network.add_select(mask, g.named(scores, "attn.scores").get_output(0), hidden)
+        softmax = g.named(
+            g.network.add_softmax(g.named(masked, "attn.mask").get_output(0)), "attn.softmax"
+        )
+        softmax.axes = 1 << 4
         out = g.named(
             g.network.add_matrix_multiply(softmax.get_output(0), none, v, none), "attn.context"
         )
-        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B, kv, G, D]
-        return g.shuffle(out, "attn.heads", reshape=(0, cfg.num_heads, 1, d))
+        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B, kv, G, n, D]
+        return g.reshape_to(out, [batch, cfg.num_heads, rows, d], "attn.heads")
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
         """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""

@@ -195,6 +195,18 @@ class Graph:
         layer.set_input(2, sizes)
         return self.named(layer, name).get_output(0)
 
+    def reshape_to(self, x: Any, dims: list[Any], name: str) -> Any:
+        """x reshaped to `dims`, each an int or an int64 [1] shape tensor (so a dim may be
+        computed, and be 0: zeros are sizes here, not placeholders)."""
+        parts = [
+            self.constant(np.array([d], np.int64), f"{name}.dim{i}") if isinstance(d, int) else d
+            for i, d in enumerate(dims)
+        ]
+        layer = self.network.add_shuffle(x)
+        layer.set_input(1, self.concat(parts, 0, f"{name}.dims"))
+        layer.zero_is_placeholder = False
+        return self.named(layer, name).get_output(0)
+
     def concat(self, parts: list[Any], axis: int, name: str) -> Any:
         layer = self.network.add_concatenation(parts)
         layer.axis = axis

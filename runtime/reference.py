@@ -435,12 +435,9 @@ class Executor:
         return [np.array(inputs[0].shape, dtype=np.int64)]
 
     def _shuffle(self, layer, inputs):
-        if len(inputs) > 1 and inputs[1] is not None:
-            raise ExecutorError(
-                f"shuffle {layer.name!r}: a dynamic reshape input is not implemented."
-            )
         x = np.transpose(inputs[0], tuple(layer.first_transpose)[: inputs[0].ndim])
-        dims = layer.reshape_dims
+        dynamic = len(inputs) > 1 and inputs[1] is not None  # reshape dims as a shape tensor
+        dims = tuple(int(d) for d in inputs[1]) if dynamic else layer.reshape_dims
         if dims is not None and len(dims) >= 0 and layer.get_output(0) is not None:
             dims = tuple(dims)
             if layer.zero_is_placeholder:
