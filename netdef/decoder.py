@@ -178,9 +178,7 @@ class _Decoder:
 
         # A tied LM head reads this table too, so it is quantized with the head.
         quantize_table = cfg.tie_word_embeddings and self.opt.quant_lm_head
-        embed = g.weight(
-            self.weight("embed_tokens.weight"), "embed_tokens", quantize_table, rows=True
-        )
+        embed = g.weight(self.weight("embed_tokens.weight"), "embed_tokens", quantize_table)
         h = g.named(net.add_gather(embed, self.input_ids, 0), "embed_tokens").get_output(0)
         if cfg.embedding_scale is not None:
             h = g.mul(
@@ -201,7 +199,10 @@ class _Decoder:
         h = self.rms_norm(h, "norm.weight", "norm")
         if cfg.tie_word_embeddings:
             head = embed  # the same constant: the engine stores the table once
-            logits = self.head_matmul(h, head)
+            lead = (1,) * (len(h.shape) - 2)
+            table = g.shuffle(head, "lm_head.table", reshape=lead + tuple(head.shape))
+            matmul = g.matmul_t if quantize_table else g.matmul_by_rows
+            logits = matmul(h, table, "lm_head")
         else:
             logits = g.linear(
                 h, self.weight("lm_head.weight"), None, "lm_head", self.opt.quant_lm_head
@@ -276,16 +277,6 @@ class _Decoder:
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
         out.name = io.LOG_NORMALIZER
         net.mark_output(out)
-
-    def head_matmul(self, h: Any, table: Any) -> Any:
-        """h @ embed.T reusing the embedding constant [vocab, hidden] (tied LM head)."""
-        g = self.g
-        rank = len(h.shape)
-        t = g.shuffle(table, "lm_head.table", reshape=(1,) * (rank - 2) + tuple(table.shape))
-        none, transpose = g.trt.MatrixOperation.NONE, g.trt.MatrixOperation.TRANSPOSE
-        return g.named(g.network.add_matrix_multiply(h, none, t, transpose), "lm_head").get_output(
-            0
-        )
 
     # Blocks ---------------------------------------------------------------------------------
     def layer(self, i: int, h: Any) -> Any:
@@ -423,7 +414,7 @@ class _Decoder:
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
         k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
-        rows = g.shuffle(q, "attn.rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
+        rows = g.shuffle(q, "attn.query_rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
@@ -483,7 +474,7 @@ class _Decoder:
     def call_rows(self) -> None:
         """The int64 [1] shape tensors that route a call's rows between two forms of the same
         computation: `tokens` (S), `step_rows` (1 in a decode step, S == 1, else 0) and
-        `one_row` (1 when the call has a single token, B * S == 1, else 0). The network
+        `Graph.one_row` (1 when the call has a single token, B * S == 1, else 0). The network
         holds both forms and gives one of them every row and the other none, so TensorRT
         runs only one per call (an IIfConditional would do the same, but TensorRT-RTX 1.7's
         Myelin cannot build IAttention inside one)."""
@@ -496,7 +487,7 @@ class _Decoder:
             return g.elementwise(two, g.elementwise(n, two, "MIN", f"{name}.min2"), "SUB", name)
 
         self.step_rows = is_one(self.tokens, "rows.step")
-        self.one_row = is_one(g.mul(batch, self.tokens, "rows.count"), "rows.one")
+        g.one_row = is_one(g.mul(batch, self.tokens, "rows.count"), "rows.one")
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
         g = self.g

@@ -22,21 +22,6 @@ from .contract import TENSOR_DTYPES, dtype_name, trt_dtype
 from .options import OptionsError
 from .quant import INT4, INT4_BLOCKS, QuantizedWeight, activation_scale, pack_int4, quantize_weight
 
-TRANSPOSE_ROWS = 256  # rows of [out, in] per block in `transposed`
-
-
-def transposed(weight: np.ndarray) -> np.ndarray:
-    """weight.T [in, out] as a new C-contiguous array, the same bytes as
-    np.ascontiguousarray(weight.T), copied 256 rows of `weight` at a time so that each block
-    stays in the CPU caches: the 52 down/up weights of the Gemma-3-1B shape (1.1 GiB of
-    bfloat16) took 1.0 s instead of 1.9-2.1 s (2-core Xeon VM)."""
-    if weight.ndim != 2:
-        return np.ascontiguousarray(weight.T)
-    out = np.empty(weight.shape[::-1], weight.dtype)
-    for start in range(0, weight.shape[0], TRANSPOSE_ROWS):
-        out[:, start : start + TRANSPOSE_ROWS] = weight[start : start + TRANSPOSE_ROWS].T
-    return out
-
 
 class Graph:
     """Builds layers on `network`; names each layer after the module it belongs to.
@@ -63,6 +48,7 @@ class Graph:
         self.constants: dict[str, np.ndarray] = {}
         self.linear_inputs: dict[str, str] = {}
         self.kept: list[str] = []  # linear layers built from already quantized weights (from-gguf)
+        self.one_row: Any = None  # int64 [1]: 1 when a call has a single token (matmul_by_rows)
         self.scope = ""
 
     def named(self, layer: Any, name: str) -> Any:
@@ -220,12 +206,42 @@ class Graph:
         w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
-        none = self.trt.MatrixOperation.NONE
-        y = self.named(self.network.add_matrix_multiply(x, none, w, none), name).get_output(0)
+        plain = kept is None and not quantized
+        y = self.matmul_by_rows(x, w, name) if plain else self.matmul_t(x, w, name)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
         return y
+
+    def matmul_t(self, x: Any, w: Any, name: str) -> Any:
+        """x [..., in] @ w[..., out, in]ᵀ."""
+        none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
+        return self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(
+            0
+        )
+
+    def matmul_by_rows(self, x: Any, w: Any, name: str) -> Any:
+        """x [B, ..., in] @ w[..., out, in]ᵀ; with `one_row` set, a call of a single token reads
+        the weight as a multiply-and-sum along its rows instead (one Myelin reduction kernel).
+        Measured on an H200 (TensorRT-RTX 1.7, the Gemma-3-1B layers' matmuls at M = 1): the
+        matmul kernels TensorRT-RTX picks for M = 1 stream 1.4 GB in 0.81-0.96 ms, the
+        reduction in 0.66 ms; at M = 16 the reduction is 6x slower, so only B * S == 1
+        takes it (`one_row` 1), and the rows of any other call go to the matmul."""
+        if self.one_row is None:
+            return self.matmul_t(x, w, name)
+        batch = self.dim(x, 0, f"{name}.batch")
+        rest = self.elementwise(batch, self.one_row, "SUB", f"{name}.matmul_rows")
+        many = self.matmul_t(self.span(x, 0, self.one_row, rest, f"{name}.matmul_input"), w, name)
+        one = self.span(x, 0, 0, self.one_row, f"{name}.row_input")  # [0 or 1, ..., in]
+        rank, k = len(x.shape), x.shape[-1]
+        one = self.shuffle(one, f"{name}.row_bcast", reshape=(0,) * (rank - 1) + (1, k))
+        table = self.shuffle(w, f"{name}.row_table", reshape=(1,) * (rank - 1) + (-1, k))
+        products = self.mul(one, table, f"{name}.row_products")  # [n, ..., out, in]
+        products = self.cast(products, np.dtype(np.float32), f"{name}.row_float32")
+        layer = self.network.add_reduce(products, self.trt.ReduceOperation.SUM, 1 << rank, False)
+        one = self.named(layer, f"{name}.row_sum").get_output(0)
+        one = self.cast(one, TENSOR_DTYPES[dtype_name(x.dtype)], f"{name}.row_out")
+        return self.concat([one, many], 0, f"{name}.rows")
 
     def weight(
         self,
@@ -233,33 +249,28 @@ class Graph:
         name: str,
         quantize: bool,
         lead: int = 0,
-        rows: bool = False,
         kept: QuantizedWeight | None = None,
     ) -> Any:
-        """The tensor a matmul reads for `weight` [out, in], after `lead` leading 1s: stored
-        transposed, [in, out], since on an H200 (TensorRT-RTX 1.7) decode matmuls read that
-        layout at about 4 TB/s and [out, in] (TRANSPOSE) at 2.7-3 TB/s; that transpose is the
-        one copy of an unquantized weight. `rows` keeps [out, in]: the embedding table, which
-        a lookup reads by rows (a transposed table was stored twice). With `quantize` and a
-        mode set, the quantized constant goes through a Dequantize layer (per output
-        channel, per block of inputs or per tensor, as the mode says); `kept` is a weight
-        already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
+        """The tensor a matmul (TRANSPOSE) or a lookup reads for `weight` [out, in], after
+        `lead` leading 1s, in the checkpoint's own layout: no copy of an unquantized weight
+        (measured on an H200, TensorRT-RTX 1.7: the decode matmuls at M = 16 read [out, in]
+        within 4% of [in, out], and single-token calls read rows, `matmul_by_rows`). With
+        `quantize` and a mode set, the quantized constant goes through a Dequantize layer
+        (per output channel, per block of inputs or per tensor, as the mode says); `kept` is
+        a weight already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
         if kept is None and not (quantize and self.quant != "none"):
-            layout = weight if rows else transposed(weight)
-            return self.constant(layout.reshape((1,) * lead + layout.shape), f"{name}.weight")
+            return self.constant(weight.reshape((1,) * lead + weight.shape), f"{name}.weight")
         q = kept if kept is not None else quantize_weight(weight, self.quant, self.int4_block)
         if kept is not None:
             self.kept.append(f"{self.scope}{name}")
-        values, scale = (q.values, q.scale) if rows else (q.values.T, q.scale.T)
-        shape = (1,) * lead + values.shape
-        values = self.constant(np.ascontiguousarray(values).reshape(shape), f"{name}.weight")
+        shape = (1,) * lead + q.values.shape
+        values = self.constant(np.ascontiguousarray(q.values).reshape(shape), f"{name}.weight")
         blocks = q.scale.ndim == 2  # block scales [out, in / block] have the weight's rank
-        scale = np.ascontiguousarray(scale).reshape((1,) * lead + scale.shape) if blocks else scale
-        scale = self.constant(scale, f"{name}.weight_scale")
+        scale = q.scale.reshape((1,) * lead + q.scale.shape) if blocks else q.scale
+        scale = self.constant(np.ascontiguousarray(scale), f"{name}.weight_scale")
         layer = self.network.add_dequantize(values, scale, trt_dtype(self.trt, weight.dtype))
         if q.scale.ndim:  # the output-channel axis, or the blocked input axis
-            out_axis, in_axis = (len(shape) - 2, len(shape) - 1)[:: 1 if rows else -1]
-            layer.axis = in_axis if blocks else out_axis
+            layer.axis = len(shape) - 1 if blocks else len(shape) - 2
         return self.named(layer, f"{name}.dequantize").get_output(0)
 
     def pad_last(self, x: Any, size: int, value: float, name: str) -> Any:
