@@ -144,26 +144,31 @@ class Graph:
         shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
         return self.named(self.network.add_slice(shape, (axis,), (1,), (1,)), name).get_output(0)
 
+    def sizes_with(self, x: Any, axis: int, size: Any, name: str) -> Any:
+        """x's shape as an int64 [rank] shape tensor with dim `axis` replaced by `size` (an
+        int64 [1] shape tensor): the sizes of a slice whose other dims may be dynamic."""
+        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
+        parts = [
+            size
+            if i == axis
+            else self.named(
+                self.network.add_slice(shape, (i,), (1,), (1,)), f"{name}.dim{i}"
+            ).get_output(0)
+            for i in range(len(x.shape))
+        ]
+        return self.concat(parts, 0, f"{name}.sizes")
+
     def span(self, x: Any, axis: int, start: Any, size: Any, name: str) -> Any:
         """x[..., start : start + size, ...] along `axis`, where `start` (or a Python int) and
         `size` are int64 [1] shape tensors, so the span may be empty."""
         rank = len(x.shape)
-        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
         if isinstance(start, int):
             start = self.constant(np.array([start], np.int64), f"{name}.start")
         zero = [self.constant(np.zeros(1, np.int64), f"{name}.zero")]
         starts = zero * axis + [start] + zero * (rank - axis - 1)
-        sizes = [
-            self.named(
-                self.network.add_slice(shape, (i,), (1,), (1,)), f"{name}.dim{i}"
-            ).get_output(0)
-            if i != axis
-            else size
-            for i in range(rank)
-        ]
         layer = self.network.add_slice(x, (0,) * rank, (1,) * rank, (1,) * rank)
         layer.set_input(1, self.concat(starts, 0, f"{name}.starts"))
-        layer.set_input(2, self.concat(sizes, 0, f"{name}.sizes"))
+        layer.set_input(2, self.sizes_with(x, axis, size, name))
         return self.named(layer, name).get_output(0)
 
     def concat(self, parts: list[Any], axis: int, name: str) -> Any:
@@ -232,17 +237,9 @@ class Graph:
 
     def pad_last(self, x: Any, size: int, value: float, name: str) -> Any:
         """x [B, n] padded with `value` to [B, size] (a FILL slice; B may be dynamic)."""
-        net = self.network
-        batch = self.named(
-            net.add_slice(
-                self.named(net.add_shape(x), f"{name}.shape").get_output(0), (0,), (1,), (1,)
-            ),
-            f"{name}.batch",
-        )
         width = self.constant(np.array([size], np.int64), f"{name}.width")
-        dims = self.named(net.add_concatenation([batch.get_output(0), width]), f"{name}.dims")
-        layer = net.add_slice(x, (0, 0), (1, size), (1, 1))
-        layer.set_input(2, dims.get_output(0))
+        layer = self.network.add_slice(x, (0, 0), (1, size), (1, 1))
+        layer.set_input(2, self.sizes_with(x, 1, width, name))
         layer.mode = self.trt.SampleMode.FILL
         layer.set_input(4, self.constant(np.array(value, np.float32), f"{name}.value"))
         return self.named(layer, name).get_output(0)
