@@ -197,7 +197,17 @@ class Graph:
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
         none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
-        y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
+        import os
+        form = os.environ.get("FORM", "")
+        if form and name in os.environ.get("NAMES", "").split(",") and not quantized and rank == 3:
+            if form == "wfirst":
+                y = self.named(self.network.add_matrix_multiply(w, none, x, transpose), name).get_output(0)
+                y = self.shuffle(y, f"{name}.t", first_transpose=(0, 2, 1))
+            else:
+                wt = self.constant(np.ascontiguousarray(weight.T)[None], f"{name}.weight_t")
+                y = self.named(self.network.add_matrix_multiply(x, none, wt, none), name).get_output(0)
+        else:
+            y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
