@@ -216,7 +216,8 @@ class Graph:
         in place. Stored transposed ([in, out]), the CPU-built decode+prefill engine of the
         Gemma-3-1B shape held every linear weight once per profile: 3.22 GiB instead of
         1.92, a build of 40.6 instead of 26.0 s and a peak of 7.00 instead of 4.53 GiB
-        (docs/benchmarks.md), for decode matmuls about 3.5% faster on an H200. With
+        (docs/benchmarks.md), for a batch-1 decode step 8% faster on an H200 (TensorRT-RTX
+        then picks tensor-core tiles for the MLP, not an FFMA GEMV). With
         `quantize` and a mode set, the quantized constant goes through a Dequantize layer
         (per output channel, per block of inputs or per tensor, as the mode says); `kept` is
         a weight already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
