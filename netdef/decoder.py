@@ -394,7 +394,9 @@ class _Decoder:
         )
         g = self.g
         first = g.constant(np.array([0], np.int32), "attn.first_token")
-        step_q = g.named(g.network.add_gather(q, first, 2), "attn.step_query").get_output(0)
+        step_q = g.rewired(
+            lambda t: g.network.add_gather(t, first, 2), q, (1,) * 4, self.dtype, "attn.step_query"
+        ).get_output(0)
         step = self.matmul_attention(step_q, step_mask, k, v)  # [B, heads, 1, D]
         step = g.span(step, 2, 0, self.step_rows, "attn.step_rows")  # kept in a step only
         prompt_q = g.span(q, 2, self.step_rows, self.prompt_rows, "attn.prompt_query")
@@ -430,7 +432,9 @@ class _Decoder:
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
         hidden = g.scalar(float("-inf"), np.float32, 4, "attn.hidden")
         masked = g.named(g.network.add_select(mask, scores.get_output(0), hidden), "attn.mask")
-        softmax = g.named(g.network.add_softmax(masked.get_output(0)), "attn.softmax")
+        softmax = g.rewired(
+            g.network.add_softmax, masked.get_output(0), (1,) * 4, f32, "attn.softmax"
+        )
         softmax.axes = 1 << 3
         out = g.named(
             g.network.add_matrix_multiply(softmax.get_output(0), none, v, none), "attn.context"
@@ -440,9 +444,11 @@ class _Decoder:
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
         """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
-        gather = self.g.network.add_gather(cache, slots, 2)
+        gather = self.g.rewired(
+            lambda t: self.g.network.add_gather(t, slots, 2), cache, (1,) * 4, self.dtype, name
+        )
         gather.num_elementwise_dims = len(slots.shape) - 1
-        return self.g.named(gather, name).get_output(0)
+        return gather.get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, tuple[Any, Any]]:
         """(slots to gather, (step mask, prompt mask)) for global layers (window None) or the
@@ -534,16 +540,17 @@ class _Decoder:
             g.scope = saved
         shape = (-1, self.cfg.num_kv_heads, n, self.cfg.head_dim)
         past = g.network.add_input(io.past(kind, i), trt_dtype(trt, self.dtype), shape)
-        # add_kv_cache_update walks the whole graph above its update input: 36 ms per call at
-        # the Gemma-3-1B shape's last layer, 1.8 s of a 3.6 s network definition. Added with
-        # a one-slot constant stand-in and then rewired (set_input), it is the same layer at no
-        # cost; the builder drops the unused constant.
-        stand_in = g.constant(np.zeros((1, shape[1], 1, shape[3]), self.dtype), f"{kind}_stand_in")
-        layer = g.network.add_kv_cache_update(
-            past, stand_in, self.ring_index[n], trt.KVCacheMode.LINEAR
+        layer = g.rewired(
+            lambda t: g.network.add_kv_cache_update(
+                past, t, self.ring_index[n], trt.KVCacheMode.LINEAR
+            ),
+            update,
+            (1, shape[1], 1, shape[3]),
+            self.dtype,
+            f"{kind}_cache_update",
+            index=1,
         )
-        layer.set_input(1, update)
-        present = g.named(layer, f"{kind}_cache_update").get_output(0)
+        present = layer.get_output(0)
         present.name = io.present(kind, i)
         g.network.mark_output(present)
         return present

@@ -12,7 +12,7 @@ and under fp8 the activations pass through a Quantize/Dequantize pair too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -65,6 +65,26 @@ class Graph:
         layer = self.named(self.network.add_constant(array.shape, weights), name)
         self.constants[layer.name] = data
         return layer.get_output(0)
+
+    def rewired(
+        self,
+        add: Callable[[Any], Any],
+        x: Any,
+        stand_in: tuple[int, ...],
+        dtype: np.dtype,
+        name: str,
+        index: int = 0,
+    ) -> Any:
+        """The layer `add(t)` makes, added with a small constant t (shape `stand_in`, x's
+        dtype) as input `index` and then pointed at x. Adding some layers makes TensorRT-RTX
+        1.7 walk the whole graph above their input: add_kv_cache_update, add_softmax and
+        add_gather on a KV cache took up to 75 ms per call near the Gemma-3-1B shape's last
+        layer, 2.6 s of its 3.6 s network definition. Rewired, the layer is the same and its
+        addition costs nothing; the builder drops the unused constant. x's shape must not be
+        asked for here: that walks the graph too."""
+        layer = add(self.constant(np.zeros(stand_in, dtype), f"{name}.stand_in"))
+        layer.set_input(index, x)
+        return self.named(layer, name)
 
     def scalar(self, value: float, dtype: np.dtype, rank: int, name: str) -> Any:
         """A broadcastable [1]*rank constant."""
