@@ -81,6 +81,26 @@ def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
     assert positive(build["polled_peak_in_builder"]["rss"], build["polls"])
 
 
+def test_build_rounds_run_round_robin_and_report_each_models_median(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "build.json"
+    models = [str(tiny_dir("llama")), str(tiny_dir("qwen3"))]
+    args = ["--build", *models, "--max-seq-len", "64", "--rounds", "2", "--json", str(out)]
+    assert main(args) == 0
+    builds = json.loads(out.read_text())["builds"]
+    assert [(b["round"], b["model"]) for b in builds] == [
+        (1, models[0]),
+        (1, models[1]),
+        (2, models[0]),
+        (2, models[1]),
+    ]
+    medians = capsys.readouterr().out.split("over 2 rounds, run round-robin")[1]
+    for model in models:
+        walls = sorted(b["wall_s"] for b in builds if b["model"] == model)
+        name = model.rsplit("/", 1)[-1]
+        row = next(line for line in medians.splitlines() if line.startswith(name))
+        assert row.split()[1:5] == ["2", fmt(sum(walls) / 2), fmt(walls[0]), fmt(walls[1])]
+
+
 def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     args = [str(tiny_quant_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]

@@ -20,7 +20,8 @@ that except the engine (for a GPU without TensorRT).
 --build builds each model's engine in a child process (tools.build.build, TensorRT-RTX ahead
 of time for --target) and reports its wall time and peak RSS (the child's own rusage from
 wait4, plus /proc polling for the anonymous/file-backed split and per-phase figures), also as
-a multiple of the checkpoint size. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
+a multiple of the checkpoint size; with --rounds N it builds every model N times, round-robin,
+and adds each model's median. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
 against transformers on the CPU. --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
@@ -88,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--build-worker", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default: 3 GPU, 1 CPU)")
-    p.add_argument("--rounds", type=int, help="timed rounds (default: 10 GPU, 3 CPU)")
+    p.add_argument(
+        "--rounds", type=int, help="timed rounds (default: 10 GPU, 3 CPU; --build: 1 per model)"
+    )
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPE_BYTES),

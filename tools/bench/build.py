@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -236,17 +237,20 @@ def run_build(args: argparse.Namespace, report: Report) -> None:
         "optimization_level": args.optimization_level,
     }
     report["builds"] = []
-    for model in args.models:
-        print(f"building {model} in a child process ...", file=sys.stderr)
-        report["builds"].append(measure_build(model, options))
-        report.save()
+    rounds = args.rounds or 1
+    for r in range(1, rounds + 1):  # round-robin: a machine's drift hits every model alike
+        for model in args.models:
+            print(f"building {model} in a child process (round {r}) ...", file=sys.stderr)
+            report["builds"].append({"round": r, **measure_build(model, options)})
+            report.save()
 
 
 def build_tables(report: dict[str, Any]) -> str:
     o = report["builds"][0]["options"] if report["builds"] else {}
     times, memory = [], []
+    rounds = max((b.get("round", 1) for b in report["builds"]), default=1)
     for b in report["builds"]:
-        name = Path(b["model"]).name
+        name = Path(b["model"]).name + (f" #{b['round']}" if rounds > 1 else "")
         rss = b["rss"]
         in_builder = b.get("polled_peak_in_builder") or {}
         times.append(
@@ -296,6 +300,8 @@ def build_tables(report: dict[str, Any]) -> str:
         "RSS: after importing TensorRT, right before build_serialized_network_to_stream, "
         "and the builder's peak split into anonymous and file-backed pages (libraries, mapped checkpoint)",
     )
+    if rounds > 1:
+        first += "\n\n" + median_table(report["builds"], rounds)
     largest = max(report["builds"], key=lambda b: b["checkpoint_bytes"], default=None)
     if not largest or not largest.get("builder_phases"):
         return first + "\n\n" + second
@@ -315,3 +321,27 @@ def build_tables(report: dict[str, Any]) -> str:
         f"TensorRT builder phases of {Path(largest['model']).name}",
     )
     return "\n\n".join([first, second, third])
+
+
+def median_table(builds: list[dict[str, Any]], rounds: int) -> str:
+    """Each model's median (and range) of wall time and peak RSS over its rounds."""
+    rows = []
+    for model in dict.fromkeys(b["model"] for b in builds):
+        mine = [b for b in builds if b["model"] == model]
+        wall = sorted(b["wall_s"] for b in mine)
+        peak = sorted(b["peak_rss_x_checkpoint"] for b in mine)
+        rows.append(
+            [
+                Path(model).name,
+                len(mine),
+                statistics.median(wall),
+                wall[0],
+                wall[-1],
+                statistics.median(peak),
+            ]
+        )
+    return format_table(
+        ["model", "rounds", "median wall s", "min wall s", "max wall s", "median peak / ckpt"],
+        rows,
+        f"over {rounds} rounds, run round-robin",
+    )
