@@ -39,7 +39,7 @@ from weights.config import ModelConfig
 
 from . import contract as io
 from .contract import MODEL_DTYPES, trt_dtype
-from .graph import Graph
+from .graph import Graph, stacked
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .quant import QuantizedWeight
 from .rope import cos_sin_tables
@@ -137,12 +137,13 @@ class _Decoder:
         self, x: Any, names: list[str], bias: np.ndarray | None, name: str, quantize: bool = True
     ) -> Any:
         """x through the linear layer of checkpoint weights `names` ([out, in] each; several
-        are fused along out into one matmul). The network reads a single unquantized weight
-        of the network dtype in place; every other one it holds as its own copy (fused,
-        converted or quantized), so the source may drop those pages now
-        (`Checkpoint.release`) instead of keeping them resident through the engine build."""
+        are fused along out into one matmul). The network reads unquantized weights of the
+        network dtype in place (fused ones too where they lie back to back: `stacked`);
+        every other one it holds as its own copy (fused, converted or quantized), so the
+        source may drop those pages now (`Checkpoint.release`) instead of keeping them
+        resident through the engine build."""
         parts = [self.weight(n) for n in names]
-        weight = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        weight = parts[0] if len(parts) == 1 else stacked(parts)
         kept = self.kept(names) if quantize else None
         y = self.g.linear(x, weight, bias, name, quantize, kept=kept)
         stored = self.g.constants[f"{self.g.scope}{name}.weight"]

@@ -275,3 +275,37 @@ class Graph:
         q = self.named(self.network.add_quantize(x, scale, self.trt.fp8), f"{name}.quantize_input")
         dq = self.network.add_dequantize(q.get_output(0), scale, x.dtype)
         return self.named(dq, f"{name}.dequantize_input").get_output(0)
+
+
+def stacked(parts: list[np.ndarray]) -> np.ndarray:
+    """`parts` ([rows_i, ...] each) stacked along their first axis: a read-only view where they
+    already lie back to back in one buffer, else a copy. A checkpoint's gate_proj and up_proj
+    usually do (safetensors stores tensors sorted by name, without gaps), so the fused gate/up
+    weight is read in place: 0.83 GB of the Gemma-3-1B shape's 0.86 GB of fused copies."""
+    first, at = parts[0], parts[0].ctypes.data
+    for p in parts:
+        if not (
+            p.flags.c_contiguous
+            and p.dtype == first.dtype
+            and p.shape[1:] == first.shape[1:]
+            and p.ctypes.data == at
+            and _root(p) is _root(first)  # one mapping: the view keeps all of it alive
+        ):
+            return np.concatenate(parts)
+        at += p.nbytes
+    rows = sum(p.shape[0] for p in parts)
+    return np.lib.stride_tricks.as_strided(
+        first, (rows, *first.shape[1:]), first.strides, writeable=False
+    )
+
+
+def _root(a: np.ndarray) -> object:
+    """The object owning `a`'s memory (the mmap of a checkpoint tensor's file)."""
+    owner: object = a
+    while True:
+        if isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        elif isinstance(owner, memoryview):
+            owner = owner.obj
+        else:
+            return owner

@@ -1,6 +1,7 @@
 """What the network definition holds on to during an engine build (issue 17, item 11): it
-reads a checkpoint's unquantized weights in place (no copy) and holds its own copy only of
-fused or quantized ones, whose mapped checkpoint pages it hands back."""
+reads a checkpoint's unquantized weights in place (no copy), fused gate/up too, since the
+file holds them back to back, and holds its own copy only of other fused (q/k/v) or
+quantized ones, whose mapped checkpoint pages it hands back."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network, load_tensorrt
+from netdef.graph import stacked
 from tests.fixtures.tiny import TINY_MODELS
 from weights import Checkpoint
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COPIED_WHEN_FUSED = ("q_proj", "k_proj", "v_proj")  # the file: k, o, q, v (sorted by name)
 
 
 class Recording(Checkpoint):
@@ -36,7 +38,7 @@ def test_network_reads_single_weights_in_place_and_releases_its_copies(family, q
     )
     assert ckpt.tensor("layers.0.self_attn.o_proj.weight").dtype == np.dtype(dn.options.dtype)
     linear = {
-        f"layers.{i}.{m}.{n}.weight": n in FUSED or quant != "none"
+        f"layers.{i}.{m}.{n}.weight": n in COPIED_WHEN_FUSED or quant != "none"
         for i in range(cfg.num_layers)
         for m, names in (("self_attn", LINEAR[:4]), ("mlp", LINEAR[4:]))
         for n in names
@@ -50,3 +52,14 @@ def test_network_reads_single_weights_in_place_and_releases_its_copies(family, q
         source = ckpt.tensor(name)
         in_place = any(np.shares_memory(c, source) for c in constants)
         assert in_place != copied, name
+
+
+def test_stacked_is_a_view_only_of_parts_back_to_back_in_one_buffer():
+    whole = np.arange(24, dtype=np.float32).reshape(6, 4)
+    view = stacked([whole[:2], whole[2:5]])
+    assert np.shares_memory(view, whole) and not view.flags.writeable
+    assert np.array_equal(view, whole[:5])
+    for parts in ([whole[:2], whole[3:]], [whole[2:4], whole[:2]], [whole[:2], whole[2:] + 0]):
+        joined = stacked(parts)  # a gap, the wrong order, another buffer: copies
+        assert not np.shares_memory(joined, whole)
+        assert np.array_equal(joined, np.concatenate(parts))
