@@ -12,6 +12,7 @@ from .contract import (
     INV_TEMPERATURE,
     KV_KINDS,
     MODEL_DTYPES,
+    PROFILE_SETS,
     TOKEN_INPUTS,
     WINDOW_POSITIONS,
     normalize_target,
@@ -81,7 +82,7 @@ class NetworkOptions:
     max_seq_len: int = 4096  # KV-cache length: prompt + generated tokens of one sequence
     max_prefill: int | None = None  # longest S in one call; default max_seq_len
     prefill_opt: int | None = None  # S the prefill profile is tuned for; default min(512, max)
-    profile_set: str = "decode,prefill"  # or "dynamic": one profile covering S = 1..max_prefill
+    profile_set: str = PROFILE_SETS[0]  # one of PROFILE_SETS
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
     quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
     quant_lm_head: bool = False  # quantize the LM head too (a tied one with the embedding)
@@ -111,9 +112,11 @@ class NetworkOptions:
             raise OptionsError(
                 f"prefill_opt={self.prefill_opt} must be between 1 and max_prefill={self.prefill_len}."
             )
-        if self.profile_set not in ("decode,prefill", "dynamic"):
+        if self.profile_set not in PROFILE_SETS:
+            choices = ", ".join(repr(s) for s in PROFILE_SETS[:-1])
             raise OptionsError(
-                f"profiles {self.profile_set!r} is not supported; choose 'decode,prefill' or 'dynamic'."
+                f"profiles {self.profile_set!r} is not supported; choose {choices} or "
+                f"{PROFILE_SETS[-1]!r}."
             )
         if not 0 <= self.sample_top_k <= min(TOPK_MAX, config.vocab_size):
             raise OptionsError(
@@ -188,14 +191,23 @@ class NetworkOptions:
         return per_slot * sum(self.cache_slots(config))
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
-        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill. 'dynamic' merges both.
-        window_positions (netdef.slots) ranges up to what such calls read."""
+        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill; chunk: exactly one
+        sequence of max_prefill tokens (a long prompt's full chunks; none where max_prefill is
+        1, a decode step). 'dynamic' is one profile for every call. window_positions
+        (netdef.slots) ranges up to what such calls read.
+
+        Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
+        ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
+        2,048-token prefill's matmuls 1.5x faster than the kernels it takes for a range
+        (docs/benchmarks.md)."""
         b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
         if self.profile_set == "dynamic":
             ranges = [("dynamic", (1, 1, b), (1, s_opt, s_max))]
         else:
             ranges = [("decode", (1, b, b), (1, 1, 1)), ("prefill", (1, 1, b), (1, s_opt, s_max))]
+            if self.profile_set.endswith(",chunk") and s_max > 1:
+                ranges.append(("chunk", (1, 1, 1), (s_max, s_max, s_max)))
         windows = self.windows(config)
         window = attention_window(windows)
         slots = self.cache_slots(config)

@@ -40,7 +40,7 @@ from netdef.artifact import (
     staging,
     write_metadata,
 )
-from netdef.contract import FORMAT_VERSION
+from netdef.contract import FORMAT_VERSION, PROFILE_SETS
 from netdef.options import check_quant_target, default_max_prefill, default_max_seq_len
 from netdef.quant import CALIBRATION_TEXT
 from netdef.tensorrt_module import compute_capability, is_rtx
@@ -91,7 +91,7 @@ def build(
     max_seq_len: int | None = None,
     max_prefill: int | None = None,
     prefill_opt: int | None = None,
-    profiles: str = "decode,prefill",
+    profiles: str = PROFILE_SETS[0],
     quant: str = "none",
     quant_lm_head: bool = False,
     calib_file: Path | None = None,

@@ -5,7 +5,7 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import FORMAT_VERSION
+from netdef.contract import FORMAT_VERSION, PROFILE_SETS
 
 from .cuda_buffers import cuda, cudart
 
@@ -18,7 +18,7 @@ def fake_engine(
     layers: int = 2,
     kv_heads: int = 2,
     head_dim: int = 8,
-    profile_set: str = "decode,prefill",
+    profile_set: str = PROFILE_SETS[0],
     sample_top_k: int = 4,
 ) -> tuple[dict, dict]:
     """(metadata.json, describe_engine output) of an imaginary engine following the contract."""
@@ -54,9 +54,10 @@ def fake_engine(
     ranges = {
         "decode": ((1, b, b), (1, 1, 1)),
         "prefill": ((1, 1, b), (1, min(4, p), p)),
+        "chunk": ((1, 1, 1), (p, p, p)),
         "dynamic": ((1, 1, b), (1, min(4, p), p)),
     }
-    names = ["dynamic"] if profile_set == "dynamic" else ["decode", "prefill"]
+    names = profile_set.split(",")
     profiles = []
     for name in names:
         batch, seq = ranges[name]

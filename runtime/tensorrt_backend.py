@@ -136,9 +136,17 @@ def check_contract(io: dict) -> None:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
 
 
-def choose_profile(profile_names: list[str], seq_len: int) -> int:
-    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1) or 'prefill'."""
-    name = "dynamic" if "dynamic" in profile_names else "decode" if seq_len == 1 else "prefill"
+def choose_profile(profile_names: list[str], batch: int, seq_len: int, max_prefill: int) -> int:
+    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1), 'chunk'
+    (one sequence of max_prefill tokens) where the engine has it, or 'prefill'."""
+    if "dynamic" in profile_names:
+        name = "dynamic"
+    elif seq_len == 1:
+        name = "decode"
+    elif batch == 1 and seq_len == max_prefill and "chunk" in profile_names:
+        name = "chunk"
+    else:
+        name = "prefill"
     if name not in profile_names:
         raise EngineLoadError(f"the engine has no {name!r} profile (profiles: {profile_names}).")
     return profile_names.index(name)
@@ -483,7 +491,8 @@ class TensorRTBackend:
             raise ValueError(f"a call on cache row {self._row} has batch 1, not {b}.")
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
-        key = (choose_profile(self.profile_names, s), b, s, shapes, self._row)
+        profile = choose_profile(self.profile_names, b, s, self.max_prefill)
+        key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
         graph = (
             self.graphs.get((b, shapes, wanted))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
-from netdef.contract import MODEL_DTYPES
+from netdef.contract import MODEL_DTYPES, PROFILE_SETS
 from netdef.engine import EngineBuildError
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
@@ -139,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--profiles",
-        default="decode,prefill",
-        choices=["decode,prefill", "dynamic"],
+        default=PROFILE_SETS[0],
+        choices=PROFILE_SETS,
         metavar="SET",
-        help="optimization profiles, one of two sets: 'decode,prefill' (the default: one for "
-        "decode steps, one for prompt chunks) or 'dynamic' (one profile for both)",
+        help="optimization profiles, one of three sets: 'decode,prefill,chunk' (the default: "
+        "one for decode steps, one for prompt chunks, one for a single sequence's full chunks "
+        "of --max-prefill tokens, whose fixed shape gets faster kernels), 'decode,prefill' "
+        "(the first two: a faster build) or 'dynamic' (one profile for every call)",
     )
     p.add_argument(
         "--quant",

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from netdef.contract import PROFILE_SETS
 from runtime.cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
@@ -159,7 +160,7 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
     and is captured; every later step of that size replays it."""
     from netdef.artifact import Metadata
 
-    meta, desc = fake_engine(max_seq_len=256, profile_set="decode,prefill")
+    meta, desc = fake_engine(max_seq_len=256)
     ctx = CopyContext()
     with TensorRTBackend(Metadata.from_dict(meta), desc, ctx, auto_graphs=True) as model:
         model.reset(2)
@@ -238,7 +239,7 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
     )
 
 
-def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) -> str:
+def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -> str:
     """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
     from netdef.artifact import Metadata
 
@@ -288,7 +289,13 @@ def check_backend(profile_set: str = "decode,prefill", decode_steps: int = 100) 
             # The first B=1 step runs plainly, then is captured (capturing enqueues it once more).
             call(np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32))
             assert ctx.executions == before + 3
-            expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0]
+            full = model.max_prefill  # one sequence's full chunk: the chunk profile
+            call(
+                rng.integers(0, 1000, (1, full), dtype=np.int32),
+                np.arange(full, dtype=np.int32)[None],
+            )
+            chunk = 2 if profile_set.endswith(",chunk") else 1
+            expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0, chunk]
             assert ctx.profile_switches == expected, ctx.profile_switches
         finally:
             cache.free()
@@ -302,7 +309,8 @@ CHECKS: dict[str, Callable[[], str]] = {
     "event timing": check_events,
     "graph capture + replay": check_graph_replay,
     "backend auto graphs": check_auto_graphs,
-    "backend, decode+prefill": check_backend,
+    "backend, decode+prefill+chunk": check_backend,
+    "backend, decode+prefill": lambda: check_backend("decode,prefill"),
     "backend, dynamic profile": lambda: check_backend("dynamic"),
 }
 

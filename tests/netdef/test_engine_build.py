@@ -25,7 +25,7 @@ def test_builds_for_rtx_target(family, dtype, tiny_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # float16 Gemma warns; tested below
         dn = build_network(ckpt, NetworkOptions(dtype=dtype, max_batch=4, max_seq_len=64), trt)
-    assert [p.name for p in dn.profiles] == ["decode", "prefill"]
+    assert [p.name for p in dn.profiles] == ["decode", "prefill", "chunk"]
     size = build_engine(dn, tmp_path / "model.engine", target="sm89")
     assert size == (tmp_path / "model.engine").stat().st_size
     # The weights live in the engine (stored once: the tied LM head shares the embedding).
@@ -37,11 +37,17 @@ def test_profiles_reach_the_builder(tiny_dir):
     options = NetworkOptions(max_batch=8, max_seq_len=128, max_prefill=64, prefill_opt=32)
     dn = build_network(ckpt, options, trt)
     config = builder_config(dn, target="sm89")
-    assert config.num_optimization_profiles == 2
-    decode, prefill = dn.profiles
+    assert config.num_optimization_profiles == 3
+    decode, prefill, chunk = dn.profiles
     assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (8, 64))
     assert prefill.shapes["past_key_0"][2] == (8, 1, 128, 16)
+    assert chunk.shapes["input_ids"] == ((1, 64), (1, 64), (1, 64))  # token count fixed
+    assert chunk.shapes["past_key_0"] == ((1, 1, 128, 16),) * 3
+    one_token = NetworkOptions(max_seq_len=128, max_prefill=1).profiles(ckpt.config)
+    assert [p.name for p in one_token] == ["decode", "prefill"]  # a chunk would be a decode
+    two = NetworkOptions(max_seq_len=128, profile_set="decode,prefill").profiles(ckpt.config)
+    assert [p.name for p in two] == ["decode", "prefill"]
     dynamic = NetworkOptions(max_batch=8, max_seq_len=128, profile_set="dynamic").profiles(
         ckpt.config
     )
@@ -119,7 +125,8 @@ def test_float16_gemma_warns(tiny_dir):
         ),
         (
             NetworkOptions(max_seq_len=64, profile_set="decode"),
-            "profiles 'decode' is not supported; choose 'decode,prefill' or 'dynamic'.",
+            "profiles 'decode' is not supported; choose 'decode,prefill,chunk', "
+            "'decode,prefill' or 'dynamic'.",
         ),
         (
             NetworkOptions(max_seq_len=64, sample_top_k=600),

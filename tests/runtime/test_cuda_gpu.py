@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from netdef.contract import PROFILE_SETS
 from runtime.cuda_buffers import gpu_unavailable_reason
 from tools import gpu_check
 
@@ -46,7 +47,7 @@ def test_backend_captures_decode_graphs_on_first_use():
     assert "later steps replayed" in gpu_check.check_auto_graphs()
 
 
-@pytest.mark.parametrize("profile_set", ["decode,prefill", "dynamic"])
+@pytest.mark.parametrize("profile_set", PROFILE_SETS)
 def test_backend_forward_and_decode_graph_with_stand_in_context(profile_set):
     gpu_check.check_backend(profile_set)
 

@@ -94,6 +94,8 @@ def test_tiny_engine_matches_the_executor(family, tmp_path):
         model_dir, tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4, sample_top_k=8
     )
     compare(artifact, model_dir, [7, 5], prefill=4, steps=6, tolerance=TOLERANCE["tiny"])
+    # One sequence: its first chunk is a full one of max_prefill tokens (the chunk profile).
+    compare(artifact, model_dir, [9], prefill=4, steps=2, tolerance=TOLERANCE["tiny"])
 
 
 def test_padded_two_stage_best_k_matches_the_executor(tmp_path):

@@ -184,7 +184,7 @@ def test_engine_with_other_tensors_and_profiles_is_refused(tiny_network):
         "engine: all_logits; profile 'prefill' differs for input_ids); rebuild it with "
         "python -m tools.build --force."
     )
-    with pytest.raises(EngineLoadError, match=r"2 profiles in metadata\.json, 1 in the engine"):
+    with pytest.raises(EngineLoadError, match=r"3 profiles in metadata\.json, 1 in the engine"):
         check_engine(meta, {**as_engine(meta), "profiles": as_engine(meta)["profiles"][:1]})
 
 
@@ -216,11 +216,14 @@ def test_contract_violations():
 
 
 def test_choose_profile():
-    assert choose_profile(["decode", "prefill"], 1) == 0
-    assert choose_profile(["decode", "prefill"], 7) == 1
-    assert choose_profile(["dynamic"], 1) == choose_profile(["dynamic"], 9) == 0
+    names = ["decode", "prefill", "chunk"]
+    assert choose_profile(names, 4, 1, 8) == choose_profile(names, 1, 1, 8) == 0
+    assert choose_profile(names, 1, 7, 8) == choose_profile(names, 2, 8, 8) == 1
+    assert choose_profile(names, 1, 8, 8) == 2  # one sequence, a full chunk
+    assert choose_profile(["decode", "prefill"], 1, 8, 8) == 1  # engines built before it
+    assert choose_profile(["dynamic"], 1, 1, 8) == choose_profile(["dynamic"], 1, 8, 8) == 0
     with pytest.raises(EngineLoadError) as e:
-        choose_profile(["decode"], 5)
+        choose_profile(["decode"], 1, 5, 8)
     assert str(e.value) == "the engine has no 'prefill' profile (profiles: ['decode'])."
 
 

@@ -356,7 +356,7 @@ def _gpu_report(engines: bool) -> dict:
 
 def test_gpu_tables_with_engines_and_transformers():
     text = gpu_tables(_gpu_report(engines=True))
-    assert "profiles: decode+prefill engine vs one dynamic profile" in text
+    assert "profiles: the decode,prefill engine vs one dynamic profile" in text
     lines = text.splitlines()
     assert any(line.split() == ["decode", "batch", "1", "1.00", "2.00", "2.00"] for line in lines)
     assert any(

@@ -45,7 +45,7 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
     assert meta["backend"] == {"module": "tensorrt_rtx", "version": trt.__version__}
     assert meta["target"] == "sm89"
     assert meta["options"]["max_seq_len"] == 64 and meta["options"]["max_batch"] == 2
-    assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill"]
+    assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill", "chunk"]
     assert meta["profiles"][0]["shapes"]["input_ids"] == [[1, 1], [2, 1], [2, 1]]
     # The metadata's config is the checkpoint's, field for field.
     config = load_config(tiny_dir(family))

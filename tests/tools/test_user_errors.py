@@ -186,15 +186,18 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
     )
 
 
-def test_profiles_help_names_two_sets(capsys):
+def test_profiles_help_names_three_sets(capsys):
     from tools import build as build_tool
 
     with pytest.raises(SystemExit):
         build_tool.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert (
-        "--profiles SET optimization profiles, one of two sets: 'decode,prefill' (the default: "
-        "one for decode steps, one for prompt chunks) or 'dynamic' (one profile for both)"
+        "--profiles SET optimization profiles, one of three sets: 'decode,prefill,chunk' (the "
+        "default: one for decode steps, one for prompt chunks, one for a single sequence's "
+        "full chunks of --max-prefill tokens, whose fixed shape gets faster kernels), "
+        "'decode,prefill' (the first two: a faster build) or 'dynamic' (one profile for every "
+        "call)"
     ) in help_text
 
 

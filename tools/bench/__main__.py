@@ -10,12 +10,12 @@ per prompt length and decode latency per batch size (one call = H2D of the input
 D2H of the logits; decode steps replay a CUDA graph unless --no-graph), each after warm-up
 rounds, as min and median over timed rounds. Given a model rather than an artifact, it builds
 the engine for this GPU; unless --no-compare-profiles it also builds the same model with one
-`dynamic` profile and prints both engines' per-call latency with the speedup of the
-decode+prefill engine. The roofline divides the bytes a decode step must read (weights + the
-KV-cache slots its tokens attend to) by the device's measured copy bandwidth and prints the
-measured latency as a multiple of that floor. --compare-transformers times transformers on
-the same prompts in the same run (torch is imported only then). --no-engine measures all of
-that except the engine (for a GPU without TensorRT).
+`dynamic` profile and prints both engines' per-call latency with the speedup of the default
+(decode,prefill,chunk) engine. The roofline divides the bytes a decode step must read
+(weights + the KV-cache slots its tokens attend to) by the device's measured copy bandwidth
+and prints the measured latency as a multiple of that floor. --compare-transformers times
+transformers on the same prompts in the same run (torch is imported only then). --no-engine
+measures all of that except the engine (for a GPU without TensorRT).
 
 --build builds each model's engine in a child process (tools.build.build, TensorRT-RTX ahead
 of time for --target) and reports its wall time and peak RSS (the child's own rusage from
@@ -34,6 +34,7 @@ import os
 import sys
 from pathlib import Path
 
+from netdef.contract import PROFILE_SETS
 from tools.bench import BenchError
 from tools.bench.build import build_tables, build_worker, run_build
 from tools.bench.cpu import cpu_tables, run_cpu
@@ -156,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--max-seq-len", type=int, help="default: min(model context, 4096)")
     b.add_argument(
         "--profiles",
-        default="decode,prefill",
-        choices=["decode,prefill", "dynamic"],
+        default=PROFILE_SETS[0],
+        choices=PROFILE_SETS,
         help="--build only",
     )
     b.add_argument("--optimization-level", type=int, choices=range(6))

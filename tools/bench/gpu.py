@@ -1,5 +1,5 @@
-"""GPU mode: TensorRT engine latency (decode+prefill against one dynamic profile), transformers
-on the same prompts, the roofline, and the tables printed from the report."""
+"""GPU mode: TensorRT engine latency (the default profile set against one dynamic profile),
+transformers on the same prompts, the roofline, and the tables printed from the report."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from netdef.contract import PROFILE_SETS
 from tools.bench import BenchError
 from tools.bench.report import Report, fmt_bytes, format_table, ratio
 from tools.bench.roofline import roofline_rows
@@ -27,7 +28,7 @@ from tools.bench.timing import (
 def prepare_engines(
     args: argparse.Namespace, source: str, device_cc: tuple[int, int]
 ) -> dict[str, Any]:
-    """{profile set: artifact}, decode+prefill first, plus `skipped` reasons. An artifact is
+    """{profile set: artifact}, the default set first, plus `skipped` reasons. An artifact is
     used as it is; its counterpart is built from the model folder named in its metadata."""
     from netdef.artifact import is_complete, open_artifact
     from netdef.tensorrt_module import is_rtx, load_tensorrt
@@ -41,7 +42,7 @@ def prepare_engines(
         given = opts["profile_set"]
         out["engines"][given] = Path(source)
         if args.compare_profiles:
-            other = "dynamic" if given != "dynamic" else "decode,prefill"
+            other = "dynamic" if given != "dynamic" else PROFILE_SETS[0]
             try:
                 out["engines"][other] = build(
                     str(meta.model_path),
@@ -70,11 +71,10 @@ def prepare_engines(
             optimization_level=args.optimization_level,
             hooks=ConsoleHooks(),
         )
-        out["engines"]["decode,prefill"] = build(source, profiles="decode,prefill", **common)
+        out["engines"][PROFILE_SETS[0]] = build(source, profiles=PROFILE_SETS[0], **common)
         if args.compare_profiles:
             out["engines"]["dynamic"] = build(source, profiles="dynamic", **common)
-    order = ["decode,prefill", "dynamic"]
-    out["engines"] = {k: out["engines"][k] for k in order if k in out["engines"]}
+    out["engines"] = {k: out["engines"][k] for k in PROFILE_SETS if k in out["engines"]}
     return out
 
 
@@ -204,7 +204,8 @@ def gpu_tables(report: dict[str, Any]) -> str:
     if report.get("engine_skipped"):
         parts.append(f"TensorRT engine: NOT MEASURED ({report['engine_skipped']})")
     engines = report.get("engines", {})
-    base = engines.get("decode,prefill") or next(iter(engines.values()), {})
+    staged = next((k for k in engines if k != "dynamic"), None)  # the engine of several profiles
+    base = engines[staged] if staged else next(iter(engines.values()), {})
     hf = report.get("transformers", {})
 
     eng_pre = {r["tokens"]: r for r in base.get("prefill", [])}
@@ -275,8 +276,8 @@ def gpu_tables(report: dict[str, Any]) -> str:
     if hf.get("skipped"):
         parts.append(f"transformers: skipped ({hf['skipped']})")
 
-    if len(engines) == 2:
-        a, d = engines["decode,prefill"], engines["dynamic"]
+    if staged and "dynamic" in engines:
+        a, d = engines[staged], engines["dynamic"]
         rows = []
         for kind, key in (("prefill", "tokens"), ("decode", "batch")):
             dyn = {r[key]: r["median_ms"] for r in d[kind]}
@@ -288,9 +289,9 @@ def gpu_tables(report: dict[str, Any]) -> str:
                 rows.append([label, r["median_ms"], other, ratio(other, r["median_ms"])])
         parts.append(
             format_table(
-                ["call", "decode+prefill ms", "dynamic ms", "speedup"],
+                ["call", f"{staged} ms", "dynamic ms", "speedup"],
                 rows,
-                "profiles: decode+prefill engine vs one dynamic profile (median ms per call)",
+                f"profiles: the {staged} engine vs one dynamic profile (median ms per call)",
             )
         )
     elif report.get("profiles_skipped"):
