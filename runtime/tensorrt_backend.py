@@ -299,6 +299,7 @@ class TensorRTBackend:
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
+        self.last_profile = ""  # the optimization profile the latest call ran in
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
         self._device = cuda("cudaGetDevice")
         self._thread = threading.get_ident()  # the thread this device is known current on
@@ -518,6 +519,7 @@ class TensorRTBackend:
         if self.timed:
             self.last_call_ms = self.timer.elapsed_ms()
         self.last_call = (b, s)
+        self.last_profile = self.profile_names[profile]
         return b, s
 
     def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:

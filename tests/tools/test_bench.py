@@ -344,9 +344,12 @@ def _gpu_report(engines: bool) -> dict:
         ],
     }
     if engines:
-        for name, ms in (("decode,prefill", 1.0), ("dynamic", 2.0)):
+        for name, ms, profile in (
+            ("decode,prefill,chunk", 1.0, "prefill"),
+            ("dynamic", 2.0, "dynamic"),
+        ):
             report["engines"][name] = {
-                "prefill": [_row("tokens", 128, 2 * ms)],
+                "prefill": [_row("tokens", 128, 2 * ms, profile=profile)],
                 "decode": [_row("batch", 1, ms, tokens_per_s=1000 / ms, **decode)],
             }
     else:
@@ -356,15 +359,16 @@ def _gpu_report(engines: bool) -> dict:
 
 def test_gpu_tables_with_engines_and_transformers():
     text = gpu_tables(_gpu_report(engines=True))
-    assert "profiles: the decode,prefill engine vs one dynamic profile" in text
+    assert "profiles: the decode,prefill,chunk engine vs one dynamic profile" in text
     lines = text.splitlines()
     assert any(line.split() == ["decode", "batch", "1", "1.00", "2.00", "2.00"] for line in lines)
     assert any(
         line.split() == ["prefill", "128", "tokens", "2.00", "4.00", "2.00"] for line in lines
     )
     assert "engine vs HF eager" in text and "NOT MEASURED" not in text
-    # prefill row: engine 2 ms, HF eager 8 ms -> 4x
-    assert any(line.split()[:1] == ["128"] and line.split()[-1] == "4.00" for line in lines)
+    # prefill row: engine 2 ms in the prefill profile, HF eager 8 ms -> 4x
+    row = ["128", "2.00", "2.00", "-", "prefill", "8.00", "8.00", "16000", "4.00"]
+    assert any(line.split() == row for line in lines)
 
 
 def test_gpu_tables_without_engine():
@@ -481,6 +485,7 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
         # (batch, position input shapes (none here), outputs copied): graphs replayed
         assert set(backend.graphs) == {(1, (), ("next_token",)), (4, (), ("next_token",))}
     assert all(r["graph"] for r in dec)
+    assert [r["profile"] for r in pre] == ["prefill", "chunk"]  # 16 tokens: max_prefill
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 
 

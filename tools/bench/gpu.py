@@ -212,8 +212,10 @@ def gpu_tables(report: dict[str, Any]) -> str:
     hf_pre = {r["tokens"]: r for r in hf.get("prefill", [])}
     if eng_pre or hf_pre:
         headers, rows = ["prompt tokens"], []
+        profiles = any("profile" in r for r in eng_pre.values())
         if eng_pre:
             headers += ["engine min ms", "engine median ms", "engine tok/s"]
+            headers += ["engine profile"] * profiles
         if hf_pre:
             headers += ["HF eager min ms", "HF eager median ms", "HF eager tok/s"]
         if eng_pre and hf_pre:
@@ -221,9 +223,11 @@ def gpu_tables(report: dict[str, Any]) -> str:
         for n in sorted(eng_pre.keys() | hf_pre.keys()):
             e, h = eng_pre.get(n, {}), hf_pre.get(n, {})
             row: list[Any] = [n]
-            for src, present in ((e, eng_pre), (h, hf_pre)):
-                if present:
-                    row += [src.get("min_ms"), src.get("median_ms"), src.get("tokens_per_s")]
+            if eng_pre:
+                row += [e.get("min_ms"), e.get("median_ms"), e.get("tokens_per_s")]
+                row += [e.get("profile")] * profiles
+            if hf_pre:
+                row += [h.get("min_ms"), h.get("median_ms"), h.get("tokens_per_s")]
             if eng_pre and hf_pre:
                 row.append(ratio(h.get("median_ms"), e.get("median_ms")))
             rows.append(row)

@@ -112,7 +112,8 @@ def fill_cache(backend: Any, ids: np.ndarray, batch: int, length: int) -> None:
 def measure_prefill(
     backend: Any, ids: np.ndarray, lengths: Sequence[int], warmup: int, rounds: int
 ) -> list[dict[str, Any]]:
-    """Per prompt length: one batch-1 prefill call per round, from position 0."""
+    """Per prompt length: one batch-1 prefill call per round, from position 0 (and the
+    optimization profile it ran in, where the backend says)."""
     rows = []
     backend.reset(1)
     for n in lengths:
@@ -120,6 +121,8 @@ def measure_prefill(
         times = [timed_call(backend, *args) for _ in range(warmup + rounds)][warmup:]
         row = {"tokens": n, **stats(times)}
         row["tokens_per_s"] = n / row["median_ms"] * 1e3
+        if profile := getattr(backend, "last_profile", None):
+            row["profile"] = profile
         rows.append(row)
     return rows
 
