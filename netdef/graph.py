@@ -161,22 +161,23 @@ class Graph:
 
     def dim(self, x: Any, axis: int, name: str) -> Any:
         """x.shape[axis] as an int64 [1] shape tensor."""
-        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
-        return self.named(self.network.add_slice(shape, (axis,), (1,), (1,)), name).get_output(0)
+        return self._entry(self._shape(x, name), axis, name)
 
     def sizes_with(self, x: Any, axis: int, size: Any, name: str) -> Any:
         """x's shape as an int64 [rank] shape tensor with dim `axis` replaced by `size` (an
         int64 [1] shape tensor): the sizes of a slice whose other dims may be dynamic."""
-        shape = self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
+        shape = self._shape(x, name)
         parts = [
-            size
-            if i == axis
-            else self.named(
-                self.network.add_slice(shape, (i,), (1,), (1,)), f"{name}.dim{i}"
-            ).get_output(0)
+            size if i == axis else self._entry(shape, i, f"{name}.dim{i}")
             for i in range(len(x.shape))
         ]
         return self.concat(parts, 0, f"{name}.sizes")
+
+    def _shape(self, x: Any, name: str) -> Any:
+        return self.named(self.network.add_shape(x), f"{name}.shape").get_output(0)
+
+    def _entry(self, shape: Any, i: int, name: str) -> Any:
+        return self.named(self.network.add_slice(shape, (i,), (1,), (1,)), name).get_output(0)
 
     def span(self, x: Any, axis: int, start: Any, size: Any, name: str) -> Any:
         """x[..., start : start + size, ...] along `axis`, where `start` (or a Python int) and
