@@ -191,10 +191,10 @@ class NetworkOptions:
         return per_slot * sum(self.cache_slots(config))
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
-        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill; chunk: exactly one
-        sequence of max_prefill tokens (a long prompt's full chunks; none where max_prefill is
-        1, a decode step). 'dynamic' is one profile for every call. window_positions
-        (netdef.slots) ranges up to what such calls read.
+        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill; in the default set
+        also chunk: exactly one sequence of max_prefill tokens (a long prompt's full chunks;
+        none where max_prefill is 1, a decode step). 'dynamic' is one profile for every call.
+        window_positions (netdef.slots) ranges up to what such calls read.
 
         Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
