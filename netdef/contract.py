@@ -45,10 +45,10 @@ RESULTS = {  # name -> TensorRT dtype name
 
 KV_KINDS = ("key", "value")
 
-# Optimization profile sets, the default first (the backend picks a profile by name:
-# runtime.tensorrt_backend.choose_profile): decode steps (S = 1), prompt chunks and one
-# sequence's full chunk of max_prefill tokens; the same without the last (a faster build);
-# one profile for every call.
+# Optimization profile sets, the default first, each naming its profiles in order (the
+# backend picks a profile by name: runtime.tensorrt_backend.choose_profile): decode steps
+# (S = 1), prompt chunks and one sequence's full chunk of max_prefill tokens; the same
+# without the last (a faster build); one profile for every call.
 PROFILE_SETS = ("decode,prefill,chunk", "decode,prefill", "dynamic")
 
 

@@ -202,12 +202,14 @@ class NetworkOptions:
         (docs/benchmarks.md)."""
         b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
-        if self.profile_set == "dynamic":
-            ranges = [("dynamic", (1, 1, b), (1, s_opt, s_max))]
-        else:
-            ranges = [("decode", (1, b, b), (1, 1, 1)), ("prefill", (1, 1, b), (1, s_opt, s_max))]
-            if self.profile_set.endswith(",chunk") and s_max > 1:
-                ranges.append(("chunk", (1, 1, 1), (s_max, s_max, s_max)))
+        spans = {  # profile: (batch, tokens) as (min, opt, max)
+            "decode": ((1, b, b), (1, 1, 1)),
+            "prefill": ((1, 1, b), (1, s_opt, s_max)),
+            "chunk": ((1, 1, 1), (s_max, s_max, s_max)),
+            "dynamic": ((1, 1, b), (1, s_opt, s_max)),
+        }
+        names = [n for n in self.profile_set.split(",") if n != "chunk" or s_max > 1]
+        ranges = [(n, *spans[n]) for n in names]
         windows = self.windows(config)
         window = attention_window(windows)
         slots = self.cache_slots(config)

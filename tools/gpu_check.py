@@ -294,7 +294,7 @@ def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -
                 rng.integers(0, 1000, (1, full), dtype=np.int32),
                 np.arange(full, dtype=np.int32)[None],
             )
-            chunk = 2 if profile_set.endswith(",chunk") else 1
+            chunk = 2 if "chunk" in profile_set.split(",") else 1
             expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0, chunk]
             assert ctx.profile_switches == expected, ctx.profile_switches
         finally:

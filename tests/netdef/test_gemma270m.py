@@ -84,7 +84,7 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(gemma3_270m_dir, refer
     assert np.concatenate(agree).mean() >= 0.97
 
 
-def test_bfloat16_engine_builds_with_two_profiles(gemma3_270m_dir, tmp_path):
+def test_bfloat16_engine_builds_with_the_default_profiles(gemma3_270m_dir, tmp_path):
     trt = load_tensorrt("tensorrt_rtx")
     ckpt = Checkpoint.open(gemma3_270m_dir)
     dn = build_network(ckpt, NetworkOptions(dtype="bfloat16", max_batch=2, max_seq_len=512), trt)
