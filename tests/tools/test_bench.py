@@ -81,6 +81,16 @@ def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
     assert positive(build["polled_peak_in_builder"]["rss"], build["polls"])
 
 
+def test_profiles_help_names_the_sets(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--profiles SET --build only: 'decode,prefill,chunk', 'decode,prefill', 'dynamic' "
+        "(default: the first)"
+    ) in help_text
+
+
 def test_build_rounds_run_round_robin_and_report_each_models_median(tiny_dir, tmp_path, capsys):
     out = tmp_path / "build.json"
     models = [str(tiny_dir("llama")), str(tiny_dir("qwen3"))]

@@ -159,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profiles",
         default=PROFILE_SETS[0],
         choices=PROFILE_SETS,
-        help="--build only",
+        metavar="SET",
+        help=f"--build only: {', '.join(repr(s) for s in PROFILE_SETS)} (default: the first)",
     )
     b.add_argument("--optimization-level", type=int, choices=range(6))
 
