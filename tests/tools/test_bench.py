@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +21,7 @@ from runtime.cuda_buffers import gpu_unavailable_reason
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools.bench import BenchError, gpu
 from tools.bench.__main__ import int_list, main, parse_args
+from tools.bench.cgroup import CGROUP_ROOT, MemoryCgroup, own_cgroup
 from tools.bench.gpu import gpu_tables
 from tools.bench.host import SETTINGS
 from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
@@ -109,6 +111,52 @@ def test_build_rounds_run_round_robin_and_report_each_models_median(tiny_dir, tm
         name = model.rsplit("/", 1)[-1]
         row = next(line for line in medians.splitlines() if line.startswith(name))
         assert row.split()[1:5] == ["2", fmt(sum(walls) / 2), fmt(walls[0]), fmt(walls[1])]
+
+
+def test_own_cgroup_reads_v1_and_v2(tmp_path):
+    v1 = "9:name=systemd:/\n4:memory:/process_api/c5c9\n0::/\n"
+    assert own_cgroup(v1, tmp_path) == (tmp_path / "memory/process_api/c5c9", False)
+    assert own_cgroup("0::/user.slice/session-2.scope\n", tmp_path) == (
+        tmp_path / "user.slice/session-2.scope",
+        True,
+    )
+    with pytest.raises(BenchError) as e:
+        own_cgroup("3:cpu:/\n", tmp_path)
+    assert str(e.value) == (
+        "--memory-limit needs a memory cgroup this user can create (root, with cgroup v1's "
+        "memory controller or cgroup v2 with memory delegated); run without --memory-limit "
+        "otherwise (no memory controller in /proc/self/cgroup)."
+    )
+
+
+def _can_make_cgroups() -> bool:
+    try:
+        MemoryCgroup(2**30).remove()
+    except BenchError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _can_make_cgroups(), reason="needs root and a writable memory cgroup")
+def test_build_under_a_memory_limit(tiny_dir, tmp_path, capsys):
+    model = tiny_dir("llama")
+    ckpt = (model / "model.safetensors").stat().st_size
+    out = tmp_path / "build.json"
+    # The child alone (Python and TensorRT) takes some 400 MiB; the tiny checkpoint is 0.3 MiB.
+    args = ["--build", str(model), "--max-seq-len", "64", "--json", str(out)]
+    assert main([*args, "--memory-limit", "4000"]) == 0
+    assert "memory limit" in capsys.readouterr().out
+    (build,) = json.loads(out.read_text())["builds"]
+    limit = build["memory_limit"]
+    assert limit["x_checkpoint"] == 4000 and limit["bytes"] == int(4000 * ckpt)
+    assert 0 < limit["peak_bytes"] <= limit["bytes"] and limit["oom_kills"] == 0
+    assert main([*args, "--memory-limit", "100"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: building {model} was killed at the memory limit of 100.0x its checkpoint "
+        f"({fmt_bytes(100 * ckpt)}, page cache included): it needs more memory than that."
+    )
+    parent, _ = own_cgroup(Path("/proc/self/cgroup").read_text(), CGROUP_ROOT)
+    assert not list(parent.glob("trt-netdef-bench-*"))  # each build's cgroup is removed
 
 
 def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
@@ -293,9 +341,16 @@ def test_option_parsing_defaults_and_errors(capsys):
     for argv in ([], ["a", "b"], ["--make-random", "gemma-3-1b"], ["m", "--hf-modes", "x"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
-    with pytest.raises(SystemExit):
-        parse_args(["m", "--rounds", "0"])
-    capsys.readouterr()
+    for argv in (
+        ["m", "--rounds", "0"],
+        ["m", "--memory-limit", "2"],
+        ["--build", "m", "--memory-limit", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    assert "--memory-limit takes a positive multiple of the checkpoint, with --build" in (
+        capsys.readouterr().err
+    )
 
 
 def test_format_table():

@@ -163,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"--build only: {', '.join(repr(s) for s in PROFILE_SETS)} (default: the first)",
     )
     b.add_argument("--optimization-level", type=int, choices=range(6))
+    b.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="X",
+        help="--build only: run each build in a memory cgroup capped at X times its checkpoint, "
+        "page cache included (needs root)",
+    )
 
     c = p.add_argument_group("--cpu")
     c.add_argument("--prompt-len", type=int, default=128, help="prefill tokens (default 128)")
@@ -187,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("name an engine artifact or a model")
         if len(args.models) > 1 and not args.build:
             p.error("only --build takes several models")
+        if args.memory_limit is not None and not (args.build and args.memory_limit > 0):
+            p.error("--memory-limit takes a positive multiple of the checkpoint, with --build")
     for name in ("warmup", "rounds", "prompt_len", "decode_tokens"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench import BenchError
+from tools.bench.cgroup import MemoryCgroup, uncache
 from tools.bench.report import Report, fmt_bytes, format_table
+from weights import resolve_model
+from weights.checkpoint import shard_paths
 
 REPO = Path(__file__).resolve().parents[2]
 PHASE_DEPTH = 3  # builder phases recorded by --build (deeper ones repeat per layer/tensor)
@@ -37,10 +40,44 @@ def proc_status(pid: int | str = "self") -> dict[str, int] | None:
     return out if "VmRSS" in out else None
 
 
-def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> dict[str, Any]:
+class ChildFailed(Exception):
+    """The build's child process exited with an error."""
+
+
+def measure_build(
+    model: str, options: dict[str, Any], memory_limit: float | None = None, poll_s: float = 0.02
+) -> dict[str, Any]:
     """Build `model` in a child process; its wall time, exact peak RSS (wait4's rusage of that
     child alone) and, from polling /proc, the peak split into anonymous and file-backed pages
-    and the peak inside the TensorRT builder call."""
+    and the peak inside the TensorRT builder call. With `memory_limit`, the child runs in a
+    memory cgroup capped at that multiple of the checkpoint (tools.bench.cgroup)."""
+    cgroup = limit = None
+    if memory_limit is not None:
+        shards = shard_paths(resolve_model(model, progress=False))
+        limit = int(memory_limit * sum(s.stat().st_size for s in shards))
+        cgroup = MemoryCgroup(limit)
+        uncache(shards)
+    try:
+        out = _measure_build(model, options, cgroup, poll_s)
+        if cgroup:
+            out["memory_limit"] = {"x_checkpoint": memory_limit, "bytes": limit, **cgroup.stats()}
+        return out
+    except ChildFailed as e:
+        if cgroup and cgroup.stats()["oom_kills"]:
+            raise BenchError(
+                f"building {model} was killed at the memory limit of {memory_limit}x its "
+                f"checkpoint ({fmt_bytes(limit)}, page cache included): it needs more memory "
+                "than that."
+            ) from None
+        raise BenchError(str(e)) from None
+    finally:
+        if cgroup:
+            cgroup.remove()
+
+
+def _measure_build(
+    model: str, options: dict[str, Any], cgroup: MemoryCgroup | None, poll_s: float
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         spec = Path(tmp) / "spec.json"
         result_path = Path(tmp) / "result.json"
@@ -60,7 +97,10 @@ def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> 
         )
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.bench", "--build-worker", str(spec)], cwd=REPO, env=env
+            [sys.executable, "-m", "tools.bench", "--build-worker", str(spec)],
+            cwd=REPO,
+            env=env,
+            preexec_fn=cgroup.join if cgroup else None,
         )
         samples: list[tuple[float, int, int, int]] = []
         while True:
@@ -75,7 +115,7 @@ def measure_build(model: str, options: dict[str, Any], poll_s: float = 0.02) -> 
         wall_s = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 or not result_path.is_file():
-            raise BenchError(
+            raise ChildFailed(
                 f"building {model} failed (child exit code {proc.returncode}; its errors are above)."
             )
         child = json.loads(result_path.read_text())
@@ -241,7 +281,8 @@ def run_build(args: argparse.Namespace, report: Report) -> None:
     for r in range(1, rounds + 1):  # round-robin: a machine's drift hits every model alike
         for model in args.models:
             print(f"building {model} in a child process (round {r}) ...", file=sys.stderr)
-            report["builds"].append({"round": r, **measure_build(model, options)})
+            build = measure_build(model, options, args.memory_limit)
+            report["builds"].append({"round": r, **build})
             report.save()
 
 
@@ -264,6 +305,7 @@ def build_tables(report: dict[str, Any]) -> str:
                 b.get("builder_s"),
                 fmt_bytes(b["peak_rss_bytes"]),
                 b["peak_rss_x_checkpoint"],
+                *limited(b.get("memory_limit")),
             ]
         )
         memory.append(
@@ -284,7 +326,13 @@ def build_tables(report: dict[str, Any]) -> str:
         "each in its own child process"
     )
     headers = ["model", "checkpoint", "engine", "wall s", "build s", "network s", "builder s"]
-    first = format_table([*headers, "peak RSS", "peak / ckpt"], times, title)
+    if any("memory_limit" in b for b in report["builds"]):
+        headers += ["peak RSS", "peak / ckpt", "memory limit", "cgroup peak", "limit reached"]
+        title += "; memory cgroup peak: page cache included"
+    else:
+        headers += ["peak RSS", "peak / ckpt"]
+        times = [row[:-3] for row in times]
+    first = format_table(headers, times, title)
     second = format_table(
         [
             "model",
@@ -321,6 +369,14 @@ def build_tables(report: dict[str, Any]) -> str:
         f"TensorRT builder phases of {Path(largest['model']).name}",
     )
     return "\n\n".join([first, second, third])
+
+
+def limited(limit: dict[str, Any] | None) -> list[str | int | None]:
+    """The memory-limit columns of a build: the cap, the cgroup's peak, how often it was hit."""
+    if not limit:
+        return ["-", None, None]
+    cap = f"{fmt_bytes(limit['bytes'])} ({limit['x_checkpoint']:g}x)"
+    return [cap, fmt_bytes(limit["peak_bytes"]), limit["limit_hits"]]
 
 
 def median_table(builds: list[dict[str, Any]], rounds: int) -> str:
