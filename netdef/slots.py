@@ -75,11 +75,11 @@ def prompt_chunks(
 def ring_crossing(positions: np.ndarray, ring_lengths: Iterable[int]) -> str | None:
     """Why a call with position_ids [B, S] cannot run (a row crosses a ring's end), or None."""
     s = positions.shape[1]
+    first = positions[:, 0].tolist()  # Python ints: a decode step's rows cost less than NumPy
     for n in ring_lengths:
-        crossing = np.flatnonzero(positions[:, 0] % n + s > n)
-        if crossing.size:
-            b = int(crossing[0])
-            p = int(positions[b, 0])
+        for b, p in enumerate(first):
+            if p % n + s <= n:
+                continue
             return (
                 f"row {b}'s positions {p}..{p + s - 1} cross the end of a sliding-window ring "
                 f"of {n} KV slots (at position {(p // n + 1) * n}); split the call there "
@@ -91,7 +91,7 @@ def ring_crossing(positions: np.ndarray, ring_lengths: Iterable[int]) -> str | N
 def prefix_length(positions: np.ndarray, max_seq_len: int) -> int:
     """How many positions from 0 a call reads at most: its furthest position + 1, rounded up
     to a power of two (at least MIN_SLOTS, at most max_seq_len), so few shapes recur."""
-    need = int(positions[:, -1].max()) + 1
+    need = max(positions[:, -1].tolist()) + 1
     return min(max_seq_len, max(MIN_SLOTS, 1 << (need - 1).bit_length()))
 
 
@@ -101,8 +101,7 @@ def window_positions(positions: np.ndarray, max_seq_len: int, window: int) -> np
     b, s = positions.shape
     prefix = prefix_length(positions, max_seq_len)
     if window + s - 1 < prefix:
-        first = positions[:, :1] - (window - 1)
-        return first + np.arange(window + s - 1, dtype=np.int32)
+        return positions[:, :1] + np.arange(1 - window, s, dtype=np.int32)
     return np.broadcast_to(np.arange(prefix, dtype=np.int32), (b, prefix)).copy()
 
 
