@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -126,6 +127,16 @@ def test_own_cgroup_reads_v1_and_v2(tmp_path):
         "--memory-limit needs a memory cgroup this user can create (root, with cgroup v1's "
         "memory controller or cgroup v2 with memory delegated); run without --memory-limit "
         "otherwise (no memory controller in /proc/self/cgroup)."
+    )
+
+
+def test_memory_cgroup_says_what_it_needs(tmp_path):
+    parent, _ = own_cgroup(Path("/proc/self/cgroup").read_text(), tmp_path)
+    with pytest.raises(BenchError) as e:
+        MemoryCgroup(2**30, root=tmp_path)  # no cgroup file system there
+    assert str(e.value).endswith(
+        "run without --memory-limit otherwise (No such file or directory: "
+        f"{parent / f'trt-netdef-bench-{os.getpid()}'})."
     )
 
 

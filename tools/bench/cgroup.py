@@ -39,8 +39,8 @@ class MemoryCgroup:
     """A child cgroup of this process's own, capped at `limit` bytes (page cache included,
     no swap), removed by `remove` once its process has exited."""
 
-    def __init__(self, limit: int) -> None:
-        parent, self.v2 = own_cgroup(Path("/proc/self/cgroup").read_text())
+    def __init__(self, limit: int, root: Path = CGROUP_ROOT) -> None:
+        parent, self.v2 = own_cgroup(Path("/proc/self/cgroup").read_text(), root)
         self.path = parent / f"trt-netdef-bench-{os.getpid()}"
         try:
             self.path.mkdir()
