@@ -61,7 +61,6 @@ class Metadata:
     stand-in engines) leaves the missing fields empty."""
 
     data: dict[str, Any]
-    format_version: int | None
     options: dict[str, Any]
     max_batch: int
     max_seq_len: int
@@ -70,10 +69,8 @@ class Metadata:
     io: dict[str, list[dict[str, Any]]]
     attention_window: int | None
     backend_module: str
-    backend_version: str
     target: str | None
     optimization_level: int | None
-    model_name: str | None
     model_path: Path | None
     fingerprint: str | None
     calibration: dict[str, Any] | None
@@ -87,7 +84,6 @@ class Metadata:
         backend = data.get("backend", {})
         return cls(
             data=data,
-            format_version=data.get("format_version"),
             options=options,
             max_batch=options.get("max_batch", 1),
             max_seq_len=options.get("max_seq_len", 0),
@@ -96,10 +92,8 @@ class Metadata:
             io=data.get("io", {"inputs": [], "outputs": []}),
             attention_window=data.get("attention_window"),
             backend_module=backend.get("module", ""),
-            backend_version=backend.get("version", ""),
             target=data.get("target"),
             optimization_level=data.get("optimization_level"),
-            model_name=model.get("name"),
             model_path=Path(model["path"]) if model.get("path") else None,
             fingerprint=model.get("fingerprint"),
             calibration=data.get("calibration"),

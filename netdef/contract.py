@@ -66,10 +66,6 @@ def past_of(present_name: str) -> str:
     return present_name.replace("present_", "past_", 1)
 
 
-def cache_inputs(num_layers: int) -> list[str]:
-    return [past(kind, i) for i in range(num_layers) for kind in KV_KINDS]
-
-
 # Dtypes: the model dtypes a network may be built in, and every TensorRT tensor type the
 # project uses by its DataType name lowercased (as metadata.json spells it), with its NumPy
 # counterpart (bfloat16, INT4 and FP8 from ml_dtypes).
