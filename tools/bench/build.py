@@ -290,6 +290,7 @@ def build_tables(report: dict[str, Any]) -> str:
     o = report["builds"][0]["options"] if report["builds"] else {}
     times, memory = [], []
     rounds = max((b.get("round", 1) for b in report["builds"]), default=1)
+    capped = any("memory_limit" in b for b in report["builds"])  # --memory-limit columns
     for b in report["builds"]:
         name = Path(b["model"]).name + (f" #{b['round']}" if rounds > 1 else "")
         rss = b["rss"]
@@ -305,7 +306,7 @@ def build_tables(report: dict[str, Any]) -> str:
                 b.get("builder_s"),
                 fmt_bytes(b["peak_rss_bytes"]),
                 b["peak_rss_x_checkpoint"],
-                *limited(b.get("memory_limit")),
+                *(limited(b.get("memory_limit")) if capped else []),
             ]
         )
         memory.append(
@@ -326,12 +327,10 @@ def build_tables(report: dict[str, Any]) -> str:
         "each in its own child process"
     )
     headers = ["model", "checkpoint", "engine", "wall s", "build s", "network s", "builder s"]
-    if any("memory_limit" in b for b in report["builds"]):
-        headers += ["peak RSS", "peak / ckpt", "memory limit", "cgroup peak", "limit reached"]
+    headers += ["peak RSS", "peak / ckpt"]
+    if capped:
+        headers += ["memory limit", "cgroup peak", "limit reached"]
         title += "; memory cgroup peak: page cache included"
-    else:
-        headers += ["peak RSS", "peak / ckpt"]
-        times = [row[:-3] for row in times]
     first = format_table(headers, times, title)
     second = format_table(
         [
