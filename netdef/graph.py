@@ -234,11 +234,12 @@ class Graph:
     ) -> Any:
         """The tensor a matmul (with TRANSPOSE) or a lookup reads for `weight` [out, in], after
         `lead` leading 1s, in the checkpoint's own layout, so an unquantized weight is read
-        in place. Stored transposed ([in, out]), the CPU-built decode+prefill engine of the
-        Gemma-3-1B shape held every linear weight once per profile: 3.22 GiB instead of
-        1.92, a build of 40.6 instead of 26.0 s and a peak of 7.00 instead of 4.53 GiB
-        (docs/benchmarks.md), for a batch-1 decode step 8% faster on an H200 (TensorRT-RTX
-        then picks tensor-core tiles for the MLP, not an FFMA GEMV). With
+        in place. Stored transposed ([in, out]), the CPU-built engine of the Gemma-3-1B
+        shape held every linear weight twice, the decode profile's tiles reading a copy of
+        their own (prefill and chunk read [in, out] in place; one dynamic profile, once):
+        3.22 GiB instead of 1.92, a build of 40.6 instead of 26.0 s and a peak of 7.00
+        instead of 4.53 GiB (docs/benchmarks.md), for a batch-1 decode step 8% faster on an
+        H200 (TensorRT-RTX then picks tensor-core tiles for the MLP, not an FFMA GEMV). With
         `quantize` and a mode set, the quantized constant goes through a Dequantize layer
         (per output channel, per block of inputs or per tensor, as the mode says); `kept` is
         a weight already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
