@@ -40,10 +40,6 @@ def proc_status(pid: int | str = "self") -> dict[str, int] | None:
     return out if "VmRSS" in out else None
 
 
-class ChildFailed(Exception):
-    """The build's child process exited with an error."""
-
-
 def measure_build(
     model: str, options: dict[str, Any], memory_limit: float | None = None, poll_s: float = 0.02
 ) -> dict[str, Any]:
@@ -62,14 +58,14 @@ def measure_build(
         if cgroup:
             out["memory_limit"] = {"x_checkpoint": memory_limit, "bytes": limit, **cgroup.stats()}
         return out
-    except ChildFailed as e:
+    except BenchError:
         if cgroup and cgroup.stats()["oom_kills"]:
             raise BenchError(
                 f"building {model} was killed at the memory limit of {memory_limit}x its "
                 f"checkpoint ({fmt_bytes(limit)}, page cache included): it needs more memory "
                 "than that."
             ) from None
-        raise BenchError(str(e)) from None
+        raise
     finally:
         if cgroup:
             cgroup.remove()
@@ -115,7 +111,7 @@ def _measure_build(
         wall_s = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 or not result_path.is_file():
-            raise ChildFailed(
+            raise BenchError(
                 f"building {model} failed (child exit code {proc.returncode}; its errors are above)."
             )
         child = json.loads(result_path.read_text())
