@@ -40,6 +40,22 @@ class Backend(Protocol):
         """Run one call: int32 [B, S], int32 [B, S], int32 [B]; returns the outputs `readout`
         names (runtime.readout), by name. S == 1 is a decode step, S > 1 a prefill chunk."""
 
+    def submit(
+        self,
+        input_ids: np.ndarray | None,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        readout: Readout,
+    ) -> None:
+        """Start one call as `forward` would and return before it ends; `collect` gives its
+        outputs. input_ids None: a decode step (S == 1) of the previous call's rows, each fed
+        that call's next_token without the host waiting for it, so greedy decoding keeps a
+        step in flight while the host handles the last one (at most two calls in flight;
+        other calls need none)."""
+
+    def collect(self) -> Outputs:
+        """The outputs of the oldest call submitted and not yet collected (waits for it)."""
+
     def last_logits(self) -> np.ndarray:
         """The float32 logits of the latest call (for the steps where the best K fall short)."""
 

@@ -7,13 +7,14 @@ once per batch size, fed as the past_* inputs and updated in place by the networ
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
 
-from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, past
+from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, NEXT_TOKEN, past
 from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
@@ -32,6 +33,7 @@ class CpuBackend:
         self.caches: dict[str, np.ndarray] = {}
         self.batch = 0  # rows of the caches
         self.last: Outputs = {}  # the latest call's outputs
+        self.pending: deque[Outputs] = deque()  # submitted calls' outputs, not yet collected
 
     @property
     def max_batch(self) -> int:
@@ -66,6 +68,7 @@ class CpuBackend:
         """Fresh, zeroed KV caches for `batch` sequences."""
         dtype = MODEL_DTYPES[self.dn.options.dtype]
         self.batch = batch
+        self.pending.clear()
         self.caches = {
             past(kind, i): np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
@@ -92,6 +95,17 @@ class CpuBackend:
         feeds = self.feeds(input_ids, position_ids, last_token_index, readout.temperature)
         self.last = self.executor.run(feeds)
         return {name: self.last[name] for name in readout.outputs}
+
+    def submit(self, input_ids, position_ids, last_token_index, readout: Readout) -> None:
+        """`forward` now, its outputs kept for `collect`; input_ids None feeds each row the
+        previous call's next_token (runtime.backend.Backend.submit)."""
+        if input_ids is None:
+            input_ids = self.last[NEXT_TOKEN][:, None]
+        self.pending.append(self.forward(input_ids, position_ids, last_token_index, readout))
+
+    def collect(self) -> Outputs:
+        """The oldest submitted call's outputs."""
+        return self.pending.popleft()
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits."""

@@ -155,7 +155,8 @@ def d2d(dst: DeviceBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> No
     _copy(dst.ptr, src.ptr, nbytes, stream, "cudaMemcpyDeviceToDevice")
 
 
-Upload = tuple[DeviceBuffer, PinnedBuffer, int]  # (device destination, pinned source, bytes)
+# (device destination, pinned source or another device buffer, bytes)
+Upload = tuple[DeviceBuffer, PinnedBuffer | DeviceBuffer, int]
 Download = tuple[PinnedBuffer, DeviceBuffer, int]  # (pinned destination, device source, bytes)
 
 
@@ -165,14 +166,35 @@ def enqueue_step(
     execute: Callable[[Stream], None],
     downloads: Sequence[Download],
 ) -> None:
-    """One engine call on `stream`: async H2D of the inputs, `execute`, async D2H of the outputs.
+    """One engine call on `stream`: async copies of the inputs (H2D, or D2D from a device
+    buffer), `execute`, async D2H of the outputs.
 
     Only enqueues (no synchronization), so it can be captured into a `CudaGraph`."""
     for dst, src, nbytes in uploads:
-        h2d(dst, src, nbytes, stream)
+        (d2d if isinstance(src, DeviceBuffer) else h2d)(dst, src, nbytes, stream)
     execute(stream)
     for dst, src, nbytes in downloads:
         d2h(dst, src, nbytes, stream)
+
+
+class Event:
+    """A CUDA event without timing: `record` it after work on a stream, then `synchronize`
+    waits for that work alone (later work on the stream may still run)."""
+
+    def __init__(self):
+        rt = cudart()
+        self._event = cuda("cudaEventCreateWithFlags", rt.cudaEventDisableTiming)
+
+    def record(self, stream: Stream) -> None:
+        cuda("cudaEventRecord", self._event, stream.handle)
+
+    def synchronize(self) -> None:
+        cuda("cudaEventSynchronize", self._event)
+
+    def free(self) -> None:
+        if self._event is not None:
+            cuda("cudaEventDestroy", self._event)
+            self._event = None
 
 
 class EventTimer:

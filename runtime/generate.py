@@ -24,10 +24,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from netdef.contract import NEXT_TOKEN
 from netdef.slots import prompt_chunks
 
 from .backend import Backend
-from .readout import ALL_LOGITS, Outputs, Readout, may_fall_back, next_tokens_from, readout_for
+from .readout import (
+    ALL_LOGITS,
+    ARGMAX,
+    Outputs,
+    Readout,
+    may_fall_back,
+    next_tokens_from,
+    readout_for,
+)
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -145,7 +154,6 @@ class Run:
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
         lengths = np.array([len(c.prompt_ids) for c in rows])
-        rng = np.random.default_rng(params.seed)
         backend.reset(batch)
 
         t0 = time.perf_counter()
@@ -156,7 +164,31 @@ class Run:
         )
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
+        steps = (
+            self._greedy(out, lengths) if self.readout == ARGMAX else self._sampled(out, lengths)
+        )
+        try:
+            for step, tokens in enumerate(steps):
+                yield from self._accept(tokens, step)
+                if all(c.finish_reason for c in self.completions):
+                    break
+        finally:
+            steps.close()  # a greedy step still in flight is collected
+        decode_ms = (time.perf_counter() - t1) * 1000
+        for i, c in enumerate(self.completions):
+            if not c.finish_reason and (tail := self.texts[i].finish()):
+                yield Delta(i, tail)
+            c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
+            c.stats.completion_tokens = len(c.token_ids)
+
+    def _sampled(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        """Each decode step's tokens, drawn on the host from the call before; a step's call
+        feeds them (a pad token to sequences that finished)."""
+        backend, params = self.gen.backend, self.params
+        rows = [self.completions[i] for i in self.order]
+        rng = np.random.default_rng(params.seed)
         pad = self.gen.tokenizer.pad_id or 0
+        last = np.zeros(len(rows), np.int32)
         for step in range(params.max_new_tokens):
             seen = (
                 [np.array(c.prompt_ids + c.token_ids) for c in rows]
@@ -164,21 +196,35 @@ class Run:
                 else []
             )
             tokens = next_tokens_from(out, params, rng, seen, lambda: backend.last_logits())
-            yield from self._accept(tokens, step)
-            if all(c.finish_reason for c in self.completions) or step + 1 == params.max_new_tokens:
-                break
+            yield tokens
+            if step + 1 == params.max_new_tokens:
+                return
             feed = np.array(
-                [[pad if c.finish_reason else int(t)] for c, t in zip(rows, tokens)],
-                np.int32,
+                [[pad if c.finish_reason else int(t)] for c, t in zip(rows, tokens)], np.int32
             )
             positions = (lengths + step)[:, None].astype(np.int32)
-            out = backend.forward(feed, positions, np.zeros(batch, np.int32), self.readout)
-        decode_ms = (time.perf_counter() - t1) * 1000
-        for i, c in enumerate(self.completions):
-            if not c.finish_reason and (tail := self.texts[i].finish()):
-                yield Delta(i, tail)
-            c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
-            c.stats.completion_tokens = len(c.token_ids)
+            out = backend.forward(feed, positions, last, self.readout)
+
+    def _greedy(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        """Greedy decoding one call ahead of the host: step k + 1's call is submitted, fed
+        step k's next_token on the device (`Backend.submit` with input_ids None), before the
+        host waits for step k's tokens, so the GPU need not idle while the host streams
+        text. Sequences that finished are fed their own argmax; their outputs are ignored."""
+        backend, n = self.gen.backend, self.params.max_new_tokens
+        last = np.zeros(len(lengths), np.int32)
+        tokens, inflight = out[NEXT_TOKEN], 0
+        try:
+            for step in range(n):
+                if step + 1 < n:  # the call at positions lengths + step gives step + 1
+                    positions = (lengths + step)[:, None].astype(np.int32)
+                    backend.submit(None if step else tokens[:, None], positions, last, ARGMAX)
+                    inflight += 1
+                if step:
+                    tokens, inflight = backend.collect()[NEXT_TOKEN], inflight - 1
+                yield tokens
+        finally:
+            for _ in range(inflight):
+                backend.collect()
 
     def _prefill(self, lengths: np.ndarray, readout: Readout) -> Outputs:
         """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end

@@ -12,6 +12,12 @@ pinned host buffers on one stream. With `auto_graphs` (as `load` sets it), each 
 shape (batch, position input shapes, outputs copied) runs plainly once and is captured as a
 CUDA graph (H2D, execute, D2H) that later steps of that shape replay.
 
+Greedy decoding need not wait for the host: `submit(None, ...)` enqueues a decode step fed
+each row's `next_token` of the call before it by a device-to-device copy, while that call
+may still run, and `collect` waits for the oldest call's outputs. Two calls in flight use
+two sets of pinned host buffers (`hosts`), so the host stages one while the GPU reads the
+other; runtime/generate.py keeps one step ahead that way.
+
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 `pytest -m gpu` (tests/runtime/test_engine_gpu.py) and `python -m tools.bench`.
@@ -20,6 +26,7 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +60,7 @@ from .backend import check_row
 from .cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
+    Event,
     EventTimer,
     PinnedBuffer,
     Stream,
@@ -317,17 +325,26 @@ class TensorRTBackend:
         self._uploads = [*TOKEN_INPUTS, *(n for n in extra if n in inputs)]
         # (B, position input shapes, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
+        # the same plus the host buffer set -> a captured chained step (`submit(None, ...)`)
+        self.chained: dict[tuple[int, Shapes, tuple[str, ...], int], CudaGraph] = {}
+        # calls submitted and not yet collected: (host set, B, S, outputs, profile)
+        self._pending: deque[tuple[int, int, int, tuple[str, ...], int]] = deque()
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
         self._profile: int | None = None
         self._row: int | None = None  # inside `row(k)`: the KV-cache row calls bind
         # (profile, B, S, position input shapes, row) the context is set up for
         self._state: tuple[int, int, int, Shapes, int | None] | None = None
         self.device: dict[str, DeviceBuffer] = {}
-        self.host: dict[str, PinnedBuffer] = {}
+        # Two sets of pinned buffers, one per call in flight; the second shares the first's
+        # logits (a chained call copies none back).
+        self.hosts: tuple[dict[str, PinnedBuffer], dict[str, PinnedBuffer]] = ({}, {})
         self.stream: Stream | None = None
-        self.timer: EventTimer | None = None
+        self.done: list[Event] = []  # per host set: recorded after its call's last copy
+        self.timers: list[EventTimer] = []  # per host set, when `timed`
         try:
-            self.stream, self.timer = Stream(), EventTimer()
+            self.stream = Stream()
+            self.done = [Event(), Event()]
+            self.timers = [EventTimer(), EventTimer()]
             plan = buffer_plan(self.io, self.max_shapes, self.max_batch, self.max_prefill)
             self.kv_bytes = kv_cache_bytes(plan)  # all max_batch sequences' KV caches
             if check_free_memory:
@@ -347,15 +364,18 @@ class TensorRTBackend:
                     past = past_of(t["name"])
                     self.addresses[t["name"]] = self.device[past].ptr
                     self.row_bytes[t["name"]] = self.row_bytes[past]
-            for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
-                if name in plan:
-                    self.host[name] = PinnedBuffer(plan[name] // 4, np.int32)
-            if self.has_log_normalizer:
-                self.host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
-            for name, dtype in RESULTS.items():
-                if name in plan:
-                    numpy_type = np.float32 if dtype == "float" else np.int32
-                    self.host[name] = PinnedBuffer(plan[name] // 4, numpy_type)
+            for host in self.hosts:
+                for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
+                    if name in plan:
+                        host[name] = PinnedBuffer(plan[name] // 4, np.int32)
+                if self.has_log_normalizer:
+                    host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
+                for name, dtype in RESULTS.items():
+                    if name in plan and (name != LOGITS or host is self.hosts[0]):
+                        numpy_type = np.float32 if dtype == "float" else np.int32
+                        host[name] = PinnedBuffer(plan[name] // 4, numpy_type)
+            if LOGITS in self.hosts[0]:
+                self.hosts[1][LOGITS] = self.hosts[0][LOGITS]
         except BaseException:
             self.close()
             raise
@@ -418,11 +438,14 @@ class TensorRTBackend:
         )
 
     def reset(self, batch: int) -> None:
-        """Caches are sized for max_batch and need no clearing (stale slots are never read)."""
+        """Caches are sized for max_batch and need no clearing (stale slots are never read).
+        Calls still in flight are waited for and their outputs dropped."""
         if not 1 <= batch <= self.max_batch:
             raise ValueError(
                 f"batch of {batch} is outside the engine's 1..max_batch={self.max_batch}."
             )
+        while self._pending:
+            self.collect()
         self.batch = batch
 
     @contextmanager
@@ -431,6 +454,7 @@ class TensorRTBackend:
         k * row bytes) with B = 1. They run plainly: CUDA graphs hold base addresses, so
         they are neither captured nor replayed here, and the next call outside re-binds."""
         check_row(k, self.batch)
+        self._idle("a call on one cache row")
         self._row = k
         try:
             yield
@@ -441,45 +465,38 @@ class TensorRTBackend:
         """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
         ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
         instead of the vocabulary's logits, which stay on the GPU for `last_logits`."""
+        self._idle("forward")
+        self.submit(input_ids, position_ids, last_token_index, readout)
+        return self.collect()
+
+    def submit(self, input_ids, position_ids, last_token_index, readout: Readout) -> None:
+        """Enqueue one call as `forward` would, without waiting for it. input_ids None: a
+        decode step of the previous call's rows, each fed that call's `next_token` on the
+        device; it may start while that call is still in flight (two at most). Any other call
+        needs none in flight."""
         wanted = readout.outputs
-        if missing := [n for n in wanted if n not in self.host]:
+        if missing := [n for n in wanted if n not in self.hosts[0]]:
             raise ValueError(f"this engine has no {', '.join(missing)} output; rebuild it.")
+        chained = input_ids is None
+        if chained:
+            b = self.last_call[0]
+            if not b or self._row is not None or LOGITS in wanted:
+                raise ValueError(
+                    "a chained call (input_ids None) follows a call on the caches' first rows "
+                    "and copies back no logits."
+                )
+            if np.shape(position_ids) != (b, 1):
+                raise ValueError(
+                    f"a chained call is one decode step of the previous call's {b} rows: "
+                    f"position_ids must be [{b}, 1], not {list(np.shape(position_ids))}."
+                )
+            if len(self._pending) == 2:
+                raise RuntimeError("two calls are in flight; collect one first.")
+            input_ids = np.zeros((b, 1), np.int32)  # checked for shape; the device feeds it
+        else:
+            self._idle("a call with input_ids")
         if LOG_NORMALIZER in wanted:
             self.inv_temperature = 1.0 / readout.temperature
-        b, s = self._call(input_ids, position_ids, last_token_index, wanted)
-        return {name: self._result(name, b, s) for name in wanted}
-
-    def _result(self, name: str, b: int, s: int) -> np.ndarray:
-        shape = {
-            LOGITS: self._logits_shape(b, s),
-            NEXT_TOKEN: (b,),
-            TOP_LOGITS: (b, self.sample_top_k),
-            TOP_IDS: (b, self.sample_top_k),
-            LOG_NORMALIZER: (b,),
-        }[name]
-        return self.host[name].array[: int(np.prod(shape))].reshape(shape).copy()
-
-    def last_logits(self) -> np.ndarray:
-        """The latest call's logits, still in device memory: copied back only when asked (a
-        sampling step that the engine's best K do not decide)."""
-        self._make_current()
-        b, s = self.last_call
-        shape = self._logits_shape(b, s)
-        nbytes = int(np.prod(shape)) * 4
-        d2h(self.host["logits"], self.device["logits"], nbytes, self.stream)
-        self.stream.synchronize()
-        return self.host["logits"].array[: nbytes // 4].reshape(shape).copy()
-
-    def _make_current(self) -> None:
-        """Make the engine's device current on the calling thread. The CUDA runtime does so
-        on a thread's first runtime call, but a server's step thread calls TensorRT first, and
-        its Myelin kernels then fail with "No CUDA context is current" (seen on an H200)."""
-        if (thread := threading.get_ident()) != self._thread:
-            cuda("cudaSetDevice", self._device)
-            self._thread = thread
-
-    def _call(self, input_ids, position_ids, last_token_index, wanted: tuple[str, ...]):
-        """Run one call, copying back the outputs named in `wanted`; returns (B, S)."""
         self._make_current()
         ids, pos, last = validate_call(
             input_ids,
@@ -493,43 +510,90 @@ class TensorRTBackend:
         b, s = ids.shape
         if self._row is not None and b != 1:
             raise ValueError(f"a call on cache row {self._row} has batch 1, not {b}.")
+        lane = 1 - self._pending[-1][0] if self._pending else 0  # the host buffer set
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
         profile = choose_profile(self.profile_names, b, s, self.max_prefill)
         key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
-        graph = (
-            self.graphs.get((b, shapes, wanted))
-            if plain and s == 1 and self._state == key
-            else None
-        )
-        self._stage(ids, pos, last, feeds)
+        graphs: dict = self.chained if chained else self.graphs
+        gkey = (b, shapes, wanted, lane) if chained else (b, shapes, wanted)
+        graph = graphs.get(gkey) if plain and s == 1 and self._state == key else None
+        self._stage(lane, None if chained else ids, pos, last, feeds)
         if self.timed:
-            self.timer.start(self.stream)
+            self.timers[lane].start(self.stream)
         if graph is not None:
             graph.launch(self.stream)
         else:
             self._prepare(key)
-            self._enqueue(b, s, wanted)
+            self._enqueue(lane, chained, b, s, wanted)
         if self.timed:
-            self.timer.stop(self.stream)
-        self.stream.synchronize()
-        if plain and self.auto_graphs and s == 1 and (b, shapes, wanted) not in self.graphs:
-            # The context is set up for this shape: the next such step replays the capture.
-            self.graphs[b, shapes, wanted] = CudaGraph.capture(
-                self.stream, lambda: self._enqueue(b, 1, wanted)
-            )
-        if self.timed:
-            self.last_call_ms = self.timer.elapsed_ms()
+            self.timers[lane].stop(self.stream)
+        self.done[lane].record(self.stream)
+        self._pending.append((lane, b, s, wanted, profile))
         self.last_call = (b, s)
-        self.last_profile = self.profile_names[profile]
-        return b, s
+        if plain and self.auto_graphs and s == 1 and gkey not in graphs:
+            # The context is set up for this shape: the next such step replays the capture.
+            self.stream.synchronize()
+            graphs[gkey] = CudaGraph.capture(
+                self.stream, lambda: self._enqueue(lane, chained, b, 1, wanted)
+            )
 
-    def _stage(self, ids: np.ndarray, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
-        for name, a in (*zip(TOKEN_INPUTS, (ids, pos, last)), *feeds.items()):
-            self.host[name].array[: a.size] = a.ravel()
+    def collect(self) -> Outputs:
+        """Wait for the oldest call in flight; its outputs, by name."""
+        if not self._pending:
+            raise RuntimeError("no call is in flight; submit one first.")
+        lane, b, s, wanted, profile = self._pending.popleft()
+        self.done[lane].synchronize()
+        if self.timed:
+            self.last_call_ms = self.timers[lane].elapsed_ms()
+        self.last_profile = self.profile_names[profile]
+        return {name: self._result(lane, name, b, s) for name in wanted}
+
+    def _idle(self, what: str) -> None:
+        if self._pending:
+            raise RuntimeError(f"{what} needs no call in flight; collect them first.")
+
+    def _result(self, lane: int, name: str, b: int, s: int) -> np.ndarray:
+        shape = {
+            LOGITS: self._logits_shape(b, s),
+            NEXT_TOKEN: (b,),
+            TOP_LOGITS: (b, self.sample_top_k),
+            TOP_IDS: (b, self.sample_top_k),
+            LOG_NORMALIZER: (b,),
+        }[name]
+        return self.hosts[lane][name].array[: int(np.prod(shape))].reshape(shape).copy()
+
+    def last_logits(self) -> np.ndarray:
+        """The latest call's logits, still in device memory: copied back only when asked (a
+        sampling step that the engine's best K do not decide)."""
+        self._idle("last_logits")
+        self._make_current()
+        b, s = self.last_call
+        shape = self._logits_shape(b, s)
+        nbytes = int(np.prod(shape)) * 4
+        host = self.hosts[0][LOGITS]
+        d2h(host, self.device[LOGITS], nbytes, self.stream)
+        self.stream.synchronize()
+        return host.array[: nbytes // 4].reshape(shape).copy()
+
+    def _make_current(self) -> None:
+        """Make the engine's device current on the calling thread. The CUDA runtime does so
+        on a thread's first runtime call, but a server's step thread calls TensorRT first, and
+        its Myelin kernels then fail with "No CUDA context is current" (seen on an H200)."""
+        if (thread := threading.get_ident()) != self._thread:
+            cuda("cudaSetDevice", self._device)
+            self._thread = thread
+
+    def _stage(self, lane: int, ids, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
+        """Write a call's inputs into host set `lane` (ids None: a chained call's come from
+        the device)."""
+        host = self.hosts[lane]
+        arrays = zip(TOKEN_INPUTS, (ids, pos, last))
+        for name, a in (*((n, a) for n, a in arrays if a is not None), *feeds.items()):
+            host[name].array[: a.size] = a.ravel()
         if self.has_log_normalizer:
-            self.host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
+            host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
 
     def _prepare(self, key: tuple[int, int, int, Shapes, int | None]) -> None:
         profile, b, s, shapes, row = key
@@ -566,8 +630,10 @@ class TensorRTBackend:
             next(t["shape"] for t in self.io["outputs"] if t["name"] == "logits"), b, s
         )
 
-    def _enqueue(self, b: int, s: int, wanted: tuple[str, ...]) -> None:
-        """H2D of the small inputs, execute, D2H of the `wanted` outputs."""
+    def _enqueue(self, lane: int, chained: bool, b: int, s: int, wanted: tuple[str, ...]) -> None:
+        """H2D of the small inputs from host set `lane` (input_ids D2D from next_token when
+        `chained`), execute, D2H of the `wanted` outputs into that set."""
+        host = self.hosts[lane]
         sizes = {
             "input_ids": b * s * 4,
             "position_ids": b * s * 4,
@@ -575,7 +641,9 @@ class TensorRTBackend:
             INV_TEMPERATURE: b * 4,
             **{name: int(np.prod(shape)) * 4 for name, shape in self._state[3]},
         }
-        uploads = [(self.device[n], self.host[n], sizes[n]) for n in self._uploads]
+        uploads = [(self.device[n], host[n], sizes[n]) for n in self._uploads]
+        if chained:
+            uploads[0] = (self.device[TOKEN_INPUTS[0]], self.device[NEXT_TOKEN], b * 4)
         sizes = {
             "logits": int(np.prod(self._logits_shape(b, s))) * 4,
             "next_token": b * 4,
@@ -583,19 +651,22 @@ class TensorRTBackend:
             "top_ids": b * self.sample_top_k * 4,
             "log_normalizer": b * 4,
         }
-        downloads = [(self.host[n], self.device[n], sizes[n]) for n in wanted]
+        downloads = [(host[n], self.device[n], sizes[n]) for n in wanted]
         enqueue_step(self.stream, uploads, self._execute, downloads)
 
     def close(self) -> None:
         """Free graphs, buffers, events, stream; then the context, engine and runtime."""
-        for graph in self.graphs.values():
+        if self.stream is not None and self._pending:
+            self.stream.synchronize()
+        for graph in [*self.graphs.values(), *self.chained.values()]:
             graph.free()
-        for buf in [*self.host.values(), *self.device.values()]:
-            buf.free()
-        for res in (self.timer, self.stream):
+        for buf in [*self.hosts[0].values(), *self.hosts[1].values(), *self.device.values()]:
+            buf.free()  # once: the shared logits buffer's second free does nothing
+        for res in [*self.done, *self.timers, self.stream]:
             if res is not None:
                 res.free()
-        self.graphs, self.host, self.device, self.timer, self.stream = {}, {}, {}, None, None
+        self.graphs, self.chained, self.hosts, self.device = {}, {}, ({}, {}), {}
+        self.done, self.timers, self.stream, self._pending = [], [], None, deque()
         self.context = self._keep_alive = None
 
     def __enter__(self) -> TensorRTBackend:

@@ -239,6 +239,55 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
     )
 
 
+def check_chained_steps(decode_steps: int = 50) -> str:
+    """Greedy steps one ahead of the host (`submit(None, ...)`): each is fed the previous
+    call's next_token by a device copy (the stand-in's next_token is its input_ids, so the
+    first step's ids must come back every step), the two host buffer sets alternate, each
+    set's chained step is captured once and then replayed, and the misuses are refused."""
+    from netdef.artifact import Metadata
+
+    meta, desc = fake_engine(max_seq_len=256)
+    ctx = CopyContext()
+    zeros = np.zeros(2, np.int32)
+    with TensorRTBackend(Metadata.from_dict(meta), desc, ctx, auto_graphs=True) as model:
+        model.reset(2)
+        prompt = np.tile(np.arange(4, dtype=np.int32), (2, 1))
+        model.forward(prompt + 1, prompt, np.full(2, 3, np.int32), ALL_LOGITS)
+        first = np.array([[7], [9]], np.int32)
+        model.submit(first, np.full((2, 1), 4, np.int32), zeros, ARGMAX)
+        for step in range(decode_steps):
+            if step == 2:  # both sets' chained steps captured by now
+                before = ctx.executions
+            model.submit(None, np.full((2, 1), 5 + step, np.int32), zeros, ARGMAX)
+            got = model.collect()["next_token"]
+            assert np.array_equal(got, first[:, 0]), f"step {step}: {got}, not the fed ids"
+        model.collect()
+        assert ctx.executions == before, "chained steps after the first two did not replay"
+        assert sorted(model.chained) == [(2, (), ("next_token",), 0), (2, (), ("next_token",), 1)]
+        model.submit(first, np.full((2, 1), 60, np.int32), zeros, ARGMAX)
+        model.submit(None, np.full((2, 1), 61, np.int32), zeros, ARGMAX)
+        refusals = [
+            lambda: model.submit(None, np.full((2, 1), 62, np.int32), zeros, ARGMAX),
+            lambda: model.submit(first, np.full((2, 1), 62, np.int32), zeros, ARGMAX),
+            lambda: model.forward(first, np.full((2, 1), 62, np.int32), zeros, ARGMAX),
+            model.last_logits,
+        ]
+        for refused in refusals:
+            try:
+                refused()
+            except RuntimeError:
+                continue
+            raise AssertionError("a call while two were in flight was not refused")
+        model.reset(2)  # collects both
+        try:
+            model.collect()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("reset left a call to collect")
+    return f"{decode_steps} chained greedy steps fed on the device, replayed in two host sets"
+
+
 def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -> str:
     """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
     from netdef.artifact import Metadata
@@ -309,6 +358,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "event timing": check_events,
     "graph capture + replay": check_graph_replay,
     "backend auto graphs": check_auto_graphs,
+    "backend chained greedy steps": check_chained_steps,
     "backend, decode+prefill+chunk": check_backend,
     "backend, decode+prefill": lambda: check_backend("decode,prefill"),
     "backend, dynamic profile": lambda: check_backend("dynamic"),

@@ -47,6 +47,10 @@ def test_backend_captures_decode_graphs_on_first_use():
     assert "later steps replayed" in gpu_check.check_auto_graphs()
 
 
+def test_backend_chains_greedy_steps_on_the_device():
+    assert "fed on the device" in gpu_check.check_chained_steps()
+
+
 @pytest.mark.parametrize("profile_set", PROFILE_SETS)
 def test_backend_forward_and_decode_graph_with_stand_in_context(profile_set):
     gpu_check.check_backend(profile_set)

@@ -134,3 +134,41 @@ def test_gemma3_1b_shaped_engine_matches_the_executor(tmp_path):
     compare(
         artifact, model_dir, [530, 520], prefill=512, steps=3, tolerance=TOLERANCE["gemma-3-1b"]
     )
+
+
+def test_chained_greedy_steps_equal_host_fed_steps(tmp_path):
+    """Greedy steps fed the previous call's next_token on the device, one call ahead of the
+    host (runtime.generate's greedy loop), give exactly the tokens of steps fed from the host."""
+    from netdef.contract import NEXT_TOKEN
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tests.fixtures.tiny import tiny_model_dir
+
+    artifact = build_for_device(
+        tiny_model_dir("gemma3"), tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4
+    )
+    prompt = np.array([[5, 9, 13, 17], [21, 25, 29, 33]], np.int32)
+    zeros = np.zeros(2, np.int32)
+
+    def at(p: int) -> np.ndarray:
+        return np.full((2, 1), p, np.int32)
+
+    runs = {}
+    for chained in (False, True):
+        with TensorRTBackend.load(artifact) as engine:
+            engine.reset(2)
+            positions = np.tile(np.arange(4, dtype=np.int32), (2, 1))
+            tokens = engine.forward(prompt, positions, np.full(2, 3, np.int32), ARGMAX)
+            got = [tokens[NEXT_TOKEN]]
+            if chained:
+                engine.submit(got[0][:, None], at(4), zeros, ARGMAX)
+                for step in range(1, 12):  # past the sliding layers' rings of 7 slots
+                    engine.submit(None, at(4 + step), zeros, ARGMAX)
+                    got.append(engine.collect()[NEXT_TOKEN])
+                got.append(engine.collect()[NEXT_TOKEN])
+                assert sorted(key[3] for key in engine.chained) == [0, 1]
+            else:
+                for step in range(12):
+                    out = engine.forward(got[-1][:, None], at(4 + step), zeros, ARGMAX)
+                    got.append(out[NEXT_TOKEN])
+            runs[chained] = np.stack(got)
+    np.testing.assert_array_equal(runs[True], runs[False])

@@ -78,6 +78,61 @@ def test_greedy_matches_transformers_batched(cpu_model, tokenizer, hf_greedy):
         )
 
 
+class Recording:
+    """A backend with its submit and collect calls noted ("submit", "chain" where the
+    input ids come from the previous call, "collect")."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def submit(self, ids, *args):
+        self.calls.append("submit" if ids is not None else "chain")
+        self.model.submit(ids, *args)
+
+    def collect(self):
+        self.calls.append("collect")
+        return self.model.collect()
+
+
+def test_greedy_decoding_keeps_one_call_ahead(cpu_model, tokenizer, hf_greedy):
+    """Each greedy step after the first is submitted fed the previous call's next_token
+    before the host collects that call: the host never holds the GPU up."""
+    backend = Recording(cpu_model)
+    run = Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy(5))
+    list(run)
+    assert run.completions[0].token_ids == hf_greedy[0][:5]
+    assert backend.calls == ["submit", *["chain", "collect"] * 3, "collect"]
+
+
+def test_a_row_that_ends_early_leaves_the_others_exact(cpu_model, tokenizer, hf_greedy):
+    """A finished row keeps running on its own argmax (its outputs ignored); the other rows
+    of the batch still give transformers' tokens."""
+    eos = next(t for t in hf_greedy[1][2:] if t not in hf_greedy[0] + hf_greedy[2])
+    run = Generator(cpu_model, tokenizer, eos_ids=[eos]).start(PROMPTS, greedy())
+    list(run)
+    ended = hf_greedy[1].index(eos)
+    assert [c.token_ids for c in run.completions] == [
+        hf_greedy[0],
+        hf_greedy[1][:ended],
+        hf_greedy[2],
+    ]
+    assert [c.finish_reason for c in run.completions] == ["length", "stop", "length"]
+
+
+def test_leaving_a_greedy_stream_collects_the_call_in_flight(cpu_model, tokenizer):
+    backend = Recording(cpu_model)
+    stream = iter(Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy()))
+    next(stream), next(stream)
+    stream.close()
+    assert backend.calls.count("collect") == backend.calls.count("submit") + backend.calls.count(
+        "chain"
+    )
+    assert not cpu_model.pending
+
+
 def test_seeded_sampling_is_reproducible(cpu_model, tokenizer):
     gen = Generator(cpu_model, tokenizer, eos_ids=[])
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=1234)

@@ -525,6 +525,25 @@ def test_measure_loops_on_the_cpu_executor(tiny_dir):
     assert not any(r["graph"] for r in dec)  # the CPU backend has no graphs
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 
+    class Timed:
+        """The executor as a `timed` backend (each call 'takes' 1 ms of GPU time), noting
+        where its decode steps' input ids come from."""
+
+        timed, last_call_ms = True, 1.0
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def submit(self, ids, *args):
+            fed.append("host" if ids is not None else "device")
+            model.submit(ids, *args)
+
+    fed = []
+    (row,) = measure_decode(Timed(), ids, [2], context=12, steps=3, warmup=0, rounds=1)
+    assert row["median_ms"] == 1.0 and positive(row["wall_ms"], row["chained_ms"])
+    assert row["chained_host_ms"] == row["chained_ms"] - 1.0
+    assert fed == ["host", "device", "device"] * 4  # four chained rounds: the first uncounted
+
 
 def test_transformers_timing_structure_on_cpu(tiny_dir):
     plan = Plan([4, 8], [1, 2], context=6, steps=3)

@@ -240,7 +240,7 @@ def gpu_tables(report: dict[str, Any]) -> str:
         host = any("host_ms" in r for r in eng_dec.values())
         if eng_dec:
             headers += ["engine min ms", "engine median ms", "engine tok/s"]
-            headers += ["untimed wall ms", "host ms"] * host
+            headers += ["untimed wall ms", "host ms", "chained wall ms", "chained host ms"] * host
         for mode in hf_dec:
             headers += [f"HF {mode} min ms", f"HF {mode} median ms", f"HF {mode} tok/s"]
             if eng_dec:
@@ -254,7 +254,9 @@ def gpu_tables(report: dict[str, Any]) -> str:
             row = [b]
             if eng_dec:
                 row += [e.get("min_ms"), e.get("median_ms"), e.get("tokens_per_s")]
-                row += [e.get("wall_ms"), e.get("host_ms")] * host
+                row += [
+                    e.get(k) for k in ("wall_ms", "host_ms", "chained_ms", "chained_host_ms")
+                ] * host
             for by_batch in hf_dec.values():
                 h = by_batch.get(b, {})
                 row += [h.get("min_ms"), h.get("median_ms"), h.get("tokens_per_s")]

@@ -9,6 +9,7 @@ K logits and ids (top_logits, top_ids); other sampling takes the whole logits.
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class InstantBackend:
         self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)
         self.batch = 1
         self.lse: dict[float, np.float32] = {}  # log_normalizer per temperature
+        self.pending: deque[Outputs] = deque()  # submitted calls' outputs
 
     def reset(self, batch: int) -> None:
         pass
@@ -73,6 +75,13 @@ class InstantBackend:
             LOG_NORMALIZER: lambda: np.full(b, self.log_normalizer(readout.temperature)),
         }
         return {name: out[name]() for name in readout.outputs}
+
+    def submit(self, input_ids, position_ids, last, readout: Readout) -> None:
+        ids = np.zeros((self.batch, 1), np.int32) if input_ids is None else input_ids
+        self.pending.append(self.forward(ids, position_ids, last, readout))
+
+    def collect(self) -> Outputs:
+        return self.pending.popleft()
 
     def last_logits(self) -> np.ndarray:
         return np.repeat(self.logits[None], self.batch, axis=0)  # a fresh array, as D2H gives

@@ -141,7 +141,10 @@ def measure_decode(
     figure is its mean ms per step (one token per sequence); min and median over rounds.
     A backend with `auto_graphs` replays each step shape's CUDA graph after its first use.
     With a `timed` backend (CUDA events), one more round runs untimed, as generation does,
-    and its median wall-clock step is `wall_ms`: the host's work is wall_ms - median_ms."""
+    and its median wall-clock step is `wall_ms`: the host's work is wall_ms - median_ms.
+    Then a round as greedy generation runs it, each step submitted fed the previous one's
+    next_token before the host collects that one (`Backend.submit`): its mean wall-clock
+    step is `chained_ms`, and chained_ms - median_ms the host work the GPU still waits for."""
     rows = []
     for b in batches:
         backend.reset(b)
@@ -172,12 +175,32 @@ def measure_decode(
                     t0 = time.perf_counter()
                     backend.forward(*step, last, ARGMAX)
                     wall.append((time.perf_counter() - t0) * 1e3)
+                first = ids[:b, context : context + 1]
+                chained = [chained_step_ms(backend, first, context, steps) for _ in range(4)]
             finally:
                 backend.timed = True
             row["wall_ms"] = statistics.median(wall)
             row["host_ms"] = row["wall_ms"] - row["median_ms"]
+            row["chained_ms"] = statistics.median(chained[1:])  # the first captures graphs
+            row["chained_host_ms"] = row["chained_ms"] - row["median_ms"]
         rows.append(row)
     return rows
+
+
+def chained_step_ms(backend: Any, first: np.ndarray, context: int, steps: int) -> float:
+    """Mean wall-clock ms per step of `steps` greedy decode steps at positions context ..,
+    the first fed `first` ([B, 1]), each later one submitted fed the step before's
+    next_token on the device before the host collects that step, as runtime.generate's
+    greedy loop runs them."""
+    b = len(first)
+    last = np.zeros(b, np.int32)
+    t0 = time.perf_counter()
+    backend.submit(first, np.full((b, 1), context, np.int32), last, ARGMAX)
+    for s in range(1, steps):
+        backend.submit(None, np.full((b, 1), context + s, np.int32), last, ARGMAX)
+        backend.collect()
+    backend.collect()
+    return (time.perf_counter() - t0) * 1e3 / steps
 
 
 # ---- transformers (torch is imported only here) ----
