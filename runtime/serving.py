@@ -17,6 +17,13 @@ One thread owns the backend. Each turn it
   feed their last token at its position; the others feed a pad token at the slot they write
   next (a free row: slot 0), which is written again before anything reads it.
 
+While every decoding request is greedy and no prompt is being prefilled, decode steps run
+one ahead of the thread (`Backend.submit` with input_ids None): a step is submitted fed the
+previous step's argmax on the device before the thread collects the previous step and
+streams its tokens. Rows that finish meanwhile run one more step whose tokens are dropped;
+anything else (a prefill, a sampled request, a row set that changed) first collects the
+step in flight.
+
 Why prefill alone and decode batched: a prefill chunk inside a mixed [B, S] call would make
 every row compute S tokens; alone it costs only its own. The decode call keeps the engine's
 usual shape (the caches' first n rows), so the TensorRT backend's CUDA graphs still apply.
@@ -39,7 +46,7 @@ from itertools import count
 
 import numpy as np
 
-from netdef.contract import LOG_NORMALIZER
+from netdef.contract import LOG_NORMALIZER, NEXT_TOKEN
 from netdef.slots import call_end
 
 from .backend import Backend
@@ -182,6 +189,8 @@ class Engine:
         self.accepting, self._stop = True, False
         self._cond = threading.Condition()
         self._ids = count()
+        # A greedy decode step submitted and not yet collected: its requests and its rows n.
+        self._ahead: tuple[list[Request], int] | None = None
         backend.reset(backend.max_batch)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -251,21 +260,25 @@ class Engine:
                         self._finish(request, "cancelled")
                 self._cond.wait_for(lambda: self._stop or self.waiting or any(self.rows))
                 if self._stop and not any(self.rows):
-                    return
+                    break
                 self._admit()
             try:
                 self._turn()
             except Exception as e:  # a fault outside a backend call: fail what runs, go on
                 self._fail([r for r in self.rows if r], e)
+        self._land()  # the step in flight of requests that all finished
 
     def _turn(self) -> None:
         """One prefill chunk of the oldest admitted request, then one decode step."""
         admitted = sorted((r for r in self.rows if r and not r.decoding), key=lambda r: r.id)
         if admitted:
+            self._land()  # a call on one row needs none in flight
             self._prefill(admitted[0])
         decoding = [r for r in self.rows if r and r.decoding and not r.done]
         if decoding:
             self._decode(decoding)
+        else:
+            self._land()
 
     def _admit(self) -> None:
         for k, request in enumerate(self.rows):
@@ -296,15 +309,24 @@ class Engine:
     def _decode(self, decoding: list[Request]) -> None:
         """One decode step over rows 0..n-1 (the module docstring says what each row feeds)."""
         n = max(r.row for r in decoding) + 1
+        readout = decode_readout(decoding)
+        if readout == ARGMAX and self._ahead == (decoding, n):
+            self._chain(decoding, n)
+            return
+        self._land()
+        if not (decoding := [r for r in decoding if not r.done]):
+            return
+        n = max(r.row for r in decoding) + 1
         ids = np.full((n, 1), self.pad, np.int32)
-        positions = np.zeros((n, 1), np.int32)
-        for k, r in enumerate(self.rows[:n]):
-            if r is not None:
-                positions[k] = r.next_slot
+        positions = self._positions(n, 0)
         for r in decoding:
             ids[r.row] = r.next_token
         readout = decode_readout(decoding)
         try:
+            if readout == ARGMAX:  # collected by the next turn's step (or `_land`)
+                self.backend.submit(ids, positions, np.zeros(n, np.int32), ARGMAX)
+                self._ahead = (decoding, n)
+                return
             out = self.backend.forward(ids, positions, np.zeros(n, np.int32), readout)
             whole = self._whole_logits()
             tokens = [self._sample(r, out, r.row, whole) for r in decoding]
@@ -313,6 +335,46 @@ class Engine:
             return
         for r, token in zip(decoding, tokens):
             self._accept(r, token)
+
+    def _positions(self, n: int, ahead: int) -> np.ndarray:
+        """int32 [n, 1]: the slot each of rows 0..n-1 writes next, `ahead` steps on for the
+        decoding rows (a free row: slot 0)."""
+        positions = np.zeros((n, 1), np.int32)
+        for k, r in enumerate(self.rows[:n]):
+            if r is not None:
+                positions[k] = r.next_slot + (ahead if r.decoding else 0)
+        return positions
+
+    def _chain(self, decoding: list[Request], n: int) -> None:
+        """The next greedy step, fed the step in flight's argmax on the device; then collect
+        that step and accept its tokens."""
+        before = self._ahead
+        try:
+            self.backend.submit(None, self._positions(n, 1), np.zeros(n, np.int32), ARGMAX)
+        except Exception as e:
+            self._fail(decoding, e)
+            self._land()
+            return
+        self._ahead = (decoding, n)
+        self._collect(before)
+
+    def _land(self) -> None:
+        """Collect the greedy step in flight, if any, and accept its tokens."""
+        if self._ahead is not None:
+            step, self._ahead = self._ahead, None
+            self._collect(step)
+
+    def _collect(self, step: tuple[list[Request], int]) -> None:
+        """The oldest step in flight's tokens, for its requests still on their rows."""
+        requests, _ = step
+        try:
+            tokens = self.backend.collect()[NEXT_TOKEN]
+        except Exception as e:
+            self._fail([r for r in requests if not r.done], e)
+            return
+        for r in requests:
+            if not r.done and self.rows[r.row] is r:
+                self._accept(r, int(tokens[r.row]))
 
     def _whole_logits(self) -> Callable[[], np.ndarray]:
         """The latest call's logits, copied from the backend at most once."""

@@ -111,6 +111,47 @@ def test_every_request_equals_itself_alone(model):
     assert max(runs[1:]) == 1
 
 
+def test_greedy_steps_run_one_ahead(model):
+    """A greedy request alone: after its first decode step every step is submitted fed the
+    step before's argmax on the device (the last one's tokens, past max_new_tokens, are
+    dropped), and its tokens are those it gets from `Generator`."""
+    params = SamplingParams(max_new_tokens=6)
+    backend = Recording(cpu(model, 2))
+    engine = Engine(backend, model[1])
+    text = "".join(engine.submit(words(5, 3), params))
+    engine.shutdown()
+    assert text == alone(model, words(5, 3), params)[1]
+    # the prefill, the first step fed from the host, then five chained steps
+    assert backend.calls == [(1, 3, 0), *[(1, 1, None)] * 6]
+    assert backend.chained == [2, 3, 4, 5, 6]
+
+
+def test_greedy_rows_freed_and_reused_while_a_step_is_in_flight(model):
+    """Five greedy requests on two rows, of different lengths, one ended by a stop string:
+    rows finish while the next step is in flight and serve the next requests, each of
+    which still gets its output alone."""
+    params = [SamplingParams(max_new_tokens=k) for k in (9, 4, 7, 5, 8)]
+    prompts = [words(5 + 9 * i, n) for i, n in enumerate((3, 6, 2, 5, 4))]
+    ids, _, _ = alone(model, prompts[2], params[2])
+    params[2] = SamplingParams(max_new_tokens=7, stop=(model[1].decode(ids[3:4]).strip(),))
+    expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+    backend = Recording(cpu(model, 2))
+    engine = Engine(backend, model[1])
+    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    texts = ["".join(r) for r in requests]
+    engine.shutdown()
+    for r, text, (ids, want_text, reason) in zip(requests, texts, expected):
+        assert (r.completion.token_ids, text, r.completion.finish_reason) == (
+            ids,
+            want_text,
+            reason,
+        )
+    assert expected[2][2] == "stop"
+    # Some prefill came straight after a chained step: on a row its request left mid-flight.
+    calls = backend.calls
+    assert any(calls[i + 1][2] is not None for i in backend.chained if i + 1 < len(calls))
+
+
 def test_async_streams_interleave(model):
     """Two `async for` consumers on one event loop get their own text, deltas in order."""
     prompts = [words(5, 6), words(40, 2)]

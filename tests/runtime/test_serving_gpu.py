@@ -97,8 +97,10 @@ def test_row_calls_match_the_executor(tmp_path):
     assert_close(got, expected, *TOLERANCE["tiny"])
 
 
-def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path):
-    """Greedy and seeded top-k requests through `Engine` on the GPU give the tokens each gets
+@pytest.mark.parametrize("sampled", [True, False])
+def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path, sampled):
+    """Greedy and seeded top-k requests (or greedy ones only, whose decode steps run one
+    ahead, chained on the device) through `Engine` on the GPU give the tokens each gets
     alone through `Generator` on the same engine (the tiny fixture's logits are far apart,
     so batch-size-dependent kernels do not flip a token)."""
     from runtime.generate import Generator
@@ -118,7 +120,7 @@ def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path):
     ]
     params = [
         SamplingParams(max_new_tokens=12)
-        if i % 2 == 0
+        if i % 2 == 0 or not sampled
         else SamplingParams(max_new_tokens=10, temperature=0.8, top_k=5, seed=i)
         for i in range(len(prompts))
     ]
@@ -128,6 +130,7 @@ def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path):
         texts = ["".join(r) for r in requests]
         engine.shutdown()
         assert backend.graphs, "no decode step was captured"
+        assert sampled or backend.chained, "no greedy step was chained"
         gen = Generator(backend, tokenizer)
         for prompt, q, r, text in zip(prompts, params, requests, texts):
             run = gen.start([prompt], q)
