@@ -408,7 +408,7 @@ class _Decoder:
 
     def fused_attention(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
         """TensorRT's attention (GQA native, no scale of its own: q is scaled) under a
-        [B, 1, S, L] bool mask; [B, heads, S, D]."""
+        [B, 1, S, L] additive mask (`visible_slots`); [B, heads, S, D]."""
         g, trt = self.g, self.g.trt
         attn = g.network.add_attention_v2(
             q, k, v, trt.AttentionNormalizationOp.SOFTMAX, trt.CausalMaskKind.NONE
@@ -456,10 +456,17 @@ class _Decoder:
         sliding layers of `window` and `ring` slots. The bool mask [B, 1, S, L] says position
         j is visible to token (b, s) iff j <= position and, in a window, j > position - window
         and j >= 0; it is read from slot j mod ring. The step mask is its first row (the
-        matmul form's [B, 1, 1, L]), the prompt mask its `prompt_rows` rows (the fused
-        attention's). Built once per window and shared by layers, in the layout attention
-        uses (transposing the mask made TensorRT-RTX 1.7's Myelin fail at max_batch 1:
-        "Graph contains more than one op named ..._iota")."""
+        matmul form's [B, 1, 1, L]), the prompt mask its `prompt_rows` rows as an additive
+        bias in the model dtype (0 or -inf; the fused attention's). Built once per window and
+        shared by layers, in the layout attention uses (transposing the mask made
+        TensorRT-RTX 1.7's Myelin fail at max_batch 1: "Graph contains more than one op named
+        ..._iota").
+
+        Why a bias: from it Myelin builds the map of the mask's empty tiles, which the fused
+        kernel skips, in every profile; from a bool mask only where the token count is
+        dynamic, not in the chunk profile (the builder's layer information, CPU). Without
+        the map the chunk profile's sliding layers took 165 us each on the H200 against 62 us
+        (docs/benchmarks.md)."""
         if window in self.slots:
             return self.slots[window]
         g = self.g
@@ -488,7 +495,12 @@ class _Decoder:
             visible = g.elementwise(visible, written, "AND", f"{tag}.visible")
         first = g.constant(np.array([0], np.int32), f"{tag}.first_token")
         step_mask = g.named(g.network.add_gather(visible, first, 2), f"{tag}.step").get_output(0)
-        prompt_mask = g.span(visible, 2, self.step_rows, self.prompt_rows, f"{tag}.prompt")
+        prompt_rows = g.span(visible, 2, self.step_rows, self.prompt_rows, f"{tag}.prompt")
+        zero = g.scalar(0.0, self.dtype, 4, f"{tag}.bias_zero")
+        hidden = g.scalar(float("-inf"), self.dtype, 4, f"{tag}.bias_hidden")
+        prompt_mask = g.named(
+            g.network.add_select(prompt_rows, zero, hidden), f"{tag}.prompt_bias"
+        ).get_output(0)
         g.scope = saved
         self.slots[window] = (slots, (step_mask, prompt_mask))
         return self.slots[window]
