@@ -78,7 +78,7 @@ def test_greedy_matches_transformers_batched(cpu_model, tokenizer, hf_greedy):
         )
 
 
-class Recording:
+class CallOrder:
     """A backend with its submit and collect calls noted ("submit", "chain" where the
     input ids come from the previous call, "collect")."""
 
@@ -100,7 +100,7 @@ class Recording:
 def test_greedy_decoding_keeps_one_call_ahead(cpu_model, tokenizer, hf_greedy):
     """Each greedy step after the first is submitted fed the previous call's next_token
     before the host collects that call: the host never holds the GPU up."""
-    backend = Recording(cpu_model)
+    backend = CallOrder(cpu_model)
     run = Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy(5))
     list(run)
     assert run.completions[0].token_ids == hf_greedy[0][:5]
@@ -123,7 +123,7 @@ def test_a_row_that_ends_early_leaves_the_others_exact(cpu_model, tokenizer, hf_
 
 
 def test_leaving_a_greedy_stream_collects_the_call_in_flight(cpu_model, tokenizer):
-    backend = Recording(cpu_model)
+    backend = CallOrder(cpu_model)
     stream = iter(Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy()))
     next(stream), next(stream)
     stream.close()
