@@ -8,7 +8,10 @@
 GPU (TensorRT backend, CUDA events through `TensorRTBackend.last_call_ms`): prefill latency
 per prompt length and decode latency per batch size (one call = H2D of the inputs, the engine,
 D2H of the logits; decode steps replay a CUDA graph unless --no-graph), each after warm-up
-rounds, as min and median over timed rounds. Given a model rather than an artifact, it builds
+rounds, as min and median over timed rounds; each decode row also has the untimed wall-clock
+step and, run as greedy generation runs it (each step chained on the one before, its input ids
+the previous step's argmax on the GPU), the chained step: beyond the GPU time, each is host
+work the GPU waits for. Given a model rather than an artifact, it builds
 the engine for this GPU; unless --no-compare-profiles it also builds the same model with one
 `dynamic` profile and prints both engines' per-call latency with the speedup of the default
 (decode,prefill,chunk) engine. The roofline divides the bytes a decode step must read
