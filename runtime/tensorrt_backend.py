@@ -308,7 +308,7 @@ class TensorRTBackend:
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
-        self.last_call = (0, 0)  # (B, S) of the latest call
+        self.last_call = (0, 0)  # (B, S) of the latest call submitted
         self.last_call_ms = 0.0  # GPU time of the latest call, when `timed`
         self.last_profile = ""  # the optimization profile the latest call ran in
         self.timed = timed  # CUDA events around each call (benchmarks); off, they cost host time
