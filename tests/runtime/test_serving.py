@@ -51,6 +51,16 @@ def alone(model, prompt, params: SamplingParams):
     return c.token_ids, text, c.finish_reason
 
 
+def served(backend, model, prompts, params) -> tuple[Engine, list, list[str]]:
+    """(engine, requests, their texts): every prompt submitted at once to an Engine over
+    `backend`, each stream read to its end, then the engine shut down."""
+    engine = Engine(backend, model[1])
+    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    texts = ["".join(r) for r in requests]
+    engine.shutdown()
+    return engine, requests, texts
+
+
 def chunks(n: int, backend) -> int:
     """Prefill calls of an n-token prompt alone: max_prefill tokens, cut at ring ends."""
     start, count = 0, 0
@@ -81,10 +91,7 @@ def test_every_request_equals_itself_alone(model):
     assert expected[5][2] == "stop"
 
     backend = Recording(cpu(model, 3))
-    engine = Engine(backend, model[1])
-    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
-    texts = ["".join(r) for r in requests]
-    engine.shutdown()
+    engine, requests, texts = served(backend, model, prompts, params)
     for r, text, (ids, want_text, reason) in zip(requests, texts, expected):
         assert r.completion.token_ids == ids
         assert text == want_text == r.completion.text
@@ -136,10 +143,7 @@ def test_greedy_rows_freed_and_reused_while_a_step_is_in_flight(model):
     params[2] = SamplingParams(max_new_tokens=7, stop=(model[1].decode(ids[3:4]).strip(),))
     expected = [alone(model, p, q) for p, q in zip(prompts, params)]
     backend = Recording(cpu(model, 2))
-    engine = Engine(backend, model[1])
-    requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
-    texts = ["".join(r) for r in requests]
-    engine.shutdown()
+    _, requests, texts = served(backend, model, prompts, params)
     for r, text, (ids, want_text, reason) in zip(requests, texts, expected):
         assert (r.completion.token_ids, text, r.completion.finish_reason) == (
             ids,
