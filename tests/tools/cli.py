@@ -15,7 +15,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import openai
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tools import build as build_tool
@@ -122,6 +121,8 @@ class LiveServer:
             self.stop()
             raise
         assert self.proc.poll() is None, self.proc.stdout.read()
+        import openai  # here, so the GPU tests can use the helpers above without it
+
         self.client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{self.port}/v1", api_key="-", max_retries=0
         )
