@@ -422,26 +422,39 @@ class _Decoder:
         """One query token per row (q [B, heads, 1, D], mask [B, 1, 1, L]) attended as two
         matmuls and a softmax, all in float32 as inside fused attention kernels (scores
         rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query
-        heads of a KV head are the rows of one matmul (GQA without repeating K/V)."""
+        heads of a KV head are the rows of one matmul (GQA without repeating K/V), batched
+        over B * kv_heads: 3-D matmuls over static reshapes left Myelin no broadcast to
+        expand, 8 kernels per sliding layer instead of 9 (builder log), and made 128- and
+        512-token prefills 5% and 4% faster on the H200 (docs/benchmarks.md)."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
-        k, v = g.cast(k, f32, "attn.keys_float32"), g.cast(v, f32, "attn.values_float32")
-        rows = g.shuffle(q, "attn.query_rows", reshape=(0, kv_heads, group, d))  # [B, kv, G, D]
+
+        def merged(t: Any, last: int, name: str) -> Any:  # [B, kv, X, Y] -> [B * kv, X, Y]
+            t = g.shuffle(t, f"{name}.merged", reshape=(-1, 1, 0, 0))  # [B * kv, 1, X, Y]
+            return g.shuffle(t, name, reshape=(0, -1, last) if last > 0 else (0, 1, -1))
+
+        k = merged(g.cast(k, f32, "attn.keys_float32"), d, "attn.keys3")
+        v = merged(g.cast(v, f32, "attn.values_float32"), d, "attn.values3")
+        rows = g.shuffle(q, "attn.query_rows", reshape=(-1, group, d))  # [B * kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
+        if kv_heads > 1:
+            every_head = g.constant(np.ones((1, kv_heads, 1, 1), np.bool_), "attn.every_head")
+            mask = g.elementwise(mask, every_head, "AND", "attn.head_mask")  # [B, kv, 1, L]
+        mask = merged(mask, -1, "attn.mask3")  # [B * kv, 1, L]
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
-        hidden = g.scalar(float("-inf"), np.float32, 4, "attn.hidden")
+        hidden = g.scalar(float("-inf"), np.float32, 3, "attn.hidden")
         masked = g.named(g.network.add_select(mask, scores.get_output(0), hidden), "attn.mask")
         softmax = g.rewired(
-            g.network.add_softmax, masked.get_output(0), (1,) * 4, f32, "attn.softmax"
+            g.network.add_softmax, masked.get_output(0), (1,) * 3, f32, "attn.softmax"
         )
-        softmax.axes = 1 << 3
+        softmax.axes = 1 << 2
         out = g.named(
             g.network.add_matrix_multiply(softmax.get_output(0), none, v, none), "attn.context"
         )
-        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B, kv, G, D]
-        return g.shuffle(out, "attn.heads", reshape=(0, cfg.num_heads, 1, d))
+        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B * kv, G, D]
+        return g.shuffle(out, "attn.heads", reshape=(-1, cfg.num_heads, 1, d))
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
         """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
