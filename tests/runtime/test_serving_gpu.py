@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network
+from netdef.contract import LOGITS
 from netdef.slots import prompt_chunks
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
+from runtime.readout import ALL_LOGITS
 from tests.fixtures.gpu import TOLERANCE, assert_close, build_for_device, run_all
 from tests.tools.cli import with_tokenizer
 from weights import Checkpoint
@@ -97,12 +99,38 @@ def test_row_calls_match_the_executor(tmp_path):
     assert_close(got, expected, *TOLERANCE["tiny"])
 
 
+# (first word, length) of each prompt: "w54 w55 w56", ... Six prompts for four rows, three of
+# them longer than max_prefill. Chosen so that every greedy step of each, alone on the bfloat16
+# executor, has its best logit at least MARGIN above the second (the test checks it): with
+# the tiny model's near-ties (0.0625 apart, one bfloat16 step), batch-size-dependent GPU
+# kernels flipped a token between a request served in a batch and the same request alone.
+PROMPTS = [(54, 3), (75, 9), (19, 1), (12, 6), (19, 11), (59, 5)]
+MARGIN = 0.375
+
+
+def greedy_margin(model: CpuBackend, ids: list[int], steps: int) -> float:
+    """The smallest gap between the best two logits over `steps` greedy tokens after ids."""
+    model.reset(1)
+    for start, end in prompt_chunks(len(ids), model.max_prefill, model.rings):
+        pos = np.arange(start, end, dtype=np.int32)[None]
+        out = model.forward(
+            np.array([ids[start:end]], np.int32), pos, [end - start - 1], ALL_LOGITS
+        )
+    margin = np.inf
+    for step in range(steps):
+        second, best = np.sort(out[LOGITS][0])[-2:]
+        margin = min(margin, best - second)
+        token = np.array([[np.argmax(out[LOGITS][0])]], np.int32)
+        pos = np.array([[len(ids) + step]], np.int32)
+        out = model.forward(token, pos, [0], ALL_LOGITS)
+    return float(margin)
+
+
 @pytest.mark.parametrize("sampled", [True, False])
 def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path, sampled):
     """Greedy and seeded top-k requests (or greedy ones only, whose decode steps run one
     ahead, chained on the device) through `Engine` on the GPU give the tokens each gets
-    alone through `Generator` on the same engine (the tiny fixture's logits are far apart,
-    so batch-size-dependent kernels do not flip a token)."""
+    alone through `Generator` on the same engine (PROMPTS says why these prompts)."""
     from runtime.generate import Generator
     from runtime.sampling import SamplingParams
     from runtime.serving import Engine
@@ -111,13 +139,13 @@ def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path, sampled):
     from tests.fixtures.tiny import tiny_model_dir
 
     model_dir = with_tokenizer(tiny_model_dir("llama"), tmp_path / "m")
-    artifact = build_for_device(
-        model_dir, tmp_path / "a", max_batch=4, max_seq_len=64, max_prefill=4, sample_top_k=8
-    )
+    options = dict(max_batch=4, max_seq_len=64, max_prefill=4, sample_top_k=8)
+    executor = CpuBackend(build_network(Checkpoint.open(model_dir), NetworkOptions(**options)))
+    ids = [list(range(first, first + n)) for first, n in PROMPTS]
+    assert min(greedy_margin(executor, p, 12) for p in ids) >= MARGIN
+    artifact = build_for_device(model_dir, tmp_path / "a", **options)
     tokenizer = Tokenizer.from_dir(artifact)
-    prompts = [
-        " ".join(f"w{5 + 9 * i + j}" for j in range(n)) for i, n in enumerate([3, 9, 1, 6, 11, 5])
-    ]
+    prompts = [" ".join(f"w{i}" for i in p) for p in ids]
     params = [
         SamplingParams(max_new_tokens=12)
         if i % 2 == 0 or not sampled
