@@ -431,18 +431,19 @@ class _Decoder:
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
 
-        def merged(t: Any, last: int, name: str) -> Any:  # [B, kv, X, Y] -> [B * kv, X, Y]
+        def merged(t: Any, xy: tuple[int, int], name: str) -> Any:
+            """[B, kv, X, Y] -> [B * kv, X, Y]; xy is (X, Y) with the dynamic one -1."""
             t = g.shuffle(t, f"{name}.merged", reshape=(-1, 1, 0, 0))  # [B * kv, 1, X, Y]
-            return g.shuffle(t, name, reshape=(0, -1, last) if last > 0 else (0, 1, -1))
+            return g.shuffle(t, name, reshape=(0, *xy))
 
-        k = merged(g.cast(k, f32, "attn.keys_float32"), d, "attn.keys3")
-        v = merged(g.cast(v, f32, "attn.values_float32"), d, "attn.values3")
+        k = merged(g.cast(k, f32, "attn.keys_float32"), (-1, d), "attn.keys3")
+        v = merged(g.cast(v, f32, "attn.values_float32"), (-1, d), "attn.values3")
         rows = g.shuffle(q, "attn.query_rows", reshape=(-1, group, d))  # [B * kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
         if kv_heads > 1:
             every_head = g.constant(np.ones((1, kv_heads, 1, 1), np.bool_), "attn.every_head")
             mask = g.elementwise(mask, every_head, "AND", "attn.head_mask")  # [B, kv, 1, L]
-        mask = merged(mask, -1, "attn.mask3")  # [B * kv, 1, L]
+        mask = merged(mask, (1, -1), "attn.mask3")  # [B * kv, 1, L]
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
         scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
         hidden = g.scalar(float("-inf"), np.float32, 3, "attn.hidden")
