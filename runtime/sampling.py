@@ -96,21 +96,20 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
 BLOCK = 4096
 
 
-def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """An index drawn with probability softmax(logits): one uniform number, inverse CDF.
+def draw(logits: np.ndarray, u: float) -> int:
+    """The index softmax(logits) gives the uniform number u by inverse CDF.
 
     Over more than BLOCK entries the CDF is walked block by block: a running sum over a whole
     262k vocabulary is sequential and costs more than a millisecond."""
     weights = logits - logits.max()
     np.exp(weights, out=weights)
     if weights.size <= BLOCK:
-        return _inverse_cdf(np.cumsum(weights, dtype=np.float64), rng.random())
+        return _inverse_cdf(np.cumsum(weights, dtype=np.float64), u)
     whole = weights.size // BLOCK * BLOCK
     sums = weights[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
     if whole < weights.size:
         sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
     cdf = np.cumsum(sums)
-    u = rng.random()
     b = _inverse_cdf(cdf, u)
     block = np.cumsum(weights[b * BLOCK : (b + 1) * BLOCK], dtype=np.float64)
     block += cdf[b - 1] if b else 0.0
@@ -126,11 +125,13 @@ def _inverse_cdf(cdf: np.ndarray, u: float, total: float | None = None) -> int:
 def next_tokens(
     logits: np.ndarray, params: SamplingParams, seen: list[np.ndarray], rng: np.random.Generator
 ) -> np.ndarray:
-    """int64 [B] next token ids from float32 logits [B, vocab]."""
+    """int64 [B] next token ids from float32 logits [B, vocab]. A sampled step draws one
+    uniform number per sequence, in row order, whatever path draws its token."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(axis=-1)
-    return np.array([pick(row, None, params, rng) for row in logits], np.int64)
+    u = rng.random(len(logits))
+    return np.array([pick(row, params, ub) for row, ub in zip(logits, u)], np.int64)
 
 
 def next_tokens_from_top(
@@ -152,54 +153,91 @@ def next_tokens_from_top(
     Top-p without a top-k needs each row's `log_normalizer` (log sum exp(logits /
     temperature) over the vocabulary) and the best K to hold top_p."""
     penalty, k = params.repetition_penalty, 1 if params.greedy else params.top_k
-    tokens, whole = [], None
-    for b in range(len(values)):
-        row, token = values[b], None
-        if penalty != 1.0:
-            row = row.copy()
-            hit = np.isin(ids[b], seen[b])
-            row[hit] = penalized(row[hit], penalty)
-            decided = np.partition(row, -k)[-k] > values[b, -1]
-        else:
-            decided = True
-        if decided and params.greedy:  # argmax's first index: the lowest id among ties
-            token = int(ids[b][row == row.max()].min())
-        elif decided:
-            lse = None if log_normalizer is None else float(log_normalizer[b])
-            token = pick(row, ids[b], params, rng, lse)
-        if token is None:
-            whole = whole_logits() if whole is None else whole
-            own = apply_repetition_penalty(whole[b : b + 1], seen[b : b + 1], penalty)[0]
-            token = int(own.argmax()) if params.greedy else pick(own, None, params, rng)
-        tokens.append(token)
-    return np.array(tokens, np.int64)
-
-
-def pick(
-    logits: np.ndarray,
-    ids: np.ndarray | None,
-    params: SamplingParams,
-    rng: np.random.Generator,
-    log_normalizer: float | None = None,
-) -> int | None:
-    """One sampled token id from one row of logits (whose token ids are `ids`, or the
-    positions). The survivors are drawn from in token-id order, so that a seed picks the same
-    token from the whole vocabulary as from the engine's best K.
-
-    Given the row's log_normalizer, `logits` are the best K, best first, and the filter is
-    top-p alone: the nucleus is found among them, or None is returned when it reaches beyond."""
-    x = logits / np.float32(params.temperature)
-    if log_normalizer is None:
-        keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order for logits
+    rows, decided = values, np.ones(len(values), bool)
+    if penalty != 1.0:  # penalized, then best first again (ties keep their order)
+        rows = values.copy()
+        for b, tokens_seen in enumerate(seen):
+            hit = np.isin(ids[b], tokens_seen)
+            rows[b, hit] = penalized(rows[b, hit], penalty)
+        order = np.argsort(-rows, axis=1, kind="stable")
+        rows, ids = np.take_along_axis(rows, order, 1), np.take_along_axis(ids, order, 1)
+        decided = rows[:, k - 1] > values[:, -1]
+    if params.greedy:  # argmax's first index: the lowest id among ties
+        best = rows == rows.max(axis=1, keepdims=True)
+        tokens = np.where(best, ids, np.iinfo(ids.dtype).max).min(axis=1).astype(np.int64)
     else:
-        probs = np.exp((x - np.float32(log_normalizer)).astype(np.float64))
-        mass = np.cumsum(probs)
-        if mass[-1] < params.top_p:
-            return None
-        keep = np.flatnonzero(mass - probs < params.top_p)
-    if ids is None and keep.size == x.size:  # no filter: every position, already in order
-        return draw(x, rng)
-    if ids is not None:
-        keep = keep[np.argsort(ids[keep])]
-    tokens = keep if ids is None else ids[keep]
-    return int(tokens[draw(x[keep], rng)])
+        u = rng.random(len(values))
+        tokens, held = sample_best_k(rows, ids, params, u, log_normalizer)
+        decided &= held
+    if not decided.all():
+        whole = whole_logits()
+        for b in np.flatnonzero(~decided):
+            own = whole[b]
+            if penalty != 1.0:
+                own = apply_repetition_penalty(whole[b : b + 1], seen[b : b + 1], penalty)[0]
+            tokens[b] = own.argmax() if params.greedy else pick(own, params, u[b])
+    return tokens
+
+
+def sample_best_k(
+    values: np.ndarray,
+    ids: np.ndarray,
+    params: SamplingParams,
+    u: np.ndarray,
+    log_normalizer: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 [B] tokens, bool [B] decided) drawn from each row's K logits `values` [B, K],
+    best first (ties in any order), with ids [B, K], by the uniform numbers u [B]: the
+    filters and the draw `pick` applies to a whole row (survivors drawn from in token-id
+    order), for all rows in whole-array operations (docs/benchmarks.md: 16 rows in the
+    time a row-by-row loop took for two).
+
+    Without `log_normalizer`, top-k (k <= K) then top-p decide every row. With it (top-p
+    alone), a row is decided when its best K hold top_p of the vocabulary's mass; then
+    the nucleus is the best-first prefix of them whose mass before each is under top_p."""
+    x = values / np.float32(params.temperature)
+    below = x - x[:, :1]  # x[:, 0] is each row's best: `pick` weighs survivors by exp(below)
+    weights = np.exp(below)
+    k, top_p, keep = min(params.top_k or x.shape[1], x.shape[1]), params.top_p, None
+    decided = np.ones(len(x), bool)
+    if log_normalizer is not None:
+        probs = np.exp((x - log_normalizer.astype(np.float32)[:, None]).astype(np.float64))
+        mass = np.cumsum(probs, axis=1)
+        keep, decided = mass - probs < top_p, mass[:, -1] >= top_p
+    else:
+        if k < x.shape[1]:
+            keep = x >= x[:, k - 1 : k]  # top-k: ties at the k-th value stay
+        if top_p < 1.0:  # top-p among those, over their mass alone (as `candidates`)
+            e, n = weights, x.shape[1]
+            if keep is not None:
+                e, n = np.where(keep, weights, np.float32(0)), keep.sum(axis=1, keepdims=True)
+            total = e.sum(axis=1, dtype=np.float64, keepdims=True)
+            near = e >= 0.5 * (1.0 - top_p) * total / n  # `candidates`' floor
+            probs = np.where(near, np.exp(below.astype(np.float64)) / total, 0.0)
+            keep = near & (np.cumsum(probs, axis=1) - probs < top_p)
+    rows = np.arange(len(x))[:, None]
+    if keep is None:  # every one of the K survives
+        order = np.argsort(ids, axis=1)  # token-id order
+        cdf = np.cumsum(weights[rows, order], axis=1, dtype=np.float64)
+        last = np.full(len(x), x.shape[1] - 1)
+    else:
+        order = np.argsort(np.where(keep, ids, np.int64(1) << 40), axis=1)
+        kept = keep[rows, order]
+        cdf = np.cumsum(
+            np.where(kept, weights[rows, order], np.float32(0)), axis=1, dtype=np.float64
+        )
+        last = kept.sum(axis=1) - 1
+    target = u * cdf[rows[:, 0], last]
+    index = np.minimum((cdf <= target[:, None]).sum(axis=1), last)
+    return ids[rows[:, 0], order[rows[:, 0], index]].astype(np.int64), decided
+
+
+def pick(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    """The token a whole row of logits gives the uniform number u: the filters' survivors
+    are drawn from in token-id order, so that u picks the same token from the whole
+    vocabulary as from the engine's best K (`sample_best_k`)."""
+    x = logits / np.float32(params.temperature)
+    keep = candidates(x, params.top_k, params.top_p)  # ascending: token-id order
+    if keep.size == x.size:  # no filter: every position, already in order
+        return draw(x, u)
+    return int(keep[draw(x[keep], u)])

@@ -151,7 +151,7 @@ def test_draw_over_a_vocabulary_of_several_blocks():
     x[chosen] = [0.0, 1.0, 0.5, 0.0, 1.0]
     p = np.exp(x[chosen]) / np.exp(x[chosen]).sum()
     rng = np.random.default_rng(3)
-    counts = np.bincount([draw(x, rng) for _ in range(20000)], minlength=x.size)
+    counts = np.bincount([draw(x, u) for u in rng.random(20000)], minlength=x.size)
     assert counts.sum() == counts[chosen].sum()
     np.testing.assert_allclose(counts[chosen] / 20000, p, atol=0.015)
 
@@ -186,3 +186,43 @@ def test_best_k_under_a_repetition_penalty_falls_back_when_they_cannot_decide(te
     assert len(asked) == 20  # row 1 each time, row 0 never
     if temperature == 0:
         np.testing.assert_array_equal(want, [2, 0])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_k=64, top_p=0.95),  # Gemma-3's
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8),  # Qwen's
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=0.6, top_p=0.9),  # Llama 3's: with the log-normalizer
+    ],
+)
+def test_a_batch_sampled_from_its_best_k_draws_the_whole_logits_tokens(params):
+    """16 sequences at once from their best 64 logits (ties among the best included; one
+    row so flat that top-p alone reaches past its best 64, drawn from its whole logits):
+    for 30 seeds, the tokens row-by-row sampling of the whole logits draws."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 2.5, (16, 3000)).astype(np.float32)
+    best = np.argsort(-logits, axis=1)
+    logits[2, best[2, 1]] = logits[2, best[2, 0]]  # a tie for the best token
+    logits[7, best[7, 5:9]] = logits[7, best[7, 5]]  # four tied in the nucleus
+    logits[9] *= 0.05  # flat: its nucleus holds hundreds of tokens
+    ids = np.argsort(-logits, axis=1, kind="stable")[:, :64].astype(np.int32)
+    values = np.take_along_axis(logits, ids, axis=1)
+    lse = None
+    if params.top_k == 0:
+        x = logits.astype(np.float64) / params.temperature
+        peak = x.max(axis=1, keepdims=True)
+        lse = (peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))).astype(np.float32)
+    asked = []
+
+    def whole() -> np.ndarray:
+        asked.append(1)
+        return logits
+
+    none: list[np.ndarray] = [np.array([], int)] * 16
+    for seed in range(30):
+        got = next_tokens_from_top(values, ids, params, np.random.default_rng(seed), lse, whole)
+        want = next_tokens(logits, params, none, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, want)
+    assert len(asked) == (30 if params.top_k == 0 else 0)  # the flat row, under top-p alone
