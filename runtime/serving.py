@@ -389,7 +389,9 @@ class Engine:
             for name, o in out.items()
             if name != LOG_NORMALIZER or name in r.readout.outputs
         }
-        seen = [np.array(r.prompt_ids + r.completion.token_ids)]
+        seen = []  # what a repetition penalty reads: the whole sequence so far
+        if r.params.repetition_penalty != 1.0:
+            seen = [np.array(r.prompt_ids + r.completion.token_ids)]
         return int(next_tokens_from(own, r.params, r.rng, seen, lambda: whole()[b : b + 1])[0])
 
     def _accept(self, r: Request, token: int) -> None:
