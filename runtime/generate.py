@@ -37,7 +37,7 @@ from .readout import (
     next_tokens_from,
     readout_for,
 )
-from .sampling import SamplingParams
+from .sampling import SamplingParams, uniforms
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
@@ -195,7 +195,8 @@ class Run:
                 if params.repetition_penalty != 1.0
                 else []
             )
-            tokens = next_tokens_from(out, params, rng, seen, lambda: backend.last_logits())
+            u = uniforms(params, rng, len(rows))
+            tokens = next_tokens_from(out, params, u, seen, lambda: backend.last_logits())
             yield tokens
             if step + 1 == params.max_new_tokens:
                 return

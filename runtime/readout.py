@@ -65,16 +65,17 @@ def may_fall_back(readout: Readout, params: SamplingParams) -> bool:
 def next_tokens_from(
     out: Outputs,
     params: SamplingParams,
-    rng: np.random.Generator,
+    u: np.ndarray | None,
     seen: list[np.ndarray],
     whole_logits: Callable[[], np.ndarray],
 ) -> np.ndarray:
-    """[B] next token ids from one call's outputs (of any Readout above); `whole_logits`
-    gives the latest call's logits for the rows the best K do not decide."""
+    """[B] next token ids from one call's outputs (of any Readout above), each row's by its
+    uniform number in u (runtime.sampling.uniforms); `whole_logits` gives the latest call's
+    logits for the rows the best K do not decide."""
     if NEXT_TOKEN in out:
         return out[NEXT_TOKEN]
     if TOP_IDS in out:
         return next_tokens_from_top(
-            out[TOP_LOGITS], out[TOP_IDS], params, rng, out.get(LOG_NORMALIZER), whole_logits, seen
+            out[TOP_LOGITS], out[TOP_IDS], params, u, out.get(LOG_NORMALIZER), whole_logits, seen
         )
-    return next_tokens(out[LOGITS], params, seen, rng)
+    return next_tokens(out[LOGITS], params, seen, u)

@@ -122,15 +122,20 @@ def _inverse_cdf(cdf: np.ndarray, u: float, total: float | None = None) -> int:
     return min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
 
 
+def uniforms(params: SamplingParams, rng: np.random.Generator, n: int) -> np.ndarray | None:
+    """The uniform numbers a step of n sequences draws from: one per sequence, in row order,
+    whatever path then draws its token (none for greedy decoding)."""
+    return None if params.greedy else rng.random(n)
+
+
 def next_tokens(
-    logits: np.ndarray, params: SamplingParams, seen: list[np.ndarray], rng: np.random.Generator
+    logits: np.ndarray, params: SamplingParams, seen: list[np.ndarray], u: np.ndarray | None
 ) -> np.ndarray:
-    """int64 [B] next token ids from float32 logits [B, vocab]. A sampled step draws one
-    uniform number per sequence, in row order, whatever path draws its token."""
+    """int64 [B] next token ids from float32 logits [B, vocab], each row's by its uniform
+    number in u [B] (`uniforms`)."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(axis=-1)
-    u = rng.random(len(logits))
     return np.array([pick(row, params, ub) for row, ub in zip(logits, u)], np.int64)
 
 
@@ -138,14 +143,15 @@ def next_tokens_from_top(
     values: np.ndarray,
     ids: np.ndarray,
     params: SamplingParams,
-    rng: np.random.Generator,
+    u: np.ndarray | None,
     log_normalizer: np.ndarray | None = None,
     whole_logits: Callable[[], np.ndarray] | None = None,
     seen: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """int64 [B] next token ids from each sequence's best K logits [B, K] and their ids [B, K]
     (the engine's top_logits/top_ids): the same tokens as `next_tokens` on the whole logits,
-    for the same seed. Rows the best K do not decide are sampled from `whole_logits()`.
+    for the same uniform numbers u. Rows the best K do not decide are sampled from
+    `whole_logits()`.
 
     With 0 < top_k <= K the best K are enough, also under a repetition penalty > 1 (for
     `seen` tokens) as long as the k-th best penalized logit stays above the K-th logit, which
@@ -166,7 +172,6 @@ def next_tokens_from_top(
         best = rows == rows.max(axis=1, keepdims=True)
         tokens = np.where(best, ids, np.iinfo(ids.dtype).max).min(axis=1).astype(np.int64)
     else:
-        u = rng.random(len(values))
         tokens, held = sample_best_k(rows, ids, params, u, log_normalizer)
         decided &= held
     if not decided.all():

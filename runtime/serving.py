@@ -298,7 +298,7 @@ class Engine:
                 out = self.backend.forward(ids, positions, last, r.readout)
             r.prefilled = end
             if r.decoding:
-                token = self._sample(r, out, 0, self._whole_logits())
+                token = self._sample([r], out, [0], self._whole_logits())[0]
         except Exception as e:
             self._fail([r], e)
             return
@@ -329,7 +329,7 @@ class Engine:
                 return
             out = self.backend.forward(ids, positions, np.zeros(n, np.int32), readout)
             whole = self._whole_logits()
-            tokens = [self._sample(r, out, r.row, whole) for r in decoding]
+            tokens = self._sample(decoding, out, [r.row for r in decoding], whole)
         except Exception as e:
             self._fail(decoding, e)
             return
@@ -381,18 +381,33 @@ class Engine:
         kept: list[np.ndarray] = []
         return lambda: kept[0] if kept else kept.append(self.backend.last_logits()) or kept[0]
 
-    def _sample(self, r: Request, out: Outputs, b: int, whole) -> int:
-        """r's next token from row b of a call's outputs. A log-normalizer there belongs to
-        the top-p requests of the call; the others sample from their best K alone."""
-        own = {
-            name: o[b : b + 1]
-            for name, o in out.items()
-            if name != LOG_NORMALIZER or name in r.readout.outputs
-        }
-        seen = []  # what a repetition penalty reads: the whole sequence so far
-        if r.params.repetition_penalty != 1.0:
-            seen = [np.array(r.prompt_ids + r.completion.token_ids)]
-        return int(next_tokens_from(own, r.params, r.rng, seen, lambda: whole()[b : b + 1])[0])
+    def _sample(self, requests: list[Request], out: Outputs, rows: list[int], whole) -> list[int]:
+        """Each request's next token from its row of a call's outputs. The requests of one
+        sampling setting are drawn together (whole-array operations, runtime.sampling),
+        each by a uniform number from its own generator. A log-normalizer belongs to the
+        call's top-p requests; the others sample from their best K alone."""
+        tokens = [0] * len(requests)
+        settings: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            key = (p.temperature, p.top_k, p.top_p, p.repetition_penalty, r.readout)
+            settings.setdefault(key, []).append(i)
+        for members in settings.values():
+            first, take = requests[members[0]], [rows[i] for i in members]
+            own = {
+                name: o[take]
+                for name, o in out.items()
+                if name != LOG_NORMALIZER or name in first.readout.outputs
+            }
+            params, group = first.params, [requests[i] for i in members]
+            u = None if params.greedy else np.array([r.rng.random() for r in group])
+            seen = []  # what a repetition penalty reads: the whole sequence so far
+            if params.repetition_penalty != 1.0:
+                seen = [np.array(r.prompt_ids + r.completion.token_ids) for r in group]
+            drawn = next_tokens_from(own, params, u, seen, lambda take=take: whole()[take])
+            for i, token in zip(members, drawn.tolist()):
+                tokens[i] = token
+        return tokens
 
     def _accept(self, r: Request, token: int) -> None:
         now = time.perf_counter()

@@ -20,6 +20,7 @@ from runtime.sampling import (
     draw,
     next_tokens,
     next_tokens_from_top,
+    uniforms,
 )
 
 
@@ -89,16 +90,18 @@ def test_sampling_draws_only_from_the_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     params = SamplingParams(temperature=1.0, top_p=0.7)  # keeps 0.5 and 0.3, renormalized
     rng = np.random.default_rng(2)
-    draws = [next_tokens(logits, params, [np.array([], int)], rng)[0] for _ in range(4000)]
+    draws = [
+        next_tokens(logits, params, [np.array([], int)], uniforms(params, rng, 1))[0]
+        for _ in range(4000)
+    ]
     np.testing.assert_allclose(
         np.bincount(draws, minlength=4) / 4000, [0.625, 0.375, 0, 0], atol=0.03
     )
 
 
 def test_greedy_is_argmax(logits):
-    rng = np.random.default_rng(0)
     np.testing.assert_array_equal(
-        next_tokens(logits, SamplingParams(), [np.array([], int)] * 3, rng), logits.argmax(-1)
+        next_tokens(logits, SamplingParams(), [np.array([], int)] * 3, None), logits.argmax(-1)
     )
 
 
@@ -108,13 +111,20 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
 
     def draws(seed: int) -> list[int]:
         rng = np.random.default_rng(seed)
-        return [int(next_tokens(logits, params, [np.array([], int)], rng)[0]) for _ in range(50)]
+        return [
+            int(next_tokens(logits, params, [np.array([], int)], uniforms(params, rng, 1))[0])
+            for _ in range(50)
+        ]
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
     rng = np.random.default_rng(1)
     counts = np.bincount(
-        [next_tokens(logits, params, [np.array([], int)], rng)[0] for _ in range(4000)], minlength=4
+        [
+            next_tokens(logits, params, [np.array([], int)], uniforms(params, rng, 1))[0]
+            for _ in range(4000)
+        ],
+        minlength=4,
     )
     np.testing.assert_allclose(counts / 4000, [0.5, 0.3, 0.2, 0.0], atol=0.03)
 
@@ -123,7 +133,8 @@ def test_top_k_one_is_greedy_even_when_sampling(logits):
     rng = np.random.default_rng(3)
     params = SamplingParams(temperature=1.5, top_k=1)
     np.testing.assert_array_equal(
-        next_tokens(logits, params, [np.array([], int)] * 3, rng), logits.argmax(-1)
+        next_tokens(logits, params, [np.array([], int)] * 3, uniforms(params, rng, 3)),
+        logits.argmax(-1),
     )
 
 
@@ -178,10 +189,9 @@ def test_best_k_under_a_repetition_penalty_falls_back_when_they_cannot_decide(te
         return logits
 
     for seed in range(20):
-        got = next_tokens_from_top(
-            values, ids, params, np.random.default_rng(seed), None, whole, seen
-        )
-        want = next_tokens(logits, params, seen, np.random.default_rng(seed))
+        u = uniforms(params, np.random.default_rng(seed), 2)
+        got = next_tokens_from_top(values, ids, params, u, None, whole, seen)
+        want = next_tokens(logits, params, seen, u)
         np.testing.assert_array_equal(got, want)
     assert len(asked) == 20  # row 1 each time, row 0 never
     if temperature == 0:
@@ -222,7 +232,8 @@ def test_a_batch_sampled_from_its_best_k_draws_the_whole_logits_tokens(params):
 
     none: list[np.ndarray] = [np.array([], int)] * 16
     for seed in range(30):
-        got = next_tokens_from_top(values, ids, params, np.random.default_rng(seed), lse, whole)
-        want = next_tokens(logits, params, none, np.random.default_rng(seed))
+        u = uniforms(params, np.random.default_rng(seed), 16)
+        got = next_tokens_from_top(values, ids, params, u, lse, whole)
+        want = next_tokens(logits, params, none, u)
         np.testing.assert_array_equal(got, want)
     assert len(asked) == (30 if params.top_k == 0 else 0)  # the flat row, under top-p alone

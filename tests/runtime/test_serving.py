@@ -118,6 +118,34 @@ def test_every_request_equals_itself_alone(model):
     assert max(runs[1:]) == 1
 
 
+def test_requests_of_one_sampling_setting_are_drawn_together_each_as_alone(model, monkeypatch):
+    """Three rows of one top-k/top-p setting with their own seeds, beside one of another
+    temperature: decode steps draw the three together (one whole-array call) and each
+    request still equals itself alone."""
+    import runtime.sampling
+
+    rows_drawn = []
+    draw_rows = runtime.sampling.sample_best_k
+
+    def spy(values, *args):
+        rows_drawn.append(len(values))
+        return draw_rows(values, *args)
+
+    prompts = [words(3 + 5 * i, n) for i, n in enumerate([4, 7, 2, 5])]
+    params = [
+        SamplingParams(max_new_tokens=9, temperature=0.9, top_k=8, top_p=0.9, seed=s)
+        for s in (1, 2, 3)
+    ] + [SamplingParams(max_new_tokens=9, temperature=1.2, top_k=8, top_p=0.9, seed=1)]
+    expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+    assert len({tuple(ids) for ids, _, _ in expected}) == 4
+    monkeypatch.setattr(runtime.sampling, "sample_best_k", spy)
+    _, requests, texts = served(cpu(model, 4), model, prompts, params)
+    for r, text, (ids, want_text, _) in zip(requests, texts, expected):
+        assert r.completion.token_ids == ids
+        assert text == want_text
+    assert max(rows_drawn) == 3 and set(rows_drawn) <= {1, 2, 3}
+
+
 def test_greedy_steps_run_one_ahead(model):
     """A greedy request alone: after its first decode step every step is submitted fed the
     step before's argmax on the device (the last one's tokens, past max_new_tokens, are
