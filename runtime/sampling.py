@@ -166,7 +166,8 @@ def next_tokens_from_top(
             hit = np.isin(ids[b], tokens_seen)
             rows[b, hit] = penalized(rows[b, hit], penalty)
         order = np.argsort(-rows, axis=1, kind="stable")
-        rows, ids = np.take_along_axis(rows, order, 1), np.take_along_axis(ids, order, 1)
+        at = np.arange(len(rows))[:, None]
+        rows, ids = rows[at, order], ids[at, order]
         decided = rows[:, k - 1] > values[:, -1]
     if params.greedy:  # argmax's first index: the lowest id among ties
         best = rows == rows.max(axis=1, keepdims=True)

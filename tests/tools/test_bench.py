@@ -201,7 +201,7 @@ def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
     host = report["host"]
     assert (host["vocab"], host["steps"]) == (512, 64)
     assert [(r["setting"], r["batch"]) for r in host["rows"]] == [
-        (name, b) for name, _, _ in SETTINGS for b in (1, 4)
+        (name, b) for name, _, _ in SETTINGS for b in (1, 4, 16)
     ]
     assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in host["rows"])
 

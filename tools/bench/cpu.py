@@ -138,7 +138,7 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
         report["host"] = {"skipped": f"no tokenizer.json in {model_dir}"}
     else:
         print("timing the generate loop's host work ...", file=sys.stderr)
-        report["host"] = host_overhead(model_dir, logits, [1, 4], 64, warmup, rounds)
+        report["host"] = host_overhead(model_dir, logits, [1, 4, 16], 64, warmup, rounds)
     report.save()
     if why := transformers_available():
         report["transformers"] = {"skipped": why}
