@@ -307,12 +307,15 @@ def test_gemma3_270m_chat_equals_tools_generate(gemma3_270m_dir, tmp_path, capsy
 
 
 def test_the_serving_benchmark_reports_each_level(server, tmp_path, capsys):
+    """Sampled requests (top-k 8, top-p 0.9, seeded), three streams at once."""
     from tools.bench import serve as bench
 
     out = tmp_path / "serve.json"
     args = ["--url", f"http://127.0.0.1:{server.port}/v1", "--streams", "1,3", "--rounds", "2"]
+    args += ["--temperature", "0.8", "--top-k", "8", "--top-p", "0.9"]
     assert bench.main([*args, "--prompt-tokens", "5", "--max-tokens", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["sampling"] == {"temperature": 0.8, "top_k": 8, "top_p": 0.9}
     assert [lv["streams"] for lv in report["levels"]] == [1, 3]
     for level in report["levels"]:
         assert level["requests"] == 2 * level["streams"]

@@ -8,7 +8,8 @@ of concurrent streams.
 Without --url it starts `python -m tools.serve` on a free loopback port (its --backend,
 --max-batch, --dtype, --max-seq-len) and stops it at the end. For each level of --streams,
 that many clients each send --rounds streaming completions back to back (a prompt of
---prompt-tokens random token ids, seeded per request; greedy; --max-tokens new tokens).
+--prompt-tokens random token ids, seeded per request; greedy, or sampled with --temperature,
+--top-k and --top-p and a seed per request; --max-tokens new tokens).
 Time to first token is from sending a request to its first text chunk; inter-token latency
 is the gap between consecutive chunks (one per token); tokens/s is the level's generated
 tokens (from each response's usage) over its wall time. The openai client drives it
@@ -50,7 +51,10 @@ async def one_level(client, model: str, streams: int, args, vocab: int) -> dict:
                 model=model,
                 prompt=prompt,
                 max_tokens=args.max_tokens,
-                temperature=0,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=1000 * k + r,
+                extra_body={"top_k": args.top_k} if args.top_k else None,
                 stream=True,
                 stream_options={"include_usage": True},
             )
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="requests per client and level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="default 0: none")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="write the raw results here")
     args = p.parse_args(argv)
     if (args.url is None) == (args.model_path is None):
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch": args.max_batch,
             "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens,
+            "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
             "rounds": args.rounds,
             "machine": machine(),
             "versions": versions(),
