@@ -24,7 +24,7 @@ from tools.bench import BenchError, gpu
 from tools.bench.__main__ import int_list, main, parse_args
 from tools.bench.cgroup import CGROUP_ROOT, MemoryCgroup, own_cgroup
 from tools.bench.gpu import gpu_tables
-from tools.bench.host import SETTINGS
+from tools.bench.host import SERVER_SETTINGS, SETTINGS
 from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
 from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
 from tools.bench.roofline import (
@@ -204,6 +204,13 @@ def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
         (name, b) for name, _, _ in SETTINGS for b in (1, 4, 16)
     ]
     assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in host["rows"])
+    server = report["server_host"]
+    assert (server["prompt_tokens"], server["steps"]) == (1024, 64)
+    assert [(r["setting"], r["streams"]) for r in server["rows"]] == [
+        (name, n) for name, _ in SERVER_SETTINGS for n in (1, 4, 16)
+    ]
+    assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in server["rows"])
+    assert "server host work per decode step" in printed
 
 
 # ---- --make-random ----

@@ -25,7 +25,8 @@ of time for --target) and reports its wall time and peak RSS (the child's own ru
 wait4, plus /proc polling for the anonymous/file-backed split and per-phase figures), also as
 a multiple of the checkpoint size; with --rounds N it builds every model N times, round-robin,
 and adds each model's median. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
-against transformers on the CPU. --make-random writes a checkpoint with a real model's shapes
+against transformers on the CPU, and the host work the generate loop and the server add to
+each decode step (tools/bench/host.py). --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.bench.host import host_overhead, host_table
+from tools.bench.host import host_overhead, host_table, server_host_overhead, server_host_table
 from tools.bench.report import Report, format_table, stats
 from tools.bench.timing import prompt_ids, transformers_available
 
@@ -139,6 +139,11 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
     else:
         print("timing the generate loop's host work ...", file=sys.stderr)
         report["host"] = host_overhead(model_dir, logits, [1, 4, 16], 64, warmup, rounds)
+        report.save()
+        print("timing the server's host work ...", file=sys.stderr)
+        report["server_host"] = server_host_overhead(
+            model_dir, logits, [1, 4, 16], 64, warmup, rounds
+        )
     report.save()
     if why := transformers_available():
         report["transformers"] = {"skipped": why}
@@ -210,6 +215,8 @@ def cpu_tables(report: dict[str, Any]) -> str:
     host = report.get("host", {})
     if "rows" in host:
         table += "\n\n" + host_table(host)
+    if "server_host" in report:
+        table += "\n\n" + server_host_table(report["server_host"])
     elif "skipped" in host:
         table += f"\nhost work per step: skipped ({host['skipped']})"
     return table

@@ -1,15 +1,20 @@
-"""--cpu, second part: what the generate loop itself adds to every decode step.
+"""--cpu, second part: what the generate loop and the server themselves add to every decode
+step.
 
-The shared loop (runtime.generate: sampling, the streaming detokenizer, stop handling) runs
-over a backend that answers each call at once with the model's real next-token logits, so
-the time per step is the host work a GPU engine's step cannot hide. Greedy decoding takes the
-engine's argmax (next_token); sampling with top_k <= the engine's sample_top_k takes its best
-K logits and ids (top_logits, top_ids); other sampling takes the whole logits.
+The shared loop (runtime.generate: sampling, the streaming detokenizer, stop handling) and
+the server's engine (runtime.serving, its step thread and streams) run over a backend that
+answers each call at once with the model's real next-token logits, so the time per step is
+the host work a GPU engine's step cannot hide. Greedy decoding takes the engine's argmax
+(next_token); sampling with top_k <= the engine's sample_top_k takes its best K logits and
+ids (top_logits, top_ids); other sampling takes the whole logits.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from netdef.contract import LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOG
 from runtime.generate import Generator
 from runtime.readout import Outputs, Readout
 from runtime.sampling import SamplingParams
+from runtime.serving import Engine
 from runtime.tokenizer import Tokenizer
 from tools.bench.report import format_table, stats
 
@@ -64,6 +70,10 @@ class InstantBackend:
 
     def reset(self, batch: int) -> None:
         pass
+
+    @contextmanager
+    def row(self, k: int) -> Iterator[None]:
+        yield  # a call on one cache row answers the same
 
     def forward(self, input_ids, position_ids, last, readout: Readout) -> Outputs:
         self.batch = b = len(input_ids)
@@ -128,5 +138,50 @@ def host_table(result: dict[str, Any]) -> str:
     return format_table(
         ["sampling", "batch", "min ms/step", "median ms/step"],
         [[r["setting"], r["batch"], r["min_ms"], r["median_ms"]] for r in result["rows"]],
+        title,
+    )
+
+
+SERVER_SETTINGS = [("greedy", SamplingParams()), ("Gemma-3's T 1.0, top-k 64, top-p 0.95", GEMMA)]
+SERVER_PROMPT = 1024  # tokens of each stream's prompt
+
+
+def server_host_overhead(
+    model_dir: Path, logits: np.ndarray, streams: list[int], steps: int, warmup: int, rounds: int
+) -> dict[str, Any]:
+    """ms of the server's own work per decode step: that many streams submitted at once to a
+    `runtime.serving.Engine` over a backend answering at once, each a prompt of
+    SERVER_PROMPT tokens and `steps` new tokens (seeded per stream), read to the end; a
+    round's wall time over `steps`."""
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompt = list(range(1, SERVER_PROMPT + 1))
+    rows = []
+    for name, base in SERVER_SETTINGS:
+        for n in streams:
+            samples = []
+            for _ in range(warmup + rounds):
+                engine = Engine(InstantBackend(logits, n, SERVER_PROMPT + steps, 64), tokenizer)
+                params = [
+                    SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
+                    for i in range(n)
+                ]
+                t0 = time.perf_counter()
+                for request in [engine.submit(prompt, p) for p in params]:
+                    for _text in request:
+                        pass
+                samples.append((time.perf_counter() - t0) * 1000 / steps)
+                engine.shutdown()
+            rows.append({"setting": name, "streams": n, **stats(samples[warmup:])})
+    return {"prompt_tokens": SERVER_PROMPT, "steps": steps, "rows": rows}
+
+
+def server_host_table(result: dict[str, Any]) -> str:
+    title = (
+        f"server host work per decode step ({result['prompt_tokens']}-token prompts, "
+        f"{result['steps']} steps; the backend answers at once)"
+    )
+    return format_table(
+        ["sampling", "streams", "min ms/step", "median ms/step"],
+        [[r["setting"], r["streams"], r["min_ms"], r["median_ms"]] for r in result["rows"]],
         title,
     )
