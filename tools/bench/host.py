@@ -151,8 +151,8 @@ def server_host_overhead(
 ) -> dict[str, Any]:
     """ms of the server's own work per decode step: that many streams submitted at once to a
     `runtime.serving.Engine` over a backend answering at once, each a prompt of
-    SERVER_PROMPT tokens and `steps` new tokens (seeded per stream), read to the end; a
-    round's wall time over `steps`."""
+    SERVER_PROMPT tokens and `steps` new tokens (seeded per stream; no EOS), read to the end;
+    a round's wall time over `steps`."""
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt = list(range(1, SERVER_PROMPT + 1))
     rows = []
@@ -161,6 +161,7 @@ def server_host_overhead(
             samples = []
             for _ in range(warmup + rounds):
                 engine = Engine(InstantBackend(logits, n, SERVER_PROMPT + steps, 64), tokenizer)
+                engine.gen.eos_ids = set()  # no EOS ends a stream early
                 params = [
                     SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
                     for i in range(n)
