@@ -25,6 +25,7 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -555,14 +556,11 @@ class TensorRTBackend:
             raise RuntimeError(f"{what} needs no call in flight; collect them first.")
 
     def _result(self, lane: int, name: str, b: int, s: int) -> np.ndarray:
-        shape = {
-            LOGITS: self._logits_shape(b, s),
-            NEXT_TOKEN: (b,),
-            TOP_LOGITS: (b, self.sample_top_k),
-            TOP_IDS: (b, self.sample_top_k),
-            LOG_NORMALIZER: (b,),
-        }[name]
-        return self.hosts[lane][name].array[: int(np.prod(shape))].reshape(shape).copy()
+        if name == LOGITS:
+            shape = self._logits_shape(b, s)
+        else:  # next_token, log_normalizer [B]; top_logits, top_ids [B, K]
+            shape = (b, self.sample_top_k) if name in (TOP_LOGITS, TOP_IDS) else (b,)
+        return self.hosts[lane][name].array[: math.prod(shape)].reshape(shape).copy()
 
     def last_logits(self) -> np.ndarray:
         """The latest call's logits, still in device memory: copied back only when asked (a
