@@ -12,8 +12,9 @@ its own last prompt token. Cache rows hold the prompts longest first, so a chunk
 takes only the rows whose prompts go on (rows 0..B'-1): a row's padding never runs past the
 chunk its prompt ends in, which a KV ring of window + max_prefill - 1 slots absorbs
 (netdef.slots). Decode then feeds one token per sequence per step at position
-prompt_len + step; sequences that finished keep their row (fed a pad token, output ignored)
-until all are done.
+prompt_len + step; sequences that finished keep their row (fed their own next token,
+output ignored) until all are done. Each step's call is submitted before the host streams
+the tokens of the step before it, so the GPU need not wait for the host's text work.
 """
 
 from __future__ import annotations
@@ -182,29 +183,34 @@ class Run:
             c.stats.completion_tokens = len(c.token_ids)
 
     def _sampled(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
-        """Each decode step's tokens, drawn on the host from the call before; a step's call
-        feeds them (a pad token to sequences that finished)."""
+        """Each decode step's tokens, drawn on the host from the call before. The call they
+        feed is submitted before the host streams them (detokenizing, stop strings, the
+        caller's work on each delta), so the GPU runs meanwhile. Sequences that finished
+        are fed their own token; their outputs are ignored."""
         backend, params = self.gen.backend, self.params
         rows = [self.completions[i] for i in self.order]
         rng = np.random.default_rng(params.seed)
-        pad = self.gen.tokenizer.pad_id or 0
         last = np.zeros(len(rows), np.int32)
-        for step in range(params.max_new_tokens):
-            seen = (
-                [np.array(c.prompt_ids + c.token_ids) for c in rows]
-                if params.repetition_penalty != 1.0
-                else []
-            )
-            u = uniforms(params, rng, len(rows))
-            tokens = next_tokens_from(out, params, u, seen, lambda: backend.last_logits())
-            yield tokens
-            if step + 1 == params.max_new_tokens:
-                return
-            feed = np.array(
-                [[pad if c.finish_reason else int(t)] for c, t in zip(rows, tokens)], np.int32
-            )
-            positions = (lengths + step)[:, None].astype(np.int32)
-            out = backend.forward(feed, positions, last, self.readout)
+        inflight = False
+        try:
+            for step in range(params.max_new_tokens):
+                if step:
+                    out, inflight = backend.collect(), False
+                seen = (
+                    [np.array(c.prompt_ids + c.token_ids) for c in rows]
+                    if params.repetition_penalty != 1.0
+                    else []
+                )
+                u = uniforms(params, rng, len(rows))
+                tokens = next_tokens_from(out, params, u, seen, lambda: backend.last_logits())
+                if step + 1 < params.max_new_tokens:
+                    positions = (lengths + step)[:, None].astype(np.int32)
+                    backend.submit(tokens[:, None].astype(np.int32), positions, last, self.readout)
+                    inflight = True
+                yield tokens
+        finally:
+            if inflight:
+                backend.collect()
 
     def _greedy(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
         """Greedy decoding one call ahead of the host: step k + 1's call is submitted, fed

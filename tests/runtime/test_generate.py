@@ -133,6 +133,37 @@ def test_leaving_a_greedy_stream_collects_the_call_in_flight(cpu_model, tokenize
     assert not cpu_model.pending
 
 
+def test_sampled_steps_go_out_before_their_tokens_are_streamed(cpu_model, tokenizer):
+    """Each sampled step's call is submitted, fed the tokens just drawn, while none of them
+    has been streamed yet (the numbers: tokens streamed when each call went out); the
+    tokens are those of a plain run; leaving the stream midway collects the call in flight."""
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_k=20, seed=3)
+
+    class Noted(CallOrder):
+        def submit(self, ids, *args):
+            self.calls.append(len(run.completions[0].token_ids))
+            super().submit(ids, *args)
+
+    backend = Noted(cpu_model)
+    run = Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], params)
+    list(run)
+    assert backend.calls == [
+        0,
+        "submit",
+        *[x for k in (1, 2, 3) for x in ("collect", k, "submit")],
+        "collect",
+    ]
+    plain = Generator(cpu_model, tokenizer, eos_ids=[]).start([PROMPTS[0]], params)
+    list(plain)
+    assert run.completions[0].token_ids == plain.completions[0].token_ids
+    backend = CallOrder(cpu_model)
+    stream = iter(Generator(backend, tokenizer, eos_ids=[]).start([PROMPTS[0]], params))
+    next(stream), next(stream)
+    stream.close()
+    assert backend.calls == ["submit", "collect", "submit", "collect"]
+    assert not cpu_model.pending
+
+
 def test_seeded_sampling_is_reproducible(cpu_model, tokenizer):
     gen = Generator(cpu_model, tokenizer, eos_ids=[])
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
@@ -157,6 +188,7 @@ class WholeLogits:
         self.max_batch, self.max_seq_len = model.max_batch, model.max_seq_len
         self.max_prefill, self.rings = model.max_prefill, model.rings
         self.reset, self.forward = model.reset, model.forward
+        self.submit, self.collect = model.submit, model.collect
 
 
 def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_model, tokenizer):
