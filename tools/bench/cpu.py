@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.bench.host import host_overhead, host_table, server_host_overhead, server_host_table
+from tools.bench.host import host_overhead, host_table, server_host_overhead
 from tools.bench.report import Report, format_table, stats
 from tools.bench.timing import prompt_ids, transformers_available
 
@@ -216,7 +216,7 @@ def cpu_tables(report: dict[str, Any]) -> str:
     if "rows" in host:
         table += "\n\n" + host_table(host)
     if "server_host" in report:
-        table += "\n\n" + server_host_table(report["server_host"])
+        table += "\n\n" + host_table(report["server_host"])
     elif "skipped" in host:
         table += f"\nhost work per step: skipped ({host['skipped']})"
     return table

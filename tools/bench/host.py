@@ -131,14 +131,17 @@ def host_overhead(
 
 
 def host_table(result: dict[str, Any]) -> str:
-    title = (
-        f"generate loop host work per decode step (vocabulary {result['vocab']}, "
-        f"{result['steps']} steps; the backend answers at once)"
+    """The table of `host_overhead`'s or `server_host_overhead`'s result."""
+    count = "streams" if "prompt_tokens" in result else "batch"
+    scope = (
+        f"server host work per decode step ({result['prompt_tokens']}-token prompts"
+        if count == "streams"
+        else f"generate loop host work per decode step (vocabulary {result['vocab']}"
     )
     return format_table(
-        ["sampling", "batch", "min ms/step", "median ms/step"],
-        [[r["setting"], r["batch"], r["min_ms"], r["median_ms"]] for r in result["rows"]],
-        title,
+        ["sampling", count, "min ms/step", "median ms/step"],
+        [[r["setting"], r[count], r["min_ms"], r["median_ms"]] for r in result["rows"]],
+        f"{scope}, {result['steps']} steps; the backend answers at once)",
     )
 
 
@@ -174,15 +177,3 @@ def server_host_overhead(
                 engine.shutdown()
             rows.append({"setting": name, "streams": n, **stats(samples[warmup:])})
     return {"prompt_tokens": SERVER_PROMPT, "steps": steps, "rows": rows}
-
-
-def server_host_table(result: dict[str, Any]) -> str:
-    title = (
-        f"server host work per decode step ({result['prompt_tokens']}-token prompts, "
-        f"{result['steps']} steps; the backend answers at once)"
-    )
-    return format_table(
-        ["sampling", "streams", "min ms/step", "median ms/step"],
-        [[r["setting"], r["streams"], r["min_ms"], r["median_ms"]] for r in result["rows"]],
-        title,
-    )
