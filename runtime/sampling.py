@@ -227,7 +227,7 @@ def sample_best_k(
         cdf = np.cumsum(weights[rows, order], axis=1, dtype=np.float64)
         last = np.full(len(x), x.shape[1] - 1)
     else:
-        order = np.argsort(np.where(keep, ids, np.int64(1) << 40), axis=1)
+        order = np.argsort(np.where(keep, ids, np.iinfo(ids.dtype).max), axis=1)
         kept = keep[rows, order]
         cdf = np.cumsum(
             np.where(kept, weights[rows, order], np.float32(0)), axis=1, dtype=np.float64

@@ -215,8 +215,8 @@ def cpu_tables(report: dict[str, Any]) -> str:
     host = report.get("host", {})
     if "rows" in host:
         table += "\n\n" + host_table(host)
-    if "server_host" in report:
-        table += "\n\n" + host_table(report["server_host"])
     elif "skipped" in host:
         table += f"\nhost work per step: skipped ({host['skipped']})"
+    if "server_host" in report:
+        table += "\n\n" + host_table(report["server_host"])
     return table
