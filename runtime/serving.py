@@ -17,12 +17,14 @@ One thread owns the backend. Each turn it
   feed their last token at its position; the others feed a pad token at the slot they write
   next (a free row: slot 0), which is written again before anything reads it.
 
-While every decoding request is greedy and no prompt is being prefilled, decode steps run
-one ahead of the thread (`Backend.submit` with input_ids None): a step is submitted fed the
-previous step's argmax on the device before the thread collects the previous step and
-streams its tokens. Rows that finish meanwhile run one more step whose tokens are dropped;
-anything else (a prefill, a sampled request, a row set that changed) first collects the
-step in flight.
+Decode steps run one ahead of the host's streaming. While the rows and their requests stay the
+same and no prompt is being prefilled, the next step is submitted before the thread streams
+the tokens of the step before: a greedy step fed that step's argmax on the device
+(`Backend.submit` with input_ids None) before the thread even collects it, a sampled step fed
+the tokens just drawn from it. The GPU then runs while the thread detokenizes, streams and
+takes its next turn. Rows that finish meanwhile run one more step whose tokens are dropped (no
+step follows one that ends every request at max_new_tokens); anything else (a prefill, a row
+set that changed) first collects the step in flight.
 
 Why prefill alone and decode batched: a prefill chunk inside a mixed [B, S] call would make
 every row compute S tokens; alone it costs only its own. The decode call keeps the engine's
@@ -122,6 +124,12 @@ class Request:
     def done(self) -> bool:
         return self.completion.finish_reason is not None
 
+    @property
+    def last_in_flight(self) -> bool:
+        """Whether the decode step in flight gives this request's last token (at
+        max_new_tokens): no step need follow it."""
+        return len(self.completion.token_ids) + 1 == self.params.max_new_tokens
+
     def cancel(self) -> None:
         """Stop generating: a waiting request leaves the queue, a running one frees its row
         at the engine's next turn. Nothing happens to a finished request."""
@@ -167,6 +175,9 @@ class Request:
             yield text
 
 
+Step = tuple[list[Request], int, Readout]  # a decode call: its requests, its rows n, its readout
+
+
 class Engine:
     """The scheduler over `backend` (any `runtime.backend.Backend`); see the module docstring.
 
@@ -189,8 +200,7 @@ class Engine:
         self.accepting, self._stop = True, False
         self._cond = threading.Condition()
         self._ids = count()
-        # A greedy decode step submitted and not yet collected: its requests and its rows n.
-        self._ahead: tuple[list[Request], int] | None = None
+        self._ahead: Step | None = None  # the decode step submitted and not yet collected
         backend.reset(backend.max_batch)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -309,32 +319,24 @@ class Engine:
     def _decode(self, decoding: list[Request]) -> None:
         """One decode step over rows 0..n-1 (the module docstring says what each row feeds)."""
         n = max(r.row for r in decoding) + 1
-        readout = decode_readout(decoding)
-        if readout == ARGMAX and self._ahead == (decoding, n):
-            self._chain(decoding, n)
+        step = (decoding, n, decode_readout(decoding))
+        if self._ahead == step and not all(r.last_in_flight for r in decoding):
+            self._chain(step)
             return
         self._land()
         if not (decoding := [r for r in decoding if not r.done]):
             return
         n = max(r.row for r in decoding) + 1
         ids = np.full((n, 1), self.pad, np.int32)
-        positions = self._positions(n, 0)
         for r in decoding:
             ids[r.row] = r.next_token
         readout = decode_readout(decoding)
-        try:
-            if readout == ARGMAX:  # collected by the next turn's step (or `_land`)
-                self.backend.submit(ids, positions, np.zeros(n, np.int32), ARGMAX)
-                self._ahead = (decoding, n)
-                return
-            out = self.backend.forward(ids, positions, np.zeros(n, np.int32), readout)
-            whole = self._whole_logits()
-            tokens = self._sample(decoding, out, [r.row for r in decoding], whole)
+        try:  # collected by the next turn's step (or `_land`)
+            self.backend.submit(ids, self._positions(n, 0), np.zeros(n, np.int32), readout)
         except Exception as e:
             self._fail(decoding, e)
             return
-        for r, token in zip(decoding, tokens):
-            self._accept(r, token)
+        self._ahead = (decoding, n, readout)
 
     def _positions(self, n: int, ahead: int) -> np.ndarray:
         """int32 [n, 1]: the slot each of rows 0..n-1 writes next, `ahead` steps on for the
@@ -345,36 +347,51 @@ class Engine:
                 positions[k] = r.next_slot + (ahead if r.decoding else 0)
         return positions
 
-    def _chain(self, decoding: list[Request], n: int) -> None:
-        """The next greedy step, fed the step in flight's argmax on the device; then collect
-        that step and accept its tokens."""
-        before = self._ahead
+    def _chain(self, step: Step) -> None:
+        """The next step of the step in flight's rows, submitted before the thread streams
+        that step's tokens: a greedy one fed its argmax on the device, a sampled one the
+        tokens drawn from it (collected first)."""
+        requests, n, readout = step
+        ids, drawn = None, []
+        if readout != ARGMAX:
+            self._ahead = None
+            if not (drawn := self._collect(step)):
+                return  # it failed
+            ids = np.full((n, 1), self.pad, np.int32)
+            for r, token in drawn:
+                ids[r.row] = token
         try:
-            self.backend.submit(None, self._positions(n, 1), np.zeros(n, np.int32), ARGMAX)
+            self.backend.submit(ids, self._positions(n, 1), np.zeros(n, np.int32), readout)
         except Exception as e:
-            self._fail(decoding, e)
+            self._fail(requests, e)
             self._land()
             return
-        self._ahead = (decoding, n)
-        self._collect(before)
+        if ids is None:
+            drawn = self._collect(step)
+        self._ahead = step
+        self._accept_all(drawn)
 
     def _land(self) -> None:
-        """Collect the greedy step in flight, if any, and accept its tokens."""
+        """Collect the step in flight, if any, and accept its tokens."""
         if self._ahead is not None:
             step, self._ahead = self._ahead, None
-            self._collect(step)
+            self._accept_all(self._collect(step))
 
-    def _collect(self, step: tuple[list[Request], int]) -> None:
-        """The oldest step in flight's tokens, for its requests still on their rows."""
-        requests, _ = step
+    def _collect(self, step: Step) -> list[tuple[Request, int]]:
+        """The oldest step in flight's tokens, for its requests still on their rows (none if
+        it failed: they fail)."""
+        requests, _, readout = step
+        live = [r for r in requests if not r.done and self.rows[r.row] is r]
         try:
-            tokens = self.backend.collect()[NEXT_TOKEN]
+            out = self.backend.collect()
+            if readout == ARGMAX:
+                tokens = [int(out[NEXT_TOKEN][r.row]) for r in live]
+            else:
+                tokens = self._sample(live, out, [r.row for r in live], self._whole_logits())
         except Exception as e:
-            self._fail([r for r in requests if not r.done], e)
-            return
-        for r in requests:
-            if not r.done and self.rows[r.row] is r:
-                self._accept(r, int(tokens[r.row]))
+            self._fail(live, e)
+            return []
+        return list(zip(live, tokens))
 
     def _whole_logits(self) -> Callable[[], np.ndarray]:
         """The latest call's logits, copied from the backend at most once."""
@@ -408,6 +425,10 @@ class Engine:
             for i, token in zip(members, drawn.tolist()):
                 tokens[i] = token
         return tokens
+
+    def _accept_all(self, drawn: list[tuple[Request, int]]) -> None:
+        for r, token in drawn:
+            self._accept(r, token)
 
     def _accept(self, r: Request, token: int) -> None:
         now = time.perf_counter()

@@ -146,19 +146,29 @@ def test_requests_of_one_sampling_setting_are_drawn_together_each_as_alone(model
     assert max(rows_drawn) == 3 and set(rows_drawn) <= {1, 2, 3}
 
 
-def test_greedy_steps_run_one_ahead(model):
-    """A greedy request alone: after its first decode step every step is submitted fed the
-    step before's argmax on the device (the last one's tokens, past max_new_tokens, are
-    dropped), and its tokens are those it gets from `Generator`."""
-    params = SamplingParams(max_new_tokens=6)
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_decode_steps_run_one_ahead_of_streaming(model, sampled):
+    """A request alone: from its second decode step on, each step is submitted before the
+    thread streams the tokens of the step before (a greedy one fed that step's argmax on the
+    device, a sampled one the token drawn from it), no step follows the one that gives the
+    last token, and the tokens are those it gets from `Generator`."""
+    seeded = {"temperature": 0.9, "top_k": 8, "seed": 4} if sampled else {}
+    params = SamplingParams(max_new_tokens=6, **seeded)
     backend = Recording(cpu(model, 2))
-    engine = Engine(backend, model[1])
-    text = "".join(engine.submit(words(5, 3), params))
+    calls_at_token = []  # calls submitted when each token is streamed
+
+    def on_token(request, now):
+        calls_at_token.append(len(backend.calls))
+
+    engine = Engine(backend, model[1], on_token=on_token)
+    request = engine.submit(words(5, 3), params)
+    text = "".join(request)
     engine.shutdown()
-    assert text == alone(model, words(5, 3), params)[1]
-    # the prefill, the first step fed from the host, then five chained steps
-    assert backend.calls == [(1, 3, 0), *[(1, 1, None)] * 6]
-    assert backend.chained == [2, 3, 4, 5, 6]
+    assert (request.completion.token_ids, text) == alone(model, words(5, 3), params)[:2]
+    # the prefill, then five decode steps; token k + 1 comes from decode step k
+    assert backend.calls == [(1, 3, 0), *[(1, 1, None)] * 5]
+    assert backend.chained == ([] if sampled else [2, 3, 4, 5])
+    assert calls_at_token == [1, 3, 4, 5, 6, 6]
 
 
 def test_greedy_rows_freed_and_reused_while_a_step_is_in_flight(model):
@@ -248,6 +258,26 @@ def test_an_engine_fault_fails_only_the_requests_it_touched(model):
     assert str(e.value) == "the engine failed on this request: injected fault"
     assert bad.completion.finish_reason == "error"
     assert "".join(good) == alone(model, words(5, 3), params)[1]
+    later = engine.submit(words(20, 3), params)
+    assert "".join(later) == alone(model, words(20, 3), params)[1]
+    engine.shutdown()
+    assert engine.active == 0
+
+
+def test_a_sampled_step_that_fails_to_go_out_fails_its_request(model):
+    """A chained sampled step fed a token the backend refuses: its request fails with the
+    tokens streamed before (not the refused one), and the next request runs as alone."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=8, seed=4)
+    prompt = words(5, 3)
+    ids = alone(model, prompt, params)[0]
+    fed = set(model[1].encode(prompt))  # token k is fed to decode step k + 1, chained for k > 0
+    k = next(k for k in range(1, len(ids)) if ids[k] not in fed | set(ids[:k]))
+    engine = Engine(Recording(cpu(model, 2), poison=ids[k]), model[1])
+    bad = engine.submit(prompt, params)
+    with pytest.raises(EngineFault) as e:
+        list(bad)
+    assert str(e.value) == "the engine failed on this request: injected fault"
+    assert bad.completion.token_ids == ids[:k] and bad.completion.finish_reason == "error"
     later = engine.submit(words(20, 3), params)
     assert "".join(later) == alone(model, words(20, 3), params)[1]
     engine.shutdown()
