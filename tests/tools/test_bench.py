@@ -173,6 +173,7 @@ def test_build_under_a_memory_limit(tiny_dir, tmp_path, capsys):
 def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     args = [str(tiny_quant_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]
+    args += ["--device-ms", "0.5"]
     assert main(["--cpu", *args, "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "executor / transformers" in printed
@@ -199,17 +200,20 @@ def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
         )
     assert positive(report["ratio"]["prefill"], report["ratio"]["decode"])
     host = report["host"]
-    assert (host["vocab"], host["steps"]) == (512, 64)
+    assert (host["vocab"], host["steps"], host["device_ms"]) == (512, 64, 0.5)
     assert [(r["setting"], r["batch"]) for r in host["rows"]] == [
         (name, b) for name, _, _ in SETTINGS for b in (1, 4, 16)
     ]
-    assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in host["rows"])
+    assert all(r["rounds"] == r["device_waits"]["rounds"] == 2 for r in host["rows"])
+    assert all(r["min_ms"] > 0 for r in host["rows"])
     server = report["server_host"]
-    assert (server["prompt_tokens"], server["steps"]) == (1024, 64)
+    assert (server["prompt_tokens"], server["steps"], server["device_ms"]) == (1024, 64, 0.5)
     assert [(r["setting"], r["streams"]) for r in server["rows"]] == [
         (name, n) for name, _ in SERVER_SETTINGS for n in (1, 4, 16)
     ]
-    assert all(r["rounds"] == 2 and r["min_ms"] > 0 for r in server["rows"])
+    assert all(r["rounds"] == r["device_waits"]["rounds"] == 2 for r in server["rows"])
+    assert all(r["min_ms"] > 0 for r in server["rows"])
+    assert "after an emulated device step of 0.5 ms" in printed
     assert "server host work per decode step" in printed
 
 

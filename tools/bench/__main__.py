@@ -26,7 +26,8 @@ wait4, plus /proc polling for the anonymous/file-backed split and per-phase figu
 a multiple of the checkpoint size; with --rounds N it builds every model N times, round-robin,
 and adds each model's median. --cpu times the NumPy executor (runtime.cpu.CpuBackend)
 against transformers on the CPU, and the host work the generate loop and the server add to
-each decode step (tools/bench/host.py). --make-random writes a checkpoint with a real model's shapes
+each decode step (tools/bench/host.py): all of it, and the part an emulated device step of
+--device-ms waits for. --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
 
@@ -43,6 +44,7 @@ from tools.bench import BenchError
 from tools.bench.build import build_tables, build_worker, run_build
 from tools.bench.cpu import cpu_tables, run_cpu
 from tools.bench.gpu import gpu_tables, run_gpu
+from tools.bench.host import DEVICE_MS
 from tools.bench.random_model import (
     RANDOM_PRESETS,
     SHAPE_OVERRIDES,
@@ -179,6 +181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--prompt-len", type=int, default=128, help="prefill tokens (default 128)")
     c.add_argument(
         "--decode-tokens", type=int, default=16, help="decode steps per round (default 16)"
+    )
+    c.add_argument(
+        "--device-ms",
+        type=float,
+        default=DEVICE_MS,
+        help="the emulated device step behind the host tables' 'device waits' column "
+        f"(default {DEVICE_MS}: a Gemma-3-1B-shaped decode step on an H200)",
     )
 
     r = p.add_argument_group("--make-random")

@@ -138,11 +138,13 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
         report["host"] = {"skipped": f"no tokenizer.json in {model_dir}"}
     else:
         print("timing the generate loop's host work ...", file=sys.stderr)
-        report["host"] = host_overhead(model_dir, logits, [1, 4, 16], 64, warmup, rounds)
+        report["host"] = host_overhead(
+            model_dir, logits, [1, 4, 16], 64, warmup, rounds, args.device_ms
+        )
         report.save()
         print("timing the server's host work ...", file=sys.stderr)
         report["server_host"] = server_host_overhead(
-            model_dir, logits, [1, 4, 16], 64, warmup, rounds
+            model_dir, logits, [1, 4, 16], 64, warmup, rounds, args.device_ms
         )
     report.save()
     if why := transformers_available():

@@ -3,8 +3,11 @@ step.
 
 The shared loop (runtime.generate: sampling, the streaming detokenizer, stop handling) and
 the server's engine (runtime.serving, its step thread and streams) run over a backend that
-answers each call at once with the model's real next-token logits, so the time per step is
-the host work a GPU engine's step cannot hide. Greedy decoding takes the engine's argmax
+answers each call with the model's real next-token logits: at once, so that the time per step
+is all the host's work, and again after an emulated device step of DEVICE_MS per call (calls
+in series, `collect` sleeping until its call ends), so that the time per step beyond
+DEVICE_MS is the host work the device waits for: what submitting a step before streaming the
+last one hides (issue 18 item 5 asks 50 us at batch 1). Greedy decoding takes the engine's argmax
 (next_token); sampling with top_k <= the engine's sample_top_k takes its best K logits and
 ids (top_logits, top_ids); other sampling takes the whole logits.
 """
@@ -33,6 +36,7 @@ GEMMA = SamplingParams(temperature=1.0, top_k=64, top_p=0.95)
 QWEN = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
 QWEN25 = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
 LLAMA = SamplingParams(temperature=0.6, top_p=0.9)
+DEVICE_MS = 2.5  # a Gemma-3-1B-shaped decode step on the H200 through the gpu-rig
 WHOLE = "the same from the whole logits (engine built with --sample-top-k 0)"
 # (name, sampling, the engine's sample_top_k)
 SETTINGS = [
@@ -53,11 +57,19 @@ SETTINGS = [
 
 
 class InstantBackend:
-    """Answers every call at once: `logits` for each sequence, their argmax, or their best
+    """Answers every call with `logits` for each sequence, their argmax, or their best
     `sample_top_k` (with ids, and the log-normalizer), as an engine built with that
-    sample_top_k would."""
+    sample_top_k would: at once, or `device_ms` after the later of its submission and the
+    previous call's end (an emulated device running calls in series)."""
 
-    def __init__(self, logits: np.ndarray, max_batch: int, max_seq_len: int, sample_top_k: int):
+    def __init__(
+        self,
+        logits: np.ndarray,
+        max_batch: int,
+        max_seq_len: int,
+        sample_top_k: int,
+        device_ms: float = 0.0,
+    ):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
         self.rings: tuple[int, ...] = ()  # no sliding-window KV rings
@@ -66,7 +78,8 @@ class InstantBackend:
         self.top_ids = np.argsort(-logits, kind="stable")[:sample_top_k].astype(np.int32)
         self.batch = 1
         self.lse: dict[float, np.float32] = {}  # log_normalizer per temperature
-        self.pending: deque[Outputs] = deque()  # submitted calls' outputs
+        self.pending: deque[tuple[float, Outputs]] = deque()  # submitted calls: (end, outputs)
+        self.device_s, self.busy_until = device_ms / 1000, 0.0
 
     def reset(self, batch: int) -> None:
         pass
@@ -76,7 +89,27 @@ class InstantBackend:
         yield  # a call on one cache row answers the same
 
     def forward(self, input_ids, position_ids, last, readout: Readout) -> Outputs:
-        self.batch = b = len(input_ids)
+        self.submit(input_ids, position_ids, last, readout)
+        return self.collect()
+
+    def submit(self, input_ids, position_ids, last, readout: Readout) -> None:
+        if input_ids is not None:
+            self.batch = len(input_ids)
+        if self.device_s:
+            self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
+        self.pending.append((self.busy_until, self._outputs(self.batch, readout)))
+
+    def collect(self) -> Outputs:
+        """The oldest call's outputs once it ends: asleep until 0.3 ms before (a sleep here
+        wakes ~0.1 ms late), then spinning."""
+        end, out = self.pending.popleft()
+        if (wait := end - time.perf_counter() - 3e-4) > 0:
+            time.sleep(wait)
+        while time.perf_counter() < end:
+            pass
+        return out
+
+    def _outputs(self, b: int, readout: Readout) -> Outputs:
         out = {
             LOGITS: self.last_logits,
             NEXT_TOKEN: lambda: np.full(b, self.argmax, np.int32),
@@ -85,13 +118,6 @@ class InstantBackend:
             LOG_NORMALIZER: lambda: np.full(b, self.log_normalizer(readout.temperature)),
         }
         return {name: out[name]() for name in readout.outputs}
-
-    def submit(self, input_ids, position_ids, last, readout: Readout) -> None:
-        ids = np.zeros((self.batch, 1), np.int32) if input_ids is None else input_ids
-        self.pending.append(self.forward(ids, position_ids, last, readout))
-
-    def collect(self) -> Outputs:
-        return self.pending.popleft()
 
     def last_logits(self) -> np.ndarray:
         return np.repeat(self.logits[None], self.batch, axis=0)  # a fresh array, as D2H gives
@@ -110,24 +136,35 @@ def host_overhead(
     steps: int,
     warmup: int,
     rounds: int,
+    device_ms: float = DEVICE_MS,
 ) -> dict[str, Any]:
-    """ms of host work per decode step, per sampling setting and batch size. No EOS ends a
-    sequence early (the run always takes `steps` steps)."""
+    """ms of host work per decode step, per sampling setting and batch size, over a backend
+    answering at once and (`device_waits`) beyond an emulated device step of `device_ms`.
+    No EOS ends a sequence early (the run always takes `steps` steps)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = []
     for name, base, engine_top_k in SETTINGS:
-        backend = InstantBackend(logits, max(batches), 64 + steps, engine_top_k)
-        gen = Generator(backend, tokenizer, eos_ids=[])
         params = SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": 0})
         for batch in batches:
-            samples = []
-            for _ in range(warmup + rounds):
-                run = gen.start([list(range(1, 33))] * batch, params)
-                for _delta in run:
-                    pass
-                samples.append(run.completions[0].stats.decode_ms_per_token)
-            rows.append({"setting": name, "batch": batch, **stats(samples[warmup:])})
-    return {"vocab": int(logits.size), "steps": steps, "rows": rows}
+            row = {"setting": name, "batch": batch}
+            for device in (0.0, device_ms):
+                backend = InstantBackend(logits, batch, 64 + steps, engine_top_k, device)
+                gen = Generator(backend, tokenizer, eos_ids=[])
+                samples = []
+                for _ in range(warmup + rounds):
+                    run = gen.start([list(range(1, 33))] * batch, params)
+                    for _delta in run:
+                        pass
+                    samples.append(run.completions[0].stats.decode_ms_per_token - device)
+                row |= _stats(samples[warmup:], device)
+            rows.append(row)
+    return {"vocab": int(logits.size), "steps": steps, "device_ms": device_ms, "rows": rows}
+
+
+def _stats(samples: list[float], device_ms: float) -> dict[str, Any]:
+    """A row's figures: the host's whole work per step (no device time), or the part of it
+    the emulated device waits for (`device_waits`)."""
+    return {"device_waits": stats(samples)} if device_ms else stats(samples)
 
 
 def host_table(result: dict[str, Any]) -> str:
@@ -138,10 +175,15 @@ def host_table(result: dict[str, Any]) -> str:
         if count == "streams"
         else f"generate loop host work per decode step (vocabulary {result['vocab']}"
     )
+    device = result["device_ms"]
     return format_table(
-        ["sampling", count, "min ms/step", "median ms/step"],
-        [[r["setting"], r[count], r["min_ms"], r["median_ms"]] for r in result["rows"]],
-        f"{scope}, {result['steps']} steps; the backend answers at once)",
+        ["sampling", count, "min ms/step", "median ms/step", "device waits, median ms/step"],
+        [
+            [r["setting"], r[count], r["min_ms"], r["median_ms"], r["device_waits"]["median_ms"]]
+            for r in result["rows"]
+        ],
+        f"{scope}, {result['steps']} steps; the backend answers at once, or, for the device's "
+        f"wait, after an emulated device step of {device} ms)",
     )
 
 
@@ -150,30 +192,43 @@ SERVER_PROMPT = 1024  # tokens of each stream's prompt
 
 
 def server_host_overhead(
-    model_dir: Path, logits: np.ndarray, streams: list[int], steps: int, warmup: int, rounds: int
+    model_dir: Path,
+    logits: np.ndarray,
+    streams: list[int],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    device_ms: float = DEVICE_MS,
 ) -> dict[str, Any]:
     """ms of the server's own work per decode step: that many streams submitted at once to a
-    `runtime.serving.Engine` over a backend answering at once, each a prompt of
-    SERVER_PROMPT tokens and `steps` new tokens (seeded per stream; no EOS), read to the end;
-    a round's wall time over `steps`."""
+    `runtime.serving.Engine` over a backend answering at once, and (`device_waits`) beyond an
+    emulated device step of `device_ms`, each a prompt of SERVER_PROMPT tokens and `steps` new
+    tokens (seeded per stream; no EOS), read to the end; the time from the last stream's first
+    token to the end over its `steps` - 1 decode steps (rows come and go meanwhile)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt = list(range(1, SERVER_PROMPT + 1))
     rows = []
     for name, base in SERVER_SETTINGS:
         for n in streams:
-            samples = []
-            for _ in range(warmup + rounds):
-                engine = Engine(InstantBackend(logits, n, SERVER_PROMPT + steps, 64), tokenizer)
-                engine.gen.eos_ids = set()  # no EOS ends a stream early
-                params = [
-                    SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
-                    for i in range(n)
-                ]
-                t0 = time.perf_counter()
-                for request in [engine.submit(prompt, p) for p in params]:
-                    for _text in request:
-                        pass
-                samples.append((time.perf_counter() - t0) * 1000 / steps)
-                engine.shutdown()
-            rows.append({"setting": name, "streams": n, **stats(samples[warmup:])})
-    return {"prompt_tokens": SERVER_PROMPT, "steps": steps, "rows": rows}
+            row = {"setting": name, "streams": n}
+            for device in (0.0, device_ms):
+                samples = []
+                for _ in range(warmup + rounds):
+                    backend = InstantBackend(logits, n, SERVER_PROMPT + steps, 64, device)
+                    engine = Engine(backend, tokenizer)
+                    engine.gen.eos_ids = set()  # no EOS ends a stream early
+                    params = [
+                        SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
+                        for i in range(n)
+                    ]
+                    requests = [engine.submit(prompt, p) for p in params]
+                    for request in requests:
+                        for _text in request:
+                            pass
+                    engine.shutdown()
+                    first = max(r.first_token_at for r in requests)
+                    end = max(r.last_token_at for r in requests)
+                    samples.append((end - first) * 1000 / (steps - 1) - device)
+                row |= _stats(samples[warmup:], device)
+            rows.append(row)
+    return {"prompt_tokens": SERVER_PROMPT, "steps": steps, "device_ms": device_ms, "rows": rows}
