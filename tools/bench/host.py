@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,33 +139,47 @@ def host_overhead(
     rounds: int,
     device_ms: float = DEVICE_MS,
 ) -> dict[str, Any]:
-    """ms of host work per decode step, per sampling setting and batch size, over a backend
-    answering at once and (`device_waits`) beyond an emulated device step of `device_ms`.
-    No EOS ends a sequence early (the run always takes `steps` steps)."""
+    """ms of host work per decode step, per sampling setting and batch size (`_row`). No EOS
+    ends a sequence early (the run always takes `steps` steps)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = []
     for name, base, engine_top_k in SETTINGS:
         params = SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": 0})
         for batch in batches:
-            row = {"setting": name, "batch": batch}
-            for device in (0.0, device_ms):
-                backend = InstantBackend(logits, batch, 64 + steps, engine_top_k, device)
-                gen = Generator(backend, tokenizer, eos_ids=[])
-                samples = []
-                for _ in range(warmup + rounds):
-                    run = gen.start([list(range(1, 33))] * batch, params)
-                    for _delta in run:
-                        pass
-                    samples.append(run.completions[0].stats.decode_ms_per_token - device)
-                row |= _stats(samples[warmup:], device)
-            rows.append(row)
+            step_ms = partial(_generate_step_ms, logits, tokenizer, engine_top_k, params, batch)
+            rows.append(
+                {"setting": name, "batch": batch, **_row(step_ms, warmup, rounds, device_ms)}
+            )
     return {"vocab": int(logits.size), "steps": steps, "device_ms": device_ms, "rows": rows}
 
 
-def _stats(samples: list[float], device_ms: float) -> dict[str, Any]:
-    """A row's figures: the host's whole work per step (no device time), or the part of it
-    the emulated device waits for (`device_waits`)."""
-    return {"device_waits": stats(samples)} if device_ms else stats(samples)
+def _generate_step_ms(
+    logits: np.ndarray,
+    tokenizer: Tokenizer,
+    engine_top_k: int,
+    params: SamplingParams,
+    batch: int,
+    device_ms: float,
+) -> float:
+    """One round of `host_overhead`: ms per decode step of `batch` sequences."""
+    backend = InstantBackend(logits, batch, 64 + params.max_new_tokens, engine_top_k, device_ms)
+    run = Generator(backend, tokenizer, eos_ids=[]).start([[*range(1, 33)]] * batch, params)
+    for _delta in run:
+        pass
+    return run.completions[0].stats.decode_ms_per_token
+
+
+def _row(
+    step_ms: Callable[[float], float], warmup: int, rounds: int, device_ms: float
+) -> dict[str, Any]:
+    """A row's figures from `step_ms(device)`, one round's ms per decode step over a backend
+    whose calls take `device` ms: the host's whole work per step (device 0), and the part of
+    it an emulated device step of `device_ms` waits for (`device_waits`)."""
+    row: dict[str, Any] = {}
+    for device in (0.0, device_ms):
+        samples = [step_ms(device) - device for _ in range(warmup + rounds)][warmup:]
+        row |= {"device_waits": stats(samples)} if device else stats(samples)
+    return row
 
 
 def host_table(result: dict[str, Any]) -> str:
@@ -200,35 +215,35 @@ def server_host_overhead(
     rounds: int,
     device_ms: float = DEVICE_MS,
 ) -> dict[str, Any]:
-    """ms of the server's own work per decode step: that many streams submitted at once to a
-    `runtime.serving.Engine` over a backend answering at once, and (`device_waits`) beyond an
-    emulated device step of `device_ms`, each a prompt of SERVER_PROMPT tokens and `steps` new
-    tokens (seeded per stream; no EOS), read to the end; the time from the last stream's first
-    token to the end over its `steps` - 1 decode steps (rows come and go meanwhile)."""
+    """ms of the server's own work per decode step (`_row`): that many streams submitted at
+    once to a `runtime.serving.Engine`, each a prompt of SERVER_PROMPT tokens and `steps` new
+    tokens (seeded per stream; no EOS), read to the end; the time from the last stream's
+    first token to the end over its `steps` - 1 decode steps (rows come and go meanwhile)."""
     tokenizer = Tokenizer.from_dir(model_dir)
-    prompt = list(range(1, SERVER_PROMPT + 1))
     rows = []
     for name, base in SERVER_SETTINGS:
+        params = [
+            SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
+            for i in range(max(streams))
+        ]
         for n in streams:
-            row = {"setting": name, "streams": n}
-            for device in (0.0, device_ms):
-                samples = []
-                for _ in range(warmup + rounds):
-                    backend = InstantBackend(logits, n, SERVER_PROMPT + steps, 64, device)
-                    engine = Engine(backend, tokenizer)
-                    engine.gen.eos_ids = set()  # no EOS ends a stream early
-                    params = [
-                        SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
-                        for i in range(n)
-                    ]
-                    requests = [engine.submit(prompt, p) for p in params]
-                    for request in requests:
-                        for _text in request:
-                            pass
-                    engine.shutdown()
-                    first = max(r.first_token_at for r in requests)
-                    end = max(r.last_token_at for r in requests)
-                    samples.append((end - first) * 1000 / (steps - 1) - device)
-                row |= _stats(samples[warmup:], device)
-            rows.append(row)
+            step_ms = partial(_server_step_ms, logits, tokenizer, params[:n])
+            rows.append({"setting": name, "streams": n, **_row(step_ms, warmup, rounds, device_ms)})
     return {"prompt_tokens": SERVER_PROMPT, "steps": steps, "device_ms": device_ms, "rows": rows}
+
+
+def _server_step_ms(
+    logits: np.ndarray, tokenizer: Tokenizer, params: list[SamplingParams], device_ms: float
+) -> float:
+    """One round of `server_host_overhead`: ms per decode step of one stream per `params`."""
+    steps = params[0].max_new_tokens
+    backend = InstantBackend(logits, len(params), SERVER_PROMPT + steps, 64, device_ms)
+    engine = Engine(backend, tokenizer)
+    engine.gen.eos_ids = set()  # no EOS ends a stream early
+    requests = [engine.submit(list(range(1, SERVER_PROMPT + 1)), p) for p in params]
+    for request in requests:
+        for _text in request:
+            pass
+    engine.shutdown()
+    first = max(r.first_token_at for r in requests)
+    return (max(r.last_token_at for r in requests) - first) * 1000 / (steps - 1)
