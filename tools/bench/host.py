@@ -5,7 +5,7 @@ The shared loop (runtime.generate: sampling, the streaming detokenizer, stop han
 the server's engine (runtime.serving, its step thread and streams) run over a backend that
 answers each call with the model's real next-token logits: at once, so that the time per step
 is all the host's work, and again after an emulated device step of DEVICE_MS per call (calls
-in series, `collect` sleeping until its call ends), so that the time per step beyond
+in series, `collect` waiting for its call to end), so that the time per step beyond
 DEVICE_MS is the host work the device waits for: what submitting a step before streaming the
 last one hides (issue 18 item 5 asks 50 us at batch 1). Greedy decoding takes the engine's argmax
 (next_token); sampling with top_k <= the engine's sample_top_k takes its best K logits and
@@ -57,7 +57,7 @@ SETTINGS = [
 ]
 
 
-class InstantBackend:
+class CannedBackend:
     """Answers every call with `logits` for each sequence, their argmax, or their best
     `sample_top_k` (with ids, and the log-normalizer), as an engine built with that
     sample_top_k would: at once, or `device_ms` after the later of its submission and the
@@ -162,7 +162,7 @@ def _generate_step_ms(
     device_ms: float,
 ) -> float:
     """One round of `host_overhead`: ms per decode step of `batch` sequences."""
-    backend = InstantBackend(logits, batch, 64 + params.max_new_tokens, engine_top_k, device_ms)
+    backend = CannedBackend(logits, batch, 64 + params.max_new_tokens, engine_top_k, device_ms)
     run = Generator(backend, tokenizer, eos_ids=[]).start([[*range(1, 33)]] * batch, params)
     for _delta in run:
         pass
@@ -237,7 +237,7 @@ def _server_step_ms(
 ) -> float:
     """One round of `server_host_overhead`: ms per decode step of one stream per `params`."""
     steps = params[0].max_new_tokens
-    backend = InstantBackend(logits, len(params), SERVER_PROMPT + steps, 64, device_ms)
+    backend = CannedBackend(logits, len(params), SERVER_PROMPT + steps, 64, device_ms)
     engine = Engine(backend, tokenizer)
     engine.gen.eos_ids = set()  # no EOS ends a stream early
     requests = [engine.submit(list(range(1, SERVER_PROMPT + 1)), p) for p in params]
