@@ -422,11 +422,13 @@ class _Decoder:
         """One query token per row (q [B, heads, 1, D], mask [B, 1, 1, L]) attended as two
         matmuls and a softmax, all in float32 as inside fused attention kernels (scores
         rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query
-        heads of a KV head are the rows of one matmul (GQA without repeating K/V), batched
-        over B * kv_heads: 3-D matmuls over static reshapes left Myelin no broadcast to
-        expand, 8 kernels per sliding layer instead of 9 (builder log); on the H200, batch-4
-        decode steps 4.6% faster and 512-token prefills 2-5% in two sittings, batch 1 1%
-        slower (docs/benchmarks.md)."""
+        heads of a KV head are the columns of one matmul (GQA without repeating K/V),
+        batched over B * kv_heads with static reshapes, and the scores are K · qᵀ
+        ([B * kv, L, G]): K is read as stored, not transposed. In the builder's log that
+        takes a sliding layer's decode attention from 9 kernels and aux-stream events (q · Kᵀ
+        over [B, kv, G, D]) to 5: a gather per K and V with its cast, the scores, one
+        softmax kernel, the context matmul. (The 3-D q · Kᵀ form, 8 kernels, made batch-4
+        decode steps 4.6% faster on the H200, docs/benchmarks.md.)"""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
@@ -443,17 +445,18 @@ class _Decoder:
         if kv_heads > 1:
             every_head = g.constant(np.ones((1, kv_heads, 1, 1), np.bool_), "attn.every_head")
             mask = g.elementwise(mask, every_head, "AND", "attn.head_mask")  # [B, kv, 1, L]
-        mask = merged(mask, (1, -1), "attn.mask3")  # [B * kv, 1, L]
+        mask = merged(mask, (-1, 1), "attn.mask3")  # [B * kv, L, 1], as the scores
         none, transpose = trt.MatrixOperation.NONE, trt.MatrixOperation.TRANSPOSE
-        scores = g.named(g.network.add_matrix_multiply(rows, none, k, transpose), "attn.scores")
+        scores = g.named(g.network.add_matrix_multiply(k, none, rows, transpose), "attn.scores")
+        # [B * kv, L, G]: the softmax runs over L and the context is its transpose times V.
         hidden = g.scalar(float("-inf"), np.float32, 3, "attn.hidden")
         masked = g.named(g.network.add_select(mask, scores.get_output(0), hidden), "attn.mask")
         softmax = g.rewired(
             g.network.add_softmax, masked.get_output(0), (1,) * 3, f32, "attn.softmax"
         )
-        softmax.axes = 1 << 2
+        softmax.axes = 1 << 1  # over L
         out = g.named(
-            g.network.add_matrix_multiply(softmax.get_output(0), none, v, none), "attn.context"
+            g.network.add_matrix_multiply(softmax.get_output(0), transpose, v, none), "attn.context"
         )
         out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B * kv, G, D]
         return g.shuffle(out, "attn.heads", reshape=(-1, cfg.num_heads, 1, d))
