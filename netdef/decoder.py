@@ -427,8 +427,9 @@ class _Decoder:
         ([B * kv, L, G]): K is read as stored, not transposed. In the builder's log that
         takes a sliding layer's decode attention from 9 kernels and aux-stream events (q · Kᵀ
         over [B, kv, G, D]) to 5: a gather per K and V with its cast, the scores, one
-        softmax kernel, the context matmul. (The 3-D q · Kᵀ form, 8 kernels, made batch-4
-        decode steps 4.6% faster on the H200, docs/benchmarks.md.)"""
+        softmax kernel, the context matmul. On the H200 against the 3-D q · Kᵀ form (8
+        kernels): decode steps at batch 1 / 4 / 16 1.7% / 2.7% / 0.8% faster, 128-token
+        prefills 3% (two rounds, docs/benchmarks.md)."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
