@@ -13,7 +13,8 @@ One thread owns the backend. Each turn it
 - runs one prefill chunk (at most max_prefill tokens, cut at KV ring ends as in
   `runtime.generate`) of the oldest admitted request, alone on its row (`Backend.row`): a
   running stream waits at most one chunk per token;
-- runs one decode step over rows 0..n-1 (n: the highest decoding row + 1). Decoding rows
+- runs one decode step over rows 0..n-1 (n: the highest decoding row + 1, rounded up to a
+  power of two, so that few call shapes come up: `Engine._rows`). Decoding rows
   feed their last token at its position; the others feed a pad token at the slot they write
   next (a free row: slot 0), which is written again before anything reads it.
 
@@ -318,7 +319,7 @@ class Engine:
 
     def _decode(self, decoding: list[Request]) -> None:
         """One decode step over rows 0..n-1 (the module docstring says what each row feeds)."""
-        n = max(r.row for r in decoding) + 1
+        n = self._rows(decoding)
         step = (decoding, n, decode_readout(decoding))
         if self._ahead == step and not all(r.last_in_flight for r in decoding):
             self._chain(step)
@@ -326,7 +327,7 @@ class Engine:
         self._land()
         if not (decoding := [r for r in decoding if not r.done]):
             return
-        n = max(r.row for r in decoding) + 1
+        n = self._rows(decoding)
         ids = np.full((n, 1), self.pad, np.int32)
         for r in decoding:
             ids[r.row] = r.next_token
@@ -337,6 +338,18 @@ class Engine:
             self._fail(decoding, e)
             return
         self._ahead = (decoding, n, readout)
+
+    def _rows(self, decoding: list[Request]) -> int:
+        """The rows 0..n-1 a decode step runs: up to the highest decoding row, rounded up to
+        a power of two (at most max_batch). Each new call shape costs the engine once:
+        TensorRT-RTX compiles kernels specialized for it and the backend captures its CUDA
+        graph. On an H200 the serve bench's p99 inter-token latency was a ~75-110 ms step
+        once more than one stream ran (7 ms alone), and its p99 time to first token grew
+        with the rows that came into use (184 ms at 4 streams, 1 s at 16, 4.3 s at 64;
+        docs/benchmarks.md). Powers of two make 7 decode shapes of 64 rows; the extra rows
+        cost little (a batch-4 step took less than a batch-1 step, 2.18 against 2.29 ms)."""
+        n = max(r.row for r in decoding) + 1
+        return min(1 << (n - 1).bit_length(), self.backend.max_batch)
 
     def _positions(self, n: int, ahead: int) -> np.ndarray:
         """int32 [n, 1]: the slot each of rows 0..n-1 writes next, `ahead` steps on for the

@@ -194,6 +194,24 @@ def test_greedy_rows_freed_and_reused_while_a_step_is_in_flight(model):
     assert any(calls[i + 1][2] is not None for i in backend.chained if i + 1 < len(calls))
 
 
+def test_decode_steps_run_a_power_of_two_of_rows(model):
+    """Three streams on a backend of five rows: decode steps run rows 0..n-1 with n a power
+    of two (1, 2, 4; never 3), at most max_batch (5, with five streams), and each request
+    still gets its output alone."""
+    for count, sizes in ((3, {1, 2, 4}), (5, {1, 2, 4, 5})):
+        prompts = [words(5 + 9 * i, 2 + i) for i in range(count)]
+        params = [
+            SamplingParams(max_new_tokens=6 + i, temperature=0.8, seed=i) for i in range(count)
+        ]
+        expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+        backend = Recording(cpu(model, 5))
+        _, requests, texts = served(backend, model, prompts, params)
+        assert [(r.completion.token_ids, t) for r, t in zip(requests, texts)] == [
+            e[:2] for e in expected
+        ]
+        assert {b for b, s, row in backend.calls if row is None} == sizes
+
+
 def test_async_streams_interleave(model):
     """Two `async for` consumers on one event loop get their own text, deltas in order."""
     prompts = [words(5, 6), words(40, 2)]
