@@ -23,7 +23,7 @@ from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools.bench import BenchError, gpu
 from tools.bench.__main__ import int_list, main, parse_args
 from tools.bench.cgroup import CGROUP_ROOT, MemoryCgroup, own_cgroup
-from tools.bench.gpu import gpu_tables
+from tools.bench.gpu import gpu_tables, new_shapes_table
 from tools.bench.host import SERVER_SETTINGS, SETTINGS
 from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
 from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
@@ -38,6 +38,7 @@ from tools.bench.timing import (
     HF_MODES,
     Plan,
     measure_decode,
+    measure_new_shapes,
     measure_prefill,
     plan_shapes,
     prompt_ids,
@@ -356,6 +357,7 @@ def test_option_parsing_defaults_and_errors(capsys):
     assert (args.prompt_lens, args.batches, args.compare_profiles) == ([64, 256], [1, 2], False)
     assert parse_args(["--build", "a", "b"]).models == ["a", "b"]
     assert parse_args(["m", "--hf-modes", "eager"]).hf_modes == ["eager"]
+    assert (args.new_shapes, parse_args(["m", "--new-shapes", "16"]).new_shapes) == (0, 16)
     assert int_list("1, 4,16") == [1, 4, 16]
     for bad in ("x", "0,4", ""):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -523,6 +525,36 @@ def test_measure_loops_use_backend_event_times_and_positions():
     assert [c[1] for c in no_graph.calls] == [[0, 0], [1, 1]]
 
 
+def test_new_shapes_run_once_and_again_on_the_cpu_executor(tiny_dir):
+    """Each new prompt length (batch 1, from position 0) and each decode batch size runs
+    twice in a row, fed the given ids; the table shows each kind's first and repeated calls."""
+    from netdef import NetworkOptions, build_network, load_tensorrt
+
+    ckpt = Checkpoint.open(tiny_dir("llama"))
+    options = NetworkOptions(dtype="float32", max_batch=3, max_seq_len=32, max_prefill=8)
+    model = CpuBackend(build_network(ckpt, options, load_tensorrt("tensorrt_rtx")))
+    calls = []
+    forward = model.forward
+
+    def spy(ids, positions, last, readout):
+        calls.append((ids.tolist(), positions.tolist(), last.tolist()))
+        return forward(ids, positions, last, readout)
+
+    model.forward = spy
+    ids = prompt_ids(ckpt.config.vocab_size, 3, 8)
+    new = measure_new_shapes(model, ids, range(5, 7), range(1, 4))
+    assert [r["tokens"] for r in new["prefill"]] == [5, 6]
+    assert [r["batch"] for r in new["decode"]] == [1, 2, 3]
+    assert positive(
+        *(r[k] for r in new["prefill"] + new["decode"] for k in ("first_ms", "again_ms"))
+    )
+    prefill = [(ids[:1, :n].tolist(), [list(range(n))], [n - 1]) for n in (5, 6) for _ in "12"]
+    decode = [(ids[:b, 6:7].tolist(), [[6]] * b, [0] * b) for b in (1, 2, 3) for _ in "12"]
+    assert calls == prefill + decode
+    table = new_shapes_table(new)
+    assert "prefill, 2 prompt lengths 5..6" in table and "decode, 3 batch sizes 1..3" in table
+
+
 def test_measure_loops_on_the_cpu_executor(tiny_dir):
     from netdef import NetworkOptions, build_network, load_tensorrt
 
@@ -586,11 +618,16 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
         Metadata.from_dict(meta), desc, CopyContext(), auto_graphs=True, timed=True
     ) as backend:
         ids = prompt_ids(64, 4, 40)
+        new = measure_new_shapes(backend, ids, range(10, 13), range(1, 5))
+        assert set(backend.graphs) == {(b, (), ("next_token",)) for b in (1, 2, 3, 4)}
         pre = measure_prefill(backend, ids, [8, 16], warmup=1, rounds=3)
         dec = measure_decode(backend, ids, [1, 4], context=20, steps=4, warmup=1, rounds=3)
         # (batch, position input shapes (none here), outputs copied): graphs replayed
-        assert set(backend.graphs) == {(1, (), ("next_token",)), (4, (), ("next_token",))}
+        assert {(1, (), ("next_token",)), (4, (), ("next_token",))} <= set(backend.graphs)
     assert all(r["graph"] for r in dec)
+    assert positive(
+        *(r[k] for r in new["prefill"] + new["decode"] for k in ("first_ms", "again_ms"))
+    )
     assert [r["profile"] for r in pre] == ["prefill", "chunk"]  # 16 tokens: max_prefill
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 

@@ -124,6 +124,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=32, help="decode steps per round (default 32)")
     g.add_argument("--no-graph", action="store_true", help="decode without CUDA graph replay")
     g.add_argument(
+        "--new-shapes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first time calls of shapes the engine has not run, once and again: N prompt "
+        "lengths from 300 and every decode batch size (what a server pays when one first "
+        "comes up)",
+    )
+    g.add_argument(
         "--profile",
         action="store_true",
         help="also list the GPU kernels of a decode step and a prefill (torch.profiler/CUPTI)",

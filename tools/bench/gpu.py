@@ -4,6 +4,7 @@ transformers on the same prompts, the roofline, and the tables printed from the 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,9 @@ from tools.bench.roofline import roofline_rows
 from tools.bench.timing import (
     DEFAULT_BATCHES,
     HF_MODES,
+    NEW_SHAPES_FROM,
     measure_decode,
+    measure_new_shapes,
     measure_prefill,
     plan_shapes,
     prompt_ids,
@@ -146,8 +149,14 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     for profile_set, artifact in engines.items():
         print(f"measuring the {profile_set} engine {artifact} ...", file=sys.stderr)
         with TensorRTBackend.load(artifact, cuda_graphs=not args.no_graph, timed=True) as backend:
-            measured = report["engines"][profile_set] = {
-                "artifact": str(artifact),
+            measured = report["engines"][profile_set] = {"artifact": str(artifact)}
+            if args.new_shapes:  # first, while every shape is new to the backend
+                start = max(1, min(NEW_SHAPES_FROM, limits["max_prefill"] - args.new_shapes))
+                lengths = range(start, min(start + args.new_shapes, limits["max_prefill"] + 1))
+                fresh = prompt_ids(config.vocab_size, limits["max_batch"], max(lengths) + 1)
+                batches = range(1, limits["max_batch"] + 1)
+                measured["new_shapes"] = measure_new_shapes(backend, fresh, lengths, batches)
+            measured |= {
                 "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
                 "decode": measure_decode(
                     backend, ids, plan.batches, plan.context, plan.steps, warmup, rounds
@@ -281,6 +290,8 @@ def gpu_tables(report: dict[str, Any]) -> str:
         parts.append(f"transformers {mode}: FAILED: {err}")
     if hf.get("skipped"):
         parts.append(f"transformers: skipped ({hf['skipped']})")
+    if new := base.get("new_shapes"):
+        parts.append(new_shapes_table(new))
 
     if staged and "dynamic" in engines:
         a, d = engines[staged], engines["dynamic"]
@@ -332,3 +343,29 @@ def gpu_tables(report: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def new_shapes_table(new: dict[str, list[dict[str, Any]]]) -> str:
+    """`measure_new_shapes`' result: each kind's first calls against the same calls again."""
+    rows = []
+    for kind, key, what in (
+        ("prefill", "tokens", "prompt lengths"),
+        ("decode", "batch", "batch sizes"),
+    ):
+        calls = new[kind]
+        first = [r["first_ms"] for r in calls]
+        again = [r["again_ms"] for r in calls]
+        span = f"{calls[0][key]}..{calls[-1][key]}"
+        rows.append(
+            [
+                f"{kind}, {len(calls)} {what} {span}",
+                statistics.median(first),
+                max(first),
+                statistics.median(again),
+            ]
+        )
+    return format_table(
+        ["calls", "first median ms", "first max ms", "again median ms"],
+        rows,
+        "calls of shapes the engine had not run (wall ms), each then run again",
+    )

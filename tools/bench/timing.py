@@ -127,6 +127,35 @@ def measure_prefill(
     return rows
 
 
+NEW_SHAPES_FROM = 300  # the first prompt length --new-shapes runs (not a default --prompt-lens)
+
+
+def measure_new_shapes(
+    backend: Any, ids: np.ndarray, lengths: Sequence[int], batches: Sequence[int]
+) -> dict[str, list[dict[str, Any]]]:
+    """Wall ms of calls of shapes the backend has not run yet, each run once more right
+    after: what a server pays the first time a prompt length (a batch-1 prefill) or a decode
+    batch size comes up. TensorRT-RTX compiles kernels specialized for each new shape
+    (EAGER, runtime.tensorrt_backend.runtime_config) and the TensorRT backend captures a
+    decode shape's CUDA graph. Run it first on a freshly loaded backend."""
+
+    def wall(*args: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        backend.forward(*args, ARGMAX)
+        return (time.perf_counter() - t0) * 1e3
+
+    backend.reset(max(batches))
+    prefill = []
+    for n in lengths:
+        args = (ids[:1, :n], np.arange(n, dtype=np.int32)[None], np.array([n - 1], np.int32))
+        prefill.append({"tokens": n, "first_ms": wall(*args), "again_ms": wall(*args)})
+    decode, at = [], max(lengths)
+    for b in batches:
+        args = (ids[:b, at : at + 1], np.full((b, 1), at, np.int32), np.zeros(b, np.int32))
+        decode.append({"batch": b, "first_ms": wall(*args), "again_ms": wall(*args)})
+    return {"prefill": prefill, "decode": decode}
+
+
 def measure_decode(
     backend: Any,
     ids: np.ndarray,
