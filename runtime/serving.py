@@ -14,7 +14,7 @@ One thread owns the backend. Each turn it
   `runtime.generate`) of the oldest admitted request, alone on its row (`Backend.row`): a
   running stream waits at most one chunk per token;
 - runs one decode step over rows 0..n-1 (n: the highest decoding row + 1, rounded up to a
-  power of two, so that few call shapes come up: `Engine._rows`). Decoding rows
+  power of two or a multiple of 16, so that few call shapes come up: `Engine._rows`). Decoding rows
   feed their last token at its position; the others feed a pad token at the slot they write
   next (a free row: slot 0), which is written again before anything reads it.
 
@@ -67,6 +67,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 _END = object()  # the last event of a request
+ROW_STEP = 16  # decode steps run a power of two of rows up to this, a multiple of it above
 
 
 class QueueFull(RuntimeError):
@@ -341,15 +342,17 @@ class Engine:
 
     def _rows(self, decoding: list[Request]) -> int:
         """The rows 0..n-1 a decode step runs: up to the highest decoding row, rounded up to
-        a power of two (at most max_batch). Each new call shape costs the engine once:
-        TensorRT-RTX compiles kernels specialized for it and the backend captures its CUDA
-        graph. On an H200 the serve bench's p99 inter-token latency was a ~75-110 ms step
-        once more than one stream ran (7 ms alone), and its p99 time to first token grew
-        with the rows that came into use (184 ms at 4 streams, 1 s at 16, 4.3 s at 64;
-        docs/benchmarks.md). Powers of two make 7 decode shapes of 64 rows; the extra rows
-        cost little (a batch-4 step took less than a batch-1 step, 2.18 against 2.29 ms)."""
+        a power of two up to 16 and to a multiple of 16 above (at most max_batch). Each new
+        call shape costs the engine once: TensorRT-RTX compiles kernels specialized for it
+        and the backend captures its CUDA graph. On an H200 the serve bench's p99
+        inter-token latency was a ~75-110 ms step once more than one stream ran (7 ms
+        alone), and its p99 time to first token grew with the rows that came into use (184
+        ms at 4 streams, 1 s at 16, 4.3 s at 64; docs/benchmarks.md). 64 rows now make 8
+        decode shapes, not 64; the extra rows cost little where rows are cheap (a batch-4
+        step took less than a batch-1 step, 2.18 against 2.29 ms) and at most 15 above 16."""
         n = max(r.row for r in decoding) + 1
-        return min(1 << (n - 1).bit_length(), self.backend.max_batch)
+        n = 1 << (n - 1).bit_length() if n <= ROW_STEP else -(-n // ROW_STEP) * ROW_STEP
+        return min(n, self.backend.max_batch)
 
     def _positions(self, n: int, ahead: int) -> np.ndarray:
         """int32 [n, 1]: the slot each of rows 0..n-1 writes next, `ahead` steps on for the

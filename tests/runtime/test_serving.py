@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -194,10 +195,10 @@ def test_greedy_rows_freed_and_reused_while_a_step_is_in_flight(model):
     assert any(calls[i + 1][2] is not None for i in backend.chained if i + 1 < len(calls))
 
 
-def test_decode_steps_run_a_power_of_two_of_rows(model):
+def test_decode_steps_run_few_row_counts(model):
     """Three streams on a backend of five rows: decode steps run rows 0..n-1 with n a power
     of two (1, 2, 4; never 3), at most max_batch (5, with five streams), and each request
-    still gets its output alone."""
+    still gets its output alone; above 16 rows, n is a multiple of 16."""
     for count, sizes in ((3, {1, 2, 4}), (5, {1, 2, 4, 5})):
         prompts = [words(5 + 9 * i, 2 + i) for i in range(count)]
         params = [
@@ -210,6 +211,11 @@ def test_decode_steps_run_a_power_of_two_of_rows(model):
             e[:2] for e in expected
         ]
         assert {b for b, s, row in backend.calls if row is None} == sizes
+    # Beyond 16 rows, multiples of 16: 64 rows make 8 decode shapes.
+    engine = SimpleNamespace(backend=SimpleNamespace(max_batch=64))
+    rows = [Engine._rows(engine, [SimpleNamespace(row=k)]) for k in range(64)]
+    assert sorted(set(rows)) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert [rows[k - 1] for k in (3, 9, 16, 17, 33, 49)] == [4, 16, 16, 32, 48, 64]
 
 
 def test_async_streams_interleave(model):
