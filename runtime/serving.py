@@ -344,9 +344,10 @@ class Engine:
         """The rows 0..n-1 a decode step runs: up to the highest decoding row, rounded up to
         a power of two up to 16 and to a multiple of 16 above (at most max_batch). Each new
         call shape costs the engine once: TensorRT-RTX compiles kernels specialized for it
-        and the backend captures its CUDA graph. On an H200 the serve bench's p99
-        inter-token latency was a ~75-110 ms step once more than one stream ran (7 ms
-        alone), and its p99 time to first token grew with the rows that came into use (184
+        and the backend captures its CUDA graph. The H200 serve benches point at a ~75-110
+        ms step each (inferred, not yet measured per shape: `tools.bench --new-shapes`):
+        the p99 inter-token latency was such a step once more than one stream ran (7 ms
+        alone), and the p99 time to first token grew with the rows that came into use (184
         ms at 4 streams, 1 s at 16, 4.3 s at 64; docs/benchmarks.md). 64 rows now make 8
         decode shapes, not 64; the extra rows cost little where rows are cheap (a batch-4
         step took less than a batch-1 step, 2.18 against 2.29 ms) and at most 15 above 16."""
