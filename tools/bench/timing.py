@@ -91,13 +91,18 @@ def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray
     return rng.integers(min(4, vocab - 1), vocab, size=(batch, length), dtype=np.int32)
 
 
-def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> float:
-    """Milliseconds of one greedy call (only next_token is copied back, as greedy generation
-    does): CUDA events where the backend keeps `last_call_ms` (TensorRTBackend), else wall
-    clock."""
+def wall_ms(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> float:
+    """Wall-clock milliseconds of one greedy call (only next_token is copied back, as greedy
+    generation does)."""
     t0 = time.perf_counter()
     backend.forward(ids, positions, last, ARGMAX)
-    wall = (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3
+
+
+def timed_call(backend: Any, ids: np.ndarray, positions: np.ndarray, last: np.ndarray) -> float:
+    """Milliseconds of one greedy call: CUDA events where the backend keeps `last_call_ms`
+    (TensorRTBackend), else wall clock."""
+    wall = wall_ms(backend, ids, positions, last)
     return float(backend.last_call_ms) if hasattr(backend, "last_call_ms") else wall
 
 
@@ -138,21 +143,19 @@ def measure_new_shapes(
     batch size comes up. TensorRT-RTX compiles kernels specialized for each new shape
     (EAGER, runtime.tensorrt_backend.runtime_config) and the TensorRT backend captures a
     decode shape's CUDA graph. Run it first on a freshly loaded backend."""
-
-    def wall(*args: np.ndarray) -> float:
-        t0 = time.perf_counter()
-        backend.forward(*args, ARGMAX)
-        return (time.perf_counter() - t0) * 1e3
-
     backend.reset(max(batches))
     prefill = []
     for n in lengths:
         args = (ids[:1, :n], np.arange(n, dtype=np.int32)[None], np.array([n - 1], np.int32))
-        prefill.append({"tokens": n, "first_ms": wall(*args), "again_ms": wall(*args)})
+        prefill.append(
+            {"tokens": n, "first_ms": wall_ms(backend, *args), "again_ms": wall_ms(backend, *args)}
+        )
     decode, at = [], max(lengths)
     for b in batches:
         args = (ids[:b, at : at + 1], np.full((b, 1), at, np.int32), np.zeros(b, np.int32))
-        decode.append({"batch": b, "first_ms": wall(*args), "again_ms": wall(*args)})
+        decode.append(
+            {"batch": b, "first_ms": wall_ms(backend, *args), "again_ms": wall_ms(backend, *args)}
+        )
     return {"prefill": prefill, "decode": decode}
 
 
@@ -198,12 +201,15 @@ def measure_decode(
         if getattr(backend, "timed", False):
             backend.timed = False
             try:
-                wall = []
-                for s in range(steps):
-                    step = (ids[:b, context + s : context + s + 1], np.full((b, 1), context + s))
-                    t0 = time.perf_counter()
-                    backend.forward(*step, last, ARGMAX)
-                    wall.append((time.perf_counter() - t0) * 1e3)
+                wall = [
+                    wall_ms(
+                        backend,
+                        ids[:b, context + s : context + s + 1],
+                        np.full((b, 1), context + s),
+                        last,
+                    )
+                    for s in range(steps)
+                ]
                 first = ids[:b, context : context + 1]
                 chained = [chained_step_ms(backend, first, context, steps) for _ in range(4)]
             finally:
