@@ -320,25 +320,32 @@ class Engine:
 
     def _decode(self, decoding: list[Request]) -> None:
         """One decode step over rows 0..n-1 (the module docstring says what each row feeds)."""
-        n = self._rows(decoding)
-        step = (decoding, n, decode_readout(decoding))
+        step = self._step(decoding)
         if self._ahead == step and not all(r.last_in_flight for r in decoding):
             self._chain(step)
             return
         self._land()
         if not (decoding := [r for r in decoding if not r.done]):
             return
-        n = self._rows(decoding)
-        ids = np.full((n, 1), self.pad, np.int32)
-        for r in decoding:
-            ids[r.row] = r.next_token
-        readout = decode_readout(decoding)
+        step = decoding, n, readout = self._step(decoding)
+        ids = self._feed(n, [(r, r.next_token) for r in decoding])
         try:  # collected by the next turn's step (or `_land`)
             self.backend.submit(ids, self._positions(n, 0), np.zeros(n, np.int32), readout)
         except Exception as e:
             self._fail(decoding, e)
             return
-        self._ahead = (decoding, n, readout)
+        self._ahead = step
+
+    def _step(self, decoding: list[Request]) -> Step:
+        """The decode call of `decoding`: its requests, its rows n and its readout."""
+        return decoding, self._rows(decoding), decode_readout(decoding)
+
+    def _feed(self, n: int, tokens: list[tuple[Request, int]]) -> np.ndarray:
+        """int32 [n, 1] input ids: each request's token on its row, a pad token elsewhere."""
+        ids = np.full((n, 1), self.pad, np.int32)
+        for r, token in tokens:
+            ids[r.row] = token
+        return ids
 
     def _rows(self, decoding: list[Request]) -> int:
         """The rows 0..n-1 a decode step runs: up to the highest decoding row, rounded up to
@@ -374,9 +381,7 @@ class Engine:
             self._ahead = None
             if not (drawn := self._collect(step)):
                 return  # it failed
-            ids = np.full((n, 1), self.pad, np.int32)
-            for r, token in drawn:
-                ids[r.row] = token
+            ids = self._feed(n, drawn)
         try:
             self.backend.submit(ids, self._positions(n, 1), np.zeros(n, np.int32), readout)
         except Exception as e:
