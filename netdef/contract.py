@@ -16,22 +16,33 @@ import numpy as np
 
 # Bumped whenever the network or this contract changes, so an older artifact is rebuilt (its
 # build key changes) or refused at load. 2: inv_temperature, log_normalizer, gather splits;
-# 3: window_slots, matmul attention; 4: sliding layers' KV rings, window_positions.
-FORMAT_VERSION = 4
+# 3: window_slots, matmul attention; 4: sliding layers' KV rings, window_positions;
+# 5: next_token drawn in the engine (uniform, top_k, top_p).
+FORMAT_VERSION = 5
 
 # Inputs
 INPUT_IDS = "input_ids"  # int32 [B, S], right-padded
 POSITION_IDS = "position_ids"  # int32 [B, S], the cache slot of each token
 LAST_TOKEN_INDEX = "last_token_index"  # int32 [B], whose logits come back
-INV_TEMPERATURE = "inv_temperature"  # float32 [B], in networks with log_normalizer
+INV_TEMPERATURE = "inv_temperature"  # float32 [B], in networks with top_logits
+UNIFORM = "uniform"  # float32 [B]: next_token's draw in [0, 1), or < 0 for the argmax
+FILTER_TOP_K = "top_k"  # int32 [B]: the draw's top-k filter, 1..K
+FILTER_TOP_P = "top_p"  # float32 [B]: the draw's top-p filter, (0, 1]
 WINDOW_POSITIONS = "window_positions"  # int32 [B, Lw]: what sliding layers read (netdef.slots)
 GLOBAL_POSITIONS = "global_positions"  # int32 [Lg]: what global layers read (netdef.slots)
 TOKEN_INPUTS = (INPUT_IDS, POSITION_IDS, LAST_TOKEN_INDEX)  # every call feeds these
+# [B] per row of a call, in networks with top_logits (runtime.readout.sampling_feeds)
+SAMPLING_INPUTS = {
+    INV_TEMPERATURE: "float",
+    UNIFORM: "float",
+    FILTER_TOP_K: "int32",
+    FILTER_TOP_P: "float",
+}
 POSITION_INPUTS = (WINDOW_POSITIONS, GLOBAL_POSITIONS)  # int32, in networks with such layers
 
 # Outputs a call may read back (the others are the present_* KV caches)
 LOGITS = "logits"  # float32 [B, vocab] ([B, S, vocab] with all_logits)
-NEXT_TOKEN = "next_token"  # int32 [B], argmax of logits
+NEXT_TOKEN = "next_token"  # int32 [B], argmax of logits, or drawn (UNIFORM)
 TOP_LOGITS = "top_logits"  # float32 [B, K], the best K logits, best first
 TOP_IDS = "top_ids"  # int32 [B, K], their ids
 LOG_NORMALIZER = "log_normalizer"  # float32 [B], log sum exp(logits * inv_temperature)
@@ -132,12 +143,15 @@ def contract_problems(io: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"outputs other than {', '.join(list(RESULTS)[:-1])} and {LOG_NORMALIZER} "
             "must be exactly present_* for every past_*"
         )
-    if (LOG_NORMALIZER in outputs) != (INV_TEMPERATURE in inputs):
-        problems.append(f"input {INV_TEMPERATURE} and output {LOG_NORMALIZER} go together")
-    if inputs.get(INV_TEMPERATURE, "float") != "float":
-        problems.append(f"input {INV_TEMPERATURE} must be float32")
+    present = {n in inputs for n in SAMPLING_INPUTS} | {LOG_NORMALIZER in outputs}
+    if len(present) > 1:
+        names = ", ".join(SAMPLING_INPUTS)
+        problems.append(f"inputs {names} and output {LOG_NORMALIZER} go together")
+    for name, dtype in SAMPLING_INPUTS.items():
+        if inputs.get(name, dtype) != dtype:
+            problems.append(f"input {name} must be {'float32' if dtype == 'float' else dtype}")
     all_io = {**inputs, **outputs}
     problems += [f"{n} has unsupported dtype {d}" for n, d in all_io.items() if d not in IO_DTYPES]
-    if extra := sorted(inputs.keys() - pasts - {*TOKEN_INPUTS, INV_TEMPERATURE, *POSITION_INPUTS}):
+    if extra := sorted(inputs.keys() - pasts - {*TOKEN_INPUTS, *SAMPLING_INPUTS, *POSITION_INPUTS}):
         problems.append(f"unknown inputs {', '.join(extra)}")
     return problems

@@ -10,13 +10,15 @@ Engine I/O contract (netdef.contract names the tensors; docs/architecture.md has
   inputs   input_ids        int32 [B, S]   new tokens, right-padded
            position_ids     int32 [B, S]   cache slot of each token; row b is p_b, p_b+1, ...
            last_token_index int32 [B]      which of the S tokens to return logits for
-           inv_temperature  float32 [B]    1 / sampling temperature (with sample_top_k > 0)
+           inv_temperature  float32 [B]    1 / sampling temperature  } with sample_top_k > 0:
+           uniform          float32 [B]    next_token's draw, < 0: argmax } next_token's draw
+           top_k, top_p     int32, float32 [B]   its filters (1..K, (0, 1]) } (`draw`)
            window_positions int32 [B, Lw]  positions sliding layers read (netdef.slots)
            global_positions int32 [Lg]     positions global layers read (netdef.slots)
            past_key_<i>, past_value_<i>    dtype [B, kv_heads, slots_i, head_dim]: slots_i is
                                            max_seq_len, or a sliding layer's ring (netdef.slots)
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
-           next_token       int32 [B]            argmax of logits (not with all_logits)
+           next_token       int32 [B]            argmax of logits, or drawn (not with all_logits)
            top_logits       float32 [B, K]       the K = sample_top_k best logits, best first
            top_ids          int32 [B, K]         their token ids (both not with all_logits)
            log_normalizer   float32 [B]          log sum exp(logits * inv_temperature), with them
@@ -38,13 +40,15 @@ import numpy as np
 from weights.config import ModelConfig
 
 from . import contract as io
-from .contract import MODEL_DTYPES, trt_dtype
+from .contract import MODEL_DTYPES, SAMPLING_INPUTS, TENSOR_DTYPES, trt_dtype
 from .graph import Graph, stacked
 from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .quant import QuantizedWeight
 from .rope import cos_sin_tables
 from .slots import attention_window
 from .tensorrt_module import load_tensorrt
+
+SAMPLING_DTYPES = [(n, TENSOR_DTYPES[d]) for n, d in SAMPLING_INPUTS.items()]
 
 
 class WeightSource:
@@ -227,18 +231,29 @@ class _Decoder:
         net.mark_output(logits)
         if self.opt.all_logits:
             return
-        # Greedy decoding copies one id per sequence, not the vocabulary; sampling with a
-        # top-k of at most sample_top_k copies that many logits and ids.
+        # Decoding copies one id per sequence, not the vocabulary: the argmax, or a token drawn
+        # in the engine (`draw`); host-side sampling copies the best K logits and ids.
         top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
-        next_token = g.shuffle(top.get_output(1), "next_token.flat", reshape=(-1,))
-        next_token.name = io.NEXT_TOKEN
-        net.mark_output(next_token)
+        next_token = g.shuffle(top.get_output(1), "next_token.argmax", reshape=(-1,))
         if self.opt.sample_top_k:
             values, ids = self.best_k(logits, self.opt.sample_top_k)
             for t, name in ((values, io.TOP_LOGITS), (ids, io.TOP_IDS)):
                 t.name = name
                 net.mark_output(t)
-            self.log_normalizer(logits)
+            inputs = {n: net.add_input(n, trt_dtype(trt, d), (-1,)) for n, d in SAMPLING_DTYPES}
+            cols = {n: g.shuffle(t, f"{n}.col", reshape=(-1, 1)) for n, t in inputs.items()}
+            self.log_normalizer(logits, cols[io.INV_TEMPERATURE])
+            drawn = self.draw(values, ids, cols)
+            greedy = g.elementwise(
+                inputs[io.UNIFORM],
+                g.scalar(0.0, np.float32, 1, "draw.greedy.zero"),
+                "LESS",
+                "draw.greedy",
+            )
+            next_token = g.named(net.add_select(greedy, next_token, drawn), "draw.select")
+            next_token = next_token.get_output(0)
+        next_token.name = io.NEXT_TOKEN
+        net.mark_output(next_token)
 
     def best_k(self, logits: Any, k: int) -> tuple[Any, Any]:
         """The k largest logits [B, k] (best first) and their int32 ids, in two stages: the best
@@ -271,18 +286,111 @@ class _Decoder:
         pick.num_elementwise_dims = 1
         return second.get_output(0), g.named(pick, "sample.top_ids").get_output(0)
 
-    def log_normalizer(self, logits: Any) -> None:
+    def log_normalizer(self, logits: Any, inv_t: Any) -> None:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
         sampling without a top-k can also use the best K whenever they hold top_p of the mass."""
         g, net = self.g, self.g.network
-        inv_t = net.add_input(io.INV_TEMPERATURE, g.trt.float32, (-1,))
-        x = g.mul(logits, g.shuffle(inv_t, "inv_temperature.col", reshape=(-1, 1)), "lse.scale")
+        x = g.mul(logits, inv_t, "lse.scale")
         peak = g.reduce_last(x, "MAX", "lse.max")
         shifted = g.unary(g.elementwise(x, peak, "SUB", "lse.shift"), "EXP", "lse.exp")
         total = g.unary(g.reduce_last(shifted, "SUM", "lse.sum"), "LOG", "lse.log")
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
         out.name = io.LOG_NORMALIZER
         net.mark_output(out)
+
+    def draw(self, values: Any, ids: Any, cols: dict[str, Any]) -> Any:
+        """int32 [B]: the token each row's uniform number draws from its best K logits `values`
+        [B, K] (best first) and `ids`, by runtime.sampling.sample_best_k's rule: logits times
+        inv_temperature; top-k keeps those >= the k-th (ties stay); top-p keeps, among those,
+        the ones above its floor whose mass before them is under top_p (none dropped when
+        top_p is 1); the survivors are drawn from in token-id order by inverse CDF. In float32
+        (the host sums in float64), so a uniform number within rounding of a step of the CDF
+        may draw the token beside the host's. Drawn here, a sampled step needs nothing from
+        the host and can follow the one before it on the device (runtime.backend.submit)."""
+        g, net, trt, k = self.g, self.g.network, self.g.trt, self.opt.sample_top_k
+
+        def op(a: Any, b: Any, kind: str, name: str) -> Any:
+            return g.elementwise(a, b, kind, f"draw.{name}")
+
+        def at_least(a: Any, b: Any, name: str) -> Any:
+            return g.unary(op(a, b, "LESS", f"{name}.below"), "NOT", f"draw.{name}")
+
+        def where(cond: Any, a: Any, b: Any, name: str) -> Any:
+            return g.named(net.add_select(cond, a, b), f"draw.{name}").get_output(0)
+
+        def const(value: float, name: str, dtype: type = np.float32) -> Any:
+            return g.scalar(value, np.dtype(dtype), 2, f"draw.{name}")
+
+        def matmul(a: Any, b: Any, name: str) -> Any:
+            none = trt.MatrixOperation.NONE
+            return g.named(net.add_matrix_multiply(a, none, b, none), f"draw.{name}").get_output(0)
+
+        zero, p = const(0.0, "zero"), cols[io.FILTER_TOP_P]
+        x = op(values, cols[io.INV_TEMPERATURE], "PROD", "scale")
+        weights = g.unary(
+            op(x, g.reduce_last(x, "MAX", "draw.best"), "SUB", "below"), "EXP", "draw.w"
+        )
+        # top-k (k clamped to 1..K): x >= the k-th
+        kk = op(
+            op(cols[io.FILTER_TOP_K], const(1, "k.min", np.int32), "MAX", "k.low"),
+            const(k, "k.max", np.int32),
+            "MIN",
+            "k.high",
+        )
+        index = g.shuffle(
+            op(kk, const(1, "k.one", np.int32), "SUB", "k.index"), "draw.k.flat", reshape=(-1,)
+        )
+        kth = g.named(net.add_gather(x, index, 1), "draw.kth")
+        kth.num_elementwise_dims = 1
+        keep = at_least(x, g.shuffle(kth.get_output(0), "draw.kth.col", reshape=(-1, 1)), "top_k")
+        # top-p among those: `candidates`' floor (half of 1 - top_p spread over them), then
+        # the best-first mass before each ([B, K] x a strictly upper triangle of ones)
+        e = where(keep, weights, zero, "top_k.w")
+        total = g.reduce_last(e, "SUM", "draw.top_k.total")
+        count = g.reduce_last(
+            g.cast(keep, np.dtype(np.float32), "draw.top_k.f"), "SUM", "draw.top_k.n"
+        )
+        rest = op(
+            op(const(1.0, "one"), p, "SUB", "top_p.rest"), const(0.5, "half"), "PROD", "top_p.half"
+        )
+        floor = op(op(rest, total, "PROD", "top_p.share"), count, "DIV", "top_p.floor")
+        near = at_least(e, floor, "top_p.near")
+        probs = where(near, op(weights, total, "DIV", "top_p.p"), zero, "top_p.probs")
+        earlier = g.constant(np.triu(np.ones((k, k), np.float32), 1), "draw.earlier")
+        under = op(matmul(probs, earlier, "top_p.before"), p, "LESS", "top_p.under")
+        nucleus = op(
+            op(near, under, "AND", "top_p.nucleus"),
+            at_least(p, const(1.0, "p.one"), "top_p.off"),
+            "OR",
+            "top_p.keep",
+        )
+        kept = op(keep, nucleus, "AND", "kept")
+        # inverse CDF in token-id order: cdf[b, j] = the kept weights of ids <= id_j; the token
+        # is the first kept id whose cdf passes u * their sum (the last one if u rounds up)
+        w = where(kept, weights, zero, "kept.w")
+        order = at_least(
+            g.shuffle(ids, "draw.ids.row", reshape=(0, 1, -1)),
+            g.shuffle(ids, "draw.ids.col", reshape=(0, -1, 1)),
+            "id_order",
+        )
+        cdf = matmul(
+            g.shuffle(w, "draw.kept.row", reshape=(0, 1, -1)),
+            g.cast(order, np.dtype(np.float32), "draw.id_order.f"),
+            "cdf",
+        )
+        target = op(cols[io.UNIFORM], g.reduce_last(w, "SUM", "draw.sum"), "PROD", "target")
+        past = op(
+            kept,
+            op(g.shuffle(cdf, "draw.cdf.flat", reshape=(0, -1)), target, "GREATER", "cdf.past"),
+            "AND",
+            "past",
+        )
+        none = const(np.iinfo(np.int32).max, "none", np.int32)
+        first = g.reduce_last(where(past, ids, none, "past.ids"), "MIN", "draw.first")
+        last = g.reduce_last(
+            where(kept, ids, const(-1, "no_id", np.int32), "kept.ids"), "MAX", "draw.last"
+        )
+        return g.shuffle(op(first, last, "MIN", "token"), "draw.flat", reshape=(-1,))
 
     def head_matmul(self, h: Any, table: Any) -> Any:
         """h @ embed.T reusing the embedding constant [vocab, hidden] (tied LM head)."""

@@ -9,10 +9,10 @@ from weights.config import ModelConfig
 
 from .contract import (
     GLOBAL_POSITIONS,
-    INV_TEMPERATURE,
     KV_KINDS,
     MODEL_DTYPES,
     PROFILE_SETS,
+    SAMPLING_INPUTS,
     TOKEN_INPUTS,
     WINDOW_POSITIONS,
     normalize_target,
@@ -223,7 +223,7 @@ class NetworkOptions:
                 last: tuple((bb,) for bb in batch),
             }
             if self.sample_top_k and not self.all_logits:
-                shapes[INV_TEMPERATURE] = tuple((bb,) for bb in batch)
+                shapes.update({n: tuple((bb,) for bb in batch) for n in SAMPLING_INPUTS})
             for i, n in enumerate(slots):
                 cache = (config.num_kv_heads, n, config.head_dim)
                 for kind in KV_KINDS:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .readout import Outputs, Readout
+from .readout import Draws, Outputs, Readout
 
 
 class Backend(Protocol):
@@ -36,9 +36,12 @@ class Backend(Protocol):
         position_ids: np.ndarray,
         last_token_index: np.ndarray,
         readout: Readout,
+        draws: Draws = None,
     ) -> Outputs:
         """Run one call: int32 [B, S], int32 [B, S], int32 [B]; returns the outputs `readout`
-        names (runtime.readout), by name. S == 1 is a decode step, S > 1 a prefill chunk."""
+        names (runtime.readout), by name. S == 1 is a decode step, S > 1 a prefill chunk.
+        `draws`: per row, the sampling parameters and uniform number next_token is drawn by
+        in the engine, or None for its argmax (runtime.readout.sampling_feeds)."""
 
     def submit(
         self,
@@ -46,12 +49,13 @@ class Backend(Protocol):
         position_ids: np.ndarray,
         last_token_index: np.ndarray,
         readout: Readout,
+        draws: Draws = None,
     ) -> None:
         """Start one call as `forward` would and return before it ends; `collect` gives its
         outputs. input_ids None: a decode step (S == 1) of the previous call's rows, each fed
-        that call's next_token without the host waiting for it, so greedy decoding keeps a
-        step in flight while the host handles the last one (at most two calls in flight;
-        other calls need none)."""
+        that call's next_token without the host waiting for it, so decoding whose tokens the
+        engine picks (greedy, or drawn in it) keeps a step in flight while the host handles
+        the last one (at most two calls in flight; other calls need none)."""
 
     def collect(self) -> Outputs:
         """The outputs of the oldest call submitted and not yet collected (waits for it)."""

@@ -19,7 +19,7 @@ from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .backend import check_row
-from .readout import ALL_LOGITS, Outputs, Readout
+from .readout import ALL_LOGITS, ARGMAX, Draws, Outputs, Readout, sampling_feeds
 from .reference import Executor
 
 
@@ -88,20 +88,24 @@ class CpuBackend:
         finally:
             self.caches = whole
 
-    def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
+    def forward(
+        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+    ) -> Outputs:
         """One network call; the outputs `readout` names."""
         if missing := [n for n in readout.outputs if n not in self.executor.output_names]:
             raise ValueError(f"this network has no {', '.join(missing)} output.")
-        feeds = self.feeds(input_ids, position_ids, last_token_index, readout.temperature)
+        feeds = self.feeds(input_ids, position_ids, last_token_index, readout, draws)
         self.last = self.executor.run(feeds)
         return {name: self.last[name] for name in readout.outputs}
 
-    def submit(self, input_ids, position_ids, last_token_index, readout: Readout) -> None:
+    def submit(
+        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+    ) -> None:
         """`forward` now, its outputs kept for `collect`; input_ids None feeds each row the
         previous call's next_token (runtime.backend.Backend.submit)."""
         if input_ids is None:
             input_ids = self.last[NEXT_TOKEN][:, None]
-        self.pending.append(self.forward(input_ids, position_ids, last_token_index, readout))
+        self.pending.append(self.forward(input_ids, position_ids, last_token_index, readout, draws))
 
     def collect(self) -> Outputs:
         """The oldest submitted call's outputs."""
@@ -112,10 +116,16 @@ class CpuBackend:
         return self.last[LOGITS]
 
     def feeds(
-        self, input_ids, position_ids, last_token_index, temperature: float = 1.0
+        self,
+        input_ids,
+        position_ids,
+        last_token_index,
+        readout: Readout = ARGMAX,
+        draws: Draws = None,
     ) -> dict[str, np.ndarray]:
         """Every network input of one call: the tokens, the first B rows of the KV caches (a
-        call of B sequences uses rows 0..B-1, as on the GPU) and the attended positions."""
+        call of B sequences uses rows 0..B-1, as on the GPU), the attended positions and how
+        next_token is chosen (runtime.readout.sampling_feeds)."""
         positions = np.ascontiguousarray(position_ids, dtype=np.int32)
         if why := ring_crossing(positions, self.rings):
             raise ValueError(why)
@@ -126,8 +136,8 @@ class CpuBackend:
             **{name: cache[: len(positions)] for name, cache in self.caches.items()},
             **slot_feeds(positions, self.max_seq_len, self.dn.window, self.dn.has_global),
         }
-        if self.has_log_normalizer:
-            feeds["inv_temperature"] = np.full(len(feeds["input_ids"]), 1 / temperature, np.float32)
+        if self.sample_top_k:
+            feeds.update(sampling_feeds(readout, draws, len(positions)))
         return feeds
 
 

@@ -14,7 +14,9 @@ chunk its prompt ends in, which a KV ring of window + max_prefill - 1 slots abso
 (netdef.slots). Decode then feeds one token per sequence per step at position
 prompt_len + step; sequences that finished keep their row (fed their own next token,
 output ignored) until all are done. Each step's call is submitted before the host streams
-the tokens of the step before it, so the GPU need not wait for the host's text work.
+the tokens of the step before it, so the GPU need not wait for the host's text work; where
+the engine picks the tokens itself (greedy, or drawn in the engine: runtime.readout), a
+step's call follows the one before it on the device, fed its next_token.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from netdef.slots import prompt_chunks
 from .backend import Backend
 from .readout import (
     ARGMAX,
+    Draws,
     Outputs,
     Readout,
+    engine_draws,
     may_fall_back,
     next_tokens_from,
     readout_for,
@@ -164,11 +168,14 @@ class Run:
         readout = self.readout
         if may_fall_back(readout, params):
             readout = Readout(readout.name, (*readout.outputs, LOGITS), readout.temperature)
-        out = self._prefill(lengths, readout)
+        rng = np.random.default_rng(params.seed)  # one uniform number per row and step
+        out = self._prefill(lengths, readout, self._draws(rng, batch))
         prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         steps = (
-            self._greedy(out, lengths) if self.readout == ARGMAX else self._sampled(out, lengths)
+            self._chained(out, lengths, rng)
+            if self.readout == ARGMAX
+            else self._sampled(out, lengths, rng)
         )
         try:
             for step, tokens in enumerate(steps):
@@ -184,14 +191,23 @@ class Run:
             c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
             c.stats.completion_tokens = len(c.token_ids)
 
-    def _sampled(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    def _draws(self, rng: np.random.Generator, batch: int) -> Draws:
+        """A call's draws when the engine draws the tokens (runtime.readout.engine_draws),
+        from the uniform numbers the host would draw with (`uniforms`), else None."""
+        backend, params = self.gen.backend, self.params
+        if not engine_draws(params, backend.sample_top_k):
+            return None
+        return [(params, float(u)) for u in uniforms(params, rng, batch)]
+
+    def _sampled(
+        self, out: Outputs, lengths: np.ndarray, rng: np.random.Generator
+    ) -> Iterator[np.ndarray]:
         """Each decode step's tokens, drawn on the host from the call before. The call they
         feed is submitted before the host streams them (detokenizing, stop strings, the
         caller's work on each delta), so the GPU runs meanwhile. Sequences that finished
         are fed their own token; their outputs are ignored."""
         backend, params = self.gen.backend, self.params
         rows = [self.completions[i] for i in self.order]
-        rng = np.random.default_rng(params.seed)
         last = np.zeros(len(rows), np.int32)
         inflight = False
 
@@ -218,11 +234,15 @@ class Run:
             if inflight:
                 backend.collect()
 
-    def _greedy(self, out: Outputs, lengths: np.ndarray) -> Iterator[np.ndarray]:
-        """Greedy decoding one call ahead of the host: step k + 1's call is submitted, fed
-        step k's next_token on the device (`Backend.submit` with input_ids None), before the
-        host waits for step k's tokens, so the GPU need not idle while the host streams
-        text. Sequences that finished are fed their own argmax; their outputs are ignored."""
+    def _chained(
+        self, out: Outputs, lengths: np.ndarray, rng: np.random.Generator
+    ) -> Iterator[np.ndarray]:
+        """Decoding one call ahead of the host, where the engine picks each token (its argmax,
+        or drawn by the uniform numbers staged with the call): step k + 1's call is
+        submitted, fed step k's next_token on the device (`Backend.submit` with input_ids
+        None), before the host waits for step k's tokens, so the GPU need not idle while the
+        host streams text. Sequences that finished are fed their own token; their outputs
+        are ignored."""
         backend, n = self.gen.backend, self.params.max_new_tokens
         last = np.zeros(len(lengths), np.int32)
         tokens, inflight = out[NEXT_TOKEN], 0
@@ -230,7 +250,8 @@ class Run:
             for step in range(n):
                 if step + 1 < n:  # the call at positions lengths + step gives step + 1
                     positions = (lengths + step)[:, None].astype(np.int32)
-                    backend.submit(None if step else tokens[:, None], positions, last, ARGMAX)
+                    ids = None if step else tokens[:, None]
+                    backend.submit(ids, positions, last, ARGMAX, self._draws(rng, len(last)))
                     inflight += 1
                 if step:
                     tokens, inflight = backend.collect()[NEXT_TOKEN], inflight - 1
@@ -239,9 +260,10 @@ class Run:
             for _ in range(inflight):
                 backend.collect()
 
-    def _prefill(self, lengths: np.ndarray, readout: Readout) -> Outputs:
+    def _prefill(self, lengths: np.ndarray, readout: Readout, draws: Draws) -> Outputs:
         """Run the prompts in chunks of at most max_prefill that do not cross a KV ring's end
-        (netdef.slots.prompt_chunks); the output for each prompt's last token."""
+        (netdef.slots.prompt_chunks); the output for each prompt's last token (each chunk
+        takes the first rows of `draws`: a prompt's first token is drawn where it ends)."""
         backend = self.gen.backend
         batch, total = len(lengths), int(lengths[0])  # rows are longest first
         ids = np.zeros((batch, total), np.int32)
@@ -252,7 +274,9 @@ class Run:
             going = int((lengths > start).sum())  # rows 0..going-1 still have prompt tokens
             positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (going, end - start))
             last = np.clip(lengths[:going] - 1 - start, 0, end - start - 1).astype(np.int32)
-            out = backend.forward(ids[:going, start:end], positions, last, readout)
+            out = backend.forward(
+                ids[:going, start:end], positions, last, readout, draws and draws[:going]
+            )
             if not result:  # the first chunk has every row
                 result = {name: np.array(o) for name, o in out.items()}
             ends_here = lengths[:going] - 1 < end

@@ -1,9 +1,11 @@
 """What a forward call copies back (a `Readout`), which one a request needs, and its tokens.
 
-Every backend computes all of a network's outputs; what leaves it differs. Plain greedy
-decoding needs only the argmax (one id per sequence instead of the vocabulary's logits);
-sampling with a top-k the engine covers needs only its best K logits and their ids, also
-under a repetition penalty > 1, which only lowers logits (greedy is then top-k 1); top-p
+Every backend computes all of a network's outputs; what leaves it differs. Greedy decoding,
+and sampling with a top-k the engine covers and no repetition penalty, need only next_token
+(one id per sequence instead of the vocabulary's logits): the engine takes the argmax or
+draws the token itself from its best K, given each row's uniform number and filters
+(`sampling_feeds`). Under a repetition penalty > 1, which only lowers logits, such a top-k
+(greedy is then top-k 1) needs the best K logits and their ids, drawn from on the host; top-p
 alone needs them and the softmax's log-normalizer at the request's temperature. Those two
 fall back to the latest call's logits on the steps the best K do not decide. Anything else
 needs all the logits. `readout_for` makes that choice and `next_tokens_from` turns what came
@@ -12,16 +14,28 @@ back into tokens, so a new sampling mode changes this module and runtime/samplin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from netdef.contract import LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
+from netdef.contract import (
+    FILTER_TOP_K,
+    FILTER_TOP_P,
+    INV_TEMPERATURE,
+    LOG_NORMALIZER,
+    LOGITS,
+    NEXT_TOKEN,
+    TOP_IDS,
+    TOP_LOGITS,
+    UNIFORM,
+)
 
 from .sampling import SamplingParams, next_tokens, next_tokens_from_top
 
 Outputs = dict[str, np.ndarray]  # a forward call's result: output name -> array
+Draw = tuple[SamplingParams, float]  # a row whose next_token the engine draws: its uniform number
+Draws = Sequence[Draw | None] | None  # a call's, per row (None: the argmax), or None for all
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,7 @@ class Readout:
     temperature: float = 1.0
 
 
-ARGMAX = Readout("argmax", (NEXT_TOKEN,))  # int32 [B]
+ARGMAX = Readout("argmax", (NEXT_TOKEN,))  # int32 [B]: the argmax, or drawn (`engine_draws`)
 TOP_K = Readout("top_k", (TOP_LOGITS, TOP_IDS))  # float32 [B, K] best first, int32 [B, K]
 ALL_LOGITS = Readout("logits", (LOGITS,))  # float32 [B, vocab] ([B, S, vocab] with all_logits)
 
@@ -44,11 +58,17 @@ def top_k_lse(temperature: float) -> Readout:
     return Readout("top_p", (TOP_LOGITS, TOP_IDS, LOG_NORMALIZER), temperature)
 
 
+def engine_draws(params: SamplingParams, sample_top_k: int) -> bool:
+    """Whether an engine with the best `sample_top_k` logits draws the tokens of `params`
+    itself (netdef.decoder.Decoder.draw): sampling with a top-k it covers, no penalty."""
+    return not params.greedy and params.repetition_penalty == 1 and 0 < params.top_k <= sample_top_k
+
+
 def readout_for(params: SamplingParams, sample_top_k: int, has_log_normalizer: bool) -> Readout:
     """The least a decode step of `params` needs from an engine with these outputs."""
     penalty = params.repetition_penalty
     top_k = 1 if params.greedy else params.top_k
-    if params.greedy and penalty == 1.0:
+    if (params.greedy and penalty == 1.0) or engine_draws(params, sample_top_k):
         return ARGMAX
     if 0 < top_k <= sample_top_k and penalty >= 1:
         return TOP_K
@@ -60,6 +80,24 @@ def readout_for(params: SamplingParams, sample_top_k: int, has_log_normalizer: b
 def may_fall_back(readout: Readout, params: SamplingParams) -> bool:
     """Whether some step of `readout` may need the latest call's whole logits."""
     return readout.name == "top_p" or (readout == TOP_K and params.repetition_penalty != 1)
+
+
+def sampling_feeds(readout: Readout, draws: Draws, batch: int) -> Outputs:
+    """The sampling inputs (netdef.contract.SAMPLING_INPUTS) of one call of `batch` rows: per
+    row its `Draw`, or the argmax where None (all rows when `draws` is None); a drawn row's
+    inv_temperature is its own 1/T, the others' the readout's (the host's top-p)."""
+    rows = list(draws or [None] * batch)
+    drawn = [d for d in rows if d is not None]
+    if len(rows) != batch or any(p.greedy for p, _ in drawn):
+        raise ValueError(f"a call of {batch} rows takes {batch} draws, none greedy.")
+    return {
+        INV_TEMPERATURE: np.array(
+            [1 / (d[0].temperature if d else readout.temperature) for d in rows], np.float32
+        ),
+        UNIFORM: np.array([d[1] if d else -1.0 for d in rows], np.float32),
+        FILTER_TOP_K: np.array([d[0].top_k if d else 1 for d in rows], np.int32),
+        FILTER_TOP_P: np.array([d[0].top_p if d else 1.0 for d in rows], np.float32),
+    }
 
 
 def next_tokens_from(

@@ -20,9 +20,10 @@ One thread owns the backend. Each turn it
 
 Decode steps run one ahead of the host's streaming. While the rows and their requests stay the
 same and no prompt is being prefilled, the next step is submitted before the thread streams
-the tokens of the step before: a greedy step fed that step's argmax on the device
-(`Backend.submit` with input_ids None) before the thread even collects it, a sampled step fed
-the tokens just drawn from it. The GPU then runs while the thread detokenizes, streams and
+the tokens of the step before: a step whose tokens the engine picks (greedy, or drawn in the
+engine by each request's uniform numbers: `runtime.readout.engine_draws`) fed that step's
+next_token on the device (`Backend.submit` with input_ids None) before the thread even
+collects it, a step sampled on the host fed the tokens just drawn from it. The GPU then runs while the thread detokenizes, streams and
 takes its next turn. Rows that finish meanwhile run one more step whose tokens are dropped (no
 step follows one that ends every request at max_new_tokens); anything else (a prefill, a row
 set that changed) first collects the step in flight.
@@ -58,6 +59,7 @@ from .readout import (
     ALL_LOGITS,
     ARGMAX,
     TOP_K,
+    Draws,
     Outputs,
     Readout,
     next_tokens_from,
@@ -306,10 +308,14 @@ class Engine:
         positions = np.arange(start, end, dtype=np.int32)[None]
         last = np.array([end - start - 1], np.int32)
         try:
+            ends = end == len(r.prompt_ids)  # this call gives r's first token
+            draws = self._draws(1, [r] if ends else [], row_of=lambda _: 0)
             with self.backend.row(r.row):
-                out = self.backend.forward(ids, positions, last, r.readout)
+                out = self.backend.forward(ids, positions, last, r.readout, draws)
             r.prefilled = end
-            if r.decoding:
+            if r.decoding and r.readout == ARGMAX:
+                token = int(out[NEXT_TOKEN][0])
+            elif r.decoding:
                 token = self._sample([r], out, [0], self._whole_logits())[0]
         except Exception as e:
             self._fail([r], e)
@@ -329,8 +335,9 @@ class Engine:
             return
         step = decoding, n, readout = self._step(decoding)
         ids = self._feed(n, [(r, r.next_token) for r in decoding])
+        draws = self._draws(n, decoding if readout == ARGMAX else [])
         try:  # collected by the next turn's step (or `_land`)
-            self.backend.submit(ids, self._positions(n, 0), np.zeros(n, np.int32), readout)
+            self.backend.submit(ids, self._positions(n, 0), np.zeros(n, np.int32), readout, draws)
         except Exception as e:
             self._fail(decoding, e)
             return
@@ -339,6 +346,18 @@ class Engine:
     def _step(self, decoding: list[Request]) -> Step:
         """The decode call of `decoding`: its requests, its rows n and its readout."""
         return decoding, self._rows(decoding), decode_readout(decoding)
+
+    def _draws(
+        self, n: int, requests: list[Request], row_of: Callable[[Request], int] = lambda r: r.row
+    ) -> Draws:
+        """A call of n rows' draws (runtime.readout.sampling_feeds): each of `requests` whose
+        tokens the engine draws gets the next uniform number of its own generator on its row
+        (as `_sample` takes one per token); the other rows take the argmax."""
+        draws: list = [None] * n
+        for r in requests:
+            if r.readout == ARGMAX and not r.params.greedy:
+                draws[row_of(r)] = (r.params, r.rng.random())
+        return draws
 
     def _feed(self, n: int, tokens: list[tuple[Request, int]]) -> np.ndarray:
         """int32 [n, 1] input ids: each request's token on its row, a pad token elsewhere."""
@@ -373,17 +392,17 @@ class Engine:
 
     def _chain(self, step: Step) -> None:
         """The next step of the step in flight's rows, submitted before the thread streams
-        that step's tokens: a greedy one fed its argmax on the device, a sampled one the
-        tokens drawn from it (collected first)."""
+        that step's tokens: one whose tokens the engine picks (greedy or drawn in it) fed
+        them on the device, another the tokens drawn on the host (collected first)."""
         requests, n, readout = step
-        ids, drawn = None, []
+        ids, drawn, draws = None, [], self._draws(n, requests if readout == ARGMAX else [])
         if readout != ARGMAX:
             self._ahead = None
             if not (drawn := self._collect(step)):
                 return  # it failed
             ids = self._feed(n, drawn)
         try:
-            self.backend.submit(ids, self._positions(n, 1), np.zeros(n, np.int32), readout)
+            self.backend.submit(ids, self._positions(n, 1), np.zeros(n, np.int32), readout, draws)
         except Exception as e:
             self._fail(requests, e)
             self._land()

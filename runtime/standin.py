@@ -5,7 +5,7 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import FORMAT_VERSION, PROFILE_SETS
+from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS
 
 from .cuda_buffers import cuda, cudart
 
@@ -49,7 +49,9 @@ def fake_engine(
                 {"name": f"present_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
             )
     if sample_top_k:
-        io["inputs"].append({"name": "inv_temperature", "dtype": "float", "shape": [-1]})
+        io["inputs"] += [
+            {"name": name, "dtype": dtype, "shape": [-1]} for name, dtype in SAMPLING_INPUTS.items()
+        ]
     b, p = max_batch, max_prefill
     ranges = {
         "decode": ((1, b, b), (1, 1, 1)),

@@ -37,13 +37,13 @@ import numpy as np
 
 from netdef.contract import (
     GLOBAL_POSITIONS,
-    INV_TEMPERATURE,
     IO_DTYPES,
-    LOG_NORMALIZER,
     LOGITS,
     NEXT_TOKEN,
     POSITION_INPUTS,
     RESULTS,
+    SAMPLING_INPUTS,
+    TENSOR_DTYPES,
     TOKEN_INPUTS,
     TOP_IDS,
     TOP_LOGITS,
@@ -71,7 +71,7 @@ from .cuda_buffers import (
     enqueue_step,
     free_bytes,
 )
-from .readout import Outputs, Readout
+from .readout import Draws, Outputs, Readout, sampling_feeds
 
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in IO_DTYPES.items()}
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each position input
@@ -304,7 +304,6 @@ class TensorRTBackend:
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
-        self.inv_temperature = 1.0  # what the next call feeds to every sequence
         self.profile_names = [p["name"] for p in meta.profiles]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
@@ -322,8 +321,9 @@ class TensorRTBackend:
             (t["shape"][2] for t in self.io["inputs"] if t["name"].startswith("past_")),
             self.max_seq_len,
         )
-        extra = (INV_TEMPERATURE, *POSITION_INPUTS)
+        extra = (*SAMPLING_INPUTS, *POSITION_INPUTS)
         self._uploads = [*TOKEN_INPUTS, *(n for n in extra if n in inputs)]
+        self.draws = SAMPLING_INPUTS.keys() <= inputs  # next_token drawn in the engine
         # (B, position input shapes, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         # the same plus the host buffer set -> a captured chained step (`submit(None, ...)`)
@@ -369,8 +369,9 @@ class TensorRTBackend:
                 for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
                     if name in plan:
                         host[name] = PinnedBuffer(plan[name] // 4, np.int32)
-                if self.has_log_normalizer:
-                    host[INV_TEMPERATURE] = PinnedBuffer(self.max_batch, np.float32)
+                if self.draws:
+                    for name, dtype in SAMPLING_INPUTS.items():
+                        host[name] = PinnedBuffer(self.max_batch, TENSOR_DTYPES[dtype])
                 for name, dtype in RESULTS.items():
                     if name in plan and (name != LOGITS or host is self.hosts[0]):
                         numpy_type = np.float32 if dtype == "float" else np.int32
@@ -462,15 +463,19 @@ class TensorRTBackend:
         finally:
             self._row = None
 
-    def forward(self, input_ids, position_ids, last_token_index, readout: Readout) -> Outputs:
+    def forward(
+        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+    ) -> Outputs:
         """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
         ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
         instead of the vocabulary's logits, which stay on the GPU for `last_logits`."""
         self._idle("forward")
-        self.submit(input_ids, position_ids, last_token_index, readout)
+        self.submit(input_ids, position_ids, last_token_index, readout, draws)
         return self.collect()
 
-    def submit(self, input_ids, position_ids, last_token_index, readout: Readout) -> None:
+    def submit(
+        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+    ) -> None:
         """Enqueue one call as `forward` would, without waiting for it. input_ids None: a
         decode step of the previous call's rows, each fed that call's `next_token` on the
         device; it may start while that call is still in flight (two at most). Any other call
@@ -496,8 +501,6 @@ class TensorRTBackend:
             input_ids = np.zeros((b, 1), np.int32)  # checked for shape; the device feeds it
         else:
             self._idle("a call with input_ids")
-        if LOG_NORMALIZER in wanted:
-            self.inv_temperature = 1.0 / readout.temperature
         self._make_current()
         ids, pos, last = validate_call(
             input_ids,
@@ -514,6 +517,8 @@ class TensorRTBackend:
         lane = 1 - self._pending[-1][0] if self._pending else 0  # the host buffer set
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
+        if self.draws:
+            feeds.update(sampling_feeds(readout, draws, b))
         profile = choose_profile(self.profile_names, b, s, self.max_prefill)
         key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
@@ -590,8 +595,6 @@ class TensorRTBackend:
         arrays = zip(TOKEN_INPUTS, (ids, pos, last))
         for name, a in (*((n, a) for n, a in arrays if a is not None), *feeds.items()):
             host[name].array[: a.size] = a.ravel()
-        if self.has_log_normalizer:
-            host[INV_TEMPERATURE].array[: last.size] = self.inv_temperature
 
     def _prepare(self, key: tuple[int, int, int, Shapes, int | None]) -> None:
         profile, b, s, shapes, row = key
@@ -636,7 +639,7 @@ class TensorRTBackend:
             "input_ids": b * s * 4,
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
-            INV_TEMPERATURE: b * 4,
+            **dict.fromkeys(SAMPLING_INPUTS, b * 4),
             **{name: int(np.prod(shape)) * 4 for name, shape in self._state[3]},
         }
         uploads = [(self.device[n], host[n], sizes[n]) for n in self._uploads]

@@ -67,6 +67,9 @@ def test_io_contract(tiny_dir):
         "position_ids",
         "last_token_index",
         "inv_temperature",
+        "uniform",
+        "top_k",
+        "top_p",
         "global_positions",  # every qwen3 layer is global: no window_positions
     } | {f"past_{k}_{i}" for i in range(n) for k in ("key", "value")}
     assert (inputs["global_positions"].dtype, tuple(inputs["global_positions"].shape)) == (
@@ -87,6 +90,12 @@ def test_io_contract(tiny_dir):
     assert tuple(outputs["top_logits"].shape) == tuple(outputs["top_ids"].shape) == (-1, 64)
     assert (inputs["inv_temperature"].dtype, outputs["log_normalizer"].dtype) == (trt.float32,) * 2
     assert tuple(inputs["inv_temperature"].shape) == tuple(outputs["log_normalizer"].shape) == (-1,)
+    draw = [inputs[n] for n in ("uniform", "top_k", "top_p")]  # next_token's draw
+    assert [(t.dtype, tuple(t.shape)) for t in draw] == [
+        (trt.float32, (-1,)),
+        (trt.int32, (-1,)),
+        (trt.float32, (-1,)),
+    ]
     gemma = build_network(Checkpoint.open(tiny_dir("gemma3")), NetworkOptions(max_seq_len=32), trt)
     slots = {gemma.network.get_input(i).name: gemma.network.get_input(i) for i in range(5)}
     window = slots["window_positions"]  # sliding layers (window 4)
@@ -97,7 +106,8 @@ def test_io_contract(tiny_dir):
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}
     assert names == set(outputs) - {"top_logits", "top_ids", "log_normalizer"}
-    assert "inv_temperature" not in {plain.get_input(i).name for i in range(plain.num_inputs)}
+    plain_inputs = {plain.get_input(i).name for i in range(plain.num_inputs)}
+    assert plain_inputs == set(inputs) - {"inv_temperature", "uniform", "top_k", "top_p"}
 
 
 def test_float16_gemma_warns(tiny_dir):

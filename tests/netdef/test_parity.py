@@ -137,3 +137,46 @@ def test_best_k_in_two_stages_over_a_padded_vocabulary(tmp_path):
     top_ids = model.last["top_ids"]
     np.testing.assert_array_equal(top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :64])
     np.testing.assert_array_equal(model.last["top_logits"], np.take_along_axis(logits, top_ids, -1))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_next_token_drawn_in_the_network_is_the_hosts_draw(family, tiny_dir):
+    """Rows with a uniform number get next_token drawn in the network, each by its own
+    temperature, top-k and top-p: the token runtime.sampling.sample_best_k draws from the
+    same call's best K by the same number (flat temperatures, so that many tokens come up
+    and top-p cuts into them); a row without one gets the argmax."""
+    from runtime.sampling import SamplingParams, sample_best_k
+
+    model = CpuBackend(
+        build_network(
+            Checkpoint.open(tiny_dir(family)),
+            NetworkOptions(dtype="float32", max_batch=5, max_seq_len=16),
+        )
+    )
+    params = [
+        SamplingParams(temperature=1.0, top_k=64, top_p=0.95),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
+        SamplingParams(temperature=8.0, top_k=40),
+        None,
+        SamplingParams(temperature=20.0, top_k=64, top_p=0.5),
+    ]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 500, (5, 6), dtype=np.int32)
+    positions = np.tile(np.arange(6, dtype=np.int32), (5, 1))
+    drawn = []
+    for _ in range(60):
+        u = rng.random(5)
+        model.reset(5)
+        draws = [None if p is None else (p, u[b]) for b, p in enumerate(params)]
+        tokens = model.forward(ids, positions, np.full(5, 5, np.int32), ARGMAX, draws)
+        out = model.last
+        for b, p in enumerate(params):
+            if p is None:
+                want = out["logits"][b].argmax()
+            else:
+                best = out["top_logits"][b : b + 1], out["top_ids"][b : b + 1]
+                want = sample_best_k(*best, p, np.array([np.float32(u[b])]))[0][0]
+            assert tokens["next_token"][b] == want
+        drawn.append(tokens["next_token"])
+    distinct = [len(set(row)) for row in np.array(drawn).T]
+    assert distinct[3] == 1 and min(distinct[2], distinct[4]) > 10

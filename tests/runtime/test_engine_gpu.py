@@ -172,3 +172,61 @@ def test_chained_greedy_steps_equal_host_fed_steps(tmp_path):
                     got.append(out[NEXT_TOKEN])
             runs[chained] = np.stack(got)
     np.testing.assert_array_equal(runs[True], runs[False])
+
+
+def test_tokens_drawn_in_the_engine_are_the_hosts_draws(tmp_path):
+    """Sampled steps drawn in the engine (next_token by each row's uniform number, top-k and
+    top-p), chained one call ahead with CUDA graphs: each step's token is the one the host
+    draws from that call's own best K (runtime.sampling.sample_best_k) by the same number,
+    per row with its own parameters; a row without a draw takes the argmax."""
+    from netdef.contract import NEXT_TOKEN, TOP_IDS, TOP_LOGITS
+    from runtime.readout import Readout
+    from runtime.sampling import SamplingParams, sample_best_k
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tests.fixtures.tiny import tiny_model_dir
+
+    artifact = build_for_device(
+        tiny_model_dir("gemma3"), tmp_path / "a", max_batch=4, max_seq_len=64, max_prefill=4
+    )
+    params = [
+        SamplingParams(temperature=1.0, top_k=64, top_p=0.95),  # Gemma-3's
+        SamplingParams(temperature=8.0, top_k=40),  # flat: many tokens drawn
+        None,  # the argmax
+        SamplingParams(temperature=20.0, top_k=64, top_p=0.5),
+    ]
+    both = Readout("drawn", (NEXT_TOKEN, TOP_LOGITS, TOP_IDS))
+    rng = np.random.default_rng(11)
+    zeros = np.zeros(4, np.int32)
+
+    def draws() -> list:
+        return [None if p is None else (p, float(rng.random())) for p in params]
+
+    with TensorRTBackend.load(artifact) as engine:
+        engine.reset(4)
+        prompt = np.arange(16, dtype=np.int32).reshape(4, 4) + 5
+        positions = np.tile(np.arange(4, dtype=np.int32), (4, 1))
+        staged = [draws()]
+        out = engine.forward(prompt, positions, np.full(4, 3, np.int32), both, staged[0])
+        results = [out]
+        staged.append(draws())
+        engine.submit(
+            out[NEXT_TOKEN][:, None], np.full((4, 1), 4, np.int32), zeros, both, staged[-1]
+        )
+        for step in range(1, 40):  # chained: fed the previous next_token on the device
+            staged.append(draws())
+            engine.submit(None, np.full((4, 1), 4 + step, np.int32), zeros, both, staged[-1])
+            results.append(engine.collect())
+        results.append(engine.collect())
+        assert engine.chained  # the chained steps were captured and replayed
+    seen = set()
+    for out, row_draws in zip(results, staged):
+        for b, draw in enumerate(row_draws):
+            values, ids = out[TOP_LOGITS][b : b + 1], out[TOP_IDS][b : b + 1]
+            if draw is None:
+                want = ids[0, 0]
+            else:
+                p, u = draw
+                want = sample_best_k(values, ids, p, np.array([np.float32(u)]))[0][0]
+            assert out[NEXT_TOKEN][b] == want
+            seen.add((b, int(want)))
+    assert len({t for b, t in seen if b == 1}) > 10  # really drawn

@@ -136,8 +136,9 @@ def test_leaving_a_greedy_stream_collects_the_call_in_flight(cpu_model, tokenize
 def test_sampled_steps_go_out_before_their_tokens_are_streamed(cpu_model, tokenizer):
     """Each sampled step's call is submitted, fed the tokens just drawn, while none of them
     has been streamed yet (the numbers: tokens streamed when each call went out); the
-    tokens are those of a plain run; leaving the stream midway collects the call in flight."""
-    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_k=20, seed=3)
+    tokens are those of a plain run; leaving the stream midway collects the call in flight.
+    Llama 3's top-p without a top-k: drawn on the host (from the best K and log_normalizer)."""
+    params = SamplingParams(max_new_tokens=5, temperature=0.6, top_p=0.9, seed=3)
 
     class Noted(CallOrder):
         def submit(self, ids, *args):
@@ -191,19 +192,26 @@ class WholeLogits:
         self.submit, self.collect = model.submit, model.collect
 
 
-def test_sampling_from_the_engines_best_k_draws_what_the_whole_logits_draw(cpu_model, tokenizer):
-    """Gemma-3's sampling (top-k 64, top-p 0.95) through top_logits/top_ids picks, for a seed,
-    exactly the tokens sampled from the whole vocabulary's logits."""
+def test_sampling_drawn_in_the_engine_draws_what_the_whole_logits_draw(cpu_model, tokenizer):
+    """Gemma-3's sampling (top-k 64, top-p 0.95) drawn in the engine (next_token, by the
+    uniform numbers staged with each call) picks, for a seed, exactly the tokens the host
+    samples from the whole vocabulary's logits, and keeps one call ahead as greedy decoding
+    does."""
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=64, top_p=0.95, seed=7)
-    via_top = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, params)
-    assert via_top.readout.name == "top_k"
-    list(via_top)
+    backend = CallOrder(cpu_model)
+    in_engine = Generator(backend, tokenizer, eos_ids=[]).start(PROMPTS, params)
+    assert in_engine.readout.name == "argmax"
+    list(in_engine)
+    assert backend.calls == ["submit", *["chain", "collect"] * 14, "collect"]
     via_logits = Generator(WholeLogits(cpu_model), tokenizer, eos_ids=[]).start(PROMPTS, params)
     assert via_logits.readout.name == "logits"
     list(via_logits)
-    tokens = [c.token_ids for c in via_top.completions]
+    tokens = [c.token_ids for c in in_engine.completions]
     assert tokens == [c.token_ids for c in via_logits.completions]
     assert all(len(t) == 16 for t in tokens)
+    argmax = Generator(cpu_model, tokenizer, eos_ids=[]).start(PROMPTS, greedy(16))
+    list(argmax)
+    assert tokens != [c.token_ids for c in argmax.completions]  # drawn, not the argmax
 
 
 def sample_both_ways(model, tokenizer, params: SamplingParams, wants: str) -> int:

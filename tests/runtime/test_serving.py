@@ -72,8 +72,9 @@ def chunks(n: int, backend) -> int:
 
 def test_every_request_equals_itself_alone(model):
     """Six requests on three rows (three wait, then reuse freed rows), prompts of 1..12 tokens
-    prefilled in chunks of 4 between decode steps, each with its own sampling: greedy, top-k,
-    top-p and plain sampling seeded, a repetition penalty, a stop string."""
+    prefilled in chunks of 4 between decode steps, each with its own sampling: greedy, top-k
+    (drawn in the engine, or on the host in a step with the others), top-p and plain sampling
+    seeded, a repetition penalty, a stop string."""
     lengths = [3, 9, 1, 6, 12, 5]
     prompts = [words(5 + 7 * i, n) for i, n in enumerate(lengths)]
     params = [
@@ -121,8 +122,9 @@ def test_every_request_equals_itself_alone(model):
 
 def test_requests_of_one_sampling_setting_are_drawn_together_each_as_alone(model, monkeypatch):
     """Three rows of one top-k/top-p setting with their own seeds, beside one of another
-    temperature: decode steps draw the three together (one whole-array call) and each
-    request still equals itself alone."""
+    temperature, all drawn on the host (a repetition penalty: runtime.readout): decode steps
+    draw the three together (one whole-array call) and each request still equals itself
+    alone."""
     import runtime.sampling
 
     rows_drawn = []
@@ -133,10 +135,9 @@ def test_requests_of_one_sampling_setting_are_drawn_together_each_as_alone(model
         return draw_rows(values, *args)
 
     prompts = [words(3 + 5 * i, n) for i, n in enumerate([4, 7, 2, 5])]
-    params = [
-        SamplingParams(max_new_tokens=9, temperature=0.9, top_k=8, top_p=0.9, seed=s)
-        for s in (1, 2, 3)
-    ] + [SamplingParams(max_new_tokens=9, temperature=1.2, top_k=8, top_p=0.9, seed=1)]
+    setting = {"max_new_tokens": 9, "top_k": 8, "top_p": 0.9, "repetition_penalty": 1.1}
+    params = [SamplingParams(temperature=0.9, seed=s, **setting) for s in (1, 2, 3)]
+    params.append(SamplingParams(temperature=1.2, seed=1, **setting))
     expected = [alone(model, p, q) for p, q in zip(prompts, params)]
     assert len({tuple(ids) for ids, _, _ in expected}) == 4
     monkeypatch.setattr(runtime.sampling, "sample_best_k", spy)
@@ -147,14 +148,40 @@ def test_requests_of_one_sampling_setting_are_drawn_together_each_as_alone(model
     assert max(rows_drawn) == 3 and set(rows_drawn) <= {1, 2, 3}
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_decode_steps_run_one_ahead_of_streaming(model, sampled):
+def test_rows_drawn_in_the_engine_with_their_own_settings_chain_each_as_alone(model):
+    """Three requests the engine draws for, each with its own temperature, top-k, top-p and
+    seed, beside a greedy one: their decode steps run chained (the engine draws each row by
+    its own uniform number and filters) and each request equals itself alone."""
+    prompts = [words(3 + 5 * i, n) for i, n in enumerate([4, 7, 2, 5])]
+    params = [
+        SamplingParams(max_new_tokens=9, temperature=0.9, top_k=8, top_p=0.9, seed=1),
+        SamplingParams(max_new_tokens=9, temperature=1.5, top_k=20, seed=2),
+        SamplingParams(max_new_tokens=9),
+        SamplingParams(max_new_tokens=9, temperature=0.6, top_k=64, top_p=0.5, seed=3),
+    ]
+    expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+    backend = Recording(cpu(model, 4))
+    _, requests, texts = served(backend, model, prompts, params)
+    for r, text, (ids, want_text, _) in zip(requests, texts, expected):
+        assert (r.completion.token_ids, text) == (ids, want_text)
+    assert all(r.readout.name == "argmax" for r in requests)
+    assert len(backend.chained) >= 5
+
+
+SAMPLED_ON_HOST = {"temperature": 0.9, "top_p": 0.9, "seed": 4}  # top-p alone: best K + lse
+DRAWN_IN_ENGINE = {"temperature": 0.9, "top_k": 8, "seed": 4}
+
+
+@pytest.mark.parametrize(
+    "mode", [{}, DRAWN_IN_ENGINE, SAMPLED_ON_HOST], ids=["greedy", "drawn", "host-sampled"]
+)
+def test_decode_steps_run_one_ahead_of_streaming(model, mode):
     """A request alone: from its second decode step on, each step is submitted before the
-    thread streams the tokens of the step before (a greedy one fed that step's argmax on the
-    device, a sampled one the token drawn from it), no step follows the one that gives the
-    last token, and the tokens are those it gets from `Generator`."""
-    seeded = {"temperature": 0.9, "top_k": 8, "seed": 4} if sampled else {}
-    params = SamplingParams(max_new_tokens=6, **seeded)
+    thread streams the tokens of the step before (one whose token the engine picks, greedy
+    or drawn, fed it on the device; one sampled on the host the token drawn from it), no
+    step follows the one that gives the last token, and the tokens are those it gets from
+    `Generator`."""
+    params = SamplingParams(max_new_tokens=6, **mode)
     backend = Recording(cpu(model, 2))
     calls_at_token = []  # calls submitted when each token is streamed
 
@@ -168,7 +195,7 @@ def test_decode_steps_run_one_ahead_of_streaming(model, sampled):
     assert (request.completion.token_ids, text) == alone(model, words(5, 3), params)[:2]
     # the prefill, then five decode steps; token k + 1 comes from decode step k
     assert backend.calls == [(1, 3, 0), *[(1, 1, None)] * 5]
-    assert backend.chained == ([] if sampled else [2, 3, 4, 5])
+    assert backend.chained == ([] if mode is SAMPLED_ON_HOST else [2, 3, 4, 5])
     assert calls_at_token == [1, 3, 4, 5, 6, 6]
 
 
@@ -289,9 +316,10 @@ def test_an_engine_fault_fails_only_the_requests_it_touched(model):
 
 
 def test_a_sampled_step_that_fails_to_go_out_fails_its_request(model):
-    """A chained sampled step fed a token the backend refuses: its request fails with the
-    tokens streamed before (not the refused one), and the next request runs as alone."""
-    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=8, seed=4)
+    """A chained step sampled on the host fed a token the backend refuses: its request fails
+    with the tokens streamed before (not the refused one), and the next request runs as
+    alone."""
+    params = SamplingParams(max_new_tokens=8, **SAMPLED_ON_HOST)
     prompt = words(5, 3)
     ids = alone(model, prompt, params)[0]
     fed = set(model[1].encode(prompt))  # token k is fed to decode step k + 1, chained for k > 0

@@ -207,8 +207,8 @@ def test_contract_violations():
     with pytest.raises(EngineLoadError) as e:
         check_contract(io)
     assert str(e.value) == (
-        "the engine breaks the I/O contract: input inv_temperature and output log_normalizer "
-        "go together."
+        "the engine breaks the I/O contract: inputs inv_temperature, uniform, top_k, top_p and "
+        "output log_normalizer go together."
     )
 
 

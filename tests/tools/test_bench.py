@@ -487,7 +487,7 @@ class FixedTimeBackend:
     def reset(self, batch):
         self.resets.append(batch)
 
-    def forward(self, ids, positions, last, readout):
+    def forward(self, ids, positions, last, readout, draws=None):
         assert (
             ids.dtype == np.int32 and ids.shape == positions.shape and last.shape == ids.shape[:1]
         )

@@ -26,7 +26,7 @@ import numpy as np
 
 from netdef.contract import LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
 from runtime.generate import Generator
-from runtime.readout import Outputs, Readout
+from runtime.readout import Draws, Outputs, Readout
 from runtime.sampling import SamplingParams
 from runtime.serving import Engine
 from runtime.tokenizer import Tokenizer
@@ -42,9 +42,9 @@ WHOLE = "the same from the whole logits (engine built with --sample-top-k 0)"
 # (name, sampling, the engine's sample_top_k)
 SETTINGS = [
     ("greedy (argmax in the engine)", SamplingParams(), ENGINE_TOP_K),
-    ("Gemma-3's T 1.0, top-k 64, top-p 0.95 (best 64 from the engine)", GEMMA, ENGINE_TOP_K),
+    ("Gemma-3's T 1.0, top-k 64, top-p 0.95 (drawn in the engine)", GEMMA, ENGINE_TOP_K),
     (WHOLE, GEMMA, 0),
-    ("T 0.7, top-k 20, top-p 0.8 (best 64 from the engine)", QWEN, ENGINE_TOP_K),
+    ("T 0.7, top-k 20, top-p 0.8 (drawn in the engine)", QWEN, ENGINE_TOP_K),
     (
         "Qwen2.5's: the same, repetition penalty 1.05 (best 64 from the engine)",
         QWEN25,
@@ -61,7 +61,9 @@ class CannedBackend:
     """Answers every call with `logits` for each sequence, their argmax, or their best
     `sample_top_k` (with ids, and the log-normalizer), as an engine built with that
     sample_top_k would: at once, or `device_ms` after the later of its submission and the
-    previous call's end (an emulated device running calls in series)."""
+    previous call's end (an emulated device running calls in series). A call's draws
+    (runtime.readout.sampling_feeds) are taken and not used: its next_token is the argmax,
+    which costs the host what a drawn one does."""
 
     def __init__(
         self,
@@ -89,11 +91,13 @@ class CannedBackend:
     def row(self, k: int) -> Iterator[None]:
         yield  # a call on one cache row answers the same
 
-    def forward(self, input_ids, position_ids, last, readout: Readout) -> Outputs:
-        self.submit(input_ids, position_ids, last, readout)
+    def forward(
+        self, input_ids, position_ids, last, readout: Readout, draws: Draws = None
+    ) -> Outputs:
+        self.submit(input_ids, position_ids, last, readout, draws)
         return self.collect()
 
-    def submit(self, input_ids, position_ids, last, readout: Readout) -> None:
+    def submit(self, input_ids, position_ids, last, readout: Readout, draws: Draws = None) -> None:
         if input_ids is not None:
             self.batch = len(input_ids)
         if self.device_s:
