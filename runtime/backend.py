@@ -20,7 +20,7 @@ class Backend(Protocol):
     rings: tuple[int, ...]  # sliding layers' KV ring lengths: no call's row may cross one's end
     kv_bytes: int  # device (or host) memory of max_batch sequences' KV caches
     sample_top_k: int  # K of the TOP_K readout (0: the network has no top_logits/top_ids)
-    has_log_normalizer: bool  # whether the top_k_lse readout is available
+    has_log_normalizer: bool  # whether the TOP_P readout is available
 
     def reset(self, batch: int) -> None:
         """Prepare KV caches for `batch` new sequences (old contents need not be cleared)."""

@@ -19,7 +19,7 @@ from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
 from .backend import check_row
-from .readout import ALL_LOGITS, ARGMAX, Draws, Outputs, Readout, sampling_feeds
+from .readout import ALL_LOGITS, Draws, Outputs, Readout, sampling_feeds
 from .reference import Executor
 
 
@@ -94,7 +94,7 @@ class CpuBackend:
         """One network call; the outputs `readout` names."""
         if missing := [n for n in readout.outputs if n not in self.executor.output_names]:
             raise ValueError(f"this network has no {', '.join(missing)} output.")
-        feeds = self.feeds(input_ids, position_ids, last_token_index, readout, draws)
+        feeds = self.feeds(input_ids, position_ids, last_token_index, draws)
         self.last = self.executor.run(feeds)
         return {name: self.last[name] for name in readout.outputs}
 
@@ -116,12 +116,7 @@ class CpuBackend:
         return self.last[LOGITS]
 
     def feeds(
-        self,
-        input_ids,
-        position_ids,
-        last_token_index,
-        readout: Readout = ARGMAX,
-        draws: Draws = None,
+        self, input_ids, position_ids, last_token_index, draws: Draws = None
     ) -> dict[str, np.ndarray]:
         """Every network input of one call: the tokens, the first B rows of the KV caches (a
         call of B sequences uses rows 0..B-1, as on the GPU), the attended positions and how
@@ -137,7 +132,7 @@ class CpuBackend:
             **slot_feeds(positions, self.max_seq_len, self.dn.window, self.dn.has_global),
         }
         if self.sample_top_k:
-            feeds.update(sampling_feeds(readout, draws, len(positions)))
+            feeds.update(sampling_feeds(draws, len(positions)))
         return feeds
 
 

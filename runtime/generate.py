@@ -36,6 +36,7 @@ from .readout import (
     Draws,
     Outputs,
     Readout,
+    draws_for,
     engine_draws,
     may_fall_back,
     next_tokens_from,
@@ -167,7 +168,7 @@ class Run:
         # most rows).
         readout = self.readout
         if may_fall_back(readout, params):
-            readout = Readout(readout.name, (*readout.outputs, LOGITS), readout.temperature)
+            readout = Readout(readout.name, (*readout.outputs, LOGITS))
         rng = np.random.default_rng(params.seed)  # one uniform number per row and step
         out = self._prefill(lengths, readout, self._draws(rng, batch))
         prefill_ms = (time.perf_counter() - t0) * 1000
@@ -192,12 +193,12 @@ class Run:
             c.stats.completion_tokens = len(c.token_ids)
 
     def _draws(self, rng: np.random.Generator, batch: int) -> Draws:
-        """A call's draws when the engine draws the tokens (runtime.readout.engine_draws),
-        from the uniform numbers the host would draw with (`uniforms`), else None."""
+        """A call's draws: where the engine draws the tokens (runtime.readout.engine_draws),
+        each row's next uniform number (the ones host sampling would take, `uniforms`)."""
         backend, params = self.gen.backend, self.params
         if not engine_draws(params, backend.sample_top_k):
-            return None
-        return [(params, float(u)) for u in uniforms(params, rng, batch)]
+            return [draws_for(params, None)] * batch
+        return [draws_for(params, float(u)) for u in uniforms(params, rng, batch)]
 
     def _sampled(
         self, out: Outputs, lengths: np.ndarray, rng: np.random.Generator
@@ -227,7 +228,8 @@ class Run:
                 tokens = next_tokens_from(out, params, u, seen, whole_logits)
                 if step + 1 < params.max_new_tokens:
                     positions = (lengths + step)[:, None].astype(np.int32)
-                    backend.submit(tokens[:, None].astype(np.int32), positions, last, self.readout)
+                    ids = tokens[:, None].astype(np.int32)
+                    backend.submit(ids, positions, last, self.readout, self._draws(rng, len(rows)))
                     inflight = True
                 yield tokens
         finally:

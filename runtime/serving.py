@@ -59,9 +59,11 @@ from .readout import (
     ALL_LOGITS,
     ARGMAX,
     TOP_K,
+    TOP_P,
     Draws,
     Outputs,
     Readout,
+    draws_for,
     next_tokens_from,
     readout_for,
 )
@@ -309,7 +311,7 @@ class Engine:
         last = np.array([end - start - 1], np.int32)
         try:
             ends = end == len(r.prompt_ids)  # this call gives r's first token
-            draws = self._draws(1, [r] if ends else [], row_of=lambda _: 0)
+            draws = self._draws(1, [r], in_engine=ends, row_of=lambda _: 0)
             with self.backend.row(r.row):
                 out = self.backend.forward(ids, positions, last, r.readout, draws)
             r.prefilled = end
@@ -335,7 +337,7 @@ class Engine:
             return
         step = decoding, n, readout = self._step(decoding)
         ids = self._feed(n, [(r, r.next_token) for r in decoding])
-        draws = self._draws(n, decoding if readout == ARGMAX else [])
+        draws = self._draws(n, decoding, in_engine=readout == ARGMAX)
         try:  # collected by the next turn's step (or `_land`)
             self.backend.submit(ids, self._positions(n, 0), np.zeros(n, np.int32), readout, draws)
         except Exception as e:
@@ -348,15 +350,24 @@ class Engine:
         return decoding, self._rows(decoding), decode_readout(decoding)
 
     def _draws(
-        self, n: int, requests: list[Request], row_of: Callable[[Request], int] = lambda r: r.row
+        self,
+        n: int,
+        requests: list[Request],
+        in_engine: bool,
+        row_of: Callable[[Request], int] = lambda r: r.row,
     ) -> Draws:
-        """A call of n rows' draws (runtime.readout.sampling_feeds): each of `requests` whose
-        tokens the engine draws gets the next uniform number of its own generator on its row
-        (as `_sample` takes one per token); the other rows take the argmax."""
+        """A call of n rows' draws (runtime.readout.sampling_feeds): each request's sampling
+        on its row; where the call gives it a token the engine draws (`in_engine`, and its
+        readout ARGMAX), the next uniform number of its own generator, as `_sample` takes one
+        per token."""
         draws: list = [None] * n
         for r in requests:
-            if r.readout == ARGMAX and not r.params.greedy:
-                draws[row_of(r)] = (r.params, r.rng.random())
+            u = (
+                r.rng.random()
+                if in_engine and r.readout == ARGMAX and not r.params.greedy
+                else None
+            )
+            draws[row_of(r)] = draws_for(r.params, u)
         return draws
 
     def _feed(self, n: int, tokens: list[tuple[Request, int]]) -> np.ndarray:
@@ -395,7 +406,7 @@ class Engine:
         that step's tokens: one whose tokens the engine picks (greedy or drawn in it) fed
         them on the device, another the tokens drawn on the host (collected first)."""
         requests, n, readout = step
-        ids, drawn, draws = None, [], self._draws(n, requests if readout == ARGMAX else [])
+        ids, drawn, draws = None, [], self._draws(n, requests, in_engine=readout == ARGMAX)
         if readout != ARGMAX:
             self._ahead = None
             if not (drawn := self._collect(step)):
@@ -511,13 +522,12 @@ class Engine:
 
 def decode_readout(requests: list[Request]) -> Readout:
     """One call's readout for every request in it: the least that decides each (their own
-    readouts, runtime.readout), top-p ones only if they share one temperature."""
+    readouts, runtime.readout; each row's log-normalizer at its own temperature)."""
     readouts = {r.readout for r in requests}
     if readouts == {ARGMAX}:
         return ARGMAX
     if readouts <= {ARGMAX, TOP_K}:
         return TOP_K
-    top_p = {x for x in readouts if LOG_NORMALIZER in x.outputs}
-    if readouts - top_p <= {ARGMAX, TOP_K} and len(top_p) == 1:
-        return top_p.pop()
+    if readouts <= {ARGMAX, TOP_K, TOP_P}:
+        return TOP_P
     return ALL_LOGITS

@@ -518,7 +518,7 @@ class TensorRTBackend:
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
         if self.draws:
-            feeds.update(sampling_feeds(readout, draws, b))
+            feeds.update(sampling_feeds(draws, b))
         profile = choose_profile(self.profile_names, b, s, self.max_prefill)
         key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply

@@ -38,7 +38,8 @@ from runtime.cuda_buffers import (
     gpu_unavailable_reason,
     h2d,
 )
-from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K, top_k_lse
+from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K, TOP_P
+from runtime.sampling import SamplingParams
 from runtime.standin import CopyContext, fake_engine
 from runtime.tensorrt_backend import TensorRTBackend, buffer_plan, max_profile_shapes
 
@@ -211,17 +212,19 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
             np.ones((2, 1), np.int32),
             np.full((2, 1), 180, np.int32),
             np.zeros(2, np.int32),
-            top_k_lse(2.0),
+            TOP_P,
         )
         before = ctx.executions
         for step in range(decode_steps):  # top-p steps: best K and log-normalizers, replayed
             ids = np.full((2, 1), 300 + step, np.int32)
-            temperature = 0.5 + step / decode_steps  # staged anew each step
+            temperatures = [0.5 + step / decode_steps, 2.0 - step / decode_steps]  # per row
+            draws = [(SamplingParams(temperature=t, top_p=0.9), None) for t in temperatures]
             pos = np.full((2, 1), 181 + step, np.int32)
-            out = model.forward(ids, pos, np.zeros(2, np.int32), top_k_lse(temperature))
+            out = model.forward(ids, pos, np.zeros(2, np.int32), TOP_P, draws)
             top, lse = out["top_ids"], out["log_normalizer"]
             assert np.array_equal(top.ravel()[:2], ids[:, 0]), "top_ids did not come back"
-            assert np.array_equal(lse, np.full(2, 1 / temperature, np.float32)), "stale 1/T"
+            inverse = np.array([1 / t for t in temperatures], np.float32)
+            assert np.array_equal(lse, inverse), "stale 1/T"
             whole = model.last_logits()  # left on the GPU by that step; copied when asked
             assert np.array_equal(whole.view(np.int32).ravel()[:2], ids[:, 0]), (
                 "not the last logits"
@@ -235,7 +238,7 @@ def check_auto_graphs(decode_steps: int = 50) -> str:
         ]
     return (
         f"first decode step captured, {decode_steps} later steps replayed (logits, greedy ids, "
-        "best-K logits and ids, and with the log-normalizer at each step's temperature)"
+        "best-K logits and ids, and with the log-normalizer at each row's temperature)"
     )
 
 

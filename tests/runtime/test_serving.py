@@ -168,6 +168,32 @@ def test_rows_drawn_in_the_engine_with_their_own_settings_chain_each_as_alone(mo
     assert len(backend.chained) >= 5
 
 
+def test_top_p_rows_of_different_temperatures_share_the_best_k(model):
+    """Llama 3's top-p alone at two temperatures in one decode step: each row's
+    log-normalizer is computed at its own temperature (inv_temperature per row), so the step
+    copies back the best K and log-normalizers, not the whole logits, and each request equals
+    itself alone."""
+    prompts = [words(4, 5), words(11, 3)]
+    params = [
+        SamplingParams(max_new_tokens=8, temperature=0.6, top_p=0.9, seed=1),
+        SamplingParams(max_new_tokens=8, temperature=1.3, top_p=0.9, seed=2),
+    ]
+    expected = [alone(model, p, q) for p, q in zip(prompts, params)]
+    backend = Recording(cpu(model, 2))
+    readouts = []
+    submit = backend.submit
+
+    def noted(ids, positions, last, readout, draws=None):
+        readouts.append(readout.name)
+        submit(ids, positions, last, readout, draws)
+
+    backend.submit = noted
+    _, requests, texts = served(backend, model, prompts, params)
+    for r, text, (ids, want_text, _) in zip(requests, texts, expected):
+        assert (r.completion.token_ids, text) == (ids, want_text)
+    assert set(readouts) == {"top_p"} and len(readouts) > 8
+
+
 SAMPLED_ON_HOST = {"temperature": 0.9, "top_p": 0.9, "seed": 4}  # top-p alone: best K + lse
 DRAWN_IN_ENGINE = {"temperature": 0.9, "top_k": 8, "seed": 4}
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from netdef.contract import LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
+from netdef.contract import INV_TEMPERATURE, LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
 from runtime.generate import Generator
-from runtime.readout import Draws, Outputs, Readout
+from runtime.readout import Draws, Outputs, Readout, sampling_feeds
 from runtime.sampling import SamplingParams
 from runtime.serving import Engine
 from runtime.tokenizer import Tokenizer
@@ -102,7 +102,8 @@ class CannedBackend:
             self.batch = len(input_ids)
         if self.device_s:
             self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
-        self.pending.append((self.busy_until, self._outputs(self.batch, readout)))
+        temperatures = 1 / sampling_feeds(draws, self.batch)[INV_TEMPERATURE]
+        self.pending.append((self.busy_until, self._outputs(self.batch, readout, temperatures)))
 
     def collect(self) -> Outputs:
         """The oldest call's outputs once it ends: asleep until 0.3 ms before (a sleep here
@@ -114,13 +115,13 @@ class CannedBackend:
             pass
         return out
 
-    def _outputs(self, b: int, readout: Readout) -> Outputs:
+    def _outputs(self, b: int, readout: Readout, temperatures: np.ndarray) -> Outputs:
         out = {
             LOGITS: self.last_logits,
             NEXT_TOKEN: lambda: np.full(b, self.argmax, np.int32),
             TOP_LOGITS: lambda: np.tile(self.logits[self.top_ids], (b, 1)),
             TOP_IDS: lambda: np.tile(self.top_ids, (b, 1)),
-            LOG_NORMALIZER: lambda: np.full(b, self.log_normalizer(readout.temperature)),
+            LOG_NORMALIZER: lambda: np.array([self.log_normalizer(t) for t in temperatures]),
         }
         return {name: out[name]() for name in readout.outputs}
 
