@@ -23,10 +23,11 @@ same and no prompt is being prefilled, the next step is submitted before the thr
 the tokens of the step before: a step whose tokens the engine picks (greedy, or drawn in the
 engine by each request's uniform numbers: `runtime.readout.engine_draws`) fed that step's
 next_token on the device (`Backend.submit` with input_ids None) before the thread even
-collects it, a step sampled on the host fed the tokens just drawn from it. The GPU then runs while the thread detokenizes, streams and
-takes its next turn. Rows that finish meanwhile run one more step whose tokens are dropped (no
-step follows one that ends every request at max_new_tokens); anything else (a prefill, a row
-set that changed) first collects the step in flight.
+collects it, a step sampled on the host fed the tokens just drawn from it. The GPU then
+runs while the thread detokenizes, streams and takes its next turn. Rows that finish
+meanwhile run one more step whose tokens are dropped (no step follows one that ends every
+request at max_new_tokens); anything else (a prefill, a row set that changed) first
+collects the step in flight.
 
 Why prefill alone and decode batched: a prefill chunk inside a mixed [B, S] call would make
 every row compute S tokens; alone it costs only its own. The decode call keeps the engine's
