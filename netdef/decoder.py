@@ -48,8 +48,6 @@ from .rope import cos_sin_tables
 from .slots import attention_window
 from .tensorrt_module import load_tensorrt
 
-SAMPLING_DTYPES = [(n, TENSOR_DTYPES[d]) for n, d in SAMPLING_INPUTS.items()]
-
 
 class WeightSource:
     """What the skeleton reads weights from: `weights.Checkpoint` satisfies it. `release`
@@ -240,7 +238,10 @@ class _Decoder:
             for t, name in ((values, io.TOP_LOGITS), (ids, io.TOP_IDS)):
                 t.name = name
                 net.mark_output(t)
-            inputs = {n: net.add_input(n, trt_dtype(trt, d), (-1,)) for n, d in SAMPLING_DTYPES}
+            inputs = {
+                n: net.add_input(n, trt_dtype(trt, TENSOR_DTYPES[d]), (-1,))
+                for n, d in SAMPLING_INPUTS.items()
+            }
             cols = {n: g.shuffle(t, f"{n}.col", reshape=(-1, 1)) for n, t in inputs.items()}
             self.log_normalizer(logits, cols[io.INV_TEMPERATURE])
             drawn = self.draw(values, ids, cols)

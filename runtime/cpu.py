@@ -131,7 +131,7 @@ class CpuBackend:
             **{name: cache[: len(positions)] for name, cache in self.caches.items()},
             **slot_feeds(positions, self.max_seq_len, self.dn.window, self.dn.has_global),
         }
-        if self.sample_top_k:
+        if self.has_log_normalizer:
             feeds.update(sampling_feeds(draws, len(positions)))
         return feeds
 

@@ -210,6 +210,7 @@ class Run:
         backend, params = self.gen.backend, self.params
         rows = [self.completions[i] for i in self.order]
         last = np.zeros(len(rows), np.int32)
+        draws = self._draws(rng, len(rows))  # the rows' temperatures: none drawn in the engine
         inflight = False
 
         def whole_logits() -> np.ndarray:  # the prefill's (`__iter__`), else the latest call's
@@ -229,7 +230,7 @@ class Run:
                 if step + 1 < params.max_new_tokens:
                     positions = (lengths + step)[:, None].astype(np.int32)
                     ids = tokens[:, None].astype(np.int32)
-                    backend.submit(ids, positions, last, self.readout, self._draws(rng, len(rows)))
+                    backend.submit(ids, positions, last, self.readout, draws)
                     inflight = True
                 yield tokens
         finally:

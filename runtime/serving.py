@@ -14,9 +14,10 @@ One thread owns the backend. Each turn it
   `runtime.generate`) of the oldest admitted request, alone on its row (`Backend.row`): a
   running stream waits at most one chunk per token;
 - runs one decode step over rows 0..n-1 (n: the highest decoding row + 1, rounded up to a
-  power of two or a multiple of 16, so that few call shapes come up: `Engine._rows`). Decoding rows
-  feed their last token at its position; the others feed a pad token at the slot they write
-  next (a free row: slot 0), which is written again before anything reads it.
+  power of two or a multiple of 16, so that few call shapes come up: `Engine._rows`).
+  Decoding rows feed their last token at its position; the others feed a pad token at the
+  slot they write next (a free row: slot 0), which is written again before anything reads
+  it.
 
 Decode steps run one ahead of the host's streaming. While the rows and their requests stay the
 same and no prompt is being prefilled, the next step is submitted before the thread streams

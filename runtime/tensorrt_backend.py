@@ -323,7 +323,6 @@ class TensorRTBackend:
         )
         extra = (*SAMPLING_INPUTS, *POSITION_INPUTS)
         self._uploads = [*TOKEN_INPUTS, *(n for n in extra if n in inputs)]
-        self.draws = SAMPLING_INPUTS.keys() <= inputs  # next_token drawn in the engine
         # (B, position input shapes, outputs copied) -> a captured decode step
         self.graphs: dict[tuple[int, Shapes, tuple[str, ...]], CudaGraph] = {}
         # the same plus the host buffer set -> a captured chained step (`submit(None, ...)`)
@@ -369,13 +368,12 @@ class TensorRTBackend:
                 for name in (*TOKEN_INPUTS, *POSITION_INPUTS):
                     if name in plan:
                         host[name] = PinnedBuffer(plan[name] // 4, np.int32)
-                if self.draws:
+                if self.has_log_normalizer:  # with the sampling inputs (the contract)
                     for name, dtype in SAMPLING_INPUTS.items():
                         host[name] = PinnedBuffer(self.max_batch, TENSOR_DTYPES[dtype])
                 for name, dtype in RESULTS.items():
                     if name in plan and (name != LOGITS or host is self.hosts[0]):
-                        numpy_type = np.float32 if dtype == "float" else np.int32
-                        host[name] = PinnedBuffer(plan[name] // 4, numpy_type)
+                        host[name] = PinnedBuffer(plan[name] // 4, TENSOR_DTYPES[dtype])
             if LOGITS in self.hosts[0]:
                 self.hosts[1][LOGITS] = self.hosts[0][LOGITS]
         except BaseException:
@@ -517,7 +515,7 @@ class TensorRTBackend:
         lane = 1 - self._pending[-1][0] if self._pending else 0  # the host buffer set
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
-        if self.draws:
+        if self.has_log_normalizer:
             feeds.update(sampling_feeds(draws, b))
         profile = choose_profile(self.profile_names, b, s, self.max_prefill)
         key = (profile, b, s, shapes, self._row)

@@ -102,8 +102,7 @@ class CannedBackend:
             self.batch = len(input_ids)
         if self.device_s:
             self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
-        temperatures = 1 / sampling_feeds(draws, self.batch)[INV_TEMPERATURE]
-        self.pending.append((self.busy_until, self._outputs(self.batch, readout, temperatures)))
+        self.pending.append((self.busy_until, self._outputs(self.batch, readout, draws)))
 
     def collect(self) -> Outputs:
         """The oldest call's outputs once it ends: asleep until 0.3 ms before (a sleep here
@@ -115,13 +114,15 @@ class CannedBackend:
             pass
         return out
 
-    def _outputs(self, b: int, readout: Readout, temperatures: np.ndarray) -> Outputs:
+    def _outputs(self, b: int, readout: Readout, draws: Draws) -> Outputs:
         out = {
             LOGITS: self.last_logits,
             NEXT_TOKEN: lambda: np.full(b, self.argmax, np.int32),
             TOP_LOGITS: lambda: np.tile(self.logits[self.top_ids], (b, 1)),
             TOP_IDS: lambda: np.tile(self.top_ids, (b, 1)),
-            LOG_NORMALIZER: lambda: np.array([self.log_normalizer(t) for t in temperatures]),
+            LOG_NORMALIZER: lambda: np.array(
+                [self.log_normalizer(1 / t) for t in sampling_feeds(draws, b)[INV_TEMPERATURE]]
+            ),
         }
         return {name: out[name]() for name in readout.outputs}
 
