@@ -306,9 +306,11 @@ class _Decoder:
         the ones above its floor whose mass before them is under top_p (none dropped when
         top_p is 1); the survivors are drawn from in token-id order by inverse CDF. In float32
         (the host sums in float64), so a uniform number within rounding of a step of the CDF
-        may draw the token beside the host's. Drawn here, a sampled step needs nothing from
-        the host and can follow the one before it on the device (runtime.backend.submit)."""
-        g, net, trt, k = self.g, self.g.network, self.g.trt, self.opt.sample_top_k
+        may draw the token beside the host's. Its running sums are selects and row sums, not
+        matmuls, which the builder's default TF32 would round to 10-bit inputs on the GPU.
+        Drawn here, a sampled step needs nothing from the host and can follow the one before
+        it on the device (runtime.backend.submit)."""
+        g, net, k = self.g, self.g.network, self.opt.sample_top_k
 
         def op(a: Any, b: Any, kind: str, name: str) -> Any:
             return g.elementwise(a, b, kind, f"draw.{name}")
@@ -322,9 +324,17 @@ class _Decoder:
         def const(value: float, name: str, dtype: type = np.float32) -> Any:
             return g.scalar(value, np.dtype(dtype), 2, f"draw.{name}")
 
-        def matmul(a: Any, b: Any, name: str) -> Any:
-            none = trt.MatrixOperation.NONE
-            return g.named(net.add_matrix_multiply(a, none, b, none), f"draw.{name}").get_output(0)
+        def sum_where(cond: Any, x: Any, name: str) -> Any:
+            """[B, K]: row j sums x[b, i] (x [B, K]) over the i where cond[b, j, i]."""
+            row = g.shuffle(x, f"draw.{name}.row", reshape=(0, 1, -1))
+            terms = where(
+                cond,
+                row,
+                g.scalar(0.0, np.dtype(np.float32), 3, f"draw.{name}.zero"),
+                f"{name}.terms",
+            )
+            total = g.reduce_last(terms, "SUM", f"draw.{name}")
+            return g.shuffle(total, f"draw.{name}.flat", reshape=(0, -1))
 
         zero, p = const(0.0, "zero"), cols[io.FILTER_TOP_P]
         x = op(values, cols[io.INV_TEMPERATURE], "PROD", "scale")
@@ -345,7 +355,7 @@ class _Decoder:
         kth.num_elementwise_dims = 1
         keep = at_least(x, g.shuffle(kth.get_output(0), "draw.kth.col", reshape=(-1, 1)), "top_k")
         # top-p among those: `candidates`' floor (half of 1 - top_p spread over them), then
-        # the best-first mass before each ([B, K] x a strictly upper triangle of ones)
+        # the best-first mass before each (the sum over a strictly lower triangle)
         e = where(keep, weights, zero, "top_k.w")
         total = g.reduce_last(e, "SUM", "draw.top_k.total")
         count = g.reduce_last(
@@ -357,8 +367,8 @@ class _Decoder:
         floor = op(op(rest, total, "PROD", "top_p.share"), count, "DIV", "top_p.floor")
         near = at_least(e, floor, "top_p.near")
         probs = where(near, op(weights, total, "DIV", "top_p.p"), zero, "top_p.probs")
-        earlier = g.constant(np.triu(np.ones((k, k), np.float32), 1), "draw.earlier")
-        under = op(matmul(probs, earlier, "top_p.before"), p, "LESS", "top_p.under")
+        earlier = g.constant(np.tril(np.ones((1, k, k), bool), -1), "draw.earlier")
+        under = op(sum_where(earlier, probs, "top_p.before"), p, "LESS", "top_p.under")
         nucleus = op(
             op(near, under, "AND", "top_p.nucleus"),
             at_least(p, const(1.0, "p.one"), "top_p.off"),
@@ -369,23 +379,14 @@ class _Decoder:
         # inverse CDF in token-id order: cdf[b, j] = the kept weights of ids <= id_j; the token
         # is the first kept id whose cdf passes u * their sum (the last one if u rounds up)
         w = where(kept, weights, zero, "kept.w")
-        order = at_least(
-            g.shuffle(ids, "draw.ids.row", reshape=(0, 1, -1)),
+        no_later = at_least(
             g.shuffle(ids, "draw.ids.col", reshape=(0, -1, 1)),
+            g.shuffle(ids, "draw.ids.row", reshape=(0, 1, -1)),
             "id_order",
         )
-        cdf = matmul(
-            g.shuffle(w, "draw.kept.row", reshape=(0, 1, -1)),
-            g.cast(order, np.dtype(np.float32), "draw.id_order.f"),
-            "cdf",
-        )
+        cdf = sum_where(no_later, w, "cdf")
         target = op(cols[io.UNIFORM], g.reduce_last(w, "SUM", "draw.sum"), "PROD", "target")
-        past = op(
-            kept,
-            op(g.shuffle(cdf, "draw.cdf.flat", reshape=(0, -1)), target, "GREATER", "cdf.past"),
-            "AND",
-            "past",
-        )
+        past = op(kept, op(cdf, target, "GREATER", "cdf.past"), "AND", "past")
         none = const(np.iinfo(np.int32).max, "none", np.int32)
         first = g.reduce_last(where(past, ids, none, "past.ids"), "MIN", "draw.first")
         last = g.reduce_last(
