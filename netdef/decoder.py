@@ -243,7 +243,7 @@ class _Decoder:
                 for n, d in SAMPLING_INPUTS.items()
             }
             cols = {n: g.shuffle(t, f"{n}.col", reshape=(-1, 1)) for n, t in inputs.items()}
-            self.log_normalizer(logits, cols[io.INV_TEMPERATURE])
+            self.log_normalizer(logits, top.get_output(0), cols[io.INV_TEMPERATURE])
             drawn = self.draw(values, ids, cols)
             greedy = g.elementwise(
                 inputs[io.UNIFORM],
@@ -287,12 +287,14 @@ class _Decoder:
         pick.num_elementwise_dims = 1
         return second.get_output(0), g.named(pick, "sample.top_ids").get_output(0)
 
-    def log_normalizer(self, logits: Any, inv_t: Any) -> None:
+    def log_normalizer(self, logits: Any, best: Any, inv_t: Any) -> None:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
-        sampling without a top-k can also use the best K whenever they hold top_p of the mass."""
+        sampling without a top-k can also use the best K whenever they hold top_p of the mass.
+        Shifted by the best logit `best` [B, 1] (times inv_temperature > 0, the same float as
+        the largest product), not by another pass over the vocabulary."""
         g, net = self.g, self.g.network
         x = g.mul(logits, inv_t, "lse.scale")
-        peak = g.reduce_last(x, "MAX", "lse.max")
+        peak = g.mul(best, inv_t, "lse.max")
         shifted = g.unary(g.elementwise(x, peak, "SUB", "lse.shift"), "EXP", "lse.exp")
         total = g.unary(g.reduce_last(shifted, "SUM", "lse.sum"), "LOG", "lse.log")
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
