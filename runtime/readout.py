@@ -58,7 +58,7 @@ ALL_LOGITS = Readout("logits", (LOGITS,))  # float32 [B, vocab] ([B, S, vocab] w
 
 def engine_draws(params: SamplingParams, sample_top_k: int) -> bool:
     """Whether an engine with the best `sample_top_k` logits draws the tokens of `params`
-    itself (netdef.decoder.Decoder.draw): sampling with a top-k it covers, no penalty."""
+    itself (netdef.decoder._Decoder.draw): sampling with a top-k it covers, no penalty."""
     return not params.greedy and params.repetition_penalty == 1 and 0 < params.top_k <= sample_top_k
 
 
