@@ -323,18 +323,13 @@ class _Decoder:
         def where(cond: Any, a: Any, b: Any, name: str) -> Any:
             return g.named(net.add_select(cond, a, b), f"draw.{name}").get_output(0)
 
-        def const(value: float, name: str, dtype: type = np.float32) -> Any:
-            return g.scalar(value, np.dtype(dtype), 2, f"draw.{name}")
+        def const(value: float, name: str, dtype: type = np.float32, rank: int = 2) -> Any:
+            return g.scalar(value, np.dtype(dtype), rank, f"draw.{name}")
 
         def sum_where(cond: Any, x: Any, name: str) -> Any:
             """[B, K]: row j sums x[b, i] (x [B, K]) over the i where cond[b, j, i]."""
             row = g.shuffle(x, f"draw.{name}.row", reshape=(0, 1, -1))
-            terms = where(
-                cond,
-                row,
-                g.scalar(0.0, np.dtype(np.float32), 3, f"draw.{name}.zero"),
-                f"{name}.terms",
-            )
+            terms = where(cond, row, const(0.0, f"{name}.zero", rank=3), f"{name}.terms")
             total = g.reduce_last(terms, "SUM", f"draw.{name}")
             return g.shuffle(total, f"draw.{name}.flat", reshape=(0, -1))
 
