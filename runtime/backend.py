@@ -63,6 +63,10 @@ class Backend(Protocol):
     def last_logits(self) -> np.ndarray:
         """The float32 logits of the latest call (for the steps where the best K fall short)."""
 
+    def close(self) -> None:
+        """Release what the backend holds; the TensorRT backend first keeps the kernels
+        TensorRT-RTX compiled for this GPU (runtime.tensorrt_backend.JitCache)."""
+
 
 def check_row(k: int, rows: int) -> None:
     """`Backend.row`'s argument check, shared by the backends."""

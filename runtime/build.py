@@ -13,7 +13,6 @@ pass their own, so neither re-implements or patches the pipeline.
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
@@ -77,10 +76,6 @@ class BuildHooks:
 
     def builder_monitor(self, trt: Any) -> Any:
         return None
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TRT_NETDEF_CACHE") or Path.home() / ".cache" / "trt-netdef")
 
 
 def build(
@@ -175,7 +170,7 @@ def build(
     }
     key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
-    output = Path(output) if output else cache_root() / "engines" / f"{slug}-{key[:16]}"
+    output = Path(output) if output else default_cache_dir() / "engines" / f"{slug}-{key[:16]}"
     if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
         hooks.say(f"Reusing {output} (identical build; --force rebuilds).")
         return output

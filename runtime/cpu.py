@@ -115,6 +115,9 @@ class CpuBackend:
         """The latest call's logits."""
         return self.last[LOGITS]
 
+    def close(self) -> None:
+        """Nothing to release: the caches are NumPy arrays, freed with the backend."""
+
     def feeds(
         self, input_ids, position_ids, last_token_index, draws: Draws = None
     ) -> dict[str, np.ndarray]:

@@ -18,6 +18,9 @@ may still run, and `collect` waits for the oldest call's outputs. Two calls in f
 two sets of pinned host buffers (`hosts`), so the host stages one while the GPU reads the
 other; runtime/generate.py keeps one step ahead that way.
 
+TensorRT-RTX compiles its kernels for the GPU at load and for each new call shape; `JitCache`
+keeps them in a file per artifact and GPU, read at the next load and rewritten on `close`.
+
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 `pytest -m gpu` (tests/runtime/test_engine_gpu.py) and `python -m tools.bench`.
@@ -26,10 +29,12 @@ through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +58,7 @@ from netdef.contract import (
     target_capability,
 )
 from netdef.slots import ring_crossing, rings, slot_feeds
+from weights.folders import partial_path
 
 if TYPE_CHECKING:  # loaded with the artifact: importing this module needs only the contract
     from netdef.artifact import Metadata
@@ -284,6 +290,55 @@ def runtime_config(engine: Any, trt: Any) -> Any:
     return config
 
 
+def jit_cache_path(meta: Metadata, cc: tuple[int, int]) -> Path:
+    """Where the kernels TensorRT-RTX compiles for this artifact on a GPU of compute
+    capability `cc` are kept: beside the engine cache, not in the artifact (which may be
+    read-only, and holds only what its build wrote)."""
+    from weights.bundled import default_cache_dir
+
+    return default_cache_dir() / "jit" / f"{meta.build_key[:16]}-sm{cc[0]}{cc[1]}.bin"
+
+
+class JitCache:
+    """TensorRT-RTX's runtime cache (IRuntimeCache) read from and written to `path`: the
+    kernels it JIT-compiles for this GPU when a context is made and for each new call shape
+    (EAGER), so that the next process loading the artifact does not compile them again.
+    A file it cannot read or TensorRT does not accept (another TensorRT-RTX or CUDA
+    version) is replaced on `save`."""
+
+    def __init__(self, path: Path, config: Any):
+        self.path = Path(path)
+        self.cache = config.create_runtime_cache()
+        try:
+            blob = self.path.read_bytes()
+        except OSError:
+            blob = b""
+        self.loaded = len(blob) if blob and self.cache.deserialize(blob) else 0
+        self._saved = hash(blob) if self.loaded else None
+        config.set_runtime_cache(self.cache)
+
+    def save(self) -> None:
+        """Write the cache if it holds kernels the file does not, atomically (a partial file
+        renamed into place); a folder it cannot write to gets a warning, not an error."""
+        blob = bytes(memoryview(self.cache.serialize()))
+        if not blob or hash(blob) == self._saved:
+            return
+        partial = partial_path(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(blob)
+            os.replace(partial, self.path)
+            self._saved = hash(blob)
+        except OSError as e:
+            with suppress(OSError):  # none, where the folder could not be made
+                partial.unlink(missing_ok=True)
+            print(
+                f"warning: the compiled kernels were not kept in {self.path} ({e.strerror}); "
+                "the next load compiles them again. Set TRT_NETDEF_CACHE to a writable folder.",
+                file=sys.stderr,
+            )
+
+
 class TensorRTBackend:
     """`runtime.backend.Backend` over one execution context. `load` an artifact; the
     constructor takes the parts (its Metadata, `describe_engine`'s dict and any object with
@@ -298,8 +353,10 @@ class TensorRTBackend:
         auto_graphs: bool = False,
         timed: bool = False,
         check_free_memory: bool = False,
+        jit_cache: JitCache | None = None,
     ):
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
+        self.jit_cache = jit_cache  # saved by `close`
         self.max_prefill = meta.max_prefill
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
@@ -382,8 +439,15 @@ class TensorRTBackend:
 
     @classmethod
     def load(
-        cls, artifact: Path, trt: Any = None, cuda_graphs: bool = True, timed: bool = False
+        cls,
+        artifact: Path,
+        trt: Any = None,
+        cuda_graphs: bool = True,
+        timed: bool = False,
+        jit_cache: bool = True,
     ) -> TensorRTBackend:
+        """Open `artifact` on the current GPU. With `jit_cache` (TensorRT-RTX), the kernels
+        it compiles for this GPU are read from and, on `close`, kept in `jit_cache_path`."""
         from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
         from netdef.tensorrt_module import TensorRTModuleError, load_tensorrt
 
@@ -416,6 +480,10 @@ class TensorRTBackend:
             check_engine(meta, desc)
             check_contract(desc["io"])
             config = runtime_config(engine, trt)
+            cache = None
+            if jit_cache and hasattr(config, "create_runtime_cache") and meta.get("build_key"):
+                cc = device_info().cc
+                cache = JitCache(jit_cache_path(Metadata.from_dict(meta), cc), config)
             context = (
                 engine.create_execution_context(config)
                 if config is not None
@@ -435,6 +503,7 @@ class TensorRTBackend:
             auto_graphs=cuda_graphs,
             timed=timed,
             check_free_memory=True,
+            jit_cache=cache,
         )
 
     def reset(self, batch: int) -> None:
@@ -654,9 +723,13 @@ class TensorRTBackend:
         enqueue_step(self.stream, uploads, self._execute, downloads)
 
     def close(self) -> None:
-        """Free graphs, buffers, events, stream; then the context, engine and runtime."""
+        """Free graphs, buffers, events, stream; then the context, engine and runtime. The
+        JIT cache is saved first."""
         if self.stream is not None and self._pending:
             self.stream.synchronize()
+        if self.jit_cache is not None:
+            self.jit_cache.save()
+            self.jit_cache = None
         for graph in [*self.graphs.values(), *self.chained.values()]:
             graph.free()
         for buf in [*self.hosts[0].values(), *self.hosts[1].values(), *self.device.values()]:

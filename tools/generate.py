@@ -208,21 +208,24 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
-        if params.max_new_tokens >= gen.backend.max_seq_len:
-            raise GenerationError(
-                f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
-                f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
-                "--max-seq-len (at build time for an artifact)."
+        try:
+            if params.max_new_tokens >= gen.backend.max_seq_len:
+                raise GenerationError(
+                    f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
+                    f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
+                    "--max-seq-len (at build time for an artifact)."
+                )
+            print(
+                f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
+                f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
+                file=sys.stderr,
             )
-        print(
-            f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
-            f"sequence(s) of up to {gen.backend.max_seq_len} tokens",
-            file=sys.stderr,
-        )
-        if args.prompt is None:
-            chat_loop(gen, params, args.truncate)
-        else:
-            stream(gen, args.prompt, params, args.chat, args.truncate)
+            if args.prompt is None:
+                chat_loop(gen, params, args.truncate)
+            else:
+                stream(gen, args.prompt, params, args.chat, args.truncate)
+        finally:
+            gen.backend.close()
     except (
         ValueError,  # ArtifactError, TokenizerError and GenerationError among them
         WeightsError,

@@ -277,6 +277,7 @@ class Server:
         yield
         # uvicorn has stopped listening and waited drain_timeout for running requests.
         await asyncio.to_thread(self.engine.shutdown, 0)
+        await asyncio.to_thread(self.engine.backend.close)
 
     async def models(self, _: HttpRequest) -> Response:
         card = {

@@ -18,6 +18,7 @@ from runtime import cuda_buffers
 from runtime.standin import fake_engine
 from runtime.tensorrt_backend import (
     EngineLoadError,
+    JitCache,
     TensorRTBackend,
     buffer_plan,
     check_contract,
@@ -25,6 +26,7 @@ from runtime.tensorrt_backend import (
     check_portability,
     choose_profile,
     describe_engine,
+    jit_cache_path,
     max_profile_shapes,
     resolve_dynamic,
     validate_call,
@@ -337,3 +339,74 @@ def test_missing_cuda_python_says_how_to_install(monkeypatch):
     assert cuda_buffers.gpu_unavailable_reason().startswith(
         "the TensorRT backend needs cuda-python"
     )
+
+
+class RuntimeCacheBlob:
+    """What JitCache needs of TensorRT-RTX's IRuntimeCache and IRuntimeConfig, over bytes:
+    the file handling is checked here, the real cache on a GPU (test_engine_gpu.py)."""
+
+    def __init__(self, accepts: bool = True):
+        self.accepts, self.blob, self.attached = accepts, b"", None
+
+    def create_runtime_cache(self):
+        return self
+
+    def set_runtime_cache(self, cache) -> None:
+        self.attached = cache
+
+    def deserialize(self, blob: bytes) -> bool:
+        self.blob = bytes(blob) if self.accepts else b""
+        return self.accepts
+
+    def serialize(self) -> bytes:
+        return self.blob
+
+
+def test_jit_cache_file_is_written_whole_and_read_back(tmp_path, capsys):
+    path = tmp_path / "jit" / "k-sm89.bin"
+    config = RuntimeCacheBlob()
+    cache = JitCache(path, config)
+    assert (cache.loaded, config.attached) == (0, config)
+    cache.save()  # nothing compiled yet: no file
+    assert not path.parent.exists()
+    config.blob = b"kernels"
+    cache.save()
+    assert path.read_bytes() == b"kernels" and list(path.parent.iterdir()) == [path]
+    again = JitCache(path, RuntimeCacheBlob())
+    assert again.loaded == len(b"kernels")
+    path.unlink()
+    again.save()  # holds nothing the file did not: not written again
+    assert not path.exists() and capsys.readouterr().err == ""
+
+
+def test_jit_cache_file_tensorrt_refuses_is_replaced(tmp_path):
+    path = tmp_path / "k-sm89.bin"
+    path.write_bytes(b"from another TensorRT-RTX")
+    config = RuntimeCacheBlob(accepts=False)
+    cache = JitCache(path, config)
+    assert cache.loaded == 0
+    config.blob = b"kernels"
+    cache.save()
+    assert path.read_bytes() == b"kernels"
+
+
+def test_jit_cache_in_an_unwritable_place_warns(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    config = RuntimeCacheBlob()
+    cache = JitCache(tmp_path / "file" / "jit" / "k-sm89.bin", config)
+    config.blob = b"kernels"
+    cache.save()
+    assert capsys.readouterr().err == (
+        f"warning: the compiled kernels were not kept in {tmp_path}/file/jit/k-sm89.bin (Not a "
+        "directory); the next load compiles them again. Set TRT_NETDEF_CACHE to a writable "
+        "folder.\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_jit_cache_path_is_per_build_and_gpu(tmp_path, monkeypatch):
+    from netdef.artifact import Metadata
+
+    monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path))
+    meta = Metadata.from_dict({"build_key": "0123456789abcdef" * 4})
+    assert jit_cache_path(meta, (8, 9)) == tmp_path / "jit" / "0123456789abcdef-sm89.bin"

@@ -553,6 +553,9 @@ def test_new_shapes_run_once_and_again_on_the_cpu_executor(tiny_dir):
     assert calls == prefill + decode
     table = new_shapes_table(new)
     assert "prefill, 2 prompt lengths 5..6" in table and "decode, 3 batch sizes 1..3" in table
+    assert "(wall ms; loaded with no JIT cache)" in table
+    kept = new_shapes_table({**new, "jit_cache_read_bytes": 3 << 20})
+    assert "(wall ms; loaded with 3.0 MiB of kernels from the JIT cache)" in kept
 
 
 def test_measure_loops_on_the_cpu_executor(tiny_dir):

@@ -156,6 +156,9 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
                 fresh = prompt_ids(config.vocab_size, limits["max_batch"], max(lengths) + 1)
                 batches = range(1, limits["max_batch"] + 1)
                 measured["new_shapes"] = measure_new_shapes(backend, fresh, lengths, batches)
+                # kernels an earlier process compiled (JitCache) make first calls cheaper
+                jit = backend.jit_cache
+                measured["new_shapes"]["jit_cache_read_bytes"] = jit.loaded if jit else None
             measured |= {
                 "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
                 "decode": measure_decode(
@@ -364,8 +367,11 @@ def new_shapes_table(new: dict[str, list[dict[str, Any]]]) -> str:
                 statistics.median(again),
             ]
         )
+    read = new.get("jit_cache_read_bytes")
+    kept = f"{read / 2**20:.1f} MiB of kernels from the JIT cache" if read else "no JIT cache"
     return format_table(
         ["calls", "first median ms", "first max ms", "again median ms"],
         rows,
-        "calls of shapes the engine had not run (wall ms), each then run again",
+        f"calls of shapes the engine had not run (wall ms; loaded with {kept}), each then "
+        "run again",
     )
