@@ -276,17 +276,27 @@ def describe_engine(engine: Any, trt: Any) -> dict:
     return {"io": io, "profiles": profiles}
 
 
-def runtime_config(engine: Any, trt: Any) -> Any:
+def runtime_config(
+    engine: Any, trt: Any, rtx_graphs: bool = False, decode_only: bool = False
+) -> Any:
     """TensorRT-RTX compiles each new shape's kernels on first use before running it (EAGER).
     Measured on an H200 (TensorRT-RTX 1.7, Gemma-3-1B shape): the default, LAZY, took 38 s
     to create the context and 8 s for the first prefill, running fallback kernels meanwhile;
-    EAGER 2.0 s and 0.6 s, with the same steady-state speed."""
+    EAGER 2.0 s and 0.6 s, with the same steady-state speed. `rtx_graphs`: TensorRT-RTX
+    captures and replays each call shape's kernels as a CUDA graph itself (the prefill
+    context, `splits_contexts`). `decode_only`: the context's scratch memory is sized for
+    the profile it is set to, not the largest (the decode context beside a prefill one)."""
     if not hasattr(engine, "create_runtime_config"):
         return None
     config = engine.create_runtime_config()
     if hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
         strategies = trt.DynamicShapesKernelSpecializationStrategy
         config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
+    if rtx_graphs:
+        config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+    if decode_only:
+        strategy = trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
+        config.set_execution_context_allocation_strategy(strategy)
     return config
 
 
@@ -315,6 +325,11 @@ class JitCache:
             blob = b""
         self.loaded = len(blob) if blob and self.cache.deserialize(blob) else 0
         self._saved = hash(blob) if self.loaded else None
+        self.attach(config)
+
+    def attach(self, config: Any) -> None:
+        """Let a context made with `config` read and add to this cache (several contexts of
+        one engine share one, as TensorRT-Edge-LLM's RtxRuntimeCache does)."""
         config.set_runtime_cache(self.cache)
 
     def save(self) -> None:
@@ -339,10 +354,25 @@ class JitCache:
             )
 
 
+def splits_contexts(trt: Any, profile_names: list[str]) -> bool:
+    """Whether the calls outside the decode profile run in a second execution context in
+    which TensorRT-RTX graphs every call itself (`load`). Measured on an H200 (TensorRT-RTX
+    1.7, Gemma-3-1B shape, docs/benchmarks.md): its graphs took 0.3-0.4 ms off prefills of
+    128 to 2,048 tokens, where enqueueing one held the host 1.3-2.1 ms, but made decode
+    steps slower than our graphs (2.56 against 2.33 ms), and ours cannot capture a call it
+    graphs. Against one context on an H100 (the same engine, two rounds alternating):
+    prefills of 128 / 512 / 2,048 tokens 1.5-4% / 3-9% / 4% faster, decode steps the same.
+    It needs TensorRT-RTX and a decode profile beside others: a profile belongs to one
+    context."""
+    return (
+        hasattr(trt, "CudaGraphStrategy") and "decode" in profile_names and len(profile_names) > 1
+    )
+
+
 class TensorRTBackend:
-    """`runtime.backend.Backend` over one execution context. `load` an artifact; the
-    constructor takes the parts (its Metadata, `describe_engine`'s dict and any object with
-    IExecutionContext's methods)."""
+    """`runtime.backend.Backend` over one execution context, or two (`splits_contexts`).
+    `load` an artifact; the constructor takes the parts (its Metadata, `describe_engine`'s
+    dict and any objects with IExecutionContext's methods)."""
 
     def __init__(
         self,
@@ -354,6 +384,7 @@ class TensorRTBackend:
         timed: bool = False,
         check_free_memory: bool = False,
         jit_cache: JitCache | None = None,
+        prefill: Any = None,
     ):
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
         self.jit_cache = jit_cache  # saved by `close`
@@ -363,6 +394,9 @@ class TensorRTBackend:
         self.has_log_normalizer = "log_normalizer" in outputs
         self.profile_names = [p["name"] for p in meta.profiles]
         self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
+        # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
+        # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there.
+        self.contexts = [context] if prefill is None else [context, prefill]
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call submitted
@@ -387,10 +421,12 @@ class TensorRTBackend:
         # calls submitted and not yet collected: (host set, B, S, outputs, profile)
         self._pending: deque[tuple[int, int, int, tuple[str, ...], int]] = deque()
         self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
-        self._profile: int | None = None
+        self._profile: list[int | None] = [None] * len(self.contexts)  # each context's
         self._row: int | None = None  # inside `row(k)`: the KV-cache row calls bind
-        # (profile, B, S, position input shapes, row) the context is set up for
-        self._state: tuple[int, int, int, Shapes, int | None] | None = None
+        # (profile, B, S, position input shapes, row) each context is set up for
+        self._state: list[tuple[int, int, int, Shapes, int | None] | None]
+        self._state = [None] * len(self.contexts)
+        self._active = 0  # the context of the latest call set up
         self.device: dict[str, DeviceBuffer] = {}
         # Two sets of pinned buffers, one per call in flight; the second shares the first's
         # logits (a chained call copies none back).
@@ -479,7 +515,8 @@ class TensorRTBackend:
             desc = describe_engine(engine, trt)
             check_engine(meta, desc)
             check_contract(desc["io"])
-            config = runtime_config(engine, trt)
+            two = cuda_graphs and splits_contexts(trt, [p["name"] for p in meta["profiles"]])
+            config = runtime_config(engine, trt, decode_only=two)
             cache = None
             if jit_cache and hasattr(config, "create_runtime_cache") and meta.get("build_key"):
                 cc = device_info().cc
@@ -489,6 +526,13 @@ class TensorRTBackend:
                 if config is not None
                 else engine.create_execution_context()
             )
+            # made second, so that TensorRT gives it a profile the first does not hold
+            prefill = None
+            if two:
+                prefill_config = runtime_config(engine, trt, rtx_graphs=True)
+                if cache is not None:
+                    cache.attach(prefill_config)
+                prefill = engine.create_execution_context(prefill_config)
             if context is None:
                 raise EngineLoadError(
                     "TensorRT could not create an execution context (GPU memory?)"
@@ -504,6 +548,7 @@ class TensorRTBackend:
             timed=timed,
             check_free_memory=True,
             jit_cache=cache,
+            prefill=prefill,
         )
 
     def reset(self, batch: int) -> None:
@@ -591,7 +636,7 @@ class TensorRTBackend:
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
         graphs: dict = self.chained if chained else self.graphs
         gkey = (b, shapes, wanted, lane) if chained else (b, shapes, wanted)
-        graph = graphs.get(gkey) if plain and s == 1 and self._state == key else None
+        graph = graphs.get(gkey) if plain and s == 1 and self._state[0] == key else None
         self._stage(lane, None if chained else ids, pos, last, feeds)
         if self.timed:
             self.timers[lane].start(self.stream)
@@ -666,11 +711,13 @@ class TensorRTBackend:
     def _prepare(self, key: tuple[int, int, int, Shapes, int | None]) -> None:
         profile, b, s, shapes, row = key
         positions = dict(shapes)
-        self._state = None
-        if self._profile != profile:
-            if not self.context.set_optimization_profile_async(profile, self.stream.handle):
+        i = self._active = self._context_of(profile)
+        context = self.contexts[i]
+        self._state[i] = None
+        if self._profile[i] != profile:
+            if not context.set_optimization_profile_async(profile, self.stream.handle):
                 raise RuntimeError(f"TensorRT refused optimization profile {profile}.")
-            self._profile = profile
+            self._profile[i] = profile
         for t in self.io["inputs"]:
             name = t["name"]
             if name in TOKEN_INPUTS[:2]:
@@ -679,18 +726,22 @@ class TensorRTBackend:
                 shape = positions[name]
             else:
                 shape = (b, *self.max_shapes[name][1:])
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused shape {list(shape)} for {name}.")
         for name, ptr in self.addresses.items():
             if row is not None and name in self.row_bytes:
                 ptr += row * self.row_bytes[name]
-            if not self.context.set_tensor_address(name, ptr):
+            if not context.set_tensor_address(name, ptr):
                 raise RuntimeError(f"TensorRT refused the address of {name}.")
-        self._state = key
+        self._state[i] = key
+
+    def _context_of(self, profile: int) -> int:
+        """0: the decode profile's context; 1: the other profiles', where there are two."""
+        return int(len(self.contexts) > 1 and self.profile_names[profile] != "decode")
 
     def _execute(self, stream: Stream) -> None:
-        if not self.context.execute_async_v3(stream.handle):
-            self._state = None
+        if not self.contexts[self._active].execute_async_v3(stream.handle):
+            self._state[self._active] = None
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log above).")
 
     def _logits_shape(self, b: int, s: int) -> tuple[int, ...]:
@@ -707,7 +758,7 @@ class TensorRTBackend:
             "position_ids": b * s * 4,
             "last_token_index": b * 4,
             **dict.fromkeys(SAMPLING_INPUTS, b * 4),
-            **{name: int(np.prod(shape)) * 4 for name, shape in self._state[3]},
+            **{name: int(np.prod(shape)) * 4 for name, shape in self._state[self._active][3]},
         }
         uploads = [(self.device[n], host[n], sizes[n]) for n in self._uploads]
         if chained:
@@ -740,6 +791,7 @@ class TensorRTBackend:
         self.graphs, self.chained, self.hosts, self.device = {}, {}, ({}, {}), {}
         self.done, self.timers, self.stream, self._pending = [], [], None, deque()
         self.context = self._keep_alive = None
+        self.contexts = []
 
     def __enter__(self) -> TensorRTBackend:
         return self

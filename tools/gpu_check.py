@@ -291,15 +291,19 @@ def check_chained_steps(decode_steps: int = 50) -> str:
     return f"{decode_steps} chained greedy steps fed on the device, replayed in two host sets"
 
 
-def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -> str:
-    """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine."""
+def check_backend(
+    profile_set: str = PROFILE_SETS[0], decode_steps: int = 100, split: bool = False
+) -> str:
+    """TensorRTBackend's own forward and decode-graph paths, with `CopyContext` as the engine;
+    `split`: a second one takes the calls outside the decode profile (`splits_contexts`)."""
     from netdef.artifact import Metadata
 
     meta, desc = fake_engine(max_seq_len=256, profile_set=profile_set)
     ctx = CopyContext()
+    prefill = CopyContext() if split else None
     rng = np.random.default_rng(2)
     with TensorRTBackend(
-        Metadata.from_dict(meta), desc, ctx, auto_graphs=True, timed=True
+        Metadata.from_dict(meta), desc, ctx, auto_graphs=True, timed=True, prefill=prefill
     ) as model:
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
@@ -335,12 +339,15 @@ def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -
                 np.tile(np.arange(3, dtype=np.int32), (2, 1)),
             )
             before = ctx.executions
-            call(np.ones((2, 1), np.int32), np.full((2, 1), 3, np.int32))  # plain: shapes changed
-            call(np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32))  # replay again
-            assert ctx.executions == before + 1, "expected one plain step, then a replay"
+            # One context: plain, as the prefill set it up for another shape; then a replay.
+            # Split: both replay, the decode context still being set up for them.
+            call(np.ones((2, 1), np.int32), np.full((2, 1), 3, np.int32))
+            call(np.ones((2, 1), np.int32), np.full((2, 1), 4, np.int32))
+            plain = 0 if split else 1
+            assert ctx.executions == before + plain, "expected plain steps, then replays"
             # The first B=1 step runs plainly, then is captured (capturing enqueues it once more).
             call(np.ones((1, 1), np.int32), np.zeros((1, 1), np.int32))
-            assert ctx.executions == before + 3
+            assert ctx.executions == before + plain + 2
             full = model.max_prefill  # one sequence's full chunk: the chunk profile
             call(
                 rng.integers(0, 1000, (1, full), dtype=np.int32),
@@ -348,10 +355,16 @@ def check_backend(profile_set: str = PROFILE_SETS[0], decode_steps: int = 100) -
             )
             chunk = 2 if "chunk" in profile_set.split(",") else 1
             expected = [0] if profile_set == "dynamic" else [1, 0, 1, 0, chunk]
-            assert ctx.profile_switches == expected, ctx.profile_switches
+            if split:  # each context keeps its profiles: decode in one, the others in the other
+                assert ctx.profile_switches == [0], ctx.profile_switches
+                assert prefill.profile_switches == sorted({1, chunk}), prefill.profile_switches
+                assert prefill.executions == 3  # the three prefills, none of them captured by us
+            else:
+                assert ctx.profile_switches == expected, ctx.profile_switches
         finally:
             cache.free()
-    return f"{profile_set}: prefill, {decode_steps} graph-replayed decode steps, profile switches {ctx.profile_switches}"
+    switches = ctx.profile_switches + (prefill.profile_switches if split else [])
+    return f"{profile_set}: prefill, {decode_steps} graph-replayed decode steps, profile switches {switches}"
 
 
 CHECKS: dict[str, Callable[[], str]] = {
@@ -365,6 +378,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "backend, decode+prefill+chunk": check_backend,
     "backend, decode+prefill": lambda: check_backend("decode,prefill"),
     "backend, dynamic profile": lambda: check_backend("dynamic"),
+    "backend, prefills in a second context": lambda: check_backend(split=True),
 }
 
 

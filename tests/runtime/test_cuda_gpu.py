@@ -56,6 +56,11 @@ def test_backend_forward_and_decode_graph_with_stand_in_context(profile_set):
     gpu_check.check_backend(profile_set)
 
 
+@pytest.mark.parametrize("profile_set", ["decode,prefill,chunk", "decode,prefill"])
+def test_backend_runs_prefills_in_a_second_context(profile_set):
+    gpu_check.check_backend(profile_set, split=True)
+
+
 def test_measurements():
     bandwidth = gpu_check.bandwidth(mib=16, repeats=2)
     assert set(bandwidth) == {"H2D", "D2H", "D2D"} and min(bandwidth.values()) > 0
