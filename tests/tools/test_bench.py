@@ -673,3 +673,24 @@ def test_busy_machine_warning():
     assert busy_warning({"cpu_count": 2}) is None
     note = busy_warning({"load_average_at_start": 1.5, "cpu_count": 2})
     assert note.startswith("note: the 1-minute load average was 1.50 on 2 CPUs")
+
+
+def test_profile_tables_print_the_top_kernels_of_all_kept():
+    from tools.bench.profile import TOP_KERNELS, profile_tables
+    from tools.bench.report import format_table
+
+    kernels = [
+        {"kernel": f"k{i}", "us": 20.0 - i, "launches": 1.0, "share": (20 - i) / 210}
+        for i in range(20)
+    ]
+    profile = {
+        "decode": {"context": 128, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels},
+        "prefill": {"tokens": 64, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels[:3]},
+    }
+    decode, prefill = profile_tables(profile, format_table)
+    assert decode.splitlines()[0] == (
+        f"profile, decode step (batch 1, 128 cached tokens): 210 us of kernels in 20 launches "
+        f"(top {TOP_KERNELS} of 20 kernels)"
+    )
+    assert "k14 " in decode and "k15 " not in decode
+    assert prefill.splitlines()[0].endswith("(top 3 of 3 kernels)")
