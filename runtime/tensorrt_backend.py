@@ -22,7 +22,7 @@ TensorRT-RTX compiles its kernels for the GPU at load and for each new call shap
 keeps them in a file per artifact and GPU, read at the next load and rewritten on `close`.
 
 What has been exercised: the pure checks below run in CI on the CPU; engines run on an H200
-through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
+and an H100 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's gpu-rig) in
 `pytest -m gpu` (tests/runtime/test_engine_gpu.py) and `python -m tools.bench`.
 """
 

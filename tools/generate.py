@@ -50,7 +50,15 @@ def open_backend(
                 f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
                 f"run the artifact's network with --backend reference."
             )
-        return TensorRTBackend.load(path)
+        backend = TensorRTBackend.load(path)
+        if backend.jit_cache is not None and not backend.jit_cache.loaded:
+            print(
+                "TensorRT-RTX compiles this engine's kernels for this GPU on its first calls "
+                f"(about 30 s for a 1B model); they are kept in {backend.jit_cache.path} for "
+                "the next run.",
+                file=sys.stderr,
+            )
+        return backend
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta.options, "max_batch": max_batch})

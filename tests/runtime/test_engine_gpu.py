@@ -123,21 +123,27 @@ def test_default_artifact_loads(tmp_path):
         assert out["next_token"].shape == (1,)
 
 
-def test_compiled_kernels_are_kept_for_the_next_load(tmp_path, monkeypatch):
-    """TensorRT-RTX's JIT cache: the first load of an artifact starts from nothing and, on
-    close, writes what it compiled (the context's kernels and each call shape's); the next
-    load reads that file back and computes the same logits."""
+def test_compiled_kernels_are_kept_for_the_next_load(tmp_path, monkeypatch, capsys):
+    """TensorRT-RTX's JIT cache: the first load of an artifact starts from nothing (and
+    tools.generate says so) and, on close, writes what it compiled (the context's kernels and
+    each call shape's); the next load reads that file back and computes the same logits."""
+    from netdef.artifact import check_intact
     from runtime.readout import ALL_LOGITS
     from runtime.tensorrt_backend import TensorRTBackend
     from tests.fixtures.tiny import tiny_model_dir
+    from tools.generate import open_backend
 
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     artifact = build_for_device(tiny_model_dir("gemma3"), tmp_path / "a", max_batch=2)
     ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
     positions = np.tile(np.arange(4, dtype=np.int32), (2, 1))
     runs = []
-    for _ in range(2):
-        with TensorRTBackend.load(artifact) as engine:
+    for first in (True, False):
+        if first:  # as tools.generate and tools.serve open it
+            engine = open_backend(artifact, check_intact(artifact), "tensorrt", "bfloat16", None)
+        else:
+            engine = TensorRTBackend.load(artifact)
+        with engine:
             if engine.jit_cache is None:
                 pytest.skip(f"{engine.__class__.__name__} has no JIT cache on this TensorRT")
             path, loaded = engine.jit_cache.path, engine.jit_cache.loaded
@@ -149,6 +155,7 @@ def test_compiled_kernels_are_kept_for_the_next_load(tmp_path, monkeypatch):
         runs.append((loaded, path.stat().st_size, prefill["logits"], step["logits"]))
     (first_loaded, first_size, *first), (second_loaded, _, *second) = runs
     assert path.parent == tmp_path / "cache" / "jit"
+    assert capsys.readouterr().err.count("they are kept in") == 1  # the first load's note
     assert first_loaded == 0 and first_size > 0
     assert second_loaded == first_size
     for a, b in zip(first, second):
