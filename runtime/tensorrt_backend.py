@@ -309,6 +309,12 @@ def jit_cache_path(meta: Metadata, cc: tuple[int, int]) -> Path:
     return default_cache_dir() / "jit" / f"{meta.build_key[:16]}-sm{cc[0]}{cc[1]}.bin"
 
 
+def kept_jit_caches(meta: Metadata) -> list[Path]:
+    """The JIT cache files kept for this artifact, one per kind of GPU it ran on."""
+    folder = jit_cache_path(meta, (0, 0)).parent
+    return sorted(folder.glob(f"{meta.build_key[:16]}-sm*.bin"))
+
+
 class JitCache:
     """TensorRT-RTX's runtime cache (IRuntimeCache) read from and written to `path`: the
     kernels it JIT-compiles for this GPU when a context is made and for each new call shape

@@ -53,6 +53,18 @@ def kv_cache(kv: dict, max_batch: int) -> str:
     )
 
 
+def jit_caches(meta: Metadata) -> str:
+    """The kernels TensorRT-RTX compiled for this artifact on GPUs (runtime.tensorrt_backend)."""
+    from runtime.tensorrt_backend import kept_jit_caches
+
+    kept = kept_jit_caches(meta)
+    if not kept:
+        return "none yet (TensorRT-RTX compiles the kernels on the first run on a GPU)"
+    return ", ".join(
+        f"{path.stem.rsplit('-', 1)[1]} {fmt_bytes(path.stat().st_size)} ({path})" for path in kept
+    )
+
+
 def describe(metadata: Metadata) -> str:
     meta = metadata.data  # the fields only a person reads stay as metadata.json has them
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
@@ -66,6 +78,7 @@ def describe(metadata: Metadata) -> str:
         f"engine     {build.get('engine_bytes', 0) / 2**20:.1f} MiB, built in {build.get('seconds', '?')} s "
         f"(peak RAM {build.get('peak_rss_bytes', 0) / 2**30:.2f} GiB) on {build.get('created', '?')}",
         f"weights    sha256 {meta.get('weights_sha256', '?')}",
+        *([f"JIT cache  {jit_caches(metadata)}"] if metadata.target else []),
         "profiles",
     ]
     for p in meta["profiles"]:

@@ -129,7 +129,8 @@ def test_unknown_target(tiny_dir, capsys):
     )
 
 
-def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
+def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     out_dir = tmp_path / "a"
     assert (
         build_tool.main(
@@ -159,6 +160,14 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys):
     ) in text
     assert "decode" in text and "prefill" in text
     assert "past_key_0" in text and "logits" in text
+    assert (
+        "\nJIT cache  none yet (TensorRT-RTX compiles the kernels on the first run on a GPU)\n"
+    ) in text
+    kept = tmp_path / "cache" / "jit" / f"{read_metadata(out_dir)['build_key'][:16]}-sm89.bin"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(bytes(3 << 10))  # as JitCache.save leaves it after a run on an sm89 GPU
+    assert inspect_tool.main([str(out_dir)]) == 0
+    assert f"\nJIT cache  sm89 3.0 KiB ({kept})\n" in capsys.readouterr().out
     assert inspect_tool.main([str(out_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_metadata(out_dir)
     assert inspect_tool.main([str(tmp_path)]) == 1
