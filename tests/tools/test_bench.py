@@ -687,10 +687,29 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
         "decode": {"context": 128, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels},
         "prefill": {"tokens": 64, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels[:3]},
     }
+    profile["decode"]["sequence"] = [
+        {"kernel": "cudnn_generated_matMul_fort_ffma_grouped_sm50_kernel0_0", "us": 150.0},
+        {"kernel": "_gemm_mha_v2_0x26", "us": 20.0},  # fused attention: not a matmul here
+        {"kernel": "__myl_CastTopk_0xf3", "us": 28.0},
+        {"kernel": "__myl_LogAdd_0x12", "us": 3.5},
+    ]
     decode, prefill = profile_tables(profile, format_table)
+    assert decode.splitlines()[-1] == (
+        "after the LM head (the sampling outputs): 3 launches, 52 us, 24.5% of the step"
+    )
     assert decode.splitlines()[0] == (
         f"profile, decode step (batch 1, 128 cached tokens): 210 us of kernels in 20 launches "
         f"(top {TOP_KERNELS} of 20 kernels)"
     )
     assert "k14 " in decode and "k15 " not in decode
     assert prefill.splitlines()[0].endswith("(top 3 of 3 kernels)")
+
+
+def test_last_call_keeps_the_last_calls_kernels_in_launch_order():
+    from tools.bench.profile import last_call
+
+    launched = [(30.0, "b", 2.0), (0.0, "a", 1.0), (10.0, "b", 2.5), (20.0, "a", 1.5)]
+    assert last_call(launched, repeats=2) == [
+        {"kernel": "a", "us": 1.5},
+        {"kernel": "b", "us": 2.0},
+    ]

@@ -30,6 +30,11 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             call()
         torch.cuda.synchronize()
+    launched = [  # (start us, name, us) of every kernel, for the last call's order
+        (ev.time_range.start, ev.name, ev.time_range.elapsed_us())
+        for ev in prof.events()
+        if ev.device_type.name == "CUDA"
+    ]
     rows = []
     for ev in prof.key_averages():
         if ev.device_type.name != "CUDA":
@@ -45,7 +50,26 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         "kernel_us": round(total, 1),
         "launches": sum(r["launches"] for r in rows),
         "kernels": rows,  # every kernel (the tables print the top TOP_KERNELS)
+        "sequence": last_call(launched, repeats),
     }
+
+
+def last_call(launched: list[tuple[float, str, float]], repeats: int) -> list[dict[str, Any]]:
+    """The kernels of the last of `repeats` identical calls in launch order, from every
+    call's (start us, name, us)."""
+    ordered = sorted(launched)
+    per_call = len(ordered) // repeats
+    return [{"kernel": name, "us": round(us, 2)} for _, name, us in ordered[-per_call:]]
+
+
+def after_last_matmul(sequence: list[dict[str, Any]]) -> tuple[int, float]:
+    """Launches and us after a call's last matmul kernel: in a decode step, what the LM
+    head's logits go through (the sampling outputs, issue 18 item 4). Fused attention
+    kernels (`*_mha_*`) are not matmuls here."""
+    names = [k["kernel"].lower() for k in sequence]
+    matmuls = [i for i, n in enumerate(names) if ("matmul" in n or "gemm" in n) and "mha" not in n]
+    tail = sequence[matmuls[-1] + 1 :] if matmuls else []
+    return len(tail), sum(k["us"] for k in tail)
 
 
 def profile_engine(
@@ -84,12 +108,18 @@ def profile_tables(profile: dict[str, Any], format_table: Any) -> list[str]:
             [r["kernel"][:80], r["us"], r["launches"], f"{100 * r['share']:.1f}%"]
             for r in p["kernels"][:TOP_KERNELS]
         ]
-        parts.append(
-            format_table(
-                ["kernel", "us per call", "launches", "share"],
-                rows,
-                f"profile, {title}: {p['kernel_us']:.0f} us of kernels in {p['launches']:.0f} "
-                f"launches (top {len(rows)} of {len(p['kernels'])} kernels)",
-            )
+        table = format_table(
+            ["kernel", "us per call", "launches", "share"],
+            rows,
+            f"profile, {title}: {p['kernel_us']:.0f} us of kernels in {p['launches']:.0f} "
+            f"launches (top {len(rows)} of {len(p['kernels'])} kernels)",
         )
+        if kind == "decode" and p.get("sequence"):
+            n, us = after_last_matmul(p["sequence"])
+            share = us / p["kernel_us"] if p["kernel_us"] else 0.0
+            table += (
+                f"\nafter the LM head (the sampling outputs): {n} launches, {us:.0f} us, "
+                f"{100 * share:.1f}% of the step"
+            )
+        parts.append(table)
     return parts
