@@ -498,10 +498,9 @@ class TensorRTBackend:
             raise EngineLoadError(
                 f"{artifact} is not an engine artifact; build one with python -m tools.build."
             )
-        meta = read_metadata(
-            artifact
-        )  # ArtifactError (a ValueError) if broken or of another format
-        check_format(artifact, meta)
+        meta = read_metadata(artifact)  # ArtifactError (a ValueError) if broken
+        check_format(artifact, meta)  # or of another format
+        metadata = Metadata.from_dict(meta)
         try:
             if trt is None:
                 try:
@@ -524,9 +523,9 @@ class TensorRTBackend:
             two = cuda_graphs and splits_contexts(trt, [p["name"] for p in meta["profiles"]])
             config = runtime_config(engine, trt, decode_only=two)
             cache = None
-            if jit_cache and hasattr(config, "create_runtime_cache") and meta.get("build_key"):
+            if jit_cache and hasattr(config, "create_runtime_cache") and metadata.build_key:
                 cc = device_info().cc
-                cache = JitCache(jit_cache_path(Metadata.from_dict(meta), cc), config)
+                cache = JitCache(jit_cache_path(metadata, cc), config)
             context = (
                 engine.create_execution_context(config)
                 if config is not None
@@ -546,7 +545,7 @@ class TensorRTBackend:
         except EngineLoadError as e:
             raise EngineLoadError(f"cannot load {artifact}: {e}") from None
         return cls(
-            Metadata.from_dict(meta),
+            metadata,
             desc,
             context,
             keep_alive=(logger, runtime, engine),
