@@ -23,7 +23,7 @@ from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools.bench import BenchError, gpu
 from tools.bench.__main__ import int_list, main, parse_args
 from tools.bench.cgroup import CGROUP_ROOT, MemoryCgroup, own_cgroup
-from tools.bench.gpu import gpu_tables, new_shapes_table
+from tools.bench.gpu import gpu_tables, jit_cache_words, new_shapes_table
 from tools.bench.host import SERVER_SETTINGS, SETTINGS
 from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
 from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
@@ -438,6 +438,8 @@ def _gpu_report(engines: bool) -> dict:
             ("dynamic", 2.0, "dynamic"),
         ):
             report["engines"][name] = {
+                "load_s": 2.09,
+                "jit_cache_read_bytes": 4_672_066,
                 "prefill": [_row("tokens", 128, 2 * ms, profile=profile)],
                 "decode": [_row("batch", 1, ms, tokens_per_s=1000 / ms, **decode)],
             }
@@ -455,6 +457,7 @@ def test_gpu_tables_with_engines_and_transformers():
         line.split() == ["prefill", "128", "tokens", "2.00", "4.00", "2.00"] for line in lines
     )
     assert "engine vs HF eager" in text and "NOT MEASURED" not in text
+    assert "\nengine load: 2.09 s, with 4.5 MiB of kernels from the JIT cache\n" in text
     # prefill row: engine 2 ms in the prefill profile, HF eager 8 ms -> 4x
     row = ["128", "2.00", "2.00", "-", "prefill", "8.00", "8.00", "16000", "4.00"]
     assert any(line.split() == row for line in lines)
@@ -551,10 +554,10 @@ def test_new_shapes_run_once_and_again_on_the_cpu_executor(tiny_dir):
     prefill = [(ids[:1, :n].tolist(), [list(range(n))], [n - 1]) for n in (5, 6) for _ in "12"]
     decode = [(ids[:b, 6:7].tolist(), [[6]] * b, [0] * b) for b in (1, 2, 3) for _ in "12"]
     assert calls == prefill + decode
-    table = new_shapes_table(new)
+    table = new_shapes_table(new, jit_cache_words({"jit_cache_read_bytes": None}))
     assert "prefill, 2 prompt lengths 5..6" in table and "decode, 3 batch sizes 1..3" in table
     assert "(wall ms; loaded with no JIT cache)" in table
-    kept = new_shapes_table({**new, "jit_cache_read_bytes": 3 << 20})
+    kept = new_shapes_table(new, jit_cache_words({"jit_cache_read_bytes": 3 << 20}))
     assert "(wall ms; loaded with 3.0 MiB of kernels from the JIT cache)" in kept
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -148,17 +149,20 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     report["engines"] = {}
     for profile_set, artifact in engines.items():
         print(f"measuring the {profile_set} engine {artifact} ...", file=sys.stderr)
+        start = time.perf_counter()
         with TensorRTBackend.load(artifact, cuda_graphs=not args.no_graph, timed=True) as backend:
-            measured = report["engines"][profile_set] = {"artifact": str(artifact)}
+            jit = backend.jit_cache  # kernels an earlier process compiled make loads faster
+            measured = report["engines"][profile_set] = {
+                "artifact": str(artifact),
+                "load_s": round(time.perf_counter() - start, 2),
+                "jit_cache_read_bytes": jit.loaded if jit else None,
+            }
             if args.new_shapes:  # first, while every shape is new to the backend
                 start = max(1, min(NEW_SHAPES_FROM, limits["max_prefill"] - args.new_shapes))
                 lengths = range(start, min(start + args.new_shapes, limits["max_prefill"] + 1))
                 fresh = prompt_ids(config.vocab_size, limits["max_batch"], max(lengths) + 1)
                 batches = range(1, limits["max_batch"] + 1)
                 measured["new_shapes"] = measure_new_shapes(backend, fresh, lengths, batches)
-                # kernels an earlier process compiled (JitCache) make first calls cheaper
-                jit = backend.jit_cache
-                measured["new_shapes"]["jit_cache_read_bytes"] = jit.loaded if jit else None
             measured |= {
                 "prefill": measure_prefill(backend, ids, plan.prompt_lens, warmup, rounds),
                 "decode": measure_decode(
@@ -293,8 +297,10 @@ def gpu_tables(report: dict[str, Any]) -> str:
         parts.append(f"transformers {mode}: FAILED: {err}")
     if hf.get("skipped"):
         parts.append(f"transformers: skipped ({hf['skipped']})")
+    if "load_s" in base:
+        parts.append(f"engine load: {base['load_s']:.2f} s, {jit_cache_words(base)}")
     if new := base.get("new_shapes"):
-        parts.append(new_shapes_table(new))
+        parts.append(new_shapes_table(new, jit_cache_words(base)))
 
     if staged and "dynamic" in engines:
         a, d = engines[staged], engines["dynamic"]
@@ -348,8 +354,19 @@ def gpu_tables(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def new_shapes_table(new: dict[str, list[dict[str, Any]]]) -> str:
-    """`measure_new_shapes`' result: each kind's first calls against the same calls again."""
+def jit_cache_words(engine: dict[str, Any]) -> str:
+    """What the measured backend found kept of TensorRT-RTX's compiled kernels at load."""
+    read = engine.get("jit_cache_read_bytes")
+    return (
+        f"with {read / 2**20:.1f} MiB of kernels from the JIT cache"
+        if read
+        else "with no JIT cache"
+    )
+
+
+def new_shapes_table(new: dict[str, list[dict[str, Any]]], loaded: str) -> str:
+    """`measure_new_shapes`' result: each kind's first calls against the same calls again;
+    `loaded` says what the backend was loaded with (`jit_cache_words`)."""
     rows = []
     for kind, key, what in (
         ("prefill", "tokens", "prompt lengths"),
@@ -367,11 +384,8 @@ def new_shapes_table(new: dict[str, list[dict[str, Any]]]) -> str:
                 statistics.median(again),
             ]
         )
-    read = new.get("jit_cache_read_bytes")
-    kept = f"{read / 2**20:.1f} MiB of kernels from the JIT cache" if read else "no JIT cache"
     return format_table(
         ["calls", "first median ms", "first max ms", "again median ms"],
         rows,
-        f"calls of shapes the engine had not run (wall ms; loaded with {kept}), each then "
-        "run again",
+        f"calls of shapes the engine had not run (wall ms; loaded {loaded}), each then run again",
     )
