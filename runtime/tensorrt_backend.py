@@ -300,19 +300,23 @@ def runtime_config(
     return config
 
 
-def jit_cache_path(meta: Metadata, cc: tuple[int, int]) -> Path:
-    """Where the kernels TensorRT-RTX compiles for this artifact on a GPU of compute
-    capability `cc` are kept: beside the engine cache, not in the artifact (which may be
-    read-only, and holds only what its build wrote)."""
+def jit_cache_dir() -> Path:
+    """Where the kernels TensorRT-RTX compiles are kept: beside the engine cache, not in the
+    artifact (which may be read-only, and holds only what its build wrote)."""
     from weights.bundled import default_cache_dir
 
-    return default_cache_dir() / "jit" / f"{meta.build_key[:16]}-sm{cc[0]}{cc[1]}.bin"
+    return default_cache_dir() / "jit"
+
+
+def jit_cache_path(meta: Metadata, cc: tuple[int, int]) -> Path:
+    """The JIT cache file of this artifact on a GPU of compute capability `cc`."""
+    return jit_cache_dir() / f"{meta.build_key[:16]}-sm{cc[0]}{cc[1]}.bin"
 
 
 def kept_jit_caches(meta: Metadata) -> list[Path]:
-    """The JIT cache files kept for this artifact, one per kind of GPU it ran on."""
-    folder = jit_cache_path(meta, (0, 0)).parent
-    return sorted(folder.glob(f"{meta.build_key[:16]}-sm*.bin"))
+    """The JIT cache files kept for this artifact (`jit_cache_path`), one per kind of GPU it
+    ran on."""
+    return sorted(jit_cache_dir().glob(f"{meta.build_key[:16]}-sm*.bin"))
 
 
 class JitCache:
@@ -342,14 +346,15 @@ class JitCache:
         """Write the cache if it holds kernels the file does not, atomically (a partial file
         renamed into place); a folder it cannot write to gets a warning, not an error."""
         blob = bytes(memoryview(self.cache.serialize()))
-        if not blob or hash(blob) == self._saved:
+        digest = hash(blob)
+        if not blob or digest == self._saved:
             return
         partial = partial_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial.write_bytes(blob)
             os.replace(partial, self.path)
-            self._saved = hash(blob)
+            self._saved = digest
         except OSError as e:
             with suppress(OSError):  # none, where the folder could not be made
                 partial.unlink(missing_ok=True)
@@ -399,7 +404,7 @@ class TensorRTBackend:
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
         self.profile_names = [p["name"] for p in meta.profiles]
-        self.io, self.context, self._keep_alive = engine_desc["io"], context, keep_alive
+        self.io, self._keep_alive = engine_desc["io"], keep_alive
         # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
         # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there.
         self.contexts = [context] if prefill is None else [context, prefill]
@@ -795,8 +800,7 @@ class TensorRTBackend:
                 res.free()
         self.graphs, self.chained, self.hosts, self.device = {}, {}, ({}, {}), {}
         self.done, self.timers, self.stream, self._pending = [], [], None, deque()
-        self.context = self._keep_alive = None
-        self.contexts = []
+        self._keep_alive, self.contexts = None, []
 
     def __enter__(self) -> TensorRTBackend:
         return self
