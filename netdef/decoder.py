@@ -231,10 +231,13 @@ class _Decoder:
             return
         # Decoding copies one id per sequence, not the vocabulary: the argmax, or a token drawn
         # in the engine (`draw`); host-side sampling copies the best K logits and ids.
-        top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
-        next_token = g.shuffle(top.get_output(1), "next_token.argmax", reshape=(-1,))
         if self.opt.sample_top_k:
+            # The argmax is the first of the best K: no second pass over the vocabulary.
             values, ids = self.best_k(logits, self.opt.sample_top_k)
+            first = g.constant(np.zeros(1, np.int32), "next_token.first")
+            best = g.named(net.add_gather(values, first, 1), "next_token.best").get_output(0)
+            argmax = g.named(net.add_gather(ids, first, 1), "next_token.first_id").get_output(0)
+            next_token = g.shuffle(argmax, "next_token.argmax", reshape=(-1,))
             for t, name in ((values, io.TOP_LOGITS), (ids, io.TOP_IDS)):
                 t.name = name
                 net.mark_output(t)
@@ -243,7 +246,7 @@ class _Decoder:
                 for n, d in SAMPLING_INPUTS.items()
             }
             cols = {n: g.shuffle(t, f"{n}.col", reshape=(-1, 1)) for n, t in inputs.items()}
-            self.log_normalizer(logits, top.get_output(0), cols[io.INV_TEMPERATURE])
+            self.log_normalizer(logits, best, cols[io.INV_TEMPERATURE])
             drawn = self.draw(values, ids, cols)
             greedy = g.elementwise(
                 inputs[io.UNIFORM],
@@ -253,6 +256,9 @@ class _Decoder:
             )
             next_token = g.named(net.add_select(greedy, next_token, drawn), "draw.select")
             next_token = next_token.get_output(0)
+        else:
+            top = g.named(net.add_topk(logits, trt.TopKOperation.MAX, 1, 1 << 1), "next_token.topk")
+            next_token = g.shuffle(top.get_output(1), "next_token.argmax", reshape=(-1,))
         next_token.name = io.NEXT_TOKEN
         net.mark_output(next_token)
 
