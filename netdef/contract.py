@@ -17,8 +17,9 @@ import numpy as np
 # Bumped whenever the network or this contract changes, so an older artifact is rebuilt (its
 # build key changes) or refused at load. 2: inv_temperature, log_normalizer, gather splits;
 # 3: window_slots, matmul attention; 4: sliding layers' KV rings, window_positions;
-# 5: next_token drawn in the engine (uniform, top_k, top_p).
-FORMAT_VERSION = 5
+# 5: next_token drawn in the engine (uniform, top_k, top_p); 6: one KV cache per layer, keys
+# and values stacked on the head axis.
+FORMAT_VERSION = 6
 
 # Inputs
 INPUT_IDS = "input_ids"  # int32 [B, S], right-padded
@@ -54,8 +55,6 @@ RESULTS = {  # name -> TensorRT dtype name
     LOG_NORMALIZER: "float",
 }
 
-KV_KINDS = ("key", "value")
-
 # Optimization profile sets, the default first, each naming its profiles in order (the
 # backend picks a profile by name: runtime.tensorrt_backend.choose_profile): decode steps
 # (S = 1), prompt chunks and one sequence's full chunk of max_prefill tokens; the same
@@ -63,14 +62,15 @@ KV_KINDS = ("key", "value")
 PROFILE_SETS = ("decode,prefill,chunk", "decode,prefill", "dynamic")
 
 
-def past(kind: str, layer: int) -> str:
-    """The KV-cache input of one layer: past_key_<i> or past_value_<i>."""
-    return f"past_{kind}_{layer}"
+def past(layer: int) -> str:
+    """The KV-cache input of one layer, past_kv_<i>: [B, 2 * kv_heads, slots, head_dim], the
+    keys' heads first, then the values' (one gather reads both)."""
+    return f"past_kv_{layer}"
 
 
-def present(kind: str, layer: int) -> str:
-    """The KV-cache output bound to the same memory as `past(kind, layer)`."""
-    return f"present_{kind}_{layer}"
+def present(layer: int) -> str:
+    """The KV-cache output bound to the same memory as `past(layer)`."""
+    return f"present_kv_{layer}"
 
 
 def past_of(present_name: str) -> str:

@@ -15,14 +15,14 @@ Engine I/O contract (netdef.contract names the tensors; docs/architecture.md has
            top_k, top_p     int32, float32 [B]   its filters (1..K, (0, 1]) } (`draw`)
            window_positions int32 [B, Lw]  positions sliding layers read (netdef.slots)
            global_positions int32 [Lg]     positions global layers read (netdef.slots)
-           past_key_<i>, past_value_<i>    dtype [B, kv_heads, slots_i, head_dim]: slots_i is
-                                           max_seq_len, or a sliding layer's ring (netdef.slots)
+           past_kv_<i>      dtype [B, 2 * kv_heads, slots_i, head_dim]: keys then values;
+                            slots_i is max_seq_len, or a sliding layer's ring (netdef.slots)
   outputs  logits           float32 [B, vocab]   ([B, S, vocab] with all_logits)
            next_token       int32 [B]            argmax of logits, or drawn (not with all_logits)
            top_logits       float32 [B, K]       the K = sample_top_k best logits, best first
            top_ids          int32 [B, K]         their token ids (both not with all_logits)
            log_normalizer   float32 [B]          log sum exp(logits * inv_temperature), with them
-           present_key_<i>, present_value_<i>   the same memory as the past inputs, updated
+           present_kv_<i>   the same memory as past_kv_<i>, updated in place
 Token (b, s) is written to cache slot position_ids[b, s] (mod the ring on sliding layers)
 and attends to positions j <= position_ids[b, s] (and j > position_ids[b, s] - window on
 sliding layers), so padded tails and stale slots beyond a sequence's end are never read.
@@ -85,10 +85,10 @@ class DecoderNetwork:
 
     @property
     def kv_cache_shapes(self) -> list[tuple[int, int, int]]:
-        """[kv_heads, slots, head_dim] of each layer's past/present tensors (after the batch
+        """[2 * kv_heads, slots, head_dim] of each layer's past/present tensor (after the batch
         dim): slots is max_seq_len, or a sliding layer's ring."""
         cfg = self.config
-        return [(cfg.num_kv_heads, n, cfg.head_dim) for n in self.options.cache_slots(cfg)]
+        return [(2 * cfg.num_kv_heads, n, cfg.head_dim) for n in self.options.cache_slots(cfg)]
 
 
 def build_network(
@@ -474,16 +474,15 @@ class _Decoder:
         # TensorRT's attention applies no scale of its own.
         q = g.mul(q, g.scalar(cfg.attention_scale, self.dtype, 4, "q_scale.value"), "q_scale")
 
-        keys = self.kv_cache(i, "key", k)
-        values = self.kv_cache(i, "value", v)
-        out = self.attend(q, keys, values, self.windows[i], self.cache_slots[i])
+        cache = self.kv_cache(i, g.concat([k, v], 1, "kv"))
+        out = self.attend(q, cache, self.windows[i], self.cache_slots[i])
         o_bias = self.weight(p + "o_proj.bias") if cfg.o_bias else None
         out = self.linear(out, [p + "o_proj.weight"], o_bias, "o_proj")
         return out
 
-    def attend(self, q: Any, keys: Any, values: Any, window: int | None, ring: int) -> Any:
-        """softmax(q · kᵀ masked) · v over the positions this call reads; returns
-        [B, S, heads * head_dim].
+    def attend(self, q: Any, cache: Any, window: int | None, ring: int) -> Any:
+        """softmax(q · kᵀ masked) · v over the positions this call reads, from the layer's
+        cache of keys and values; returns [B, S, heads * head_dim].
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
         slots (at most the window per decode step), global layers those `global_positions`
@@ -502,11 +501,12 @@ class _Decoder:
         2,048-token prefill from 19.1 to 16.5 ms, while 128- and 512-token prefills went
         from 5.7 / 7.4 to 6.3 / 8.1 ms."""
         slots, (step_mask, prompt_mask) = self.visible_slots(window, ring)
+        g, kv_heads = self.g, self.cfg.num_kv_heads
+        read = self.gather_slots(cache, slots, "attn.kv")  # [B, 2 * kv_heads, L, D]
         k, v = (
-            self.gather_slots(t, slots, f"attn.{n}")
-            for t, n in ((keys, "keys"), (values, "values"))
+            self.heads_of(read, first, kv_heads, n)
+            for first, n in ((0, "keys"), (kv_heads, "values"))
         )
-        g = self.g
         first = g.constant(np.array([0], np.int32), "attn.first_token")
         step_q = g.rewired(
             lambda t: g.network.add_gather(t, first, 2), q, (1,) * 4, self.dtype, "attn.step_query"
@@ -574,6 +574,15 @@ class _Decoder:
         )
         out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B * kv, G, D]
         return g.shuffle(out, "attn.heads", reshape=(-1, cfg.num_heads, 1, d))
+
+    def heads_of(self, kv: Any, first: int, count: int, name: str) -> Any:
+        """kv [B, 2 * kv_heads, L, D] at heads first .. first + count - 1: the keys or values."""
+        g = self.g
+        heads = g.constant(np.arange(first, first + count, dtype=np.int32), f"attn.{name}.heads")
+        gather = g.rewired(
+            lambda t: g.network.add_gather(t, heads, 1), kv, (1,) * 4, self.dtype, f"attn.{name}"
+        )
+        return gather.get_output(0)
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
         """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
@@ -675,16 +684,16 @@ class _Decoder:
         whole = g.mul(g.elementwise(x, size, "FLOOR_DIV", f"{tag}.laps"), size, f"{tag}.lapped")
         return g.elementwise(x, whole, "SUB", f"{tag}.in_ring")
 
-    def kv_cache(self, i: int, kind: str, update: Any) -> Any:
-        """Write this step's keys/values into the cache (a ring on sliding layers) in place;
-        return the whole cache."""
+    def kv_cache(self, i: int, update: Any) -> Any:
+        """Write this step's keys and values (`update`, [B, 2 * kv_heads, S, D]) into the
+        layer's cache (a ring on sliding layers) in place; return the whole cache."""
         g, trt, n = self.g, self.g.trt, self.cache_slots[i]
         if n not in self.ring_index:
             saved, g.scope = g.scope, ""
             self.ring_index[n] = self.modulo(self.write_index, n, f"write_index.{n}")
             g.scope = saved
-        shape = (-1, self.cfg.num_kv_heads, n, self.cfg.head_dim)
-        past = g.network.add_input(io.past(kind, i), trt_dtype(trt, self.dtype), shape)
+        shape = (-1, 2 * self.cfg.num_kv_heads, n, self.cfg.head_dim)
+        past = g.network.add_input(io.past(i), trt_dtype(trt, self.dtype), shape)
         layer = g.rewired(
             lambda t: g.network.add_kv_cache_update(
                 past, t, self.ring_index[n], trt.KVCacheMode.LINEAR
@@ -692,11 +701,11 @@ class _Decoder:
             update,
             (1, shape[1], 1, shape[3]),
             self.dtype,
-            f"{kind}_cache_update",
+            "kv_cache_update",
             index=1,
         )
         present = layer.get_output(0)
-        present.name = io.present(kind, i)
+        present.name = io.present(i)
         g.network.mark_output(present)
         return present
 

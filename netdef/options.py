@@ -9,7 +9,6 @@ from weights.config import ModelConfig
 
 from .contract import (
     GLOBAL_POSITIONS,
-    KV_KINDS,
     MODEL_DTYPES,
     PROFILE_SETS,
     SAMPLING_INPUTS,
@@ -225,9 +224,8 @@ class NetworkOptions:
             if self.sample_top_k and not self.all_logits:
                 shapes.update({n: tuple((bb,) for bb in batch) for n in SAMPLING_INPUTS})
             for i, n in enumerate(slots):
-                cache = (config.num_kv_heads, n, config.head_dim)
-                for kind in KV_KINDS:
-                    shapes[past(kind, i)] = tuple((bb, *cache) for bb in batch)
+                cache = (2 * config.num_kv_heads, n, config.head_dim)
+                shapes[past(i)] = tuple((bb, *cache) for bb in batch)
             if window is not None:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1

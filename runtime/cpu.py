@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm import tqdm
 
-from netdef.contract import KV_KINDS, LOGITS, MODEL_DTYPES, NEXT_TOKEN, past
+from netdef.contract import LOGITS, MODEL_DTYPES, NEXT_TOKEN, past
 from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
@@ -70,9 +70,8 @@ class CpuBackend:
         self.batch = batch
         self.pending.clear()
         self.caches = {
-            past(kind, i): np.zeros((batch, *shape), dtype)
+            past(i): np.zeros((batch, *shape), dtype)
             for i, shape in enumerate(self.dn.kv_cache_shapes)
-            for kind in KV_KINDS
         }
 
     @contextmanager

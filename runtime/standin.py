@@ -22,7 +22,7 @@ def fake_engine(
     sample_top_k: int = 4,
 ) -> tuple[dict, dict]:
     """(metadata.json, describe_engine output) of an imaginary engine following the contract."""
-    cache = [kv_heads, max_seq_len, head_dim]
+    cache = [2 * kv_heads, max_seq_len, head_dim]
     io: dict[str, list] = {
         "inputs": [
             {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
@@ -41,13 +41,8 @@ def fake_engine(
             {"name": "log_normalizer", "dtype": "float", "shape": [-1]},
         ]
     for i in range(layers):
-        for kind in ("key", "value"):
-            io["inputs"].append(
-                {"name": f"past_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
-            )
-            io["outputs"].append(
-                {"name": f"present_{kind}_{i}", "dtype": "bf16", "shape": [-1, *cache]}
-            )
+        io["inputs"].append({"name": f"past_kv_{i}", "dtype": "bf16", "shape": [-1, *cache]})
+        io["outputs"].append({"name": f"present_kv_{i}", "dtype": "bf16", "shape": [-1, *cache]})
     if sample_top_k:
         io["inputs"] += [
             {"name": name, "dtype": dtype, "shape": [-1]} for name, dtype in SAMPLING_INPUTS.items()
@@ -87,7 +82,7 @@ class CopyContext:
     """Stand-in for TensorRT's IExecutionContext. "Executing" enqueues device copies at the
     bound addresses: input_ids → logits (as raw int32 words), and its first B words →
     next_token, top_logits (raw) and top_ids; inv_temperature → log_normalizer; position_ids →
-    the start of present_key_0, which must be past_key_0's memory. `executions` counts host
+    the start of present_kv_0, which must be past_kv_0's memory. `executions` counts host
     calls, so graph replays (which make none) are visible."""
 
     def __init__(self) -> None:
@@ -119,6 +114,6 @@ class CopyContext:
                 cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
         if "log_normalizer" in a:
             cuda("cudaMemcpyAsync", a["log_normalizer"], a["inv_temperature"], b * 4, kind, stream)
-        cuda("cudaMemcpyAsync", a["present_key_0"], a["position_ids"], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a["present_kv_0"], a["position_ids"], b * s * 4, kind, stream)
         self.executions += 1
         return True

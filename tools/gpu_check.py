@@ -66,7 +66,7 @@ def check_buffers() -> str:
     """Device buffers sized from the fake engine's shape table: every byte is reachable."""
     _, desc = fake_engine(max_batch=8, max_prefill=64, max_seq_len=1024, vocab=4096, layers=4)
     plan = buffer_plan(desc["io"], max_profile_shapes(desc["profiles"]), 8, 64)
-    assert plan["past_key_0"] == 8 * 2 * 1024 * 8 * 2 and plan["logits"] == 8 * 4096 * 4, plan
+    assert plan["past_kv_0"] == 8 * 4 * 1024 * 8 * 2 and plan["logits"] == 8 * 4096 * 4, plan
     assert not any(n.startswith("present_") for n in plan)
     stream, bufs = Stream(), {n: DeviceBuffer(nbytes) for n, nbytes in plan.items()}
     tail = PinnedBuffer(16, np.uint8)
@@ -308,8 +308,8 @@ def check_backend(
         cache = PinnedBuffer(model.max_batch * model.max_prefill, np.int32)
         try:
 
-            def cache_head(b: int, s: int) -> np.ndarray:  # first words of past_key_0 on the GPU
-                d2h(cache, model.device["past_key_0"], b * s * 4, model.stream)
+            def cache_head(b: int, s: int) -> np.ndarray:  # first words of past_kv_0 on the GPU
+                d2h(cache, model.device["past_kv_0"], b * s * 4, model.stream)
                 model.stream.synchronize()
                 return cache.array[: b * s].reshape(b, s).copy()
 
@@ -320,7 +320,7 @@ def check_backend(
                 assert logits.shape == (b, 64) and logits.dtype == np.float32
                 got = logits.view(np.int32).ravel()[: b * s].reshape(b, s)
                 assert np.array_equal(got, ids), "logits buffer does not hold the copied ids"
-                assert np.array_equal(cache_head(b, s), pos), "present_key_0 is not past_key_0"
+                assert np.array_equal(cache_head(b, s), pos), "present_kv_0 is not past_kv_0"
                 assert model.last_call_ms > 0
 
             model.reset(2)

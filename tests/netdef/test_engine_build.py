@@ -41,9 +41,9 @@ def test_profiles_reach_the_builder(tiny_dir):
     decode, prefill, chunk = dn.profiles
     assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (8, 64))
-    assert prefill.shapes["past_key_0"][2] == (8, 1, 128, 16)
+    assert prefill.shapes["past_kv_0"][2] == (8, 2, 128, 16)
     assert chunk.shapes["input_ids"] == ((1, 64), (1, 64), (1, 64))  # token count fixed
-    assert chunk.shapes["past_key_0"] == ((1, 1, 128, 16),) * 3
+    assert chunk.shapes["past_kv_0"] == ((1, 2, 128, 16),) * 3
     one_token = NetworkOptions(max_seq_len=128, max_prefill=1).profiles(ckpt.config)
     assert [p.name for p in one_token] == ["decode", "prefill"]  # a chunk would be a decode
     two = NetworkOptions(max_seq_len=128, profile_set="decode,prefill").profiles(ckpt.config)
@@ -71,17 +71,17 @@ def test_io_contract(tiny_dir):
         "top_k",
         "top_p",
         "global_positions",  # every qwen3 layer is global: no window_positions
-    } | {f"past_{k}_{i}" for i in range(n) for k in ("key", "value")}
+    } | {f"past_kv_{i}" for i in range(n)}
     assert (inputs["global_positions"].dtype, tuple(inputs["global_positions"].shape)) == (
         trt.int32,
         (-1,),
     )
     assert set(outputs) == {"logits", "next_token", "top_logits", "top_ids", "log_normalizer"} | {
-        f"present_{k}_{i}" for i in range(n) for k in ("key", "value")
+        f"present_kv_{i}" for i in range(n)
     }
     assert inputs["input_ids"].dtype == trt.int32
-    assert tuple(inputs["past_key_0"].shape) == (-1, 2, 32, 32)
-    assert inputs["past_key_0"].dtype == trt.bfloat16
+    assert tuple(inputs["past_kv_0"].shape) == (-1, 4, 32, 32)
+    assert inputs["past_kv_0"].dtype == trt.bfloat16
     assert outputs["logits"].dtype == trt.float32
     assert tuple(outputs["logits"].shape) == (-1, 512)
     assert outputs["next_token"].dtype == trt.int32
@@ -102,7 +102,8 @@ def test_io_contract(tiny_dir):
     assert (window.dtype, tuple(window.shape)) == (trt.int32, (-1, -1))
     assert "global_positions" in slots  # and a global one
     # Sliding layers keep rings of window 4 + max_prefill 32 - 1 slots: here the whole cache.
-    assert [tuple(gemma.network.get_input(i).shape)[2] for i in range(5, 13, 2)] == [32] * 4
+    caches = [gemma.network.get_input(i) for i in range(gemma.network.num_inputs)]
+    assert [tuple(t.shape)[2] for t in caches if t.name.startswith("past_kv_")] == [32] * 4
     plain = build_network(ckpt, NetworkOptions(max_seq_len=32, sample_top_k=0), trt).network
     names = {plain.get_output(i).name for i in range(plain.num_outputs)}
     assert names == set(outputs) - {"top_logits", "top_ids", "log_normalizer"}

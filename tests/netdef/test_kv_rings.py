@@ -134,7 +134,7 @@ def test_a_call_across_the_ring_end_is_refused(tiny_dir):
 
 
 def test_kv_memory_that_does_not_fit_is_refused_with_the_numbers():
-    plan = {"past_key_0": 3 << 30, "past_value_0": 3 << 30, "logits": 1 << 20}
+    plan = {"past_kv_0": 6 << 30, "logits": 1 << 20}
     check_memory(plan, free=7 << 30, max_batch=4, max_seq_len=32768)
     with pytest.raises(EngineLoadError) as e:
         check_memory(plan, free=5 << 30, max_batch=4, max_seq_len=32768)

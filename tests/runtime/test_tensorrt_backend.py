@@ -164,12 +164,12 @@ def test_describe_engine_uses_metadata_format(tiny_network):
 def test_engine_with_other_dtype_is_refused(tiny_network):
     _, meta = tiny_network
     engine = json.loads(json.dumps(as_engine(meta)))
-    next(t for t in engine["io"]["inputs"] if t["name"] == "past_key_0")["dtype"] = "half"
+    next(t for t in engine["io"]["inputs"] if t["name"] == "past_kv_0")["dtype"] = "half"
     with pytest.raises(EngineLoadError) as e:
         check_engine(meta, engine)
     assert str(e.value) == (
-        "metadata.json does not match the engine (past_key_0 is bf16 [-1, 2, 64, 32] in "
-        "metadata.json but half [-1, 2, 64, 32] in the engine); rebuild it with "
+        "metadata.json does not match the engine (past_kv_0 is bf16 [-1, 4, 64, 32] in "
+        "metadata.json but half [-1, 4, 64, 32] in the engine); rebuild it with "
         "python -m tools.build --force."
     )
 
@@ -194,7 +194,7 @@ def test_contract_violations():
     meta, _ = fake_engine(layers=1)
     io = json.loads(json.dumps(meta["io"]))
     io["inputs"][0]["dtype"] = "int64"
-    io["outputs"] = [t for t in io["outputs"] if t["name"] != "present_value_0"]
+    io["outputs"] = [t for t in io["outputs"] if t["name"] != "present_kv_0"]
     io["outputs"][0]["dtype"] = "half"
     next(t for t in io["outputs"] if t["name"] == "top_ids")["dtype"] = "float"
     with pytest.raises(EngineLoadError) as e:
@@ -233,11 +233,11 @@ def test_buffers_from_real_profiles(tiny_network):
     _, meta = tiny_network
     shapes = max_profile_shapes(as_engine(meta)["profiles"])
     assert shapes["input_ids"] == (4, 16)  # decode (4, 1) and prefill (4, 16)
-    assert shapes["past_key_1"] == (4, 2, 64, 32)
+    assert shapes["past_kv_1"] == (4, 4, 64, 32)
     plan = buffer_plan(meta["io"], shapes, max_batch=4, max_seq=16)
     assert plan["input_ids"] == plan["position_ids"] == 4 * 16 * 4
     assert plan["last_token_index"] == 4 * 4
-    assert plan["past_value_0"] == 4 * 2 * 64 * 32 * 2  # bf16
+    assert plan["past_kv_0"] == 4 * 4 * 64 * 32 * 2  # bf16
     assert plan["logits"] == 4 * 512 * 4
     assert not [n for n in plan if n.startswith("present_")]  # aliased to past_*
 

@@ -159,7 +159,7 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
         "(layers x slots: 1 x 32, 3 x 19)\n"
     ) in text
     assert "decode" in text and "prefill" in text
-    assert "past_key_0" in text and "logits" in text
+    assert "past_kv_0" in text and "logits" in text
     assert (
         "\nJIT cache  none yet (TensorRT-RTX compiles the kernels on the first run on a GPU)\n"
     ) in text
