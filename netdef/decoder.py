@@ -246,8 +246,8 @@ class _Decoder:
                 for n, d in SAMPLING_INPUTS.items()
             }
             cols = {n: g.shuffle(t, f"{n}.col", reshape=(-1, 1)) for n, t in inputs.items()}
-            self.log_normalizer(logits, best, cols[io.INV_TEMPERATURE])
-            drawn = self.draw(values, ids, cols)
+            peak = self.log_normalizer(logits, best, cols[io.INV_TEMPERATURE])
+            drawn = self.draw(values, ids, peak, cols)
             greedy = g.elementwise(
                 inputs[io.UNIFORM],
                 g.scalar(0.0, np.float32, 1, "draw.greedy.zero"),
@@ -293,11 +293,12 @@ class _Decoder:
         pick.num_elementwise_dims = 1
         return second.get_output(0), g.named(pick, "sample.top_ids").get_output(0)
 
-    def log_normalizer(self, logits: Any, best: Any, inv_t: Any) -> None:
+    def log_normalizer(self, logits: Any, best: Any, inv_t: Any) -> Any:
         """log_normalizer[b] = log sum_v exp(logits[b, v] * inv_temperature[b]): with it, top-p
         sampling without a top-k can also use the best K whenever they hold top_p of the mass.
         Shifted by the best logit `best` [B, 1] (times inv_temperature > 0, the same float as
-        the largest product), not by another pass over the vocabulary."""
+        the largest product), not by another pass over the vocabulary. Returns that shift, the
+        largest scaled logit [B, 1], which `draw` shares."""
         g, net = self.g, self.g.network
         x = g.mul(logits, inv_t, "lse.scale")
         peak = g.mul(best, inv_t, "lse.max")
@@ -306,11 +307,12 @@ class _Decoder:
         out = g.shuffle(g.add(total, peak, "lse.add_max"), "lse.flat", reshape=(-1,))
         out.name = io.LOG_NORMALIZER
         net.mark_output(out)
+        return peak
 
-    def draw(self, values: Any, ids: Any, cols: dict[str, Any]) -> Any:
+    def draw(self, values: Any, ids: Any, peak: Any, cols: dict[str, Any]) -> Any:
         """int32 [B]: the token each row's uniform number draws from its best K logits `values`
         [B, K] (best first) and `ids`, by runtime.sampling.sample_best_k's rule: logits times
-        inv_temperature; top-k keeps those >= the k-th (ties stay); top-p keeps, among those,
+        inv_temperature (`peak` [B, 1] is the largest, from `log_normalizer`); top-k keeps those >= the k-th (ties stay); top-p keeps, among those,
         the ones above its floor whose mass before them is under top_p (none dropped when
         top_p is 1); the survivors are drawn from in token-id order by inverse CDF. In float32
         (the host sums in float64), so a uniform number within rounding of a step of the CDF
@@ -341,9 +343,7 @@ class _Decoder:
 
         zero, p = const(0.0, "zero"), cols[io.FILTER_TOP_P]
         x = op(values, cols[io.INV_TEMPERATURE], "PROD", "scale")
-        weights = g.unary(
-            op(x, g.reduce_last(x, "MAX", "draw.best"), "SUB", "below"), "EXP", "draw.w"
-        )
+        weights = g.unary(op(x, peak, "SUB", "below"), "EXP", "draw.w")
         # top-k (k clamped to 1..K): x >= the k-th
         kk = op(
             op(cols[io.FILTER_TOP_K], const(1, "k.min", np.int32), "MAX", "k.low"),
