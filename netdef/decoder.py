@@ -539,10 +539,12 @@ class _Decoder:
         batched over B * kv_heads with static reshapes, and the scores are K · qᵀ
         ([B * kv, L, G]): K is read as stored, not transposed. In the builder's log that
         takes a sliding layer's decode attention from 9 kernels and aux-stream events (q · Kᵀ
-        over [B, kv, G, D]) to 5: a gather per K and V with its cast, the scores, one
-        softmax kernel, the context matmul. On the H200 against the 3-D q · Kᵀ form (8
-        kernels): decode steps at batch 1 / 4 / 16 1.7% / 2.7% / 0.8% faster, 128-token
-        prefills 3% (two rounds, docs/benchmarks.md)."""
+        over [B, kv, G, D]) to 4: one gather of K and V (one cache) with its cast, the
+        scores, one softmax kernel, the context matmul. On the H200 against the 3-D q · Kᵀ
+        form (8 kernels): decode steps at batch 1 / 4 / 16 1.7% / 2.7% / 0.8% faster,
+        128-token prefills 3% (two rounds, docs/benchmarks.md). Scores transposed to
+        [B * kv, G, L] so that the softmax reduces the last axis: the same at batch 1, 2%
+        slower at batch 16 (H100)."""
         g, cfg, trt = self.g, self.cfg, self.g.trt
         group, kv_heads, d = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
         f32 = np.dtype(np.float32)
