@@ -638,6 +638,26 @@ def test_measure_loops_through_the_tensorrt_backend_on_a_gpu():
     assert positive(*(r[k] for r in pre + dec for k in ("min_ms", "median_ms", "tokens_per_s")))
 
 
+@pytest.mark.gpu
+def test_profile_reads_the_kernels_of_a_prefill_and_each_decode_batch_on_a_gpu():
+    if reason := gpu_unavailable_reason():
+        pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+    pytest.importorskip("torch", reason="--profile reads kernels through torch.profiler")
+    from netdef.artifact import Metadata
+    from runtime.standin import CopyContext, fake_engine
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tools.bench.profile import profile_engine
+
+    meta, desc = fake_engine(max_batch=4, max_prefill=16, max_seq_len=64)
+    with TensorRTBackend(Metadata.from_dict(meta), desc, CopyContext()) as backend:
+        ids = prompt_ids(64, 4, 40)
+        out = profile_engine(backend, ids, context=20, prompt_len=16, batches=[1, 4], repeats=2)
+    assert [(d["batch"], d["context"]) for d in out["decode"]] == [(1, 20), (4, 20)]
+    assert out["prefill"]["tokens"] == 16
+    for call in [*out["decode"], out["prefill"]]:  # the stand-in's copies are what CUPTI sees
+        assert call["kernel_us"] > 0 and call["launches"] > 0 and call["sequence"]
+
+
 def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, capsys):
     """`python -m tools.bench MODEL --no-engine --compare-transformers` end to end, with the
     CUDA pieces stubbed and transformers on the CPU: report sections, JSON and tables."""
@@ -686,17 +706,18 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
         {"kernel": f"k{i}", "us": 20.0 - i, "launches": 1.0, "share": (20 - i) / 210}
         for i in range(20)
     ]
+    step = {"context": 128, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels}
     profile = {
-        "decode": {"context": 128, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels},
+        "decode": [{"batch": 1, **step}, {"batch": 16, **step}],
         "prefill": {"tokens": 64, "kernel_us": 210.0, "launches": 20.0, "kernels": kernels[:3]},
     }
-    profile["decode"]["sequence"] = [
+    profile["decode"][0]["sequence"] = [
         {"kernel": "cudnn_generated_matMul_fort_ffma_grouped_sm50_kernel0_0", "us": 150.0},
         {"kernel": "_gemm_mha_v2_0x26", "us": 20.0},  # fused attention: not a matmul here
         {"kernel": "__myl_CastTopk_0xf3", "us": 28.0},
         {"kernel": "__myl_LogAdd_0x12", "us": 3.5},
     ]
-    decode, prefill = profile_tables(profile, format_table)
+    decode, batched, prefill = profile_tables(profile, format_table)
     assert decode.splitlines()[-1] == (
         "after the LM head (the sampling outputs): 3 launches, 52 us, 24.5% of the step"
     )
@@ -704,6 +725,8 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
         f"profile, decode step (batch 1, 128 cached tokens): 210 us of kernels in 20 launches "
         f"(top {TOP_KERNELS} of 20 kernels)"
     )
+    assert batched.splitlines()[0].startswith("profile, decode step (batch 16, 128 cached tokens)")
+    assert "after the LM head" not in batched  # no launch sequence kept
     assert "k14 " in decode and "k15 " not in decode
     assert prefill.splitlines()[0].endswith("(top 3 of 3 kernels)")
 

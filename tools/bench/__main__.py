@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--profile",
         action="store_true",
-        help="also list the GPU kernels of a decode step and a prefill (torch.profiler/CUPTI)",
+        help="also list the GPU kernels of a decode step (batch 1 and the largest of --batches) "
+        "and of the longest prefill (torch.profiler/CUPTI)",
     )
     g.add_argument(
         "--no-compare-profiles",

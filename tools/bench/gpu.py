@@ -173,7 +173,7 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
                 from tools.bench.profile import profile_engine
 
                 measured["profile"] = profile_engine(
-                    backend, ids, plan.context, max(plan.prompt_lens)
+                    backend, ids, plan.context, max(plan.prompt_lens), plan.batches
                 )
         report.save()
 

@@ -7,12 +7,15 @@ IProfiler names little; the kernels themselves are read through CUPTI, via torch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from runtime.readout import ARGMAX
 from tools.bench import BenchError
+from tools.bench.timing import fill_cache
 
 TOP_KERNELS = 15
 
@@ -73,37 +76,50 @@ def after_last_matmul(sequence: list[dict[str, Any]]) -> tuple[int, float]:
 
 
 def profile_engine(
-    backend: Any, ids: np.ndarray, context: int, prompt_len: int, repeats: int = 5
+    backend: Any,
+    ids: np.ndarray,
+    context: int,
+    prompt_len: int,
+    batches: Sequence[int] = (1,),
+    repeats: int = 5,
 ) -> dict[str, Any]:
-    """A batch-1 greedy decode step after `context` cached tokens, and a `prompt_len` prefill."""
-    backend.reset(1)
+    """A greedy decode step after `context` cached tokens at batch 1 and at the largest of
+    `batches` (its matmuls take other kernels than batch 1's), and a `prompt_len` prefill."""
     auto = backend.auto_graphs
     backend.auto_graphs = False  # kernels of plain calls
     try:
+        backend.reset(1)
         pos = np.arange(prompt_len, dtype=np.int32)[None]
         prefill = kernel_profile(
             lambda: backend.forward(ids[:1, :prompt_len], pos, np.array([prompt_len - 1]), ARGMAX),
             repeats,
         )
-        step = (ids[:1, context : context + 1], np.full((1, 1), context, np.int32))
-        decode = kernel_profile(
-            lambda: backend.forward(*step, np.zeros(1, np.int32), ARGMAX), repeats
-        )
+        decode = []
+        for b in sorted({1, max(batches)}):
+            backend.reset(b)
+            fill_cache(backend, ids, b, context)
+            step = partial(
+                backend.forward,
+                ids[:b, context : context + 1],
+                np.full((b, 1), context, np.int32),
+                np.zeros(b, np.int32),
+                ARGMAX,
+            )
+            decode.append({"batch": b, "context": context, **kernel_profile(step, repeats)})
     finally:
         backend.auto_graphs = auto
-    return {
-        "decode": {"batch": 1, "context": context, **decode},
-        "prefill": {"tokens": prompt_len, **prefill},
-    }
+    return {"decode": decode, "prefill": {"tokens": prompt_len, **prefill}}
 
 
 def profile_tables(profile: dict[str, Any], format_table: Any) -> list[str]:
+    """One table per profiled call: each decode batch, then the prefill."""
     parts = []
-    for kind, title in (
-        ("decode", f"decode step (batch 1, {profile['decode']['context']} cached tokens)"),
-        ("prefill", f"prefill of {profile['prefill']['tokens']} tokens"),
-    ):
-        p = profile[kind]
+    calls = [
+        (p, f"decode step (batch {p['batch']}, {p['context']} cached tokens)")
+        for p in profile["decode"]
+    ]
+    calls.append((profile["prefill"], f"prefill of {profile['prefill']['tokens']} tokens"))
+    for p, title in calls:
         rows = [
             [r["kernel"][:80], r["us"], r["launches"], f"{100 * r['share']:.1f}%"]
             for r in p["kernels"][:TOP_KERNELS]
@@ -114,7 +130,7 @@ def profile_tables(profile: dict[str, Any], format_table: Any) -> list[str]:
             f"profile, {title}: {p['kernel_us']:.0f} us of kernels in {p['launches']:.0f} "
             f"launches (top {len(rows)} of {len(p['kernels'])} kernels)",
         )
-        if kind == "decode" and p.get("sequence"):
+        if "batch" in p and p.get("sequence"):
             n, us = after_last_matmul(p["sequence"])
             share = us / p["kernel_us"] if p["kernel_us"] else 0.0
             table += (
