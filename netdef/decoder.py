@@ -312,11 +312,12 @@ class _Decoder:
     def draw(self, values: Any, ids: Any, peak: Any, cols: dict[str, Any]) -> Any:
         """int32 [B]: the token each row's uniform number draws from its best K logits `values`
         [B, K] (best first) and `ids`, by runtime.sampling.sample_best_k's rule: logits times
-        inv_temperature (`peak` [B, 1] is the largest, from `log_normalizer`); top-k keeps those >= the k-th (ties stay); top-p keeps, among those,
-        the ones above its floor whose mass before them is under top_p (none dropped when
-        top_p is 1); the survivors are drawn from in token-id order by inverse CDF. In float32
-        (the host sums in float64), so a uniform number within rounding of a step of the CDF
-        may draw the token beside the host's. Its running sums are selects and row sums, not
+        inv_temperature (`peak` [B, 1] is the largest, from `log_normalizer`); top-k keeps
+        those >= the k-th (ties stay); top-p keeps, among those, the ones above its floor
+        whose mass before them is under top_p (none dropped when top_p is 1); the survivors
+        are drawn from in token-id order by inverse CDF. In float32 (the host sums in
+        float64), so a uniform number within rounding of a step of the CDF may draw the token
+        beside the host's. Its running sums are selects and row sums, not
         matmuls, which the builder's default TF32 would round to 10-bit inputs on the GPU.
         Drawn here, a sampled step needs nothing from the host and can follow the one before
         it on the device (runtime.backend.submit)."""

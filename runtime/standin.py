@@ -5,7 +5,7 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS
+from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS, past, present
 
 from .cuda_buffers import cuda, cudart
 
@@ -41,8 +41,8 @@ def fake_engine(
             {"name": "log_normalizer", "dtype": "float", "shape": [-1]},
         ]
     for i in range(layers):
-        io["inputs"].append({"name": f"past_kv_{i}", "dtype": "bf16", "shape": [-1, *cache]})
-        io["outputs"].append({"name": f"present_kv_{i}", "dtype": "bf16", "shape": [-1, *cache]})
+        io["inputs"].append({"name": past(i), "dtype": "bf16", "shape": [-1, *cache]})
+        io["outputs"].append({"name": present(i), "dtype": "bf16", "shape": [-1, *cache]})
     if sample_top_k:
         io["inputs"] += [
             {"name": name, "dtype": dtype, "shape": [-1]} for name, dtype in SAMPLING_INPUTS.items()
@@ -114,6 +114,6 @@ class CopyContext:
                 cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
         if "log_normalizer" in a:
             cuda("cudaMemcpyAsync", a["log_normalizer"], a["inv_temperature"], b * 4, kind, stream)
-        cuda("cudaMemcpyAsync", a["present_kv_0"], a["position_ids"], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a[present(0)], a["position_ids"], b * s * 4, kind, stream)
         self.executions += 1
         return True

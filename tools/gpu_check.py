@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.contract import PROFILE_SETS
+from netdef.contract import PROFILE_SETS, past
 from runtime.cuda_buffers import (
     CudaGraph,
     DeviceBuffer,
@@ -66,7 +66,7 @@ def check_buffers() -> str:
     """Device buffers sized from the fake engine's shape table: every byte is reachable."""
     _, desc = fake_engine(max_batch=8, max_prefill=64, max_seq_len=1024, vocab=4096, layers=4)
     plan = buffer_plan(desc["io"], max_profile_shapes(desc["profiles"]), 8, 64)
-    assert plan["past_kv_0"] == 8 * 4 * 1024 * 8 * 2 and plan["logits"] == 8 * 4096 * 4, plan
+    assert plan[past(0)] == 8 * 4 * 1024 * 8 * 2 and plan["logits"] == 8 * 4096 * 4, plan
     assert not any(n.startswith("present_") for n in plan)
     stream, bufs = Stream(), {n: DeviceBuffer(nbytes) for n, nbytes in plan.items()}
     tail = PinnedBuffer(16, np.uint8)
@@ -309,7 +309,7 @@ def check_backend(
         try:
 
             def cache_head(b: int, s: int) -> np.ndarray:  # first words of past_kv_0 on the GPU
-                d2h(cache, model.device["past_kv_0"], b * s * 4, model.stream)
+                d2h(cache, model.device[past(0)], b * s * 4, model.stream)
                 model.stream.synchronize()
                 return cache.array[: b * s].reshape(b, s).copy()
 
