@@ -206,19 +206,26 @@ class Graph:
         name: str,
         quantize: bool = True,
         kept: QuantizedWeight | None = None,
+        in_out: bool = False,
     ) -> Any:
         """x @ weight.T (+ bias) with `weight` in HF layout [out, in].
 
         The weight is quantized as the graph's mode says unless `quantize` is False; under
-        from-gguf it is `kept` (the GGUF file's own blocks) where given, else unquantized."""
+        from-gguf it is `kept` (the GGUF file's own blocks) where given, else unquantized.
+        With `in_out` an unquantized weight is stored transposed, [in, out] (a copy), and read
+        as is; quantized ones keep their own layout (`weight`)."""
         rank = len(x.shape)
         self.linear_inputs[f"{self.scope}{name}"] = x.name
         quantized = quantize and self.quant not in ("none", "from-gguf")
+        in_out = in_out and not quantized and kept is None
+        if in_out:
+            weight = np.ascontiguousarray(weight.T)
         w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
         none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
-        y = self.named(self.network.add_matrix_multiply(x, none, w, transpose), name).get_output(0)
+        layer = self.network.add_matrix_multiply(x, none, w, none if in_out else transpose)
+        y = self.named(layer, name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
@@ -232,17 +239,13 @@ class Graph:
         lead: int = 0,
         kept: QuantizedWeight | None = None,
     ) -> Any:
-        """The tensor a matmul (with TRANSPOSE) or a lookup reads for `weight` [out, in], after
-        `lead` leading 1s, in the checkpoint's own layout, so an unquantized weight is read
-        in place. Stored transposed ([in, out]), the CPU-built engine of the Gemma-3-1B
-        shape held every linear weight twice, the decode profile's tiles reading a copy of
-        their own (prefill and chunk read [in, out] in place; one dynamic profile, once):
-        3.22 GiB instead of 1.92, a build of 40.6 instead of 26.0 s and a peak of 7.00
-        instead of 4.53 GiB (docs/benchmarks.md), for a batch-1 decode step 8% faster on an
-        H200 (TensorRT-RTX then picks tensor-core tiles for the MLP, not an FFMA GEMV). With
-        `quantize` and a mode set, the quantized constant goes through a Dequantize layer
-        (per output channel, per block of inputs or per tensor, as the mode says); `kept` is
-        a weight already quantized (from-gguf), dequantized to `weight`'s dtype the same way."""
+        """The tensor a matmul or a lookup reads for `weight` (after `lead` leading 1s) as
+        given, so an unquantized weight is read in place: the checkpoint's [out, in], which
+        a TRANSPOSE matmul reads, or a copy the caller made ([in, out], `linear`'s `in_out`).
+        With `quantize` and a mode set, the quantized constant goes through a Dequantize layer
+        (per output channel, per block of inputs or per tensor, as the mode says; the weight
+        is [out, in] then); `kept` is a weight already quantized (from-gguf), dequantized to
+        `weight`'s dtype the same way."""
         if kept is None and not (quantize and self.quant != "none"):
             return self.constant(weight.reshape((1,) * lead + weight.shape), f"{name}.weight")
         q = kept if kept is not None else quantize_weight(weight, self.quant, self.int4_block)
@@ -283,7 +286,8 @@ def stacked(parts: list[np.ndarray]) -> np.ndarray:
     """`parts` ([rows_i, ...] each) stacked along their first axis: a read-only view where they
     already lie back to back in one buffer, else a copy. A checkpoint's gate_proj and up_proj
     usually do (safetensors stores tensors sorted by name, without gaps), so the fused gate/up
-    weight is read in place: 0.83 GB of the Gemma-3-1B shape's 0.86 GB of fused copies."""
+    weight is transposed or quantized straight from the mapping, without a concatenated copy
+    first (0.83 GB for the Gemma-3-1B shape, one layer at a time)."""
     first, at = parts[0], parts[0].ctypes.data
     for p in parts:
         if not (

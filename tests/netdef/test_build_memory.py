@@ -1,7 +1,7 @@
 """What the network definition holds on to during an engine build (issue 17, item 11): it
-reads a checkpoint's unquantized weights in place (no copy), fused gate/up too, since the
-file holds them back to back, and holds its own copy only of other fused (q/k/v) or
-quantized ones, whose mapped checkpoint pages it hands back."""
+reads a checkpoint's unquantized weights in place (no copy) and holds its own copy only of
+fused q/k/v, of the MLP's weights (stored [in, out]) and of quantized ones, whose mapped
+checkpoint pages it hands back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tests.fixtures.tiny import TINY_MODELS
 from weights import Checkpoint
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COPIED_WHEN_FUSED = ("q_proj", "k_proj", "v_proj")  # the file: k, o, q, v (sorted by name)
+# q/k/v are fused (the file: k, o, q, v, sorted by name); the MLP's are stored [in, out].
+COPIED_UNQUANTIZED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Recording(Checkpoint):
@@ -29,7 +30,9 @@ class Recording(Checkpoint):
 
 @pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("quant", ["none", "int8-wo"])
-def test_network_reads_single_weights_in_place_and_releases_its_copies(family, quant, tiny_dir):
+def test_network_copies_only_fused_mlp_and_quantized_weights_and_releases_their_pages(
+    family, quant, tiny_dir
+):
     ckpt = Recording.open(tiny_dir(family))
     ckpt.released = []
     cfg = ckpt.config
@@ -38,7 +41,7 @@ def test_network_reads_single_weights_in_place_and_releases_its_copies(family, q
     )
     assert ckpt.tensor("layers.0.self_attn.o_proj.weight").dtype == np.dtype(dn.options.dtype)
     linear = {
-        f"layers.{i}.{m}.{n}.weight": n in COPIED_WHEN_FUSED or quant != "none"
+        f"layers.{i}.{m}.{n}.weight": n in COPIED_UNQUANTIZED or quant != "none"
         for i in range(cfg.num_layers)
         for m, names in (("self_attn", LINEAR[:4]), ("mlp", LINEAR[4:]))
         for n in names
