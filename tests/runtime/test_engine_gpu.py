@@ -98,6 +98,26 @@ def test_tiny_engine_matches_the_executor(family, tmp_path):
     compare(artifact, model_dir, [9], prefill=4, steps=2, tolerance=TOLERANCE["tiny"])
 
 
+@pytest.mark.parametrize("quant", ["int8-wo", "int4-wo"])
+def test_weight_only_quantized_engine_matches_the_executor(quant, tmp_path):
+    """INT8 / INT4 weights (blocks of 64 inputs in the tiny model) dequantized on the GPU as
+    the executor dequantizes them, the untied LM head too."""
+    from tests.fixtures.tiny import tiny_model_dir
+
+    model_dir = tiny_model_dir("llama")
+    artifact = build_for_device(
+        model_dir,
+        tmp_path / "a",
+        max_batch=2,
+        max_seq_len=24,
+        max_prefill=4,
+        sample_top_k=8,
+        quant=quant,
+        quant_lm_head=True,
+    )
+    compare(artifact, model_dir, [7, 5], prefill=4, steps=6, tolerance=TOLERANCE["tiny"])
+
+
 def test_padded_two_stage_best_k_matches_the_executor(tmp_path):
     """A 5,000-token vocabulary: the best K come from two TopK blocks, the second padded."""
     from tools.bench.random_model import random_config, write_random_checkpoint
