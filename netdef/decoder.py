@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -97,11 +98,14 @@ def build_network(
     trt: ModuleType | None = None,
     on_layer: Callable[[int, int], None] | None = None,
     act_amax: Mapping[str, float] | None = None,
+    spill: Path | None = None,
 ) -> DecoderNetwork:
     """Define the whole decoder on a fresh strongly typed network (no engine is built yet).
 
     `on_layer(done, total)` is called after each decoder layer, for progress bars. fp8 needs
     `act_amax`, each linear layer's input amax from `runtime.calibration.activation_amax`.
+    `spill`, a folder on disk, holds the weights the network transposes while the network
+    lives (`Graph.transposed`); an engine build passes one to need less memory.
     """
     config = source.config
     options.validate(config)
@@ -118,7 +122,7 @@ def build_network(
     trt = trt or load_tensorrt()
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    g = Graph(trt, network, options.quant, act_amax, options.int4_block(config))
+    g = Graph(trt, network, options.quant, act_amax, options.int4_block(config), spill)
     _Decoder(g, source, options, on_layer).define()
     return DecoderNetwork(trt, builder, network, config, options, options.profiles(config), g)
 
@@ -723,20 +727,23 @@ class _Decoder:
 
     def mlp(self, i: int, x: Any) -> Any:
         """The gated MLP. Its unquantized weights are stored [in, out] (`in_out`, copies the
-        checkpoint pages make way for): on an H100 a batch-1 decode step then runs them on
-        tensor-core tiles instead of an FFMA GEMV and is 8% faster (2.12 against 2.32 ms
-        for the Gemma-3-1B shape), for an engine and a build peak of the same size; the
-        attention projections and the LM head stored so gained nothing (docs/benchmarks.md,
-        2026-12-06)."""
+        checkpoint pages make way for) where the engine takes batches: on an H100 a batch-1
+        decode step of a --max-batch 16 engine then runs them on tensor-core tiles instead of
+        an FFMA GEMV and is 8% faster (2.12 against 2.32 ms for the Gemma-3-1B shape), for
+        an engine of the same size; the attention projections and the LM head stored so
+        gained nothing (docs/benchmarks.md, 2026-12-06). At max_batch 1 they stay in place:
+        there the decode profile's matmuls have one row only, and for them the builder kept
+        a second copy of [in, out] weights (a 3.31 GB engine for the 1B shape, not 2.07)."""
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.mlp."
         size = cfg.intermediate_size
         gate_up = [p + "gate_proj.weight", p + "up_proj.weight"]
-        fused = self.linear(x, gate_up, None, "gate_up_proj", in_out=True)
+        in_out = self.opt.max_batch > 1
+        fused = self.linear(x, gate_up, None, "gate_up_proj", in_out=in_out)
         gate, up = g.split_groups(fused, [1, 1], size, "gate_up_split")  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
-        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj", in_out=True)
+        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj", in_out=in_out)

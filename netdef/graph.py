@@ -12,7 +12,9 @@ and under fp8 the activations pass through a Quantize/Dequantize pair too.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,7 +31,8 @@ class Graph:
     `quant` is a `netdef.quant` mode for the linear layers (int4-wo in blocks of
     `int4_block` inputs); fp8 needs `act_amax`, the calibrated input amax of each linear layer
     by name. `linear_inputs` records the tensor
-    that feeds each linear layer (by layer name), for calibration.
+    that feeds each linear layer (by layer name), for calibration. Weights the network
+    transposes are written to a file in `spill` where given (`transposed`).
     """
 
     def __init__(
@@ -39,10 +42,12 @@ class Graph:
         quant: str = "none",
         act_amax: Mapping[str, float] | None = None,
         int4_block: int | None = None,
+        spill: Path | None = None,
     ):
         self.trt = trt
         self.network = network
         self.quant = quant
+        self.spill = spill
         self.int4_block = int4_block or INT4_BLOCKS[0]
         self.act_amax = act_amax or {}
         self.constants: dict[str, np.ndarray] = {}
@@ -219,7 +224,7 @@ class Graph:
         quantized = quantize and self.quant not in ("none", "from-gguf")
         in_out = in_out and not quantized and kept is None
         if in_out:
-            weight = np.ascontiguousarray(weight.T)
+            weight = self.transposed(weight)
         w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
@@ -260,6 +265,22 @@ class Graph:
         if q.scale.ndim:  # the blocked input axis, or the output-channel axis
             layer.axis = len(shape) - 1 if blocks else len(shape) - 2
         return self.named(layer, f"{name}.dequantize").get_output(0)
+
+    def transposed(self, weight: np.ndarray) -> np.ndarray:
+        """weight.T, C-contiguous. With `spill`, written to a file there (unlinked at once)
+        and mapped back: its pages are then clean and file-backed, which the kernel takes
+        back when memory is short, as it does the checkpoint's. Held in anonymous memory
+        instead, the MLP's copies (1.16 GiB of the Gemma-3-1B shape's 1.86) made its
+        --max-batch 16 build exceed a cap of 1.6x the checkpoint, which it meets with them
+        spilled (docs/benchmarks.md, 2026-12-06)."""
+        if self.spill is None:
+            return np.ascontiguousarray(weight.T)
+        with tempfile.TemporaryFile(dir=self.spill) as file:
+            file.truncate(weight.nbytes)
+            copy = np.memmap(file, weight.dtype, "r+", shape=weight.T.shape)
+        copy[...] = weight.T  # the mapping outlives the file object
+        copy.flush()  # written back: clean pages
+        return copy
 
     def pad_last(self, x: Any, size: int, value: float, name: str) -> Any:
         """x [B, n] padded with `value` to [B, size] (a FILL slice; B may be dynamic)."""

@@ -207,7 +207,9 @@ def build(
                     with hooks.phase("calibration"):
                         act_amax = activation_amax(ckpt, calib_ids, dtype, trt=trt)
                 with hooks.phase("network", total=config.num_layers) as on_layer:
-                    dn = build_network(ckpt, options, trt, on_layer=on_layer, act_amax=act_amax)
+                    dn = build_network(
+                        ckpt, options, trt, on_layer=on_layer, act_amax=act_amax, spill=tmp
+                    )
                 shards = sorted(model_dir.glob("*.safetensors"))
                 # Hashed on a thread while the builder runs (hashlib releases the GIL): its
                 # long "Determining refit engines" phases leave a core idle, and the hash

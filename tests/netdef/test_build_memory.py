@@ -1,7 +1,8 @@
 """What the network definition holds on to during an engine build (issue 17, item 11): it
 reads a checkpoint's unquantized weights in place (no copy) and holds its own copy only of
-fused q/k/v, of the MLP's weights (stored [in, out]) and of quantized ones, whose mapped
-checkpoint pages it hands back."""
+fused q/k/v, of the MLP's weights where it stores them [in, out] (max_batch > 1) and of
+quantized ones, whose mapped checkpoint pages it hands back; the transposed copies in a
+file-backed mapping when the build gives it a folder (`spill`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from tests.fixtures.tiny import TINY_MODELS
 from weights import Checkpoint
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# q/k/v are fused (the file: k, o, q, v, sorted by name); the MLP's are stored [in, out].
-COPIED_UNQUANTIZED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = ("q_proj", "k_proj", "v_proj")  # the file: k, o, q, v (sorted by name)
+MLP = ("gate_proj", "up_proj", "down_proj")  # stored [in, out] where max_batch > 1
 
 
 class Recording(Checkpoint):
@@ -29,19 +30,19 @@ class Recording(Checkpoint):
 
 
 @pytest.mark.parametrize("family", TINY_MODELS)
-@pytest.mark.parametrize("quant", ["none", "int8-wo"])
+@pytest.mark.parametrize("quant,max_batch", [("none", 1), ("none", 2), ("int8-wo", 2)])
 def test_network_copies_only_fused_mlp_and_quantized_weights_and_releases_their_pages(
-    family, quant, tiny_dir
+    family, quant, max_batch, tiny_dir
 ):
     ckpt = Recording.open(tiny_dir(family))
     ckpt.released = []
     cfg = ckpt.config
-    dn = build_network(
-        ckpt, NetworkOptions(max_seq_len=64, max_prefill=16, quant=quant), load_tensorrt()
-    )
+    options = NetworkOptions(max_batch=max_batch, max_seq_len=64, max_prefill=16, quant=quant)
+    dn = build_network(ckpt, options, load_tensorrt())
     assert ckpt.tensor("layers.0.self_attn.o_proj.weight").dtype == np.dtype(dn.options.dtype)
+    copied_unquantized = FUSED + (MLP if max_batch > 1 else ())
     linear = {
-        f"layers.{i}.{m}.{n}.weight": n in COPIED_UNQUANTIZED or quant != "none"
+        f"layers.{i}.{m}.{n}.weight": n in copied_unquantized or quant != "none"
         for i in range(cfg.num_layers)
         for m, names in (("self_attn", LINEAR[:4]), ("mlp", LINEAR[4:]))
         for n in names
@@ -55,6 +56,25 @@ def test_network_copies_only_fused_mlp_and_quantized_weights_and_releases_their_
         source = ckpt.tensor(name)
         in_place = any(np.shares_memory(c, source) for c in constants)
         assert in_place != copied, name
+
+
+def test_transposed_weights_spill_to_an_unlinked_file_with_the_same_values(tiny_dir, tmp_path):
+    """With a `spill` folder the MLP's [in, out] copies are clean file-backed pages (which
+    the kernel can take back under memory pressure), not anonymous memory; the file is
+    unlinked at once, so nothing is left in the folder, even if the build is killed."""
+    ckpt = Checkpoint.open(tiny_dir("llama"))
+    options = NetworkOptions(max_batch=2, max_seq_len=64, max_prefill=16)
+    spilled = build_network(ckpt, options, load_tensorrt(), spill=tmp_path).graph.constants
+    in_memory = build_network(ckpt, options, load_tensorrt()).graph.constants
+    mlp = [n for n in spilled if n.endswith(("gate_up_proj.weight", "down_proj.weight"))]
+    assert len(mlp) == 2 * ckpt.config.num_layers
+    for name in mlp:
+        assert isinstance(spilled[name].base, np.memmap), name
+        assert not isinstance(in_memory[name].base, np.memmap), name
+        np.testing.assert_array_equal(spilled[name], in_memory[name])
+    others = [n for n in spilled if n not in mlp]
+    assert not any(isinstance(spilled[n].base, np.memmap) for n in others)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stacked_is_a_view_only_of_parts_back_to_back_in_one_buffer():
