@@ -12,6 +12,7 @@ and under fp8 the activations pass through a Quantize/Dequantize pair too.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -276,7 +277,7 @@ class Graph:
         if self.spill is None:
             return np.ascontiguousarray(weight.T)
         with tempfile.TemporaryFile(dir=self.spill) as file:
-            file.truncate(weight.nbytes)
+            os.posix_fallocate(file.fileno(), 0, weight.nbytes)  # a full disk: OSError, not SIGBUS
             copy = np.memmap(file, weight.dtype, "r+", shape=weight.T.shape)
         copy[...] = weight.T  # the mapping outlives the file object
         copy.flush()  # written back: clean pages

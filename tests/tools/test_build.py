@@ -112,6 +112,28 @@ def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_while_spilling_weights_is_one_error_and_leaves_nothing(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    """The MLP's transposed copies are written to the staging folder (max_batch > 1); no
+    room there is the same one-line error as any other unwritable output, and the staging
+    folder goes."""
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out_dir = tmp_path / "artifact"
+    args = [str(tiny_dir("llama")), "--target", "sm89", "--max-seq-len", "32", "--max-batch", "2"]
+    code, _, err = run_build([*args, "--output", str(out_dir)], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (  # after the progress lines
+        f"error: cannot write {out_dir} (No space left on device); choose a writable --output, "
+        "or set TRT_NETDEF_CACHE to a writable folder (and check the free disk space)."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rtx_needs_a_target(tiny_dir, capsys):
     code, _, err = run_build([str(tiny_dir("llama")), "--backend", "tensorrt_rtx"], capsys)
     assert code == 1
