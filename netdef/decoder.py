@@ -727,23 +727,21 @@ class _Decoder:
 
     def mlp(self, i: int, x: Any) -> Any:
         """The gated MLP. Its unquantized weights are stored [in, out] (`in_out`, copies the
-        checkpoint pages make way for) where the engine takes batches: on an H100 a batch-1
-        decode step of a --max-batch 16 engine then runs them on tensor-core tiles instead of
-        an FFMA GEMV and is 8% faster (2.12 against 2.32 ms for the Gemma-3-1B shape), for
-        an engine of the same size; the attention projections and the LM head stored so
-        gained nothing (docs/benchmarks.md, 2026-12-06). At max_batch 1 they stay in place:
-        there the decode profile's matmuls have one row only, and for them the builder kept
-        a second copy of [in, out] weights (a 3.31 GB engine for the 1B shape, not 2.07)."""
+        checkpoint pages make way for): a batch-1 decode step then runs them on tensor-core
+        tiles instead of an FFMA GEMV, 8% faster for a --max-batch 16 engine on an H100 (2.12
+        against 2.32 ms, Gemma-3-1B shape) and 7-16% for the default max_batch 1 one on an
+        H200, for an engine of the same size; the attention projections and the LM head
+        stored so gained nothing (docs/benchmarks.md, 2026-12-06). For them the decode
+        profile admits two rows even at max_batch 1 (`NetworkOptions.profiles`)."""
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.mlp."
         size = cfg.intermediate_size
         gate_up = [p + "gate_proj.weight", p + "up_proj.weight"]
-        in_out = self.opt.max_batch > 1
-        fused = self.linear(x, gate_up, None, "gate_up_proj", in_out=in_out)
+        fused = self.linear(x, gate_up, None, "gate_up_proj", in_out=True)
         gate, up = g.split_groups(fused, [1, 1], size, "gate_up_split")  # [B, S, 1, size] each
         if cfg.activation == "gelu_tanh":
             act = g.activation(gate, "GELU_TANH", "gelu")
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
-        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj", in_out=in_out)
+        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj", in_out=True)

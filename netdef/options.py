@@ -190,7 +190,9 @@ class NetworkOptions:
         return per_slot * sum(self.cache_slots(config))
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
-        """decode: S = 1, B = 1..max_batch; prefill: S = 1..max_prefill; in the default set
+        """decode: S = 1, B = 1..max_batch (1..2 at max_batch 1: with one row only, the
+        builder kept a second copy of the MLP's [in, out] weights for the decode matmuls,
+        `_Decoder.mlp`); prefill: S = 1..max_prefill; in the default set
         also chunk: exactly one sequence of max_prefill tokens (a long prompt's full chunks;
         none where max_prefill is 1, a decode step). 'dynamic' is one profile for every call.
         window_positions (netdef.slots) ranges up to what such calls read.
@@ -202,7 +204,7 @@ class NetworkOptions:
         b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
         spans = {  # profile: (batch, tokens) as (min, opt, max)
-            "decode": ((1, b, b), (1, 1, 1)),
+            "decode": ((1, b, max(b, 2)), (1, 1, 1)),
             "prefill": ((1, 1, b), (1, s_opt, s_max)),
             "chunk": ((1, 1, 1), (s_max, s_max, s_max)),
             "dynamic": ((1, 1, b), (1, s_opt, s_max)),

@@ -1,6 +1,6 @@
 """What the network definition holds on to during an engine build (issue 17, item 11): it
 reads a checkpoint's unquantized weights in place (no copy) and holds its own copy only of
-fused q/k/v, of the MLP's weights where it stores them [in, out] (max_batch > 1) and of
+fused q/k/v, of the MLP's weights (stored [in, out]) and of
 quantized ones, whose mapped checkpoint pages it hands back; the transposed copies in a
 file-backed mapping when the build gives it a folder (`spill`)."""
 
@@ -16,7 +16,7 @@ from weights import Checkpoint
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("q_proj", "k_proj", "v_proj")  # the file: k, o, q, v (sorted by name)
-MLP = ("gate_proj", "up_proj", "down_proj")  # stored [in, out] where max_batch > 1
+MLP = ("gate_proj", "up_proj", "down_proj")  # stored [in, out]
 
 
 class Recording(Checkpoint):
@@ -40,7 +40,7 @@ def test_network_copies_only_fused_mlp_and_quantized_weights_and_releases_their_
     options = NetworkOptions(max_batch=max_batch, max_seq_len=64, max_prefill=16, quant=quant)
     dn = build_network(ckpt, options, load_tensorrt())
     assert ckpt.tensor("layers.0.self_attn.o_proj.weight").dtype == np.dtype(dn.options.dtype)
-    copied_unquantized = FUSED + (MLP if max_batch > 1 else ())
+    copied_unquantized = FUSED + MLP
     linear = {
         f"layers.{i}.{m}.{n}.weight": n in copied_unquantized or quant != "none"
         for i in range(cfg.num_layers)
