@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         help="prompt length the prefill profile is tuned for (default: min(512, max))",
     )
     p.add_argument(
+        "--decode-opt",
+        type=int,
+        help="batch the decode profile is tuned for (default: 1, for the fastest "
+        "single-sequence steps; a server whose batches are mostly full may tune for more)",
+    )
+    p.add_argument(
         "--profiles",
         default=PROFILE_SETS[0],
         choices=PROFILE_SETS,
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len,
             max_prefill=args.max_prefill,
             prefill_opt=args.prefill_opt,
+            decode_opt=args.decode_opt,
             profiles=args.profiles,
             quant=args.quant,
             quant_lm_head=args.quant_lm_head,

@@ -59,7 +59,7 @@ def test_profiles_reach_the_builder(tiny_dir):
     config = builder_config(dn, target="sm89")
     assert config.num_optimization_profiles == 3
     decode, prefill, chunk = dn.profiles
-    assert decode.shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
+    assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (8, 1))  # tuned for one sequence
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 32), (8, 64))
     assert prefill.shapes["past_kv_0"][2] == (8, 2, 128, 16)
     assert chunk.shapes["input_ids"] == ((1, 64), (1, 64), (1, 64))  # token count fixed
@@ -68,6 +68,8 @@ def test_profiles_reach_the_builder(tiny_dir):
     assert [p.name for p in one_token] == ["decode", "prefill"]  # a chunk would be a decode
     two = NetworkOptions(max_seq_len=128, profile_set="decode,prefill").profiles(ckpt.config)
     assert [p.name for p in two] == ["decode", "prefill"]
+    full = NetworkOptions(max_batch=8, max_seq_len=128, decode_opt=8).profiles(ckpt.config)
+    assert full[0].shapes["input_ids"] == ((1, 1), (8, 1), (8, 1))
     dynamic = NetworkOptions(max_batch=8, max_seq_len=128, profile_set="dynamic").profiles(
         ckpt.config
     )
@@ -153,6 +155,10 @@ def test_float16_gemma_warns(tiny_dir):
         (
             NetworkOptions(max_seq_len=64, max_prefill=65),
             "max_prefill=65 must be between 1 and max_seq_len=64.",
+        ),
+        (
+            NetworkOptions(max_batch=4, max_seq_len=64, decode_opt=5),
+            "decode_opt=5 must be between 1 and max_batch=4.",
         ),
         (
             NetworkOptions(max_seq_len=64, profile_set="decode"),

@@ -33,7 +33,8 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
         "--max-seq-len",
         "64",
     ]
-    code, out, err = run_build([*args, "--max-batch", "2", "--output", str(out_dir)], capsys)
+    tuned = ["--max-batch", "2", "--decode-opt", "2"]
+    code, out, err = run_build([*args, *tuned, "--output", str(out_dir)], capsys)
     assert code == 0, err
     assert out.strip() == str(out_dir)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
@@ -45,8 +46,9 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
     assert meta["backend"] == {"module": "tensorrt_rtx", "version": trt.__version__}
     assert meta["target"] == "sm89"
     assert meta["options"]["max_seq_len"] == 64 and meta["options"]["max_batch"] == 2
+    assert meta["options"]["decode_opt"] == 2
     assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill", "chunk"]
-    assert meta["profiles"][0]["shapes"]["input_ids"] == [[1, 1], [2, 1], [2, 1]]
+    assert meta["profiles"][0]["shapes"]["input_ids"] == [[1, 1], [2, 1], [2, 1]]  # tuned for 2
     # The metadata's config is the checkpoint's, field for field.
     config = load_config(tiny_dir(family))
     assert meta["config"]["family"] == config.family

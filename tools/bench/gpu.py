@@ -55,6 +55,7 @@ def prepare_engines(
                     max_seq_len=opts["max_seq_len"],
                     max_prefill=opts["max_prefill"],
                     prefill_opt=opts["prefill_opt"],
+                    decode_opt=opts.get("decode_opt"),  # absent from older artifacts
                     profiles=other,
                     backend=meta.backend_module,
                     target=meta.target,
