@@ -198,10 +198,9 @@ class NetworkOptions:
         """decode: S = 1, B = 1..max_batch (1..2 at max_batch 1: with one row only, the
         builder kept a second copy of the MLP's [in, out] weights for the decode matmuls,
         `_Decoder.mlp`), tuned for decode_opt sequences; prefill: S = 1..max_prefill; in the
-        default set
-        also chunk: exactly one sequence of max_prefill tokens (a long prompt's full chunks;
-        none where max_prefill is 1, a decode step). 'dynamic' is one profile for every call.
-        window_positions (netdef.slots) ranges up to what such calls read.
+        default set also chunk: exactly one sequence of max_prefill tokens (a long prompt's
+        full chunks; none where max_prefill is 1, a decode step). 'dynamic' is one profile
+        for every call. window_positions (netdef.slots) ranges up to what such calls read.
 
         Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a

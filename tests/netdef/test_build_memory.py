@@ -1,8 +1,8 @@
 """What the network definition holds on to during an engine build (issue 17, item 11): it
 reads a checkpoint's unquantized weights in place (no copy) and holds its own copy only of
-fused q/k/v, of the MLP's weights (stored [in, out]) and of
-quantized ones, whose mapped checkpoint pages it hands back; the transposed copies in a
-file-backed mapping when the build gives it a folder (`spill`)."""
+fused q/k/v, of the MLP's weights (stored [in, out]) and of quantized ones, whose mapped
+checkpoint pages it hands back; the transposed copies in a file-backed mapping when the
+build gives it a folder (`spill`)."""
 
 from __future__ import annotations
 
