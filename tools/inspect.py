@@ -65,6 +65,11 @@ def jit_caches(meta: Metadata) -> str:
     )
 
 
+def span(low: int, opt: int, high: int) -> str:
+    """One dimension of a profile: its range and the size TensorRT tuned the kernels for."""
+    return str(low) if low == high else f"{low}..{high} (tuned for {opt})"
+
+
 def describe(metadata: Metadata) -> str:
     meta = metadata.data  # the fields only a person reads stay as metadata.json has them
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
@@ -82,10 +87,9 @@ def describe(metadata: Metadata) -> str:
         "profiles",
     ]
     for p in meta["profiles"]:
-        ranges = ", ".join(
-            f"{name} {lo}..{hi}" for name, (lo, _, hi) in list(p["shapes"].items())[:3]
-        )
-        lines.append(f"  {p['name']:<9}{ranges}")
+        ids = p["shapes"]["input_ids"]  # [B, S] as (min, opt, max)
+        batch, tokens = (span(*(shape[axis] for shape in ids)) for axis in (0, 1))
+        lines.append(f"  {p['name']:<9}batch {batch}, tokens {tokens}")
     for kind in ("inputs", "outputs"):
         tensors = meta["io"][kind]
         lines.append(f"{kind} ({len(tensors)})")

@@ -182,7 +182,14 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
         "\nKV cache   11.1 KiB per sequence, 11.1 KiB per batch of 1 "
         "(layers x slots: 1 x 32, 3 x 19)\n"
     ) in text
-    assert "decode" in text and "prefill" in text
+    # max_batch 1 and 16 prompt tokens: the decode profile admits 2 sequences (the MLP's
+    # weights are then stored once), tuned for 1.
+    assert (
+        "\nprofiles\n"
+        "  decode   batch 1..2 (tuned for 1), tokens 1\n"
+        "  prefill  batch 1, tokens 1..16 (tuned for 16)\n"
+        "  chunk    batch 1, tokens 16\n"
+    ) in text
     assert "past_kv_0" in text and "logits" in text
     assert (
         "\nJIT cache  none yet (TensorRT-RTX compiles the kernels on the first run on a GPU)\n"
