@@ -18,6 +18,7 @@ from netdef.artifact import (
     fmt_bytes,
     is_complete,
 )
+from netdef.contract import INPUT_IDS
 
 
 def quantization(meta: Metadata) -> str:
@@ -87,7 +88,7 @@ def describe(metadata: Metadata) -> str:
         "profiles",
     ]
     for p in meta["profiles"]:
-        ids = p["shapes"]["input_ids"]  # [B, S] as (min, opt, max)
+        ids = p["shapes"][INPUT_IDS]  # [B, S] as (min, opt, max)
         batch, tokens = (span(*(shape[axis] for shape in ids)) for axis in (0, 1))
         lines.append(f"  {p['name']:<9}batch {batch}, tokens {tokens}")
     for kind in ("inputs", "outputs"):

@@ -40,9 +40,8 @@ def test_network_copies_only_fused_mlp_and_quantized_weights_and_releases_their_
     options = NetworkOptions(max_batch=max_batch, max_seq_len=64, max_prefill=16, quant=quant)
     dn = build_network(ckpt, options, load_tensorrt())
     assert ckpt.tensor("layers.0.self_attn.o_proj.weight").dtype == np.dtype(dn.options.dtype)
-    copied_unquantized = FUSED + MLP
     linear = {
-        f"layers.{i}.{m}.{n}.weight": n in copied_unquantized or quant != "none"
+        f"layers.{i}.{m}.{n}.weight": n in FUSED + MLP or quant != "none"
         for i in range(cfg.num_layers)
         for m, names in (("self_attn", LINEAR[:4]), ("mlp", LINEAR[4:]))
         for n in names

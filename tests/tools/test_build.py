@@ -117,9 +117,8 @@ def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
 def test_a_full_disk_while_spilling_weights_is_one_error_and_leaves_nothing(
     tiny_dir, tmp_path, capsys, monkeypatch
 ):
-    """The MLP's transposed copies are written to the staging folder (max_batch > 1); no
-    room there is the same one-line error as any other unwritable output, and the staging
-    folder goes."""
+    """The MLP's transposed copies are written to the staging folder; no room there is the
+    same one-line error as any other unwritable output, and the staging folder goes."""
 
     def full(fd, offset, length):
         raise OSError(28, "No space left on device")
