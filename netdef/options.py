@@ -32,10 +32,12 @@ SCORES_DEFAULT = 1 << 30
 # (2,559 slots for Gemma-3's 512) costs decode nothing (it reads the window) and prefills in
 # chunks of 2,048 (85k tokens/s for the Gemma-3-1B shape on an H200, 70k at 512).
 RING_PREFILL = 4
-# The global_positions length the profiles are tuned for (at most max_seq_len). TensorRT-RTX
-# picks the global layers' attention kernels for it: on an H100, Gemma-3-1B shape with a
-# 32,768-slot cache, tuned for 1,024 a batch-1 step took 2.08 ms after 4,000 cached tokens and
-# 3.68 after 30,000; tuned for 4,096, 1.96 and 2.97, and the same 1.85 ms after 128.
+# The default global_opt: the global_positions length the profiles are tuned for, and the
+# longest the decode profile takes (NetworkOptions.profiles). TensorRT-RTX picks the global
+# layers' attention kernels for it: on an H100, Gemma-3-1B shape with a 32,768-slot cache,
+# tuned for 1,024 a batch-1 step took 2.08 ms after 4,000 cached tokens and 3.68 after 30,000;
+# tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for 32,768, 1.97 and 2.21,
+# but 2.05 after 128.
 GLOBAL_OPT = 4096
 
 
@@ -87,6 +89,7 @@ class NetworkOptions:
     max_prefill: int | None = None  # longest S in one call; default max_seq_len
     prefill_opt: int | None = None  # S the prefill profile is tuned for; default min(512, max)
     decode_opt: int | None = None  # B the decode profile is tuned for; default 1
+    global_opt: int = GLOBAL_OPT  # global_positions the decode profile takes and is tuned for
     profile_set: str = PROFILE_SETS[0]  # one of PROFILE_SETS
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
     quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
@@ -121,6 +124,8 @@ class NetworkOptions:
             raise OptionsError(
                 f"decode_opt={self.decode_opt} must be between 1 and max_batch={self.max_batch}."
             )
+        if self.global_opt < 1:
+            raise OptionsError(f"global_opt={self.global_opt} must be at least 1.")
         if self.profile_set not in PROFILE_SETS:
             choices = ", ".join(repr(s) for s in PROFILE_SETS[:-1])
             raise OptionsError(
@@ -205,7 +210,11 @@ class NetworkOptions:
         `_Decoder.mlp`), tuned for decode_opt sequences; prefill: S = 1..max_prefill; in the
         default set also chunk: exactly one sequence of max_prefill tokens (a long prompt's
         full chunks; none where max_prefill is 1, a decode step). 'dynamic' is one profile
-        for every call. window_positions (netdef.slots) ranges up to what such calls read.
+        for every call. window_positions (netdef.slots) ranges up to what such calls read;
+        global_positions up to max_seq_len, tuned for global_opt positions, except that where
+        the cache is longer decode takes 1..global_opt and decode-long, a copy of it, the
+        rest, tuned for max_seq_len: one set of global attention kernels was never the
+        fastest for both short and long contexts (GLOBAL_OPT).
 
         Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
@@ -216,15 +225,21 @@ class NetworkOptions:
         rows); batch-16 steps took 2.46 against 2.47 ms, and 2.99-3.18 against 3.19."""
         b, s_max, cache_len = self.max_batch, self.prefill_len, self.max_seq_len
         s_opt = self.prefill_opt or min(512, s_max)
+        decode = ((1, self.decode_opt or 1, max(b, 2)), (1, 1, 1))
         spans = {  # profile: (batch, tokens) as (min, opt, max)
-            "decode": ((1, self.decode_opt or 1, max(b, 2)), (1, 1, 1)),
+            "decode": decode,
+            "decode-long": decode,
             "prefill": ((1, 1, b), (1, s_opt, s_max)),
             "chunk": ((1, 1, 1), (s_max, s_max, s_max)),
             "dynamic": ((1, 1, b), (1, s_opt, s_max)),
         }
-        names = [n for n in self.profile_set.split(",") if n != "chunk" or s_max > 1]
-        ranges = [(n, *spans[n]) for n in names]
         windows = self.windows(config)
+        g_opt = min(cache_len, self.global_opt)
+        long_decode = None in windows and cache_len > g_opt
+        names = [n for n in self.profile_set.split(",") if n != "chunk" or s_max > 1]
+        if long_decode and "decode" in names:
+            names.insert(names.index("decode") + 1, "decode-long")
+        ranges = [(n, *spans[n]) for n in names]
         window = attention_window(windows)
         slots = self.cache_slots(config)
         out = []
@@ -245,7 +260,11 @@ class NetworkOptions:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1
                 shapes[WINDOW_POSITIONS] = tuple((bb, n) for bb, n in zip(batch, lengths))
-            if None in windows:
-                shapes[GLOBAL_POSITIONS] = ((1,), (min(cache_len, GLOBAL_OPT),), (cache_len,))
+            if name == "decode" and long_decode:
+                shapes[GLOBAL_POSITIONS] = ((1,), (g_opt,), (g_opt,))
+            elif name == "decode-long":
+                shapes[GLOBAL_POSITIONS] = ((g_opt + 1,), (cache_len,), (cache_len,))
+            elif None in windows:
+                shapes[GLOBAL_POSITIONS] = ((1,), (g_opt,), (cache_len,))
             out.append(Profile(name, shapes))
         return out

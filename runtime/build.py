@@ -40,7 +40,12 @@ from netdef.artifact import (
     write_metadata,
 )
 from netdef.contract import FORMAT_VERSION, PROFILE_SETS
-from netdef.options import check_quant_target, default_max_prefill, default_max_seq_len
+from netdef.options import (
+    GLOBAL_OPT,
+    check_quant_target,
+    default_max_prefill,
+    default_max_seq_len,
+)
 from netdef.quant import CALIBRATION_TEXT
 from netdef.tensorrt_module import compute_capability, is_rtx
 from weights import Checkpoint, resolve_model
@@ -87,6 +92,7 @@ def build(
     max_prefill: int | None = None,
     prefill_opt: int | None = None,
     decode_opt: int | None = None,
+    global_opt: int = GLOBAL_OPT,
     profiles: str = PROFILE_SETS[0],
     quant: str = "none",
     quant_lm_head: bool = False,
@@ -144,6 +150,7 @@ def build(
         max_prefill=max_prefill or default_max_prefill(config, max_batch, max_seq_len),
         prefill_opt=prefill_opt,
         decode_opt=decode_opt,
+        global_opt=global_opt,
         profile_set=profiles,
         quant=quant,
         quant_lm_head=quant_lm_head,

@@ -151,20 +151,28 @@ def check_contract(io: dict) -> None:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
 
 
-def choose_profile(profile_names: list[str], batch: int, seq_len: int, max_prefill: int) -> int:
-    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1), 'chunk'
-    (one sequence of max_prefill tokens) where the engine has it, or 'prefill'."""
-    if "dynamic" in profile_names:
+def choose_profile(
+    profiles: list[dict], batch: int, seq_len: int, max_prefill: int, global_len: int = 0
+) -> int:
+    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1; where
+    the engine has it, 'decode-long' for global_positions longer than 'decode' takes),
+    'chunk' (one sequence of max_prefill tokens) where the engine has it, or 'prefill'.
+    `profiles`: metadata.json's, {"name", "shapes"} each."""
+    names = [p["name"] for p in profiles]
+    if "dynamic" in names:
         name = "dynamic"
     elif seq_len == 1:
         name = "decode"
-    elif batch == 1 and seq_len == max_prefill and "chunk" in profile_names:
+        if "decode-long" in names:
+            short = profiles[names.index("decode")]["shapes"][GLOBAL_POSITIONS][2][0]
+            name = "decode-long" if global_len > short else name
+    elif batch == 1 and seq_len == max_prefill and "chunk" in names:
         name = "chunk"
     else:
         name = "prefill"
-    if name not in profile_names:
-        raise EngineLoadError(f"the engine has no {name!r} profile (profiles: {profile_names}).")
-    return profile_names.index(name)
+    if name not in names:
+        raise EngineLoadError(f"the engine has no {name!r} profile (profiles: {names}).")
+    return names.index(name)
 
 
 def max_profile_shapes(profiles: list[dict[str, list]]) -> dict[str, tuple[int, ...]]:
@@ -365,9 +373,15 @@ class JitCache:
             )
 
 
+def is_decode(profile_name: str) -> bool:
+    """'decode' and 'decode-long': S = 1 profiles, whose steps our CUDA graphs replay."""
+    return profile_name.startswith("decode")
+
+
 def splits_contexts(trt: Any, profile_names: list[str]) -> bool:
-    """Whether the calls outside the decode profile run in a second execution context in
-    which TensorRT-RTX graphs every call itself (`load`). Measured on an H200 (TensorRT-RTX
+    """Whether the calls outside the decode profiles run in another execution context in
+    which TensorRT-RTX graphs every call itself (`load`), and each decode profile has its
+    own (its graphs hold that context's scratch memory, sized for its profile). Measured on an H200 (TensorRT-RTX
     1.7, Gemma-3-1B shape, docs/benchmarks.md): its graphs took 0.3-0.4 ms off prefills of
     128 to 2,048 tokens, where enqueueing one held the host 1.3-2.1 ms, but made decode
     steps slower than our graphs (2.56 against 2.33 ms), and ours cannot capture a call it
@@ -396,6 +410,7 @@ class TensorRTBackend:
         check_free_memory: bool = False,
         jit_cache: JitCache | None = None,
         prefill: Any = None,
+        decode_long: Any = None,
     ):
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
         self.jit_cache = jit_cache  # saved by `close`
@@ -403,11 +418,13 @@ class TensorRTBackend:
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
+        self.profiles = meta.profiles
         self.profile_names = [p["name"] for p in meta.profiles]
         self.io, self._keep_alive = engine_desc["io"], keep_alive
         # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
-        # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there.
-        self.contexts = [context] if prefill is None else [context, prefill]
+        # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there,
+        # and decode-long's in `decode_long` (the profiles' order: `_context_of`).
+        self.contexts = [c for c in (context, decode_long, prefill) if c is not None]
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call submitted
@@ -525,7 +542,8 @@ class TensorRTBackend:
             desc = describe_engine(engine, trt)
             check_engine(meta, desc)
             check_contract(desc["io"])
-            two = cuda_graphs and splits_contexts(trt, [p["name"] for p in meta["profiles"]])
+            names = [p["name"] for p in meta["profiles"]]
+            two = cuda_graphs and splits_contexts(trt, names)
             config = runtime_config(engine, trt, decode_only=two)
             cache = None
             if jit_cache and hasattr(config, "create_runtime_cache") and metadata.build_key:
@@ -536,13 +554,17 @@ class TensorRTBackend:
                 if config is not None
                 else engine.create_execution_context()
             )
-            # made second, so that TensorRT gives it a profile the first does not hold
-            prefill = None
-            if two:
-                prefill_config = runtime_config(engine, trt, rtx_graphs=True)
+
+            def another(**kinds: bool) -> Any:
+                """A context made after the first, so that TensorRT gives it a profile that
+                no earlier one holds (in the profiles' order)."""
+                extra = runtime_config(engine, trt, **kinds)
                 if cache is not None:
-                    cache.attach(prefill_config)
-                prefill = engine.create_execution_context(prefill_config)
+                    cache.attach(extra)
+                return engine.create_execution_context(extra)
+
+            long = another(decode_only=True) if two and "decode-long" in names else None
+            prefill = another(rtx_graphs=True) if two else None
             if context is None:
                 raise EngineLoadError(
                     "TensorRT could not create an execution context (GPU memory?)"
@@ -559,6 +581,7 @@ class TensorRTBackend:
             check_free_memory=True,
             jit_cache=cache,
             prefill=prefill,
+            decode_long=long,
         )
 
     def reset(self, batch: int) -> None:
@@ -641,12 +664,14 @@ class TensorRTBackend:
         shapes = tuple((name, a.shape) for name, a in feeds.items())
         if self.has_log_normalizer:
             feeds.update(sampling_feeds(draws, b))
-        profile = choose_profile(self.profile_names, b, s, self.max_prefill)
+        global_len = len(feeds[GLOBAL_POSITIONS]) if self.has_global else 0
+        profile = choose_profile(self.profiles, b, s, self.max_prefill, global_len)
         key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
         graphs: dict = self.chained if chained else self.graphs
         gkey = (b, shapes, wanted, lane) if chained else (b, shapes, wanted)
-        graph = graphs.get(gkey) if plain and s == 1 and self._state[0] == key else None
+        ready = self._state[self._context_of(profile)] == key  # set up for this call
+        graph = graphs.get(gkey) if plain and s == 1 and ready else None
         self._stage(lane, None if chained else ids, pos, last, feeds)
         if self.timed:
             self.timers[lane].start(self.stream)
@@ -746,8 +771,11 @@ class TensorRTBackend:
         self._state[i] = key
 
     def _context_of(self, profile: int) -> int:
-        """0: the decode profile's context; 1: the other profiles', where there are two."""
-        return int(len(self.contexts) > 1 and self.profile_names[profile] != "decode")
+        """The context a profile's calls run in: the only one, or (`splits_contexts`) each
+        decode profile's own (they come first, in order) and the last for the others."""
+        if len(self.contexts) == 1:
+            return 0
+        return profile if is_decode(self.profile_names[profile]) else len(self.contexts) - 1
 
     def _execute(self, stream: Stream) -> None:
         if not self.contexts[self._active].execute_async_v3(stream.handle):

@@ -18,7 +18,7 @@ from netdef.artifact import (
     fmt_bytes,
     is_complete,
 )
-from netdef.contract import INPUT_IDS
+from netdef.contract import GLOBAL_POSITIONS, INPUT_IDS
 
 
 def quantization(meta: Metadata) -> str:
@@ -90,7 +90,10 @@ def describe(metadata: Metadata) -> str:
     for p in meta["profiles"]:
         ids = p["shapes"][INPUT_IDS]  # [B, S] as (min, opt, max)
         batch, tokens = (span(*(shape[axis] for shape in ids)) for axis in (0, 1))
-        lines.append(f"  {p['name']:<9}batch {batch}, tokens {tokens}")
+        line = f"  {p['name']:<12}batch {batch}, tokens {tokens}"
+        if read := p["shapes"].get(GLOBAL_POSITIONS):  # [Lg] as (min, opt, max)
+            line += f", global positions {span(*(shape[0] for shape in read))}"
+        lines.append(line)
     for kind in ("inputs", "outputs"):
         tensors = meta["io"][kind]
         lines.append(f"{kind} ({len(tensors)})")

@@ -76,6 +76,31 @@ def test_profiles_reach_the_builder(tiny_dir):
     assert [p.name for p in dynamic] == ["dynamic"]
 
 
+def test_long_caches_decode_in_a_second_profile(tiny_dir, tmp_path):
+    """Past global_opt positions, decode steps take decode-long, tuned for the whole cache,
+    and the builder takes both (the GPU test runs steps across the boundary)."""
+    ckpt = Checkpoint.open(tiny_dir("gemma3"))
+    options = NetworkOptions(max_batch=2, max_seq_len=256, max_prefill=8, global_opt=64)
+    dn = build_network(ckpt, options, trt)
+    assert [p.name for p in dn.profiles] == ["decode", "decode-long", "prefill", "chunk"]
+    decode, long, prefill, chunk = (p.shapes for p in dn.profiles)
+    assert decode["global_positions"] == ((1,), (64,), (64,))
+    assert long["global_positions"] == ((65,), (256,), (256,))
+    assert long["input_ids"] == decode["input_ids"] and long["past_kv_0"] == decode["past_kv_0"]
+    assert prefill["global_positions"] == chunk["global_positions"] == ((1,), (64,), (256,))
+    assert build_engine(dn, tmp_path / "model.engine", target="sm89") > 0
+    # A cache no longer than global_opt, or no global layer: one decode profile.
+    short = NetworkOptions(max_seq_len=64, global_opt=64).profiles(ckpt.config)
+    assert [p.name for p in short] == ["decode", "prefill", "chunk"]
+    assert short[0].shapes["global_positions"] == ((1,), (64,), (64,))
+    sliding = Checkpoint.open(tiny_dir("qwen2_sliding")).config
+    dynamic = NetworkOptions(max_seq_len=256, global_opt=64, profile_set="dynamic")
+    assert [p.name for p in dynamic.profiles(sliding)] == ["dynamic"]
+    with pytest.raises(OptionsError) as e:
+        NetworkOptions(max_seq_len=64, global_opt=0).validate(ckpt.config)
+    assert str(e.value) == "global_opt=0 must be at least 1."
+
+
 def test_io_contract(tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("qwen3"))
     dn = build_network(ckpt, NetworkOptions(dtype="bfloat16", max_seq_len=32), trt)

@@ -59,14 +59,21 @@ def calls(batch_lengths: list[int], prefill: int, steps: int, vocab: int, rings=
     return out
 
 
-def compare(artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tolerance):
+def compare(
+    artifact: Path, model_dir: Path, batch_lengths, prefill, steps, tolerance, then=None
+) -> None:
+    """`then`: the lengths of a second batch of prompts run after the first, from position 0
+    on the same cache rows."""
     from netdef.artifact import read_metadata
     from runtime.tensorrt_backend import TensorRTBackend
 
     meta = read_metadata(artifact)
     opts = {k: v for k, v in meta["options"].items()}
     cpu = CpuBackend(build_network(Checkpoint.open(model_dir), NetworkOptions(**opts)))
-    sequence = calls(batch_lengths, prefill, steps, meta["config"]["vocab_size"], cpu.rings)
+    vocab = meta["config"]["vocab_size"]
+    sequence = calls(batch_lengths, prefill, steps, vocab, cpu.rings)
+    if then:
+        sequence += calls(then, prefill, steps, vocab, cpu.rings)
     top_k = opts["sample_top_k"] > 0
     cpu.reset(len(batch_lengths))
     expected = run_all(cpu, sequence, top_k)
@@ -128,6 +135,31 @@ def test_padded_two_stage_best_k_matches_the_executor(tmp_path):
     model_dir = write_random_checkpoint(tmp_path / "m", random_config("llama-3.2-1b", **shapes))
     artifact = build_for_device(model_dir, tmp_path / "a", max_batch=2, max_seq_len=64)
     compare(artifact, model_dir, [7, 5], prefill=8, steps=3, tolerance=TOLERANCE["tiny"])
+
+
+def test_long_decode_profile_matches_the_executor(tmp_path):
+    """Steps past global_opt positions run in the decode-long profile, in a context of its
+    own under TensorRT-RTX: prompts of 254 and 250 tokens, then 8 steps whose global layers
+    read 256 and then 512 positions (decode, then decode-long), then a short batch again."""
+    from runtime.tensorrt_backend import TensorRTBackend
+    from tools.bench.random_model import random_config, write_random_checkpoint
+
+    shapes = dict(
+        layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16
+    )
+    model_dir = write_random_checkpoint(tmp_path / "m", random_config("llama-3.2-1b", **shapes))
+    artifact = build_for_device(
+        model_dir, tmp_path / "a", max_batch=2, max_seq_len=1024, max_prefill=64, global_opt=256
+    )
+    compare(artifact, model_dir, [254, 250], 64, 8, TOLERANCE["tiny"], then=[7, 5])
+    with TensorRTBackend.load(artifact) as engine:
+        assert engine.profile_names == ["decode", "decode-long", "prefill", "chunk"]
+        engine.reset(1)
+        for position, profile in ((255, "decode"), (256, "decode-long"), (3, "decode")):
+            engine.forward(
+                np.ones((1, 1), np.int32), np.full((1, 1), position, np.int32), [0], ARGMAX
+            )
+            assert engine.last_profile == profile
 
 
 def test_default_artifact_loads(tmp_path):

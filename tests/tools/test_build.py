@@ -185,9 +185,9 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
     # weights are then stored once), tuned for 1.
     assert (
         "\nprofiles\n"
-        "  decode   batch 1..2 (tuned for 1), tokens 1\n"
-        "  prefill  batch 1, tokens 1..16 (tuned for 16)\n"
-        "  chunk    batch 1, tokens 16\n"
+        "  decode      batch 1..2 (tuned for 1), tokens 1, global positions 1..32 (tuned for 32)\n"
+        "  prefill     batch 1, tokens 1..16 (tuned for 16), global positions 1..32 (tuned for 32)\n"
+        "  chunk       batch 1, tokens 16, global positions 1..32 (tuned for 32)\n"
     ) in text
     assert "past_kv_0" in text and "logits" in text
     assert (
