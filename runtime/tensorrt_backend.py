@@ -381,11 +381,12 @@ def is_decode(profile_name: str) -> bool:
 def splits_contexts(trt: Any, profile_names: list[str]) -> bool:
     """Whether the calls outside the decode profiles run in another execution context in
     which TensorRT-RTX graphs every call itself (`load`), and each decode profile has its
-    own (its graphs hold that context's scratch memory, sized for its profile). Measured on an H200 (TensorRT-RTX
-    1.7, Gemma-3-1B shape, docs/benchmarks.md): its graphs took 0.3-0.4 ms off prefills of
-    128 to 2,048 tokens, where enqueueing one held the host 1.3-2.1 ms, but made decode
-    steps slower than our graphs (2.56 against 2.33 ms), and ours cannot capture a call it
-    graphs. Against one context on an H100 (the same engine, two rounds alternating):
+    own (our graphs hold that context's scratch memory, sized for its profile). Measured on
+    an H200 (TensorRT-RTX 1.7, Gemma-3-1B shape, docs/benchmarks.md): its graphs took
+    0.3-0.4 ms off prefills of 128 to 2,048 tokens, where enqueueing one held the host
+    1.3-2.1 ms, but made decode steps slower than our graphs (2.56 against 2.33 ms), and
+    ours cannot capture a call it graphs. Against one context on an H100 (the same engine,
+    two rounds alternating):
     prefills of 128 / 512 / 2,048 tokens 1.5-4% / 3-9% / 4% faster, decode steps the same.
     It needs TensorRT-RTX and a decode profile beside others: a profile belongs to one
     context."""
