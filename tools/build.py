@@ -27,6 +27,7 @@ from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
 from netdef.contract import MODEL_DTYPES, PROFILE_SETS
 from netdef.engine import EngineBuildError
+from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from weights import SHORT_NAMES, WeightsError
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-seq-len",
         type=int,
-        help="KV-cache length per sequence (default: the model's context)",
+        help=f"KV-cache length per sequence (default: the model's context); above {GLOBAL_OPT:,}, "
+        "decode steps of longer contexts get a profile of their own, decode-long (a longer build)",
     )
     p.add_argument(
         "--max-prefill",
