@@ -386,10 +386,9 @@ def splits_contexts(trt: Any, profile_names: list[str]) -> bool:
     0.3-0.4 ms off prefills of 128 to 2,048 tokens, where enqueueing one held the host
     1.3-2.1 ms, but made decode steps slower than our graphs (2.56 against 2.33 ms), and
     ours cannot capture a call it graphs. Against one context on an H100 (the same engine,
-    two rounds alternating):
-    prefills of 128 / 512 / 2,048 tokens 1.5-4% / 3-9% / 4% faster, decode steps the same.
-    It needs TensorRT-RTX and a decode profile beside others: a profile belongs to one
-    context."""
+    two rounds alternating): prefills of 128 / 512 / 2,048 tokens 1.5-4% / 3-9% / 4%
+    faster, decode steps the same. It needs TensorRT-RTX and a decode profile beside
+    others: a profile belongs to one context."""
     return (
         hasattr(trt, "CudaGraphStrategy") and "decode" in profile_names and len(profile_names) > 1
     )
