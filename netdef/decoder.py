@@ -545,8 +545,11 @@ class _Decoder:
 
     def matmul_attention(self, q: Any, mask: Any, k: Any, v: Any) -> Any:
         """One query token per row (q [B, heads, 1, D], mask [B, 1, 1, L]) attended as two
-        matmuls and a softmax, all in float32 as inside fused attention kernels (scores
-        rounded to bfloat16 lost top-1 agreement in the quantization tests). The G query
+        matmuls and a softmax. Scores and softmax are float32 (scores rounded to bfloat16
+        lost top-1 agreement in the quantization tests); the probabilities times V run in the
+        model dtype, as transformers' eager attention does (`softmax(..., dtype=float32)
+        .to(query.dtype) @ value`): a half-precision GEMM, not a float32 fusion over V cast
+        to float32 (H100: steps 2% faster after 128 cached tokens, 5% after 4,000). The G query
         heads of a KV head are the columns of one matmul (GQA without repeating K/V),
         batched over B * kv_heads with static reshapes, and the scores are K · qᵀ
         ([B * kv, L, G]): K is read as stored, not transposed. In the builder's log that
@@ -567,7 +570,7 @@ class _Decoder:
             return g.shuffle(t, name, reshape=(0, *xy))
 
         k = merged(g.cast(k, f32, "attn.keys_float32"), (-1, d), "attn.keys3")
-        v = merged(g.cast(v, f32, "attn.values_float32"), (-1, d), "attn.values3")
+        v = merged(v, (-1, d), "attn.values3")
         rows = g.shuffle(q, "attn.query_rows", reshape=(-1, group, d))  # [B * kv, G, D]
         rows = g.cast(rows, f32, "attn.rows_float32")
         if kv_heads > 1:
@@ -583,10 +586,9 @@ class _Decoder:
             g.network.add_softmax, masked.get_output(0), (1,) * 3, f32, "attn.softmax"
         )
         softmax.axes = 1 << 1  # over L
-        out = g.named(
-            g.network.add_matrix_multiply(softmax.get_output(0), transpose, v, none), "attn.context"
-        )
-        out = g.cast(out.get_output(0), self.dtype, "attn.context_dtype")  # [B * kv, G, D]
+        probs = g.cast(softmax.get_output(0), self.dtype, "attn.probs_dtype")
+        out = g.named(g.network.add_matrix_multiply(probs, transpose, v, none), "attn.context")
+        out = out.get_output(0)  # [B * kv, G, D]
         return g.shuffle(out, "attn.heads", reshape=(-1, cfg.num_heads, 1, d))
 
     def heads_of(self, kv: Any, first: int, count: int, name: str) -> Any:
