@@ -58,8 +58,8 @@ RESULTS = {  # name -> TensorRT dtype name
 # Optimization profile sets, the default first, each naming its profiles in order (the
 # backend picks a profile by name: runtime.tensorrt_backend.choose_profile): decode steps
 # (S = 1), prompt chunks and one sequence's full chunk of max_prefill tokens; the same
-# without the last (a faster build); one profile for every call. Where the cache is longer
-# than global_opt, 'decode-long' follows 'decode' (netdef.options.NetworkOptions.profiles).
+# without the last (a faster build); one profile for every call. With decode_long,
+# 'decode-long' follows 'decode' (netdef.options.NetworkOptions.profiles).
 PROFILE_SETS = ("decode,prefill,chunk", "decode,prefill", "dynamic")
 
 

@@ -32,12 +32,12 @@ SCORES_DEFAULT = 1 << 30
 # (2,559 slots for Gemma-3's 512) costs decode nothing (it reads the window) and prefills in
 # chunks of 2,048 (85k tokens/s for the Gemma-3-1B shape on an H200, 70k at 512).
 RING_PREFILL = 4
-# The default global_opt: the global_positions length the profiles are tuned for, and the
-# longest the decode profile takes (NetworkOptions.profiles). TensorRT-RTX picks the global
-# layers' attention kernels for it: on an H100, Gemma-3-1B shape with a 32,768-slot cache,
-# tuned for 1,024 a batch-1 step took 2.08 ms after 4,000 cached tokens and 3.68 after 30,000;
-# tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for 32,768, 1.97 and 2.21,
-# but 2.05 after 128.
+# The default global_opt: the global_positions length the profiles are tuned for, and with
+# decode_long the longest the decode profile takes (NetworkOptions.profiles). TensorRT-RTX
+# picks the global layers' attention kernels for it: on an H100, Gemma-3-1B shape with a
+# 32,768-slot cache, tuned for 1,024 a batch-1 step took 2.08 ms after 4,000 cached tokens
+# and 3.68 after 30,000; tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for
+# 32,768, 1.97 and 2.21, but 2.05 after 128.
 GLOBAL_OPT = 4096
 
 
@@ -89,7 +89,8 @@ class NetworkOptions:
     max_prefill: int | None = None  # longest S in one call; default max_seq_len
     prefill_opt: int | None = None  # S the prefill profile is tuned for; default min(512, max)
     decode_opt: int | None = None  # B the decode profile is tuned for; default 1
-    global_opt: int = GLOBAL_OPT  # global_positions the decode profile takes and is tuned for
+    global_opt: int = GLOBAL_OPT  # global_positions the profiles are tuned for
+    decode_long: bool = False  # decode takes 1..global_opt global positions, decode-long the rest
     profile_set: str = PROFILE_SETS[0]  # one of PROFILE_SETS
     all_logits: bool = False  # logits for every position (tests), not only last_token_index
     quant: str = "none"  # weight quantization of the linear layers: netdef.quant.MODES
@@ -126,6 +127,8 @@ class NetworkOptions:
             )
         if self.global_opt < 1:
             raise OptionsError(f"global_opt={self.global_opt} must be at least 1.")
+        if self.decode_long:
+            self._validate_decode_long(config)
         if self.profile_set not in PROFILE_SETS:
             choices = ", ".join(repr(s) for s in PROFILE_SETS[:-1])
             raise OptionsError(
@@ -142,6 +145,24 @@ class NetworkOptions:
             warnings.warn(
                 "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.",
                 stacklevel=2,
+            )
+
+    def _validate_decode_long(self, config: ModelConfig) -> None:
+        if None not in self.windows(config):
+            raise OptionsError(
+                "decode_long applies to global attention layers, and every layer of this model "
+                "attends a sliding window; build without --decode-long."
+            )
+        if self.max_seq_len <= self.global_opt:
+            raise OptionsError(
+                f"decode_long needs max_seq_len above global_opt={self.global_opt} (decode "
+                f"takes up to {self.global_opt} global positions already); build without "
+                "--decode-long or with a longer --max-seq-len."
+            )
+        if "decode" not in self.profile_set.split(","):
+            raise OptionsError(
+                f"decode_long needs the decode profile, which profiles {self.profile_set!r} "
+                "lacks; build without --decode-long or with another --profiles."
             )
 
     def _validate_quant(self, config: ModelConfig) -> None:
@@ -211,10 +232,13 @@ class NetworkOptions:
         default set also chunk: exactly one sequence of max_prefill tokens (a long prompt's
         full chunks; none where max_prefill is 1, a decode step). 'dynamic' is one profile
         for every call. window_positions (netdef.slots) ranges up to what such calls read;
-        global_positions up to max_seq_len, tuned for global_opt positions, except that where
-        the cache is longer decode takes 1..global_opt and decode-long, a copy of it, the
-        rest, tuned for max_seq_len: one set of global attention kernels was never the
-        fastest for both short and long contexts (GLOBAL_OPT).
+        global_positions up to max_seq_len, tuned for global_opt positions. With decode_long,
+        decode takes 1..global_opt of them and decode-long, a copy of it, the rest, tuned for
+        max_seq_len: one set of global attention kernels was never the fastest for both short
+        and long contexts (GLOBAL_OPT). Not the default: with its execution context beside
+        decode's, decode's steps ran 8% slower (H100, Gemma-3-1B shape: 1.98 ms against 1.83
+        after 128 cached tokens, 2.04 against 1.87 after 4,000; 2.38 against 2.98 after
+        30,000 in decode-long), docs/benchmarks.md.
 
         Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
@@ -235,9 +259,8 @@ class NetworkOptions:
         }
         windows = self.windows(config)
         g_opt = min(cache_len, self.global_opt)
-        long_decode = None in windows and cache_len > g_opt
         names = [n for n in self.profile_set.split(",") if n != "chunk" or s_max > 1]
-        if long_decode and "decode" in names:
+        if self.decode_long:
             names.insert(names.index("decode") + 1, "decode-long")
         ranges = [(n, *spans[n]) for n in names]
         window = attention_window(windows)
@@ -260,7 +283,7 @@ class NetworkOptions:
                 lengths = [min(window + ss - 1, cache_len) for ss in seq]
                 lengths[0] = 1
                 shapes[WINDOW_POSITIONS] = tuple((bb, n) for bb, n in zip(batch, lengths))
-            if name == "decode" and long_decode:
+            if name == "decode" and self.decode_long:
                 shapes[GLOBAL_POSITIONS] = ((1,), (g_opt,), (g_opt,))
             elif name == "decode-long":
                 shapes[GLOBAL_POSITIONS] = ((g_opt + 1,), (cache_len,), (cache_len,))

@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-seq-len",
         type=int,
-        help=f"KV-cache length per sequence (default: the model's context); above {GLOBAL_OPT:,}, "
-        "decode steps of longer contexts get a profile of their own, decode-long (a longer build)",
+        help="KV-cache length per sequence (default: the model's context)",
     )
     p.add_argument(
         "--max-prefill",
@@ -144,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="batch the decode profile is tuned for (default: 1, for the fastest "
         "single-sequence steps; a server whose batches are mostly full may tune for more)",
+    )
+    p.add_argument(
+        "--decode-long",
+        action="store_true",
+        help=f"decode steps that read more than {GLOBAL_OPT:,} global positions get a profile "
+        "of their own, tuned for the whole cache: 20%% faster after 30,000 cached tokens, 8%% "
+        "slower below 4,096 (H100, Gemma-3-1B shape), a longer build",
     )
     p.add_argument(
         "--profiles",
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prefill=args.max_prefill,
             prefill_opt=args.prefill_opt,
             decode_opt=args.decode_opt,
+            decode_long=args.decode_long,
             profiles=args.profiles,
             quant=args.quant,
             quant_lm_head=args.quant_lm_head,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -77,10 +78,13 @@ def test_profiles_reach_the_builder(tiny_dir):
 
 
 def test_long_caches_decode_in_a_second_profile(tiny_dir, tmp_path):
-    """Past global_opt positions, decode steps take decode-long, tuned for the whole cache,
-    and the builder takes both (the GPU test runs steps across the boundary)."""
+    """With decode_long, steps past global_opt positions take decode-long, tuned for the
+    whole cache, and the builder takes both (the GPU test runs steps across the boundary)."""
     ckpt = Checkpoint.open(tiny_dir("gemma3"))
-    options = NetworkOptions(max_batch=2, max_seq_len=256, max_prefill=8, global_opt=64)
+    options = NetworkOptions(
+        max_batch=2, max_seq_len=256, max_prefill=8, global_opt=64, decode_long=True
+    )
+    options.validate(ckpt.config)
     dn = build_network(ckpt, options, trt)
     assert [p.name for p in dn.profiles] == ["decode", "decode-long", "prefill", "chunk"]
     decode, long, prefill, chunk = (p.shapes for p in dn.profiles)
@@ -89,16 +93,49 @@ def test_long_caches_decode_in_a_second_profile(tiny_dir, tmp_path):
     assert long["input_ids"] == decode["input_ids"] and long["past_kv_0"] == decode["past_kv_0"]
     assert prefill["global_positions"] == chunk["global_positions"] == ((1,), (64,), (256,))
     assert build_engine(dn, tmp_path / "model.engine", target="sm89") > 0
-    # A cache no longer than global_opt, or no global layer: one decode profile.
-    short = NetworkOptions(max_seq_len=64, global_opt=64).profiles(ckpt.config)
-    assert [p.name for p in short] == ["decode", "prefill", "chunk"]
-    assert short[0].shapes["global_positions"] == ((1,), (64,), (64,))
-    sliding = Checkpoint.open(tiny_dir("qwen2_sliding")).config
-    dynamic = NetworkOptions(max_seq_len=256, global_opt=64, profile_set="dynamic")
-    assert [p.name for p in dynamic.profiles(sliding)] == ["dynamic"]
+    # By default one decode profile takes every length, tuned for global_opt.
+    one = NetworkOptions(max_seq_len=256, global_opt=64).profiles(ckpt.config)
+    assert [p.name for p in one] == ["decode", "prefill", "chunk"]
+    assert one[0].shapes["global_positions"] == ((1,), (64,), (256,))
+
+
+@pytest.mark.parametrize(
+    "family, options, message",
+    [
+        (
+            "gemma3",
+            dict(max_seq_len=64, global_opt=0),
+            "global_opt=0 must be at least 1.",
+        ),
+        (
+            "gemma3",
+            dict(max_seq_len=64, global_opt=64, decode_long=True),
+            "decode_long needs max_seq_len above global_opt=64 (decode takes up to 64 global "
+            "positions already); build without --decode-long or with a longer --max-seq-len.",
+        ),
+        (
+            "gemma3",
+            dict(max_seq_len=256, global_opt=64, decode_long=True, profile_set="dynamic"),
+            "decode_long needs the decode profile, which profiles 'dynamic' lacks; build "
+            "without --decode-long or with another --profiles.",
+        ),
+        (
+            "all_sliding",
+            dict(max_seq_len=256, global_opt=64, decode_long=True),
+            "decode_long applies to global attention layers, and every layer of this model "
+            "attends a sliding window; build without --decode-long.",
+        ),
+    ],
+)
+def test_bad_global_options(family, options, message, tiny_dir):
+    config = Checkpoint.open(
+        tiny_dir("qwen2_sliding" if family == "all_sliding" else family)
+    ).config
+    if family == "all_sliding":  # every layer the sliding one's window
+        config = dataclasses.replace(config, layers=[config.layers[-1]] * config.num_layers)
     with pytest.raises(OptionsError) as e:
-        NetworkOptions(max_seq_len=64, global_opt=0).validate(ckpt.config)
-    assert str(e.value) == "global_opt=0 must be at least 1."
+        NetworkOptions(**options).validate(config)
+    assert str(e.value) == message
 
 
 def test_io_contract(tiny_dir):

@@ -138,9 +138,10 @@ def test_padded_two_stage_best_k_matches_the_executor(tmp_path):
 
 
 def test_long_decode_profile_matches_the_executor(tmp_path):
-    """Steps past global_opt positions run in the decode-long profile, in a context of its
-    own under TensorRT-RTX: prompts of 254 and 250 tokens, then 8 steps whose global layers
-    read 256 and then 512 positions (decode, then decode-long), then a short batch again."""
+    """With decode_long, steps past global_opt positions run in the decode-long profile, in
+    a context of its own under TensorRT-RTX: prompts of 254 and 250 tokens, then 8 steps
+    whose global layers read 256 and then 512 positions (decode, then decode-long), then a
+    short batch again."""
     from runtime.tensorrt_backend import TensorRTBackend
     from tools.bench.random_model import random_config, write_random_checkpoint
 
@@ -149,7 +150,13 @@ def test_long_decode_profile_matches_the_executor(tmp_path):
     )
     model_dir = write_random_checkpoint(tmp_path / "m", random_config("llama-3.2-1b", **shapes))
     artifact = build_for_device(
-        model_dir, tmp_path / "a", max_batch=2, max_seq_len=1024, max_prefill=64, global_opt=256
+        model_dir,
+        tmp_path / "a",
+        max_batch=2,
+        max_seq_len=1024,
+        max_prefill=64,
+        global_opt=256,
+        decode_long=True,
     )
     compare(artifact, model_dir, [254, 250], 64, 8, TOLERANCE["tiny"], then=[7, 5])
     with TensorRTBackend.load(artifact) as engine:

@@ -25,6 +25,7 @@ SEQ = 256  # the tiny fixtures' max_position_embeddings
 
 
 def run_build(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()  # not what making a fixture printed
     code = build_tool.main(args)
     out, err = capsys.readouterr()
     return code, out, err

@@ -152,6 +152,17 @@ def test_unknown_target(tiny_dir, capsys):
     )
 
 
+def test_decode_long_needs_a_cache_longer_than_its_split(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "a"
+    args = ["--target", "sm89", "--max-seq-len", "64", "--decode-long", "--output", str(out_dir)]
+    code, _, err = run_build([str(tiny_dir("gemma3")), *args], capsys)
+    assert code == 1 and not out_dir.exists()
+    assert err.strip() == (
+        "error: decode_long needs max_seq_len above global_opt=4096 (decode takes up to 4096 "
+        "global positions already); build without --decode-long or with a longer --max-seq-len."
+    )
+
+
 def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     out_dir = tmp_path / "a"
