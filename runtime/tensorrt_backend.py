@@ -448,7 +448,8 @@ class TensorRTBackend:
         self.chained: dict[tuple[int, Shapes, tuple[str, ...], int], CudaGraph] = {}
         # calls submitted and not yet collected: (host set, B, S, outputs, profile)
         self._pending: deque[tuple[int, int, int, tuple[str, ...], int]] = deque()
-        self.auto_graphs = auto_graphs  # capture each decode step shape on its first use
+        self.auto_graphs = auto_graphs  # capture each decode step shape on its first use;
+        # off, calls run plainly (tools.bench --profile turns it off for a while)
         self._profile: list[int | None] = [None] * len(self.contexts)  # each context's
         self._row: int | None = None  # inside `row(k)`: the KV-cache row calls bind
         # (profile, B, S, position input shapes, row) each context is set up for
@@ -671,7 +672,8 @@ class TensorRTBackend:
         graphs: dict = self.chained if chained else self.graphs
         gkey = (b, shapes, wanted, lane) if chained else (b, shapes, wanted)
         ready = self._state[self._context_of(profile)] == key  # set up for this call
-        graph = graphs.get(gkey) if plain and s == 1 and ready else None
+        replay = plain and self.auto_graphs and s == 1 and ready  # else a plain call
+        graph = graphs.get(gkey) if replay else None
         self._stage(lane, None if chained else ids, pos, last, feeds)
         if self.timed:
             self.timers[lane].start(self.stream)

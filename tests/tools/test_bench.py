@@ -733,10 +733,15 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
         {"kernel": "__myl_CastTopk_0xf3", "us": 28.0},
         {"kernel": "__myl_LogAdd_0x12", "us": 3.5},
     ]
+    graph = {"kernel_us": 208.0, "launches": 20.0, "span_us": 251.4, "idle_us": 43.4}
+    profile["decode"][0] |= {"span_us": 230.2, "idle_us": 20.2, "graph": graph}
     decode, batched, prefill = profile_tables(profile, format_table)
-    assert decode.splitlines()[-1] == (
-        "after the LM head (the sampling outputs): 3 launches, 52 us, 24.5% of the step"
-    )
+    assert decode.splitlines()[-3:] == [
+        "the GPU ran it in 230 us, 20 of them between kernels and copies",
+        "as a CUDA graph replay (as timed): 208 us of kernels in 20 launches, run in 251 us, "
+        "43 of them between kernels and copies",
+        "after the LM head (the sampling outputs): 3 launches, 52 us, 24.5% of the step",
+    ]
     assert decode.splitlines()[0] == (
         f"profile, decode step (batch 1, 128 cached tokens): 210 us of kernels in 20 launches "
         f"(top {TOP_KERNELS} of 20 kernels)"
@@ -745,6 +750,18 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
     assert "after the LM head" not in batched  # no launch sequence kept
     assert "k14 " in decode and "k15 " not in decode
     assert prefill.splitlines()[0].endswith("(top 3 of 3 kernels)")
+
+
+def test_timeline_is_the_last_calls_span_less_what_ran():
+    from tools.bench.profile import timeline
+
+    first = [(0.0, "a", 1.0), (2.0, "b", 1.0), (5.0, "c", 1.0)]
+    overlapping = [(10.0, "a", 2.0), (11.0, "b", 3.0), (16.0, "c", 1.0)]  # b on an aux stream
+    inside = [(10.0, "a", 4.0), (11.0, "b", 1.0), (16.0, "c", 1.0)]
+    assert timeline(first + overlapping, repeats=2) == (7.0, 2.0)  # 10..17, idle 14..16
+    assert timeline(inside + first, repeats=2) == (7.0, 2.0)
+    assert timeline(first, repeats=1) == (6.0, 3.0)
+    assert timeline([], repeats=5) == (0.0, 0.0)
 
 
 def test_last_call_keeps_the_last_calls_kernels_in_launch_order():

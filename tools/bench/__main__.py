@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="also list the GPU kernels of a decode step (batch 1 and the largest of --batches) "
-        "and of the longest prefill (torch.profiler/CUPTI)",
+        "and of the longest prefill (torch.profiler/CUPTI), and the time the GPU sat idle "
+        "between them, plainly and (decode) as the CUDA graph replay that is timed",
     )
     g.add_argument(
         "--no-compare-profiles",

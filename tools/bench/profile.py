@@ -2,7 +2,10 @@
 
 TensorRT-RTX compiles most of a network into a few fused regions, so TensorRT's per-layer
 IProfiler names little; the kernels themselves are read through CUPTI, via torch.profiler
-(torch is imported only here). Calls run plainly (no CUDA graph), each once untimed first.
+(torch is imported only here). Calls run plainly (no CUDA graph), each once untimed first;
+a decode step also as the CUDA graph replay that tools.bench times, for the time its
+kernels leave the GPU idle: an engine whose second decode context slowed steps by 0.17 ms
+had the same kernels of the same durations (docs/benchmarks.md, twentieth session).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             call()
         torch.cuda.synchronize()
-    launched = [  # (start us, name, us) of every kernel, for the last call's order
+    launched = [  # (start us, name, us) of every kernel and copy, for the last call's order
         (ev.time_range.start, ev.name, ev.time_range.elapsed_us())
         for ev in prof.events()
         if ev.device_type.name == "CUDA"
     ]
+    span, idle = timeline(launched, repeats)
     rows = []
     for ev in prof.key_averages():
         if ev.device_type.name != "CUDA":
@@ -54,6 +58,8 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         "launches": sum(r["launches"] for r in rows),
         "kernels": rows,  # every kernel (the tables print the top TOP_KERNELS)
         "sequence": last_call(launched, repeats),
+        "span_us": span,  # the last call: first start to last end on the GPU
+        "idle_us": idle,  # ... less the time some kernel or copy ran
     }
 
 
@@ -63,6 +69,21 @@ def last_call(launched: list[tuple[float, str, float]], repeats: int) -> list[di
     ordered = sorted(launched)
     per_call = len(ordered) // repeats
     return [{"kernel": name, "us": round(us, 2)} for _, name, us in ordered[-per_call:]]
+
+
+def timeline(launched: list[tuple[float, str, float]], repeats: int) -> tuple[float, float]:
+    """The last of `repeats` identical calls' span (us from its first start to its last
+    end) and the part of it no kernel or copy ran in (they may overlap on aux streams)."""
+    ordered = sorted(launched)
+    ordered = ordered[-(len(ordered) // repeats) :] if ordered else []
+    busy, end = 0.0, None
+    for start, _, us in ordered:
+        if end is None or start >= end:
+            busy, end = busy + us, start + us
+        elif start + us > end:
+            busy, end = busy + start + us - end, start + us
+    span = end - ordered[0][0] if ordered else 0.0
+    return round(span, 1), round(span - busy, 1)
 
 
 def after_last_matmul(sequence: list[dict[str, Any]]) -> tuple[int, float]:
@@ -105,7 +126,12 @@ def profile_engine(
                 np.zeros(b, np.int32),
                 ARGMAX,
             )
-            decode.append({"batch": b, "context": context, **kernel_profile(step, repeats)})
+            plain = kernel_profile(step, repeats)
+            backend.auto_graphs = True  # captured on the first (untimed) call, then replayed
+            graphed = kernel_profile(step, repeats)
+            backend.auto_graphs = False
+            graph = {k: graphed[k] for k in ("kernel_us", "launches", "span_us", "idle_us")}
+            decode.append({"batch": b, "context": context, **plain, "graph": graph})
     finally:
         backend.auto_graphs = auto
     return {"decode": decode, "prefill": {"tokens": prompt_len, **prefill}}
@@ -130,6 +156,18 @@ def profile_tables(profile: dict[str, Any], format_table: Any) -> list[str]:
             f"profile, {title}: {p['kernel_us']:.0f} us of kernels in {p['launches']:.0f} "
             f"launches (top {len(rows)} of {len(p['kernels'])} kernels)",
         )
+        if p.get("span_us"):
+            table += (
+                f"\nthe GPU ran it in {p['span_us']:.0f} us, {p['idle_us']:.0f} of them between "
+                "kernels and copies"
+            )
+        if p.get("graph"):
+            g = p["graph"]
+            table += (
+                f"\nas a CUDA graph replay (as timed): {g['kernel_us']:.0f} us of kernels in "
+                f"{g['launches']:.0f} launches, run in {g['span_us']:.0f} us, "
+                f"{g['idle_us']:.0f} of them between kernels and copies"
+            )
         if "batch" in p and p.get("sequence"):
             n, us = after_last_matmul(p["sequence"])
             share = us / p["kernel_us"] if p["kernel_us"] else 0.0
