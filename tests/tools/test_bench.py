@@ -668,10 +668,15 @@ def test_profile_reads_the_kernels_of_a_prefill_and_each_decode_batch_on_a_gpu()
     with TensorRTBackend(Metadata.from_dict(meta), desc, CopyContext()) as backend:
         ids = prompt_ids(64, 4, 40)
         out = profile_engine(backend, ids, context=20, prompt_len=16, batches=[1, 4], repeats=2)
+        assert not backend.auto_graphs and len(backend.graphs) == 2  # batches 1 and 4
     assert [(d["batch"], d["context"]) for d in out["decode"]] == [(1, 20), (4, 20)]
     assert out["prefill"]["tokens"] == 16
     for call in [*out["decode"], out["prefill"]]:  # the stand-in's copies are what CUPTI sees
         assert call["kernel_us"] > 0 and call["launches"] > 0 and call["sequence"]
+        assert 0 <= call["idle_us"] < call["span_us"]
+    for step in out["decode"]:  # also replayed as the CUDA graph its first call captured
+        graph = step["graph"]
+        assert graph["launches"] == step["launches"] and 0 <= graph["idle_us"] < graph["span_us"]
 
 
 def test_gpu_mode_orchestration_without_engine(tiny_dir, tmp_path, monkeypatch, capsys):
