@@ -151,21 +151,30 @@ def check_contract(io: dict) -> None:
         raise EngineLoadError(f"the engine breaks the I/O contract: {'; '.join(problems)}.")
 
 
+def decode_reach(profiles: list[dict]) -> int | None:
+    """The most global_positions the 'decode' profile takes where a 'decode-long' profile
+    takes the longer ones, else None. `profiles`: metadata.json's, {"name", "shapes"} each."""
+    shapes = {p["name"]: p["shapes"] for p in profiles}
+    if "decode-long" not in shapes:
+        return None
+    return shapes["decode"][GLOBAL_POSITIONS][2][0]
+
+
 def choose_profile(
-    profiles: list[dict], batch: int, seq_len: int, max_prefill: int, global_len: int = 0
+    names: list[str],
+    batch: int,
+    seq_len: int,
+    max_prefill: int,
+    global_len: int = 0,
+    reach: int | None = None,
 ) -> int:
-    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1; where
-    the engine has it, 'decode-long' for global_positions longer than 'decode' takes),
-    'chunk' (one sequence of max_prefill tokens) where the engine has it, or 'prefill'.
-    `profiles`: metadata.json's, {"name", "shapes"} each."""
-    names = [p["name"] for p in profiles]
+    """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1), or
+    'decode-long' for global_len past the `decode_reach` of an engine that has it, 'chunk'
+    (one sequence of max_prefill tokens) where the engine has it, or 'prefill'."""
     if "dynamic" in names:
         name = "dynamic"
     elif seq_len == 1:
-        name = "decode"
-        if "decode-long" in names:
-            short = profiles[names.index("decode")]["shapes"][GLOBAL_POSITIONS][2][0]
-            name = "decode-long" if global_len > short else name
+        name = "decode-long" if reach is not None and global_len > reach else "decode"
     elif batch == 1 and seq_len == max_prefill and "chunk" in names:
         name = "chunk"
     else:
@@ -418,8 +427,8 @@ class TensorRTBackend:
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
-        self.profiles = meta.profiles
         self.profile_names = [p["name"] for p in meta.profiles]
+        self.decode_reach = decode_reach(meta.profiles)
         self.io, self._keep_alive = engine_desc["io"], keep_alive
         # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
         # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there,
@@ -666,7 +675,9 @@ class TensorRTBackend:
         if self.has_log_normalizer:
             feeds.update(sampling_feeds(draws, b))
         global_len = len(feeds[GLOBAL_POSITIONS]) if self.has_global else 0
-        profile = choose_profile(self.profiles, b, s, self.max_prefill, global_len)
+        profile = choose_profile(
+            self.profile_names, b, s, self.max_prefill, global_len, self.decode_reach
+        )
         key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
         graphs: dict = self.chained if chained else self.graphs

@@ -25,6 +25,7 @@ from runtime.tensorrt_backend import (
     check_engine,
     check_portability,
     choose_profile,
+    decode_reach,
     describe_engine,
     jit_cache_path,
     max_profile_shapes,
@@ -218,23 +219,28 @@ def test_contract_violations():
 
 
 def test_choose_profile():
-    def named(*names: str, short: int = 4) -> list[dict]:  # metadata.json's profiles
-        return [{"name": n, "shapes": {"global_positions": [[1], [short], [short]]}} for n in names]
-
-    default = named("decode", "prefill", "chunk")
+    default = ["decode", "prefill", "chunk"]
     assert choose_profile(default, 4, 1, 8) == choose_profile(default, 1, 1, 8) == 0
     assert choose_profile(default, 1, 7, 8) == choose_profile(default, 2, 8, 8) == 1
     assert choose_profile(default, 1, 8, 8) == 2  # one sequence, a full chunk
-    assert choose_profile(named("decode", "prefill"), 1, 8, 8) == 1  # engines built before it
-    dynamic = named("dynamic")
+    assert choose_profile(["decode", "prefill"], 1, 8, 8) == 1  # engines built before it
+    dynamic = ["dynamic"]
     assert choose_profile(dynamic, 1, 1, 8) == choose_profile(dynamic, 1, 8, 8, 64) == 0
     # decode takes global_positions of up to 4 positions; decode-long the longer ones
-    long = named("decode", "decode-long", "prefill", "chunk")
-    assert [choose_profile(long, 2, 1, 8, n) for n in (1, 4, 5, 64)] == [0, 0, 1, 1]
-    assert choose_profile(long, 1, 8, 8, 64) == 3 and choose_profile(long, 2, 3, 8, 64) == 2
+    long = ["decode", "decode-long", "prefill", "chunk"]
+    assert [choose_profile(long, 2, 1, 8, n, reach=4) for n in (1, 4, 5, 64)] == [0, 0, 1, 1]
+    assert choose_profile(long, 1, 8, 8, 64, 4) == 3 and choose_profile(long, 2, 3, 8, 64, 4) == 2
     with pytest.raises(EngineLoadError) as e:
-        choose_profile(named("decode"), 1, 5, 8)
+        choose_profile(["decode"], 1, 5, 8)
     assert str(e.value) == "the engine has no 'prefill' profile (profiles: ['decode'])."
+
+
+def test_decode_reach_is_what_decode_takes_beside_decode_long():
+    def named(*names: str) -> list[dict]:  # metadata.json's profiles
+        return [{"name": n, "shapes": {"global_positions": [[1], [4], [4]]}} for n in names]
+
+    assert decode_reach(named("decode", "decode-long", "prefill", "chunk")) == 4
+    assert decode_reach(named("decode", "prefill", "chunk")) is None
 
 
 def test_buffers_from_real_profiles(tiny_network):
