@@ -127,14 +127,14 @@ class NetworkOptions:
             )
         if self.global_opt < 1:
             raise OptionsError(f"global_opt={self.global_opt} must be at least 1.")
-        if self.decode_long:
-            self._validate_decode_long(config)
         if self.profile_set not in PROFILE_SETS:
             choices = ", ".join(repr(s) for s in PROFILE_SETS[:-1])
             raise OptionsError(
                 f"profiles {self.profile_set!r} is not supported; choose {choices} or "
                 f"{PROFILE_SETS[-1]!r}."
             )
+        if self.decode_long:
+            self._validate_decode_long(config)
         if not 0 <= self.sample_top_k <= min(TOPK_MAX, config.vocab_size):
             raise OptionsError(
                 f"sample_top_k={self.sample_top_k} must be between 0 and "
