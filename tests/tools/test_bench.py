@@ -757,23 +757,21 @@ def test_profile_tables_print_the_top_kernels_of_all_kept():
     assert prefill.splitlines()[0].endswith("(top 3 of 3 kernels)")
 
 
-def test_timeline_is_the_last_calls_span_less_what_ran():
+def test_timeline_is_a_calls_span_less_what_ran():
     from tools.bench.profile import timeline
 
     first = [(0.0, "a", 1.0), (2.0, "b", 1.0), (5.0, "c", 1.0)]
     overlapping = [(10.0, "a", 2.0), (11.0, "b", 3.0), (16.0, "c", 1.0)]  # b on an aux stream
     inside = [(10.0, "a", 4.0), (11.0, "b", 1.0), (16.0, "c", 1.0)]
-    assert timeline(first + overlapping, repeats=2) == (7.0, 2.0)  # 10..17, idle 14..16
-    assert timeline(inside + first, repeats=2) == (7.0, 2.0)
-    assert timeline(first, repeats=1) == (6.0, 3.0)
-    assert timeline([], repeats=5) == (0.0, 0.0)
+    assert timeline(overlapping) == (7.0, 2.0)  # 10..17, idle 14..16
+    assert timeline(inside) == (7.0, 2.0)
+    assert timeline(first) == (6.0, 3.0)
+    assert timeline([]) == (0.0, 0.0)
 
 
 def test_last_call_keeps_the_last_calls_kernels_in_launch_order():
     from tools.bench.profile import last_call
 
     launched = [(30.0, "b", 2.0), (0.0, "a", 1.0), (10.0, "b", 2.5), (20.0, "a", 1.5)]
-    assert last_call(launched, repeats=2) == [
-        {"kernel": "a", "us": 1.5},
-        {"kernel": "b", "us": 2.0},
-    ]
+    assert last_call(launched, repeats=2) == [(20.0, "a", 1.5), (30.0, "b", 2.0)]
+    assert last_call(launched[:1], repeats=2) == []  # fewer launches than calls: none whole

@@ -41,7 +41,8 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         for ev in prof.events()
         if ev.device_type.name == "CUDA"
     ]
-    span, idle = timeline(launched, repeats)
+    last = last_call(launched, repeats)
+    span, idle = timeline(last)
     rows = []
     for ev in prof.key_averages():
         if ev.device_type.name != "CUDA":
@@ -57,32 +58,30 @@ def kernel_profile(call: Any, repeats: int) -> dict[str, Any]:
         "kernel_us": round(total, 1),
         "launches": sum(r["launches"] for r in rows),
         "kernels": rows,  # every kernel (the tables print the top TOP_KERNELS)
-        "sequence": last_call(launched, repeats),
+        "sequence": [{"kernel": name, "us": round(us, 2)} for _, name, us in last],
         "span_us": span,  # the last call: first start to last end on the GPU
         "idle_us": idle,  # ... less the time some kernel or copy ran
     }
 
 
-def last_call(launched: list[tuple[float, str, float]], repeats: int) -> list[dict[str, Any]]:
-    """The kernels of the last of `repeats` identical calls in launch order, from every
-    call's (start us, name, us)."""
-    ordered = sorted(launched)
-    per_call = len(ordered) // repeats
-    return [{"kernel": name, "us": round(us, 2)} for _, name, us in ordered[-per_call:]]
+def last_call(
+    launched: list[tuple[float, str, float]], repeats: int
+) -> list[tuple[float, str, float]]:
+    """The (start us, name, us) of the last of `repeats` identical calls, in launch order."""
+    per_call = len(launched) // repeats
+    return sorted(launched)[-per_call:] if per_call else []
 
 
-def timeline(launched: list[tuple[float, str, float]], repeats: int) -> tuple[float, float]:
-    """The last of `repeats` identical calls' span (us from its first start to its last
-    end) and the part of it no kernel or copy ran in (they may overlap on aux streams)."""
-    ordered = sorted(launched)
-    ordered = ordered[-(len(ordered) // repeats) :] if ordered else []
+def timeline(call: list[tuple[float, str, float]]) -> tuple[float, float]:
+    """A call's span (us from its first start to its last end; `call` in launch order) and
+    the part of it no kernel or copy ran in (they may overlap on aux streams)."""
     busy, end = 0.0, None
-    for start, _, us in ordered:
+    for start, _, us in call:
         if end is None or start >= end:
             busy, end = busy + us, start + us
         elif start + us > end:
             busy, end = busy + start + us - end, start + us
-    span = end - ordered[0][0] if ordered else 0.0
+    span = end - call[0][0] if call else 0.0
     return round(span, 1), round(span - busy, 1)
 
 
