@@ -21,6 +21,7 @@ from netdef.slots import prompt_chunks
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import gpu_unavailable_reason
 from runtime.readout import ALL_LOGITS
+from runtime.sampling import SamplingParams, candidates, pick
 from tests.fixtures.gpu import TOLERANCE, assert_close, build_for_device, run_all
 from tests.tools.cli import with_tokenizer
 from weights import Checkpoint
@@ -99,30 +100,44 @@ def test_row_calls_match_the_executor(tmp_path):
     assert_close(got, expected, *TOLERANCE["tiny"])
 
 
-# (first word, length) of each prompt: "w54 w55 w56", ... Six prompts for four rows, three of
-# them longer than max_prefill. Chosen so that every greedy step of each, alone on the bfloat16
-# executor, has its best logit at least MARGIN above the second (the test checks it): with
-# the tiny model's near-ties (0.0625 apart, one bfloat16 step), batch-size-dependent GPU
-# kernels flipped a token between a request served in a batch and the same request alone.
-PROMPTS = [(54, 3), (75, 9), (19, 1), (12, 6), (19, 11), (59, 5)]
+# (first word, length, seed) of each prompt: "w54 w55 w56", ... Six prompts for four rows,
+# three of them longer than max_prefill; the seed is what a sampled request of it takes.
+# Chosen so that every token of each request, alone on the bfloat16 executor, holds under any
+# change of every logit by less than MARGIN / 2 (`draw_margin`; the test checks it): with the
+# tiny model's near-ties (0.0625 apart, one bfloat16 step), batch-size-dependent GPU kernels
+# flipped a token between a request served in a batch and the same request alone.
+PROMPTS = [(54, 3, 0), (13, 9, 1), (19, 1, 0), (39, 6, 56), (19, 11, 0), (91, 5, 47)]
 MARGIN = 0.375
 
 
-def greedy_margin(model: CpuBackend, ids: list[int], steps: int) -> float:
-    """The smallest gap between the best two logits over `steps` greedy tokens after ids."""
+def draw_margin(model: CpuBackend, ids: list[int], params: SamplingParams) -> float:
+    """Twice the largest change of every logit that leaves each token `params` draws after
+    ids alone unchanged: greedy, the best logit's lead over the second; top-k sampling, the
+    k-th best's lead over the next (the survivors stay) and, at each boundary of their CDF in
+    token-id order (`pick`), T times its distance in log-odds from the step's uniform number
+    (logits below a boundary up by d and the others down move its log-odds by 2d / T)."""
     model.reset(1)
     for start, end in prompt_chunks(len(ids), model.max_prefill, model.rings):
         pos = np.arange(start, end, dtype=np.int32)[None]
         out = model.forward(
             np.array([ids[start:end]], np.int32), pos, [end - start - 1], ALL_LOGITS
         )
+    rng, t, k = np.random.default_rng(params.seed), params.temperature, params.top_k or 1
     margin = np.inf
-    for step in range(steps):
-        second, best = np.sort(out[LOGITS][0])[-2:]
-        margin = min(margin, best - second)
-        token = np.array([[np.argmax(out[LOGITS][0])]], np.int32)
+    for step in range(params.max_new_tokens):
+        logits = out[LOGITS][0]
+        ranked = np.sort(logits)[::-1]
+        margin = min(margin, ranked[k - 1] - ranked[k])
+        token = int(np.argmax(logits))
+        if not params.greedy:
+            u = rng.random()
+            x = logits[candidates(logits / np.float32(t), k, 1.0)].astype(np.float64) / t
+            cdf = np.cumsum(np.exp(x - x.max()) / np.exp(x - x.max()).sum())[:-1]
+            log_odds = np.log(cdf) - np.log1p(-cdf)
+            margin = min(margin, t * np.min(np.abs(np.log(u) - np.log1p(-u) - log_odds)))
+            token = pick(logits, params, u)
         pos = np.array([[len(ids) + step]], np.int32)
-        out = model.forward(token, pos, [0], ALL_LOGITS)
+        out = model.forward(np.array([[token]], np.int32), pos, [0], ALL_LOGITS)
     return float(margin)
 
 
@@ -132,7 +147,6 @@ def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path, sampled):
     ahead, chained on the device) through `Engine` on the GPU give the tokens each gets
     alone through `Generator` on the same engine (PROMPTS says why these prompts)."""
     from runtime.generate import Generator
-    from runtime.sampling import SamplingParams
     from runtime.serving import Engine
     from runtime.tensorrt_backend import TensorRTBackend
     from runtime.tokenizer import Tokenizer
@@ -141,17 +155,17 @@ def test_the_scheduler_on_tensorrt_equals_each_request_alone(tmp_path, sampled):
     model_dir = with_tokenizer(tiny_model_dir("llama"), tmp_path / "m")
     options = dict(max_batch=4, max_seq_len=64, max_prefill=4, sample_top_k=8)
     executor = CpuBackend(build_network(Checkpoint.open(model_dir), NetworkOptions(**options)))
-    ids = [list(range(first, first + n)) for first, n in PROMPTS]
-    assert min(greedy_margin(executor, p, 12) for p in ids) >= MARGIN
-    artifact = build_for_device(model_dir, tmp_path / "a", **options)
-    tokenizer = Tokenizer.from_dir(artifact)
-    prompts = [" ".join(f"w{i}" for i in p) for p in ids]
+    ids = [list(range(first, first + n)) for first, n, _ in PROMPTS]
     params = [
         SamplingParams(max_new_tokens=12)
         if i % 2 == 0 or not sampled
-        else SamplingParams(max_new_tokens=10, temperature=0.8, top_k=5, seed=i)
-        for i in range(len(prompts))
+        else SamplingParams(max_new_tokens=10, temperature=1.0, top_k=2, seed=seed)
+        for i, (_, _, seed) in enumerate(PROMPTS)
     ]
+    assert min(draw_margin(executor, p, q) for p, q in zip(ids, params)) >= MARGIN
+    artifact = build_for_device(model_dir, tmp_path / "a", **options)
+    tokenizer = Tokenizer.from_dir(artifact)
+    prompts = [" ".join(f"w{i}" for i in p) for p in ids]
     with TensorRTBackend.load(artifact) as backend:
         engine = Engine(backend, tokenizer)
         requests = [engine.submit(p, q) for p, q in zip(prompts, params)]
