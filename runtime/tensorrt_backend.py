@@ -33,8 +33,9 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -419,7 +420,7 @@ class TensorRTBackend:
         check_free_memory: bool = False,
         jit_cache: JitCache | None = None,
         prefill: Any = None,
-        decode_long: Any = None,
+        decode_long: Callable[[], Any] | None = None,
     ):
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
         self.jit_cache = jit_cache  # saved by `close`
@@ -432,8 +433,12 @@ class TensorRTBackend:
         self.io, self._keep_alive = engine_desc["io"], keep_alive
         # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
         # context (`splits_contexts`: TensorRT-RTX graphs its calls) the others run there,
-        # and decode-long's in `decode_long` (the profiles' order: `_context_of`).
-        self.contexts = [c for c in (context, decode_long, prefill) if c is not None]
+        # and decode-long's in the context `decode_long()` makes on its first call (the
+        # profiles' order: `_context_of`). Made at load, that one, even idle, made decode's
+        # graph replays 0.16 ms slower a step (H100, Gemma-3-1B shape, docs/benchmarks.md):
+        # sessions that never pass global_opt positions do not pay for it.
+        self.contexts = [context, *([None] if decode_long else []), *([prefill] if prefill else [])]
+        self._make_decode_long = decode_long
         self.max_shapes = max_profile_shapes(engine_desc["profiles"])
         self.batch = 0
         self.last_call = (0, 0)  # (B, S) of the latest call submitted
@@ -573,7 +578,7 @@ class TensorRTBackend:
                     cache.attach(extra)
                 return engine.create_execution_context(extra)
 
-            long = another(decode_only=True) if two and "decode-long" in names else None
+            long = partial(another, decode_only=True) if two and "decode-long" in names else None
             prefill = another(rtx_graphs=True) if two else None
             if context is None:
                 raise EngineLoadError(
@@ -760,12 +765,10 @@ class TensorRTBackend:
         profile, b, s, shapes, row = key
         positions = dict(shapes)
         i = self._active = self._context_of(profile)
-        context = self.contexts[i]
+        context = self._context(i)
         self._state[i] = None
         if self._profile[i] != profile:
-            if not context.set_optimization_profile_async(profile, self.stream.handle):
-                raise RuntimeError(f"TensorRT refused optimization profile {profile}.")
-            self._profile[i] = profile
+            self._set_profile(i, profile)
         for t in self.io["inputs"]:
             name = t["name"]
             if name in TOKEN_INPUTS[:2]:
@@ -782,6 +785,27 @@ class TensorRTBackend:
             if not context.set_tensor_address(name, ptr):
                 raise RuntimeError(f"TensorRT refused the address of {name}.")
         self._state[i] = key
+
+    def _context(self, i: int) -> Any:
+        """contexts[i]; decode-long's made now if this is its first call. A new context takes
+        the first profile no other holds, and the prefill context, made second, holds
+        decode-long's until its first call: it is set to its own first."""
+        if self.contexts[i] is None:
+            last = len(self.contexts) - 1
+            if self._profile[last] is None:
+                names = self.profile_names
+                self._set_profile(last, next(p for p, n in enumerate(names) if not is_decode(n)))
+            self.contexts[i] = self._make_decode_long()
+            if self.contexts[i] is None:
+                raise RuntimeError(
+                    "TensorRT could not create decode-long's execution context (GPU memory?)."
+                )
+        return self.contexts[i]
+
+    def _set_profile(self, i: int, profile: int) -> None:
+        if not self.contexts[i].set_optimization_profile_async(profile, self.stream.handle):
+            raise RuntimeError(f"TensorRT refused optimization profile {profile}.")
+        self._profile[i] = profile
 
     def _context_of(self, profile: int) -> int:
         """The context a profile's calls run in: the only one, or (`splits_contexts`) each

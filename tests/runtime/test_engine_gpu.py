@@ -141,7 +141,8 @@ def test_long_decode_profile_matches_the_executor(tmp_path):
     """With decode_long, steps past global_opt positions run in the decode-long profile, in
     a context of its own under TensorRT-RTX: prompts of 254 and 250 tokens, then 8 steps
     whose global layers read 256 and then 512 positions (decode, then decode-long), then a
-    short batch again."""
+    short batch again. That context is made on decode-long's first call, also where no
+    prefill came before (the prefill context then holds decode-long's profile)."""
     from runtime.tensorrt_backend import TensorRTBackend
     from tools.bench.random_model import random_config, write_random_checkpoint
 
@@ -162,11 +163,15 @@ def test_long_decode_profile_matches_the_executor(tmp_path):
     with TensorRTBackend.load(artifact) as engine:
         assert engine.profile_names == ["decode", "decode-long", "prefill", "chunk"]
         engine.reset(1)
+        made = []  # whether decode-long's context exists after each step
         for position, profile in ((255, "decode"), (256, "decode-long"), (3, "decode")):
             engine.forward(
                 np.ones((1, 1), np.int32), np.full((1, 1), position, np.int32), [0], ARGMAX
             )
             assert engine.last_profile == profile
+            made.append(len(engine.contexts) == 3 and engine.contexts[1] is not None)
+        if len(engine.contexts) == 3:  # TensorRT-RTX: decode, decode-long, prefill
+            assert made == [False, True, True]
 
 
 def test_default_artifact_loads(tmp_path):
