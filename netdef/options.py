@@ -133,8 +133,8 @@ class NetworkOptions:
                 f"profiles {self.profile_set!r} is not supported; choose {choices} or "
                 f"{PROFILE_SETS[-1]!r}."
             )
-        if self.decode_long:
-            self._validate_decode_long(config)
+        if self.decode_long and (problem := self.why_not_decode_long(config)):
+            raise OptionsError(problem)
         if not 0 <= self.sample_top_k <= min(TOPK_MAX, config.vocab_size):
             raise OptionsError(
                 f"sample_top_k={self.sample_top_k} must be between 0 and "
@@ -147,23 +147,26 @@ class NetworkOptions:
                 stacklevel=2,
             )
 
-    def _validate_decode_long(self, config: ModelConfig) -> None:
+    def why_not_decode_long(self, config: ModelConfig) -> str | None:
+        """Why decode_long cannot apply to this model with these options (the error a build
+        asking for it gets), or None where it can."""
         if None not in self.windows(config):
-            raise OptionsError(
+            return (
                 "decode_long applies to global attention layers, and every layer of this model "
                 "attends a sliding window; build without --decode-long."
             )
         if self.max_seq_len <= self.global_opt:
-            raise OptionsError(
+            return (
                 f"decode_long needs max_seq_len above global_opt={self.global_opt} (decode "
                 f"takes up to {self.global_opt} global positions already); build without "
                 "--decode-long or with a longer --max-seq-len."
             )
         if "decode" not in self.profile_set.split(","):
-            raise OptionsError(
+            return (
                 f"decode_long needs the decode profile, which profiles {self.profile_set!r} "
                 "lacks; build without --decode-long or with another --profiles."
             )
+        return None
 
     def _validate_quant(self, config: ModelConfig) -> None:
         if self.quant not in MODES:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def build(
     prefill_opt: int | None = None,
     decode_opt: int | None = None,
     global_opt: int = GLOBAL_OPT,
-    decode_long: bool = False,
+    decode_long: bool | None = None,
     profiles: str = PROFILE_SETS[0],
     quant: str = "none",
     quant_lm_head: bool = False,
@@ -112,6 +113,7 @@ def build(
     """Build (or reuse) the artifact for `model`; returns its folder.
 
     fp8 calibrates its activation scales on `calib_file` (default: the shipped sample text).
+    `decode_long` None: on where it applies (`NetworkOptions.why_not_decode_long`).
     `hooks` hear of each phase (tools.build draws progress with them, tools.bench times them)."""
     hooks = hooks or BuildHooks()
     trt = load_tensorrt(backend)
@@ -152,13 +154,15 @@ def build(
         prefill_opt=prefill_opt,
         decode_opt=decode_opt,
         global_opt=global_opt,
-        decode_long=decode_long,
+        decode_long=bool(decode_long),
         profile_set=profiles,
         quant=quant,
         quant_lm_head=quant_lm_head,
         sample_top_k=sample_top_k,
     )
     options.validate(config)
+    if decode_long is None:  # where it applies (NetworkOptions.profiles says why)
+        options = replace(options, decode_long=options.why_not_decode_long(config) is None)
     calibration = None
     if calib_file is not None:
         try:

@@ -163,6 +163,26 @@ def test_decode_long_needs_a_cache_longer_than_its_split(tiny_dir, tmp_path, cap
     )
 
 
+def test_decode_long_is_on_where_it_applies(tiny_dir, tmp_path):
+    """Unasked, a model with global attention layers whose cache is longer than global_opt
+    gets the decode-long profile; decode_long=False (--no-decode-long) leaves it out."""
+    names = {}
+    for decode_long in (None, False):
+        out = pipeline.build(
+            str(tiny_dir("gemma3")),
+            target="sm89",
+            max_seq_len=128,
+            global_opt=64,
+            decode_long=decode_long,
+            output=tmp_path / str(decode_long),
+        )
+        names[decode_long] = [p["name"] for p in read_metadata(out)["profiles"]]
+    assert names == {
+        None: ["decode", "decode-long", "prefill", "chunk"],
+        False: ["decode", "prefill", "chunk"],
+    }
+
+
 def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     out_dir = tmp_path / "a"
