@@ -238,10 +238,9 @@ class NetworkOptions:
         global_positions up to max_seq_len, tuned for global_opt positions. With decode_long,
         decode takes 1..global_opt of them and decode-long, a copy of it, the rest, tuned for
         max_seq_len: one set of global attention kernels was never the fastest for both short
-        and long contexts (GLOBAL_OPT). Not the default: with its execution context beside
-        decode's, decode's steps ran 8% slower (H100, Gemma-3-1B shape: 1.98 ms against 1.83
-        after 128 cached tokens, 2.04 against 1.87 after 4,000; 2.38 against 2.98 after
-        30,000 in decode-long), docs/benchmarks.md.
+        and long contexts (GLOBAL_OPT). On an H100, Gemma-3-1B shape: 2.22 ms against 2.87
+        after 30,000 cached tokens, the same below (docs/benchmarks.md); runtime.build turns
+        it on where it applies (`why_not_decode_long`).
 
         Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
