@@ -132,7 +132,8 @@ def draw_margin(model: CpuBackend, ids: list[int], params: SamplingParams) -> fl
         if not params.greedy:
             u = rng.random()
             x = logits[candidates(logits / np.float32(t), k, 1.0)].astype(np.float64) / t
-            cdf = np.cumsum(np.exp(x - x.max()) / np.exp(x - x.max()).sum())[:-1]
+            weights = np.exp(x - x.max())
+            cdf = np.cumsum(weights / weights.sum())[:-1]
             log_odds = np.log(cdf) - np.log1p(-cdf)
             margin = min(margin, t * np.min(np.abs(np.log(u) - np.log1p(-u) - log_odds)))
             token = pick(logits, params, u)
