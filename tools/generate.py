@@ -52,10 +52,14 @@ def open_backend(
             )
         backend = TensorRTBackend.load(path)
         if backend.jit_cache is not None and not backend.jit_cache.loaded:
+            reach = backend.decode_reach  # decode-long's kernels: on its first step
+            later = (
+                f", and on the first step past {reach:,} tokens (about 13 s more)" if reach else ""
+            )
             print(
                 "TensorRT-RTX compiles this engine's kernels for this GPU on its first calls "
-                f"(about 30 s for a 1B model); they are kept in {backend.jit_cache.path} for "
-                "the next run.",
+                f"(about 30 s for a 1B model){later}; they are kept in "
+                f"{backend.jit_cache.path} for the next run.",
                 file=sys.stderr,
             )
         return backend
