@@ -289,7 +289,8 @@ class Graph:
         layer = self.network.add_slice(x, (0, 0), (1, size), (1, 1))
         layer.set_input(2, self.sizes_with(x, 1, width, name))
         layer.mode = self.trt.SampleMode.FILL
-        layer.set_input(4, self.constant(np.array(value, np.float32), f"{name}.value"))
+        fill = np.array(value, TENSOR_DTYPES[dtype_name(x.dtype)])  # in x's dtype
+        layer.set_input(4, self.constant(fill, f"{name}.value"))
         return self.named(layer, name).get_output(0)
 
     def fp8_activation(self, x: Any, name: str) -> Any:

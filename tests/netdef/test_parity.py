@@ -116,9 +116,12 @@ def test_last_token_logits_match_all_logits(tiny_dir):
     np.testing.assert_allclose(last[1], full[1, 5], rtol=1e-5, atol=1e-5)
 
 
-def test_best_k_in_two_stages_over_a_padded_vocabulary(tmp_path):
-    """A 5,000-token vocabulary is padded to two TopK blocks of 4,096: the engine's best 64
-    are exactly the 64 largest logits, in order."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_best_k_in_two_stages_over_a_padded_vocabulary(dtype, tmp_path):
+    """A 5,000-token vocabulary is padded to two blocks of 4,096 (in the head's dtype, then
+    cast): the engine's best 64 are exactly the 64 largest logits, in order, and the
+    log-normalizer, summed per block, is that of the 5,000 logits (the padding adds
+    nothing). In bfloat16, where logits tie, the values and the log-normalizer."""
     from tools.bench.random_model import random_config, write_random_checkpoint
 
     shapes = dict(
@@ -128,15 +131,24 @@ def test_best_k_in_two_stages_over_a_padded_vocabulary(tmp_path):
         write_random_checkpoint(tmp_path, random_config("llama-3.2-1b", **shapes))
     )
     model = CpuBackend(
-        build_network(ckpt, NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64))
+        build_network(ckpt, NetworkOptions(dtype=dtype, max_batch=2, max_seq_len=64))
     )
     model.reset(2)
     ids = np.random.default_rng(1).integers(3, 5000, (2, 7), dtype=np.int32)
     pos = np.tile(np.arange(7, dtype=np.int32), (2, 1))
     logits = model.forward(ids, pos, np.array([6, 4]), ALL_LOGITS)["logits"]
-    top_ids = model.last["top_ids"]
-    np.testing.assert_array_equal(top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :64])
-    np.testing.assert_array_equal(model.last["top_logits"], np.take_along_axis(logits, top_ids, -1))
+    top_ids, top_logits = model.last["top_ids"], model.last["top_logits"]
+    np.testing.assert_array_equal(top_logits, -np.sort(-logits, axis=-1)[:, :64])
+    np.testing.assert_array_equal(top_logits, np.take_along_axis(logits, top_ids, -1))
+    if dtype == "float32":
+        np.testing.assert_array_equal(top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :64])
+    model.reset(2)
+    feeds = model.feeds(ids, pos, np.array([6, 4], np.int32))
+    feeds["inv_temperature"] = np.array([1 / 0.6, 1 / 1.5], np.float32)
+    lse = model.executor.run(feeds)["log_normalizer"]
+    x = logits.astype(np.float64) * feeds["inv_temperature"][:, None]
+    expected = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_allclose(lse, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
