@@ -23,7 +23,7 @@ from .slots import attention_window, layer_windows, ring_length
 Shape = tuple[int, ...]
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in MODEL_DTYPES.items()}
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
-TOPK_BLOCK = 4096  # logits per first-stage TopK block (netdef.decoder.best_k); >= TOPK_MAX
+TOPK_BLOCK = 4096  # logits per block of the passes over the vocabulary; >= TOPK_MAX
 # Attention scores [batch, heads, prefill tokens, cache slots] of one prefill call, float32 in
 # device memory (netdef.decoder.attend): the default --max-prefill keeps them to 4 GiB. (The
 # Llama-3.2-1B shape at batch 16 and 4,096 x 4,096 would need 34 GiB.)
