@@ -255,19 +255,27 @@ def kv_cache_bytes(plan: dict[str, int]) -> int:
     return sum(n for name, n in plan.items() if name.startswith("past_"))
 
 
-def check_memory(plan: dict[str, int], free: int, max_batch: int, max_seq_len: int) -> None:
-    """Refuse, before allocating, buffers that do not fit the GPU's free memory."""
+def check_memory(
+    plan: dict[str, int], free: int, max_batch: int, max_seq_len: int, decode_long: int = 0
+) -> None:
+    """Refuse, before allocating, buffers that do not fit the GPU's free memory, with
+    `decode_long` bytes left for decode-long's execution context, made on its first call
+    (past `decode_reach` positions): short of them that call would fail mid-generation."""
     from netdef.artifact import fmt_bytes
 
-    need = sum(plan.values())
+    need = sum(plan.values()) + decode_long
     if need <= free:
         return
     kv = kv_cache_bytes(plan)
+    what, fix = "its buffers", "--max-seq-len or --max-batch"
+    if decode_long:
+        what = f"its buffers and decode-long's context ({fmt_bytes(decode_long)})"
+        fix = "--max-seq-len or --max-batch, or with --no-decode-long"
     raise EngineLoadError(
-        f"its buffers need {fmt_bytes(need)}, of which the KV caches are {fmt_bytes(kv)} "
+        f"{what} need {fmt_bytes(need)}, of which the KV caches are {fmt_bytes(kv)} "
         f"({max_batch} x {fmt_bytes(kv // max_batch)} per sequence at max_seq_len "
         f"{max_seq_len}), but the GPU has {fmt_bytes(free)} free; rebuild it with a smaller "
-        "--max-seq-len or --max-batch (python -m tools.build), or free GPU memory"
+        f"{fix} (python -m tools.build), or free GPU memory"
     )
 
 
@@ -421,6 +429,7 @@ class TensorRTBackend:
         jit_cache: JitCache | None = None,
         prefill: Any = None,
         decode_long: Callable[[], Any] | None = None,
+        decode_long_bytes: int = 0,
     ):
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
         self.jit_cache = jit_cache  # saved by `close`
@@ -484,7 +493,9 @@ class TensorRTBackend:
             plan = buffer_plan(self.io, self.max_shapes, self.max_batch, self.max_prefill)
             self.kv_bytes = kv_cache_bytes(plan)  # all max_batch sequences' KV caches
             if check_free_memory:
-                check_memory(plan, free_bytes(), self.max_batch, self.max_seq_len)
+                check_memory(
+                    plan, free_bytes(), self.max_batch, self.max_seq_len, decode_long_bytes
+                )
             for name, nbytes in plan.items():
                 self.device[name] = DeviceBuffer(nbytes)
             self.addresses = {n: b.ptr for n, b in self.device.items()}
@@ -578,7 +589,13 @@ class TensorRTBackend:
                     cache.attach(extra)
                 return engine.create_execution_context(extra)
 
-            long = partial(another, decode_only=True) if two and "decode-long" in names else None
+            long, long_bytes = None, 0
+            if two and "decode-long" in names:
+                long = partial(another, decode_only=True)
+                # its scratch memory, sized for its profile (decode_only), kept free at load
+                long_bytes = engine.get_device_memory_size_for_profile_v2(
+                    names.index("decode-long")
+                )
             prefill = another(rtx_graphs=True) if two else None
             if context is None:
                 raise EngineLoadError(
@@ -597,6 +614,7 @@ class TensorRTBackend:
             jit_cache=cache,
             prefill=prefill,
             decode_long=long,
+            decode_long_bytes=long_bytes,
         )
 
     def reset(self, batch: int) -> None:

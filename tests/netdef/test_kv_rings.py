@@ -143,6 +143,16 @@ def test_kv_memory_that_does_not_fit_is_refused_with_the_numbers():
         "sequence at max_seq_len 32768), but the GPU has 5.00 GiB free; rebuild it with a "
         "smaller --max-seq-len or --max-batch (python -m tools.build), or free GPU memory"
     )
+    # decode-long's context is made on its first call: its memory is kept free at load
+    check_memory(plan, free=7 << 30, max_batch=4, max_seq_len=32768, decode_long=512 << 20)
+    with pytest.raises(EngineLoadError) as e:
+        check_memory(plan, free=13 << 29, max_batch=4, max_seq_len=32768, decode_long=1 << 30)
+    assert str(e.value) == (
+        "its buffers and decode-long's context (1.00 GiB) need 7.00 GiB, of which the KV "
+        "caches are 6.00 GiB (4 x 1.50 GiB per sequence at max_seq_len 32768), but the GPU "
+        "has 6.50 GiB free; rebuild it with a smaller --max-seq-len or --max-batch, or with "
+        "--no-decode-long (python -m tools.build), or free GPU memory"
+    )
 
 
 def test_generate_batched_over_rings_matches_transformers_greedy(tiny_dir, gemma3_270m_dir):
