@@ -245,7 +245,7 @@ class _Decoder:
         # in the engine (`draw`); host-side sampling copies the best K logits and ids.
         if self.opt.sample_top_k:
             # The argmax is the first of the best K: no second pass over the vocabulary.
-            lines = self.vocab_blocks(logits if cfg.final_logit_softcap else head_logits)
+            lines = self.vocab_blocks(head_logits, logits)
             values, ids = self.best_k(lines, self.opt.sample_top_k)
             first = g.constant(np.zeros(1, np.int32), "next_token.first")
             best = g.named(net.add_gather(values, first, 1), "next_token.best").get_output(0)
@@ -275,20 +275,23 @@ class _Decoder:
         next_token.name = io.NEXT_TOKEN
         net.mark_output(next_token)
 
-    def vocab_blocks(self, logits: Any) -> Any:
-        """float32 logits [B, blocks, TOPK_BLOCK] from the head's `logits` [B, vocab] (any
-        float dtype), padded with -inf, or float32 [B, vocab] where one block holds the
-        vocabulary. The passes over the vocabulary (`best_k`, `log_normalizer`) then spread
-        over the row blocks, not one line per sequence: the log-normalizer of 16 rows of
-        262,144 took 119 us as lines, 15 us in blocks (H100, TensorRT-RTX 1.7). Cast after
-        the reshape: cast before it, the builder fused the cast into the head's matmul (a
-        runtime fusion) and every decode step took 0.15 ms longer for the same kernels."""
+    def vocab_blocks(self, head: Any, logits: Any) -> Any:
+        """float32 logits [B, blocks, TOPK_BLOCK] from the head's output `head` [B, vocab] (the
+        network dtype), padded with -inf; the float32 `logits` the engine returns where one
+        block holds the vocabulary (as they are) or a soft-cap changed them after the head.
+        The passes over the vocabulary (`best_k`, `log_normalizer`) then spread over the row
+        blocks, not one line per sequence: the log-normalizer of 16 rows of 262,144 took
+        119 us as lines, 15 us in blocks (H100, TensorRT-RTX 1.7). Cast after the reshape:
+        cast before it, the builder fused the cast into the head's matmul (a runtime fusion)
+        and every decode step took 0.15 ms longer for the same kernels."""
         g, blocks = self.g, -(-self.cfg.vocab_size // TOPK_BLOCK)
-        if blocks > 1:
-            if blocks * TOPK_BLOCK > self.cfg.vocab_size:
-                logits = g.pad_last(logits, blocks * TOPK_BLOCK, float("-inf"), "sample.pad")
-            logits = g.shuffle(logits, "sample.blocks", reshape=(0, blocks, TOPK_BLOCK))
-        return g.cast(logits, np.dtype(np.float32), "sample.float32")
+        if blocks == 1:
+            return logits
+        x = logits if self.cfg.final_logit_softcap else head
+        if blocks * TOPK_BLOCK > self.cfg.vocab_size:
+            x = g.pad_last(x, blocks * TOPK_BLOCK, float("-inf"), "sample.pad")
+        x = g.shuffle(x, "sample.blocks", reshape=(0, blocks, TOPK_BLOCK))
+        return g.cast(x, np.dtype(np.float32), "sample.float32")
 
     def best_k(self, lines: Any, k: int) -> tuple[Any, Any]:
         """The k largest logits [B, k] (best first) and their int32 ids from `vocab_blocks`, in
@@ -328,16 +331,16 @@ class _Decoder:
         largest scaled logit [B, 1], which `draw` shares."""
         g, net = self.g, self.g.network
         peak = g.mul(best, inv_t, "lse.max")
-        if len(lines.shape) == 3:  # [B, 1] -> [B, 1, 1] against the blocks
+        blocked = len(lines.shape) == 3
+        shift = peak
+        if blocked:  # [B, 1] -> [B, 1, 1] against the blocks
             inv_t = g.shuffle(inv_t, "lse.inv_t.blocks", reshape=(0, 1, 1))
             shift = g.shuffle(peak, "lse.max.blocks", reshape=(0, 1, 1))
-        else:
-            shift = peak
         x = g.mul(lines, inv_t, "lse.scale")
         total = g.reduce_last(
             g.unary(g.elementwise(x, shift, "SUB", "lse.shift"), "EXP", "lse.exp"), "SUM", "lse.sum"
         )
-        if len(lines.shape) == 3:
+        if blocked:
             total = g.reduce_last(
                 g.shuffle(total, "lse.block_sums", reshape=(0, -1)), "SUM", "lse.sum_blocks"
             )
