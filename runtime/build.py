@@ -33,6 +33,7 @@ from netdef.artifact import (
     check_replaceable,
     copy_model_files,
     files_sha256,
+    fmt_bytes,
     is_complete,
     metadata,
     read_metadata,
@@ -231,6 +232,12 @@ def build(
                 # alone is about 10% of a 1B build.
                 hashing = ThreadPoolExecutor(max_workers=1)
                 weights_sha256 = hashing.submit(files_sha256, shards)
+                per_sequence = options.kv_bytes(config)
+                hooks.say(  # what a GPU must hold beside the engine: said before the long build
+                    f"KV cache: {fmt_bytes(max_batch * per_sequence)} of GPU memory once loaded "
+                    f"({max_batch} x {fmt_bytes(per_sequence)} per sequence at max_seq_len "
+                    f"{max_seq_len}); --max-seq-len and --max-batch set it."
+                )
                 hooks.say(
                     f"Building the engine for {target or 'this GPU'} ({dtype}"
                     + (f", {quant}" if quant != "none" else "")

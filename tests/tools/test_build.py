@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from netdef import load_tensorrt
-from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, read_metadata
+from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, fmt_bytes, read_metadata
 from runtime import build as pipeline
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import build as build_tool
@@ -60,6 +60,13 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
     ]
     assert meta["weights_sha256"] == files_sha256(sorted(tiny_dir(family).glob("*.safetensors")))
     assert "Network definition" in err and "Engine:" in err
+    per_sequence = sum(meta["kv_cache"]["slots"]) * 2 * config.num_kv_heads * config.head_dim * 2
+    assert per_sequence == meta["kv_cache"]["bytes_per_sequence"]
+    assert (
+        f"\nKV cache: {fmt_bytes(2 * per_sequence)} of GPU memory once loaded (2 x "
+        f"{fmt_bytes(per_sequence)} per sequence at max_seq_len 64); --max-seq-len and "
+        "--max-batch set it.\n"
+    ) in err
 
 
 def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatch):
