@@ -99,7 +99,7 @@ class NetworkOptions:
 
     @property
     def prefill_len(self) -> int:
-        return self.max_prefill or self.max_seq_len
+        return self.max_seq_len if self.max_prefill is None else self.max_prefill
 
     def validate(self, config: ModelConfig) -> None:
         if self.dtype not in MODEL_DTYPES:
@@ -108,7 +108,9 @@ class NetworkOptions:
             )
         if self.max_batch < 1:
             raise OptionsError(f"max_batch={self.max_batch} must be at least 1.")
-        if not 1 <= self.max_seq_len <= config.max_position_embeddings:
+        if self.max_seq_len < 1:
+            raise OptionsError(f"max_seq_len={self.max_seq_len} must be at least 1.")
+        if self.max_seq_len > config.max_position_embeddings:
             raise OptionsError(
                 f"max_seq_len={self.max_seq_len} is outside what the model supports "
                 f"(1..max_position_embeddings={config.max_position_embeddings}); choose a smaller --max-seq-len."

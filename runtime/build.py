@@ -146,12 +146,13 @@ def build(
         except TokenizerError as e:
             raise BuildError(str(e)) from None
     config = ckpt.config
-    max_seq_len = max_seq_len or default_max_seq_len(config)
+    if max_seq_len is None:
+        max_seq_len = default_max_seq_len(config)
     options = NetworkOptions(
         dtype=dtype,
         max_batch=max_batch,
         max_seq_len=max_seq_len,
-        max_prefill=max_prefill or default_max_prefill(config, max_batch, max_seq_len),
+        max_prefill=max_prefill,
         prefill_opt=prefill_opt,
         decode_opt=decode_opt,
         global_opt=global_opt,
@@ -161,7 +162,10 @@ def build(
         quant_lm_head=quant_lm_head,
         sample_top_k=sample_top_k,
     )
-    options.validate(config)
+    options.validate(config)  # the numbers first: the default below divides by them
+    if max_prefill is None:
+        options = replace(options, max_prefill=default_max_prefill(config, max_batch, max_seq_len))
+        options.validate(config)  # prefill_opt against that default
     if decode_long is None:  # where it applies (NetworkOptions.profiles says why)
         options = replace(options, decode_long=options.why_not_decode_long(config) is None)
     calibration = None

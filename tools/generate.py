@@ -68,7 +68,7 @@ def open_backend(
         options = NetworkOptions(**{**meta.options, "max_batch": max_batch})
     else:
         ckpt = Checkpoint.open(path)
-        seq_len = max_seq_len or default_max_seq_len(ckpt.config)
+        seq_len = default_max_seq_len(ckpt.config) if max_seq_len is None else max_seq_len
         options = NetworkOptions(
             dtype=dtype, max_batch=max_batch, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )

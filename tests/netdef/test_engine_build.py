@@ -244,6 +244,11 @@ def test_float16_gemma_warns(tiny_dir):
             "dtype 'int8' is not supported; choose bfloat16, float16 or float32.",
         ),
         (NetworkOptions(max_batch=0), "max_batch=0 must be at least 1."),
+        (NetworkOptions(max_seq_len=0), "max_seq_len=0 must be at least 1."),
+        (
+            NetworkOptions(max_seq_len=64, max_prefill=0),
+            "max_prefill=0 must be between 1 and max_seq_len=64.",
+        ),
         (
             NetworkOptions(max_seq_len=64, max_prefill=65),
             "max_prefill=65 must be between 1 and max_seq_len=64.",

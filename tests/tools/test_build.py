@@ -159,6 +159,25 @@ def test_unknown_target(tiny_dir, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-batch", "0"], "max_batch=0 must be at least 1."),
+        (["--max-seq-len", "0"], "max_seq_len=0 must be at least 1."),
+        (["--max-prefill", "0"], "max_prefill=0 must be between 1 and max_seq_len=256."),
+    ],
+)
+def test_sizes_below_one_are_refused(args, message, tiny_dir, tmp_path, capsys):
+    """A zero is refused, not read as "the default" (--max-prefill 0 built with the default
+    chunk) nor divided by (--max-batch 0 reached the user as a ZeroDivisionError)."""
+    out_dir = tmp_path / "a"
+    code, _, err = run_build(
+        [str(tiny_dir("llama")), "--target", "sm89", *args, "--output", str(out_dir)], capsys
+    )
+    assert code == 1 and not out_dir.exists()
+    assert err.strip() == f"error: {message}"
+
+
 def test_decode_long_needs_a_cache_longer_than_its_split(tiny_dir, tmp_path, capsys):
     out_dir = tmp_path / "a"
     args = ["--target", "sm89", "--max-seq-len", "64", "--decode-long", "--output", str(out_dir)]
