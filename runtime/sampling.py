@@ -38,6 +38,7 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("seed", self.seed is None or 0 <= self.seed < 2**32, "must be in [0, 2**32)"),
+            ("stop", all(self.stop), "must not hold an empty string (it would stop at once)"),
         ]
         for field, ok, need in checks:
             if not ok:

@@ -146,6 +146,10 @@ def test_top_k_one_is_greedy_even_when_sampling(logits):
         ({"top_p": 0}, "top_p=0 must be in (0, 1]."),
         ({"top_k": -2}, "top_k=-2 must be >= 0 (0 disables it)."),
         ({"repetition_penalty": 0}, "repetition_penalty=0 must be > 0."),
+        (
+            {"stop": ("\n", "")},
+            "stop=('\\n', '') must not hold an empty string (it would stop at once).",
+        ),
     ],
 )
 def test_bad_params(kwargs, message):
