@@ -547,11 +547,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
     )
     args = p.parse_args(argv)
     for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
+        ("--drain-timeout", args.drain_timeout, 0),
         ("--ray-replicas", args.ray_replicas, 1),
     ):
         if value is not None and value < low:
             p.error(f"{flag} must be at least {low}.")
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port {args.port} is not a TCP port; choose one in 1..65535.")
     if args.backend == "tensorrt" and args.max_batch is not None:
         p.error(
             "--max-batch applies to the reference backend; an engine's is fixed when it is built."

@@ -190,6 +190,27 @@ def test_a_client_that_disconnects_frees_its_row(server):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch must be at least 1."),
+        (["--drain-timeout", "-5"], "--drain-timeout must be at least 0."),
+        (["--port", "70000"], "--port 70000 is not a TCP port; choose one in 1..65535."),
+    ],
+)
+def test_bad_arguments_are_refused_before_serving(args, message, tiny, capsys):
+    """Each was taken before: --max-batch 0 served as the default batch, --port 70000
+    announced a URL no client can reach and served on."""
+    from tools.serve import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args([str(tiny), "--backend", "reference", *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m tools.serve: error: {message}"
+    )
+
+
 def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
     """One row, one waiting place: a third request gets 429. SIGTERM then refuses new
     connections, lets both running requests finish, and exits 0."""
