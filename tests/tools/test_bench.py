@@ -391,6 +391,18 @@ def test_option_parsing_defaults_and_errors(capsys):
     assert "--memory-limit takes a positive multiple of the checkpoint, with --build" in (
         capsys.readouterr().err
     )
+    for flag, value, need in (
+        ("--steps", "0", "positive"),
+        ("--context", "-3", ">= 0"),
+        ("--new-shapes", "-1", ">= 0"),
+        ("--max-batch", "0", "positive"),
+        ("--max-seq-len", "0", "positive"),
+        ("--bandwidth-mib", "0", "positive"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["m", flag, value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"python -m tools.bench: error: {flag} must be {need}"
 
 
 def test_format_table():

@@ -220,12 +220,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("only --build takes several models")
         if args.memory_limit is not None and not (args.build and args.memory_limit > 0):
             p.error("--memory-limit takes a positive multiple of the checkpoint, with --build")
-    for name in ("warmup", "rounds", "prompt_len", "decode_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            p.error(
-                f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else 'positive'}"
-            )
+    at_least = {"warmup": 0, "context": 0, "new_shapes": 0}  # the others: positive
+    positive = ("rounds", "prompt_len", "decode_tokens", "steps", "max_batch", "max_seq_len")
+    for name in (*at_least, *positive, "bandwidth_mib"):
+        value, low = getattr(args, name), at_least.get(name, 1)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if low == 0 else 'positive'}")
     return args
 
 
