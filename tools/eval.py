@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        p.error(f"--max-tokens {args.max_tokens}: evaluation needs at least two tokens.")
+    if args.chunk < 1:
+        p.error(f"--chunk {args.chunk} must be at least 1.")
     try:
         if is_complete(args.model_dir):
             from_artifact(args)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not s for s in seqs):
         parser.error("every --ids needs at least one token id")
     t_max = max(len(s) for s in seqs)
-    prefill = args.prefill or t_max
+    prefill = t_max if args.prefill is None else args.prefill
     if not 1 <= prefill <= t_max:
         parser.error(f"--prefill {prefill} must be between 1 and the longest sequence ({t_max})")
     if not args.out.parent.is_dir():

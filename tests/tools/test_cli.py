@@ -44,6 +44,21 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         logits_tool.main([str(tiny_dir("llama")), "--ids", "1,x", "--out", str(tmp_path / "x.npy")])
     assert "--ids takes comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 0 was read as "all of them"
+        logits_tool.main(
+            [
+                str(tiny_dir("llama")),
+                "--ids",
+                "1,2,3",
+                "--prefill",
+                "0",
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m tools.logits: error: --prefill 0 must be between 1 and the longest sequence (3)"
+    )
     assert not (tmp_path / "x.npy").exists()
 
 

@@ -48,6 +48,25 @@ def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, ca
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-tokens", "-5"], "--max-tokens -5: evaluation needs at least two tokens."),
+        (["--chunk", "0"], "--chunk 0 must be at least 1."),
+    ],
+)
+def test_sizes_too_small_are_refused(flags, message, tmp_path, capsys):
+    """--max-tokens -5 evaluated the text less its last five tokens; --chunk 0 was refused
+    as max_prefill, a name the user never typed."""
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(tiny_quant_dir("llama")), "--text", str(MOBY_DICK), *flags])
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"python -m tools.eval: error: {message}"
+    )
+
+
 @pytest.mark.slow
 def test_gemma270m_quantized_accuracy(gemma3_270m_dir, capsys):
     """Over 320 tokens of Moby-Dick against the bfloat16 network (fp8 calibrated on 256 tokens
