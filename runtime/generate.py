@@ -108,6 +108,11 @@ class Generator:
         truncate: bool = False,
     ) -> Run:
         """Tokenize and check every prompt against the engine's limits; nothing runs yet."""
+        if isinstance(prompts, str) or any(isinstance(p, int | np.integer) for p in prompts):
+            raise GenerationError(  # a str or a list of ids is a Sequence, of 1-token prompts
+                "prompts is a list of prompts (each text, token ids or chat messages); wrap "
+                "one prompt in a list: start([prompt], params)."
+            )
         if not prompts:
             raise GenerationError("no prompts given.")
         if len(prompts) > self.backend.max_batch:

@@ -316,5 +316,17 @@ def test_too_many_prompts_are_refused(cpu_model, tokenizer):
     )
 
 
+@pytest.mark.parametrize("prompts", ["Hi", [2, 5, 7]])
+def test_one_prompt_not_in_a_list_is_refused(prompts, cpu_model, tokenizer):
+    """A string or a list of ids is itself a sequence: taken as it was, "Hi" became two
+    one-character prompts."""
+    with pytest.raises(GenerationError) as err:
+        Generator(cpu_model, tokenizer).start(prompts, greedy())
+    assert str(err.value) == (
+        "prompts is a list of prompts (each text, token ids or chat messages); wrap one prompt "
+        "in a list: start([prompt], params)."
+    )
+
+
 def test_token_id_prompts_pass_through(cpu_model, tokenizer):
     assert Generator(cpu_model, tokenizer).encode([2, 5, 7], chat=False) == [2, 5, 7]
