@@ -92,13 +92,18 @@ class Generator:
         self.eos_ids = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
 
     def encode(self, prompt: Prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int | np.integer) for t in prompt):
             return [int(t) for t in prompt]
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.encode_chat(prompt)
-        if chat:
-            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
+        raise GenerationError(
+            "a prompt is text, a list of token ids or a list of chat messages ({'role': ..., "
+            f"'content': ...}}), not {prompt!r:.60}."
+        )
 
     def start(
         self,

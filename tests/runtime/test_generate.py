@@ -328,5 +328,19 @@ def test_one_prompt_not_in_a_list_is_refused(prompts, cpu_model, tokenizer):
     )
 
 
+@pytest.mark.parametrize(
+    ("prompt", "shown"), [(["Hi"], "['Hi']"), ([1.5, 2], "[1.5, 2]"), (None, "None")]
+)
+def test_a_prompt_of_another_kind_is_one_clear_error(prompt, shown, cpu_model, tokenizer):
+    """Before, a list of strings went to the chat template and None to the tokenizer's
+    TypeError."""
+    with pytest.raises(GenerationError) as err:
+        Generator(cpu_model, tokenizer).start([prompt], greedy())
+    assert str(err.value) == (
+        "a prompt is text, a list of token ids or a list of chat messages ({'role': ..., "
+        f"'content': ...}}), not {shown}."
+    )
+
+
 def test_token_id_prompts_pass_through(cpu_model, tokenizer):
     assert Generator(cpu_model, tokenizer).encode([2, 5, 7], chat=False) == [2, 5, 7]
