@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=256, help="copy size for bandwidth (default 256)")
     p.add_argument("--launches", type=int, default=1000, help="steps timed per launch mode")
     args = p.parse_args(argv)
+    for flag, value in (("--mib", args.mib), ("--launches", args.launches)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1.")
     if reason := gpu_unavailable_reason():
         print(f"no usable GPU: {reason}", file=sys.stderr)
         return 2
