@@ -173,11 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         modes = args.quant or [m for m in MODES if m != "none"]
         tokenizer = Tokenizer.from_dir(args.model_dir)
         ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))[: args.max_tokens]
+        ckpt = Checkpoint.open(args.model_dir)
+        context = ckpt.config.max_position_embeddings
+        if len(ids) > context:  # the network's max_seq_len is the text's length
+            raise ValueError(
+                f"{args.text} is {len(ids)} tokens, longer than the model's context "
+                f"({context} positions); evaluate its first {context} with --max-tokens {context}."
+            )
         calib = (
             tokenizer.encode(args.calib_file.read_text(encoding="utf-8")) if "fp8" in modes else ()
         )
         result = evaluate(
-            Checkpoint.open(args.model_dir),
+            ckpt,
             ids,
             modes,
             dtype=args.dtype,

@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         bad = sorted({tok for s in seqs for tok in s if not 0 <= tok < vocab})
         if bad:
             raise SystemExit(f"error: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        context = ckpt.config.max_position_embeddings
+        if t_max > context:  # the network's max_seq_len is the longest sequence
+            raise SystemExit(
+                f"error: a sequence of {t_max} ids is longer than the model's context "
+                f"({context} positions); pass at most {context} ids per --ids."
+            )
         options = NetworkOptions(
             dtype=args.dtype,
             max_batch=len(seqs),

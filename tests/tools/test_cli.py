@@ -114,12 +114,13 @@ def test_generate_cli_needs_an_artifact_for_tensorrt(gemma3_270m_dir, capsys):
 
 
 def test_logits_cli_sequence_longer_than_the_model_allows(tiny_dir, tmp_path):
+    """It said "choose a smaller --max-seq-len", an option tools.logits does not have."""
     ids = ",".join(["7"] * 300)
     with pytest.raises(SystemExit) as err:
         logits_tool.main([str(tiny_dir("llama")), "--ids", ids, "--out", str(tmp_path / "x.npy")])
     assert str(err.value) == (
-        "error: max_seq_len=300 is outside what the model supports (1..max_position_embeddings=256); "
-        "choose a smaller --max-seq-len."
+        "error: a sequence of 300 ids is longer than the model's context (256 positions); "
+        "pass at most 256 ids per --ids."
     )
 
 

@@ -67,6 +67,16 @@ def test_sizes_too_small_are_refused(flags, message, tmp_path, capsys):
     )
 
 
+def test_a_text_longer_than_the_context_is_refused(capsys):
+    """It was refused as "max_seq_len=6271 ... choose a smaller --max-seq-len", an option
+    tools.eval does not have."""
+    assert eval_tool.main([str(tiny_quant_dir("llama")), "--text", str(MOBY_DICK)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {MOBY_DICK} is 6271 tokens, longer than the model's context (256 positions); "
+        "evaluate its first 256 with --max-tokens 256."
+    )
+
+
 @pytest.mark.slow
 def test_gemma270m_quantized_accuracy(gemma3_270m_dir, capsys):
     """Over 320 tokens of Moby-Dick against the bfloat16 network (fp8 calibrated on 256 tokens
