@@ -527,8 +527,8 @@ class _Decoder:
         cache of keys and values; returns [B, S, heads * head_dim].
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
-        slots (at most the window per decode step), global layers those `global_positions`
-        names (O(n) after n cached tokens). The network holds two forms and routes each
+        slots (at most the window per decode step), global layers slots 0 .. L - 1, the
+        positions `global_positions` names (O(n) after n cached tokens). The network holds two forms and routes each
         call's query rows to one of them (`call_rows`): a decode step's row attends as
         float32 matmuls, a prefill's rows with TensorRT's fused attention; the other form
         gets no rows. IIfConditional would say this directly, but TensorRT-RTX 1.7's Myelin
@@ -544,7 +544,10 @@ class _Decoder:
         from 5.7 / 7.4 to 6.3 / 8.1 ms."""
         slots, (step_mask, prompt_mask) = self.visible_slots(window, ring)
         g, kv_heads = self.g, self.cfg.num_kv_heads
-        read = self.gather_slots(cache, slots, "attn.kv")  # [B, 2 * kv_heads, L, D]
+        if window is None:  # slots 0 .. L - 1, global_positions' values
+            read = self.slot_prefix(cache, g.dim(slots, 0, "attn.kv.length"), "attn.kv")
+        else:
+            read = self.gather_slots(cache, slots, "attn.kv")  # [B, 2 * kv_heads, L, D]
         k, v = (
             self.heads_of(read, first, kv_heads, n)
             for first, n in ((0, "keys"), (kv_heads, "values"))
@@ -633,12 +636,34 @@ class _Decoder:
         return gather.get_output(0)
 
     def gather_slots(self, cache: Any, slots: Any, name: str) -> Any:
-        """cache [B, kv_heads, slots, D] at each row's slots [B, L], or at slots [L] of all."""
+        """cache [B, 2 * kv_heads, slots, D] at each row's slots [B, L]."""
         gather = self.g.rewired(
             lambda t: self.g.network.add_gather(t, slots, 2), cache, (1,) * 4, self.dtype, name
         )
-        gather.num_elementwise_dims = len(slots.shape) - 1
+        gather.num_elementwise_dims = 1
         return gather.get_output(0)
+
+    def slot_prefix(self, cache: Any, length: Any, name: str) -> Any:
+        """cache [B, 2 * kv_heads, slots, D] at slots 0 .. length - 1 (int64 [1]): a slice,
+        where a gather of the same slots read the Llama-3.2-1B shape's caches in 295 us of a
+        batch-16 step against 250 (H100, docs/benchmarks.md). Its sizes come from the input
+        ids' batch, not the cache's shape, which `Graph.rewired` says not to ask for."""
+        g, cfg = self.g, self.cfg
+
+        def fixed(value: int, part: str) -> Any:
+            return g.constant(np.array([value], np.int64), f"{name}.{part}")
+
+        batch = g.dim(self.input_ids, 0, f"{name}.batch")
+        sizes = [batch, fixed(2 * cfg.num_kv_heads, "heads"), length, fixed(cfg.head_dim, "d")]
+        layer = g.rewired(
+            lambda t: g.network.add_slice(t, (0,) * 4, (1,) * 4, (1,) * 4),
+            cache,
+            (1,) * 4,
+            self.dtype,
+            name,
+        )
+        layer.set_input(2, g.concat(sizes, 0, f"{name}.sizes"))
+        return layer.get_output(0)
 
     def visible_slots(self, window: int | None, ring: int) -> tuple[Any, tuple[Any, Any]]:
         """(slots to gather, (step mask, prompt mask)) for global layers (window None) or the

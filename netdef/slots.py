@@ -9,13 +9,14 @@ no row of a call may cross a ring's end: `call_end` (and `prompt_chunks`) split 
 and `ring_crossing` refuses other calls.
 
 A decode step after n cached tokens should read O(n) slots on global layers and at most the
-window on sliding layers, not the whole cache. The network gathers the positions the
-`window_positions` and `global_positions` inputs name (sliding layers from slot position mod
-ring) and masks them by position, so any superset of the visible positions gives the same
-result; the runtime picks small ones: global layers read positions 0 .. P-1, P the call's
-furthest position + 1 rounded up to a power of two (at least `MIN_SLOTS`); sliding layers,
-per sequence, the `window - 1` positions before its first new token and the new ones
-(negative before position 0), or 0 .. P-1 when that is fewer.
+window on sliding layers, not the whole cache. Sliding layers gather the positions the
+`window_positions` input names (from slot position mod ring), global layers read slots
+0 .. Lg-1 as a slice (`global_positions` is 0 .. Lg-1), and both mask them by position, so
+any superset of the visible positions gives the same result; the runtime picks small ones:
+global layers read positions 0 .. P-1, P the call's furthest position + 1 rounded up to a
+power of two (at least `MIN_SLOTS`); sliding layers, per sequence, the `window - 1`
+positions before its first new token and the new ones (negative before position 0), or
+0 .. P-1 when that is fewer.
 """
 
 from __future__ import annotations
