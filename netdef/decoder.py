@@ -626,7 +626,7 @@ class _Decoder:
 
     def heads_of(self, kv: Any, first: int, count: int, name: str) -> Any:
         """kv [B, 2 * kv_heads, L, D] at heads first .. first + count - 1: the keys or values,
-        by a gather (Myelin fuses it with the slots' gather and the cast); a slice
+        by a gather (Myelin fuses it with the slots' gather or slice and the cast); a slice
         (`Graph.span`) decoded no faster and prefilled 1-4% slower (H100, 2026-12-06)."""
         g = self.g
         heads = g.constant(np.arange(first, first + count, dtype=np.int32), f"attn.{name}.heads")
