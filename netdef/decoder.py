@@ -528,11 +528,11 @@ class _Decoder:
 
         Sliding layers read the positions `window_positions` names from their ring of `ring`
         slots (at most the window per decode step), global layers slots 0 .. L - 1, the
-        positions `global_positions` names (O(n) after n cached tokens). The network holds two forms and routes each
-        call's query rows to one of them (`call_rows`): a decode step's row attends as
-        float32 matmuls, a prefill's rows with TensorRT's fused attention; the other form
-        gets no rows. IIfConditional would say this directly, but TensorRT-RTX 1.7's Myelin
-        cannot build an IAttention inside one.
+        positions `global_positions` names (O(n) after n cached tokens). The network holds
+        two forms and routes each call's query rows to one of them (`call_rows`): a decode
+        step's row attends as float32 matmuls, a prefill's rows with TensorRT's fused
+        attention; the other form gets no rows. IIfConditional would say this directly, but
+        TensorRT-RTX 1.7's Myelin cannot build an IAttention inside one.
 
         Why two forms, measured on an H200 (TensorRT-RTX 1.7 through the gpu-rig, Gemma-3-1B
         shape, docs/benchmarks.md): the fused decode kernel walks the keys in one block per
@@ -644,9 +644,9 @@ class _Decoder:
         return gather.get_output(0)
 
     def slot_prefix(self, cache: Any, length: Any, name: str) -> Any:
-        """cache [B, 2 * kv_heads, slots, D] at slots 0 .. length - 1 (int64 [1]): a slice,
-        where a gather of the same slots read the Llama-3.2-1B shape's caches in 295 us of a
-        batch-16 step against 250 (H100, docs/benchmarks.md). Its sizes come from the input
+        """cache [B, 2 * kv_heads, slots, D] at slots 0 .. length - 1 (int64 [1]). As a
+        slice the Llama-3.2-1B shape's batch-16 step reads its caches in 250 us, as a gather
+        of the same slots in 295 (H100, docs/benchmarks.md). The sizes come from the input
         ids' batch, not the cache's shape, which `Graph.rewired` says not to ask for."""
         g, cfg = self.g, self.cfg
 
