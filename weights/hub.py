@@ -84,6 +84,12 @@ def resolve_model(
         from .bundled import bundled_model_dir
 
         return bundled_model_dir(progress=progress)
+    if path.exists() or name.startswith((".", "/", "~")):  # a path, never a Hub name
+        problem = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise HubError(
+            f"{name} {problem}; pass a folder with config.json and the safetensors, a .gguf "
+            "file, a short name (see python -m tools.build --help) or a Hub repo id."
+        )
     return download(repo_id_for(name), revision=revision, token=token, progress=progress)
 
 
@@ -116,6 +122,8 @@ def download(
         raise HubError(
             f"{repo_id} has no revision {revision!r}; pass an existing branch, tag or commit."
         ) from None
+    except errors.HFValidationError as e:  # a name with one "/" that no repo id can be
+        raise HubError(f"{repo_id!r} is not a Hub repo id: {e}") from None
     except errors.LocalEntryNotFoundError as e:  # the Hub could not be asked, and no cached copy
         raise _not_cached(repo_id, e.__cause__) from None
     except errors.HfHubHTTPError as e:  # what is left after the cases above: 401, or a failed file

@@ -68,7 +68,6 @@ def test_repo_ids(name, repo_id):
         ("qwen3-0.6", " Did you mean 'qwen3-0.6b', 'qwen3-1.7b', 'qwen3-8b'?"),
         ("mistral-7b", ""),
         ("a/b/c", ""),
-        ("/no-such-folder", ""),
     ],
 )
 def test_unknown_names(name, hint):
@@ -79,6 +78,31 @@ def test_unknown_names(name, hint):
         "Pass a short name (see python -m tools.build --help), a Hub repo id like "
         "google/gemma-3-1b-it, or a local folder."
     )
+
+
+@pytest.mark.parametrize("name", ["/no-such-folder", "./no-such-folder", "~/no/such"])
+def test_missing_paths_are_not_looked_up_on_the_hub(name):
+    """'./nothere' has one '/' and went to huggingface_hub as a repo id: a traceback."""
+    with pytest.raises(HubError) as err:
+        resolve_model(name)
+    assert str(err.value) == (
+        f"{name} does not exist; pass a folder with config.json and the safetensors, a .gguf "
+        "file, a short name (see python -m tools.build --help) or a Hub repo id."
+    )
+
+
+def test_a_name_no_repo_id_can_be():
+    with pytest.raises(HubError) as err:
+        resolve_model("someone/two words")
+    assert str(err.value).startswith("'someone/two words' is not a Hub repo id: Repo id must use")
+
+
+def test_a_file_is_not_a_model_folder(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(HubError) as err:
+        resolve_model(str(weights))
+    assert str(err.value).startswith(f"{weights} is a file, not a model folder; pass a folder")
 
 
 def test_local_folders_pass_through(tmp_path, monkeypatch):
