@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-tokens {args.max_tokens}: evaluation needs at least two tokens.")
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} must be at least 1.")
+    if not args.model_dir.exists():
+        print(
+            f"error: {args.model_dir} does not exist; pass an artifact folder from python -m "
+            "tools.build or a Hugging Face model folder.",
+            file=sys.stderr,
+        )
+        return 1
     try:
         if is_complete(args.model_dir):
             from_artifact(args)

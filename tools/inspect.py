@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact", type=Path, help="folder written by python -m tools.build")
     p.add_argument("--json", action="store_true", help="print the raw metadata.json")
     args = p.parse_args(argv)
+    if not args.artifact.exists():
+        print(
+            f"error: {args.artifact} does not exist; pass a folder written by python -m tools.build.",
+            file=sys.stderr,
+        )
+        return 1
     if not is_complete(args.artifact):
         print(
             f"error: {args.artifact} is not an engine artifact (no {ENGINE_FILE} and metadata.json).",

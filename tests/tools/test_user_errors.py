@@ -10,6 +10,7 @@ import pytest
 
 from netdef.artifact import METADATA_FILE
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
+from tools import eval as eval_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from tools import logits as logits_tool
@@ -183,6 +184,16 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass an artifact folder from python -m tools.build, "
         "or a Hugging Face model folder with --backend reference.\n"
+    )
+    # tools.inspect said "not an engine artifact", tools.eval "has no tokenizer.json"
+    assert inspect_tool.main([str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass a folder written by python -m tools.build.\n"
+    )
+    assert eval_tool.main([str(missing), "--text", str(missing)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass an artifact folder from python -m tools.build "
+        "or a Hugging Face model folder.\n"
     )
 
 
