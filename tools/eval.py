@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-tokens {args.max_tokens}: evaluation needs at least two tokens.")
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} must be at least 1.")
+    for flag, path in (("--text", args.text), ("--calib-file", args.calib_file)):
+        if not path.is_file():
+            p.error(f"{flag} {path}: no such file.")
     if not args.model_dir.exists():
         print(
             f"error: {args.model_dir} does not exist; pass an artifact folder from python -m "

@@ -53,11 +53,13 @@ def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, ca
     [
         (["--max-tokens", "-5"], "--max-tokens -5: evaluation needs at least two tokens."),
         (["--chunk", "0"], "--chunk 0 must be at least 1."),
+        (["--text", "/no/such.txt"], "--text /no/such.txt: no such file."),
+        (["--calib-file", "/no/calib.txt"], "--calib-file /no/calib.txt: no such file."),
     ],
 )
-def test_sizes_too_small_are_refused(flags, message, tmp_path, capsys):
+def test_bad_arguments_are_refused_at_parse_time(flags, message, tmp_path, capsys):
     """--max-tokens -5 evaluated the text less its last five tokens; --chunk 0 was refused
-    as max_prefill, a name the user never typed."""
+    as max_prefill, a name the user never typed; a missing text file was an OSError's repr."""
     with pytest.raises(SystemExit) as e:
         eval_tool.main([str(tiny_quant_dir("llama")), "--text", str(MOBY_DICK), *flags])
     assert e.value.code == 2

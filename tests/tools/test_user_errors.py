@@ -190,7 +190,9 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass a folder written by python -m tools.build.\n"
     )
-    assert eval_tool.main([str(missing), "--text", str(missing)]) == 1
+    text = tmp_path / "text.txt"
+    text.write_text("Call me Ishmael.")
+    assert eval_tool.main([str(missing), "--text", str(text)]) == 1
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass an artifact folder from python -m tools.build "
         "or a Hugging Face model folder.\n"
