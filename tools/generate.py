@@ -29,6 +29,18 @@ from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
 
 
+def artifact_metadata(path: Path, backend: str) -> Metadata | None:
+    """The artifact's checked metadata, or None for a model folder, which only the reference
+    backend runs: said before the tokenizer is read (a folder that is neither lacks one)."""
+    meta = check_intact(path) if (path / METADATA_FILE).is_file() else None
+    if meta is None and backend == "tensorrt":
+        raise GenerationError(
+            f"{path} is not an engine artifact; build one with python -m tools.build, or use "
+            "--backend reference."
+        )
+    return meta
+
+
 def open_backend(
     path: Path,
     meta: Metadata | None,
@@ -38,13 +50,8 @@ def open_backend(
     max_batch: int = 1,
 ) -> Backend:
     """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)
-    for `max_batch` sequences; `meta` is the artifact's checked metadata, None for a model
-    folder."""
+    for `max_batch` sequences; `meta` is `artifact_metadata`'s."""
     if backend == "tensorrt":
-        if meta is None:
-            raise GenerationError(
-                f"{path} is not an engine artifact; build one with python -m tools.build, or use --backend reference."
-            )
         if reason := gpu_unavailable_reason():
             raise GenerationError(
                 f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.model} does not exist; pass an artifact folder from python -m tools.build, "
                 "or a Hugging Face model folder with --backend reference."
             )
-        meta = check_intact(args.model) if (args.model / METADATA_FILE).is_file() else None
+        meta = artifact_metadata(args.model, args.backend)
         tokenizer = load_tokenizer(args.model, meta)
         if args.chat and args.prompt is not None:  # no chat template: refused before any work
             tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

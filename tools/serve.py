@@ -489,10 +489,9 @@ class ServeConfig:
 
     def server(self) -> Server:
         """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
-        from netdef.artifact import METADATA_FILE, check_intact
-        from tools.generate import load_tokenizer, open_backend
+        from tools.generate import artifact_metadata, load_tokenizer, open_backend
 
-        meta = check_intact(self.model) if (self.model / METADATA_FILE).is_file() else None
+        meta = artifact_metadata(self.model, self.backend)
         tokenizer = load_tokenizer(self.model, meta)
         rows = self.rows()
         backend = open_backend(self.model, meta, self.backend, self.dtype, self.max_seq_len, rows)

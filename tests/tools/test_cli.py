@@ -105,12 +105,19 @@ def test_generate_cli_chat_without_template_is_one_clear_error(gemma3_270m_dir, 
     )
 
 
-def test_generate_cli_needs_an_artifact_for_tensorrt(gemma3_270m_dir, capsys):
-    assert generate_tool.main([str(gemma3_270m_dir), "--prompt", "x"]) == 1
-    assert capsys.readouterr().err == (
-        f"error: {gemma3_270m_dir} is not an engine artifact; build one with python -m tools.build, "
-        "or use --backend reference.\n"
-    )
+def test_generate_cli_needs_an_artifact_for_tensorrt(gemma3_270m_dir, tmp_path, capsys):
+    from tools import serve as serve_tool
+
+    # a folder without a tokenizer either was refused for that, not for what it is
+    for folder in (gemma3_270m_dir, tmp_path):
+        expected = (
+            f"error: {folder} is not an engine artifact; build one with python -m tools.build, "
+            "or use --backend reference.\n"
+        )
+        assert generate_tool.main([str(folder), "--prompt", "x"]) == 1
+        assert capsys.readouterr().err == expected
+    assert serve_tool.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == expected
 
 
 def test_logits_cli_sequence_longer_than_the_model_allows(tiny_dir, tmp_path):
