@@ -187,6 +187,16 @@ def test_a_batched_gemma_3_1b_shaped_build_fits_in_1_6x_its_checkpoint(tmp_path,
     assert 0 < limit["peak_bytes"] <= limit["bytes"]
 
 
+def test_cpu_mode_needs_the_positions_within_the_context(capsys):
+    """max_seq_len is --prompt-len + --decode-tokens: it said "choose a smaller --max-seq-len"."""
+    args = ["--cpu", str(tiny_quant_dir("llama")), "--prompt-len", "250", "--decode-tokens", "16"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --prompt-len 250 and --decode-tokens 16 need 266 positions, more than the "
+        "model's context (256); choose a shorter --prompt-len or fewer --decode-tokens."
+    )
+
+
 def test_cpu_mode_executor_against_transformers_and_host_work(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     args = [str(tiny_quant_dir("llama")), "--prompt-len", "8", "--decode-tokens", "3"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tools.bench import BenchError
 from tools.bench.host import host_overhead, host_table, server_host_overhead
 from tools.bench.report import Report, format_table, stats
 from tools.bench.timing import prompt_ids, transformers_available
@@ -121,6 +122,13 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
     config = load_config(model_dir)
     dtype = args.dtype or "float32"
     warmup, rounds = args.warmup if args.warmup is not None else 1, args.rounds or 3
+    need, context = args.prompt_len + args.decode_tokens, config.max_position_embeddings
+    if need > context:  # the network's max_seq_len is their sum
+        raise BenchError(
+            f"--prompt-len {args.prompt_len} and --decode-tokens {args.decode_tokens} need "
+            f"{need} positions, more than the model's context ({context}); choose a shorter "
+            "--prompt-len or fewer --decode-tokens."
+        )
     ids = prompt_ids(config.vocab_size, 1, args.prompt_len + args.decode_tokens)[0]
     prompt, decode = ids[: args.prompt_len], ids[args.prompt_len :]
     report["model"] = {"dir": str(model_dir), "summary": config.summary(), "dtype": dtype}
