@@ -276,7 +276,7 @@ def build(
                         model={
                             **identity["model"],
                             "name": model,
-                            "path": str(model_dir),
+                            "path": str(model_dir.resolve()),  # any cwd reads it
                             "files": copied,
                         },
                         target=target,

@@ -451,3 +451,21 @@ def test_an_intact_artifact_is_reused_where_no_lock_can_be_taken(tiny_dir, tmp_p
     assert err == f"Reusing {out_dir} (identical build; --force rebuilds).\n"
     code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
     assert code == 1 and err.startswith(f"error: cannot write {out_dir} (Is a directory); ")
+
+
+def test_an_artifact_finds_its_weights_from_any_folder(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The model path was recorded as typed: built from `tiny` in its parent folder, the
+    artifact's reference backend said elsewhere that the weights were gone."""
+    (tmp_path / "models").mkdir()
+    model = with_tokenizer(tiny_dir("qwen3"), tmp_path / "models" / "tiny")
+    out = tmp_path / "artifact"
+    monkeypatch.chdir(tmp_path / "models")
+    code, _, err = run_build(["tiny", *tiny_build_args(tiny_dir, out)[1:]], capsys)
+    assert code == 0, err
+    assert read_metadata(out)["model"]["path"] == str(model.resolve())
+    monkeypatch.chdir(tmp_path)
+    args = ["--backend", "reference", "--prompt", "w5 w9", "--max-new-tokens", "3"]
+    assert generate_tool.main([str(out), *args]) == 0, capsys.readouterr().err
+    from_artifact = capsys.readouterr().out
+    assert generate_tool.main([str(model), *args, "--max-seq-len", "32"]) == 0
+    assert capsys.readouterr().out == from_artifact
