@@ -129,7 +129,7 @@ def run_cpu(args: argparse.Namespace, report: Report) -> None:
             f"{need} positions, more than the model's context ({context}); choose a shorter "
             "--prompt-len or fewer --decode-tokens."
         )
-    ids = prompt_ids(config.vocab_size, 1, args.prompt_len + args.decode_tokens)[0]
+    ids = prompt_ids(config.vocab_size, 1, need)[0]
     prompt, decode = ids[: args.prompt_len], ids[args.prompt_len :]
     report["model"] = {"dir": str(model_dir), "summary": config.summary(), "dtype": dtype}
     report["settings"] = {
