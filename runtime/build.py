@@ -175,7 +175,7 @@ def build(
         except TokenizerError as e:
             raise BuildError(f"fp8 calibration tokenizes {calib_file}: {e}") from None
         calibration = {
-            "file": str(calib_file),
+            "file": str(calib_file.resolve()),  # tools.eval reads it from any cwd
             "sha256": files_sha256([calib_file]),
             "tokens": min(len(calib_ids), config.max_position_embeddings),
         }
