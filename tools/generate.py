@@ -29,6 +29,14 @@ from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
 
 
+def no_such_model(path: Path) -> str:
+    """The error for a model argument that is no folder (tools.generate and tools.serve)."""
+    return (
+        f"{path} does not exist; pass an artifact folder from python -m tools.build, or a "
+        "Hugging Face model folder with --backend reference."
+    )
+
+
 def artifact_metadata(path: Path, backend: str) -> Metadata | None:
     """The artifact's checked metadata, or None for a model folder, which only the reference
     backend runs: said before the tokenizer is read (a folder that is neither lacks one)."""
@@ -216,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--{e.field.replace('_', '-')}: {e}")
     try:
         if not args.model.is_dir():
-            raise GenerationError(
-                f"{args.model} does not exist; pass an artifact folder from python -m tools.build, "
-                "or a Hugging Face model folder with --backend reference."
-            )
+            raise GenerationError(no_such_model(args.model))
         meta = artifact_metadata(args.model, args.backend)
         tokenizer = load_tokenizer(args.model, meta)
         if args.chat and args.prompt is not None:  # no chat template: refused before any work

@@ -582,11 +582,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args, config = parse_args(argv)
     if not config.model.is_dir():
-        print(
-            f"error: {config.model} does not exist; pass an artifact folder from python -m "
-            "tools.build, or a Hugging Face model folder with --backend reference.",
-            file=sys.stderr,
-        )
+        from tools.generate import no_such_model
+
+        print(f"error: {no_such_model(config.model)}", file=sys.stderr)
         return 1
     if args.ray_replicas:
         from tools.serve_ray import run_on_ray

@@ -14,6 +14,7 @@ from tools import eval as eval_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
 from tools import logits as logits_tool
+from tools import serve as serve_tool
 
 
 def edited_model(tiny_dir, tmp_path: Path, config: object) -> Path:
@@ -180,11 +181,14 @@ def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
 
 def test_a_missing_model_folder_says_so(tmp_path, capsys):
     missing = tmp_path / "nope"
-    assert generate_tool.main([str(missing), "--prompt", "x"]) == 1
-    assert capsys.readouterr().err == (
+    expected = (
         f"error: {missing} does not exist; pass an artifact folder from python -m tools.build, "
         "or a Hugging Face model folder with --backend reference.\n"
     )
+    assert generate_tool.main([str(missing), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == expected
+    assert serve_tool.main([str(missing)]) == 1
+    assert capsys.readouterr().err == expected
     # tools.inspect said "not an engine artifact", tools.eval "has no tokenizer.json"
     assert inspect_tool.main([str(missing)]) == 1
     assert capsys.readouterr().err == (
