@@ -1,7 +1,7 @@
-"""down_proj's rows go to one of two forms (netdef.graph `matmul_in_slices`): a prompt call of
-2 .. DOWN_SLICED_ROWS (netdef.options) tokens multiplies in DOWN_SLICES slices of the inputs and sums, every
-other call (a decode step, a longer chunk) takes the one matmul. Both forms compute
-x @ W^T of the checkpoint's weight."""
+"""down_proj's rows go to one of two forms (netdef.graph `matmul_in_slices`): a prompt call
+of 2 .. DOWN_SLICED_ROWS tokens (netdef.options) multiplies in DOWN_SLICES slices of the
+inputs and sums, every other call (a decode step, a longer chunk) takes the one matmul. Both
+forms compute x @ W^T of the checkpoint's weight."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import netdef.decoder
 from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_tensorrt
 from netdef.quant import (
     CALIBRATION_TEXT,
@@ -33,14 +32,9 @@ from weights import Checkpoint, parse_config
 trt = load_tensorrt("tensorrt_rtx")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 rng = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True)
-def whole_down_proj(monkeypatch):
-    """An unquantized down_proj multiplies a short prompt's rows in slices (netdef.options
-    DOWN_SLICES), a quantized one whole: the unquantized references here take the whole
-    form too, so that the networks compared bit for bit compute the same products."""
-    monkeypatch.setattr(netdef.decoder, "DOWN_SLICED_ROWS", 0)
+# The unquantized references compared bit for bit multiply down_proj whole, as quantized
+# ones do.
+pytestmark = pytest.mark.usefixtures("whole_down_proj")
 
 
 def bf16(v: float) -> float:
@@ -116,12 +110,9 @@ class Dequantized:
         ("gemma3", "int4-wo", True),  # tied: the embedding table is quantized with the head
     ],
 )
-def test_weight_only_network_computes_with_the_dequantized_weights(family, mode, head, monkeypatch):
+def test_weight_only_network_computes_with_the_dequantized_weights(family, mode, head):
     """Bit for bit the unquantized network of the dequantized checkpoint: the Dequantize
-    layers sit in front of the right matmuls, with the right axis and block scales. (An
-    unquantized down_proj multiplies prompt rows in slices, a quantized one cannot: the
-    slices are off here, so that both networks compute the same products.)"""
-    monkeypatch.setattr(netdef.decoder, "DOWN_SLICED_ROWS", 0)
+    layers sit in front of the right matmuls, with the right axis and block scales."""
     ckpt = Checkpoint.open(tiny_quant_dir(family))
     seq = rng.integers(0, 512, 14).tolist()
     options = NetworkOptions(dtype="bfloat16", max_seq_len=16, max_prefill=6, all_logits=True)
