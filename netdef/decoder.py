@@ -160,9 +160,9 @@ class _Decoder:
         are fused along out into one matmul). The network reads unquantized weights of the
         network dtype in place (fused ones too where they lie back to back: `stacked`)
         unless `in_out` stores them transposed (`Graph.linear`, which also takes `slices`);
-        every other one it holds as its own copy (fused, transposed, converted or quantized), so the source may drop
-        those pages now (`Checkpoint.release`) instead of keeping them resident through the
-        engine build."""
+        every other one it holds as its own copy (fused, transposed, converted or quantized),
+        so the source may drop those pages now (`Checkpoint.release`) instead of keeping them
+        resident through the engine build."""
         parts = [self.weight(n) for n in names]
         weight = parts[0] if len(parts) == 1 else stacked(parts)
         kept = self.kept(names) if quantize else None
@@ -807,7 +807,8 @@ class _Decoder:
         against 2.32 ms, Gemma-3-1B shape) and 7-16% for the default max_batch 1 one on an
         H200, for an engine of the same size; the attention projections and the LM head
         stored so gained nothing (docs/benchmarks.md, 2026-12-06). For them the decode
-        profile admits two rows even at max_batch 1 (`NetworkOptions.profiles`)."""
+        profile admits two rows even at max_batch 1 (`NetworkOptions.profiles`). down_proj
+        multiplies a short prompt's rows in slices (`call_rows`, netdef.options DOWN_SLICES)."""
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.mlp."
         size = cfg.intermediate_size
