@@ -43,14 +43,7 @@ from weights.config import ModelConfig
 from . import contract as io
 from .contract import MODEL_DTYPES, SAMPLING_INPUTS, TENSOR_DTYPES, trt_dtype
 from .graph import Graph, stacked
-from .options import (
-    DOWN_SLICED_ROWS,
-    DOWN_SLICES,
-    TOPK_BLOCK,
-    NetworkOptions,
-    OptionsError,
-    Profile,
-)
+from .options import TOPK_BLOCK, NetworkOptions, OptionsError, Profile
 from .quant import QuantizedWeight
 from .rope import cos_sin_tables
 from .slots import attention_window
@@ -154,19 +147,18 @@ class _Decoder:
         name: str,
         quantize: bool = True,
         in_out: bool = False,
-        slices: tuple[int, Any, Any] | None = None,
     ) -> Any:
         """x through the linear layer of checkpoint weights `names` ([out, in] each; several
         are fused along out into one matmul). The network reads unquantized weights of the
         network dtype in place (fused ones too where they lie back to back: `stacked`)
-        unless `in_out` stores them transposed (`Graph.linear`, which also takes `slices`);
-        every other one it holds as its own copy (fused, transposed, converted or quantized),
-        so the source may drop those pages now (`Checkpoint.release`) instead of keeping them
-        resident through the engine build."""
+        unless `in_out` stores them transposed (`Graph.linear`); every other one it holds
+        as its own copy (fused, transposed, converted or quantized), so the source may drop
+        those pages now (`Checkpoint.release`) instead of keeping them resident through the
+        engine build."""
         parts = [self.weight(n) for n in names]
         weight = parts[0] if len(parts) == 1 else stacked(parts)
         kept = self.kept(names) if quantize else None
-        y = self.g.linear(x, weight, bias, name, quantize, kept=kept, in_out=in_out, slices=slices)
+        y = self.g.linear(x, weight, bias, name, quantize, kept=kept, in_out=in_out)
         stored = self.g.constants[f"{self.g.scope}{name}.weight"]
         release = getattr(self.source, "release", None)
         for n in names if release else ():
@@ -730,24 +722,14 @@ class _Decoder:
     def call_rows(self) -> None:
         """int64 [1] shape tensors that route a call's query rows between the two attention
         forms (`attend`): `step_rows` is 1 in a decode step (S == 1) and 0 otherwise,
-        `prompt_rows` is S - step_rows; likewise `down_rows` (whole, in slices) between
-        down_proj's two forms (`Graph.matmul_in_slices`). TensorRT knows them from the input's
-        shape before the call runs, and a form given no rows does no work."""
+        `prompt_rows` is S - step_rows. TensorRT knows them from the input's shape before
+        the call runs, and a form given no rows does no work."""
         g = self.g
         tokens = g.dim(self.input_ids, 1, "rows.tokens")
         two = g.constant(np.array([2], np.int64), "rows.two")
         at_most_two = g.elementwise(tokens, two, "MIN", "rows.at_most_two")
         self.step_rows = g.elementwise(two, at_most_two, "SUB", "rows.step")  # 2 - min(S, 2)
         self.prompt_rows = g.elementwise(tokens, self.step_rows, "SUB", "rows.prompt")
-        # down_proj's rows in slices: prompt_rows where S <= DOWN_SLICED_ROWS, else 0.
-        one = g.constant(np.array([1], np.int64), "rows.one")
-        above = g.constant(np.array([DOWN_SLICED_ROWS + 1], np.int64), "rows.sliced_above")
-        room = g.elementwise(
-            above, g.elementwise(tokens, above, "MIN", "rows.capped"), "SUB", "rows.room"
-        )
-        within = g.elementwise(room, one, "MIN", "rows.sliced_within")  # 1 iff S <= the limit
-        sliced = g.elementwise(self.prompt_rows, within, "PROD", "rows.sliced")
-        self.down_rows = (g.elementwise(tokens, sliced, "SUB", "rows.whole"), sliced)
 
     def rotary(self, x: Any, rope: Any, name: str) -> Any:
         g = self.g
@@ -807,8 +789,7 @@ class _Decoder:
         against 2.32 ms, Gemma-3-1B shape) and 7-16% for the default max_batch 1 one on an
         H200, for an engine of the same size; the attention projections and the LM head
         stored so gained nothing (docs/benchmarks.md, 2026-12-06). For them the decode
-        profile admits two rows even at max_batch 1 (`NetworkOptions.profiles`). down_proj
-        multiplies a short prompt's rows in slices (`call_rows`, netdef.options DOWN_SLICES)."""
+        profile admits two rows even at max_batch 1 (`NetworkOptions.profiles`)."""
         cfg, g = self.cfg, self.g
         p = f"layers.{i}.mlp."
         size = cfg.intermediate_size
@@ -820,6 +801,4 @@ class _Decoder:
         else:  # silu(x) = x * sigmoid(x)
             act = g.mul(gate, g.activation(gate, "SIGMOID", "sigmoid"), "silu")
         gated = g.shuffle(g.mul(act, up, "gated"), "gated.flat", reshape=(0, 0, size))
-        slices = (DOWN_SLICES, *self.down_rows) if size % DOWN_SLICES == 0 else None
-        down = [p + "down_proj.weight"]
-        return self.linear(gated, down, None, "down_proj", in_out=True, slices=slices)
+        return self.linear(gated, [p + "down_proj.weight"], None, "down_proj", in_out=True)

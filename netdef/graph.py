@@ -213,16 +213,13 @@ class Graph:
         quantize: bool = True,
         kept: QuantizedWeight | None = None,
         in_out: bool = False,
-        slices: tuple[int, Any, Any] | None = None,
     ) -> Any:
         """x @ weight.T (+ bias) with `weight` in HF layout [out, in].
 
         The weight is quantized as the graph's mode says unless `quantize` is False; under
         from-gguf it is `kept` (the GGUF file's own blocks) where given, else unquantized.
         With `in_out` an unquantized weight is stored transposed, [in, out] (a copy), and read
-        as is; quantized ones keep their own layout (`weight`). `slices` (n, whole_rows,
-        sliced_rows), for such an [in, out] weight and x [B, S, in]: the last sliced_rows of
-        the S rows are multiplied in n slices of `in` (`matmul_in_slices`)."""
+        as is; quantized ones keep their own layout (`weight`)."""
         rank = len(x.shape)
         self.linear_inputs[f"{self.scope}{name}"] = x.name
         quantized = quantize and self.quant not in ("none", "from-gguf")
@@ -232,40 +229,13 @@ class Graph:
         w = self.weight(weight, name, quantized, lead=rank - 2, kept=kept)
         if quantized and self.quant == "fp8":
             x = self.fp8_activation(x, name)
-        if in_out and slices is not None:
-            y = self.matmul_in_slices(x, w, *slices, name)
-        else:
-            none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
-            layer = self.network.add_matrix_multiply(x, none, w, none if in_out else transpose)
-            y = self.named(layer, name).get_output(0)
+        none, transpose = self.trt.MatrixOperation.NONE, self.trt.MatrixOperation.TRANSPOSE
+        layer = self.network.add_matrix_multiply(x, none, w, none if in_out else transpose)
+        y = self.named(layer, name).get_output(0)
         if bias is not None:
             b = self.constant(bias.reshape((1,) * (rank - 1) + bias.shape), f"{name}.bias")
             y = self.add(y, b, f"{name}.add_bias")
         return y
-
-    def matmul_in_slices(
-        self, x: Any, w: Any, n: int, whole_rows: Any, sliced_rows: Any, name: str
-    ) -> Any:
-        """x [B, S, in] @ w [1, in, out], its S rows routed by int64 [1] shape tensors
-        (whole_rows + sliced_rows = S, one of them 0 in every call: the other form gets no rows
-        and does no work): the first whole_rows as one matmul, the rest as n matmuls of a
-        slice of `in` each, [n, B, S, in / n] @ [n, 1, in / n, out] (the weight reshaped,
-        not copied), summed. A split-K the builder does not pick for prompt rows
-        (netdef.options DOWN_SLICES); the sum rounds n products to the weight's dtype first."""
-        size, out = w.shape[1], w.shape[2]
-        none = self.trt.MatrixOperation.NONE
-        rows = self.span(x, 1, 0, whole_rows, f"{name}.whole_rows")
-        whole = self.named(self.network.add_matrix_multiply(rows, none, w, none), name)
-        rows = self.span(x, 1, whole_rows, sliced_rows, f"{name}.sliced_rows")
-        slices = self.shuffle(
-            rows, f"{name}.input_slices", reshape=(0, 0, n, size // n), transpose=(2, 0, 1, 3)
-        )
-        weights = self.shuffle(w, f"{name}.weight_slices", reshape=(n, 1, size // n, out))
-        products = self.network.add_matrix_multiply(slices, none, weights, none)
-        products = self.named(products, f"{name}.products").get_output(0)
-        summed = self.network.add_reduce(products, self.trt.ReduceOperation.SUM, 1, False)
-        summed = self.named(summed, f"{name}.sum").get_output(0)
-        return self.concat([whole.get_output(0), summed], 1, f"{name}.rows")
 
     def weight(
         self,

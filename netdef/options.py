@@ -32,13 +32,6 @@ SCORES_DEFAULT = 1 << 30
 # (2,559 slots for Gemma-3's 512) costs decode nothing (it reads the window) and prefills in
 # chunks of 2,048 (85k tokens/s for the Gemma-3-1B shape on an H200, 70k at 512).
 RING_PREFILL = 4
-# down_proj of a prompt call of 2 .. DOWN_SLICED_ROWS tokens multiplies its inputs in
-# DOWN_SLICES slices and sums the products (netdef.graph `Graph.linear`'s `slices`): at 128
-# tokens the builder's one matmul takes a 128 x 128 tile, 9 thread blocks for Gemma-3-1B's
-# 1,152 outputs (63 us a layer on an H100), the four slices a split-K tile (24 us with the
-# sum); at 2,048 tokens the sum costs more than it saves, at 1 and 16 rows too.
-DOWN_SLICES = 4
-DOWN_SLICED_ROWS = 512
 # The default global_opt: the global_positions length the profiles are tuned for, and with
 # decode_long the longest the decode profile takes (NetworkOptions.profiles). TensorRT-RTX
 # picks the global layers' attention kernels for it: on an H100, Gemma-3-1B shape with a

@@ -19,16 +19,6 @@ def tiny_dir() -> Callable[[str], Path]:
     return tiny_model_dir
 
 
-@pytest.fixture
-def whole_down_proj(monkeypatch: pytest.MonkeyPatch) -> None:
-    """down_proj multiplied whole in every call, not a short prompt's rows in slices
-    (netdef.options DOWN_SLICES): the form a quantized down_proj always takes, for tests that
-    compare a quantized network bit for bit with an unquantized one."""
-    import netdef.decoder
-
-    monkeypatch.setattr(netdef.decoder, "DOWN_SLICED_ROWS", 0)
-
-
 @pytest.fixture(scope="session")
 def gemma3_270m_dir() -> Path:
     """The bundled Gemma-3-270M as a Hugging Face folder (converted once, cached)."""

@@ -32,9 +32,6 @@ from weights import Checkpoint, parse_config
 trt = load_tensorrt("tensorrt_rtx")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 rng = np.random.default_rng(0)
-# The unquantized references compared bit for bit multiply down_proj whole, as quantized
-# ones do.
-pytestmark = pytest.mark.usefixtures("whole_down_proj")
 
 
 def bf16(v: float) -> float:

@@ -58,10 +58,9 @@ def test_exact_types_are_int8_times_positive_block_scales(qtype, tmp_path):
         assert values.max() == 8
 
 
-def test_from_gguf_network_equals_the_float32_network_of_the_file(tmp_path, whole_down_proj):
+def test_from_gguf_network_equals_the_float32_network_of_the_file(tmp_path):
     """All-Q8_0 tiny Llama (q/k rows permuted by llama.cpp): every linear layer keeps the
-    file's blocks, and the float32 network equals the one built from float32 weights (whose
-    down_proj is multiplied whole here, as a kept one is, not in slices)."""
+    file's blocks, and the float32 network equals the one built from float32 weights."""
     path = write_gguf(tiny_model_dir("llama"), tmp_path / "q8.gguf", "llama", ALL_Q8_0)
     plain = Checkpoint.open(convert_gguf(path, tmp_path / "f32", "float32", progress=False))
     source = GGUFQuantized(plain, open_gguf(path))  # the rest (embedding, norms) in float32 too
