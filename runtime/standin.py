@@ -5,7 +5,14 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS, past, present
+from netdef.contract import (
+    FORMAT_VERSION,
+    PROFILE_SETS,
+    SAMPLING_INPUTS,
+    chunk_profile,
+    past,
+    present,
+)
 
 from .cuda_buffers import cuda, cudart
 
@@ -51,10 +58,10 @@ def fake_engine(
     ranges = {
         "decode": ((1, b, b), (1, 1, 1)),
         "prefill": ((1, 1, b), (1, min(4, p), p)),
-        "chunk": ((1, 1, 1), (p, p, p)),
+        chunk_profile(p): ((1, 1, 1), (p, p, p)),
         "dynamic": ((1, 1, b), (1, min(4, p), p)),
     }
-    names = profile_set.split(",")
+    names = [chunk_profile(p) if n == "chunk" else n for n in profile_set.split(",")]
     profiles = []
     for name in names:
         batch, seq = ranges[name]
