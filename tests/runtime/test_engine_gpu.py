@@ -101,7 +101,8 @@ def test_tiny_engine_matches_the_executor(family, tmp_path):
         model_dir, tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4, sample_top_k=8
     )
     compare(artifact, model_dir, [7, 5], prefill=4, steps=6, tolerance=TOLERANCE["tiny"])
-    # One sequence: chunks of 4, 3 and 2 tokens, the last padded to the chunk profile's 4.
+    # One sequence: with rings of 7 slots, chunks of 4, 3 and 2 tokens, the last padded to
+    # the chunk profile's 4 (pad_to_chunk); without, chunks of 4, 4 and 1.
     compare(artifact, model_dir, [9], prefill=4, steps=2, tolerance=TOLERANCE["tiny"])
 
 
