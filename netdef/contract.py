@@ -69,6 +69,15 @@ def chunk_profile(tokens: int) -> str:
     return f"{CHUNK}{tokens}"
 
 
+def profile_names(profile_set: str, chunk_lengths: list[int]) -> list[str]:
+    """The profiles of one of PROFILE_SETS in order, 'chunk' standing for one chunk profile
+    per length in `chunk_lengths` (none where that is empty)."""
+    names: list[str] = []
+    for name in profile_set.split(","):
+        names += [chunk_profile(n) for n in chunk_lengths] if name == "chunk" else [name]
+    return names
+
+
 def chunk_tokens(profile_name: str) -> int | None:
     """The token count of a fixed-length chunk profile, or None for another profile."""
     return int(profile_name[len(CHUNK) :]) if profile_name.startswith(CHUNK) else None

@@ -17,6 +17,7 @@ from .contract import (
     chunk_profile,
     normalize_target,
     past,
+    profile_names,
 )
 from .quant import INT4_BLOCKS, MODES, NO_FP8_TARGETS, int4_block
 from .slots import attention_window, layer_windows, ring_length
@@ -276,12 +277,11 @@ class NetworkOptions:
             "prefill": ((1, 1, b), (1, s_opt, s_max)),
             "dynamic": ((1, 1, b), (1, s_opt, s_max)),
         }
-        spans.update({chunk_profile(n): ((1, 1, 1), (n, n, n)) for n in self.chunk_lengths()})
+        chunks = self.chunk_lengths()
+        spans.update({chunk_profile(n): ((1, 1, 1), (n, n, n)) for n in chunks})
         windows = self.windows(config)
         g_opt = min(cache_len, self.global_opt)
-        names = []
-        for n in self.profile_set.split(","):
-            names += [chunk_profile(c) for c in self.chunk_lengths()] if n == "chunk" else [n]
+        names = profile_names(self.profile_set, chunks)
         if self.decode_long:
             names.insert(names.index("decode") + 1, "decode-long")
         ranges = [(n, *spans[n]) for n in names]

@@ -12,6 +12,7 @@ from netdef.contract import (
     chunk_profile,
     past,
     present,
+    profile_names,
 )
 
 from .cuda_buffers import cuda, cudart
@@ -61,9 +62,8 @@ def fake_engine(
         chunk_profile(p): ((1, 1, 1), (p, p, p)),
         "dynamic": ((1, 1, b), (1, min(4, p), p)),
     }
-    names = [chunk_profile(p) if n == "chunk" else n for n in profile_set.split(",")]
     profiles = []
-    for name in names:
+    for name in profile_names(profile_set, [p]):
         batch, seq = ranges[name]
         shapes = {
             "input_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
