@@ -27,7 +27,7 @@ from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
 from netdef.contract import MODEL_DTYPES, PROFILE_SETS
 from netdef.engine import EngineBuildError
-from netdef.options import GLOBAL_OPT
+from netdef.options import CHUNK_LENGTHS, GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from weights import SHORT_NAMES, WeightsError
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SET",
         help="optimization profiles, one of three sets: 'decode,prefill,chunk' (the default: "
         "one for decode steps, one for prompt chunks, and for one sequence's chunks one per "
-        "fixed length (128 and 512 tokens and the longest chunk), shorter prompts padded up "
-        "to them: fixed shapes get faster kernels), 'decode,prefill' (the first two: a "
-        "faster build) or 'dynamic' (one profile for every call)",
+        f"fixed length ({' and '.join(map(str, CHUNK_LENGTHS))} tokens and the longest chunk), "
+        "shorter prompts padded up to them: fixed shapes get faster kernels), 'decode,prefill' "
+        "(the first two: a faster build) or 'dynamic' (one profile for every call)",
     )
     p.add_argument(
         "--quant",
