@@ -57,30 +57,10 @@ RESULTS = {  # name -> TensorRT dtype name
 
 # Optimization profile sets, the default first, each naming its profiles in order (the
 # backend picks a profile by name: runtime.tensorrt_backend.choose_profile): decode steps
-# (S = 1), prompt chunks and one sequence's chunks of fixed lengths (`chunk_profile`); the
-# same without the last (a faster build); one profile for every call. With decode_long,
+# (S = 1), prompt chunks and one sequence's full chunk of max_prefill tokens; the same
+# without the last (a faster build); one profile for every call. With decode_long,
 # 'decode-long' follows 'decode' (netdef.options.NetworkOptions.profiles).
 PROFILE_SETS = ("decode,prefill,chunk", "decode,prefill", "dynamic")
-CHUNK = "chunk-"  # a fixed-length chunk profile's name: the prefix and its token count
-
-
-def chunk_profile(tokens: int) -> str:
-    """The name of the profile of one sequence's calls of exactly `tokens` tokens."""
-    return f"{CHUNK}{tokens}"
-
-
-def profile_names(profile_set: str, chunk_lengths: list[int]) -> list[str]:
-    """The profiles of one of PROFILE_SETS in order, 'chunk' standing for one chunk profile
-    per length in `chunk_lengths` (none where that is empty)."""
-    names: list[str] = []
-    for name in profile_set.split(","):
-        names += [chunk_profile(n) for n in chunk_lengths] if name == "chunk" else [name]
-    return names
-
-
-def chunk_tokens(profile_name: str) -> int | None:
-    """The token count of a fixed-length chunk profile, or None for another profile."""
-    return int(profile_name[len(CHUNK) :]) if profile_name.startswith(CHUNK) else None
 
 
 def past(layer: int) -> str:

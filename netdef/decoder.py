@@ -678,7 +678,7 @@ class _Decoder:
 
         Why a bias: from it Myelin builds the map of the mask's empty tiles, which the fused
         kernel skips, in every profile; from a bool mask only where the token count is
-        dynamic, not in a chunk profile (the builder's layer information, CPU). Without
+        dynamic, not in the chunk profile (the builder's layer information, CPU). Without
         the map the chunk profile's sliding layers took 165 us each on the H200 against 62 us
         (docs/benchmarks.md)."""
         if window in self.slots:

@@ -14,10 +14,8 @@ from .contract import (
     SAMPLING_INPUTS,
     TOKEN_INPUTS,
     WINDOW_POSITIONS,
-    chunk_profile,
     normalize_target,
     past,
-    profile_names,
 )
 from .quant import INT4_BLOCKS, MODES, NO_FP8_TARGETS, int4_block
 from .slots import attention_window, layer_windows, ring_length
@@ -41,13 +39,6 @@ RING_PREFILL = 4
 # and 3.68 after 30,000; tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for
 # 32,768, 1.97 and 2.21, but 2.05 after 128.
 GLOBAL_OPT = 4096
-# The token counts of the fixed-length chunk profiles below max_prefill (which has its own):
-# the backend pads a one-sequence prompt call up to the shortest that holds it. With the
-# token count fixed TensorRT-RTX takes other kernels than for the prefill profile's range:
-# on an H100 (Gemma-3-1B shape) a 128-token call took 2.8 ms instead of 5.0-5.5, a
-# 512-token one 4.3 instead of 7.0, and a 64-token call padded to 128 beat its own 3.5-3.8
-# (docs/benchmarks.md, 2026-12-06).
-CHUNK_LENGTHS = (128, 512)
 
 
 def default_max_seq_len(config: ModelConfig) -> int:
@@ -109,13 +100,6 @@ class NetworkOptions:
     @property
     def prefill_len(self) -> int:
         return self.max_seq_len if self.max_prefill is None else self.max_prefill
-
-    def chunk_lengths(self) -> list[int]:
-        """The token counts of the fixed-length chunk profiles: CHUNK_LENGTHS below
-        max_prefill, and max_prefill (a long prompt's full chunks); none where max_prefill
-        is 1 (a decode step)."""
-        s_max = self.prefill_len
-        return [] if s_max == 1 else [n for n in CHUNK_LENGTHS if n < s_max] + [s_max]
 
     def validate(self, config: ModelConfig) -> None:
         if self.dtype not in MODEL_DTYPES:
@@ -250,20 +234,22 @@ class NetworkOptions:
         """decode: S = 1, B = 1..max_batch (1..2 at max_batch 1: with one row only, the
         builder kept a second copy of the MLP's [in, out] weights for the decode matmuls,
         `_Decoder.mlp`), tuned for decode_opt sequences; prefill: S = 1..max_prefill; in the
-        default set also one chunk-N profile per `chunk_lengths`: exactly one sequence of N
-        tokens. 'dynamic' is one profile for every call. window_positions (netdef.slots)
-        ranges up to what such calls read; global_positions up to max_seq_len, tuned for
-        global_opt positions. With decode_long, decode takes 1..global_opt of them and
-        decode-long, a copy of it, the rest, tuned for max_seq_len: one set of global
-        attention kernels was never the fastest for both short and long contexts
-        (GLOBAL_OPT). On an H100, Gemma-3-1B shape: 2.22 ms against 2.87 after 30,000 cached
-        tokens, the same below (docs/benchmarks.md); runtime.build turns it on where it
-        applies (`why_not_decode_long`).
+        default set also chunk: exactly one sequence of max_prefill tokens (a long prompt's
+        full chunks; none where max_prefill is 1, a decode step). 'dynamic' is one profile
+        for every call. window_positions (netdef.slots) ranges up to what such calls read;
+        global_positions up to max_seq_len, tuned for global_opt positions. With decode_long,
+        decode takes 1..global_opt of them and decode-long, a copy of it, the rest, tuned for
+        max_seq_len: one set of global attention kernels was never the fastest for both short
+        and long contexts (GLOBAL_OPT). On an H100, Gemma-3-1B shape: 2.22 ms against 2.87
+        after 30,000 cached tokens, the same below (docs/benchmarks.md); runtime.build turns
+        it on where it applies (`why_not_decode_long`).
 
-        Why the chunk profiles: TensorRT-RTX picks its kernels from a profile's shape
+        Why the chunk profile: TensorRT-RTX picks its matmul kernels from a profile's shape
         ranges. Where the token count is fixed it took Hopper kernels on an H200 that ran a
-        2,048-token prefill's matmuls 1.5x faster than the kernels it takes for a range, and
-        on an H100 a 128-token call's in half the time (CHUNK_LENGTHS; docs/benchmarks.md).
+        2,048-token prefill's matmuls 1.5x faster than the kernels it takes for a range
+        (docs/benchmarks.md). More fixed lengths (128 and 512 tokens, shorter prompts padded
+        up to them) ran those prompts up to 1.9x faster on an H100 but slowed the Gemma-3-1B
+        shape's batch-16 decode steps from 2.25 to 2.42 ms, so there is one (2026-12-07).
         Decode is tuned for one sequence by default: tuned for 16, an H200 ran a batch-1 step
         of the Gemma-3-1B shape in 2.18 ms instead of 1.98, and after 4,000 cached tokens in
         2.39 instead of 1.99 (its softmax and norms on kernels for 16 rows); batch-16 steps
@@ -275,13 +261,12 @@ class NetworkOptions:
             "decode": decode,
             "decode-long": decode,
             "prefill": ((1, 1, b), (1, s_opt, s_max)),
+            "chunk": ((1, 1, 1), (s_max, s_max, s_max)),
             "dynamic": ((1, 1, b), (1, s_opt, s_max)),
         }
-        chunks = self.chunk_lengths()
-        spans.update({chunk_profile(n): ((1, 1, 1), (n, n, n)) for n in chunks})
         windows = self.windows(config)
         g_opt = min(cache_len, self.global_opt)
-        names = profile_names(self.profile_set, chunks)
+        names = [n for n in self.profile_set.split(",") if n != "chunk" or s_max > 1]
         if self.decode_long:
             names.insert(names.index("decode") + 1, "decode-long")
         ranges = [(n, *spans[n]) for n in names]

@@ -5,15 +5,7 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import (
-    FORMAT_VERSION,
-    PROFILE_SETS,
-    SAMPLING_INPUTS,
-    chunk_profile,
-    past,
-    present,
-    profile_names,
-)
+from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS, past, present
 
 from .cuda_buffers import cuda, cudart
 
@@ -59,11 +51,12 @@ def fake_engine(
     ranges = {
         "decode": ((1, b, b), (1, 1, 1)),
         "prefill": ((1, 1, b), (1, min(4, p), p)),
-        chunk_profile(p): ((1, 1, 1), (p, p, p)),
+        "chunk": ((1, 1, 1), (p, p, p)),
         "dynamic": ((1, 1, b), (1, min(4, p), p)),
     }
+    names = profile_set.split(",")
     profiles = []
-    for name in profile_names(profile_set, [p]):
+    for name in names:
         batch, seq = ranges[name]
         shapes = {
             "input_ids": [[bb, ss] for bb, ss in zip(batch, seq)],

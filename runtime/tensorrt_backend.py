@@ -54,8 +54,6 @@ from netdef.contract import (
     TOP_IDS,
     TOP_LOGITS,
     WINDOW_POSITIONS,
-    chunk_profile,
-    chunk_tokens,
     contract_problems,
     past_of,
     target_capability,
@@ -164,47 +162,27 @@ def decode_reach(profiles: list[dict]) -> int | None:
 
 
 def choose_profile(
-    names: list[str], batch: int, seq_len: int, global_len: int = 0, reach: int | None = None
+    names: list[str],
+    batch: int,
+    seq_len: int,
+    max_prefill: int,
+    global_len: int = 0,
+    reach: int | None = None,
 ) -> int:
     """Profile index for a call: 'dynamic' if that is the one, else 'decode' (S == 1), or
-    'decode-long' for global_len past the `decode_reach` of an engine that has it, the
-    chunk profile of exactly S tokens for one sequence where the engine has it, or
-    'prefill'."""
+    'decode-long' for global_len past the `decode_reach` of an engine that has it, 'chunk'
+    (one sequence of max_prefill tokens) where the engine has it, or 'prefill'."""
     if "dynamic" in names:
         name = "dynamic"
     elif seq_len == 1:
         name = "decode-long" if reach is not None and global_len > reach else "decode"
-    elif batch == 1 and chunk_profile(seq_len) in names:
-        name = chunk_profile(seq_len)
+    elif batch == 1 and seq_len == max_prefill and "chunk" in names:
+        name = "chunk"
     else:
         name = "prefill"
     if name not in names:
         raise EngineLoadError(f"the engine has no {name!r} profile (profiles: {names}).")
     return names.index(name)
-
-
-def pad_to_chunk(
-    ids: np.ndarray,
-    positions: np.ndarray,
-    chunks: list[int],
-    max_seq_len: int,
-    ring_lengths=(),
-) -> tuple[np.ndarray, np.ndarray]:
-    """A one-sequence prompt call (S > 1) right-padded (token 0, positions continued) to the
-    shortest of the engine's fixed chunk lengths that holds it, where the padded positions
-    stay in the cache and cross no ring's end; any other call unchanged. The chunk profile
-    runs it on the kernels TensorRT-RTX picks for that fixed length (netdef.options
-    .CHUNK_LENGTHS). The padding writes cache slots after the sequence's last token, which
-    no query reads before a later call overwrites them (docs/architecture.md), and the
-    caller reads the outputs of the real tokens only."""
-    b, s = ids.shape
-    n = next((c for c in chunks if c >= s), s) if b == 1 and s > 1 else s
-    if n == s:
-        return ids, positions
-    padded = positions[:, :1] + np.arange(n, dtype=np.int32)
-    if int(padded[0, -1]) >= max_seq_len or ring_crossing(padded, ring_lengths):
-        return ids, positions
-    return np.pad(ids, ((0, 0), (0, n - s))), padded
 
 
 def max_profile_shapes(profiles: list[dict[str, list]]) -> dict[str, tuple[int, ...]]:
@@ -460,7 +438,6 @@ class TensorRTBackend:
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs
         self.profile_names = [p["name"] for p in meta.profiles]
-        self.chunks = sorted(n for name in self.profile_names if (n := chunk_tokens(name)))
         self.decode_reach = decode_reach(meta.profiles)
         self.io, self._keep_alive = engine_desc["io"], keep_alive
         # The decode profile's calls run in `context` (our CUDA graphs); with a `prefill`
@@ -716,15 +693,15 @@ class TensorRTBackend:
         if self._row is not None and b != 1:
             raise ValueError(f"a call on cache row {self._row} has batch 1, not {b}.")
         lane = 1 - self._pending[-1][0] if self._pending else 0  # the host buffer set
-        ids, pos = pad_to_chunk(ids, pos, self.chunks, self.max_seq_len, self.rings)
-        run = ids.shape[1]  # the tokens the engine runs: s, or s padded to a chunk's length
         feeds = slot_feeds(pos, self.max_seq_len, self.window, self.has_global)
         shapes = tuple((name, a.shape) for name, a in feeds.items())
         if self.has_log_normalizer:
             feeds.update(sampling_feeds(draws, b))
         global_len = len(feeds[GLOBAL_POSITIONS]) if self.has_global else 0
-        profile = choose_profile(self.profile_names, b, run, global_len, self.decode_reach)
-        key = (profile, b, run, shapes, self._row)
+        profile = choose_profile(
+            self.profile_names, b, s, self.max_prefill, global_len, self.decode_reach
+        )
+        key = (profile, b, s, shapes, self._row)
         plain = self._row is None  # a call on the caches' first rows: CUDA graphs apply
         graphs: dict = self.chained if chained else self.graphs
         gkey = (b, shapes, wanted, lane) if chained else (b, shapes, wanted)
@@ -738,7 +715,7 @@ class TensorRTBackend:
             graph.launch(self.stream)
         else:
             self._prepare(key)
-            self._enqueue(lane, chained, b, run, wanted)
+            self._enqueue(lane, chained, b, s, wanted)
         if self.timed:
             self.timers[lane].stop(self.stream)
         self.done[lane].record(self.stream)

@@ -27,7 +27,7 @@ from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
 from netdef.contract import MODEL_DTYPES, PROFILE_SETS
 from netdef.engine import EngineBuildError
-from netdef.options import CHUNK_LENGTHS, GLOBAL_OPT
+from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from weights import SHORT_NAMES, WeightsError
@@ -158,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=PROFILE_SETS,
         metavar="SET",
         help="optimization profiles, one of three sets: 'decode,prefill,chunk' (the default: "
-        "one for decode steps, one for prompt chunks, and for one sequence's chunks one per "
-        f"fixed length ({' and '.join(map(str, CHUNK_LENGTHS))} tokens and the longest chunk), "
-        "shorter prompts padded up to them: fixed shapes get faster kernels), 'decode,prefill' "
+        "one for decode steps, one for prompt chunks, one for a single sequence's full chunks "
+        "of --max-prefill tokens, whose fixed shape gets faster kernels), 'decode,prefill' "
         "(the first two: a faster build) or 'dynamic' (one profile for every call)",
     )
     p.add_argument(

@@ -26,7 +26,7 @@ def test_builds_for_rtx_target(family, dtype, tiny_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # float16 Gemma warns; tested below
         dn = build_network(ckpt, NetworkOptions(dtype=dtype, max_batch=4, max_seq_len=64), trt)
-    assert [p.name for p in dn.profiles] == ["decode", "prefill", "chunk-64"]
+    assert [p.name for p in dn.profiles] == ["decode", "prefill", "chunk"]
     size = build_engine(dn, tmp_path / "model.engine", target="sm89")
     assert size == (tmp_path / "model.engine").stat().st_size
     # The weights live in the engine (stored once: the tied LM head shares the embedding).
@@ -116,7 +116,7 @@ def test_long_caches_decode_in_a_second_profile(tiny_dir, tmp_path):
     )
     options.validate(ckpt.config)
     dn = build_network(ckpt, options, trt)
-    assert [p.name for p in dn.profiles] == ["decode", "decode-long", "prefill", "chunk-8"]
+    assert [p.name for p in dn.profiles] == ["decode", "decode-long", "prefill", "chunk"]
     decode, long, prefill, chunk = (p.shapes for p in dn.profiles)
     assert decode["global_positions"] == ((1,), (64,), (64,))
     assert long["global_positions"] == ((65,), (256,), (256,))
@@ -125,25 +125,8 @@ def test_long_caches_decode_in_a_second_profile(tiny_dir, tmp_path):
     assert build_engine(dn, tmp_path / "model.engine", target="sm89") > 0
     # By default one decode profile takes every length, tuned for global_opt.
     one = NetworkOptions(max_seq_len=256, global_opt=64).profiles(ckpt.config)
-    assert [p.name for p in one] == ["decode", "prefill", "chunk-128", "chunk-256"]
+    assert [p.name for p in one] == ["decode", "prefill", "chunk"]
     assert one[0].shapes["global_positions"] == ((1,), (64,), (256,))
-
-
-def test_chunk_profiles_fix_one_sequences_token_count(tiny_dir):
-    """One chunk-N profile per fixed length below max_prefill (CHUNK_LENGTHS) and one for
-    max_prefill itself; none where max_prefill is 1."""
-    config = Checkpoint.open(tiny_dir("gemma3")).config
-    options = NetworkOptions(max_batch=16, max_seq_len=4096, max_prefill=2048)
-    assert options.chunk_lengths() == [128, 512, 2048]
-    profiles = {p.name: p.shapes for p in options.profiles(config)}
-    assert list(profiles) == ["decode", "prefill", "chunk-128", "chunk-512", "chunk-2048"]
-    assert profiles["chunk-128"]["input_ids"] == ((1, 128),) * 3
-    assert profiles["chunk-512"]["past_kv_0"][0][0] == 1  # one sequence
-    assert NetworkOptions(max_seq_len=4096, max_prefill=300).chunk_lengths() == [128, 300]
-    assert NetworkOptions(max_seq_len=4096, max_prefill=128).chunk_lengths() == [128]
-    assert NetworkOptions(max_seq_len=64, max_prefill=1).chunk_lengths() == []
-    names = [p.name for p in NetworkOptions(max_seq_len=64, max_prefill=1).profiles(config)]
-    assert names == ["decode", "prefill"]
 
 
 @pytest.mark.parametrize(

@@ -229,8 +229,8 @@ def test_gemma270m_engines_shrink(gemma3_270m_dir, tmp_path):
     """sm89 engines of the 268M parameters, 168M of them the tied embedding table, which stays
     bfloat16 unless the LM head is quantized (then INT4 too). Measured at max_seq_len 1024:
     bf16 552.8 MB; int8-wo 453.7 MB, whose weights beside the table take 0.54x of bf16's;
-    int4-wo with the head 155.7 MB (1/3.55). At max_seq_len 512 (four profiles' kernels,
-    which do not shrink): bf16 578.6 MB, int4-wo 182.1 MB (0.315x)."""
+    int4-wo with the head 155.7 MB (1/3.55). At max_seq_len 512 (three profiles' kernels,
+    which do not shrink): bf16 567.0 MB, int4-wo 170.3 MB (0.300x)."""
     ckpt = Checkpoint.open(gemma3_270m_dir)
     table = ckpt.config.vocab_size * ckpt.config.hidden_size * 2
     sizes = {}
@@ -240,7 +240,7 @@ def test_gemma270m_engines_shrink(gemma3_270m_dir, tmp_path):
         sizes[mode] = build_engine(build_network(ckpt, options, trt), path, target="sm89")
         path.unlink()
     assert sizes["int8-wo"] - table < 0.6 * (sizes["none"] - table)
-    assert sizes["int4-wo"] < 0.32 * sizes["none"]
+    assert sizes["int4-wo"] < 0.31 * sizes["none"]
 
 
 def test_dequantized_weight_matches_the_stored_values_times_scale():

@@ -101,8 +101,7 @@ def test_tiny_engine_matches_the_executor(family, tmp_path):
         model_dir, tmp_path / "a", max_batch=2, max_seq_len=24, max_prefill=4, sample_top_k=8
     )
     compare(artifact, model_dir, [7, 5], prefill=4, steps=6, tolerance=TOLERANCE["tiny"])
-    # One sequence: with rings of 7 slots, chunks of 4, 3 and 2 tokens, the last padded to
-    # the chunk profile's 4 (pad_to_chunk); without, chunks of 4, 4 and 1.
+    # One sequence: its first chunk is a full one of max_prefill tokens (the chunk profile).
     compare(artifact, model_dir, [9], prefill=4, steps=2, tolerance=TOLERANCE["tiny"])
 
 
@@ -162,7 +161,7 @@ def test_long_decode_profile_matches_the_executor(tmp_path):
     )
     compare(artifact, model_dir, [254, 250], 64, 8, TOLERANCE["tiny"], then=[7, 5])
     with TensorRTBackend.load(artifact) as engine:
-        assert engine.profile_names == ["decode", "decode-long", "prefill", "chunk-64"]
+        assert engine.profile_names == ["decode", "decode-long", "prefill", "chunk"]
         engine.reset(1)
         made = []  # whether decode-long's context exists after each step
         for position, profile in ((255, "decode"), (256, "decode-long"), (3, "decode")):
@@ -238,12 +237,6 @@ def test_gemma3_1b_shaped_engine_matches_the_executor(tmp_path):
     compare(
         artifact, model_dir, [530, 520], prefill=512, steps=3, tolerance=TOLERANCE["gemma-3-1b"]
     )
-    # One sequence's prompts of 100 and 300 tokens run padded in the chunk-128 and
-    # chunk-512 profiles (runtime.tensorrt_backend.pad_to_chunk).
-    for length in (100, 300):
-        compare(
-            artifact, model_dir, [length], prefill=512, steps=2, tolerance=TOLERANCE["gemma-3-1b"]
-        )
 
 
 def test_chained_greedy_steps_equal_host_fed_steps(tmp_path):

@@ -10,15 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from netdef import NetworkOptions, build_network, load_tensorrt
 from netdef.artifact import ENGINE_FILE, metadata, write_metadata
 from netdef.contract import target_capability
-from netdef.slots import call_end
 from runtime import cuda_buffers
-from runtime.cpu import CpuBackend
-from runtime.readout import ALL_LOGITS
 from runtime.standin import fake_engine
 from runtime.tensorrt_backend import (
     EngineLoadError,
@@ -33,12 +29,9 @@ from runtime.tensorrt_backend import (
     describe_engine,
     jit_cache_path,
     max_profile_shapes,
-    pad_to_chunk,
     resolve_dynamic,
     validate_call,
 )
-from tests.fixtures.parity import F32_TOL, assert_close, hf_logits, sequences
-from weights import Checkpoint
 from weights.config import load_config
 
 trt = load_tensorrt("tensorrt_rtx")
@@ -226,80 +219,28 @@ def test_contract_violations():
 
 
 def test_choose_profile():
-    default = ["decode", "prefill", "chunk-4", "chunk-8"]
-    assert choose_profile(default, 4, 1) == choose_profile(default, 1, 1) == 0
-    assert choose_profile(default, 1, 7) == choose_profile(default, 2, 8) == 1
-    assert choose_profile(default, 1, 4) == 2 and choose_profile(default, 1, 8) == 3
-    assert choose_profile(["decode", "prefill"], 1, 8) == 1  # engines built without chunks
+    default = ["decode", "prefill", "chunk"]
+    assert choose_profile(default, 4, 1, 8) == choose_profile(default, 1, 1, 8) == 0
+    assert choose_profile(default, 1, 7, 8) == choose_profile(default, 2, 8, 8) == 1
+    assert choose_profile(default, 1, 8, 8) == 2  # one sequence, a full chunk
+    assert choose_profile(["decode", "prefill"], 1, 8, 8) == 1  # engines built before it
     dynamic = ["dynamic"]
-    assert choose_profile(dynamic, 1, 1) == choose_profile(dynamic, 1, 8, 64) == 0
+    assert choose_profile(dynamic, 1, 1, 8) == choose_profile(dynamic, 1, 8, 8, 64) == 0
     # decode takes global_positions of up to 4 positions; decode-long the longer ones
-    long = ["decode", "decode-long", "prefill", "chunk-8"]
-    assert [choose_profile(long, 2, 1, n, reach=4) for n in (1, 4, 5, 64)] == [0, 0, 1, 1]
-    assert choose_profile(long, 1, 8, 64, 4) == 3 and choose_profile(long, 2, 3, 64, 4) == 2
+    long = ["decode", "decode-long", "prefill", "chunk"]
+    assert [choose_profile(long, 2, 1, 8, n, reach=4) for n in (1, 4, 5, 64)] == [0, 0, 1, 1]
+    assert choose_profile(long, 1, 8, 8, 64, 4) == 3 and choose_profile(long, 2, 3, 8, 64, 4) == 2
     with pytest.raises(EngineLoadError) as e:
-        choose_profile(["decode"], 1, 5)
+        choose_profile(["decode"], 1, 5, 8)
     assert str(e.value) == "the engine has no 'prefill' profile (profiles: ['decode'])."
-
-
-def test_pad_to_chunk_pads_one_sequences_prompt_to_the_shortest_chunk():
-    def call(b: int, start: int, s: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.arange(1, b * s + 1, dtype=np.int32).reshape(b, s)
-        return ids, np.arange(start, start + s, dtype=np.int32)[None].repeat(b, 0)
-
-    ids, pos = pad_to_chunk(*call(1, 10, 3), [4, 8, 16], max_seq_len=64)
-    assert ids.tolist() == [[1, 2, 3, 0]] and pos.tolist() == [[10, 11, 12, 13]]
-    ids, pos = pad_to_chunk(*call(1, 10, 5), [4, 8, 16], max_seq_len=64)
-    assert ids.shape == pos.shape == (1, 8) and pos[0, -1] == 17
-    unchanged = [
-        (call(1, 10, 8), 64, ()),  # a chunk's length already
-        (call(1, 10, 17), 64, ()),  # longer than every chunk
-        (call(2, 10, 3), 64, ()),  # two sequences: the prefill profile
-        (call(1, 10, 1), 64, ()),  # a decode step
-        (call(1, 61, 3), 64, ()),  # padding would pass the cache's end
-        (call(1, 30, 3), 64, (32,)),  # padding would cross a ring's end
-    ]
-    for (ids, pos), max_seq_len, rings in unchanged:
-        out = pad_to_chunk(ids, pos, [4, 8, 16], max_seq_len, rings)
-        assert out[0] is ids and out[1] is pos
-
-
-def test_padded_prompt_calls_give_transformers_logits(tiny_dir, hf_model):
-    """pad_to_chunk's padding run through the network (the NumPy executor of a tiny Gemma-3,
-    sliding window 4, rings of 9 slots) changes no real token's logits, in its call or
-    after: prompt calls of 1..5 tokens padded to chunks of 3 and 6 tokens over three laps of
-    the ring, and single tokens."""
-    path = tiny_dir("gemma3")
-    (seq,) = sequences(512, [30], seed=7)
-    options = NetworkOptions(
-        dtype="float32", max_batch=1, max_seq_len=40, max_prefill=6, all_logits=True
-    )
-    model = CpuBackend(build_network(Checkpoint.open(path), options))
-    model.reset(1)
-    ids = np.array([seq], np.int32)
-    got, start, padded = [], 0, 0
-    for size in (2, 1, 5, 4, 2, 5, 1, 4, 2, 3, 2, 2, 1, 1, 1):  # 25..26: padding would cross
-        end = call_end(start, start + size, model.max_prefill, model.rings)
-        call = pad_to_chunk(
-            ids[:, start:end], np.arange(start, end, dtype=np.int32)[None], [3, 6], 40, model.rings
-        )
-        padded += call[0].shape[1] > end - start
-        out = model.forward(*call, np.zeros(1, np.int32), ALL_LOGITS)
-        got.append(out["logits"][0, : end - start])
-        start = end
-    ours = np.concatenate(got)
-    ref = hf_logits(hf_model(path, torch.float32), seq[: len(ours)])
-    assert padded == 6 and len(ours) == 30
-    assert_close(ours, ref, F32_TOL)
-    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
 def test_decode_reach_is_what_decode_takes_beside_decode_long():
     def named(*names: str) -> list[dict]:  # metadata.json's profiles
         return [{"name": n, "shapes": {"global_positions": [[1], [4], [4]]}} for n in names]
 
-    assert decode_reach(named("decode", "decode-long", "prefill", "chunk-8")) == 4
-    assert decode_reach(named("decode", "prefill", "chunk-8")) is None
+    assert decode_reach(named("decode", "decode-long", "prefill", "chunk")) == 4
+    assert decode_reach(named("decode", "prefill", "chunk")) is None
 
 
 def test_buffers_from_real_profiles(tiny_network):

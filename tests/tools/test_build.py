@@ -47,8 +47,7 @@ def test_builds_a_complete_artifact(family, tiny_dir, tmp_path, capsys):
     assert meta["target"] == "sm89"
     assert meta["options"]["max_seq_len"] == 64 and meta["options"]["max_batch"] == 2
     assert meta["options"]["decode_opt"] == 2
-    chunk = f"chunk-{meta['options']['max_prefill']}"  # 16 for Gemma's 4-token window, else 64
-    assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill", chunk]
+    assert [p["name"] for p in meta["profiles"]] == ["decode", "prefill", "chunk"]
     assert meta["profiles"][0]["shapes"]["input_ids"] == [[1, 1], [2, 1], [2, 1]]  # tuned for 2
     # The metadata's config is the checkpoint's, field for field.
     config = load_config(tiny_dir(family))
@@ -205,8 +204,8 @@ def test_decode_long_is_on_where_it_applies(tiny_dir, tmp_path):
         )
         names[decode_long] = [p["name"] for p in read_metadata(out)["profiles"]]
     assert names == {
-        None: ["decode", "decode-long", "prefill", "chunk-16"],
-        False: ["decode", "prefill", "chunk-16"],
+        None: ["decode", "decode-long", "prefill", "chunk"],
+        False: ["decode", "prefill", "chunk"],
     }
 
 
@@ -245,7 +244,7 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
         "\nprofiles\n"
         "  decode      batch 1..2 (tuned for 1), tokens 1, global positions 1..32 (tuned for 32)\n"
         "  prefill     batch 1, tokens 1..16 (tuned for 16), global positions 1..32 (tuned for 32)\n"
-        "  chunk-16    batch 1, tokens 16, global positions 1..32 (tuned for 32)\n"
+        "  chunk       batch 1, tokens 16, global positions 1..32 (tuned for 32)\n"
     ) in text
     assert "past_kv_0" in text and "logits" in text
     assert (

@@ -211,10 +211,10 @@ def test_profiles_help_names_three_sets(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert (
         "--profiles SET optimization profiles, one of three sets: 'decode,prefill,chunk' (the "
-        "default: one for decode steps, one for prompt chunks, and for one sequence's chunks "
-        "one per fixed length (128 and 512 tokens and the longest chunk), shorter prompts "
-        "padded up to them: fixed shapes get faster kernels), 'decode,prefill' (the first "
-        "two: a faster build) or 'dynamic' (one profile for every call)"
+        "default: one for decode steps, one for prompt chunks, one for a single sequence's "
+        "full chunks of --max-prefill tokens, whose fixed shape gets faster kernels), "
+        "'decode,prefill' (the first two: a faster build) or 'dynamic' (one profile for every "
+        "call)"
     ) in help_text
 
 
