@@ -206,7 +206,7 @@ def build_key(meta: dict[str, Any]) -> str:
     `check_intact` recomputes it, so a metadata.json edited after the build is caught."""
     calibration = meta.get("calibration")
     decided_by = {
-        "format": meta["format_version"],  # a network or contract change makes a new artifact
+        "format": meta["format_version"],  # a contract change makes a new artifact
         "source": meta["model"]["fingerprint"],
         "options": meta["options"],
         "backend": [meta["backend"]["module"], meta["backend"]["version"]],
@@ -214,6 +214,8 @@ def build_key(meta: dict[str, Any]) -> str:
         "optimization_level": meta.get("optimization_level"),
         "calibration": calibration["sha256"] if calibration else None,
     }
+    if "network_version" in meta:  # absent in artifacts built before it: they keep their key
+        decided_by["network"] = meta["network_version"]
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()
 
 

@@ -14,12 +14,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-# Bumped whenever the network or this contract changes, so an older artifact is rebuilt (its
-# build key changes) or refused at load. 2: inv_temperature, log_normalizer, gather splits;
-# 3: window_slots, matmul attention; 4: sliding layers' KV rings, window_positions;
-# 5: next_token drawn in the engine (uniform, top_k, top_p); 6: one KV cache per layer, keys
-# and values stacked on the head axis.
+# Bumped whenever this contract changes: an older artifact is refused at load, and its build
+# key changes. 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul
+# attention; 4: sliding layers' KV rings, window_positions; 5: next_token drawn in the engine
+# (uniform, top_k, top_p); 6: one KV cache per layer, keys and values stacked on the head axis.
 FORMAT_VERSION = 6
+# Bumped whenever the network changes within this contract (its layers, weight layouts or
+# profiles): the build key changes, so tools.build builds anew instead of reusing an older
+# artifact, which still loads and runs. 1: the MLP's weights [in, out], the passes over the
+# vocabulary in blocks, global layers' cache read as a slice (artifacts without the field are
+# older).
+NETWORK_VERSION = 1
 
 # Inputs
 INPUT_IDS = "input_ids"  # int32 [B, S], right-padded

@@ -41,7 +41,7 @@ from netdef.artifact import (
     staging,
     write_metadata,
 )
-from netdef.contract import FORMAT_VERSION, PROFILE_SETS
+from netdef.contract import FORMAT_VERSION, NETWORK_VERSION, PROFILE_SETS
 from netdef.options import (
     GLOBAL_OPT,
     check_quant_target,
@@ -181,6 +181,7 @@ def build(
         }
     identity = {  # what decides the build; metadata.json records the same fields
         "format_version": FORMAT_VERSION,
+        "network_version": NETWORK_VERSION,
         "model": {"fingerprint": source_fingerprint(model_dir)},
         "options": options.__dict__,
         "backend": {"module": trt.__name__, "version": trt.__version__},
@@ -273,6 +274,7 @@ def build(
                     dict(
                         contract,
                         build_key=key,
+                        network_version=identity["network_version"],
                         model={
                             **identity["model"],
                             "name": model,

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from netdef import load_tensorrt
-from netdef.artifact import ENGINE_FILE, METADATA_FILE, files_sha256, fmt_bytes, read_metadata
+from netdef.artifact import (
+    ENGINE_FILE,
+    METADATA_FILE,
+    build_key,
+    check_intact,
+    files_sha256,
+    fmt_bytes,
+    read_metadata,
+    write_metadata,
+)
+from netdef.contract import NETWORK_VERSION
 from runtime import build as pipeline
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import build as build_tool
@@ -97,6 +107,28 @@ def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     code, third, _ = run_build([*args[:-1], "48"], capsys)
     assert code == 0 and third.strip() != artifact
+
+
+def test_a_newer_network_is_built_anew_and_older_artifacts_stay_intact(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
+    args = [str(tiny_dir("qwen3")), "--target", "sm89", "--max-seq-len", "32", "--quiet"]
+    code, first, _ = run_build(args, capsys)
+    older = Path(first.strip())
+    assert code == 0 and read_metadata(older)["network_version"] == NETWORK_VERSION
+    monkeypatch.setattr(pipeline, "NETWORK_VERSION", NETWORK_VERSION + 1)
+    code, second, err = run_build(args, capsys)
+    newer = Path(second.strip())
+    assert code == 0 and "Reusing" not in err and newer != older
+    assert read_metadata(newer)["network_version"] == NETWORK_VERSION + 1
+    assert check_intact(older).build_key != check_intact(newer).build_key
+    # An artifact from before network_version existed: no field, its key made without one.
+    meta = read_metadata(older)
+    del meta["network_version"]
+    meta["build_key"] = build_key(meta)
+    write_metadata(older, meta)
+    assert check_intact(older).build_key == meta["build_key"] != check_intact(newer).build_key
 
 
 def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
