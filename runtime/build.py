@@ -125,6 +125,11 @@ def build(
                 "(sm75, sm80, sm86, sm89, sm120 or sm121), e.g. --target sm89 for an RTX 40-series GPU."
             )
         compute_capability(trt, target)  # validates the name before any work
+        if timing_cache is not None:
+            raise BuildError(
+                "--timing-cache applies to --backend tensorrt only: TensorRT-RTX does not "
+                "autotune, so a timing cache has no effect on its engines; drop --timing-cache."
+            )
     elif target is not None:
         raise BuildError(
             "--target applies to --backend tensorrt_rtx only; datacenter TensorRT builds for the GPU it runs on."

@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="TensorRT-RTX compute capability, e.g. sm89")
     p.add_argument("--output", type=Path, help="artifact folder (default: in the user cache)")
     p.add_argument("--optimization-level", type=int, choices=range(6))
-    p.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        help="--backend tensorrt: read and update this file of the builder's kernel timings, "
+        "so later builds skip them (TensorRT-RTX does not time kernels)",
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument(
         "--force",

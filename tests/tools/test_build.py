@@ -183,6 +183,16 @@ def test_rtx_needs_a_target(tiny_dir, capsys):
     )
 
 
+def test_rtx_refuses_a_timing_cache_before_the_build(tiny_dir, tmp_path, capsys):
+    args = [str(tiny_dir("llama")), "--target", "sm89", "--timing-cache", str(tmp_path / "t")]
+    code, _, err = run_build([*args, "--output", str(tmp_path / "a")], capsys)
+    assert code == 1 and not (tmp_path / "a").exists() and not (tmp_path / "t").exists()
+    assert err.strip() == (
+        "error: --timing-cache applies to --backend tensorrt only: TensorRT-RTX does not "
+        "autotune, so a timing cache has no effect on its engines; drop --timing-cache."
+    )
+
+
 def test_unknown_target(tiny_dir, capsys):
     code, _, err = run_build([str(tiny_dir("llama")), "--target", "sm90"], capsys)
     assert code == 1
