@@ -78,6 +78,8 @@ def describe(metadata: Metadata) -> str:
         f"model      {meta['model']['name']} ({cfg['family']}, {len(cfg['layers'])} layers, "
         f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})",
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
+        f"format     artifact {meta['format_version']}, network "
+        f"{meta.get('network_version', '- (built before network versions)')}",
         f"dtype      {opt['dtype']}, max batch {opt['max_batch']}, max seq len {opt['max_seq_len']}",
         f"KV cache   {kv_cache(meta['kv_cache'], opt['max_batch'])}",
         f"quant      {quantization(metadata)}",

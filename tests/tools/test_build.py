@@ -20,7 +20,7 @@ from netdef.artifact import (
     read_metadata,
     write_metadata,
 )
-from netdef.contract import NETWORK_VERSION
+from netdef.contract import FORMAT_VERSION, NETWORK_VERSION
 from runtime import build as pipeline
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from tools import build as build_tool
@@ -274,6 +274,7 @@ def test_inspect_prints_the_artifact(tiny_dir, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "gemma3, 4 layers" in text
     assert "\nquant      none\n" in text
+    assert f"\nformat     artifact {FORMAT_VERSION}, network {NETWORK_VERSION}\n" in text
     # 3 sliding layers keep rings of window 4 + default max_prefill 16 - 1 = 19 slots, the
     # global one 32; 2 KV heads x 16 x 2 (key, value) x 2 bytes = 128 bytes a slot.
     assert (
