@@ -129,6 +129,12 @@ def test_a_newer_network_is_built_anew_and_older_artifacts_stay_intact(
     meta["build_key"] = build_key(meta)
     write_metadata(older, meta)
     assert check_intact(older).build_key == meta["build_key"] != check_intact(newer).build_key
+    capsys.readouterr()
+    assert inspect_tool.main([str(older)]) == 0
+    assert (
+        f"\nformat     artifact {FORMAT_VERSION}, network - (built before network versions)\n"
+        in (capsys.readouterr().out)
+    )
 
 
 def test_failed_build_leaves_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
