@@ -291,9 +291,14 @@ def check_replaceable(folder: Path) -> None:
     foreign = [n for n in names if n not in ARTIFACT_FILES or not (folder / n).is_file()]
     if names and (foreign or METADATA_FILE not in names):
         held = ", ".join((foreign or names)[:3]) + (", ..." if len(foreign or names) > 3 else "")
+        what = (
+            "holds an engine artifact and files of yours"
+            if METADATA_FILE in names
+            else "is not empty and is not an engine artifact"
+        )
         raise ArtifactError(
-            f"{folder} is not empty and is not an engine artifact (it holds {held}); nothing was "
-            "deleted: choose another --output, or empty that folder yourself."
+            f"{folder} {what} (it holds {held}); nothing was deleted: choose another --output, "
+            "or empty that folder yourself."
         )
 
 

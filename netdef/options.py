@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from weights.config import ModelConfig
@@ -143,11 +142,12 @@ class NetworkOptions:
                 f"{min(TOPK_MAX, config.vocab_size)} (TensorRT's TopK takes k <= {TOPK_MAX})."
             )
         self._validate_quant(config)
+
+    def caveats(self, config: ModelConfig) -> list[str]:
+        """What is valid but likely not meant: the tools say it as a warning, once."""
         if self.dtype == "float16" and config.float16_overflows:
-            warnings.warn(
-                "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.",
-                stacklevel=2,
-            )
+            return ["Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16."]
+        return []
 
     def why_not_decode_long(self, config: ModelConfig) -> str | None:
         """Why decode_long cannot apply to this model with these options (the error a build

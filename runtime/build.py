@@ -41,7 +41,7 @@ from netdef.artifact import (
     staging,
     write_metadata,
 )
-from netdef.contract import FORMAT_VERSION, NETWORK_VERSION, PROFILE_SETS
+from netdef.contract import FORMAT_VERSION, NETWORK_VERSION, PROFILE_SETS, normalize_target
 from netdef.options import (
     GLOBAL_OPT,
     check_quant_target,
@@ -55,7 +55,7 @@ from weights.bundled import default_cache_dir
 from weights.folders import locked, remove_stale_partials
 from weights.gguf_quant import GGUFQuantized
 
-from .calibration import activation_amax
+from .calibration import activation_amax, calibration_ids
 from .tokenizer import Tokenizer, TokenizerError
 
 
@@ -125,6 +125,7 @@ def build(
                 "(sm75, sm80, sm86, sm89, sm120 or sm121), e.g. --target sm89 for an RTX 40-series GPU."
             )
         compute_capability(trt, target)  # validates the name before any work
+        target = normalize_target(target)  # '8.9' and 'SM89' build (and reuse) as 'sm89'
         if timing_cache is not None:
             raise BuildError(
                 "--timing-cache applies to --backend tensorrt only: TensorRT-RTX does not "
@@ -171,12 +172,14 @@ def build(
     if max_prefill is None:
         options = replace(options, max_prefill=default_max_prefill(config, max_batch, max_seq_len))
         options.validate(config)  # prefill_opt against that default
+    for caveat in options.caveats(config):
+        hooks.warn(caveat)
     if decode_long is None:  # where it applies (NetworkOptions.profiles says why)
         options = replace(options, decode_long=options.why_not_decode_long(config) is None)
     calibration = None
     if calib_file is not None:
         try:
-            calib_ids = Tokenizer.from_dir(model_dir).encode(calib_file.read_text(encoding="utf-8"))
+            calib_ids = calibration_ids(model_dir, calib_file)
         except TokenizerError as e:
             raise BuildError(f"fp8 calibration tokenizes {calib_file}: {e}") from None
         calibration = {
@@ -197,6 +200,11 @@ def build(
     key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
     output = Path(output) if output else default_cache_dir() / "engines" / f"{slug}-{key[:16]}"
+    if not (model_dir / "tokenizer.json").is_file():  # said for a reused artifact too
+        hooks.warn(
+            f"{model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
+            "this artifact; add the model's tokenizer files to that folder and build again."
+        )
     if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
         hooks.say(f"Reusing {output} (identical build; --force rebuilds).")
         return output
@@ -220,11 +228,6 @@ def build(
                 except DamagedArtifact as e:  # the same build, damaged: ours to replace
                     hooks.say(f"Rebuilding {output}: {e.reason}.")
             with staging(output) as tmp:
-                if not (model_dir / "tokenizer.json").is_file():
-                    hooks.warn(
-                        f"{model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
-                        "this artifact; add the model's tokenizer files to that folder and build again."
-                    )
                 act_amax = None
                 if calibration is not None:
                     hooks.say(

@@ -225,10 +225,14 @@ def test_io_contract(tiny_dir):
     assert plain_inputs == set(inputs) - {"inv_temperature", "uniform", "top_k", "top_p"}
 
 
-def test_float16_gemma_warns(tiny_dir):
-    ckpt = Checkpoint.open(tiny_dir("gemma3"))
-    with pytest.warns(UserWarning, match="Gemma-3 activations overflow float16"):
-        build_network(ckpt, NetworkOptions(dtype="float16", max_seq_len=32), trt)
+def test_float16_gemma_is_a_caveat_not_an_error(tiny_dir):
+    config = Checkpoint.open(tiny_dir("gemma3")).config
+    options = NetworkOptions(dtype="float16", max_seq_len=32)
+    options.validate(config)
+    assert options.caveats(config) == [
+        "Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16."
+    ]
+    assert NetworkOptions(max_seq_len=32).caveats(config) == []
 
 
 @pytest.mark.parametrize(

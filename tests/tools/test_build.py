@@ -102,11 +102,26 @@ def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatc
     code, second, err = run_build(args, capsys)
     assert code == 0 and second.strip() == artifact
     assert "Reusing" in err
+    # Other spellings of the same target are the same build.
+    for spelling in ("SM89", "8.9", "89"):
+        code, again, _ = run_build([*args[:4], spelling, *args[5:]], capsys)
+        assert code == 0 and again.strip() == artifact
+    assert read_metadata(Path(artifact))["target"] == "sm89"
     # Other options are another artifact.
     monkeypatch.undo()
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
     code, third, _ = run_build([*args[:-1], "48"], capsys)
     assert code == 0 and third.strip() != artifact
+
+
+def test_a_float16_gemma_build_warns_once_in_one_line(tiny_dir, tmp_path, capsys):
+    args = [str(tiny_dir("gemma3")), "--target", "sm89", "--max-seq-len", "32", "--quiet"]
+    code, _, err = run_build([*args, "--dtype", "float16", "--output", str(tmp_path / "a")], capsys)
+    assert code == 0 and err.startswith(  # then: the fixture has no tokenizer.json
+        "warning: Gemma-3 activations overflow float16; expect inf/NaN logits. Use bfloat16.\n"
+        "warning: "
+    )
+    assert err.count("overflow float16") == 1 and "UserWarning" not in err
 
 
 def test_a_newer_network_is_built_anew_and_older_artifacts_stay_intact(
@@ -330,7 +345,10 @@ def test_force_keeps_a_user_file_inside_an_artifact(tiny_dir, tmp_path, capsys):
     assert run_build(tiny_build_args(tiny_dir, out_dir), capsys)[0] == 0
     (out_dir / "notes.md").write_text("mine")
     code, _, err = run_build(tiny_build_args(tiny_dir, out_dir, "--force"), capsys)
-    assert code == 1 and "(it holds notes.md); nothing was deleted" in err
+    assert code == 1 and err == (
+        f"error: {out_dir} holds an engine artifact and files of yours (it holds notes.md); "
+        "nothing was deleted: choose another --output, or empty that folder yourself.\n"
+    )
     assert (out_dir / "notes.md").read_text() == "mine" and (out_dir / ENGINE_FILE).is_file()
 
 
@@ -396,12 +414,14 @@ def test_the_build_key_covers_the_tokenizer_files(tiny_dir, tmp_path, capsys, mo
     for f in tiny_dir("qwen3").iterdir():
         (model / f.name).symlink_to(f)
     args = [str(model), "--target", "sm89", "--max-seq-len", "32"]
-    code, first, err = run_build(args, capsys)
-    assert code == 0
-    assert (
+    warning = (
         f"warning: {model} has no tokenizer.json, so python -m tools.generate cannot use this "
-        "artifact; add the model's tokenizer files to that folder and build again.\n" in err
+        "artifact; add the model's tokenizer files to that folder and build again.\n"
     )
+    code, first, err = run_build(args, capsys)
+    assert code == 0 and warning in err
+    code, again, err = run_build(args, capsys)  # reused: said again
+    assert code == 0 and again == first and warning in err and "Reusing" in err
     artifact = Path(first.strip())
     assert generate_tool.main([str(artifact), "--prompt", "w5"]) == 1
     assert capsys.readouterr().err == (
