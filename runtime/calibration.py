@@ -5,13 +5,14 @@ KV cache as an engine would be driven, and the executor hands back the input ten
 linear layer (`Graph.linear_inputs`). Each layer's amax (largest |x| over every token)
 becomes its per-tensor FP8 scale, amax / 448, when the fp8 network is defined.
 
-    amax = activation_amax(ckpt, tokenizer.encode(text), "bfloat16")
+    amax = activation_amax(ckpt, calibration_ids(model_dir, text_file), "bfloat16")
     dn = build_network(ckpt, NetworkOptions(quant="fp8"), act_amax=amax)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -21,6 +22,13 @@ from netdef.decoder import WeightSource
 from netdef.slots import prompt_chunks
 
 from .cpu import CpuBackend
+from .tokenizer import Tokenizer
+
+
+def calibration_ids(model_dir: Path, text_file: Path) -> list[int]:
+    """The token ids a calibration pass runs: `text_file` encoded by the model's tokenizer
+    (the build and `--backend reference` on an fp8 artifact measure the same ranges)."""
+    return Tokenizer.from_dir(model_dir).encode(text_file.read_text(encoding="utf-8"))
 
 
 def activation_amax(

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import METADATA_FILE, Metadata, check_intact, fmt_bytes, source_fingerprint
+from netdef.artifact import (
+    METADATA_FILE,
+    Metadata,
+    check_intact,
+    files_sha256,
+    fmt_bytes,
+    source_fingerprint,
+)
 from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
+from runtime.calibration import activation_amax, calibration_ids
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
@@ -28,11 +37,20 @@ from weights import Checkpoint, WeightsError
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
 
+DEFAULT_NEW_TOKENS = 128  # --max-new-tokens where max_seq_len leaves room for it twice
+
 
 def no_such_model(path: Path) -> str:
     """The error for a model argument that is no folder (tools.generate and tools.serve)."""
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return (
+            f"{path} is a GGUF file; python -m tools.build {path} converts it (into "
+            "$TRT_NETDEF_CACHE/gguf/) and builds an artifact: pass that artifact folder, or the "
+            "converted folder with --backend reference."
+        )
+    problem = "is a file, not a folder" if path.exists() else "does not exist"
     return (
-        f"{path} does not exist; pass an artifact folder from python -m tools.build, or a "
+        f"{path} {problem}; pass an artifact folder from python -m tools.build, or a "
         "Hugging Face model folder with --backend reference."
     )
 
@@ -78,16 +96,39 @@ def open_backend(
                 file=sys.stderr,
             )
         return backend
+    act_amax = None
     if meta is not None:
         ckpt = source_checkpoint(path, meta)
         options = NetworkOptions(**{**meta.options, "max_batch": max_batch})
+        if options.quant == "fp8":
+            act_amax = fp8_ranges(path, meta, ckpt)
     else:
         ckpt = Checkpoint.open(path)
         seq_len = default_max_seq_len(ckpt.config) if max_seq_len is None else max_seq_len
         options = NetworkOptions(
             dtype=dtype, max_batch=max_batch, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
         )
-    return CpuBackend(build_network(ckpt, options))
+    for caveat in options.caveats(ckpt.config):
+        print(f"warning: {caveat}", file=sys.stderr)
+    return CpuBackend(build_network(ckpt, options, act_amax=act_amax))
+
+
+def fp8_ranges(artifact: Path, meta: Metadata, ckpt: Checkpoint) -> dict[str, float]:
+    """An fp8 artifact's activation ranges, measured again as its build measured them (the
+    engine holds them only as its scales): the same pass over the calibration text its
+    metadata names, refused if that text changed since."""
+    text = Path(meta.calibration["file"])
+    if not text.is_file() or files_sha256([text]) != meta.calibration["sha256"]:
+        what = "changed after the build" if text.is_file() else "no longer exists"
+        raise GenerationError(
+            f"--backend reference measures the fp8 activation ranges of {artifact} again on "
+            f"its calibration text {text}, which {what}; rebuild the artifact with python -m "
+            "tools.build --force, or run the engine on a GPU (--backend tensorrt)."
+        )
+    ids = calibration_ids(meta.model_path, text)
+    tokens = meta.calibration["tokens"]
+    print(f"Calibrating FP8 activation ranges on {tokens} tokens of {text}...", file=sys.stderr)
+    return activation_amax(ckpt, ids, meta.options["dtype"])
 
 
 def source_checkpoint(artifact: Path, meta: Metadata) -> Checkpoint | GGUFQuantized:
@@ -187,16 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"default {DEFAULT_NEW_TOKENS}, or half of max_seq_len where that is less",
+    )
     p.add_argument(
         "--truncate",
         action="store_true",
         help="keep a too-long prompt's last tokens instead of refusing it",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="default 1: no top-p filter")
+    p.add_argument("--top-k", type=int, default=0, help="default 0: no top-k filter")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1: none")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
@@ -212,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         params = SamplingParams(
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=DEFAULT_NEW_TOKENS
+            if args.max_new_tokens is None
+            else args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -233,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
         try:
+            if args.max_new_tokens is None:  # the default leaves room for a prompt
+                half = max(1, gen.backend.max_seq_len // 2)
+                params = replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, half))
             if params.max_new_tokens >= gen.backend.max_seq_len:
                 raise GenerationError(
                     f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "

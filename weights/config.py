@@ -145,11 +145,13 @@ SUPPORTED_MODEL_TYPES = ("gemma3", "gemma3_text", "llama", "qwen2", "qwen3")
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     """Read and normalize `config.json` from a model folder."""
-    path = Path(model_dir) / "config.json"
+    folder = Path(model_dir)
+    path = folder / "config.json"
     if not path.is_file():
+        problem = f"{folder} is a file" if folder.is_file() else f"{path} does not exist"
         raise ConfigError(
-            f"{path} does not exist: point to a Hugging Face model folder that holds config.json "
-            "(or download the model with `python -m tools.build MODEL`)."
+            f"{problem}: point to a Hugging Face model folder that holds config.json (or "
+            "download the model, or convert a .gguf file, with `python -m tools.build MODEL`)."
         )
     try:
         raw = json.loads(path.read_text())

@@ -3,17 +3,25 @@ key, and the refusals with their exact messages."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from netdef import OptionsError
-from netdef.artifact import read_metadata
+from netdef import OptionsError, build_network
+from netdef.artifact import open_artifact, read_metadata
+from netdef.contract import LOGITS
 from netdef.options import check_quant_target
 from netdef.quant import (
     CALIBRATION_TEXT,
 )
+from runtime.calibration import activation_amax, calibration_ids
+from runtime.cpu import CpuBackend
+from runtime.readout import ALL_LOGITS
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools import build as build_tool
+from tools import generate as generate_tool
 from tools import inspect as inspect_tool
+from tools.generate import open_backend
+from weights import Checkpoint
 
 MOBY_DICK = CALIBRATION_TEXT.parents[2] / "tests" / "data" / "moby_dick_loomings.txt"
 
@@ -122,3 +130,33 @@ def test_fp8_for_a_target_without_fp8_is_refused_before_any_build_work(tmp_path,
             check_quant_target("fp8", target)
     for target in ("sm89", "sm120", "sm121"):
         check_quant_target("fp8", target)
+
+
+def test_an_fp8_artifact_runs_on_the_cpu_with_its_ranges_measured_again(tmp_path, capsys):
+    model = tiny_quant_dir("gemma3")
+    text = tmp_path / "calib.txt"
+    text.write_text(MOBY_DICK.read_text()[:2000])
+    artifact = tmp_path / "artifact"
+    args = [str(model), "--target", "sm89", "--max-seq-len", "64", "--quant", "fp8", "--quiet"]
+    code, _, err = build([*args, "--calib-file", str(text), "--output", str(artifact)], capsys)
+    assert code == 0, err
+    meta = open_artifact(artifact)
+    # The executor's fp8 network has the ranges the build measured on that text.
+    backend = open_backend(artifact, meta, "reference", "bfloat16", None)
+    amax = activation_amax(Checkpoint.open(model), calibration_ids(model, text), "bfloat16")
+    direct = CpuBackend(build_network(Checkpoint.open(model), backend.dn.options, act_amax=amax))
+    call = (np.array([[2, 17, 99, 4]], np.int32), np.arange(4, dtype=np.int32)[None])
+    logits = []
+    for cpu in (backend, direct):
+        cpu.reset(1)
+        logits.append(cpu.forward(*call, np.array([3], np.int32), ALL_LOGITS)[LOGITS])
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert "Calibrating FP8 activation ranges on" in capsys.readouterr().err
+    # A calibration text changed since the build is refused: the ranges would differ.
+    text.write_text("Call me Ishmael.")
+    assert generate_tool.main([str(artifact), "--backend", "reference", "--prompt", "x"]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"\nerror: --backend reference measures the fp8 activation ranges of {artifact} again on "
+        f"its calibration text {text}, which changed after the build; rebuild the artifact with "
+        "python -m tools.build --force, or run the engine on a GPU (--backend tensorrt).\n"
+    )

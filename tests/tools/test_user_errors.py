@@ -172,6 +172,13 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys):
     )
 
 
+def test_the_default_new_tokens_leave_room_for_a_prompt(tiny_dir, tmp_path, capsys):
+    # --max-new-tokens unset: up to 128, or half of a shorter cache (here 16 of 32)
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    assert generate_tool.main(generate_cli(model, "--max-seq-len", "32", "--prompt", "w5")) == 0
+    assert "[1 prompt tokens, 16 generated (length)" in capsys.readouterr().err
+
+
 def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))
@@ -194,8 +201,25 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass a folder written by python -m tools.build.\n"
     )
+    # A file, not a folder: a GGUF file is pointed to tools.build, any other file named one.
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    for run in (
+        lambda: generate_tool.main([str(gguf), "--backend", "reference", "--prompt", "x"]),
+        lambda: serve_tool.main([str(gguf), "--backend", "reference"]),
+    ):
+        assert run() == 1 and capsys.readouterr().err == (
+            f"error: {gguf} is a GGUF file; python -m tools.build {gguf} converts it (into "
+            "$TRT_NETDEF_CACHE/gguf/) and builds an artifact: pass that artifact folder, or the "
+            "converted folder with --backend reference.\n"
+        )
     text = tmp_path / "text.txt"
     text.write_text("Call me Ishmael.")
+    assert generate_tool.main([str(text), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {text} is a file, not a folder; pass an artifact folder from python -m "
+        "tools.build, or a Hugging Face model folder with --backend reference.\n"
+    )
     assert eval_tool.main([str(missing), "--text", str(text)]) == 1
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass an artifact folder from python -m tools.build "

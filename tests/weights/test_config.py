@@ -269,10 +269,16 @@ def test_multimodal_errors_name_the_text_config_field():
 def test_missing_config_json(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path)
-    assert str(err.value) == (
-        f"{tmp_path / 'config.json'} does not exist: point to a Hugging Face model folder that "
-        "holds config.json (or download the model with `python -m tools.build MODEL`)."
+    advice = (
+        ": point to a Hugging Face model folder that holds config.json (or download the model, "
+        "or convert a .gguf file, with `python -m tools.build MODEL`)."
     )
+    assert str(err.value) == f"{tmp_path / 'config.json'} does not exist{advice}"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError) as err:
+        load_config(gguf)
+    assert str(err.value) == f"{gguf} is a file{advice}"
 
 
 def test_invalid_config_json(tmp_path):
