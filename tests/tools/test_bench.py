@@ -266,11 +266,75 @@ def test_make_random_writes_a_valid_checkpoint(tmp_path, capsys):
     assert (config.num_heads, config.num_kv_heads, config.max_position_embeddings) == (4, 1, 32768)
     assert [layer.sliding_window for layer in config.layers] == [512, 512]
     assert config.attention_scale == 256**-0.5
-    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["random"]  # no partial folder left beside
     q = np.asarray(ckpt.tensor("layers.0.self_attn.q_proj.weight"), np.float32)
     assert ckpt.tensor("layers.0.self_attn.q_proj.weight").dtype == ml_dtypes.bfloat16
     assert 0.015 < q.std() < 0.025 and np.abs(q).max() <= 0.02 * 3**0.5 * 1.01
     assert not np.asarray(ckpt.tensor("layers.1.input_layernorm.weight"), np.float32).any()
+
+
+def test_make_random_help_names_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--make-random PRESET write a random checkpoint with a real model's shapes: "
+        "gemma-3-1b, gemma-3-270m, gemma-3-4b, llama-3.2-1b"
+    ) in help_text
+
+
+def test_make_random_never_writes_over_a_users_files(tmp_path, capsys):
+    """Each --out was written into before: a model's folder had its config.json and weights
+    replaced; a file, or a folder under one, gave a traceback."""
+    user = tmp_path / "my-model"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    (user / "model.safetensors").write_bytes(b"real weights")
+    (tmp_path / "notes").write_text("keep")
+    for out, message in (
+        (
+            user,
+            f"{user} is not empty (it holds config.json, model.safetensors); nothing was "
+            "written: choose another --out, or empty that folder yourself.",
+        ),
+        (
+            tmp_path / "notes",
+            f"{tmp_path / 'notes'} exists and is not a folder; choose another --out (nothing "
+            "was changed).",
+        ),
+        (
+            tmp_path / "notes" / "sub",
+            f"could not write {tmp_path / 'notes' / 'sub'}: File exists: {tmp_path / 'notes'} "
+            "(nothing was left there).",
+        ),
+    ):
+        assert main(["--make-random", "gemma-3-270m", "--out", str(out), *SMALL]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-model", "notes"]
+    assert sorted(p.name for p in user.iterdir()) == ["config.json", "model.safetensors"]
+    assert (user / "config.json").read_text() == '{"mine": true}'
+    assert (user / "model.safetensors").read_bytes() == b"real weights"
+    assert (tmp_path / "notes").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--seed", "-1", "--seed must be >= 0"),
+        ("--layers", "0", "--layers must be positive"),
+        ("--kv-heads", "0", "--kv-heads must be positive"),
+        ("--head-dim", "-16", "--head-dim must be positive"),
+    ],
+)
+def test_make_random_refuses_bad_numbers_before_writing(flag, value, message, tmp_path, capsys):
+    """--seed -1 gave a traceback and left a folder holding only config.json; --kv-heads 0 and
+    --head-dim 0 wrote a checkpoint of other shapes than asked."""
+    out = tmp_path / "random"
+    with pytest.raises(SystemExit) as e:
+        main(["--make-random", "gemma-3-270m", "--out", str(out), *SMALL, flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m tools.bench: error: {message}"
+    assert not any(tmp_path.iterdir())
 
 
 def test_make_random_checkpoint_loads_in_transformers(tmp_path):

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--make-random",
         metavar="PRESET",
         choices=sorted(RANDOM_PRESETS),
-        help="write a random checkpoint with a real model's shapes",
+        help="write a random checkpoint with a real model's shapes: %(choices)s",
     )
     mode.add_argument("--build-worker", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     r = p.add_argument_group("--make-random")
-    r.add_argument("--out", type=Path, help="folder to write")
+    r.add_argument("--out", type=Path, help="folder to write (absent or empty)")
     r.add_argument("--seed", type=int, default=0)
     for key, field in SHAPE_OVERRIDES.items():
         r.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override {field}")
@@ -220,8 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("only --build takes several models")
         if args.memory_limit is not None and not (args.build and args.memory_limit > 0):
             p.error("--memory-limit takes a positive multiple of the checkpoint, with --build")
-    at_least = {"warmup": 0, "context": 0, "new_shapes": 0}  # the others: positive
+    at_least = {"warmup": 0, "context": 0, "new_shapes": 0, "seed": 0}  # the others: positive
     positive = ("rounds", "prompt_len", "decode_tokens", "steps", "max_batch", "max_seq_len")
+    positive += tuple(SHAPE_OVERRIDES)
     for name in (*at_least, *positive, "bandwidth_mib"):
         value, low = getattr(args, name), at_least.get(name, 1)
         if value is not None and value < low:

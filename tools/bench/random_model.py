@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tools.bench import BenchError
+from weights.folders import partial_path
 
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # google/gemma-3-1b-it's config.json (its generation-only "cache_implementation" left out).
@@ -131,14 +133,34 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     ).astype(np.uint16)
 
 
+def check_out(out: Path) -> None:
+    """Raise BenchError unless `out` is absent or an empty folder: what a user keeps there (a
+    real model, say) is never overwritten."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BenchError(
+            f"{out} exists and is not a folder; choose another --out (nothing was changed)."
+        )
+    if out.exists() and (names := sorted(p.name for p in out.iterdir())):
+        held = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise BenchError(
+            f"{out} is not empty (it holds {held}); nothing was written: choose another --out, "
+            "or empty that folder yourself."
+        )
+
+
 def write_random_checkpoint(
     out: Path, config: dict[str, Any], seed: int = 0, std: float = 0.02
 ) -> Path:
     """config.json plus one model.safetensors of random bfloat16 weights, written tensor by
     tensor in chunks (memory stays around 100 MB whatever the model size). Matrices are
-    uniform with standard deviation `std`; norm scales are the identity."""
+    uniform with standard deviation `std`; norm scales are the identity.
+
+    `out` must be absent or empty. The folder is written beside it under a hidden partial name
+    and renamed into place last, so a failure or an interrupt leaves nothing at `out`."""
     from weights.config import parse_config
 
+    out = Path(out)
+    check_out(out)
     parsed = parse_config(config)
     shapes = {f"model.{name}": shape for name, shape in parsed.tensor_shapes().items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -153,26 +175,34 @@ def write_random_checkpoint(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     rng = np.random.default_rng(seed)
     half_width = np.float32(std * math.sqrt(3.0))
     norm_bits = bf16_bits(np.array([1.0 - parsed.norm_offset], np.float32))[0]
     chunk = 1 << 23
-    partial = out / ".model.safetensors.partial"
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in sorted(shapes):
-            total = math.prod(shapes[name])
-            if name.endswith("norm.weight"):
-                f.write(np.full(total, norm_bits, np.uint16).tobytes())
-                continue
-            for start in range(0, total, chunk):
-                n = min(chunk, total - start)
-                values = rng.random(n, dtype=np.float32)
-                values *= 2 * half_width
-                values -= half_width
-                f.write(bf16_bits(values).tobytes())
-    os.replace(partial, out / "model.safetensors")
+    tmp = partial_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in sorted(shapes):
+                total = math.prod(shapes[name])
+                if name.endswith("norm.weight"):
+                    f.write(np.full(total, norm_bits, np.uint16).tobytes())
+                    continue
+                for start in range(0, total, chunk):
+                    n = min(chunk, total - start)
+                    values = rng.random(n, dtype=np.float32)
+                    values *= 2 * half_width
+                    values -= half_width
+                    f.write(bf16_bits(values).tobytes())
+        check_out(out)  # again: something may have been put there while this wrote
+        os.rename(tmp, out)
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        raise BenchError(f"could not write {out}: {reason} (nothing was left there).") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     return out

@@ -27,11 +27,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tools.bench.__main__ import int_list
 from tools.bench.report import machine, versions
+
+if TYPE_CHECKING:
+    import openai
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -115,9 +119,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import openai
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, each checked here so that a bad one is refused before a server starts."""
     p = argparse.ArgumentParser(
         prog="python -m tools.bench.serve", description=__doc__.split("\n\n")[0]
     )
@@ -143,6 +146,49 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.url is None) == (args.model_path is None):
         p.error("give an artifact or model folder, or --url of a running server (not both).")
+    for flag, low in (
+        ("--max-batch", 1),
+        ("--max-seq-len", 1),
+        ("--rounds", 1),
+        ("--prompt-tokens", 1),
+        ("--max-tokens", 1),
+        ("--top-k", 0),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}.")
+    if not args.temperature >= 0:  # NaN too
+        p.error("--temperature must be at least 0 (0 is greedy).")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1].")
+    if args.json and not args.json.parent.is_dir():
+        p.error(f"--json: {args.json.parent} is not a folder.")
+    return args
+
+
+def request_error(e: openai.APIError, url: str) -> str:
+    """One line for a request that failed: the server's own message where it sent one."""
+    import openai
+
+    if isinstance(e, openai.APIConnectionError):
+        return f"error: cannot reach the server at {url}: {e.__cause__ or e.message}"
+    said = e.body.get("message") if isinstance(e.body, dict) else None
+    status = f" ({e.status_code})" if isinstance(e, openai.APIStatusError) else ""
+    return f"error: the server at {url} refused a request{status}: {said or e.message}"
+
+
+def ms(value: float | None, width: int) -> str:
+    """A latency cell: '-' where the level had none (one token per request has no gaps)."""
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import openai
+    except ImportError:
+        print("error: this needs the openai client: pip install openai", file=sys.stderr)
+        return 1
     proc = None
     try:
         if args.url is None:
@@ -160,14 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             for streams in args.streams:
                 level = await one_level(client, model, streams, args, vocab)
                 levels.append(level)
+                ttft, itl = level["ttft_ms"], level["itl_ms"]
                 print(
                     f"{streams:>3} streams: {level['tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                    f"{level['ttft_ms']['p50']:8.1f} p99 {level['ttft_ms']['p99']:8.1f} ms  ITL p50 "
-                    f"{level['itl_ms']['p50']:7.1f} p99 {level['itl_ms']['p99']:7.1f} ms",
+                    f"{ms(ttft['p50'], 8)} p99 {ms(ttft['p99'], 8)} ms  ITL p50 "
+                    f"{ms(itl['p50'], 7)} p99 {ms(itl['p99'], 7)} ms",
                     flush=True,
                 )
 
         asyncio.run(run())  # the first, unrecorded request warms the server up
+    except openai.APIError as e:
+        print(request_error(e, args.url), file=sys.stderr)
+        return 1
     finally:
         if proc is not None:
             proc.terminate()

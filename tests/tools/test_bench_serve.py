@@ -1,0 +1,70 @@
+"""tools.bench.serve's refusals: bad options before a server starts, and a server's error or an
+unreachable URL as one line (the load test itself is in test_serve_http.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.tools.cli import free_port, with_tokenizer
+from tools.bench import serve as bench
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "0"], "--rounds must be at least 1."),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1."),
+        (["--prompt-tokens", "0"], "--prompt-tokens must be at least 1."),
+        (["--max-batch", "0"], "--max-batch must be at least 1."),
+        (["--max-seq-len", "-1"], "--max-seq-len must be at least 1."),
+        (["--top-k", "-1"], "--top-k must be at least 0."),
+        (["--temperature", "-1"], "--temperature must be at least 0 (0 is greedy)."),
+        (["--temperature", "nan"], "--temperature must be at least 0 (0 is greedy)."),
+        (["--top-p", "0"], "--top-p must be in (0, 1]."),
+        (["--json", "/no/such/folder/out.json"], "--json: /no/such/folder is not a folder."),
+    ],
+)
+def test_bad_options_are_refused_before_a_server_starts(args, message, capsys):
+    """--rounds 0 gave a TypeError after the run; the sampling ones an openai traceback from
+    the server's 400; --max-batch 0 was taken."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--url", "http://127.0.0.1:8000/v1", *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m tools.bench.serve: error: {message}"
+    )
+
+
+def test_an_unreachable_url_is_one_line(capsys):
+    """It was a 31-frame APIConnectionError traceback."""
+    url = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on
+    assert bench.main(["--url", url, "--streams", "1"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot reach the server at {url}: [Errno 111] Connection refused\n"
+    )
+
+
+def test_a_request_the_server_refuses_is_its_message(tiny_dir, tmp_path, capsys):
+    """A prompt longer than the server's context: the server's own words, not a traceback."""
+    tiny = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    args = [str(tiny), "--backend", "reference", "--max-seq-len", "64", "--streams", "1"]
+    assert bench.main([*args, "--prompt-tokens", "100", "--max-tokens", "4"]) == 1
+    tail = (
+        " refused a request (400): the prompt has 100 tokens and max_tokens is 4, more than this "
+        "engine's context of max_seq_len=64 tokens; shorten the prompt or lower max_tokens.\n"
+    )
+    assert re.fullmatch(
+        r"error: the server at http://127\.0\.0\.1:\d+/v1" + re.escape(tail),
+        capsys.readouterr().err,
+    )
+
+
+def test_one_token_per_request_has_no_inter_token_latency(tiny_dir, tmp_path, capsys):
+    """It printed nothing and died on formatting the missing ITL percentiles (None)."""
+    tiny = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    args = [str(tiny), "--backend", "reference", "--max-seq-len", "64", "--streams", "1"]
+    assert bench.main([*args, "--rounds", "1", "--prompt-tokens", "4", "--max-tokens", "1"]) == 0
+    row = r"  1 streams: +[\d.]+ tok/s  TTFT p50 +[\d.]+ p99 +[\d.]+ ms  "
+    assert re.fullmatch(row + r"ITL p50       - p99       - ms\n", capsys.readouterr().out)
