@@ -2,13 +2,15 @@
 
     python -m tools.eval MODEL_DIR --text FILE [--quant MODE ...] [--quant-lm-head]
         [--calib-file FILE] [--dtype bfloat16] [--max-tokens N] [--chunk N] [--json]
+    python -m tools.eval MODEL.gguf --text FILE    # from-gguf too: the file's own blocks
     python -m tools.eval ARTIFACT --text FILE      # the artifact's model, dtype and quant mode
 
 Every network is the all-logits one, run by the NumPy executor with the text fed in chunks
 through the KV cache, as an engine is driven. Perplexity is over every next-token
 prediction of the text; top-1 agreement is the share of those positions where the
 quantized network's most likely token is the unquantized one's. fp8 is calibrated on
---calib-file (default: the shipped sample text), never on the evaluated text.
+--calib-file (default: the shipped sample text), never on the evaluated text. A GGUF file is
+converted as tools.build converts it; from-gguf keeps its blocks the way tools.build does.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from runtime.calibration import activation_amax
 from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
 from runtime.tokenizer import Tokenizer
-from weights import Checkpoint, WeightsError
+from weights import Checkpoint, WeightsError, resolve_model
+from weights.bundled import default_cache_dir
+from weights.gguf_quant import GGUFQuantized
 
 
 def score(
@@ -69,12 +73,13 @@ def evaluate(
     chunk: int = 256,
     trt: ModuleType | None = None,
 ) -> dict[str, Any]:
-    """The unquantized `dtype` network's perplexity, and each mode's with its top-1 agreement."""
+    """The unquantized `dtype` network's perplexity, and each mode's with its top-1 agreement.
+    from-gguf needs a `weights.gguf_quant.GGUFQuantized` source; every mode's options are
+    checked before the first network runs, so a bad one costs no scoring."""
     if len(ids) < 2:
         raise ValueError("evaluation needs at least two tokens.")
-
-    def run(mode: str) -> tuple[np.ndarray, np.ndarray]:
-        options = NetworkOptions(
+    options = {
+        mode: NetworkOptions(
             dtype=dtype,
             max_seq_len=len(ids),
             max_prefill=min(chunk, len(ids)),
@@ -82,9 +87,14 @@ def evaluate(
             quant=mode,
             quant_lm_head=quant_lm_head and mode != "none",
         )
-        options.validate(source.config)  # before a calibration pass
+        for mode in ("none", *modes)
+    }
+    for o in options.values():
+        o.validate(source.config)
+
+    def run(mode: str) -> tuple[np.ndarray, np.ndarray]:
         amax = activation_amax(source, calib_ids, dtype, chunk, trt) if mode == "fp8" else None
-        model = CpuBackend(build_network(source, options, trt, act_amax=amax))
+        model = CpuBackend(build_network(source, options[mode], trt, act_amax=amax))
         return score(model, ids, chunk, desc=f"{mode if mode != 'none' else dtype} network")
 
     ref_nll, ref_top1 = run("none")
@@ -120,21 +130,79 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def from_artifact(args: argparse.Namespace) -> None:
-    """Evaluate what an artifact was built with: its model folder, dtype, mode and calibration."""
+def read_text(flag: str, path: Path) -> str:
+    """The UTF-8 text of the file `flag` names, read before any network runs; a ValueError
+    naming the flag and the path if it is not such a file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problem = "no such file"
+    except IsADirectoryError:
+        problem = "is a folder; pass a text file"
+    except UnicodeDecodeError as e:
+        problem = (
+            f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        )
+    except OSError as e:
+        problem = e.strerror.lower()
+    raise ValueError(f"{flag} {path}: {problem}.")
+
+
+def from_artifact(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Evaluate what an artifact was built with: its model folder (returned, with the GGUF
+    file of a from-gguf build), dtype, mode and calibration, set in `args`. Flags that ask
+    for other settings are refused, not overridden: the numbers would not be what they asked
+    for, and the model folder is the way to choose them."""
     meta = open_artifact(args.model_dir)
     options = meta.options
     if options["quant"] == "none":
         raise ValueError(f"{args.model_dir} is not quantized; nothing to compare it with.")
-    args.model_dir = meta.model_path
-    if not (args.model_dir / "config.json").is_file():
+    built = {"--dtype": options["dtype"], "--quant": options["quant"]}
+    if options["quant_lm_head"]:
+        built["--quant-lm-head"] = ""
+    if meta.calibration:
+        built["--calib-file"] = meta.calibration["file"]
+    given = {
+        "--dtype": args.dtype,
+        "--quant": " --quant ".join(dict.fromkeys(args.quant or ())) or None,
+        "--quant-lm-head": "" if args.quant_lm_head else None,
+        "--calib-file": args.calib_file and str(args.calib_file.resolve()),
+    }
+    if other := {k: v for k, v in given.items() if v is not None and v != built.get(k)}:
         raise ValueError(
-            f"the artifact's model folder {args.model_dir} is gone; pass the model folder instead."
+            f"{args.model_dir} was built with {flags(built)}, and tools.eval evaluates an artifact "
+            f"as built; drop {flags(other)}, or pass its model folder {meta.model_path} to choose "
+            "them."
+        )
+    if not (meta.model_path / "config.json").is_file():
+        raise ValueError(
+            f"the artifact's model folder {meta.model_path} is gone; pass the model folder instead."
         )
     args.dtype, args.quant = options["dtype"], [options["quant"]]
     args.quant_lm_head = options["quant_lm_head"]
     if meta.calibration:
         args.calib_file = Path(meta.calibration["file"])
+    return meta.model_path, Path(meta.from_gguf["file"]) if meta.from_gguf else None
+
+
+def flags(values: dict[str, str]) -> str:
+    """`{"--dtype": "bfloat16", "--quant-lm-head": ""}` as the command line says it."""
+    return " ".join(f"{flag} {value}".strip() for flag, value in values.items())
+
+
+def quant_modes(args: argparse.Namespace, gguf: Path | None) -> list[str]:
+    """The modes to compare: those asked for, else every one that applies to this source
+    (from-gguf only to a GGUF file, and not under --quant-lm-head). An asked-for from-gguf
+    that cannot apply is refused here, before any network runs, not after the others have."""
+    if args.quant is None:
+        applies = gguf is not None and not args.quant_lm_head
+        return [m for m in MODES if m != "none" and (m != "from-gguf" or applies)]
+    if "from-gguf" in args.quant and gguf is None:
+        raise ValueError(
+            f"--quant from-gguf keeps a GGUF file's own quantization, but {args.model_dir} is not "
+            "a GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant."
+        )
+    return list(dict.fromkeys(args.quant))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,23 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "model_dir",
         type=Path,
-        help="Hugging Face model folder (with its tokenizer), or an artifact of tools.build",
+        help="Hugging Face model folder (with its tokenizer), GGUF file, or artifact of tools.build",
     )
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to evaluate on")
     p.add_argument(
         "--quant",
         action="append",
         choices=[m for m in MODES if m != "none"],
-        help="mode to compare with the unquantized network; repeat for several (default: all)",
+        help="mode to compare with the unquantized network; repeat for several (default: every "
+        "mode that applies; from-gguf only to a GGUF file, without --quant-lm-head)",
     )
     p.add_argument("--quant-lm-head", action="store_true", help="quantize the LM head too")
     p.add_argument(
-        "--calib-file",
-        type=Path,
-        default=CALIBRATION_TEXT,
-        help="fp8 calibration text (default: the shipped sample)",
+        "--calib-file", type=Path, help="fp8 calibration text (default: the shipped sample)"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
+    p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="model dtype (default: bfloat16)")
     p.add_argument("--max-tokens", type=int, help="evaluate on the text's first N tokens")
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -167,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-tokens {args.max_tokens}: evaluation needs at least two tokens.")
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} must be at least 1.")
-    for flag, path in (("--text", args.text), ("--calib-file", args.calib_file)):
-        if not path.is_file():
-            p.error(f"{flag} {path}: no such file.")
+    if args.quant_lm_head and "from-gguf" in (args.quant or ()):
+        p.error(
+            "--quant-lm-head does not apply to --quant from-gguf, which keeps the LM head "
+            "unquantized; evaluate from-gguf in a run without --quant-lm-head."
+        )
+    try:
+        text = read_text("--text", args.text)
+        calib_text = args.calib_file and read_text("--calib-file", args.calib_file)
+    except ValueError as e:
+        p.error(str(e))
     if not args.model_dir.exists():
         print(
             f"error: {args.model_dir} does not exist; pass an artifact folder from python -m "
@@ -179,25 +252,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if is_complete(args.model_dir):
-            from_artifact(args)
-        modes = args.quant or [m for m in MODES if m != "none"]
-        tokenizer = Tokenizer.from_dir(args.model_dir)
-        ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))[: args.max_tokens]
-        ckpt = Checkpoint.open(args.model_dir)
+            model_dir, gguf = from_artifact(args)
+        elif args.model_dir.is_file() and args.model_dir.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"{args.model_dir} is a file; pass a Hugging Face model folder, a .gguf file or "
+                "an artifact folder from python -m tools.build."
+            )
+        else:  # a GGUF file (or a folder holding one) is converted as tools.build converts it
+            model_dir = resolve_model(str(args.model_dir))
+            gguf = None if model_dir == args.model_dir else args.model_dir
+        modes = quant_modes(args, gguf)
+        dtype = args.dtype or "bfloat16"
+        tokenizer = Tokenizer.from_dir(model_dir)
+        ids = tokenizer.encode(text)[: args.max_tokens]
+        ckpt = Checkpoint.open(model_dir)
         context = ckpt.config.max_position_embeddings
         if len(ids) > context:  # the network's max_seq_len is the text's length
             raise ValueError(
                 f"{args.text} is {len(ids)} tokens, longer than the model's context "
                 f"({context} positions); evaluate its first {context} with --max-tokens {context}."
             )
-        calib = (
-            tokenizer.encode(args.calib_file.read_text(encoding="utf-8")) if "fp8" in modes else ()
+        calib = ()
+        if "fp8" in modes:
+            if calib_text is None:  # the shipped sample, or the text an artifact recorded
+                calib_text = read_text("fp8 calibration text", args.calib_file or CALIBRATION_TEXT)
+            calib = tokenizer.encode(calib_text)
+        source = (
+            GGUFQuantized.open(ckpt, gguf, default_cache_dir()) if "from-gguf" in modes else ckpt
         )
         result = evaluate(
-            ckpt,
+            source,
             ids,
             modes,
-            dtype=args.dtype,
+            dtype=dtype,
             quant_lm_head=args.quant_lm_head,
             calib_ids=calib,
             chunk=args.chunk,

@@ -12,6 +12,8 @@ from netdef.quant import (
     CALIBRATION_TEXT,
 )
 from runtime.tokenizer import Tokenizer
+from tests.fixtures.tiny import tiny_model_dir
+from tests.fixtures.tiny_gguf import ALL_Q8_0, write_gguf
 from tests.fixtures.tiny_quant import tiny_quant_dir
 from tools import build as build_tool
 from tools import eval as eval_tool
@@ -42,6 +44,24 @@ def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, ca
         48,
     )
     assert report["modes"]["int8-wo"]["top1_agreement"] >= 0.9
+    # Other settings were silently replaced by the artifact's; the same ones are taken.
+    assert eval_tool.main([str(quantized), *text, "--quant", "fp8", "--dtype", "float32"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {quantized} was built with --dtype bfloat16 --quant int8-wo, and tools.eval "
+        "evaluates an artifact as built; drop --dtype float32 --quant fp8, or pass its model "
+        f"folder {folder} to choose them."
+    )
+    assert eval_tool.main([str(quantized), *text, "--quant", "int8-wo", "--quant-lm-head"]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"and tools.eval evaluates an artifact as built; drop --quant-lm-head, or pass its model "
+            f"folder {folder} to choose them."
+        )
+    )
+    assert eval_tool.main([str(quantized), *text, "--quant", "int8-wo", "--dtype", "bfloat16"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["modes"]) == {"int8-wo"}
     assert eval_tool.main([str(plain), *text]) == 1
     assert capsys.readouterr().err.strip() == (
         f"error: {plain} is not quantized; nothing to compare it with."
@@ -67,6 +87,81 @@ def test_bad_arguments_are_refused_at_parse_time(flags, message, tmp_path, capsy
         capsys.readouterr().err.strip().splitlines()[-1]
         == f"python -m tools.eval: error: {message}"
     )
+
+
+def test_a_text_that_is_no_utf8_file_names_its_flag(tmp_path, capsys):
+    """A folder was "no such file"; bytes that are not UTF-8 were the codec's message, which
+    named neither the file nor the flag."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Ishmael, né à Nantucket".encode("latin-1"))
+    cases = [
+        (["--text", str(tmp_path)], f"--text {tmp_path}: is a folder; pass a text file."),
+        (
+            ["--text", str(latin1)],
+            f"--text {latin1}: not UTF-8 (byte 0xe9 at offset 10); save it as UTF-8.",
+        ),
+        (
+            ["--text", str(MOBY_DICK), "--calib-file", str(latin1)],
+            f"--calib-file {latin1}: not UTF-8 (byte 0xe9 at offset 10); save it as UTF-8.",
+        ),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as e:
+            eval_tool.main([str(tiny_quant_dir("llama")), *flags])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"python -m tools.eval: error: {message}"
+
+
+def test_the_default_compares_every_mode_that_applies(capsys):
+    """Every mode was run, from-gguf last, which a model folder cannot take: exit 1 after
+    minutes of scoring, no table. from-gguf asked for on a model folder is refused before
+    any network runs (no progress bar on stderr)."""
+    model = str(tiny_quant_dir("llama"))
+    text = ["--text", str(MOBY_DICK), "--max-tokens", "16"]
+    assert eval_tool.main([model, *text, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["modes"]) == ["int8-wo", "int4-wo", "fp8"]
+    assert eval_tool.main([model, *text, "--quant", "int8-wo", "--quant", "from-gguf"]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: --quant from-gguf keeps a GGUF file's own quantization, but {model} is not a "
+        "GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant.\n",
+    )
+
+
+def test_a_gguf_file_is_evaluated_with_its_own_blocks_too(tmp_path, monkeypatch, capsys):
+    """from-gguf failed every way: the .gguf file had no tokenizer.json, its converted folder
+    and a from-gguf artifact were plain checkpoints. The file is converted as tools.build
+    converts it, and from-gguf runs on its blocks (all Q8_0: no token changes)."""
+    monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))
+    gguf = write_gguf(tiny_model_dir("llama"), tmp_path / "q8.gguf", "llama", ALL_Q8_0)
+    text = ["--text", str(MOBY_DICK), "--max-tokens", "16", "--json"]
+    assert eval_tool.main([str(gguf), *text]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["modes"]) == ["int8-wo", "int4-wo", "fp8", "from-gguf"]
+    assert report["modes"]["from-gguf"]["top1_agreement"] == 1.0
+    # --quant-lm-head leaves from-gguf (whose LM head stays unquantized) out of the default.
+    assert eval_tool.main([str(gguf), *text, "--quant-lm-head"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["modes"]) == ["int8-wo", "int4-wo", "fp8"]
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(gguf), *text, "--quant", "from-gguf", "--quant-lm-head"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m tools.eval: error: --quant-lm-head does not apply to --quant from-gguf, "
+        "which keeps the LM head unquantized; evaluate from-gguf in a run without --quant-lm-head."
+    )
+    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert eval_tool.main([str(converted), *text, "--quant", "from-gguf"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --quant from-gguf keeps a GGUF file's own quantization, but {converted} is not "
+        "a GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant.\n"
+    )
+    artifact = tmp_path / "artifact"
+    build_args = [str(gguf), "--target", "sm89", "--max-seq-len", "32", "--quant", "from-gguf"]
+    assert build([*build_args, "--output", str(artifact), "--quiet"], capsys)[0] == 0
+    assert eval_tool.main([str(artifact), *text]) == 0
+    assert list(json.loads(capsys.readouterr().out)["modes"]) == ["from-gguf"]
 
 
 def test_a_text_longer_than_the_context_is_refused(capsys):
