@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -97,8 +99,16 @@ def _typed(body: dict, name: str, types: tuple, what: str):
     return value
 
 
-def parse_call(body: object, kind: str, served: str) -> Call:
-    """The request body checked field by field (ApiError naming the first bad one)."""
+def _number(body: dict, name: str, default: float) -> float:
+    """A float field, `default` only when missing or null: 0 is a value (top_p 0 is refused
+    by SamplingParams, not turned into 1)."""
+    value = _typed(body, name, (int, float), "a number")
+    return default if value is None else float(value)
+
+
+def parse_call(body: object, kind: str, served: str, vocab_size: int) -> Call:
+    """The request body checked field by field (ApiError naming the first bad one); token ids
+    are checked against the model's `vocab_size` (the engine would fail on them)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
     if unknown := sorted(body.keys() - FIELDS[kind]):
@@ -165,6 +175,13 @@ def parse_call(body: object, kind: str, served: str) -> Call:
                 "prompt",
                 "invalid_type",
             )
+        if ids_ok and (bad := sorted({t for t in prompt if not 0 <= t < vocab_size})):
+            raise ApiError(
+                400,
+                f"token ids {bad[:5]} in 'prompt' are outside the vocabulary [0, {vocab_size}).",
+                "prompt",
+                "invalid_value",
+            )
     max_tokens = _typed(body, "max_tokens", (int,), "an integer")
     if kind == "chat" and body.get("max_completion_tokens") is not None:
         max_tokens = _typed(body, "max_completion_tokens", (int,), "an integer")
@@ -186,16 +203,13 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             "stream_options",
             "unknown_field",
         )
-    temperature = _typed(body, "temperature", (int, float), "a number")
     try:
         params = SamplingParams(
             max_new_tokens=1 if max_tokens is None else max_tokens,
-            temperature=1.0 if temperature is None else float(temperature),
+            temperature=_number(body, "temperature", 1.0),
             top_k=_typed(body, "top_k", (int,), "an integer") or 0,
-            top_p=float(_typed(body, "top_p", (int, float), "a number") or 1.0),
-            repetition_penalty=float(
-                _typed(body, "repetition_penalty", (int, float), "a number") or 1.0
-            ),
+            top_p=_number(body, "top_p", 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0),
             seed=_typed(body, "seed", (int,), "an integer"),
             stop=tuple(stop or ()),
         )
@@ -255,8 +269,14 @@ class Metrics:
 class Server:
     """The routes over one engine; `app` is the ASGI application."""
 
-    def __init__(self, make_engine: Callable[[Callable], Engine], model: str, drain_timeout: float):
-        self.model, self.drain_timeout = model, drain_timeout
+    def __init__(
+        self,
+        make_engine: Callable[[Callable], Engine],
+        model: str,
+        vocab_size: int,
+        drain_timeout: float,
+    ):
+        self.model, self.vocab_size, self.drain_timeout = model, vocab_size, drain_timeout
         self.metrics: Metrics | None = None
         self.engine = make_engine(lambda r, now: self.metrics.on_token(r, now))
         self.metrics = Metrics(self.engine)
@@ -312,7 +332,7 @@ class Server:
                 raise ApiError(
                     400, f"the request body is not valid JSON: {e}.", None, "invalid_json"
                 ) from None
-            call = parse_call(body, kind, self.model)
+            call = parse_call(body, kind, self.model, self.vocab_size)
             request = self._submit(call)
         except ApiError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
@@ -490,6 +510,7 @@ class ServeConfig:
     def server(self) -> Server:
         """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
         from tools.generate import artifact_metadata, load_tokenizer, open_backend
+        from weights import load_config
 
         meta = artifact_metadata(self.model, self.backend)
         tokenizer = load_tokenizer(self.model, meta)
@@ -498,6 +519,7 @@ class ServeConfig:
         return Server(
             lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
             self.served_name,
+            meta.data["config"]["vocab_size"] if meta else load_config(self.model).vocab_size,
             self.drain_timeout,
         )
 
@@ -509,9 +531,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         type=Path,
         help="artifact folder from tools.build, or an HF folder with --backend reference",
     )
-    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--backend",
+        choices=["tensorrt", "reference"],
+        default="tensorrt",
+        help="default: %(default)s",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="0.0.0.0 listens beyond loopback (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument(
         "--served-model-name", help="the 'model' clients ask for (default: the folder's name)"
     )
@@ -520,18 +549,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         type=int,
         help="concurrent sequences (reference backend; an engine has its own)",
     )
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429s")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for a sequence's slot; more get 429 (at least 1, "
+        "default: %(default)s)",
+    )
     p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="seconds SIGTERM lets running requests finish",
+        help="seconds SIGTERM lets running requests finish (default: %(default)s)",
     )
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default="bfloat16",
-        help="reference backend only",
+        help="reference backend only (default: %(default)s)",
     )
     p.add_argument(
         "--max-seq-len", type=int, help="reference backend only (default: min(model context, 4096))"
@@ -547,7 +582,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
     args = p.parse_args(argv)
     for flag, value, low in (
         ("--max-batch", args.max_batch, 1),
-        ("--max-queue", args.max_queue, 0),
+        # At least 1: a request waits in the queue until the engine's next turn admits it.
+        ("--max-queue", args.max_queue, 1),
         ("--drain-timeout", args.drain_timeout, 0),
         ("--ray-replicas", args.ray_replicas, 1),
     ):
@@ -572,6 +608,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
     return args, config
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (uvicorn listens on it) before the model loads: a port in
+    use or a bad --host is one error (ValueError) at once, not uvicorn's log line and exit 3
+    after the load and a "Serving" line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is already in use; stop what listens there or choose "
+                "another --port."
+            ) from None
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({e.strerror}); --host must be an address of this "
+            "machine (127.0.0.1, or 0.0.0.0 for all of them) and --port one you may use."
+        ) from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -591,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_on_ray(args, config)
     try:
+        sock = bind(args.host, args.port)
         server = config.server()
     except (ValueError, WeightsError, OptionsError, EngineLoadError, CudaError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -600,8 +659,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn_config = uvicorn.Config(
         server.app,
-        host=args.host,
-        port=args.port,
         log_level="warning",
         timeout_graceful_shutdown=config.drain_timeout,
     )
@@ -610,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.Server(uvicorn_config).run()
+    uvicorn.Server(uvicorn_config).run(sockets=[sock])
     return 0
 
 

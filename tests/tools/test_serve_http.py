@@ -90,6 +90,9 @@ def test_errors_are_openai_error_bodies(server):
         ({"n": 2}, "'n' is not supported: this server does not do n > 1 (one choice per request)."),
         ({"logprobs": 2}, "'logprobs' is not supported: this server does not do logprobs."),
         ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]."),
+        # 0 is a value, not the default: it was served as 1 (the whole vocabulary).
+        ({"top_p": 0}, "top_p=0.0 must be in (0, 1]."),
+        ({"repetition_penalty": 0}, "repetition_penalty=0.0 must be > 0."),
         ({"temperature": -1}, "temperature=-1.0 must be >= 0 (0 is greedy)."),
         ({"max_tokens": 0}, "max_tokens=0 must be at least 1."),
         ({"top_k": "five"}, "'top_k' must be an integer, not \"five\"."),
@@ -106,6 +109,24 @@ def test_errors_are_openai_error_bodies(server):
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
     assert e.value.body["message"] == "unrecognized request argument(s): tools."
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "w5"}], top_p=0
+        )
+    assert e.value.body["message"] == "top_p=0.0 must be in (0, 1]."
+    # Token ids outside the vocabulary: the engine's gather failed on them, a 500.
+    for ids, bad in [([99999], [99999]), ([512, 5, -1, 512], [-1, 512])]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=ids)
+        assert e.value.body == {
+            "message": f"token ids {bad} in 'prompt' are outside the vocabulary [0, 512).",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": "invalid_value",
+        }
+    nulls = b'{"model": "tiny", "prompt": [511], "max_tokens": 1, "top_p": null, '
+    status, body = post(server.port, "/v1/completions", nulls + b'"repetition_penalty": null}')
+    assert (status, body["usage"]["total_tokens"]) == (200, 2)  # null is the default
     with pytest.raises(openai.BadRequestError) as e:  # the tiny model has no chat template
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w5"}])
     assert "chat template" in e.value.body["message"]
@@ -194,13 +215,15 @@ def test_a_client_that_disconnects_frees_its_row(server):
     ("args", "message"),
     [
         (["--max-batch", "0"], "--max-batch must be at least 1."),
+        (["--max-queue", "0"], "--max-queue must be at least 1."),
         (["--drain-timeout", "-5"], "--drain-timeout must be at least 0."),
         (["--port", "70000"], "--port 70000 is not a TCP port; choose one in 1..65535."),
     ],
 )
 def test_bad_arguments_are_refused_before_serving(args, message, tiny, capsys):
-    """Each was taken before: --max-batch 0 served as the default batch, --port 70000
-    announced a URL no client can reach and served on."""
+    """Each was taken before: --max-batch 0 served as the default batch, --max-queue 0
+    answered every request 429 (each waits in the queue for the engine's next turn), --port
+    70000 announced a URL no client can reach and served on."""
     from tools.serve import parse_args
 
     with pytest.raises(SystemExit) as e:
@@ -208,6 +231,28 @@ def test_bad_arguments_are_refused_before_serving(args, message, tiny, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"python -m tools.serve: error: {message}"
+    )
+
+
+def test_a_port_in_use_or_a_foreign_host_is_one_error_before_loading(tiny, capsys):
+    """Was: "Serving ..." printed, then uvicorn's own log line and exit 3 after the load."""
+    from tools.serve import main
+
+    args = [str(tiny), "--backend", "reference"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*args, "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: port {port} on 127.0.0.1 is already in use; stop what listens there or "
+        "choose another --port.\n"
+    )
+    assert main([*args, "--host", "192.0.2.1"]) == 1  # TEST-NET-1: no address of this machine
+    assert capsys.readouterr().err == (
+        "error: cannot listen on 192.0.2.1:8000 (Cannot assign requested address); --host must "
+        "be an address of this machine (127.0.0.1, or 0.0.0.0 for all of them) and --port one "
+        "you may use.\n"
     )
 
 
@@ -269,9 +314,11 @@ def test_an_engine_fault_fails_its_request_not_the_server(tiny):
     from weights import Checkpoint
 
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64, max_prefill=8)
-    backend = Recording(CpuBackend(build_network(Checkpoint.open(tiny), options)), poison=77)
+    ckpt = Checkpoint.open(tiny)
+    backend = Recording(CpuBackend(build_network(ckpt, options)), poison=77)
     tokenizer = Tokenizer.from_dir(tiny)
-    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", 5).app
+    vocab = ckpt.config.vocab_size
+    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", vocab, 5).app
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run)
