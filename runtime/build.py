@@ -85,6 +85,16 @@ class BuildHooks:
         return None
 
 
+def warn_without_tokenizer(model_dir: Path, hooks: BuildHooks) -> None:
+    """Said when an artifact is built or reused: it builds without tokenizer.json, but
+    tools.generate cannot use it."""
+    if not (model_dir / "tokenizer.json").is_file():
+        hooks.warn(
+            f"{model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
+            "this artifact; add the model's tokenizer files to that folder and build again."
+        )
+
+
 def build(
     model: str,
     *,
@@ -200,12 +210,8 @@ def build(
     key = build_key(identity)
     slug = Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
     output = Path(output) if output else default_cache_dir() / "engines" / f"{slug}-{key[:16]}"
-    if not (model_dir / "tokenizer.json").is_file():  # said for a reused artifact too
-        hooks.warn(
-            f"{model_dir} has no tokenizer.json, so python -m tools.generate cannot use "
-            "this artifact; add the model's tokenizer files to that folder and build again."
-        )
     if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
+        warn_without_tokenizer(model_dir, hooks)
         hooks.say(f"Reusing {output} (identical build; --force rebuilds).")
         return output
     waiting = f"Waiting for another build of {output} to finish..."
@@ -223,11 +229,13 @@ def build(
                     )
                 try:
                     check_intact(output)
+                    warn_without_tokenizer(model_dir, hooks)
                     hooks.say(f"Reusing {output} (identical build; --force rebuilds).")
                     return output
                 except DamagedArtifact as e:  # the same build, damaged: ours to replace
                     hooks.say(f"Rebuilding {output}: {e.reason}.")
             with staging(output) as tmp:
+                warn_without_tokenizer(model_dir, hooks)
                 act_amax = None
                 if calibration is not None:
                     hooks.say(
