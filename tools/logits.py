@@ -79,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, OptionsError) as e:
         raise SystemExit(f"error: {e}") from None
     logits = sequence_logits(model, seqs, prefill)
+    saved = logits[0] if len(seqs) == 1 else logits
+    path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's rule
     try:
-        np.save(args.out, logits[0] if len(seqs) == 1 else logits)
+        np.save(path, saved)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {args.out} ({e.strerror}).") from None
+        raise SystemExit(f"error: cannot write {path} ({e.strerror}).") from None
+    ragged = " (NaN past a shorter sequence's end)" if len(set(map(len, seqs))) > 1 else ""
+    print(f"Saved float32 logits {list(saved.shape)} to {path}{ragged}.", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,11 @@ def test_logits_cli_matches_transformers(tiny_dir, hf_model, tmp_path, capsys):
     for s in seqs:
         args += ["--ids", ",".join(map(str, s))]
     assert logits_tool.main(args) == 0
-    assert capsys.readouterr().out == ""  # nothing but progress (stderr) and errors
+    out_text, err = capsys.readouterr()
+    assert out_text == ""  # nothing but progress (stderr) and errors
+    assert err.endswith(
+        f"Saved float32 logits [2, 10, 512] to {out} (NaN past a shorter sequence's end).\n"
+    )
     logits = np.load(out)
     assert logits.shape == (2, 10, 512) and logits.dtype == np.float32
     model = hf_model(path, torch.float32)
@@ -29,10 +33,13 @@ def test_logits_cli_matches_transformers(tiny_dir, hf_model, tmp_path, capsys):
         assert np.isnan(logits[b, len(s) :]).all()
 
 
-def test_logits_cli_single_sequence_shape(tiny_dir, tmp_path):
-    out = tmp_path / "one.npy"
+def test_logits_cli_single_sequence_shape(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "one"  # np.save adds .npy: the message names the file written
     assert logits_tool.main([str(tiny_dir("qwen2")), "--ids", "1,2,3,4", "--out", str(out)]) == 0
-    assert np.load(out).shape == (4, 512)
+    assert np.load(tmp_path / "one.npy").shape == (4, 512)
+    assert capsys.readouterr().err.endswith(
+        f"Saved float32 logits [4, 512] to {tmp_path / 'one.npy'}.\n"
+    )
 
 
 def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
