@@ -125,23 +125,32 @@ class Generator:
                 f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
                 "send fewer at once or rebuild with a larger --max-batch."
             )
+        several = len(prompts) > 1  # then the errors say which one
         encoded = [
-            self.prompt_ids(prompt, params, chat, truncate, i) for i, prompt in enumerate(prompts)
+            self.prompt_ids(prompt, params, chat, truncate, i if several else None)
+            for i, prompt in enumerate(prompts)
         ]
         return Run(self, encoded, params)
 
     def prompt_ids(
-        self, prompt: Prompt, params: SamplingParams, chat: bool, truncate: bool, i: int = 0
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        chat: bool,
+        truncate: bool,
+        i: int | None = None,
     ) -> list[int]:
-        """Prompt `i` tokenized and checked against max_seq_len (or truncated to fit)."""
+        """The prompt (number `i` of several) tokenized and checked against max_seq_len (or
+        truncated to fit)."""
         limit = self.backend.max_seq_len - params.max_new_tokens
         ids = self.encode(prompt, chat)
+        name = "the prompt" if i is None else f"prompt {i}"
         if not ids:
-            raise GenerationError(f"prompt {i} is empty after tokenization.")
+            raise GenerationError(f"{name} is empty after tokenization.")
         if len(ids) > limit:
             if not truncate or limit < 1:
                 raise GenerationError(
-                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                    f"{name} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
                     f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
                     "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
                 )

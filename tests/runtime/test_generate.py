@@ -301,9 +301,12 @@ def test_too_long_prompt_is_refused_before_any_work(cpu_model, tokenizer):
     with pytest.raises(GenerationError) as err:
         gen.start([prompt], greedy(max_new_tokens=8))
     assert str(err.value) == (
-        f"prompt 0 has {n} tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=64. "
+        f"the prompt has {n} tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=64. "
         "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
     )
+    with pytest.raises(GenerationError) as err:  # of several, the error says which one
+        gen.start(["Hello", prompt], greedy(max_new_tokens=8))
+    assert str(err.value).startswith(f"prompt 1 has {n} tokens; ")
     run = gen.start([prompt], greedy(max_new_tokens=8), truncate=True)
     assert len(run.completions[0].prompt_ids) == 56
 

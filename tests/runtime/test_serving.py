@@ -390,7 +390,7 @@ def test_a_prompt_too_long_is_refused_before_it_queues(model):
     with pytest.raises(GenerationError) as e:
         engine.submit(words(5, 12), SamplingParams(max_new_tokens=8))
     assert str(e.value) == (
-        "prompt 0 has 12 tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=16. "
+        "the prompt has 12 tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=16. "
         "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len, or "
         "allow truncation."
     )
