@@ -224,10 +224,12 @@ class Engine:
         with self._cond:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests.")
-            if len(self.waiting) >= self.max_queue:
+            # Free rows take waiting requests at the next turn: only those beyond them wait.
+            beyond = len(self.waiting) - sum(row is None for row in self.rows)
+            if beyond >= self.max_queue:
                 raise QueueFull(
-                    f"{len(self.waiting)} requests are already waiting (the queue's bound); "
-                    "retry later."
+                    f"every sequence slot is taken and {beyond} requests already wait (the "
+                    f"queue's bound is {self.max_queue}); retry later."
                 )
             request = Request(self, next(self._ids), ids, params)
             self.waiting.append(request)

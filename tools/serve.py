@@ -553,8 +553,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         "--max-queue",
         type=int,
         default=256,
-        help="requests that may wait for a sequence's slot; more get 429 (at least 1, "
-        "default: %(default)s)",
+        help="requests that may wait while every sequence's slot is taken; more get 429 (0: "
+        "none wait; default: %(default)s)",
     )
     p.add_argument(
         "--drain-timeout",
@@ -582,8 +582,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
     args = p.parse_args(argv)
     for flag, value, low in (
         ("--max-batch", args.max_batch, 1),
-        # At least 1: a request waits in the queue until the engine's next turn admits it.
-        ("--max-queue", args.max_queue, 1),
+        ("--max-queue", args.max_queue, 0),
         ("--drain-timeout", args.drain_timeout, 0),
         ("--ray-replicas", args.ray_replicas, 1),
     ):

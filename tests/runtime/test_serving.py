@@ -303,7 +303,10 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(model):
     waiting = engine.submit(words(6, 3), long)
     with pytest.raises(QueueFull) as e:
         engine.submit(words(7, 3), long)
-    assert str(e.value) == "1 requests are already waiting (the queue's bound); retry later."
+    assert str(e.value) == (
+        "every sequence slot is taken and 1 requests already wait (the queue's bound is 1); "
+        "retry later."
+    )
     waiting.cancel()  # leaves the queue without running
     assert list(waiting) == [] and waiting.completion.finish_reason == "cancelled"
     assert waiting.completion.token_ids == [] and engine.queue_depth == 0
@@ -443,3 +446,22 @@ def test_a_fault_outside_a_backend_call_fails_the_running_requests_only(model):
     assert "".join(after) == alone(model, words(9, 3), params)[1]
     engine.shutdown()
     assert engine.active == 0
+
+
+def test_a_queue_of_zero_admits_a_request_a_free_row_takes(model):
+    """Each request passes the waiting queue until the engine's next turn; a bound of 0 made
+    every one a QueueFull, even on an idle engine. Only requests beyond the free rows wait."""
+    engine = Engine(cpu(model, 1, seq=256), model[1], max_queue=0)
+    running = engine.submit(words(5, 3), SamplingParams(max_new_tokens=200))
+    with pytest.raises(QueueFull) as e:  # the one row is promised to `running`
+        engine.submit(words(6, 3), SamplingParams(max_new_tokens=5))
+    assert str(e.value) == (
+        "every sequence slot is taken and 0 requests already wait (the queue's bound is 0); "
+        "retry later."
+    )
+    running.cancel()
+    wait_until(lambda: engine.active == 0)
+    params = SamplingParams(max_new_tokens=5)
+    after = engine.submit(words(9, 5), params)  # a free row again
+    assert "".join(after) == alone(model, words(9, 5), params)[1]
+    engine.shutdown()

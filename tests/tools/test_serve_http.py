@@ -215,15 +215,14 @@ def test_a_client_that_disconnects_frees_its_row(server):
     ("args", "message"),
     [
         (["--max-batch", "0"], "--max-batch must be at least 1."),
-        (["--max-queue", "0"], "--max-queue must be at least 1."),
+        (["--max-queue", "-1"], "--max-queue must be at least 0."),
         (["--drain-timeout", "-5"], "--drain-timeout must be at least 0."),
         (["--port", "70000"], "--port 70000 is not a TCP port; choose one in 1..65535."),
     ],
 )
 def test_bad_arguments_are_refused_before_serving(args, message, tiny, capsys):
-    """Each was taken before: --max-batch 0 served as the default batch, --max-queue 0
-    answered every request 429 (each waits in the queue for the engine's next turn), --port
-    70000 announced a URL no client can reach and served on."""
+    """Each was taken before: --max-batch 0 served as the default batch, --port 70000
+    announced a URL no client can reach and served on."""
     from tools.serve import parse_args
 
     with pytest.raises(SystemExit) as e:
@@ -283,7 +282,8 @@ def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
         with pytest.raises(openai.RateLimitError) as e:
             server.client.completions.create(model="tiny", prompt="w7", max_tokens=3)
         assert e.value.body["message"] == (
-            "the server is busy: 1 requests are already waiting (the queue's bound); retry later."
+            "the server is busy: every sequence slot is taken and 1 requests already wait (the "
+            "queue's bound is 1); retry later."
         )
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not can_connect(server.port), 10)
