@@ -31,6 +31,7 @@ from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from weights import SHORT_NAMES, WeightsError
+from weights.hub import BUNDLED
 
 
 def builder_progress(trt: Any, enabled: bool) -> Any:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "model",
         help="short name (gemma-3-1b-it, llama-3.2-1b-instruct, qwen3-0.6b, ...), Hub repo id, "
-        "local folder, or a GGUF file (or a folder holding one)",
+        f"local folder, a GGUF file (or a folder holding one), or {BUNDLED} (Gemma-3-270M from "
+        "the bundled extra)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
     p.add_argument("--max-batch", type=int, default=1)
