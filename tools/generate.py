@@ -71,12 +71,19 @@ def open_backend(
     path: Path,
     meta: Metadata | None,
     backend: str,
-    dtype: str,
+    dtype: str | None,
     max_seq_len: int | None,
     max_batch: int = 1,
 ) -> Backend:
     """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)
-    for `max_batch` sequences; `meta` is `artifact_metadata`'s."""
+    for `max_batch` sequences; `meta` is `artifact_metadata`'s. `dtype` and `max_seq_len`
+    (None: the defaults) choose a model folder's network; an artifact runs as built."""
+    if meta is not None and (dtype is not None or max_seq_len is not None):
+        raise GenerationError(
+            f"{path} runs as built ({meta.options['dtype']}, max_seq_len {meta.max_seq_len}); "
+            "--dtype and --max-seq-len choose a model folder's network: drop them, or build "
+            "another artifact with python -m tools.build."
+        )
     if backend == "tensorrt":
         if reason := gpu_unavailable_reason():
             raise GenerationError(
@@ -106,7 +113,10 @@ def open_backend(
         ckpt = Checkpoint.open(path)
         seq_len = default_max_seq_len(ckpt.config) if max_seq_len is None else max_seq_len
         options = NetworkOptions(
-            dtype=dtype, max_batch=max_batch, max_seq_len=seq_len, max_prefill=min(seq_len, 512)
+            dtype=dtype or "bfloat16",
+            max_batch=max_batch,
+            max_seq_len=seq_len,
+            max_prefill=min(seq_len, 512),
         )
     for caveat in options.caveats(ckpt.config):
         print(f"warning: {caveat}", file=sys.stderr)
@@ -248,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         choices=list(MODEL_DTYPES),
-        default="bfloat16",
-        help="reference backend only",
+        help="a model folder's dtype on the reference backend (default bfloat16)",
     )
     p.add_argument(
-        "--max-seq-len", type=int, help="reference backend only (default: the model's context)"
+        "--max-seq-len",
+        type=int,
+        help="a model folder's cache length on the reference backend (default: its context)",
     )
     args = p.parse_args(argv)
     try:

@@ -38,6 +38,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from netdef.contract import MODEL_DTYPES
 from runtime.generate import GenerationError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.serving import Engine, EngineStopped, QueueFull, Request
@@ -490,7 +491,7 @@ class ServeConfig:
 
     model: Path
     backend: str
-    dtype: str
+    dtype: str | None
     max_seq_len: int | None
     max_batch: int | None
     max_queue: int
@@ -564,12 +565,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
     )
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        default="bfloat16",
-        help="reference backend only (default: %(default)s)",
+        choices=list(MODEL_DTYPES),
+        help="a model folder's dtype on the reference backend (default bfloat16)",
     )
     p.add_argument(
-        "--max-seq-len", type=int, help="reference backend only (default: min(model context, 4096))"
+        "--max-seq-len",
+        type=int,
+        help="a model folder's cache length on the reference backend (default: its context)",
     )
     p.add_argument(
         "--ray-replicas",

@@ -204,7 +204,7 @@ def test_compiled_kernels_are_kept_for_the_next_load(tmp_path, monkeypatch, caps
     runs = []
     for first in (True, False):
         if first:  # as tools.generate and tools.serve open it
-            engine = open_backend(artifact, check_intact(artifact), "tensorrt", "bfloat16", None)
+            engine = open_backend(artifact, check_intact(artifact), "tensorrt", None, None)
         else:
             engine = TensorRTBackend.load(artifact)
         with engine:

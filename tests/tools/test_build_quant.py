@@ -142,7 +142,7 @@ def test_an_fp8_artifact_runs_on_the_cpu_with_its_ranges_measured_again(tmp_path
     assert code == 0, err
     meta = open_artifact(artifact)
     # The executor's fp8 network has the ranges the build measured on that text.
-    backend = open_backend(artifact, meta, "reference", "bfloat16", None)
+    backend = open_backend(artifact, meta, "reference", None, None)
     amax = activation_amax(Checkpoint.open(model), calibration_ids(model, text), "bfloat16")
     direct = CpuBackend(build_network(Checkpoint.open(model), backend.dn.options, act_amax=amax))
     call = (np.array([[2, 17, 99, 4]], np.int32), np.arange(4, dtype=np.int32)[None])

@@ -179,6 +179,28 @@ def test_the_default_new_tokens_leave_room_for_a_prompt(tiny_dir, tmp_path, caps
     assert "[1 prompt tokens, 16 generated (length)" in capsys.readouterr().err
 
 
+def test_an_artifact_refuses_the_flags_of_a_model_folder(tiny_dir, tmp_path, capsys):
+    """--dtype and --max-seq-len were ignored with an artifact (--max-seq-len 0 included)."""
+    model = with_tokenizer(tiny_dir("qwen3"), tmp_path / "model")
+    artifact = tmp_path / "artifact"
+    assert (
+        run_build(
+            [str(model), "--target", "sm89", "--max-seq-len", "32", "--output", str(artifact)],
+            capsys,
+        )[0]
+        == 0
+    )
+    expected = (
+        f"error: {artifact} runs as built (bfloat16, max_seq_len 32); --dtype and --max-seq-len "
+        "choose a model folder's network: drop them, or build another artifact with python -m "
+        "tools.build.\n"
+    )
+    for flags in (["--dtype", "float32"], ["--max-seq-len", "0"]):
+        args = [str(artifact), "--backend", "reference", *flags, "--prompt", "w5"]
+        assert generate_tool.main(args) == 1
+        assert capsys.readouterr().err.endswith(expected)
+
+
 def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))

@@ -102,7 +102,7 @@ def test_build_cli_keeps_the_blocks(tmp_path, monkeypatch, capsys):
     assert inspect_tool.main([str(out)]) == 0
     shown = "\nquant      from-gguf (12 of 12 linear layers keep the file's blocks, as INT8)\n"
     assert shown in capsys.readouterr().out
-    cpu = generate_tool.open_backend(out, meta, "reference", "bfloat16", None)
+    cpu = generate_tool.open_backend(out, meta, "reference", None, None)
     assert len(cpu.dn.graph.kept) == 12
 
 
