@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from netdef.contract import MODEL_DTYPES
 from tools.bench.__main__ import int_list
 from tools.bench.report import machine, versions
 
@@ -100,9 +101,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "tools.serve", str(args.model_path), "--port", str(port)]
     cmd += ["--backend", args.backend, "--max-queue", str(max(args.streams) * 2)]
     if args.backend == "reference":
-        cmd += ["--dtype", args.dtype, "--max-batch", str(args.max_batch or 16)]
-        if args.max_seq_len:
-            cmd += ["--max-seq-len", str(args.max_seq_len)]
+        cmd += ["--max-batch", str(args.max_batch or 16)]
+        for flag, value in (("--dtype", args.dtype), ("--max-seq-len", args.max_seq_len)):
+            if value is not None:  # a model folder's network; an artifact runs as built
+                cmd += [flag, str(value)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -133,8 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-batch", type=int, help="reference backend: the server's rows (default 16)"
     )
-    p.add_argument("--dtype", default="bfloat16", help="reference backend only")
-    p.add_argument("--max-seq-len", type=int, help="reference backend only")
+    p.add_argument(
+        "--dtype",
+        choices=list(MODEL_DTYPES),
+        help="a model folder's dtype on the reference backend (default bfloat16)",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, help="a model folder's cache length on the reference backend"
+    )
     p.add_argument("--streams", type=int_list, default=[1, 4, 16, 64])
     p.add_argument("--rounds", type=int, default=2, help="requests per client and level")
     p.add_argument("--prompt-tokens", type=int, default=128)
