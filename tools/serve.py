@@ -275,9 +275,8 @@ class Server:
         make_engine: Callable[[Callable], Engine],
         model: str,
         vocab_size: int,
-        drain_timeout: float,
     ):
-        self.model, self.vocab_size, self.drain_timeout = model, vocab_size, drain_timeout
+        self.model, self.vocab_size = model, vocab_size
         self.metrics: Metrics | None = None
         self.engine = make_engine(lambda r, now: self.metrics.on_token(r, now))
         self.metrics = Metrics(self.engine)
@@ -521,7 +520,6 @@ class ServeConfig:
             lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
             self.served_name,
             meta.data["config"]["vocab_size"] if meta else load_config(self.model).vocab_size,
-            self.drain_timeout,
         )
 
 

@@ -318,7 +318,7 @@ def test_an_engine_fault_fails_its_request_not_the_server(tiny):
     backend = Recording(CpuBackend(build_network(ckpt, options)), poison=77)
     tokenizer = Tokenizer.from_dir(tiny)
     vocab = ckpt.config.vocab_size
-    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", vocab, 5).app
+    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", vocab).app
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run)
