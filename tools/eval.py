@@ -37,7 +37,7 @@ from runtime.readout import ALL_LOGITS
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError, resolve_model
 from weights.bundled import default_cache_dir
-from weights.gguf_quant import GGUFQuantized
+from weights.gguf_quant import GGUFQuantized, not_a_gguf_file
 
 
 def score(
@@ -198,10 +198,7 @@ def quant_modes(args: argparse.Namespace, gguf: Path | None) -> list[str]:
         applies = gguf is not None and not args.quant_lm_head
         return [m for m in MODES if m != "none" and (m != "from-gguf" or applies)]
     if "from-gguf" in args.quant and gguf is None:
-        raise ValueError(
-            f"--quant from-gguf keeps a GGUF file's own quantization, but {args.model_dir} is not "
-            "a GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant."
-        )
+        raise not_a_gguf_file(args.model_dir)
     return list(dict.fromkeys(args.quant))
 
 

@@ -75,6 +75,15 @@ def exact_int8(tensor: ReaderTensor, shape: tuple[int, int]) -> tuple[np.ndarray
     return values.astype(np.int8), scale
 
 
+def not_a_gguf_file(model: str | Path) -> WeightsError:
+    """The refusal of --quant from-gguf for a source that is no GGUF file (tools.build's
+    `GGUFQuantized.open`, tools.eval before any network runs)."""
+    return WeightsError(
+        f"--quant from-gguf keeps a GGUF file's own quantization, but {model} is not a "
+        "GGUF file; pass a .gguf file (or a folder holding one), or choose another --quant."
+    )
+
+
 class GGUFQuantized:
     """A converted GGUF checkpoint that also hands out, for each linear weight whose GGUF type
     TensorRT expresses exactly, the file's own INT8 values and block scales."""
@@ -95,10 +104,7 @@ class GGUFQuantized:
         another folder)."""
         path = Path(model).expanduser()
         if path.suffix.lower() != ".gguf" and not (path.is_dir() and any(path.glob("*.gguf"))):
-            raise WeightsError(
-                f"--quant from-gguf keeps a GGUF file's own quantization, but {model} is not a "
-                "GGUF file; pass a .gguf file (or a folder holding one), or choose another --quant."
-            )
+            raise not_a_gguf_file(model)
         source = find_gguf(path).resolve()
         if converted_path(source, cache_dir) != Path(ckpt.model_dir):
             raise WeightsError(

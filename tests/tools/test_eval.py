@@ -126,7 +126,7 @@ def test_the_default_compares_every_mode_that_applies(capsys):
     assert capsys.readouterr() == (
         "",
         f"error: --quant from-gguf keeps a GGUF file's own quantization, but {model} is not a "
-        "GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant.\n",
+        "GGUF file; pass a .gguf file (or a folder holding one), or choose another --quant.\n",
     )
 
 
@@ -155,7 +155,7 @@ def test_a_gguf_file_is_evaluated_with_its_own_blocks_too(tmp_path, monkeypatch,
     assert eval_tool.main([str(converted), *text, "--quant", "from-gguf"]) == 1
     assert capsys.readouterr().err == (
         f"error: --quant from-gguf keeps a GGUF file's own quantization, but {converted} is not "
-        "a GGUF file; pass the .gguf file (or a folder holding one), or choose another --quant.\n"
+        "a GGUF file; pass a .gguf file (or a folder holding one), or choose another --quant.\n"
     )
     artifact = tmp_path / "artifact"
     build_args = [str(gguf), "--target", "sm89", "--max-seq-len", "32", "--quant", "from-gguf"]
