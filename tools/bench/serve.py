@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from netdef.contract import MODEL_DTYPES
+from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
 from tools.bench.report import machine, versions
 
@@ -160,15 +161,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--rounds", 1),
         ("--prompt-tokens", 1),
         ("--max-tokens", 1),
-        ("--top-k", 0),
     ):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < low:
             p.error(f"{flag} must be at least {low}.")
-    if not args.temperature >= 0:  # NaN too
-        p.error("--temperature must be at least 0 (0 is greedy).")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1].")
+    try:  # the sampling flags by the rules a request's are held to
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except SamplingError as e:
+        p.error(f"--{e.field.replace('_', '-')}: {e}")
     if args.json and not args.json.parent.is_dir():
         p.error(f"--json: {args.json.parent} is not a folder.")
     return args
