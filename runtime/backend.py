@@ -17,6 +17,7 @@ class Backend(Protocol):
     max_batch: int  # largest B any call may use
     max_seq_len: int  # KV-cache slots per sequence
     max_prefill: int  # largest S of one call
+    vocab_size: int  # token ids lie in [0, vocab_size): the embedding table's rows
     rings: tuple[int, ...]  # sliding layers' KV ring lengths: no call's row may cross one's end
     kv_bytes: int  # device (or host) memory of max_batch sequences' KV caches
     sample_top_k: int  # K of the TOP_K readout (0: the network has no top_logits/top_ids)

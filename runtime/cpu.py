@@ -48,6 +48,10 @@ class CpuBackend:
         return self.dn.options.prefill_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.dn.config.vocab_size
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes of max_batch sequences' KV caches."""
         return self.dn.options.kv_bytes(self.dn.config) * self.max_batch

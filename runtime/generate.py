@@ -52,6 +52,20 @@ class GenerationError(ValueError):
     """A request the engine cannot serve as given; raised before any work."""
 
 
+def prompt_name(i: int | None) -> str:
+    """How errors name a prompt: "the prompt" alone, "prompt i" (from 0) of several."""
+    return "the prompt" if i is None else f"prompt {i}"
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, i: int | None = None) -> None:
+    """GenerationError if token ids (prompt `i` of several, or the prompt) lie outside the
+    vocabulary [0, vocab_size): the engine's embedding gather would read past its table."""
+    if bad := sorted({t for t in ids if not 0 <= t < vocab_size}):
+        raise GenerationError(
+            f"token ids {bad[:5]} in {prompt_name(i)} are outside the vocabulary [0, {vocab_size})."
+        )
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -141,12 +155,13 @@ class Generator:
         i: int | None = None,
     ) -> list[int]:
         """The prompt (number `i` of several) tokenized and checked against max_seq_len (or
-        truncated to fit)."""
+        truncated to fit), and its ids checked against the vocabulary."""
         limit = self.backend.max_seq_len - params.max_new_tokens
         ids = self.encode(prompt, chat)
-        name = "the prompt" if i is None else f"prompt {i}"
+        name = prompt_name(i)
         if not ids:
             raise GenerationError(f"{name} is empty after tokenization.")
+        check_token_ids(ids, self.backend.vocab_size, i)
         if len(ids) > limit:
             if not truncate or limit < 1:
                 raise GenerationError(

@@ -69,6 +69,7 @@ def fake_engine(
         profiles.append({"name": name, "shapes": shapes})
     meta = {
         "format_version": FORMAT_VERSION,
+        "config": {"vocab_size": vocab},
         "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
         "profiles": profiles,
         "io": io,

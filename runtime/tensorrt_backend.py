@@ -434,6 +434,7 @@ class TensorRTBackend:
         self.max_batch, self.max_seq_len = meta.max_batch, meta.max_seq_len
         self.jit_cache = jit_cache  # saved by `close`
         self.max_prefill = meta.max_prefill
+        self.vocab_size = meta.data["config"]["vocab_size"]  # the built model's (BUILT_FIELDS)
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
         self.has_log_normalizer = "log_normalizer" in outputs

@@ -20,6 +20,7 @@ import numpy as np
 from netdef import NetworkOptions, OptionsError, build_network
 from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuBackend, sequence_logits
+from runtime.generate import GenerationError, check_token_ids
 from weights import Checkpoint, WeightsError
 
 
@@ -58,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         ckpt = Checkpoint.open(args.model_dir)
-        vocab = ckpt.config.vocab_size
-        bad = sorted({tok for s in seqs for tok in s if not 0 <= tok < vocab})
-        if bad:
-            raise SystemExit(f"error: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        for i, s in enumerate(seqs):  # the prompts' rule and message (runtime.generate)
+            check_token_ids(s, ckpt.config.vocab_size, i if len(seqs) > 1 else None)
         context = ckpt.config.max_position_embeddings
         if t_max > context:  # the network's max_seq_len is the longest sequence
             raise SystemExit(
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             all_logits=True,
         )
         model = CpuBackend(build_network(ckpt, options))
-    except (WeightsError, OptionsError) as e:
+    except (WeightsError, OptionsError, GenerationError) as e:
         raise SystemExit(f"error: {e}") from None
     logits = sequence_logits(model, seqs, prefill)
     saved = logits[0] if len(seqs) == 1 else logits

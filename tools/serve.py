@@ -107,9 +107,9 @@ def _number(body: dict, name: str, default: float) -> float:
     return default if value is None else float(value)
 
 
-def parse_call(body: object, kind: str, served: str, vocab_size: int) -> Call:
-    """The request body checked field by field (ApiError naming the first bad one); token ids
-    are checked against the model's `vocab_size` (the engine would fail on them)."""
+def parse_call(body: object, kind: str, served: str) -> Call:
+    """The request body checked field by field (ApiError naming the first bad one). Token ids
+    are checked against the vocabulary when the engine takes the prompt (Generator.prompt_ids)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
     if unknown := sorted(body.keys() - FIELDS[kind]):
@@ -175,13 +175,6 @@ def parse_call(body: object, kind: str, served: str, vocab_size: int) -> Call:
                 "'prompt' must be a non-empty string or a list of token ids (one prompt).",
                 "prompt",
                 "invalid_type",
-            )
-        if ids_ok and (bad := sorted({t for t in prompt if not 0 <= t < vocab_size})):
-            raise ApiError(
-                400,
-                f"token ids {bad[:5]} in 'prompt' are outside the vocabulary [0, {vocab_size}).",
-                "prompt",
-                "invalid_value",
             )
     max_tokens = _typed(body, "max_tokens", (int,), "an integer")
     if kind == "chat" and body.get("max_completion_tokens") is not None:
@@ -270,13 +263,8 @@ class Metrics:
 class Server:
     """The routes over one engine; `app` is the ASGI application."""
 
-    def __init__(
-        self,
-        make_engine: Callable[[Callable], Engine],
-        model: str,
-        vocab_size: int,
-    ):
-        self.model, self.vocab_size = model, vocab_size
+    def __init__(self, make_engine: Callable[[Callable], Engine], model: str):
+        self.model = model
         self.metrics: Metrics | None = None
         self.engine = make_engine(lambda r, now: self.metrics.on_token(r, now))
         self.metrics = Metrics(self.engine)
@@ -332,7 +320,7 @@ class Server:
                 raise ApiError(
                     400, f"the request body is not valid JSON: {e}.", None, "invalid_json"
                 ) from None
-            call = parse_call(body, kind, self.model, self.vocab_size)
+            call = parse_call(body, kind, self.model)
             request = self._submit(call)
         except ApiError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
@@ -366,6 +354,7 @@ class Server:
     def _submit(self, call: Call) -> Request:
         """Tokenize, size max_tokens and queue, as ApiErrors."""
         engine = self.engine
+        param = "messages" if call.kind == "chat" else "prompt"
         try:
             ids = engine.gen.encode(call.prompt, chat=call.kind == "chat")
             params = call.params
@@ -380,7 +369,6 @@ class Server:
                     400, "the prompt is empty after tokenization.", "prompt", "invalid_value"
                 )
             if room < params.max_new_tokens:
-                param = "messages" if call.kind == "chat" else "prompt"
                 raise ApiError(
                     400,
                     f"the prompt has {len(ids)} tokens and max_tokens is {params.max_new_tokens}, more "
@@ -389,10 +377,12 @@ class Server:
                     param,
                     "context_length_exceeded",
                 )
-            request = engine.submit(ids, params)
+            request = engine.submit(ids, params)  # GenerationError: ids outside the vocabulary
             self.metrics.prompt_tokens.inc(len(ids))
             return request
-        except (TokenizerError, GenerationError) as e:
+        except GenerationError as e:
+            raise ApiError(400, str(e), param, "invalid_value") from None
+        except TokenizerError as e:
             raise ApiError(400, str(e), None, "invalid_value") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
@@ -510,7 +500,6 @@ class ServeConfig:
     def server(self) -> Server:
         """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
         from tools.generate import artifact_metadata, load_tokenizer, open_backend
-        from weights import load_config
 
         meta = artifact_metadata(self.model, self.backend)
         tokenizer = load_tokenizer(self.model, meta)
@@ -519,7 +508,6 @@ class ServeConfig:
         return Server(
             lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
             self.served_name,
-            meta.data["config"]["vocab_size"] if meta else load_config(self.model).vocab_size,
         )
 
 

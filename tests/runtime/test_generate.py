@@ -188,6 +188,7 @@ class WholeLogits:
         self.model = model
         self.max_batch, self.max_seq_len = model.max_batch, model.max_seq_len
         self.max_prefill, self.rings = model.max_prefill, model.rings
+        self.vocab_size = model.vocab_size
         self.reset, self.forward = model.reset, model.forward
         self.submit, self.collect = model.submit, model.collect
 
@@ -347,3 +348,24 @@ def test_a_prompt_of_another_kind_is_one_clear_error(prompt, shown, cpu_model, t
 
 def test_token_id_prompts_pass_through(cpu_model, tokenizer):
     assert Generator(cpu_model, tokenizer).encode([2, 5, 7], chat=False) == [2, 5, 7]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_work(cpu_model, tokenizer):
+    """Token-id prompts are checked against the engine's vocabulary: on TensorRT an id past
+    it is an out-of-range gather (garbage or a crash). The error names the first 5 bad ids."""
+    gen = Generator(cpu_model, tokenizer)
+    vocab = cpu_model.vocab_size
+    with pytest.raises(GenerationError) as err:
+        gen.start([[2, vocab, 5]], greedy())
+    assert str(err.value) == (
+        f"token ids [{vocab}] in the prompt are outside the vocabulary [0, {vocab})."
+    )
+    bad = [vocab + 9, -1, 7, vocab, -1, vocab + 1, vocab + 2, vocab + 3, -8]
+    with pytest.raises(GenerationError) as err:  # of several, the error says which one
+        gen.start(["Hello", [2, 5], bad], greedy())
+    assert str(err.value) == (
+        f"token ids [-8, -1, {vocab}, {vocab + 1}, {vocab + 2}] in prompt 2 are outside the "
+        f"vocabulary [0, {vocab})."
+    )
+    run = gen.start([[2, vocab - 1]], greedy(1))  # the last id is in
+    assert run.completions[0].prompt_ids == [2, vocab - 1]

@@ -583,6 +583,7 @@ class FixedTimeBackend:
     """Records calls; each one 'takes' S ms (reported like TensorRTBackend.last_call_ms)."""
 
     max_batch, max_seq_len, max_prefill, rings = 4, 64, 16, ()
+    vocab_size = 8  # the width of its logits
 
     def __init__(self, auto_graphs: bool = True):
         self.calls, self.resets = [], []

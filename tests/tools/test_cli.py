@@ -47,7 +47,23 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
         logits_tool.main(
             [str(tiny_dir("llama")), "--ids", "1,2,512,900", "--out", str(tmp_path / "x.npy")]
         )
-    assert str(err.value) == "error: token ids [512, 900] are outside the vocabulary [0, 512)."
+    assert str(err.value) == (
+        "error: token ids [512, 900] in the prompt are outside the vocabulary [0, 512)."
+    )
+    with pytest.raises(SystemExit) as err:  # of several --ids, the error says which (from 0)
+        logits_tool.main(
+            [
+                str(tiny_dir("llama")),
+                "--ids",
+                "1,2",
+                "--ids=-3,7,-3",
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+    assert (
+        str(err.value) == "error: token ids [-3] in prompt 1 are outside the vocabulary [0, 512)."
+    )
     with pytest.raises(SystemExit):
         logits_tool.main([str(tiny_dir("llama")), "--ids", "1,x", "--out", str(tmp_path / "x.npy")])
     assert "--ids takes comma-separated integers" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_errors_are_openai_error_bodies(server):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="tiny", prompt=ids)
         assert e.value.body == {
-            "message": f"token ids {bad} in 'prompt' are outside the vocabulary [0, 512).",
+            "message": f"token ids {bad} in the prompt are outside the vocabulary [0, 512).",
             "type": "invalid_request_error",
             "param": "prompt",
             "code": "invalid_value",
@@ -314,11 +314,9 @@ def test_an_engine_fault_fails_its_request_not_the_server(tiny):
     from weights import Checkpoint
 
     options = NetworkOptions(dtype="float32", max_batch=2, max_seq_len=64, max_prefill=8)
-    ckpt = Checkpoint.open(tiny)
-    backend = Recording(CpuBackend(build_network(ckpt, options)), poison=77)
+    backend = Recording(CpuBackend(build_network(Checkpoint.open(tiny), options)), poison=77)
     tokenizer = Tokenizer.from_dir(tiny)
-    vocab = ckpt.config.vocab_size
-    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny", vocab).app
+    app = Server(lambda on_token: Engine(backend, tokenizer, 8, on_token), "tiny").app
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run)

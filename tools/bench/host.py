@@ -75,6 +75,7 @@ class CannedBackend:
     ):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
+        self.vocab_size = logits.size  # one logit per token id
         self.rings: tuple[int, ...] = ()  # no sliding-window KV rings
         self.sample_top_k = sample_top_k
         self.has_log_normalizer = sample_top_k > 0
@@ -246,7 +247,9 @@ def _server_step_ms(
     backend = CannedBackend(logits, len(params), SERVER_PROMPT + steps, 64, device_ms)
     engine = Engine(backend, tokenizer)
     engine.gen.eos_ids = set()  # no EOS ends a stream early
-    requests = [engine.submit(list(range(1, SERVER_PROMPT + 1)), p) for p in params]
+    # ids 1..SERVER_PROMPT, cycled within a smaller vocabulary (the tiny test models')
+    prompt = [1 + t % (backend.vocab_size - 1) for t in range(SERVER_PROMPT)]
+    requests = [engine.submit(prompt, p) for p in params]
     for request in requests:
         for _text in request:
             pass
