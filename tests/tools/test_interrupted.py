@@ -1,9 +1,11 @@
-"""Builds and conversions killed outright (kill -9), and two identical builds at once."""
+"""Builds and conversions killed outright (kill -9), commands interrupted with Ctrl-C, and two
+identical builds at once."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,43 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tiny_dir, tmp_path):
     assert f"Removed what interrupted builds left in {tmp_path}: {partial.name}.\n" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert (out_dir / ENGINE_FILE).is_file()
+
+
+def interrupt_once_partial(proc: subprocess.Popen, folder: Path, pattern: str) -> str:
+    """Ctrl-C (SIGINT) to `proc` as soon as a partial matching `pattern` exists in `folder`;
+    its stderr after that."""
+    while proc.poll() is None:
+        if list(folder.glob(pattern)):
+            os.kill(proc.pid, signal.SIGINT)
+            return proc.communicate(timeout=60)[1]
+    raise AssertionError(f"finished before a partial appeared: {proc.stderr.read()}")
+
+
+def test_ctrl_c_ends_a_build_with_one_line_and_nothing_left(tiny_dir, tmp_path):
+    out_dir = tmp_path / "a"
+    proc = start("tools.build", *tiny_build_args(tiny_dir, out_dir))
+    err = interrupt_once_partial(proc, tmp_path, ".a.*.partial")
+    assert proc.returncode == 130
+    assert err.endswith("\ninterrupted.\n") and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # its staging folder removed, no artifact
+
+
+def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
+    """tools.bench.serve waiting on a server that never answers (it accepts and says
+    nothing) is interrupted: one line, status 130, no traceback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/v1"
+        proc = start("tools.bench.serve", "--url", url, "--model", "m", "--streams", "1")
+        server.settimeout(60)
+        conn, _ = server.accept()  # the warm-up request is on its way
+        with conn:
+            os.kill(proc.pid, signal.SIGINT)
+            err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130
+    assert err == "interrupted.\n"
 
 
 def test_two_identical_builds_at_once_build_once(tiny_dir, tmp_path):

@@ -262,4 +262,6 @@ def json_vocab(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools.cli import run
+
+    run(main)
