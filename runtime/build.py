@@ -217,9 +217,7 @@ def build(
     waiting = f"Waiting for another build of {output} to finish..."
     try:
         with locked(output, on_wait=lambda: hooks.say(waiting)):
-            if stale := remove_stale_partials(output):
-                names = ", ".join(p.name for p in stale)
-                hooks.say(f"Removed what interrupted builds left in {output.parent}: {names}.")
+            remove_stale_partials(output, hooks.say, "builds")
             check_replaceable(output)  # absent, empty, or one of ours: nothing else is touched
             if output.exists() and any(output.iterdir()) and not force:
                 if read_metadata(output).get("build_key") != key:

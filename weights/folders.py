@@ -24,8 +24,9 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def remove_stale_partials(final: Path) -> list[Path]:
-    """Delete the partials of `final` that dead writers left; call only under `locked(final)`."""
+def remove_stale_partials(final: Path, say: Callable[[str], None], what: str = "runs") -> None:
+    """Delete the partials of `final` that dead writers left, and `say` so ("Removed what
+    interrupted `what` left in ..."); call only under `locked(final)`."""
     final = Path(final)
     pattern = re.compile(rf"\.{re.escape(final.name)}\.[0-9a-f]{{8}}\.partial")
     stale = sorted(
@@ -36,7 +37,9 @@ def remove_stale_partials(final: Path) -> list[Path]:
             shutil.rmtree(p)
         else:
             p.unlink()
-    return stale
+    if stale:
+        names = ", ".join(p.name for p in stale)
+        say(f"Removed what interrupted {what} left in {final.parent}: {names}.")
 
 
 @contextmanager

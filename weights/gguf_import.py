@@ -554,9 +554,7 @@ def converted(gguf_path: Path, target: Path, progress: bool) -> Path:
 
 def clean_partials(target: Path) -> None:
     """Remove what interrupted runs left beside `target`, and say so."""
-    if stale := remove_stale_partials(target):
-        names = ", ".join(p.name for p in stale)
-        _say(f"Removed what interrupted runs left in {target.parent}: {names}.")
+    remove_stale_partials(target, _say)
 
 
 def is_complete(folder: Path) -> bool:

@@ -89,6 +89,24 @@ def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
     assert err == "interrupted.\n"
 
 
+def test_a_killed_random_checkpoint_is_cleaned_up_by_the_next(tmp_path):
+    """tools.bench --make-random killed while writing: the next run of the same --out
+    removes its partial folder and says so."""
+    out = tmp_path / "m"
+    proc = start("tools.bench", "--make-random", "gemma-3-270m", "--out", str(out))
+    [partial] = kill_once_partial(proc, tmp_path, ".m.*.partial")
+    assert partial.is_dir() and not out.exists()
+    small = ["--layers", "1", "--hidden", "64", "--intermediate", "128"]
+    args = ["--make-random", "gemma-3-270m", "--out", str(out), *small]
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.bench", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"Removed what interrupted runs left in {tmp_path}: {partial.name}.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_two_identical_builds_at_once_build_once(tiny_dir, tmp_path):
     args = tiny_build_args(tiny_dir, tmp_path / "a")
     procs = [start("tools.build", *args) for _ in range(2)]
