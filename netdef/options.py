@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from weights.config import ModelConfig
@@ -38,6 +39,11 @@ RING_PREFILL = 4
 # and 3.68 after 30,000; tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for
 # 32,768, 1.97 and 2.21, but 2.05 after 128.
 GLOBAL_OPT = 4096
+
+
+def is_int(value: object) -> bool:
+    """An integer (NumPy's too), not a bool: True as a length or 1.5 tokens are mistakes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def default_max_seq_len(config: ModelConfig) -> int:
@@ -101,6 +107,13 @@ class NetworkOptions:
         return self.max_seq_len if self.max_prefill is None else self.max_prefill
 
     def validate(self, config: ModelConfig) -> None:
+        optional = ("max_prefill", "prefill_opt", "decode_opt")
+        for name in ("max_batch", "max_seq_len", *optional, "global_opt", "sample_top_k"):
+            value = getattr(self, name)
+            if not (is_int(value) or (value is None and name in optional)):
+                kind = "an integer or None" if name in optional else "an integer"
+                # else a TypeError from a comparison, or from TensorRT's shapes for a float
+                raise OptionsError(f"{name}={value!r} must be {kind}.")
         if self.dtype not in MODEL_DTYPES:
             raise OptionsError(
                 f"dtype {self.dtype!r} is not supported; choose bfloat16, float16 or float32."

@@ -28,6 +28,11 @@ class CpuBackend:
     returns those its readout names."""
 
     def __init__(self, dn: DecoderNetwork):
+        if not isinstance(dn, DecoderNetwork):  # else an error from deep in the executor
+            raise TypeError(
+                "CpuBackend runs a network: CpuBackend(netdef.build_network(checkpoint, "
+                f"options)), not a {type(dn).__name__}."
+            )
         self.dn = dn
         self.executor = Executor.for_network(dn)
         self.caches: dict[str, np.ndarray] = {}

@@ -49,7 +49,8 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 
 
 class GenerationError(ValueError):
-    """A request the engine cannot serve as given; raised before any work."""
+    """A request the engine cannot serve as given, raised before any work; or a run
+    iterated after a later run took its backend over."""
 
 
 def prompt_name(i: int | None) -> str:
@@ -98,12 +99,19 @@ class Delta:
 
 
 class Generator:
+    """Batches of prompts on one backend: `start` checks a batch and returns its `Run`.
+    `eos_ids` end a sequence (by default the tokenizer's; [] runs to max_new_tokens).
+
+    The backend holds one batch at a time: a run that starts while another is unfinished
+    takes it over, and the other raises if iterated further."""
+
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None
     ):
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_ids = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
+        self.running: Run | None = None  # the run whose batch the backend holds
 
     def encode(self, prompt: Prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -127,10 +135,18 @@ class Generator:
         truncate: bool = False,
     ) -> Run:
         """Tokenize and check every prompt against the engine's limits; nothing runs yet."""
-        if isinstance(prompts, str) or any(isinstance(p, int | np.integer) for p in prompts):
-            raise GenerationError(  # a str or a list of ids is a Sequence, of 1-token prompts
-                "prompts is a list of prompts (each text, token ids or chat messages); wrap "
-                "one prompt in a list: start([prompt], params)."
+        if not isinstance(params, SamplingParams):
+            raise GenerationError(
+                f"params is a runtime.sampling.SamplingParams, not {params!r:.60}."
+            )
+        if (
+            not isinstance(prompts, Sequence)
+            or isinstance(prompts, str)  # a str or a list of ids is a Sequence of 1-token prompts
+            or any(isinstance(p, int | np.integer) for p in prompts)
+        ):
+            raise GenerationError(
+                "prompts is a list of prompts (each text, token ids or chat messages), not "
+                f"{prompts!r:.60}; wrap one prompt in a list: start([prompt], params)."
             )
         if not prompts:
             raise GenerationError("no prompts given.")
@@ -174,7 +190,8 @@ class Generator:
 
 
 class Run:
-    """One batch in flight: iterate it for text deltas; `completions` fill in as it goes."""
+    """One batch in flight: iterate it for text deltas; `completions` fill in as it goes.
+    It is one stream: iterating it again goes on where it stopped."""
 
     def __init__(self, gen: Generator, prompts: list[list[int]], params: SamplingParams):
         self.gen, self.params = gen, params
@@ -187,12 +204,25 @@ class Run:
         # What leaves the engine at each decode step (runtime.readout says why).
         backend = gen.backend
         self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
+        self.stream: Iterator[Delta] | None = None
 
     def __iter__(self) -> Iterator[Delta]:
+        if self.stream is None:
+            self.stream = self._generate()
+        return self.stream
+
+    @property
+    def owns_backend(self) -> bool:
+        """False once a later run of the generator has reset the backend's caches (and
+        dropped this run's calls in flight)."""
+        return self.gen.running is self
+
+    def _generate(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
         lengths = np.array([len(c.prompt_ids) for c in rows])
+        self.gen.running = self
         backend.reset(batch)
 
         t0 = time.perf_counter()
@@ -215,6 +245,12 @@ class Run:
         try:
             for step, tokens in enumerate(steps):
                 yield from self._accept(tokens, step)
+                if not self.owns_backend:
+                    raise GenerationError(
+                        "this run was interrupted: a later run of its Generator took over the "
+                        "backend, which holds one batch at a time. Finish iterating a run "
+                        "before iterating the next, or send the prompts in one start()."
+                    )
                 if all(c.finish_reason for c in self.completions):
                     break
         finally:
@@ -268,7 +304,7 @@ class Run:
                     inflight = True
                 yield tokens
         finally:
-            if inflight:
+            if inflight and self.owns_backend:
                 backend.collect()
 
     def _chained(
@@ -294,7 +330,7 @@ class Run:
                     tokens, inflight = backend.collect()[NEXT_TOKEN], inflight - 1
                 yield tokens
         finally:
-            for _ in range(inflight):
+            for _ in range(inflight if self.owns_backend else 0):
                 backend.collect()
 
     def _prefill(self, lengths: np.ndarray, readout: Readout, draws: Draws) -> Outputs:

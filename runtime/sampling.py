@@ -6,31 +6,62 @@ top-p, then a draw from the remaining distribution.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from netdef.options import is_int
+
 
 class SamplingError(ValueError):
-    """A sampling parameter out of range; `field` names it, so a CLI can name its flag."""
+    """A sampling parameter of the wrong type or out of range; `field` names it, so a CLI
+    can name its flag."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
 
 
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request decodes: greedy by default (temperature 0), else sampled with
+    transformers' filters; `seed` makes sampling reproducible. Checked on creation
+    (`SamplingError` names the field)."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings, not included in the output
+    stop: tuple[str, ...] = ()  # stop strings, not in the output (one str or a list: made a tuple)
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str | list):  # one string is one stop, not one per character
+            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+            object.__setattr__(self, "stop", stop)
+        kinds = [
+            ("max_new_tokens", is_int(self.max_new_tokens), "an integer"),
+            ("temperature", is_number(self.temperature), "a number"),
+            ("top_k", is_int(self.top_k), "an integer"),
+            ("top_p", is_number(self.top_p), "a number"),
+            ("repetition_penalty", is_number(self.repetition_penalty), "a number"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
+            (
+                "stop",
+                isinstance(self.stop, tuple) and all(isinstance(s, str) for s in self.stop),
+                "a string or a tuple of strings",
+            ),
+        ]
+        for field, ok, kind in kinds:
+            if not ok:
+                raise SamplingError(field, f"{field}={getattr(self, field)!r} must be {kind}.")
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),

@@ -70,6 +70,11 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Read tokenizer.json, tokenizer_config.json, chat template files and generation_config.json."""
         folder = Path(path)
+        if folder.is_file():  # else "tokenizer.json has no tokenizer.json"
+            raise TokenizerError(
+                f"{folder} is a file; point at the Hugging Face model folder that holds "
+                "tokenizer.json."
+            )
         if not (folder / "tokenizer.json").is_file():
             raise TokenizerError(
                 f"{folder} has no tokenizer.json; point at a Hugging Face model folder that "

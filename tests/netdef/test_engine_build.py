@@ -248,6 +248,14 @@ def test_float16_gemma_is_a_caveat_not_an_error(tiny_dir):
             "dtype 'int8' is not supported; choose bfloat16, float16 or float32.",
         ),
         (NetworkOptions(max_batch=0), "max_batch=0 must be at least 1."),
+        # Wrong types: before, a TypeError from a comparison, or TensorRT's add_input()
+        # refusing the shape of a float length deep in the definition.
+        (NetworkOptions(max_seq_len=64.0), "max_seq_len=64.0 must be an integer."),
+        (NetworkOptions(max_seq_len=None), "max_seq_len=None must be an integer."),
+        (
+            NetworkOptions(max_seq_len=64, max_prefill="8"),
+            "max_prefill='8' must be an integer or None.",
+        ),
         (NetworkOptions(max_seq_len=0), "max_seq_len=0 must be at least 1."),
         (
             NetworkOptions(max_seq_len=64, max_prefill=0),

@@ -320,16 +320,28 @@ def test_too_many_prompts_are_refused(cpu_model, tokenizer):
     )
 
 
-@pytest.mark.parametrize("prompts", ["Hi", [2, 5, 7]])
-def test_one_prompt_not_in_a_list_is_refused(prompts, cpu_model, tokenizer):
+@pytest.mark.parametrize(
+    ("prompts", "shown"), [("Hi", "'Hi'"), ([2, 5, 7], "[2, 5, 7]"), (None, "None")]
+)
+def test_one_prompt_not_in_a_list_is_refused(prompts, shown, cpu_model, tokenizer):
     """A string or a list of ids is itself a sequence: taken as it was, "Hi" became two
-    one-character prompts."""
+    one-character prompts. None was a TypeError from iterating it."""
     with pytest.raises(GenerationError) as err:
         Generator(cpu_model, tokenizer).start(prompts, greedy())
     assert str(err.value) == (
-        "prompts is a list of prompts (each text, token ids or chat messages); wrap one prompt "
-        "in a list: start([prompt], params)."
+        f"prompts is a list of prompts (each text, token ids or chat messages), not {shown}; "
+        "wrap one prompt in a list: start([prompt], params)."
     )
+
+
+@pytest.mark.parametrize(
+    ("params", "shown"), [(None, "None"), ({"max_new_tokens": 4}, "{'max_new_tokens': 4}")]
+)
+def test_params_of_another_kind_are_one_clear_error(params, shown, cpu_model, tokenizer):
+    """Before, an AttributeError from reading params.max_new_tokens."""
+    with pytest.raises(GenerationError) as err:
+        Generator(cpu_model, tokenizer).start(["Hi"], params)
+    assert str(err.value) == f"params is a runtime.sampling.SamplingParams, not {shown}."
 
 
 @pytest.mark.parametrize(
@@ -369,3 +381,55 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_work(cpu_model,
     )
     run = gen.start([[2, vocab - 1]], greedy(1))  # the last id is in
     assert run.completions[0].prompt_ids == [2, vocab - 1]
+
+
+def test_a_run_is_one_stream(cpu_model, tokenizer, hf_greedy):
+    """Iterating a run again goes on where it stopped: before, each iteration reset the
+    caches and ran the batch anew into the same completions (a token twice)."""
+    run = Generator(cpu_model, tokenizer, eos_ids=[]).start([PROMPTS[0]], greedy(4))
+    assert iter(run) is iter(run)
+    first = next(iter(run))
+    rest = list(run)
+    assert run.completions[0].token_ids == hf_greedy[0][:4]
+    assert first.text + "".join(d.text for d in rest) == run.completions[0].text
+    assert list(run) == []
+
+
+@pytest.mark.parametrize(
+    "params", [greedy(4), SamplingParams(max_new_tokens=4, temperature=0.6, top_p=0.9, seed=3)]
+)
+def test_a_later_run_takes_the_backend_over(cpu_model, tokenizer, hf_greedy, params):
+    """A run left mid-stream while a later run of its generator goes: the later run gives
+    its own tokens, whether the earlier one is then closed (before, its cleanup collected
+    the later run's call in flight) or iterated (before, an IndexError from the backend)."""
+    gen = Generator(cpu_model, tokenizer, eos_ids=[])
+    alone = gen.start([PROMPTS[1]], params)
+    list(alone)
+    left = iter(gen.start([PROMPTS[0]], params))
+    next(left)
+    later = iter(gen.start([PROMPTS[1]], params))
+    deltas = [next(later)]
+    left.close()
+    deltas += list(later)
+    assert "".join(d.text for d in deltas) == alone.completions[0].text
+    left = iter(gen.start([PROMPTS[0]], params))
+    next(left)
+    list(gen.start([PROMPTS[1]], params))
+    with pytest.raises(GenerationError) as err:
+        next(left)
+    assert str(err.value) == (
+        "this run was interrupted: a later run of its Generator took over the backend, which "
+        "holds one batch at a time. Finish iterating a run before iterating the next, or send "
+        "the prompts in one start()."
+    )
+    assert not cpu_model.pending
+
+
+def test_a_cpu_backend_of_a_checkpoint_is_one_clear_error(gemma3_270m_dir):
+    """Before: TensorRTModuleError "unknown backend 'weights'" from the executor."""
+    with pytest.raises(TypeError) as err:
+        CpuBackend(Checkpoint.open(gemma3_270m_dir))
+    assert str(err.value) == (
+        "CpuBackend runs a network: CpuBackend(netdef.build_network(checkpoint, options)), "
+        "not a Checkpoint."
+    )

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 
 from runtime.sampling import (
     BLOCK,
+    SamplingError,
     SamplingParams,
     apply_repetition_penalty,
     candidates,
@@ -150,12 +151,33 @@ def test_top_k_one_is_greedy_even_when_sampling(logits):
             {"stop": ("\n", "")},
             "stop=('\\n', '') must not hold an empty string (it would stop at once).",
         ),
+        # Wrong types are named too, not a TypeError from a comparison or a crash mid-run.
+        ({"max_new_tokens": "5"}, "max_new_tokens='5' must be an integer."),
+        ({"max_new_tokens": 1.5}, "max_new_tokens=1.5 must be an integer."),
+        ({"max_new_tokens": True}, "max_new_tokens=True must be an integer."),
+        ({"temperature": None}, "temperature=None must be a number."),
+        ({"top_k": 2.5}, "top_k=2.5 must be an integer."),
+        ({"top_p": "0.9"}, "top_p='0.9' must be a number."),
+        ({"seed": 1.5}, "seed=1.5 must be an integer or None."),
+        ({"stop": None}, "stop=None must be a string or a tuple of strings."),
+        ({"stop": ("a", 1)}, "stop=('a', 1) must be a string or a tuple of strings."),
     ],
 )
 def test_bad_params(kwargs, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SamplingError) as err:
         SamplingParams(**kwargs)
     assert str(err.value) == message
+    assert err.value.field == next(iter(kwargs))
+
+
+def test_one_stop_string_is_one_stop_and_a_list_is_a_tuple():
+    """A str was taken as a sequence of one-character stops ("abc" stopped at any "a");
+    a list left the frozen params unhashable."""
+    assert SamplingParams(stop="abc").stop == ("abc",)
+    params = SamplingParams(stop=["\n", "END"])
+    assert params.stop == ("\n", "END")
+    assert hash(params) == hash(SamplingParams(stop=("\n", "END")))
+    assert SamplingParams(max_new_tokens=np.int64(3), top_p=np.float32(0.5)).max_new_tokens == 3
 
 
 def test_draw_over_a_vocabulary_of_several_blocks():

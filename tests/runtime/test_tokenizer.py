@@ -524,6 +524,17 @@ def test_missing_tokenizer_json(tmp_path: Path) -> None:
     assert str(err.value) == EXACT_NO_TOKENIZER.format(tmp_path)
 
 
+def test_a_file_instead_of_the_folder(tmp_path: Path) -> None:
+    """Before: "<folder>/tokenizer.json has no tokenizer.json"."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError) as err:
+        Tokenizer.from_dir(str(tmp_path / "tokenizer.json"))
+    assert str(err.value) == (
+        f"{tmp_path / 'tokenizer.json'} is a file; point at the Hugging Face model folder that "
+        "holds tokenizer.json."
+    )
+
+
 def test_no_chat_template(small_dirs: dict[str, Path]) -> None:
     folder = small_dirs["llama2"]
     with pytest.raises(TokenizerError) as err:
