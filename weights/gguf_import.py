@@ -136,11 +136,11 @@ def open_gguf(path: Path) -> GGUFFile:
     """Read and validate a GGUF file (and the other parts of a split one).
 
     Every way the file can be unusable fails here, with one sentence naming the fix: not a
-    (complete) GGUF file, a part missing, an unsupported architecture or tensor type, or no
-    tokenizer."""
+    (complete) GGUF file, a part missing, an unsupported architecture or tensor type, no
+    tokenizer, metadata missing or tensors not matching it."""
     path = Path(path)
     first = _read(path)
-    meta = _metadata(first)
+    meta = _metadata(first, path)
     count = int(meta.get("split.count", 1))
     parts = [path]
     readers = [first]
@@ -150,21 +150,19 @@ def open_gguf(path: Path) -> GGUFFile:
                 f"{path} is part {int(meta['split.no']) + 1} of a {count}-part GGUF file; "
                 "pass its first part (…-00001-of-…gguf)."
             )
-        match = _SPLIT_NAME.fullmatch(path.name)
-        if match is None:
+        parts = named_parts(path)
+        if len(parts) != count:
             raise WeightsError(
                 f"{path} is the first of {count} parts, but is not named like one "
-                "(<name>-00001-of-0000N.gguf), so its other parts cannot be found; keep "
+                f"(<name>-00001-of-{count:05d}.gguf), so its other parts cannot be found; keep "
                 "llama.cpp's part names."
             )
-        for no in range(2, count + 1):
-            part = path.with_name(f"{match['prefix']}-{no:05d}-of-{count:05d}.gguf")
+        for no, part in enumerate(parts[1:], 2):
             if not part.is_file():
                 raise WeightsError(
                     f"{path} is split into {count} parts, but part {no} ({part.name}) is "
                     f"missing from {path.parent}; download every part into the same folder."
                 )
-            parts.append(part)
             readers.append(_read(part))
     arch = meta.get("general.architecture")
     if arch not in FAMILIES:
@@ -182,7 +180,22 @@ def open_gguf(path: Path) -> GGUFFile:
                 "(re-quantize the model with llama-quantize to one of them)."
             )
     check_tokenizer(meta, path)
-    return GGUFFile(path, parts, meta, tensors)
+    gguf = GGUFFile(path, parts, meta, tensors)
+    tensor_plan(gguf, hf_config(gguf, "bfloat16"))  # the metadata a conversion reads, and shapes
+    return gguf
+
+
+def named_parts(path: Path) -> list[Path]:
+    """The parts of a GGUF model as llama.cpp names them (`<name>-00001-of-0000N.gguf` and the
+    rest), or `path` alone; found without reading the file, whose metadata must agree."""
+    match = _SPLIT_NAME.fullmatch(path.name)
+    if match is None or match["no"] != "00001":
+        return [path]
+    count = int(match["count"])
+    return [
+        path.with_name(f"{match['prefix']}-{no:05d}-of-{count:05d}.gguf")
+        for no in range(1, count + 1)
+    ]
 
 
 def _read(path: Path) -> GGUFReader:
@@ -196,8 +209,18 @@ def _read(path: Path) -> GGUFReader:
         ) from None
 
 
-def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    return {name: f.contents() for name, f in reader.fields.items()}
+def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """Every metadata value; GGUFReader decodes strings only here, so bad text fails here."""
+    meta = {}
+    for name, f in reader.fields.items():
+        try:
+            meta[name] = f.contents()
+        except UnicodeDecodeError:
+            raise WeightsError(
+                f"{path} is damaged: its metadata {name!r} is not UTF-8 text, as every GGUF "
+                "string is; download it again."
+            ) from None
+    return meta
 
 
 def convert_gguf(
@@ -210,14 +233,26 @@ def convert_gguf(
     to `out_dir` and renamed into place last, so an interrupted conversion leaves nothing that
     looks usable.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    return write_model_dir(read_gguf(gguf_path, progress), out_dir, dtype, progress)
+
+
+def read_gguf(path: Path, progress: bool) -> GGUFFile:
+    """`open_gguf`, said first where `progress`: GGUFReader indexes every metadata value
+    (about 10 s for Gemma-3's 262k-token vocabulary on 2 cores) before a bar can show."""
+    if progress:
+        print(f"Reading {path}...", file=sys.stderr)
+    return open_gguf(path)
+
+
+def write_model_dir(
+    gguf: GGUFFile, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
+) -> Path:
+    """`convert_gguf` of a file already opened."""
+    out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
-    if progress:  # GGUFReader maps and indexes the whole file first: seconds without a bar
-        print(f"Reading {gguf_path}...", file=sys.stderr)
-    gguf = open_gguf(gguf_path)
     config = hf_config(gguf, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(out_dir)
@@ -240,12 +275,12 @@ def hf_config(gguf: GGUFFile, dtype: str) -> dict[str, Any]:
     """The config.json that the GGUF metadata (and tensor list) describes."""
     names = {t.name for t in gguf.tensors}
     if gguf.arch == "gemma3":
-        return _gemma3_config(gguf.meta, names, dtype)
+        return _gemma3_config(gguf, names, dtype)
     return _llama_config(gguf, names, dtype)
 
 
-def _gemma3_config(meta: dict[str, Any], names: set[str], dtype: str) -> dict[str, Any]:
-    key = partial(_arch_value, meta, "gemma3")
+def _gemma3_config(gguf: GGUFFile, names: set[str], dtype: str) -> dict[str, Any]:
+    meta, key = gguf.meta, partial(_arch_value, gguf)
     n_layers = key("block_count")
     hidden = key("embedding_length")
     heads = key("attention.head_count")
@@ -294,7 +329,7 @@ def _gemma3_config(meta: dict[str, Any], names: set[str], dtype: str) -> dict[st
 def _llama_config(gguf: GGUFFile, names: set[str], dtype: str) -> dict[str, Any]:
     """Llama / Qwen2 / Qwen3: one RoPE for every layer, SiLU MLP, biases as the tensors say."""
     meta, family = gguf.meta, gguf.family
-    key = partial(_arch_value, meta, gguf.arch)
+    key = partial(_arch_value, gguf)
     hidden = key("embedding_length")
     heads = key("attention.head_count")
     head_dim = key("attention.key_length", key("rope.dimension_count", hidden // heads))
@@ -390,14 +425,16 @@ def _llama3_factors(params: dict[str, Any], wavelen: np.ndarray) -> np.ndarray:
 _REQUIRED = object()
 
 
-def _arch_value(meta: dict[str, Any], arch: str, name: str, default: Any = _REQUIRED) -> Any:
+def _arch_value(gguf: GGUFFile, name: str, default: Any = _REQUIRED) -> Any:
     """The `<arch>.<name>` metadata value; required unless a default is given."""
-    if f"{arch}.{name}" in meta:
-        return meta[f"{arch}.{name}"]
+    key = f"{gguf.arch}.{name}"
+    if key in gguf.meta:
+        return gguf.meta[key]
     if default is _REQUIRED:
         raise WeightsError(
-            f"The GGUF file has no '{arch}.{name}' metadata, which a {arch} model needs; the "
-            "file is incomplete or was written by an unsupported converter."
+            f"{gguf.path} has no {key!r} metadata, which a {gguf.arch} model needs; the file is "
+            "incomplete or was written by an unsupported converter: convert the model again "
+            "with llama.cpp's convert_hf_to_gguf.py."
         )
     return default
 
@@ -447,13 +484,14 @@ def tensor_plan(
         want = expected.pop(name.removeprefix("model."), None)
         if want != shape:
             raise WeightsError(
-                f"GGUF tensor {tensor.name!r} has shape {shape}, but the config read from the "
-                f"file's metadata expects {want} for {name}."
+                f"{gguf.path}: tensor {tensor.name!r} has shape {shape}, but the file's metadata "
+                f"makes {name} {want}; the file is damaged or not a plain {gguf.arch} model."
             )
         plan.append((name, shape, tensor))
     if expected:
         raise WeightsError(
-            f"The GGUF file lacks tensors the model needs: {', '.join(sorted(expected))}."
+            f"{gguf.path} lacks tensors a {gguf.arch} model needs ({', '.join(sorted(expected))}); "
+            "the file is incomplete: download it again."
         )
     return plan
 
@@ -518,11 +556,15 @@ def find_gguf(path: Path) -> Path:
 
 def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     """The Hugging Face folder of a GGUF file (or of the folder holding one), converted into
-    `cache_dir/gguf/` on first use and reused while the file (every part) is unchanged."""
+    `cache_dir/gguf/` on first use and reused while the file (every part) is unchanged: then
+    without reading it, since reading a large vocabulary takes seconds (`read_gguf`)."""
     source = find_gguf(path).resolve()
     target = converted_path(source, cache_dir)
+    if is_complete(target):
+        return target
+    gguf = read_gguf(source, progress)  # every input error before any work
     try:
-        return converted(source, target, progress)
+        return converted(gguf, target, progress)
     except OSError as e:
         raise WeightsError(
             f"cannot convert {source} into {target.parent} ({e.strerror}); set TRT_NETDEF_CACHE "
@@ -532,23 +574,23 @@ def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
 
 def converted_path(source: Path, cache_dir: Path) -> Path:
     """Where `gguf_model_dir` keeps the conversion of the GGUF file `source` as it is now:
-    named by its path, size and mtime (every part's), which a full hash of a multi-GB file
-    would take seconds to confirm. Validates the file first (`open_gguf`)."""
-    gguf = open_gguf(source)  # every input error before any work
-    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in gguf.parts]
+    named by its path, size and mtime (every part's, a missing one left out), which a full
+    hash of a multi-GB file would take seconds to confirm. Only a file that `open_gguf`
+    validated is ever converted there."""
+    stamp = [
+        [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in named_parts(source) if p.is_file()
+    ]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
     stem = _SPLIT_NAME.sub(r"\g<prefix>", source.name).removesuffix(".gguf")
     return Path(cache_dir) / "gguf" / f"{stem}-{key}-v{CONVERTER_VERSION}"
 
 
-def converted(gguf_path: Path, target: Path, progress: bool) -> Path:
-    """`target`, converted from `gguf_path` unless complete; one process converts at a time."""
-    if is_complete(target):
-        return target
+def converted(gguf: GGUFFile, target: Path, progress: bool) -> Path:
+    """`target`, converted from `gguf` unless complete; one process converts at a time."""
     with locked(target, on_wait=lambda: _say(f"Waiting for another process to finish {target}...")):
         if not is_complete(target):  # else another process converted it meanwhile
             clean_partials(target)
-            convert_gguf(gguf_path, target, progress=progress)
+            write_model_dir(gguf, target, progress=progress)
     return target
 
 

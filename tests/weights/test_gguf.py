@@ -365,3 +365,38 @@ def test_build_cli_from_a_gguf_file(files, converted, cache, tmp_path, monkeypat
     assert meta["weights_sha256"] == files_sha256([folder / "model.safetensors"])
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_missing_metadata_fails_before_any_work(files, tmp_path):
+    """Said with the file's path, before the cache is touched (it was said mid-conversion)."""
+    path = _rewrite(files["qwen3"], tmp_path / "bare.gguf", skip_keys=("qwen3.block_count",))
+    assert _error(path, tmp_path / "cache") == (
+        f"{path.resolve()} has no 'qwen3.block_count' metadata, which a qwen3 model needs; the "
+        "file is incomplete or was written by an unsupported converter: convert the model again "
+        "with llama.cpp's convert_hf_to_gguf.py."
+    )
+
+
+def test_metadata_that_is_not_utf8(files, tmp_path):
+    """GGUFReader decodes strings only when asked: a damaged one raised UnicodeDecodeError."""
+    data = files["qwen2"].read_bytes()
+    assert data.count(b"<think>") == 1  # the user-defined token, in tokenizer.ggml.tokens
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data.replace(b"<think>", b"<th\xffnk>"))
+    assert _error(path, tmp_path / "cache") == (
+        f"{path.resolve()} is damaged: its metadata 'tokenizer.ggml.tokens' is not UTF-8 text, "
+        "as every GGUF string is; download it again."
+    )
+
+
+def test_a_converted_file_is_read_once(files, cache, converted, tmp_path, monkeypatch):
+    """Reading Gemma-3's 262k-token vocabulary takes GGUFReader about 10 s: a build reusing the
+    conversion spent that on every run, and a conversion read the file twice."""
+    from weights import gguf_import
+
+    real, reads = gguf_import._read, []
+    monkeypatch.setattr(gguf_import, "_read", lambda path: reads.append(path) or real(path))
+    assert gguf_model_dir(files["qwen3"], cache, progress=False) == converted["qwen3"]
+    assert reads == []
+    gguf_model_dir(files["qwen3"], tmp_path / "cache", progress=False)
+    assert reads == [files["qwen3"].resolve()]
