@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
-from netdef.artifact import (
-    ENGINE_FILE,
-    ArtifactError,
-    Metadata,
-    check_intact,
-    fmt_bytes,
-    is_complete,
-)
+from netdef.artifact import METADATA_FILE, ArtifactError, Metadata, check_intact, fmt_bytes
 from netdef.contract import GLOBAL_POSITIONS, INPUT_IDS
 
 
@@ -107,6 +101,26 @@ def describe(metadata: Metadata) -> str:
     return "\n".join(lines)
 
 
+def not_an_artifact(path: Path) -> str | None:
+    """What `path` is instead of an artifact folder, and what to pass; None for a folder.
+
+    A model (a GGUF file, a model folder) is what tools.build takes, so that is the fix."""
+    if not path.exists():
+        return f"{path} does not exist; pass a folder written by python -m tools.build."
+    model = path.suffix.lower() == ".gguf" or (
+        path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    )
+    if model and not (path / METADATA_FILE).is_file():
+        what = "a GGUF file" if path.is_file() else "a model folder"
+        return (
+            f"{path} is {what}, not an engine artifact; python -m tools.build "
+            f"{shlex.quote(str(path))} builds one (it prints the artifact folder to pass here)."
+        )
+    if not path.is_dir():
+        return f"{path} is a file, not a folder; pass a folder written by python -m tools.build."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.inspect", description=__doc__.split("\n\n")[0]
@@ -114,20 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact", type=Path, help="folder written by python -m tools.build")
     p.add_argument("--json", action="store_true", help="print the raw metadata.json")
     args = p.parse_args(argv)
-    if not args.artifact.exists():
-        print(
-            f"error: {args.artifact} does not exist; pass a folder written by python -m tools.build.",
-            file=sys.stderr,
-        )
-        return 1
-    if not is_complete(args.artifact):
-        print(
-            f"error: {args.artifact} is not an engine artifact (no {ENGINE_FILE} and metadata.json).",
-            file=sys.stderr,
-        )
+    if problem := not_an_artifact(args.artifact):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     try:
-        meta = check_intact(args.artifact)
+        meta = check_intact(args.artifact)  # says what an artifact folder lacks, and the fix
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -277,3 +277,41 @@ def test_the_readme_cpu_snippet_runs(tiny_dir, tmp_path, capsys):
     code = snippet.split("```")[0].replace('"MODEL_DIR"', repr(str(model)))
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_inspect_of_a_model_says_to_build_it(tiny_dir, tmp_path, capsys):
+    """A model folder or GGUF file (what tools.build takes) was "not an engine artifact (no
+    model.engine and metadata.json)", with no fix; an artifact folder lacking its engine gets
+    check_intact's rebuild advice."""
+    gguf = tmp_path / "my models" / "model.gguf"  # the command it prints quotes the space
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    for path, what, typed in (
+        (tiny_dir("llama"), "a model folder", str(tiny_dir("llama"))),
+        (gguf.parent, "a model folder", f"'{gguf.parent}'"),
+        (gguf, "a GGUF file", f"'{gguf}'"),
+    ):
+        assert inspect_tool.main([str(path)]) == 1
+        assert capsys.readouterr().err == (
+            f"error: {path} is {what}, not an engine artifact; python -m tools.build {typed} "
+            "builds one (it prints the artifact folder to pass here).\n"
+        )
+    assert inspect_tool.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} is not an engine artifact (no metadata.json); build one with python "
+        "-m tools.build.\n"
+    )
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    assert inspect_tool.main([str(text)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {text} is a file, not a folder; pass a folder written by python -m tools.build.\n"
+    )
+
+
+def test_inspect_of_an_artifact_without_its_engine(artifact, capsys):
+    (artifact / "model.engine").unlink()
+    assert inspect_tool.main([str(artifact)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {artifact} has no model.engine; rebuild it with python -m tools.build --force.\n"
+    )
