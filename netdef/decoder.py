@@ -107,6 +107,13 @@ def build_network(
     `spill`, a folder on disk, holds the weights the network transposes while the network
     lives (`Graph.transposed`); an engine build passes one to need less memory.
     """
+    if not hasattr(source, "tensor"):  # a path, say: else an AttributeError from deep inside
+        raise TypeError(
+            "build_network reads weights from a weights.Checkpoint: "
+            f"build_network(Checkpoint.open(folder), options), not {source!r:.60}."
+        )
+    if not isinstance(options, NetworkOptions):
+        raise TypeError(f"options is a netdef.NetworkOptions, not {options!r:.60}.")
     config = source.config
     options.validate(config)
     if options.quant == "from-gguf" and not hasattr(source, "quantized"):

@@ -151,7 +151,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         problem = f"{folder} is a file" if folder.is_file() else f"{path} does not exist"
         raise ConfigError(
             f"{problem}: point to a Hugging Face model folder that holds config.json (or "
-            "download the model, or convert a .gguf file, with `python -m tools.build MODEL`)."
+            "download the model, or convert a .gguf file, with `python -m tools.build MODEL`, "
+            "or in Python with weights.resolve_model(MODEL))."
         )
     try:
         raw = json.loads(path.read_text())

@@ -287,6 +287,21 @@ def test_bad_options_fail_before_building(options, message, tiny_dir):
     assert str(err.value) == message
 
 
+def test_build_network_of_a_path_or_without_options_says_what_it_takes(tiny_dir):
+    """A folder's path for the checkpoint, or None for the options, failed with an
+    AttributeError from inside."""
+    folder = str(tiny_dir("llama"))
+    with pytest.raises(TypeError) as err:
+        build_network(folder, NetworkOptions(max_seq_len=64), trt)
+    assert str(err.value) == (
+        "build_network reads weights from a weights.Checkpoint: build_network(Checkpoint.open("
+        f"folder), options), not {folder!r:.60}."
+    )
+    with pytest.raises(TypeError) as err:
+        build_network(Checkpoint.open(folder), None, trt)
+    assert str(err.value) == "options is a netdef.NetworkOptions, not None."
+
+
 def written_through(path, data: bytes, buffer_bytes: int) -> DirectFile:
     """`data` written through a DirectFile in pieces that straddle its buffer and blocks."""
     with DirectFile(path, buffer_bytes=buffer_bytes) as f:

@@ -271,7 +271,8 @@ def test_missing_config_json(tmp_path):
         load_config(tmp_path)
     advice = (
         ": point to a Hugging Face model folder that holds config.json (or download the model, "
-        "or convert a .gguf file, with `python -m tools.build MODEL`)."
+        "or convert a .gguf file, with `python -m tools.build MODEL`, or in Python with "
+        "weights.resolve_model(MODEL))."
     )
     assert str(err.value) == f"{tmp_path / 'config.json'} does not exist{advice}"
     gguf = tmp_path / "model.gguf"
