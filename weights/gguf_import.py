@@ -165,6 +165,11 @@ def open_gguf(path: Path) -> GGUFFile:
                 )
             readers.append(_read(part))
     arch = meta.get("general.architecture")
+    if arch is None:
+        raise WeightsError(
+            f"{path} has no general.architecture metadata, so it is not a model's GGUF file (a "
+            "LoRA adapter or a vocabulary alone, say); pass the model's file."
+        )
     if arch not in FAMILIES:
         raise WeightsError(
             f"{path} is a GGUF file of architecture {arch!r}, which is not supported; supported "
@@ -207,6 +212,8 @@ def _read(path: Path) -> GGUFReader:
             f"{path} is not a complete GGUF file: it ends before the data its header describes, "
             "or is not a GGUF file at all; download it again."
         ) from None
+    except OSError as e:  # unreadable: permissions, a folder by the name, an I/O error
+        raise WeightsError(f"cannot read {path} ({e.strerror}); check the file.") from None
 
 
 def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -546,6 +553,12 @@ def find_gguf(path: Path) -> Path:
         raise WeightsError(f"{path} does not exist; check the path of the GGUF file.")
     files = sorted(p for p in path.glob("*.gguf") if p.is_file())
     firsts = [p for p in files if not (m := _SPLIT_NAME.fullmatch(p.name)) or m["no"] == "00001"]
+    if files and not firsts:  # only later parts of a split file
+        first = _SPLIT_NAME.sub(r"\g<prefix>-00001-of-\g<count>.gguf", files[0].name)
+        raise WeightsError(
+            f"{path} holds parts of a split GGUF file but not its first part ({first}); "
+            "download every part into that folder."
+        )
     if len(firsts) != 1:
         listed = ", ".join(p.name for p in firsts) or "none"
         raise WeightsError(

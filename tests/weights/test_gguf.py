@@ -33,7 +33,7 @@ from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny import tiny_model_dir
 from tests.fixtures.tiny_gguf import write_gguf, write_wide_gguf
 from weights import Checkpoint, WeightsError, resolve_model
-from weights.gguf_import import gguf_model_dir
+from weights.gguf_import import gguf_model_dir, open_gguf
 
 # Test model -> (tiny checkpoint, vocabulary style); "wide" is random K-quant blocks.
 CASES = {
@@ -400,3 +400,40 @@ def test_a_converted_file_is_read_once(files, cache, converted, tmp_path, monkey
     assert reads == []
     gguf_model_dir(files["qwen3"], tmp_path / "cache", progress=False)
     assert reads == [files["qwen3"].resolve()]
+
+
+def test_a_folder_with_only_later_parts_of_a_split_file(files, tmp_path):
+    _split(files["qwen2"], tmp_path / "m.gguf")
+    (tmp_path / "m-00001-of-00003.gguf").unlink()
+    assert _error(tmp_path, tmp_path / "cache") == (
+        f"{tmp_path} holds parts of a split GGUF file but not its first part "
+        "(m-00001-of-00003.gguf); download every part into that folder."
+    )
+
+
+def test_a_file_without_an_architecture(files, tmp_path):
+    """A GGUF without general.architecture (an adapter, a vocabulary) said "architecture None"."""
+    path = tmp_path / "bare.gguf"
+    reader = gguf.GGUFReader(files["qwen3"])
+    writer = gguf.GGUFWriter(path, "qwen3")
+    del writer.kv_data[0]["general.architecture"]
+    for name, field in reader.fields.items():
+        if not name.startswith(("GGUF.", "general.architecture")):
+            writer.add_key_value(name, field.contents(), field.types[0], field.types[-1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert _error(path, tmp_path / "cache") == (
+        f"{path.resolve()} has no general.architecture metadata, so it is not a model's GGUF "
+        "file (a LoRA adapter or a vocabulary alone, say); pass the model's file."
+    )
+
+
+def test_an_unreadable_file_is_one_error(tmp_path):
+    (tmp_path / "dir.gguf").mkdir()  # unreadable as a file; root reads past chmod 000
+    with pytest.raises(WeightsError) as err:
+        open_gguf(tmp_path / "dir.gguf")
+    assert (
+        str(err.value) == f"cannot read {tmp_path / 'dir.gguf'} (Is a directory); check the file."
+    )
