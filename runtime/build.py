@@ -53,6 +53,7 @@ from netdef.tensorrt_module import compute_capability, is_rtx
 from weights import Checkpoint, resolve_model
 from weights.bundled import default_cache_dir
 from weights.folders import locked, remove_stale_partials
+from weights.gguf_import import open_gguf
 from weights.gguf_quant import GGUFQuantized
 
 from .calibration import activation_amax, calibration_ids
@@ -154,8 +155,9 @@ def build(
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=hooks.downloads)
     ckpt = Checkpoint.open(model_dir)
-    if quant == "from-gguf":  # the file's own quantized blocks, where TensorRT has them exactly
-        ckpt = GGUFQuantized.open(ckpt, model, default_cache_dir())
+    gguf_source = None  # from-gguf: the file's own quantized blocks, where TensorRT has them
+    if quant == "from-gguf":
+        gguf_source = GGUFQuantized.source(ckpt, model, default_cache_dir())
     if (model_dir / "tokenizer.json").is_file():  # a broken one fails now, not after the build
         try:
             Tokenizer.from_dir(model_dir)
@@ -234,6 +236,8 @@ def build(
                     hooks.say(f"Rebuilding {output}: {e.reason}.")
             with staging(output) as tmp:
                 warn_without_tokenizer(model_dir, hooks)
+                if gguf_source is not None:  # read now, not for a reused build
+                    ckpt = GGUFQuantized(ckpt, open_gguf(gguf_source))
                 act_amax = None
                 if calibration is not None:
                     hooks.say(

@@ -98,10 +98,14 @@ class GGUFQuantized:
 
     @classmethod
     def open(cls, ckpt: Checkpoint, model: str | Path, cache_dir: Path) -> GGUFQuantized:
-        """`ckpt` (converted from the GGUF file `model` names) with that file's quantization.
+        """`ckpt` (converted from the GGUF file `model` names) with that file's quantization."""
+        return cls(ckpt, open_gguf(cls.source(ckpt, model, cache_dir)))
 
-        Refused unless `ckpt` is what that file converts to now (an edited file converts to
-        another folder)."""
+    @staticmethod
+    def source(ckpt: Checkpoint, model: str | Path, cache_dir: Path) -> Path:
+        """The GGUF file `model` names, refused unless `ckpt` is what it converts to now (an
+        edited file converts to another folder). Reads nothing: reading a large vocabulary
+        takes seconds, which a build that is reused need not spend."""
         path = Path(model).expanduser()
         if path.suffix.lower() != ".gguf" and not (path.is_dir() and any(path.glob("*.gguf"))):
             raise not_a_gguf_file(model)
@@ -110,7 +114,7 @@ class GGUFQuantized:
             raise WeightsError(
                 f"{model} has changed since {ckpt.model_dir} was converted from it; build it again."
             )
-        return cls(ckpt, open_gguf(source))
+        return source
 
     def tensor(self, name: str) -> np.ndarray:
         return self.ckpt.tensor(name)

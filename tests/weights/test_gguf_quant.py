@@ -105,6 +105,13 @@ def test_build_cli_keeps_the_blocks(tmp_path, monkeypatch, capsys):
     cpu = generate_tool.open_backend(out, meta, "reference", None, None)
     assert len(cpu.dn.graph.kept) == 12
 
+    def unread(path):
+        raise AssertionError(f"read {path}")  # 10 s for a real vocabulary
+
+    monkeypatch.setattr("runtime.build.open_gguf", unread)  # an identical build: reused unread
+    assert build_tool.main([*args, "--output", str(out)]) == 0
+    assert capsys.readouterr().err.endswith(f"Reusing {out} (identical build; --force rebuilds).\n")
+
 
 def test_from_gguf_needs_a_gguf_model(tmp_path, capsys):
     folder = tiny_model_dir("llama")
