@@ -107,6 +107,13 @@ def test_second_identical_build_is_reused(tiny_dir, tmp_path, capsys, monkeypatc
         code, again, _ = run_build([*args[:4], spelling, *args[5:]], capsys)
         assert code == 0 and again.strip() == artifact
     assert read_metadata(Path(artifact))["target"] == "sm89"
+    # The model through a link (was another folder name, so built again) or a relative path.
+    (tmp_path / "my link").symlink_to(args[0])
+    code, linked, _ = run_build([str(tmp_path / "my link"), *args[1:]], capsys)
+    assert code == 0 and linked.strip() == artifact
+    monkeypatch.chdir(Path(args[0]).parent)
+    code, relative, _ = run_build([Path(args[0]).name, *args[1:]], capsys)
+    assert code == 0 and relative.strip() == artifact
     # Other options are another artifact.
     monkeypatch.undo()
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(tmp_path / "cache"))

@@ -355,12 +355,13 @@ def test_build_cli_from_a_gguf_file(files, converted, cache, tmp_path, monkeypat
 
     monkeypatch.setenv("TRT_NETDEF_CACHE", str(cache))
     out = tmp_path / "artifact"
-    args = [str(files["qwen3"]), "--target", "sm89", "--max-seq-len", "32", "--output", str(out)]
+    monkeypatch.chdir(files["qwen3"].parent)  # given relative, recorded absolute
+    args = [files["qwen3"].name, "--target", "sm89", "--max-seq-len", "32", "--output", str(out)]
     assert build_tool.main([*args, "--quiet"]) == 0
     assert capsys.readouterr().out == f"{out}\n"
     meta = read_metadata(out)
     folder = converted["qwen3"]
-    assert meta["model"]["name"] == str(files["qwen3"])
+    assert meta["model"]["name"] == str(files["qwen3"].resolve())
     assert meta["model"]["path"] == str(folder)
     assert meta["weights_sha256"] == files_sha256([folder / "model.safetensors"])
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
