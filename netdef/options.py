@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
-from weights.config import ModelConfig
+from weights.config import ModelConfig, is_int
 
 from .contract import (
     GLOBAL_POSITIONS,
@@ -39,11 +38,6 @@ RING_PREFILL = 4
 # and 3.68 after 30,000; tuned for 4,096, 1.96 and 2.97, the same 1.85 after 128; tuned for
 # 32,768, 1.97 and 2.21, but 2.05 after 128.
 GLOBAL_OPT = 4096
-
-
-def is_int(value: object) -> bool:
-    """An integer (NumPy's too), not a bool: True as a length or 1.5 tokens are mistakes."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def default_max_seq_len(config: ModelConfig) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from netdef.options import is_int
+from weights.config import is_int
 
 
 class SamplingError(ValueError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -201,10 +202,15 @@ def _require(raw: dict[str, Any], key: str) -> Any:
     return raw[key]
 
 
+def is_int(value: object) -> bool:
+    """An integer (NumPy's too), not a bool: True as a length or 1.5 tokens are mistakes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _count(raw: dict[str, Any], key: str, default: int | None = None) -> int:
     """A size field (heads, layers, widths): required unless `default`, a positive integer."""
     value = raw.get(key) or default if default is not None else _require(raw, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise _reject(key, value, "it must be a positive integer")
     return value
 
