@@ -29,6 +29,7 @@ import numpy as np
 
 from netdef.contract import LOGITS, NEXT_TOKEN
 from netdef.slots import prompt_chunks
+from weights.config import is_int
 
 from .backend import Backend
 from .readout import (
@@ -110,6 +111,10 @@ class Generator:
     ):
         self.backend = backend
         self.tokenizer = tokenizer
+        if eos_ids is not None and not (
+            isinstance(eos_ids, Sequence | set) and all(is_int(t) for t in eos_ids)
+        ):
+            raise GenerationError(f"eos_ids is a list of token ids, not {eos_ids!r:.60}.")
         self.eos_ids = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
         self.running: Run | None = None  # the run whose batch the backend holds
 
@@ -118,7 +123,7 @@ class Generator:
             if chat:
                 return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int | np.integer) for t in prompt):
+        if isinstance(prompt, list) and all(is_int(t) for t in prompt):  # not [True, 3]
             return [int(t) for t in prompt]
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.encode_chat(prompt)

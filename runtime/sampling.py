@@ -6,6 +6,7 @@ top-p, then a draw from the remaining distribution.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ class SamplingError(ValueError):
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A finite real number (NumPy's too), not a bool: inf or NaN would sample nonsense."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", stop)
         kinds = [
             ("max_new_tokens", is_int(self.max_new_tokens), "an integer"),
-            ("temperature", is_number(self.temperature), "a number"),
+            ("temperature", is_number(self.temperature), "a finite number"),
             ("top_k", is_int(self.top_k), "an integer"),
-            ("top_p", is_number(self.top_p), "a number"),
-            ("repetition_penalty", is_number(self.repetition_penalty), "a number"),
+            ("top_p", is_number(self.top_p), "a finite number"),
+            ("repetition_penalty", is_number(self.repetition_penalty), "a finite number"),
             ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
             (
                 "stop",

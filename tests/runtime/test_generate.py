@@ -345,7 +345,8 @@ def test_params_of_another_kind_are_one_clear_error(params, shown, cpu_model, to
 
 
 @pytest.mark.parametrize(
-    ("prompt", "shown"), [(["Hi"], "['Hi']"), ([1.5, 2], "[1.5, 2]"), (None, "None")]
+    ("prompt", "shown"),
+    [(["Hi"], "['Hi']"), ([1.5, 2], "[1.5, 2]"), (None, "None"), ([True, 3], "[True, 3]")],
 )
 def test_a_prompt_of_another_kind_is_one_clear_error(prompt, shown, cpu_model, tokenizer):
     """Before, a list of strings went to the chat template and None to the tokenizer's
@@ -356,6 +357,15 @@ def test_a_prompt_of_another_kind_is_one_clear_error(prompt, shown, cpu_model, t
         "a prompt is text, a list of token ids or a list of chat messages ({'role': ..., "
         f"'content': ...}}), not {shown}."
     )
+
+
+@pytest.mark.parametrize("eos_ids", [1, "2", [1.5]])
+def test_eos_ids_of_another_kind_are_one_clear_error(eos_ids, cpu_model, tokenizer):
+    """Before, eos_ids=1 raised "'int' object is not iterable"."""
+    with pytest.raises(GenerationError) as err:
+        Generator(cpu_model, tokenizer, eos_ids=eos_ids)
+    assert str(err.value) == f"eos_ids is a list of token ids, not {eos_ids!r}."
+    assert Generator(cpu_model, tokenizer, eos_ids=(1, 2)).eos_ids == {1, 2}
 
 
 def test_token_id_prompts_pass_through(cpu_model, tokenizer):
