@@ -21,7 +21,7 @@ from tools.bench import serve as bench
         (["--max-seq-len", "-1"], "--max-seq-len must be at least 1."),
         (["--top-k", "-1"], "--top-k: top_k=-1 must be >= 0 (0 disables it)."),
         (["--temperature", "-1"], "--temperature: temperature=-1.0 must be >= 0 (0 is greedy)."),
-        (["--temperature", "nan"], "--temperature: temperature=nan must be >= 0 (0 is greedy)."),
+        (["--temperature", "nan"], "--temperature: temperature=nan must be a finite number."),
         (["--top-p", "0"], "--top-p: top_p=0.0 must be in (0, 1]."),
         (["--json", "/no/such/folder/out.json"], "--json: /no/such/folder is not a folder."),
     ],
