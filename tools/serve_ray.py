@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 APP_NAME = "trt-netdef"
 
@@ -24,11 +25,14 @@ def deployment(config, replicas: int):
     """The bound Ray Serve application of `config` (a tools.serve.ServeConfig)."""
     from ray import serve
 
-    def build_app():
-        return config.server().app
-
     gpus = 1 if config.backend == "tensorrt" else 0
     rows = config.rows()
+
+    def build_app():
+        # Ray sends a replica up to `rows` requests beyond its rows (max_ongoing_requests):
+        # its engine takes them all, or a small --max-queue would refuse what Ray routed.
+        return replace(config, max_queue=rows).server().app
+
     return serve.deployment(
         serve.ingress(build_app)(),
         name="llm",

@@ -33,20 +33,28 @@ def test_two_replicas_serve_the_same_answers(tiny_dir, tmp_path, capsys):
         "2",
         "--ray-replicas",
         "2",
+        "--max-queue",  # the 8 requests fit the replicas' rows and the next ones to prefill;
+        "1",  # each replica's engine took only 1 beyond its rows and refused (429) the rest
         startup_s=300,
     )
     try:
 
-        async def one(client, prompt):
-            stream = await client.completions.create(
-                model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True
-            )
+        async def read(stream):
             chunks = [c async for c in stream]
             return chunks[0].id.split("-")[1], "".join(c.choices[0].text for c in chunks)
 
         async def load():
+            """The requests opened one after another (each admitted by a replica before the
+            next, so Ray's own queue holds at most one), then read together: each replica
+            holds 2 running and 2 waiting."""
             client = openai.AsyncOpenAI(base_url=server.client.base_url, api_key="-", max_retries=0)
-            return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), 120)
+            streams = [
+                await client.completions.create(
+                    model="tiny", prompt=p, max_tokens=24, temperature=0, stream=True
+                )
+                for p in prompts
+            ]
+            return await asyncio.wait_for(asyncio.gather(*(read(s) for s in streams)), 120)
 
         answers = asyncio.run(load())
         assert [text for _, text in answers] == expected
