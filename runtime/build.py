@@ -154,7 +154,8 @@ def build(
         raise BuildError(f"calibration text {calib_file} does not exist (--calib-file).")
     started = time.perf_counter()
     model_dir = resolve_model(model, revision=revision, token=token, progress=hooks.downloads)
-    local = Path(model).expanduser()  # a path is recorded absolute: inspect runs from any cwd
+    local = Path(model).expanduser()
+    named = local.resolve() if local.exists() else None  # a local model, absolute, links followed
     ckpt = Checkpoint.open(model_dir)
     gguf_source = None  # from-gguf: the file's own quantized blocks, where TensorRT has them
     if quant == "from-gguf":
@@ -211,8 +212,7 @@ def build(
         "calibration": calibration,
     }
     key = build_key(identity)
-    named = local.resolve() if local.exists() else Path(model.rstrip("/"))  # a link: its target
-    slug = named.name.lower().removesuffix(".gguf")
+    slug = (named or Path(model.rstrip("/"))).name.lower().removesuffix(".gguf")
     output = Path(output) if output else default_cache_dir() / "engines" / f"{slug}-{key[:16]}"
     if not force and _reusable(output, key):  # needs no lock: a read-only cache serves too
         warn_without_tokenizer(model_dir, hooks)
@@ -297,7 +297,7 @@ def build(
                         network_version=identity["network_version"],
                         model={
                             **identity["model"],
-                            "name": str(local.resolve()) if local.exists() else model,
+                            "name": str(named or model),  # inspect runs from any cwd
                             "path": str(model_dir.resolve()),  # any cwd reads it
                             "files": copied,
                         },

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from netdef.artifact import METADATA_FILE, ArtifactError, Metadata, check_intact, fmt_bytes
 from netdef.contract import GLOBAL_POSITIONS, INPUT_IDS
+from weights.hub import is_gguf_source
 
 
 def quantization(meta: Metadata) -> str:
@@ -107,9 +108,7 @@ def not_an_artifact(path: Path) -> str | None:
     A model (a GGUF file, a model folder) is what tools.build takes, so that is the fix."""
     if not path.exists():
         return f"{path} does not exist; pass a folder written by python -m tools.build."
-    model = path.suffix.lower() == ".gguf" or (
-        path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
-    )
+    model = is_gguf_source(path) or (path / "config.json").is_file()
     if model and not (path / METADATA_FILE).is_file():
         what = "a GGUF file" if path.is_file() else "a model folder"
         return (

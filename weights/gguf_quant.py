@@ -39,6 +39,7 @@ from .gguf_import import (
     open_gguf,
     unpermute_qk,
 )
+from .hub import is_gguf_source
 
 Q = GGMLQuantizationType
 # Type -> (inputs per scale, bytes per block, where the block's float16 d sits).
@@ -107,7 +108,7 @@ class GGUFQuantized:
         edited file converts to another folder). Reads nothing: reading a large vocabulary
         takes seconds, which a build that is reused need not spend."""
         path = Path(model).expanduser()
-        if path.suffix.lower() != ".gguf" and not (path.is_dir() and any(path.glob("*.gguf"))):
+        if not is_gguf_source(path):
             raise not_a_gguf_file(model)
         source = find_gguf(path).resolve()
         if converted_path(source, cache_dir) != Path(ckpt.model_dir):

@@ -64,6 +64,14 @@ def repo_id_for(name: str) -> str:
     )
 
 
+def is_gguf_source(path: Path) -> bool:
+    """Whether `path` names a GGUF model: a .gguf file, or a folder holding one and no
+    config.json (a folder with one is a Hugging Face model)."""
+    return path.suffix.lower() == ".gguf" or (
+        path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
+    )
+
+
 def resolve_model(
     name: str, *, revision: str | None = None, token: str | None = None, progress: bool = True
 ) -> Path:
@@ -71,9 +79,7 @@ def resolve_model(
     converted to a folder in the user cache; the bundled Gemma-3-270M for "bundled"; else the
     Hub snapshot of the named repo (downloaded if needed)."""
     path = Path(name).expanduser()
-    if path.suffix.lower() == ".gguf" or (
-        path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))
-    ):
+    if is_gguf_source(path):
         from .bundled import default_cache_dir
         from .gguf_import import gguf_model_dir
 
