@@ -22,6 +22,7 @@ step's call follows the one before it on the device, fed its next_token.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -116,7 +117,6 @@ class Generator:
         ):
             raise GenerationError(f"eos_ids is a list of token ids, not {eos_ids!r:.60}.")
         self.eos_ids = set(tokenizer.eos_ids if eos_ids is None else eos_ids)
-        self.running: Run | None = None  # the run whose batch the backend holds
 
     def encode(self, prompt: Prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -147,7 +147,7 @@ class Generator:
         if (
             not isinstance(prompts, Sequence)
             or isinstance(prompts, str)  # a str or a list of ids is a Sequence of 1-token prompts
-            or any(isinstance(p, int | np.integer) for p in prompts)
+            or any(is_int(p) for p in prompts)
         ):
             raise GenerationError(
                 "prompts is a list of prompts (each text, token ids or chat messages), not "
@@ -194,6 +194,11 @@ class Generator:
         return ids
 
 
+# The run whose batch each backend's KV caches hold: a backend holds one batch, so a run
+# iterated after another run (of any Generator) reset it has lost its rows.
+HOLDERS: weakref.WeakKeyDictionary[Backend, Run] = weakref.WeakKeyDictionary()
+
+
 class Run:
     """One batch in flight: iterate it for text deltas; `completions` fill in as it goes.
     It is one stream: iterating it again goes on where it stopped."""
@@ -218,16 +223,16 @@ class Run:
 
     @property
     def owns_backend(self) -> bool:
-        """False once a later run of the generator has reset the backend's caches (and
-        dropped this run's calls in flight)."""
-        return self.gen.running is self
+        """False once a later run, of any Generator on the same backend, has reset the
+        backend's caches (and dropped this run's calls in flight)."""
+        return HOLDERS.get(self.gen.backend) is self
 
     def _generate(self) -> Iterator[Delta]:
         backend, params = self.gen.backend, self.params
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
         lengths = np.array([len(c.prompt_ids) for c in rows])
-        self.gen.running = self
+        HOLDERS[backend] = self
         backend.reset(batch)
 
         t0 = time.perf_counter()
@@ -252,7 +257,7 @@ class Run:
                 yield from self._accept(tokens, step)
                 if not self.owns_backend:
                     raise GenerationError(
-                        "this run was interrupted: a later run of its Generator took over the "
+                        "this run was interrupted: a later run on its backend took over the "
                         "backend, which holds one batch at a time. Finish iterating a run "
                         "before iterating the next, or send the prompts in one start()."
                     )

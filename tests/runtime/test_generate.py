@@ -408,27 +408,30 @@ def test_a_run_is_one_stream(cpu_model, tokenizer, hf_greedy):
 @pytest.mark.parametrize(
     "params", [greedy(4), SamplingParams(max_new_tokens=4, temperature=0.6, top_p=0.9, seed=3)]
 )
-def test_a_later_run_takes_the_backend_over(cpu_model, tokenizer, hf_greedy, params):
-    """A run left mid-stream while a later run of its generator goes: the later run gives
+@pytest.mark.parametrize("generators", ["one generator", "two generators on one backend"])
+def test_a_later_run_takes_the_backend_over(cpu_model, tokenizer, hf_greedy, params, generators):
+    """A run left mid-stream while a later run on its backend goes: the later run gives
     its own tokens, whether the earlier one is then closed (before, its cleanup collected
-    the later run's call in flight) or iterated (before, an IndexError from the backend)."""
+    the later run's call in flight) or iterated (before, an IndexError from the backend;
+    with a second Generator, before, the later run's tokens)."""
     gen = Generator(cpu_model, tokenizer, eos_ids=[])
+    other = gen if generators == "one generator" else Generator(cpu_model, tokenizer, eos_ids=[])
     alone = gen.start([PROMPTS[1]], params)
     list(alone)
     left = iter(gen.start([PROMPTS[0]], params))
     next(left)
-    later = iter(gen.start([PROMPTS[1]], params))
+    later = iter(other.start([PROMPTS[1]], params))
     deltas = [next(later)]
     left.close()
     deltas += list(later)
     assert "".join(d.text for d in deltas) == alone.completions[0].text
     left = iter(gen.start([PROMPTS[0]], params))
     next(left)
-    list(gen.start([PROMPTS[1]], params))
+    list(other.start([PROMPTS[1]], params))
     with pytest.raises(GenerationError) as err:
         next(left)
     assert str(err.value) == (
-        "this run was interrupted: a later run of its Generator took over the backend, which "
+        "this run was interrupted: a later run on its backend took over the backend, which "
         "holds one batch at a time. Finish iterating a run before iterating the next, or send "
         "the prompts in one start()."
     )
