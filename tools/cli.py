@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from netdef.contract import MODEL_DTYPES
 
 
 def run(main: Callable[[], int]) -> None:
@@ -16,3 +20,29 @@ def run(main: Callable[[], int]) -> None:
         print("interrupted.", file=sys.stderr)
         status = 130
     sys.exit(status)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """What tools.generate and tools.serve run: MODEL and its backend; --dtype and
+    --max-seq-len build a model folder's network for the reference backend."""
+    p.add_argument(
+        "model",
+        type=Path,
+        help="artifact folder from tools.build, or an HF folder with --backend reference",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["tensorrt", "reference"],
+        default="tensorrt",
+        help="default: %(default)s",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(MODEL_DTYPES),
+        help="a model folder's dtype on the reference backend (default bfloat16)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="a model folder's cache length on the reference backend (default: its context)",
+    )

@@ -23,7 +23,6 @@ from netdef.artifact import (
     fmt_bytes,
     source_fingerprint,
 )
-from netdef.contract import MODEL_DTYPES
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
 from runtime.calibration import activation_amax, calibration_ids
@@ -33,6 +32,7 @@ from runtime.generate import GenerationError, Generator
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
+from tools.cli import add_model_arguments
 from weights import Checkpoint, WeightsError
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
@@ -226,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.generate", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument(
-        "model",
-        type=Path,
-        help="artifact folder from tools.build, or an HF folder with --backend reference",
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--prompt",
         help="text to continue (or the user message with --chat); omit for interactive chat",
@@ -254,17 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1: none")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
-    p.add_argument(
-        "--dtype",
-        choices=list(MODEL_DTYPES),
-        help="a model folder's dtype on the reference backend (default bfloat16)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        help="a model folder's cache length on the reference backend (default: its context)",
-    )
     args = p.parse_args(argv)
     try:
         params = SamplingParams(

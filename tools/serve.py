@@ -38,11 +38,11 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from netdef.contract import MODEL_DTYPES
 from runtime.generate import GenerationError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.serving import Engine, EngineStopped, QueueFull, Request
 from runtime.tokenizer import TokenizerError
+from tools.cli import add_model_arguments
 
 # Buckets of the latency histograms, in seconds: from GPU decode steps to CPU prefills.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
@@ -513,17 +513,7 @@ class ServeConfig:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]:
     p = argparse.ArgumentParser(prog="python -m tools.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "model",
-        type=Path,
-        help="artifact folder from tools.build, or an HF folder with --backend reference",
-    )
-    p.add_argument(
-        "--backend",
-        choices=["tensorrt", "reference"],
-        default="tensorrt",
-        help="default: %(default)s",
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="0.0.0.0 listens beyond loopback (default: %(default)s)"
     )
@@ -548,16 +538,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         type=float,
         default=30.0,
         help="seconds SIGTERM lets running requests finish (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=list(MODEL_DTYPES),
-        help="a model folder's dtype on the reference backend (default bfloat16)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        help="a model folder's cache length on the reference backend (default: its context)",
     )
     p.add_argument(
         "--ray-replicas",
