@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,33 +56,116 @@ def build_engine(
     """Build and stream the engine straight to `path` (it never sits whole in host memory).
 
     `timing_cache` is read if it exists and written back after the build. Returns the engine
-    size in bytes.
+    size in bytes. Whatever stops the build (a Ctrl-C, a full disk) is raised here and
+    leaves no file at `path`.
     """
     trt = dn.trt
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     config = builder_config(dn, target, optimization_level, cache_bytes if timing_cache else None)
-    if progress_monitor is not None:
-        config.progress_monitor = progress_monitor
-
-    class _Writer(trt.IStreamWriter):
-        def __init__(self, f: DirectFile):
-            trt.IStreamWriter.__init__(self)
-            self.f = f
-
-        def write(self, data: memoryview) -> int:
-            return self.f.write(data)
-
-    with DirectFile(path) as f:
-        ok = dn.builder.build_serialized_network_to_stream(dn.network, config, _Writer(f))
-        size = f.size
-    if not ok or size == 0:
-        raise EngineBuildError(
-            "TensorRT could not build the engine (see the builder log above); "
-            "check the target GPU and try a smaller --max-seq-len or --max-batch."
-        )
+    stop = Callbacks()
+    config.progress_monitor = stop.monitor(trt, progress_monitor)
+    try:
+        with DirectFile(path) as f, stop.deferring_ctrl_c():
+            ok = dn.builder.build_serialized_network_to_stream(
+                dn.network, config, stop.writer(trt, f)
+            )
+            size = f.size
+        stop.raise_first(path)
+        if not ok or size == 0:
+            raise EngineBuildError(
+                "TensorRT could not build the engine (see the builder log above); "
+                "check the target GPU and try a smaller --max-seq-len or --max-batch."
+            )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     if timing_cache:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return size
+
+
+class Callbacks:
+    """The builder's Python callbacks (the engine writer, the progress monitor), guarded.
+
+    TensorRT catches what a Python callback raises, logs it and goes on: a Ctrl-C that
+    landed in the writer left a truncated engine that the build reported as written, and
+    one in the monitor was lost or failed the build as "could not build". Here the first
+    exception, or a Ctrl-C (`deferring_ctrl_c`), is kept; from then on the monitor cancels
+    the build and the writer writes nothing, and `raise_first` raises it once the builder
+    has returned."""
+
+    def __init__(self) -> None:
+        self.first: BaseException | None = None
+
+    def stop(self, e: BaseException) -> None:
+        self.first = self.first or e
+
+    def guard(self, call: Any, *args: Any) -> Any:
+        try:
+            return None if self.first else call(*args)
+        except BaseException as e:  # kept; raise_first raises it
+            self.stop(e)
+            return None
+
+    @contextmanager
+    def deferring_ctrl_c(self) -> Iterator[None]:
+        """Ctrl-C stops the build through these callbacks instead of raising inside one of
+        them (where TensorRT would catch it). Only where Python's own handler is in place,
+        on the main thread: a program's own handler is left alone."""
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+        signal.signal(signal.SIGINT, lambda *_: self.stop(KeyboardInterrupt()))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def writer(self, trt: Any, f: DirectFile) -> Any:
+        guard = self.guard
+
+        class Writer(trt.IStreamWriter):
+            def __init__(self) -> None:
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data: memoryview) -> int:
+                return guard(f.write, data) or 0
+
+        return Writer()
+
+    def monitor(self, trt: Any, inner: Any) -> Any:
+        """`inner`'s progress (if any), and the way an exception cancels the build."""
+        guard, callbacks = self.guard, self
+
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name: str, parent_phase: str | None, steps: int) -> None:
+                if inner is not None:
+                    guard(inner.phase_start, phase_name, parent_phase, steps)
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                go_on = inner is None or guard(inner.step_complete, phase_name, step) is not False
+                return go_on and callbacks.first is None
+
+            def phase_finish(self, phase_name: str) -> None:
+                if inner is not None:
+                    guard(inner.phase_finish, phase_name)
+
+        return Monitor()
+
+    def raise_first(self, path: Path) -> None:
+        """Raise what a callback raised: an OSError as a build error naming the file."""
+        if isinstance(self.first, OSError):
+            raise EngineBuildError(
+                f"writing the engine to {path} failed: {self.first.strerror or self.first}."
+            ) from None
+        if self.first is not None:
+            raise self.first
 
 
 class DirectFile:

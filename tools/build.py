@@ -86,6 +86,13 @@ def builder_progress(trt: Any, enabled: bool) -> Any:
                 if phase_name in self.bars:
                     self.bars.pop(phase_name).close()
 
+        def close(self):
+            """The bars of phases a cancelled build never finished."""
+            with lock:
+                for bar in self.bars.values():
+                    bar.close()
+                self.bars.clear()
+
     return Monitor()
 
 
@@ -93,12 +100,20 @@ class ConsoleHooks(BuildHooks):
     """Progress on stderr: lines, a bar over the network's layers, the builder's phases."""
 
     downloads = True
+    monitor: Any = None  # the builder's, once builder_monitor made it
 
     def say(self, message: str) -> None:
         print(message, file=sys.stderr)
 
     @contextmanager
     def phase(self, name: str, total: int = 0) -> Iterator[Callable[[int, int], None] | None]:
+        if name == "engine":  # the builder's bars (builder_monitor) end with it, however
+            try:
+                yield None
+            finally:
+                if self.monitor is not None:
+                    self.monitor.close()
+            return
         if name != "network":
             yield None
             return
@@ -106,7 +121,8 @@ class ConsoleHooks(BuildHooks):
             yield lambda done, total: bar.update(1)
 
     def builder_monitor(self, trt: Any) -> Any:
-        return builder_progress(trt, True)
+        self.monitor = builder_progress(trt, True)
+        return self.monitor
 
 
 def main(argv: list[str] | None = None) -> int:

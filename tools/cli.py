@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ def run(main: Callable[[], int]) -> None:
     """Exit with `main()`'s status. Ctrl-C ends a command with one line and status 130, as a
     shell reports it, not a traceback: by then the command's own cleanup has run (staging
     folders removed, a started server stopped), as it does for any exception."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # tools/__init__.py's, if any
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = main()
     except KeyboardInterrupt:

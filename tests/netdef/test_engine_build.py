@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import warnings
 
 import numpy as np
 import pytest
 
 from netdef import NetworkOptions, OptionsError, build_engine, build_network, load_tensorrt
-from netdef.engine import DirectFile, builder_config
+from netdef.engine import DirectFile, EngineBuildError, builder_config
 from weights import Checkpoint
 
 trt = load_tensorrt("tensorrt_rtx")
@@ -327,3 +328,50 @@ def test_direct_file_falls_back_to_buffered_writes_when_a_direct_one_is_refused(
     f = written_through(tmp_path / "e", data, buffer_bytes=5000)
     assert not f.direct
     assert (tmp_path / "e").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")],
+    ids=["ctrl-c", "disk-full"],
+)
+def test_what_stops_the_engine_writer_stops_the_build(raised, tiny_dir, tmp_path, monkeypatch):
+    """Before, TensorRT caught what the writer raised ("Exception caught in write()"), went
+    on, and build_engine returned a truncated engine's size: a Ctrl-C during the write left a
+    corrupt artifact that tools.build reported as built and later reused."""
+    monkeypatch.setattr(DirectFile, "write", lambda self, data: (_ for _ in ()).throw(raised))
+    dn = build_network(Checkpoint.open(tiny_dir("llama")), NetworkOptions(max_seq_len=64), trt)
+    path = tmp_path / "model.engine"
+    with pytest.raises(
+        type(raised) if isinstance(raised, KeyboardInterrupt) else EngineBuildError
+    ) as err:
+        build_engine(dn, path, target="sm89")
+    if isinstance(raised, OSError):
+        assert str(err.value) == f"writing the engine to {path} failed: No space left on device."
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_in_the_progress_monitor_cancels_the_build(tiny_dir, tmp_path):
+    """Before, TensorRT caught the KeyboardInterrupt a monitor raised and built on."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps = 0
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            self.steps += 1
+            raise KeyboardInterrupt
+
+        def phase_finish(self, phase_name):
+            pass
+
+    monitor = Monitor()
+    dn = build_network(Checkpoint.open(tiny_dir("llama")), NetworkOptions(max_seq_len=64), trt)
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(dn, tmp_path / "model.engine", target="sm89", progress_monitor=monitor)
+    assert monitor.steps == 1  # the build was cancelled at the first step
+    assert list(tmp_path.iterdir()) == []

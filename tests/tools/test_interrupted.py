@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from netdef.artifact import ENGINE_FILE
 from tests.tools.cli import tiny_build_args
@@ -69,6 +72,40 @@ def test_ctrl_c_ends_a_build_with_one_line_and_nothing_left(tiny_dir, tmp_path):
     assert proc.returncode == 130
     assert err.endswith("\ninterrupted.\n") and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # its staging folder removed, no artifact
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.4])
+def test_ctrl_c_while_tensorrt_builds_is_one_line_and_nothing_left(delay, tiny_dir, tmp_path):
+    """Ctrl-C once the engine build has started (`delay` s after tools.build says so): the
+    KeyboardInterrupt landed inside one of the builder's Python callbacks, where TensorRT
+    caught it ("Exception caught in step_complete()"): the build went on and wrote the
+    artifact, or failed as "TensorRT could not build the engine", or wrote a truncated
+    engine and reported it built. Now the builder is cancelled and nothing is left."""
+    proc = start("tools.build", *tiny_build_args(tiny_dir, tmp_path / "a"))
+    said = []
+    while not said or not said[-1].startswith("Building the engine"):
+        said.append(proc.stderr.readline())
+        assert said[-1], said
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGINT)
+    err = "".join(said) + proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:  # the build finished first: it is whole
+        assert (tmp_path / "a" / ENGINE_FILE).is_file() and "Engine: " in err, err
+        return
+    assert proc.returncode == 130, err
+    assert err.endswith("\ninterrupted.\n") and "Exception caught" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line(tiny_dir, tmp_path):
+    """A Ctrl-C in a command's first second, while `python -m` still imports it (NumPy,
+    ml_dtypes, ...: about a second here), printed an import traceback."""
+    proc = start("tools.build", *tiny_build_args(tiny_dir, tmp_path / "a"))
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert (proc.returncode, err) == (130, "interrupted.\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
