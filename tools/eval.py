@@ -31,6 +31,7 @@ from netdef.artifact import is_complete, open_artifact
 from netdef.contract import LOGITS, MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
+from netdef.slots import prompt_chunks
 from runtime.calibration import activation_amax
 from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
@@ -45,13 +46,15 @@ def score(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood (float64) and top-1 id of each next token: [len(ids) - 1] each.
 
-    A bar on stderr counts the chunks: one network takes minutes on the CPU for a long text."""
+    Chunks of at most `chunk` tokens are cut at KV ring ends, as the generate loop cuts a
+    prompt (a call may not cross one). A bar on stderr counts them: one network takes
+    minutes on the CPU for a long text."""
     ids = np.asarray(ids, np.int32)
     n = ids.size
     nll, top1 = np.empty(n - 1), np.empty(n - 1, np.int64)
     model.reset(1)
-    for start in tqdm(range(0, n - 1, chunk), desc=desc, unit="chunk", file=sys.stderr):
-        end = min(start + chunk, n - 1)  # the last token predicts nothing
+    chunks = list(prompt_chunks(n - 1, chunk, model.rings))  # the last token predicts nothing
+    for start, end in tqdm(chunks, desc=desc, unit="chunk", file=sys.stderr):
         positions = np.arange(start, end, dtype=np.int32)[None]
         last = np.zeros(1, np.int32)
         logits = model.forward(ids[None, start:end], positions, last, ALL_LOGITS)[LOGITS][0]

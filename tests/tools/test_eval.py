@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from netdef import load_tensorrt
+from netdef import NetworkOptions, build_network, load_tensorrt
 from netdef.quant import (
     CALIBRATION_TEXT,
 )
+from runtime.cpu import CpuBackend
 from runtime.tokenizer import Tokenizer
 from tests.fixtures.tiny import tiny_model_dir
 from tests.fixtures.tiny_gguf import ALL_Q8_0, write_gguf
@@ -172,6 +174,27 @@ def test_a_text_longer_than_the_context_is_refused(capsys):
         f"error: {MOBY_DICK} is 6271 tokens, longer than the model's context (256 positions); "
         "evaluate its first 256 with --max-tokens 256."
     )
+
+
+def test_scoring_cuts_its_chunks_at_kv_ring_ends():
+    """A chunk that crossed a sliding layer's KV ring end was refused by the executor ("row
+    0's positions 32..58 cross the end of a sliding-window ring"): tools.eval stopped
+    after 767 tokens of any Gemma-3 model. Scored in chunks of 32 as one token at a time."""
+    ckpt = Checkpoint.open(tiny_model_dir("gemma3"))
+    ids = np.random.default_rng(0).integers(4, ckpt.config.vocab_size, 60).tolist()
+
+    def scored(chunk: int):
+        options = NetworkOptions(
+            dtype="float32", max_seq_len=60, max_prefill=chunk, all_logits=True
+        )
+        model = CpuBackend(build_network(ckpt, options, trt))
+        return model.rings, eval_tool.score(model, ids, chunk)
+
+    rings, (nll, top1) = scored(32)
+    _, (nll_one, top1_one) = scored(1)
+    assert rings == (35,)  # window 4 + 32 - 1: 60 tokens cross it
+    np.testing.assert_allclose(nll, nll_one, rtol=1e-5, atol=1e-5)
+    assert top1.tolist() == top1_one.tolist()
 
 
 @pytest.mark.slow
