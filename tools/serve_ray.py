@@ -21,11 +21,27 @@ from dataclasses import replace
 APP_NAME = "trt-netdef"
 
 
+def replica_resources(config) -> dict[str, int]:
+    """What Ray reserves for each replica: a GPU for the TensorRT backend, and a CPU."""
+    return {"GPU": 1 if config.backend == "tensorrt" else 0, "CPU": 1}
+
+
+def short_of(have: dict[str, float], need: dict[str, int], replicas: int) -> str | None:
+    """Why a cluster with resources `have` cannot place `replicas` replicas, or None."""
+    for kind, each in need.items():
+        if each and have.get(kind, 0) < each * replicas:
+            return (
+                f"--ray-replicas {replicas} needs {each * replicas} {kind}s (one per replica); "
+                f"the Ray cluster has {have.get(kind, 0):g}"
+            )
+    return None
+
+
 def deployment(config, replicas: int):
     """The bound Ray Serve application of `config` (a tools.serve.ServeConfig)."""
     from ray import serve
 
-    gpus = 1 if config.backend == "tensorrt" else 0
+    need = replica_resources(config)
     rows = config.rows()
 
     def build_app():
@@ -37,7 +53,7 @@ def deployment(config, replicas: int):
         serve.ingress(build_app)(),
         name="llm",
         num_replicas=replicas,
-        ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+        ray_actor_options={"num_gpus": need["GPU"], "num_cpus": need["CPU"]},
         # A replica holds what fills its rows and the next ones to prefill; the rest wait
         # in Ray's router, which hands each to the replica that frees a row first (a
         # replica's own queue would bind a request to it early). Beyond max_queue
@@ -59,6 +75,16 @@ def run_on_ray(args: argparse.Namespace, config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        # Ray Serve waits, silently, until the cluster can place every replica: a cluster
+        # this command started never grows, so it is refused; a running one may scale up.
+        missing = short_of(ray.cluster_resources(), replica_resources(config), args.ray_replicas)
+        if missing and args.ray_address is None:
+            print(f"error: {missing}; start fewer replicas.", file=sys.stderr)
+            return 1
+        if missing:
+            print(
+                f"warning: {missing} now; Ray Serve waits until it can place them.", file=sys.stderr
+            )
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(deployment(config, args.ray_replicas), name=APP_NAME, route_prefix="/")
         print(

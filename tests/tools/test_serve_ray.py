@@ -9,12 +9,16 @@ model) takes ~30 s on two shared cores; `ray` marks it so `-m "not ray"` can lea
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 
 import openai
 import pytest
 
 from tests.tools.cli import LiveServer, generate_text, with_tokenizer
+from tools.serve_ray import short_of
 
 pytestmark = pytest.mark.ray
 
@@ -65,3 +69,29 @@ def test_two_replicas_serve_the_same_answers(tiny_dir, tmp_path, capsys):
         assert server.proc.wait(120) == 0
     finally:
         server.stop()
+
+
+def test_more_replicas_than_the_cluster_can_place_are_refused(tiny_dir, tmp_path):
+    """Ray Serve waited forever, saying nothing, for replicas a local cluster could not place
+    (8 TensorRT replicas on a machine without a GPU hung after Ray's start-up lines)."""
+    replicas = os.cpu_count() + 1
+    args = [str(tiny_dir("llama")), "--backend", "reference", "--ray-replicas", str(replicas)]
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith(
+        f"error: --ray-replicas {replicas} needs {replicas} CPUs (one per replica); the Ray "
+        f"cluster has {os.cpu_count()}; start fewer replicas.\n"
+    ), done.stderr
+
+
+def test_a_tensorrt_replica_needs_a_gpu():
+    need = {"GPU": 1, "CPU": 1}
+    assert short_of({"CPU": 64.0}, need, 8) == (
+        "--ray-replicas 8 needs 8 GPUs (one per replica); the Ray cluster has 0"
+    )
+    assert short_of({"CPU": 8.0, "GPU": 8.0}, need, 8) is None
