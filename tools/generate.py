@@ -116,7 +116,7 @@ def open_backend(
             dtype=dtype or "bfloat16",
             max_batch=max_batch,
             max_seq_len=seq_len,
-            max_prefill=min(seq_len, 512),
+            max_prefill=min(seq_len, 512),  # the executor's attention scores stay small
         )
     for caveat in options.caveats(ckpt.config):
         print(f"warning: {caveat}", file=sys.stderr)

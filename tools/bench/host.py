@@ -14,6 +14,7 @@ ids (top_logits, top_ids); other sampling takes the whole logits.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from netdef.contract import INV_TEMPERATURE, LOG_NORMALIZER, LOGITS, NEXT_TOKEN, TOP_IDS, TOP_LOGITS
 from runtime.generate import Generator
@@ -150,7 +152,7 @@ def host_overhead(
     ends a sequence early (the run always takes `steps` steps)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = []
-    for name, base, engine_top_k in SETTINGS:
+    for name, base, engine_top_k in progress(SETTINGS, "generate loop settings"):
         params = SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": 0})
         for batch in batches:
             step_ms = partial(_generate_step_ms, logits, tokenizer, engine_top_k, params, batch)
@@ -158,6 +160,12 @@ def host_overhead(
                 {"setting": name, "batch": batch, **_row(step_ms, warmup, rounds, device_ms)}
             )
     return {"vocab": int(logits.size), "steps": steps, "device_ms": device_ms, "rows": rows}
+
+
+def progress(settings: list, desc: str) -> Any:
+    """A bar on stderr over the settings: on two cores the whole-logits ones over Gemma-3's
+    262,144-token vocabulary take minutes each."""
+    return tqdm(settings, desc=desc, unit="setting", file=sys.stderr)
 
 
 def _generate_step_ms(
@@ -228,7 +236,7 @@ def server_host_overhead(
     first token to the end over its `steps` - 1 decode steps (rows come and go meanwhile)."""
     tokenizer = Tokenizer.from_dir(model_dir)
     rows = []
-    for name, base in SERVER_SETTINGS:
+    for name, base in progress(SERVER_SETTINGS, "server settings"):
         params = [
             SamplingParams(**{**base.__dict__, "max_new_tokens": steps, "seed": i})
             for i in range(max(streams))

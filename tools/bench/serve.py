@@ -144,10 +144,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-seq-len", type=int, help="a model folder's cache length on the reference backend"
     )
-    p.add_argument("--streams", type=int_list, default=[1, 4, 16, 64])
-    p.add_argument("--rounds", type=int, default=2, help="requests per client and level")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--streams",
+        type=int_list,
+        default=[1, 4, 16, 64],
+        help="concurrency levels (default: 1,4,16,64)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="requests per client and level (default: %(default)s)"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--max-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="default 0: none")
     p.add_argument("--top-p", type=float, default=1.0)
