@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weights.folders import partial_path
+from weights.folders import ctrl_c_deferred, partial_path
 from weights.hub import MODEL_FILES
 
 from .contract import FORMAT_VERSION
@@ -306,8 +306,10 @@ def check_replaceable(folder: Path) -> None:
 def staging(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it takes `final`'s place.
 
-    An existing `final` is checked again at the end (it may have changed during the build)
-    and then removed file by file, so only an artifact's own files can ever be deleted."""
+    An existing `final` is checked again at the end (it may have changed during the build),
+    renamed aside, the new folder renamed into place, and the old one then removed file by
+    file, so only an artifact's own files can ever be deleted. A Ctrl-C waits for the swap
+    (before, deleting the old files one by one, it could leave neither artifact)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(final)
@@ -315,11 +317,15 @@ def staging(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         check_replaceable(final)
-        if final.exists():
-            for name in ARTIFACT_FILES:
-                (final / name).unlink(missing_ok=True)
-            final.rmdir()
-        os.replace(tmp, final)
+        with ctrl_c_deferred():
+            old = partial_path(final) if final.exists() else None
+            if old is not None:
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                for name in ARTIFACT_FILES:
+                    (old / name).unlink(missing_ok=True)
+                old.rmdir()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from weights.folders import ctrl_c_deferred
 
 from .decoder import DecoderNetwork
 from .tensorrt_module import compute_capability, is_rtx
@@ -65,7 +63,8 @@ def build_engine(
     stop = Callbacks()
     config.progress_monitor = stop.monitor(trt, progress_monitor)
     try:
-        with DirectFile(path) as f, stop.deferring_ctrl_c():
+        # A Ctrl-C stops the build through the monitor, not inside a callback.
+        with DirectFile(path) as f, ctrl_c_deferred(lambda: stop.stop(KeyboardInterrupt())):
             ok = dn.builder.build_serialized_network_to_stream(
                 dn.network, config, stop.writer(trt, f)
             )
@@ -90,9 +89,9 @@ class Callbacks:
     TensorRT catches what a Python callback raises, logs it and goes on: a Ctrl-C that
     landed in the writer left a truncated engine that the build reported as written, and
     one in the monitor was lost or failed the build as "could not build". Here the first
-    exception, or a Ctrl-C (`deferring_ctrl_c`), is kept; from then on the monitor cancels
-    the build and the writer writes nothing, and `raise_first` raises it once the builder
-    has returned."""
+    exception, or a Ctrl-C (`weights.folders.ctrl_c_deferred`), is kept; from then on the
+    monitor cancels the build and the writer writes nothing, and `raise_first` raises it
+    once the builder has returned."""
 
     def __init__(self) -> None:
         self.first: BaseException | None = None
@@ -106,23 +105,6 @@ class Callbacks:
         except BaseException as e:  # kept; raise_first raises it
             self.stop(e)
             return None
-
-    @contextmanager
-    def deferring_ctrl_c(self) -> Iterator[None]:
-        """Ctrl-C stops the build through these callbacks instead of raising inside one of
-        them (where TensorRT would catch it). Only where Python's own handler is in place,
-        on the main thread: a program's own handler is left alone."""
-        if (
-            threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
-            yield
-            return
-        signal.signal(signal.SIGINT, lambda *_: self.stop(KeyboardInterrupt()))
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def writer(self, trt: Any, f: DirectFile) -> Any:
         guard = self.guard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -15,14 +16,25 @@ def run(main: Callable[[], int]) -> None:
     """Exit with `main()`'s status. Ctrl-C ends a command with one line and status 130, as a
     shell reports it, not a traceback: by then the command's own cleanup has run (staging
     folders removed, a started server stopped), as it does for any exception."""
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # tools/__init__.py's, if any
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started so (a background job)
         status = main()
-    except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
-        status = 130
+    else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # tools/__init__.py's, if any
+        try:
+            status = main()
+        except KeyboardInterrupt:
+            exit_on_ctrl_c(130)  # a second Ctrl-C: the line is said, the cleanup done
+            print("interrupted.", file=sys.stderr)
+            status = 130
+        exit_on_ctrl_c(status)  # one during the interpreter's shutdown: the work is done
     sys.exit(status)
+
+
+def exit_on_ctrl_c(status: int) -> None:
+    """From now on a Ctrl-C ends the process at once with `status`, its output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, lambda *_: os._exit(status))
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

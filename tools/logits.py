@@ -22,6 +22,7 @@ from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuBackend, sequence_logits
 from runtime.generate import GenerationError, check_token_ids
 from weights import Checkpoint, WeightsError
+from weights.folders import staged_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = logits[0] if len(seqs) == 1 else logits
     path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's rule
     try:
-        np.save(path, saved)
+        with staged_file(path) as tmp, open(tmp, "wb") as f:  # a user's file is replaced whole
+            np.save(f, saved)
     except OSError as e:
         raise SystemExit(f"error: cannot write {path} ({e.strerror}).") from None
     ragged = " (NaN past a shorter sequence's end)" if len(set(map(len, seqs))) > 1 else ""

@@ -12,6 +12,8 @@ import fcntl
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,3 +69,43 @@ def locked(final: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+@contextmanager
+def ctrl_c_deferred(on_ctrl_c: Callable[[], None] | None = None) -> Iterator[None]:
+    """A block that must not stop halfway (folders swapped into place; a TensorRT call whose
+    Python callbacks would swallow the KeyboardInterrupt): a Ctrl-C inside it calls
+    `on_ctrl_c`, or by default is raised when the block has ended. Only where Python's own
+    handler is in place, on the main thread: a program's own handler is left alone."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pressed: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        pressed.append(True)
+        if on_ctrl_c is not None:
+            on_ctrl_c()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed and on_ctrl_c is None:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def staged_file(final: Path) -> Iterator[Path]:
+    """A partial path to write instead of `final`, renamed into place when the block ends
+    without error, else removed: `final` is either what it was or the whole new file."""
+    tmp = partial_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

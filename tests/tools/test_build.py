@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 from netdef import load_tensorrt
 from netdef.artifact import (
+    ARTIFACT_FILES,
     ENGINE_FILE,
     METADATA_FILE,
     build_key,
@@ -18,6 +20,7 @@ from netdef.artifact import (
     files_sha256,
     fmt_bytes,
     read_metadata,
+    staging,
     write_metadata,
 )
 from netdef.contract import FORMAT_VERSION, NETWORK_VERSION
@@ -381,6 +384,29 @@ def test_another_build_is_replaced_only_with_force(tiny_dir, tmp_path, capsys):
     assert read_metadata(out_dir)["options"]["max_batch"] == 1
     assert run_build([*other, "--force"], capsys)[0] == 0
     assert read_metadata(out_dir)["options"]["max_batch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_a_ctrl_c_while_an_artifact_is_replaced_leaves_a_whole_one(tmp_path, monkeypatch):
+    """staging() deleted the old artifact's files one by one before renaming the new one in:
+    a Ctrl-C there (a --force rebuild's last ~20 ms) left neither artifact, or a folder that
+    later builds refused as not an artifact."""
+    final = tmp_path / "a"
+    final.mkdir()
+    for name in ARTIFACT_FILES:
+        (final / name).write_text("old")
+    unlink = Path.unlink
+
+    def unlink_then_ctrl_c(self, *args, **kwargs):
+        unlink(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt), staging(final) as tmp:
+        for name in ARTIFACT_FILES:
+            (tmp / name).write_text("new")
+        monkeypatch.setattr(Path, "unlink", unlink_then_ctrl_c)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in final.iterdir()} == dict.fromkeys(ARTIFACT_FILES, "new")
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
 

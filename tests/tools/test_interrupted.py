@@ -108,6 +108,19 @@ def test_ctrl_c_while_a_command_imports_is_one_line(tiny_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_after_a_command_finished_changes_nothing():
+    """A Ctrl-C while the interpreter shuts down (after the command's last line) printed
+    "Exception ignored ... KeyboardInterrupt" or ended the process by SIGINT (-2)."""
+    code = (
+        "import atexit, signal\n"
+        "from tools.cli import run\n"
+        "atexit.register(signal.raise_signal, signal.SIGINT)\n"
+        "run(lambda: print('done') or 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "done\n", "")
+
+
 def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
     """tools.bench.serve waiting on a server that never answers (it accepts and says
     nothing) is interrupted: one line, status 130, no traceback."""
