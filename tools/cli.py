@@ -12,29 +12,40 @@ from pathlib import Path
 from netdef.contract import MODEL_DTYPES
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as a Ctrl-C is (the same cleanup runs); tools.serve drains instead."""
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run(main: Callable[[], int]) -> None:
     """Exit with `main()`'s status. Ctrl-C ends a command with one line and status 130, as a
     shell reports it, not a traceback: by then the command's own cleanup has run (staging
-    folders removed, a started server stopped), as it does for any exception."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started so (a background job)
-        status = main()
-    else:
+    folders removed, a started server stopped), as it does for any exception. SIGTERM does
+    the same with `terminated.` and status 143."""
+    signal.signal(signal.SIGTERM, terminate)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a background job
         signal.signal(signal.SIGINT, signal.default_int_handler)  # tools/__init__.py's, if any
-        try:
-            status = main()
-        except KeyboardInterrupt:
-            exit_on_ctrl_c(130)  # a second Ctrl-C: the line is said, the cleanup done
-            print("interrupted.", file=sys.stderr)
-            status = 130
-        exit_on_ctrl_c(status)  # one during the interpreter's shutdown: the work is done
+    try:
+        status = main()
+    except KeyboardInterrupt as e:
+        status = 143 if isinstance(e, Terminated) else 130
+        exit_on_ctrl_c(status)  # a second Ctrl-C: the line is said, the cleanup done
+        print("terminated." if status == 143 else "interrupted.", file=sys.stderr)
+    exit_on_ctrl_c(status)  # one during the interpreter's shutdown: the work is done
     sys.exit(status)
 
 
 def exit_on_ctrl_c(status: int) -> None:
-    """From now on a Ctrl-C ends the process at once with `status`, its output flushed."""
+    """From now on a Ctrl-C (or SIGTERM) ends the process at once with `status`, its output
+    flushed."""
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.signal(signal.SIGINT, lambda *_: os._exit(status))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda *_: os._exit(status))
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -97,6 +97,23 @@ def test_ctrl_c_while_tensorrt_builds_is_one_line_and_nothing_left(delay, tiny_d
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_ends_a_build_as_ctrl_c_does(tiny_dir, tmp_path):
+    """SIGTERM killed the process (-15) and left its staging folder for the next run."""
+    proc = start("tools.build", *tiny_build_args(tiny_dir, tmp_path / "a"))
+    said = []
+    while not said or not said[-1].startswith("KV cache:"):
+        said.append(proc.stderr.readline())
+        assert said[-1], said
+    os.kill(proc.pid, signal.SIGTERM)
+    err = "".join(said) + proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:  # the build finished first: it is whole
+        assert (tmp_path / "a" / ENGINE_FILE).is_file(), err
+        return
+    assert proc.returncode == 143, err
+    assert err.endswith("\nterminated.\n") and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_while_a_command_imports_is_one_line(tiny_dir, tmp_path):
     """A Ctrl-C in a command's first second, while `python -m` still imports it (NumPy,
     ml_dtypes, ...: about a second here), printed an import traceback."""
