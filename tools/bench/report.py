@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from netdef.artifact import fmt_bytes as artifact_bytes
+from weights.folders import staged_file
 
 
 def stats(samples_ms: Sequence[float]) -> dict[str, float]:
@@ -84,9 +85,8 @@ class Report(dict):
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(self, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        with staged_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self, indent=2, default=str) + "\n")
 
 
 def machine() -> dict[str, Any]:
