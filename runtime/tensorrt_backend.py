@@ -29,12 +29,11 @@ and an H100 through TensorRT-RTX 1.7 (sm89 engines, JIT for sm_90, the project's
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +58,7 @@ from netdef.contract import (
     target_capability,
 )
 from netdef.slots import ring_crossing, rings, slot_feeds
-from weights.folders import partial_path
+from weights.folders import staged_file
 
 if TYPE_CHECKING:  # loaded with the artifact: importing this module needs only the contract
     from netdef.artifact import Metadata
@@ -375,15 +374,12 @@ class JitCache:
         digest = hash(blob)
         if not blob or digest == self._saved:
             return
-        partial = partial_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(blob)
-            os.replace(partial, self.path)
+            with staged_file(self.path) as partial:
+                partial.write_bytes(blob)
             self._saved = digest
         except OSError as e:
-            with suppress(OSError):  # none, where the folder could not be made
-                partial.unlink(missing_ok=True)
             print(
                 f"warning: the compiled kernels were not kept in {self.path} ({e.strerror}); "
                 "the next load compiles them again. Set TRT_NETDEF_CACHE to a writable folder.",
