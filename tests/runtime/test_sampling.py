@@ -59,8 +59,8 @@ def test_top_p_matches_transformers(logits, top_p):
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.95), (0, 0.5), (64, 0.95), (2000, 0.9)])
 def test_a_262k_vocabulary_matches_transformers(top_k, top_p):
-    """Flat logits, so the nucleus holds tens of thousands of tokens: past the 1024 that
-    `candidates` sorts first."""
+    """Flat logits, so the nucleus holds tens of thousands of tokens: `nucleus` bins them
+    and sorts only the bin where the mass reaches top_p."""
     logits = np.random.default_rng(1).normal(0, 1, (2, 262144)).astype(np.float32)
     x = torch.from_numpy(logits)
     if top_k:
@@ -70,7 +70,24 @@ def test_a_262k_vocabulary_matches_transformers(top_k, top_p):
     assert [len(r) for r in got] == [len(r) for r in ref]
     assert got == ref
     if not top_k:
-        assert min(len(r) for r in got) > 1024
+        assert min(len(r) for r in got) > BLOCK
+    for row in logits:  # ascending, as the docstring says, without the sort `ours` adds
+        ids = candidates(row, top_k, top_p)
+        assert np.all(np.diff(ids) > 0)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_a_262k_vocabulary_with_ties_keeps_the_lower_ids_of_the_last_value(top_p):
+    """Logits on a grid of quarters: the nucleus ends inside a run of equal values, of which
+    it keeps the lowest ids, as a stable best-first sort of the whole vocabulary does."""
+    logits = np.round(np.random.default_rng(2).normal(0, 1, 262144) * 4).astype(np.float32) / 4
+    best = np.argsort(-logits, kind="stable")
+    probs = np.exp((logits[best] - logits.max()).astype(np.float64))
+    probs /= np.exp(logits - logits.max()).sum(dtype=np.float64)
+    want = np.sort(best[np.cumsum(probs) - probs < top_p])
+    last = logits[want].min()
+    assert 0 < np.count_nonzero(logits[want] == last) < np.count_nonzero(logits == last)
+    assert np.array_equal(candidates(logits, 0, top_p), want)
 
 
 def test_repetition_penalty_matches_transformers(logits):
