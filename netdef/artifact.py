@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weights.folders import ctrl_c_deferred, partial_path
+from weights.folders import interrupts_deferred, partial_path
 from weights.hub import MODEL_FILES
 
 from .contract import FORMAT_VERSION
@@ -317,7 +317,7 @@ def staging(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         check_replaceable(final)
-        with ctrl_c_deferred():
+        with interrupts_deferred():
             old = partial_path(final) if final.exists() else None
             if old is not None:
                 os.replace(final, old)

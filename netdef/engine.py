@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from weights.folders import ctrl_c_deferred
+from weights.folders import interrupts_deferred
 
 from .decoder import DecoderNetwork
 from .tensorrt_module import compute_capability, is_rtx
@@ -63,8 +63,8 @@ def build_engine(
     stop = Callbacks()
     config.progress_monitor = stop.monitor(trt, progress_monitor)
     try:
-        # A Ctrl-C stops the build through the monitor, not inside a callback.
-        with DirectFile(path) as f, ctrl_c_deferred(lambda: stop.stop(KeyboardInterrupt())):
+        # A Ctrl-C or SIGTERM stops the build through the monitor, not inside a callback.
+        with DirectFile(path) as f, interrupts_deferred(stop.stop):
             ok = dn.builder.build_serialized_network_to_stream(
                 dn.network, config, stop.writer(trt, f)
             )
@@ -89,7 +89,8 @@ class Callbacks:
     TensorRT catches what a Python callback raises, logs it and goes on: a Ctrl-C that
     landed in the writer left a truncated engine that the build reported as written, and
     one in the monitor was lost or failed the build as "could not build". Here the first
-    exception, or a Ctrl-C (`weights.folders.ctrl_c_deferred`), is kept; from then on the
+    exception, or a Ctrl-C or SIGTERM (`weights.folders.interrupts_deferred`), is kept; from
+    then on the
     monitor cancels the build and the writer writes nothing, and `raise_first` raises it
     once the builder has returned."""
 

@@ -71,38 +71,51 @@ def locked(final: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[
         os.close(fd)
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def ctrl_c_deferred(on_ctrl_c: Callable[[], None] | None = None) -> Iterator[None]:
+def interrupts_deferred(
+    on_interrupt: Callable[[BaseException], None] | None = None,
+) -> Iterator[None]:
     """A block that must not stop halfway (folders swapped into place; a TensorRT call whose
-    Python callbacks would swallow the KeyboardInterrupt): a Ctrl-C inside it calls
-    `on_ctrl_c`, or by default is raised when the block has ended. Only where Python's own
-    handler is in place, on the main thread: a program's own handler is left alone."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    Python callbacks would swallow the exception): what a Ctrl-C or SIGTERM handler raises
+    inside it (Python's KeyboardInterrupt, tools.cli's Terminated) is handed to
+    `on_interrupt`, or by default raised when the block has ended. Handlers run when the
+    signal comes, as before; one that raises nothing is unaffected. Main thread only, where
+    Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pressed: list[bool] = []
+    previous = {sig: signal.getsignal(sig) for sig in INTERRUPTS}
+    previous = {sig: h for sig, h in previous.items() if callable(h)}  # not SIG_DFL/SIG_IGN
+    raised: list[BaseException] = []
 
     def handler(signum: int, frame: object) -> None:
-        pressed.append(True)
-        if on_ctrl_c is not None:
-            on_ctrl_c()
+        try:
+            previous[signum](signum, frame)
+        except BaseException as e:
+            raised.append(e)
+            if on_interrupt is not None:
+                on_interrupt(e)
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pressed and on_ctrl_c is None:
-        raise KeyboardInterrupt
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    if raised and on_interrupt is None:
+        raise raised[0]
 
 
 @contextmanager
 def staged_file(final: Path) -> Iterator[Path]:
     """A partial path to write instead of `final`, renamed into place when the block ends
-    without error, else removed: `final` is either what it was or the whole new file."""
+    without error, else removed: `final` is either what it was or the whole new file. A
+    symbolic link is written through (its target replaced), as opening it would."""
+    final = Path(os.path.realpath(final))
     tmp = partial_path(final)
     try:
         yield tmp

@@ -6,32 +6,60 @@ import signal
 
 import pytest
 
-from weights.folders import ctrl_c_deferred, staged_file
+from weights.folders import interrupts_deferred, staged_file
 
 
 def test_a_ctrl_c_inside_a_deferred_block_is_raised_when_it_ends():
     done = []
-    with pytest.raises(KeyboardInterrupt), ctrl_c_deferred():
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
         signal.raise_signal(signal.SIGINT)
         done.append("the rest of the block ran")
     assert done == ["the rest of the block ran"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_deferred_ctrl_c_can_be_handed_to_a_callback():
-    pressed = []
-    with ctrl_c_deferred(lambda: pressed.append(True)):
-        signal.raise_signal(signal.SIGINT)
-    assert pressed == [True]
+class Stopped(KeyboardInterrupt):
+    """As tools.cli's Terminated."""
 
 
-def test_a_program_s_own_ctrl_c_handler_is_left_alone():
+def raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
+def test_what_a_sigterm_handler_raises_is_deferred_too():
+    """tools.cli's SIGTERM handler raises Terminated: inside a builder callback TensorRT
+    swallowed it."""
+    done = []
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        with pytest.raises(Stopped), interrupts_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            done.append("the rest of the block ran")
+        assert done == ["the rest of the block ran"]
+        assert signal.getsignal(signal.SIGTERM) is raise_stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_deferred_interrupt_can_be_handed_to_a_callback():
+    caught = []
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        with interrupts_deferred(caught.append):
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [type(e) for e in caught] == [KeyboardInterrupt, Stopped]
+
+
+def test_a_program_s_own_handler_that_raises_nothing_runs_as_before():
     seen = []
     previous = signal.signal(signal.SIGINT, lambda *_: seen.append("the program's"))
     try:
-        with ctrl_c_deferred():
+        with interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
-        assert seen == ["the program's"]
+            assert seen == ["the program's"]
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -49,3 +77,15 @@ def test_a_staged_file_replaces_the_old_one_whole_or_not_at_all(tmp_path):
         tmp.write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out.npy"]
     assert path.read_text() == "new"
+
+
+def test_a_staged_file_writes_through_a_symbolic_link(tmp_path):
+    """As np.save(link) did: the link stays a link and its target gets the new file."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "out.npy", tmp_path / "out.npy"
+    target.write_text("yours")
+    link.symlink_to(target)
+    with staged_file(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["out.npy"]
