@@ -28,8 +28,8 @@ and adds each model's median. --cpu times the NumPy executor (runtime.cpu.CpuBac
 against transformers on the CPU, and the host work the generate loop and the server add to
 each decode step (tools/bench/host.py): all of it, and the part an emulated device step of
 --device-ms waits for. A random checkpoint's logits are flat, so its top-p rows are the worst
-case (the nucleus is most of the vocabulary: ~40 ms per sequence and step on 2 cores) and
---cpu takes about 16 minutes there; a trained model's logits are peaked. --make-random writes a checkpoint with a real model's shapes
+case (the nucleus is most of the vocabulary: ~4 ms per sequence and step on 2 cores) and
+--cpu takes about 3.5 minutes there; a trained model's logits are peaked. --make-random writes a checkpoint with a real model's shapes
 and random bfloat16 weights, streamed tensor by tensor.
 """
 
