@@ -11,6 +11,8 @@ import importlib
 import os
 from types import ModuleType
 
+from weights.folders import interrupts_deferred
+
 from .contract import normalize_target
 
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
@@ -30,7 +32,10 @@ def load_tensorrt(name: str | None = None) -> ModuleType:
     errors = []
     for candidate in [name] if name else TENSORRT_MODULES:
         try:
-            return importlib.import_module(candidate)
+            # A Ctrl-C inside the module's initialization became its ImportError, reported
+            # as no TensorRT installed: it is raised after the import instead.
+            with interrupts_deferred():
+                return importlib.import_module(candidate)
         except ImportError as e:  # also catches the datacenter wheel's library stub
             errors.append(f"{candidate}: {e}")
     raise TensorRTModuleError(
