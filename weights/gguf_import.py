@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from .config import parse_config
 from .errors import WeightsError
 from .folders import locked, partial_path, remove_stale_partials
+from .gguf_file import GGUFTensor, read_gguf_file
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
 from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
 
@@ -121,7 +122,7 @@ class GGUFFile:
     path: Path  # the file named (the first part of a split file)
     parts: list[Path]
     meta: dict[str, Any]
-    tensors: list[ReaderTensor] = field(repr=False)
+    tensors: list[GGUFTensor] = field(repr=False)
 
     @property
     def arch(self) -> str:
@@ -139,11 +140,9 @@ def open_gguf(path: Path) -> GGUFFile:
     (complete) GGUF file, a part missing, an unsupported architecture or tensor type, no
     tokenizer, metadata missing or tensors not matching it."""
     path = Path(path)
-    first = _read(path)
-    meta = _metadata(first, path)
+    meta, tensors = read_gguf_file(path)
     count = int(meta.get("split.count", 1))
     parts = [path]
-    readers = [first]
     if count > 1:
         if int(meta.get("split.no", 0)) != 0:
             raise WeightsError(
@@ -163,7 +162,7 @@ def open_gguf(path: Path) -> GGUFFile:
                     f"{path} is split into {count} parts, but part {no} ({part.name}) is "
                     f"missing from {path.parent}; download every part into the same folder."
                 )
-            readers.append(_read(part))
+            tensors += read_gguf_file(part)[1]
     arch = meta.get("general.architecture")
     if arch is None:
         raise WeightsError(
@@ -176,7 +175,6 @@ def open_gguf(path: Path) -> GGUFFile:
             f"architectures are {', '.join(ARCHITECTURES)} (Gemma-3, Llama 2/3.x, Qwen2/2.5, "
             "Qwen3)."
         )
-    tensors = [t for r in readers for t in r.tensors]
     for t in tensors:
         if t.tensor_type not in TENSOR_TYPES:
             raise WeightsError(
@@ -203,33 +201,6 @@ def named_parts(path: Path) -> list[Path]:
     ]
 
 
-def _read(path: Path) -> GGUFReader:
-    """GGUFReader of one file; a file cut short (or not GGUF at all) is one clear error."""
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, struct.error):
-        raise WeightsError(
-            f"{path} is not a complete GGUF file: it ends before the data its header describes, "
-            "or is not a GGUF file at all; download it again."
-        ) from None
-    except OSError as e:  # unreadable: permissions, a folder by the name, an I/O error
-        raise WeightsError(f"cannot read {path} ({e.strerror}); check the file.") from None
-
-
-def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
-    """Every metadata value; GGUFReader decodes strings only here, so bad text fails here."""
-    meta = {}
-    for name, f in reader.fields.items():
-        try:
-            meta[name] = f.contents()
-        except UnicodeDecodeError:
-            raise WeightsError(
-                f"{path} is damaged: its metadata {name!r} is not UTF-8 text, as every GGUF "
-                "string is; download it again."
-            ) from None
-    return meta
-
-
 def convert_gguf(
     gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
 ) -> Path:
@@ -240,15 +211,7 @@ def convert_gguf(
     to `out_dir` and renamed into place last, so an interrupted conversion leaves nothing that
     looks usable.
     """
-    return write_model_dir(read_gguf(gguf_path, progress), out_dir, dtype, progress)
-
-
-def read_gguf(path: Path, progress: bool) -> GGUFFile:
-    """`open_gguf`, said first where `progress`: GGUFReader indexes every metadata value
-    (about 10 s for Gemma-3's 262k-token vocabulary on 2 cores) before a bar can show."""
-    if progress:
-        print(f"Reading {path}...", file=sys.stderr)
-    return open_gguf(path)
+    return write_model_dir(open_gguf(gguf_path), out_dir, dtype, progress)
 
 
 def write_model_dir(
@@ -478,11 +441,11 @@ def unpermute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def tensor_plan(
     gguf: GGUFFile, config: dict[str, Any]
-) -> list[tuple[str, tuple[int, ...], ReaderTensor]]:
+) -> list[tuple[str, tuple[int, ...], GGUFTensor]]:
     """(HF name, [out, in] shape, GGUF tensor) of every model tensor, checked against the
     shapes the config implies, none missing."""
     expected = parse_config(config).tensor_shapes()
-    plan: list[tuple[str, tuple[int, ...], ReaderTensor]] = []
+    plan: list[tuple[str, tuple[int, ...], GGUFTensor]] = []
     for tensor in gguf.tensors:
         name = hf_tensor_name(tensor.name, gguf.family)
         if name is None:
@@ -503,7 +466,7 @@ def tensor_plan(
     return plan
 
 
-def load_tensor(tensor: ReaderTensor, shape: tuple[int, ...], gguf: GGUFFile) -> np.ndarray:
+def load_tensor(tensor: GGUFTensor, shape: tuple[int, ...], gguf: GGUFFile) -> np.ndarray:
     """One tensor in float32 as the Hugging Face model holds it."""
     weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
     family, meta = gguf.family, gguf.meta
@@ -570,12 +533,12 @@ def find_gguf(path: Path) -> Path:
 def gguf_model_dir(path: Path, cache_dir: Path, progress: bool = True) -> Path:
     """The Hugging Face folder of a GGUF file (or of the folder holding one), converted into
     `cache_dir/gguf/` on first use and reused while the file (every part) is unchanged: then
-    without reading it, since reading a large vocabulary takes seconds (`read_gguf`)."""
+    without reading it again."""
     source = find_gguf(path).resolve()
     target = converted_path(source, cache_dir)
     if is_complete(target):
         return target
-    gguf = read_gguf(source, progress)  # every input error before any work
+    gguf = open_gguf(source)  # every input error before any work
     try:
         return converted(gguf, target, progress)
     except OSError as e:

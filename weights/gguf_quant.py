@@ -26,11 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .checkpoint import Checkpoint
 from .errors import WeightsError
+from .gguf_file import GGUFTensor
 from .gguf_import import (
     GGUFFile,
     converted_path,
@@ -47,7 +48,7 @@ EXACT = {Q.Q8_0: (32, 34, 0), Q.Q5_0: (32, 22, 0), Q.Q4_0: (32, 18, 0), Q.Q6_K: 
 Q6_K_SCALES = slice(192, 208)  # int8 scale of each 16 values of a 256-value Q6_K block
 
 
-def block_scales(tensor: ReaderTensor, rows: int) -> np.ndarray:
+def block_scales(tensor: GGUFTensor, rows: int) -> np.ndarray:
     """The signed scale of each block of inputs, [rows, inputs / block], in float32."""
     _, size, d_at = EXACT[tensor.tensor_type]
     raw = np.asarray(tensor.data).reshape(rows, -1, size)
@@ -58,7 +59,7 @@ def block_scales(tensor: ReaderTensor, rows: int) -> np.ndarray:
     return d
 
 
-def exact_int8(tensor: ReaderTensor, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def exact_int8(tensor: GGUFTensor, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(values INT8 [out, in], scales float32 [out, in / block]) with values · scales equal to
     the dequantized tensor, value for value, as TensorRT's Dequantize computes it."""
     block = EXACT[tensor.tensor_type][0]

@@ -391,12 +391,14 @@ def test_metadata_that_is_not_utf8(files, tmp_path):
 
 
 def test_a_converted_file_is_read_once(files, cache, converted, tmp_path, monkeypatch):
-    """Reading Gemma-3's 262k-token vocabulary takes GGUFReader about 10 s: a build reusing the
+    """Reading Gemma-3's 262k-token vocabulary took GGUFReader about 10 s: a build reusing the
     conversion spent that on every run, and a conversion read the file twice."""
     from weights import gguf_import
 
-    real, reads = gguf_import._read, []
-    monkeypatch.setattr(gguf_import, "_read", lambda path: reads.append(path) or real(path))
+    real, reads = gguf_import.read_gguf_file, []
+    monkeypatch.setattr(
+        gguf_import, "read_gguf_file", lambda path: reads.append(path) or real(path)
+    )
     assert gguf_model_dir(files["qwen3"], cache, progress=False) == converted["qwen3"]
     assert reads == []
     gguf_model_dir(files["qwen3"], tmp_path / "cache", progress=False)
