@@ -16,6 +16,11 @@ import numpy as np
 from weights.config import is_int
 
 
+# Temperatures below this are greedy, as in vLLM (_SAMPLING_EPS): the logits over T leave
+# float32 (1e-38 drew special tokens), and sampling them is argmax up to exact ties anyway.
+GREEDY_BELOW = 1e-5
+
+
 class SamplingError(ValueError):
     """A sampling parameter of the wrong type or out of range; `field` names it, so a CLI
     can name its flag."""
@@ -37,7 +42,7 @@ class SamplingParams:
     (`SamplingError` names the field)."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW, made 0) means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -76,6 +81,8 @@ class SamplingParams:
         for field, ok, need in checks:
             if not ok:
                 raise SamplingError(field, f"{field}={getattr(self, field)} {need}.")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:

@@ -123,6 +123,17 @@ def test_greedy_is_argmax(logits):
     )
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-38, 9.9e-6])
+def test_a_temperature_too_small_for_float32_is_greedy(logits, temperature):
+    """1e-300 and 1e-38 drew special tokens through the server: logits / T left float32."""
+    params = SamplingParams(temperature=temperature, top_k=5, seed=3)
+    assert params.greedy and params.temperature == 0.0
+    np.testing.assert_array_equal(
+        next_tokens(logits, params, [np.array([], int)] * 3, None), logits.argmax(-1)
+    )
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
 def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     logits = np.log(np.array([[0.5, 0.3, 0.2, 1e-9]], np.float32))
     params = SamplingParams(temperature=1.0)
