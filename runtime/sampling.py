@@ -15,7 +15,6 @@ import numpy as np
 
 from weights.config import is_int
 
-
 # Temperatures below this are greedy, as in vLLM (_SAMPLING_EPS): the logits over T leave
 # float32 (1e-38 drew special tokens), and sampling them is argmax up to exact ties anyway.
 GREEDY_BELOW = 1e-5

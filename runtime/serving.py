@@ -247,11 +247,17 @@ class Engine:
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Take no new requests; let the admitted and waiting ones finish for up to `timeout`
-        seconds (None: no limit), cancel what is left, then stop the step thread."""
+        seconds (None: no limit), cancel what is left (reading it raises EngineStopped), then
+        stop the step thread. Calling it again waits for nothing."""
         with self._cond:
             self.accepting = False
             self._cond.wait_for(lambda: not self.waiting and not any(self.rows), timeout)
             for request in [*self.waiting, *(r for r in self.rows if r)]:
+                if not request.done:  # its reader is told, not left with a text cut short
+                    request.error = EngineStopped(
+                        f"the server shut down before this request finished (after a drain "
+                        f"of {timeout} s)."
+                    )
                 self._cancel_locked(request)
             self._stop = True
             self._cond.notify_all()

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as prometheus_text
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -47,11 +49,37 @@ from tools.cli import add_model_arguments
 # Buckets of the latency histograms, in seconds: from GPU decode steps to CPU prefills.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
-EXTRA_FIELDS = {"stream_options", "top_k", "repetition_penalty", "user", "n"}
+COMMON_FIELDS |= {"stream_options", "top_k", "repetition_penalty", "user", "n", "logprobs"}
+COMMON_FIELDS |= {"frequency_penalty", "presence_penalty", "logit_bias"}
 FIELDS = {
-    "completion": COMMON_FIELDS | EXTRA_FIELDS | {"prompt", "logprobs", "echo", "best_of"},
-    "chat": COMMON_FIELDS | EXTRA_FIELDS | {"messages", "max_completion_tokens", "logprobs"},
+    "completion": COMMON_FIELDS | {"prompt", "echo", "best_of"},
+    "chat": COMMON_FIELDS
+    | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "store"}
+    | {"tools", "tool_choice", "parallel_tool_calls"},
 }
+PENALTIES = "frequency or presence penalties (repetition_penalty is supported)"
+# OpenAI fields this server does not implement: the values that leave them off (what clients
+# send by default) are accepted, any other is a 400 saying what is not done.
+UNSUPPORTED = {
+    "n": ((1,), "n > 1 (one choice per request)"),
+    "best_of": ((1,), "best_of > 1"),
+    "echo": ((False,), "echo"),
+    "logprobs": ((False,), "logprobs"),
+    "top_logprobs": ((0,), "logprobs"),
+    "frequency_penalty": ((0, 0.0), PENALTIES),
+    "presence_penalty": ((0, 0.0), PENALTIES),
+    "logit_bias": (({},), "logit_bias"),
+    "response_format": (
+        ({"type": "text"},),
+        "structured output (a response_format other than text)",
+    ),
+    "tools": (([],), "tool calls"),
+    "tool_choice": (("none",), "tool calls"),
+    "parallel_tool_calls": ((True, False), "tool calls"),
+    "store": ((False,), "stored completions"),
+}
+# Seconds uvicorn waits beyond --drain-timeout, for the answers the engine ended to go out.
+DRAIN_GRACE = 5.0
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's; chat defaults to the room left
 
 
@@ -64,9 +92,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
-    def response(self) -> JSONResponse:
+    def body(self) -> dict:
         kind = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
-        body = {
+        error = {
             "message": str(self),
             "type": kind.get(
                 self.status, "invalid_request_error" if self.status < 500 else "server_error"
@@ -74,7 +102,10 @@ class ApiError(Exception):
             "param": self.param,
             "code": self.code,
         }
-        return JSONResponse({"error": body}, status_code=self.status)
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 @dataclass(frozen=True)
@@ -131,14 +162,13 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             "model",
             "model_not_found",
         )
-    unsupported = [
-        ("n", body.get("n") not in (None, 1), "n > 1 (one choice per request)"),
-        ("logprobs", body.get("logprobs") not in (None, False, 0), "logprobs"),
-        ("echo", body.get("echo") not in (None, False), "echo"),
-        ("best_of", body.get("best_of") not in (None, 1), "best_of > 1"),
-    ]
-    for name, used, what in unsupported:
-        if used:
+    for name in ("n", "best_of"):
+        if (count := _typed(body, name, (int,), "an integer")) is not None and count < 1:
+            raise ApiError(400, f"'{name}' must be at least 1, not {count}.", name, "invalid_value")
+    _typed(body, "user", (str,), "a string")
+    for name, (off, what) in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(v) and value == v for v in off):
             raise ApiError(
                 400,
                 f"'{name}' is not supported: this server does not do {what}.",
@@ -147,23 +177,9 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             )
     if kind == "chat":
         messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise ApiError(
-                400,
-                '\'messages\' must be a non-empty list of {"role": ..., "content": "text"} objects.',
-                "messages",
-                "invalid_type",
-            )
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, MESSAGES, "messages", "invalid_type")
+        prompt = [{"role": m["role"], "content": message_text(m)} for m in messages]
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -189,7 +205,15 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             400, "'stop' must be a string or a list of non-empty strings.", "stop", "invalid_type"
         )
     stream = _typed(body, "stream", (bool,), "true or false") or False
-    options = _typed(body, "stream_options", (dict,), "an object") or {}
+    options = _typed(body, "stream_options", (dict,), "an object")
+    if options is not None and not stream:
+        raise ApiError(
+            400,
+            "'stream_options' is only allowed when 'stream' is true.",
+            "stream_options",
+            "invalid_value",
+        )
+    options = options or {}
     if unknown := sorted(options.keys() - {"include_usage"}):
         raise ApiError(
             400,
@@ -197,6 +221,7 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             "stream_options",
             "unknown_field",
         )
+    _typed(options, "include_usage", (bool,), "true or false")
     try:
         params = SamplingParams(
             max_new_tokens=1 if max_tokens is None else max_tokens,
@@ -214,6 +239,36 @@ def parse_call(body: object, kind: str, served: str) -> Call:
     return Call(
         kind, prompt, params, max_tokens is not None, stream, bool(options.get("include_usage"))
     )
+
+
+MESSAGES = (
+    '\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects whose '
+    "content is text or a list of text parts."
+)
+
+
+def message_text(message: object) -> str:
+    """A chat message's text: its string content, its text parts joined by newlines (as
+    vLLM joins them), or "" for an assistant turn whose content is null."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ApiError(400, MESSAGES, "messages", "invalid_type")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None and message["role"] == "assistant":
+        return ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if other := sorted({str(p.get("type")) for p in content} - {"text"}):
+            raise ApiError(
+                400,
+                f"content parts of type {', '.join(other)} are not supported: this server "
+                "reads text parts only.",
+                "messages",
+                "unsupported",
+            )
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
+    raise ApiError(400, MESSAGES, "messages", "invalid_type")
 
 
 class Metrics:
@@ -274,11 +329,14 @@ class Server:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model_card, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
             ],
             lifespan=self.lifespan,
+            exception_handlers={HTTPException: http_error},
         )
+        self.app.router.redirect_slashes = False  # a 307 to another path is no OpenAI answer
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app) -> AsyncIterator[None]:
@@ -287,14 +345,27 @@ class Server:
         await asyncio.to_thread(self.engine.shutdown, 0)
         await asyncio.to_thread(self.engine.backend.close)
 
-    async def models(self, _: HttpRequest) -> Response:
-        card = {
+    def card(self) -> dict:
+        return {
             "id": self.model,
             "object": "model",
             "created": self.created,
             "owned_by": "trt-netdef",
         }
-        return JSONResponse({"object": "list", "data": [card]})
+
+    async def models(self, _: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [self.card()]})
+
+    async def model_card(self, http: HttpRequest) -> Response:
+        model = http.path_params["model"]
+        if model != self.model:
+            return ApiError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model}'.",
+                "model",
+                "model_not_found",
+            ).response()
+        return JSONResponse(self.card())
 
     async def health(self, _: HttpRequest) -> Response:
         e = self.engine
@@ -321,7 +392,8 @@ class Server:
                     400, f"the request body is not valid JSON: {e}.", None, "invalid_json"
                 ) from None
             call = parse_call(body, kind, self.model)
-            request = self._submit(call)
+            # Off the event loop: tokenizing a long prompt stalled every other stream.
+            request = await asyncio.to_thread(self._submit, call)
         except ApiError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
             return e.response()
@@ -333,9 +405,10 @@ class Server:
         watcher = asyncio.create_task(cancel_on_disconnect(http, request, self.metrics))
         try:
             text = "".join([t async for t in request])
-        except Exception as e:  # an engine fault: this request fails, the server goes on
-            self.metrics.requests.labels(endpoint, "500").inc()
-            return ApiError(500, str(e), None, "engine_error").response()
+        except Exception as e:  # an engine fault, or the drain ran out: this request fails
+            error = failure(e)
+            self.metrics.requests.labels(endpoint, str(error.status)).inc()
+            return error.response()
         finally:
             watcher.cancel()
             request.cancel()
@@ -369,11 +442,16 @@ class Server:
                     400, "the prompt is empty after tokenization.", "prompt", "invalid_value"
                 )
             if room < params.max_new_tokens:
+                context = (
+                    f"this engine's context of max_seq_len={engine.backend.max_seq_len} tokens"
+                )
                 raise ApiError(
                     400,
-                    f"the prompt has {len(ids)} tokens and max_tokens is {params.max_new_tokens}, more "
-                    f"than this engine's context of max_seq_len={engine.backend.max_seq_len} tokens; "
-                    "shorten the prompt or lower max_tokens.",
+                    f"the prompt has {len(ids)} tokens and max_tokens is {params.max_new_tokens}, "
+                    f"more than {context}; shorten the prompt or lower max_tokens."
+                    if call.max_tokens_given
+                    else f"the prompt has {len(ids)} tokens, which leave no room for a completion "
+                    f"in {context}; shorten the prompt.",
                     param,
                     "context_length_exceeded",
                 )
@@ -382,8 +460,9 @@ class Server:
             return request
         except GenerationError as e:
             raise ApiError(400, str(e), param, "invalid_value") from None
-        except TokenizerError as e:
-            raise ApiError(400, str(e), None, "invalid_value") from None
+        except TokenizerError as e:  # it names the model's folder: the served name instead
+            message = str(e).replace(str(engine.gen.tokenizer.source), f"'{self.model}'")
+            raise ApiError(400, message, None, "invalid_value") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
         except EngineStopped as e:
@@ -428,17 +507,8 @@ class Server:
             try:
                 async for text in request:
                     yield chunk(text)
-            except Exception as e:
-                yield sse(
-                    {
-                        "error": {
-                            "message": str(e),
-                            "type": "server_error",
-                            "param": None,
-                            "code": "engine_error",
-                        }
-                    }
-                )
+            except Exception as e:  # the openai client raises an APIError on this event
+                yield sse(failure(e).body())
                 return
             yield chunk(None, request.completion.finish_reason)
             if call.include_usage:
@@ -447,6 +517,22 @@ class Server:
         finally:
             watcher.cancel()
             request.cancel()
+
+
+def failure(e: Exception) -> ApiError:
+    """A request the engine ended with an exception: the drain's deadline (503), a fault (500)."""
+    if isinstance(e, EngineStopped):
+        return ApiError(503, str(e), None, "shutting_down")
+    return ApiError(500, str(e), None, "engine_error")
+
+
+async def http_error(http: HttpRequest, e: HTTPException) -> Response:
+    """Starlette's own 404 and 405 as OpenAI error bodies."""
+    return ApiError(
+        e.status_code,
+        f"{http.method} {http.url.path} is not an endpoint of this server; it serves POST "
+        "/v1/completions, POST /v1/chat/completions and GET /v1/models.",
+    ).response()
 
 
 def sse(payload: dict) -> str:
@@ -627,15 +713,32 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn_config = uvicorn.Config(
         server.app,
         log_level="warning",
-        timeout_graceful_shutdown=config.drain_timeout,
+        timeout_graceful_shutdown=config.drain_timeout + DRAIN_GRACE,
     )
     print(
         f"Serving {config.served_name} on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    draining(uvicorn.Server, server.engine, config.drain_timeout)(uvicorn_config).run(
+        sockets=[sock]
+    )
     return 0
+
+
+def draining(base: type, engine: Engine, timeout: float) -> type:
+    """uvicorn's Server whose first SIGTERM or Ctrl-C also starts the engine's drain: no new
+    requests from then on, and those still running after `timeout` s end with an error event
+    (EngineStopped) rather than a stream that just stops when uvicorn cancels it,
+    DRAIN_GRACE s later."""
+
+    class Draining(base):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                threading.Thread(target=engine.shutdown, args=(timeout,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return Draining
 
 
 if __name__ == "__main__":

@@ -386,6 +386,12 @@ def test_shutdown_drains_then_cancels(model):
     assert running.completion.finish_reason == "cancelled"
     assert queued.completion.finish_reason == "cancelled"
     assert engine.active == 0
+    for request in (running, queued):  # a reader learns the text was cut short
+        with pytest.raises(EngineStopped) as e:
+            "".join(request)
+        assert str(e.value) == (
+            "the server shut down before this request finished (after a drain of 0.2 s)."
+        )
 
 
 def test_a_prompt_too_long_is_refused_before_it_queues(model):

@@ -10,6 +10,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -96,7 +98,25 @@ def test_errors_are_openai_error_bodies(server):
         ({"temperature": -1}, "temperature=-1.0 must be >= 0 (0 is greedy)."),
         ({"max_tokens": 0}, "max_tokens=0 must be at least 1."),
         ({"top_k": "five"}, "'top_k' must be an integer, not \"five\"."),
-        ({"frequency_penalty": 0.5}, "unrecognized request argument(s): frequency_penalty."),
+        (
+            {"frequency_penalty": 0.5},
+            "'frequency_penalty' is not supported: this server does not do frequency or "
+            "presence penalties (repetition_penalty is supported).",
+        ),
+        # logprobs 0 asks for the chosen tokens' logprobs; it was answered with none
+        ({"logprobs": 0}, "'logprobs' is not supported: this server does not do logprobs."),
+        ({"n": 0}, "'n' must be at least 1, not 0."),  # both said "does not do n > 1"
+        ({"n": "2"}, "'n' must be an integer, not \"2\"."),
+        ({"user": 123}, "'user' must be a string, not 123."),
+        (
+            {"stream_options": {"include_usage": True}},
+            "'stream_options' is only allowed when 'stream' is true.",
+        ),
+        (
+            {"stream": True, "stream_options": {"include_usage": "no"}},  # it was taken as true
+            "'include_usage' must be true or false, not \"no\".",
+        ),
+        ({"frequenzy_penalty": 0}, "unrecognized request argument(s): frequenzy_penalty."),
     ]
     for fields, message in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -108,7 +128,23 @@ def test_errors_are_openai_error_bodies(server):
             messages=[{"role": "user", "content": "w5"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
-    assert e.value.body["message"] == "unrecognized request argument(s): tools."
+    assert (
+        e.value.body["message"] == "'tools' is not supported: this server does not do tool calls."
+    )
+    # What OpenAI clients send with the features off is served: they were refused as unknown.
+    off = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "user": "u1"}
+    done = c.completions.create(model="tiny", prompt="w5", max_tokens=2, extra_body=off)
+    assert done.usage.completion_tokens == 2
+    status, body = post(
+        server.port,
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "w5 " * 256}).encode(),
+    )  # max_tokens not sent: the message said "max_tokens is 1"
+    assert (status, body["error"]["message"]) == (
+        400,
+        "the prompt has 256 tokens, which leave no room for a completion in this engine's "
+        "context of max_seq_len=256 tokens; shorten the prompt.",
+    )
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "w5"}], top_p=0
@@ -136,6 +172,57 @@ def test_errors_are_openai_error_bodies(server):
     status, body = post(server.port, "/v1/completions", b"[1, 2]")
     assert (status, body["error"]["message"]) == (400, "the request body must be a JSON object.")
     assert health(server.port)["active"] == 0
+
+
+def test_every_route_answers_openai_json(server):
+    """client.models.retrieve got a 404 "Not Found" in plain text, as did any other path; a
+    wrong method got a plain 405, a trailing slash a 307 redirect."""
+    assert server.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client.models.retrieve("gpt-4")
+    assert e.value.body["message"] == "the model 'gpt-4' does not exist; this server serves 'tiny'."
+    for method, path, status in [
+        ("POST", "/v1/embeddings", 404),
+        ("POST", "/v1/completions/", 404),
+        ("GET", "/v1/chat/completions", 405),
+    ]:
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", b"{}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert (e.value.code, json.loads(e.value.read())["error"]["message"]) == (
+            status,
+            f"{method} {path} is not an endpoint of this server; it serves POST /v1/completions, "
+            "POST /v1/chat/completions and GET /v1/models.",
+        )
+
+
+def test_prompts_are_tokenized_off_the_event_loop(tiny):
+    """A 26 MB prompt was tokenized on the event loop: every other stream and /health waited
+    42 s for it in the audit (Gemma-3's tokenizer)."""
+    from starlette.testclient import TestClient
+
+    from tools.serve import parse_args
+
+    server = parse_args([str(tiny), "--backend", "reference", "--max-seq-len", str(SEQ)])[
+        1
+    ].server()
+    encode, on_loop = server.engine.gen.encode, []
+
+    def recording(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no event loop in this thread
+            on_loop.append(False)
+        return encode(*args, **kwargs)
+
+    server.engine.gen.encode = recording
+    with TestClient(server.app) as client:
+        answer = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "w5 w6", "max_tokens": 2}
+        )
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+    assert on_loop and not any(on_loop)  # each call in a worker thread
 
 
 def test_32_concurrent_streams_each_equal_the_request_alone(server):
@@ -291,6 +378,34 @@ def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
         assert rest[-1].choices[0].finish_reason == "length"
         assert len("".join(c.choices[0].text for c in rest).split()) == 199
         assert [c.choices[0].finish_reason for c in queued][-1] == "length"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def test_a_stream_the_drain_cuts_ends_with_an_error_event(tiny):
+    """A stream still running when --drain-timeout ran out just stopped (uvicorn cancelled
+    it): the client could not tell the text was cut short. Now it ends with an error event,
+    which the openai client raises, and the server still exits 0."""
+    server = LiveServer(
+        tiny, "--max-seq-len", str(SEQ), "--dtype", "float32", "--drain-timeout", "0"
+    )
+    try:
+        stream = server.client.completions.create(
+            model="tiny", prompt="w5", max_tokens=240, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError) as e:
+            list(chunks)
+        assert e.value.body == {
+            "message": "the server shut down before this request finished (after a drain of "
+            "0.0 s).",
+            "type": "service_unavailable",
+            "param": None,
+            "code": "shutting_down",
+        }
         assert server.proc.wait(60) == 0
     finally:
         server.stop()
