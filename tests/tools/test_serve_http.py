@@ -165,7 +165,10 @@ def test_errors_are_openai_error_bodies(server):
     assert (status, body["usage"]["total_tokens"]) == (200, 2)  # null is the default
     with pytest.raises(openai.BadRequestError) as e:  # the tiny model has no chat template
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w5"}])
-    assert "chat template" in e.value.body["message"]
+    assert e.value.body["message"] == (  # the model's folder on the server is not named
+        "The model in 'tiny' has no chat template; send plain text prompts, or add a "
+        "chat_template to its tokenizer_config.json."
+    )
     status, body = post(server.port, "/v1/completions", b'{"model": "tiny", "prompt": ')
     assert status == 400 and body["error"]["code"] == "invalid_json"
     assert body["error"]["message"].startswith("the request body is not valid JSON: ")
