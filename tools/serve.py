@@ -156,12 +156,7 @@ def parse_call(body: object, kind: str, served: str) -> Call:
             400, "'model' is required; GET /v1/models lists it.", "model", "missing_field"
         )
     if model != served:
-        raise ApiError(
-            404,
-            f"the model '{model}' does not exist; this server serves '{served}'.",
-            "model",
-            "model_not_found",
-        )
+        raise unknown_model(model, served)
     for name in ("n", "best_of"):
         if (count := _typed(body, name, (int,), "an integer")) is not None and count < 1:
             raise ApiError(400, f"'{name}' must be at least 1, not {count}.", name, "invalid_value")
@@ -179,7 +174,7 @@ def parse_call(body: object, kind: str, served: str) -> Call:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, MESSAGES, "messages", "invalid_type")
-        prompt = [{"role": m["role"], "content": message_text(m)} for m in messages]
+        prompt = [chat_message(m) for m in messages]
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -241,17 +236,31 @@ def parse_call(body: object, kind: str, served: str) -> Call:
     )
 
 
+def unknown_model(model: str, served: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the model '{model}' does not exist; this server serves '{served}'.",
+        "model",
+        "model_not_found",
+    )
+
+
 MESSAGES = (
     '\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects whose '
     "content is text or a list of text parts."
 )
 
 
-def message_text(message: object) -> str:
-    """A chat message's text: its string content, its text parts joined by newlines (as
-    vLLM joins them), or "" for an assistant turn whose content is null."""
+def chat_message(message: object) -> dict[str, str]:
+    """A chat message as the template takes it: role and text (`message_text`)."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ApiError(400, MESSAGES, "messages", "invalid_type")
+    return {"role": message["role"], "content": message_text(message)}
+
+
+def message_text(message: dict) -> str:
+    """A chat message's text: its string content, its text parts joined by newlines (as
+    vLLM joins them), or "" for an assistant turn whose content is null."""
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -359,12 +368,7 @@ class Server:
     async def model_card(self, http: HttpRequest) -> Response:
         model = http.path_params["model"]
         if model != self.model:
-            return ApiError(
-                404,
-                f"the model '{model}' does not exist; this server serves '{self.model}'.",
-                "model",
-                "model_not_found",
-            ).response()
+            return unknown_model(model, self.model).response()
         return JSONResponse(self.card())
 
     async def health(self, _: HttpRequest) -> Response:

@@ -55,6 +55,12 @@ def test_text_parts_and_a_null_assistant_turn_are_chat_messages():
             "invalid_type",
         ),
         (
+            ["Hi"],  # e774b48 read its role before checking it: a TypeError, a 500
+            '\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects '
+            "whose content is text or a list of text parts.",
+            "invalid_type",
+        ),
+        (
             [],
             '\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects '
             "whose content is text or a list of text parts.",
