@@ -98,8 +98,13 @@ def _f32(x: np.ndarray) -> np.ndarray:
     )
 
 
-def _best_k(key: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k smallest entries of a 1-D `key`, ascending, ties in index order."""
+def _best_k(key: np.ndarray, k: int, nan_first: bool) -> np.ndarray:
+    """Indices of the k smallest entries of a 1-D `key`, ascending, ties in index order.
+    NaN ranks before (`nan_first`) or after every number, NaNs in index order: a float16
+    overflow's NaN logits then come out as values, as the engine's do, not as an error."""
+    nan = np.isnan(key) if key.dtype.kind == "f" else None
+    if nan is not None and nan.any():  # rare: sort the whole line
+        return np.lexsort((np.where(nan, 0, key), ~nan if nan_first else nan))[:k]
     if k >= key.size:
         return np.argsort(key, kind="stable")
     kth = np.partition(key, k - 1)[k - 1]
@@ -302,7 +307,10 @@ class Executor:
             except ExecutorError:
                 raise
             except Exception as e:
-                raise ExecutorError(f"layer {layer.name!r} ({kind.name}) failed: {e}") from e
+                raise ExecutorError(
+                    f"layer {layer.name!r} ({kind.name}) failed: {e}; the reference executor "
+                    "(runtime/reference.py) should run every layer it accepts: please report it."
+                ) from e
             for (name, want), value in zip(outs, results):
                 env[name] = value if value.dtype == want else value.astype(want)
         outputs = {t.name: env[t.name] for t in self.outputs}
@@ -518,18 +526,22 @@ class Executor:
 
     def _topk(self, layer, inputs):
         """The k largest (MAX) or smallest (MIN) values along one axis, sorted, with their
-        int32 indices; equal values keep index order."""
+        int32 indices; equal values keep index order. NaN ranks above every number (first
+        for MAX, last for MIN), as torch.topk and np.sort rank it: TensorRT's operator page
+        does not say, and a NaN must still yield k values (`_best_k`)."""
         x = _f32(inputs[0])
         axes = [i for i in range(x.ndim) if layer.axes >> i & 1]
         if len(axes) != 1:
             raise ExecutorError(f"topk {layer.name!r}: exactly one reduction axis is supported.")
         axis, k = axes[0], layer.k
-        key = np.moveaxis(-x if layer.op == self.trt.TopKOperation.MAX else x, axis, -1)
-        if k == 1:  # argmin returns the first of equal values too
-            index = key.argmin(axis=-1)[..., None]
+        largest = layer.op == self.trt.TopKOperation.MAX
+        key = np.moveaxis(-x if largest else x, axis, -1)
+        if k == 1 and not (key.dtype.kind == "f" and np.isnan(key).any()):
+            index = key.argmin(axis=-1)[..., None]  # the first of equal values too
         else:  # the k best of each line without sorting all of it (a vocabulary is 262k wide)
             lines = key.reshape(-1, key.shape[-1])
-            index = np.stack([_best_k(line, k) for line in lines]).reshape(*key.shape[:-1], k)
+            best = [_best_k(line, k, nan_first=largest) for line in lines]
+            index = np.stack(best).reshape(*key.shape[:-1], k)
         index = np.moveaxis(index, -1, axis)
         return [np.take_along_axis(x, index, axis=axis), index.astype(np.int32)]
 

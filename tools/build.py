@@ -30,6 +30,7 @@ from netdef.engine import EngineBuildError
 from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
+from runtime.reference import ExecutorError
 from weights import SHORT_NAMES, WeightsError
 from weights.hub import BUNDLED
 
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         WeightsError,
         OptionsError,
         EngineBuildError,
+        ExecutorError,  # fp8 calibration runs the network on the CPU
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

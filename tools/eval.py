@@ -35,6 +35,7 @@ from netdef.slots import prompt_chunks
 from runtime.calibration import activation_amax
 from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
+from runtime.reference import ExecutorError
 from runtime.tokenizer import Tokenizer
 from weights import Checkpoint, WeightsError, resolve_model
 from weights.bundled import default_cache_dir
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             calib_ids=calib,
             chunk=args.chunk,
         )
-    except (OSError, ValueError, WeightsError, OptionsError) as e:  # ArtifactError is a ValueError
+    except (OSError, ValueError, WeightsError, OptionsError, ExecutorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -29,6 +29,7 @@ from runtime.calibration import activation_amax, calibration_ids
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
 from runtime.generate import GenerationError, Generator
+from runtime.reference import ExecutorError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         GenerationError,
         EngineLoadError,
         CudaError,
+        ExecutorError,  # a network the CPU could not run (a RuntimeError)
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from netdef import NetworkOptions, OptionsError, build_network
 from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuBackend, sequence_logits
 from runtime.generate import GenerationError, check_token_ids
+from runtime.reference import ExecutorError
 from weights import Checkpoint, WeightsError
 from weights.folders import staged_file
 
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             all_logits=True,
         )
         model = CpuBackend(build_network(ckpt, options))
-    except (WeightsError, OptionsError, GenerationError) as e:
+        logits = sequence_logits(model, seqs, prefill)
+    except (WeightsError, OptionsError, GenerationError, ExecutorError) as e:
         raise SystemExit(f"error: {e}") from None
-    logits = sequence_logits(model, seqs, prefill)
     saved = logits[0] if len(seqs) == 1 else logits
     path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's rule
     try:

@@ -310,6 +310,23 @@ def test_topk_ties_at_the_top_keep_index_order(k):
         assert net.run({"x0": x})["indices"].tolist() == [best[:k]]
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_topk_ranks_nan_above_every_number(k):
+    """A float16 overflow's NaN logits reach the sampling TopK: it still returns k entries,
+    NaN ranked above +inf (first for MAX, last for MIN), NaNs in index order."""
+    x = np.array([[1.0, np.nan, np.inf, 0.0, np.nan, -2.0]], np.float32)
+    for op, best in (("MAX", [1, 4, 2, 0, 3, 5]), ("MIN", [5, 3, 0, 2, 1, 4])):
+        net = Net()
+        layer = net.network.add_topk(
+            net.input("x0", np.float32, x.shape), getattr(trt.TopKOperation, op), k, 1 << 1
+        )
+        net.output(layer.get_output(0), "values")
+        net.output(layer.get_output(1), "indices")
+        out = net.run({"x0": x})
+        assert out["indices"].tolist() == [best[:k]]
+        np.testing.assert_array_equal(out["values"], x[:, best[:k]])
+
+
 def _softmax_layer(net, t, axes):
     layer = net.network.add_softmax(t)
     layer.axes = axes

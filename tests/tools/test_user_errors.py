@@ -201,6 +201,28 @@ def test_an_artifact_refuses_the_flags_of_a_model_folder(tiny_dir, tmp_path, cap
         assert capsys.readouterr().err.endswith(expected)
 
 
+def test_an_executor_failure_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A layer the CPU executor fails on (as TopK did on NaN logits) was a traceback."""
+    from runtime.reference import Executor
+
+    def fails(self, layer, inputs):
+        raise ValueError("cannot reshape array of size 0 into shape (1,1,1)")
+
+    monkeypatch.setattr(Executor, "_rotary", fails)  # a layer every network has
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    args = generate_cli(model, "--max-seq-len", "32", "--max-new-tokens", "2", "--prompt", "w5")
+    assert generate_tool.main(args) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: layer '")
+    assert err.endswith(
+        "(ROTARY_EMBEDDING) failed: cannot reshape array of size 0 into shape (1,1,1); the reference "
+        "executor (runtime/reference.py) should run every layer it accepts: please report it."
+    )
+    with pytest.raises(SystemExit) as e:
+        logits_tool.main([str(model), "--ids", "5,6", "--out", str(tmp_path / "x.npy")])
+    assert str(e.value).startswith("error: layer '") and str(e.value).endswith("please report it.")
+
+
 def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))
