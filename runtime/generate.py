@@ -176,7 +176,8 @@ class Generator:
         i: int | None = None,
     ) -> list[int]:
         """The prompt (number `i` of several) tokenized and checked against max_seq_len (or
-        truncated to fit), and its ids checked against the vocabulary."""
+        truncated to fit: its most recent tokens, after its BOS where it began with one,
+        since a model fed no BOS goes astray), and its ids checked against the vocabulary."""
         limit = self.backend.max_seq_len - params.max_new_tokens
         ids = self.encode(prompt, chat)
         name = prompt_name(i)
@@ -190,7 +191,9 @@ class Generator:
                     f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
                     "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
                 )
-            ids = ids[-limit:]  # keep the most recent context
+            bos = self.tokenizer.bos_id
+            keep = [bos] if limit > 1 and bos is not None and ids[0] == bos else []
+            ids = keep + ids[len(ids) - (limit - len(keep)) :]
         return ids
 
 

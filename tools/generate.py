@@ -183,7 +183,9 @@ def stream(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate:
     except GenerationError as e:
         if "allow truncation" not in str(e):
             raise
-        raise GenerationError(f"{e} (--truncate keeps the prompt's last tokens.)") from None
+        raise GenerationError(
+            f"{e} (--truncate keeps the prompt's last tokens, after its BOS.)"
+        ) from None
     for delta in run:
         print(delta.text, end="", flush=True)
     print()
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--truncate",
         action="store_true",
-        help="keep a too-long prompt's last tokens instead of refusing it",
+        help="keep a too-long prompt's last tokens (after its BOS) instead of refusing it",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="default 1: no top-p filter")

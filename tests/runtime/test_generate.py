@@ -312,6 +312,34 @@ def test_too_long_prompt_is_refused_before_any_work(cpu_model, tokenizer):
     assert len(run.completions[0].prompt_ids) == 56
 
 
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_dir, tmp_path_factory):
+    """A Generator on the tiny llama (BOS 2, "w2"; word-level tokenizer) with 32 slots."""
+    from tests.tools.cli import with_tokenizer
+
+    folder = with_tokenizer(tiny_dir("llama"), tmp_path_factory.mktemp("m") / "model")
+    options = NetworkOptions(dtype="float32", max_batch=1, max_seq_len=32, max_prefill=8)
+    return Generator(
+        CpuBackend(build_network(Checkpoint.open(folder), options)), Tokenizer.from_dir(folder)
+    )
+
+
+def test_truncation_keeps_the_bos_and_the_latest_tokens(tiny_gen):
+    """--truncate cut ids[-limit:], dropping the BOS a model is trained to see first."""
+    assert tiny_gen.tokenizer.bos_id == 2
+    words = list(range(10, 60))
+    params = greedy(max_new_tokens=8)  # 24 prompt tokens fit
+    run = tiny_gen.start([[2, *words]], params, truncate=True)
+    assert run.completions[0].prompt_ids == [2, *range(37, 60)]
+    assert len(list(run)) > 0 and run.completions[0].stats.prompt_tokens == 24
+    run = tiny_gen.start(["w2 " + " ".join(f"w{i}" for i in words)], params, truncate=True)
+    assert run.completions[0].prompt_ids == [2, *range(37, 60)]
+    # no BOS to keep: the latest tokens alone; a single slot holds the last token
+    assert tiny_gen.start([words], params, truncate=True).completions[0].prompt_ids == words[-24:]
+    one = greedy(max_new_tokens=31)
+    assert tiny_gen.start([[2, *words]], one, truncate=True).completions[0].prompt_ids == [59]
+
+
 def test_too_many_prompts_are_refused(cpu_model, tokenizer):
     with pytest.raises(GenerationError) as err:
         Generator(cpu_model, tokenizer).start([*PROMPTS, "x"], greedy())

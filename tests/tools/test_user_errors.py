@@ -156,7 +156,7 @@ def test_a_too_long_prompt_points_at_truncate(tiny_dir, tmp_path, capsys):
     prompt = ["--prompt", " ".join(f"w{i}" for i in range(10, 20))]
     assert generate_tool.main([*args, *prompt]) == 1
     assert capsys.readouterr().err.endswith(
-        "or allow truncation. (--truncate keeps the prompt's last tokens.)\n"
+        "or allow truncation. (--truncate keeps the prompt's last tokens, after its BOS.)\n"
     )
     assert generate_tool.main([*args, *prompt, "--truncate"]) == 0
     assert "[6 prompt tokens, 2 generated (length)" in capsys.readouterr().err
