@@ -20,28 +20,49 @@ def terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for git or cat cut off by `head`
+
+
 def run(main: Callable[[], int]) -> None:
     """Exit with `main()`'s status. Ctrl-C ends a command with one line and status 130, as a
     shell reports it, not a traceback: by then the command's own cleanup has run (staging
     folders removed, a started server stopped), as it does for any exception. SIGTERM does
-    the same with `terminated.` and status 143."""
+    the same with `terminated.` and status 143. A closed stdout (`| head`) ends it quietly
+    with status 141, as SIGPIPE ends git, after the same cleanup."""
     signal.signal(signal.SIGTERM, terminate)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a background job
         signal.signal(signal.SIGINT, signal.default_int_handler)  # tools/__init__.py's, if any
     try:
         status = main()
+        if not flush_stdout():  # here, not at exit, where a closed pipe is a traceback
+            status = SIGPIPE_STATUS
     except KeyboardInterrupt as e:
         status = 143 if isinstance(e, Terminated) else 130
         exit_on_ctrl_c(status)  # a second Ctrl-C: the line is said, the cleanup done
         print("terminated." if status == 143 else "interrupted.", file=sys.stderr)
+    except BrokenPipeError:  # a write to the closed stdout, inside the command
+        flush_stdout()
+        status = SIGPIPE_STATUS
     exit_on_ctrl_c(status)  # one during the interpreter's shutdown: the work is done
     sys.exit(status)
+
+
+def flush_stdout() -> bool:
+    """Flush stdout; False if its reader has closed it, which then points at devnull, so that
+    no later write or the interpreter's flush at exit fails again (Python's recipe, the
+    signal module's "Note on SIGPIPE")."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def exit_on_ctrl_c(status: int) -> None:
     """From now on a Ctrl-C (or SIGTERM) ends the process at once with `status`, its output
     flushed."""
-    sys.stdout.flush()
+    flush_stdout()
     sys.stderr.flush()
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from netdef.artifact import ENGINE_FILE
-from tests.tools.cli import tiny_build_args
+from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
 from weights import bundled
 from weights.bundled import REQUIRED_FILES, bundled_gguf_path, bundled_model_dir
 
@@ -208,3 +208,31 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [folder.name, gguf.name, gguf.name + ".sha256.json"]
     )
+
+
+def test_a_closed_stdout_ends_a_command_quietly(tiny_dir, tmp_path, capsys):
+    """`| head` closing stdout was a BrokenPipeError traceback; now status 141 (128 +
+    SIGPIPE, as git reports it) and nothing on stderr but what came before."""
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    artifact = tmp_path / "artifact"
+    assert run_build(tiny_build_args(lambda _: model, artifact, "--quiet"), capsys)[0] == 0
+    generate = [str(model), "--backend", "reference", "--max-seq-len", "32", "--prompt", "w5"]
+    for module, args in (
+        ("tools.inspect", [str(artifact), "--json"]),
+        ("tools.generate", generate),
+    ):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first write
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            os.close(write)
+        assert done.returncode == 141, done.stderr
+        assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
