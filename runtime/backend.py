@@ -68,6 +68,12 @@ class Backend(Protocol):
         """Release what the backend holds; the TensorRT backend first keeps the kernels
         TensorRT-RTX compiled for this GPU (runtime.tensorrt_backend.JitCache)."""
 
+    def __enter__(self) -> Backend:
+        """`with backend:` closes it at the end, on either backend."""
+
+    def __exit__(self, *exc: object) -> None:
+        """`close()`."""
+
 
 def check_row(k: int, rows: int) -> None:
     """`Backend.row`'s argument check, shared by the backends."""

@@ -126,6 +126,12 @@ class CpuBackend:
     def close(self) -> None:
         """Nothing to release: the caches are NumPy arrays, freed with the backend."""
 
+    def __enter__(self) -> CpuBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def feeds(
         self, input_ids, position_ids, last_token_index, draws: Draws = None
     ) -> dict[str, np.ndarray]:

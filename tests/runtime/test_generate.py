@@ -474,3 +474,18 @@ def test_a_cpu_backend_of_a_checkpoint_is_one_clear_error(gemma3_270m_dir):
         "CpuBackend runs a network: CpuBackend(netdef.build_network(checkpoint, options)), "
         "not a Checkpoint."
     )
+
+
+def test_both_backends_have_every_method_of_the_protocol(tiny_gen):
+    """`with backend:`, written for the GPU, was an AttributeError on the CPU backend."""
+    from runtime.backend import Backend
+    from runtime.tensorrt_backend import TensorRTBackend
+
+    methods = {n for n, v in vars(Backend).items() if callable(v) and n not in vars(object)}
+    assert {"__enter__", "__exit__", "close", "forward"} <= methods
+    for cls in (CpuBackend, TensorRTBackend):
+        assert [m for m in sorted(methods) if not hasattr(cls, m)] == [], cls.__name__
+    with tiny_gen.backend as backend:
+        assert backend is tiny_gen.backend
+        run = tiny_gen.start(["w5 w6"], greedy(max_new_tokens=3))
+        assert len(list(run)) > 0 and run.completions[0].stats.completion_tokens == 3
