@@ -4,7 +4,9 @@
     python -m tools.generate MODEL_DIR --backend reference --prompt "Once upon a time"
 
 Without --prompt it is an interactive chat that keeps the conversation (a base model, with
-no chat template, continues each typed line as plain text instead).
+no chat template, continues each typed line as plain text instead), dropping its oldest
+exchanges when it outgrows the cache. Lines may be piped in: stdout then holds the replies
+alone (the `> ` prompt, on stderr, only for a terminal).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from runtime.backend import Backend
 from runtime.calibration import activation_amax, calibration_ids
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
-from runtime.generate import GenerationError, Generator
+from runtime.generate import GenerationError, Generator, Run
 from runtime.reference import ExecutorError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
@@ -177,15 +179,20 @@ def load_tokenizer(path: Path, meta: Metadata | None) -> Tokenizer:
     return Tokenizer.from_dir(path)
 
 
-def stream(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate: bool) -> str:
+def start(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate: bool) -> Run:
+    """`gen.start` of one prompt; a prompt too long is refused pointing at --truncate."""
     try:
-        run = gen.start([prompt], params, chat=chat, truncate=truncate)
+        return gen.start([prompt], params, chat=chat, truncate=truncate)
     except GenerationError as e:
         if "allow truncation" not in str(e):
             raise
         raise GenerationError(
             f"{e} (--truncate keeps the prompt's last tokens, after its BOS.)"
         ) from None
+
+
+def stream(run: Run) -> str:
+    """Print the run's text as it comes, then its figures on stderr; the text."""
     for delta in run:
         print(delta.text, end="", flush=True)
     print()
@@ -198,8 +205,22 @@ def stream(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate:
     return c.text
 
 
+def drop_oldest_turns(gen: Generator, messages: list[dict], params: SamplingParams) -> int:
+    """Drop the oldest exchanges (a user message and its reply) until the conversation and
+    max_new_tokens fit the cache, the latest message always kept; how many were dropped."""
+    limit = gen.backend.max_seq_len - params.max_new_tokens
+    dropped = 0
+    while len(messages) > 2 and len(gen.tokenizer.encode_chat(messages)) > limit:
+        del messages[:2]
+        dropped += 1
+    return dropped
+
+
 def chat_loop(gen: Generator, params: SamplingParams, truncate: bool) -> None:
-    """A conversation; a base model (no chat template) continues each line as plain text."""
+    """A conversation; a base model (no chat template) continues each line as plain text.
+    A conversation that outgrows the cache drops its oldest exchanges, and says so; a line
+    that does not fit by itself is refused and the session goes on. The `> ` prompt goes to
+    stderr, and only where stdin is a terminal: piped lines give only the replies on stdout."""
     chat = bool(gen.tokenizer.chat_templates)
     if chat:
         print("Chat (empty line or Ctrl-D to quit).", file=sys.stderr)
@@ -210,19 +231,35 @@ def chat_loop(gen: Generator, params: SamplingParams, truncate: bool) -> None:
             file=sys.stderr,
         )
     messages: list[dict] = []
+    typed = sys.stdin.isatty()
     while True:
+        if typed:
+            print("> ", end="", file=sys.stderr, flush=True)
         try:
-            line = input("> ").strip()
+            line = input().strip()
         except EOFError:
             break
         if not line:
             break
-        if not chat:
-            stream(gen, line, params, chat=False, truncate=truncate)
+        prompt: str | list[dict] = line
+        dropped = 0
+        if chat:
+            prompt = [*messages, {"role": "user", "content": line}]
+            dropped = drop_oldest_turns(gen, prompt, params)
+        try:
+            run = start(gen, prompt, params, chat, truncate)
+        except GenerationError as e:  # this line is too long by itself: the session goes on
+            print(f"error: {e}", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
-        reply = stream(gen, messages, params, chat=True, truncate=truncate)
-        messages.append({"role": "assistant", "content": reply})
+        if dropped:
+            print(
+                f"(the conversation outgrew max_seq_len={gen.backend.max_seq_len}: dropped its "
+                f"oldest {dropped} exchange(s))",
+                file=sys.stderr,
+            )
+        reply = stream(run)
+        if chat:
+            messages = [*prompt, {"role": "assistant", "content": reply}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.prompt is None:
                 chat_loop(gen, params, args.truncate)
             else:
-                stream(gen, args.prompt, params, args.chat, args.truncate)
+                stream(start(gen, args.prompt, params, args.chat, args.truncate))
         finally:
             gen.backend.close()
     except (

@@ -217,3 +217,67 @@ def test_generate_cli_interactive_on_a_base_model_says_so_and_continues_text(
         "without the earlier lines (empty line or Ctrl-D to quit).\n"
     )
     assert "[2 prompt tokens, 3 generated" in err and "[1 prompt tokens, 3 generated" in err
+
+
+def tiny_chat_model(tiny_dir, folder):
+    """The tiny llama with a word-level tokenizer and Gemma-3's chat template (BOS "w2")."""
+    import json
+
+    from tests.fixtures.templates import GEMMA3_TEMPLATE
+    from tests.tools.cli import with_tokenizer
+
+    model = with_tokenizer(tiny_dir("llama"), folder)
+    config = {"chat_template": GEMMA3_TEMPLATE, "bos_token": "w2", "eos_token": "w1"}
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_generate_cli_piped_chat_outgrowing_the_cache_goes_on(tiny_dir, tmp_path):
+    """Piped lines: the conversation outgrew max_seq_len and the session ended with status
+    1; the `> ` prompts went to stdout between the replies. Now the oldest exchanges are
+    dropped (said on stderr), a line too long by itself is refused, and stdout holds the
+    replies alone."""
+    import subprocess
+    import sys
+
+    from tests.tools.cli import ROOT
+
+    model = tiny_chat_model(tiny_dir, tmp_path / "model")
+    long_line = " ".join(f"w{i}" for i in range(10, 60))
+    lines = ["w5 w6", "w7 w8 w9", long_line, "w10", "w11 w12"]
+    args = ["--backend", "reference", "--max-seq-len", "48", "--max-new-tokens", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.generate", str(model), *args],
+        cwd=ROOT,
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.splitlines()
+    assert "> " not in done.stdout and "> " not in done.stderr
+    assert len(done.stdout.splitlines()) == 4  # one reply per line but the long one
+    assert sum(" generated (length); prefill " in e for e in err) == 4
+    assert (
+        "error: the prompt has 62 tokens; with max_new_tokens=8 that exceeds the engine's "
+        "max_seq_len=48. Shorten the prompt, lower max_new_tokens, rebuild with a larger "
+        "--max-seq-len, or allow truncation. (--truncate keeps the prompt's last tokens, after "
+        "its BOS.)"
+    ) in err
+    assert "(the conversation outgrew max_seq_len=48: dropped its oldest 1 exchange(s))" in err
+
+
+def test_generate_cli_prompts_on_stderr_when_typed(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A terminal gets a `> ` before each line, on stderr: stdout holds the replies alone."""
+    from tests.tools.cli import with_tokenizer
+
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    lines = iter(["w5 w6", "w7", ""])
+    # input() writes its prompt to stdout
+    monkeypatch.setattr("builtins.input", lambda prompt="": print(prompt, end="") or next(lines))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    args = [str(model), "--backend", "reference", "--max-seq-len", "32", "--max-new-tokens", "3"]
+    assert generate_tool.main(args) == 0
+    out, err = capsys.readouterr()
+    assert err.count("> ") == 3 and "> " not in out
