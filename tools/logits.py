@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--out {args.out}: the folder {args.out.parent} does not exist; create it first"
         )
+    path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's
+    if folder := next((p for p in (args.out, path) if p.is_dir()), None):  # else FOLDER.npy
+        parser.error(
+            f"--out {args.out}: {folder} is a folder; name the file to write in it, e.g. "
+            f"--out {folder / 'logits.npy'}"
+        )
     try:
         ckpt = Checkpoint.open(args.model_dir)
         for i, s in enumerate(seqs):  # the prompts' rule and message (runtime.generate)
@@ -81,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, OptionsError, GenerationError, ExecutorError) as e:
         raise SystemExit(f"error: {e}") from None
     saved = logits[0] if len(seqs) == 1 else logits
-    path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's rule
     try:
         with staged_file(path) as tmp, open(tmp, "wb") as f:  # a user's file is replaced whole
             np.save(f, saved)

@@ -143,6 +143,20 @@ def test_logits_out_in_a_missing_folder_fails_before_computing(tiny_dir, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_logits_out_naming_a_folder_fails_before_computing(tiny_dir, tmp_path, capsys):
+    """--out FOLDER wrote FOLDER.npy beside the folder."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        logits_tool.main([str(tiny_dir("llama")), "--ids", "1,2", "--out", str(folder)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: --out {folder}: {folder} is a folder; name the file to write in it, e.g. "
+        f"--out {folder / 'logits.npy'}\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["results"] and not any(folder.iterdir())
+
+
 # Hints that name what the user can do --------------------------------------------------------
 
 
