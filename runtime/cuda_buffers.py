@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 _RT: Any = None
+INSTALL_CUDA = "pip install -e '.[cuda]'"
 
 
 class CudaError(RuntimeError):
@@ -29,7 +30,7 @@ def cudart() -> Any:
             from cuda.bindings import runtime
         except ImportError as e:
             raise CudaError(
-                f"the TensorRT backend needs cuda-python ({e}); install it: pip install -e '.[cuda]'"
+                f"the TensorRT backend needs cuda-python ({e}); install it: {INSTALL_CUDA}"
             ) from None
         _RT = runtime
     return _RT
@@ -80,12 +81,17 @@ def free_bytes() -> int:
 
 
 def gpu_unavailable_reason() -> str | None:
-    """None when cuda-python imports and a CUDA device is present; else why not (for skips)."""
+    """None when cuda-python imports and a CUDA device is present; else why not, as a clause
+    that the callers' sentences ("... needs a CUDA GPU, but <reason>") and test skips end in."""
+    try:
+        from cuda.bindings import runtime  # noqa: F401  (cudart's error says what needs it)
+    except ImportError as e:
+        return f"cuda-python cannot be imported ({e}; install it: {INSTALL_CUDA})"
     try:
         count = cuda("cudaGetDeviceCount")
     except CudaError as e:
         return str(e)
-    return None if count > 0 else "no CUDA device"
+    return None if count > 0 else "no CUDA device is present"
 
 
 class DeviceBuffer:

@@ -90,8 +90,8 @@ def open_backend(
     if backend == "tensorrt":
         if reason := gpu_unavailable_reason():
             raise GenerationError(
-                f"the TensorRT backend needs cuda-python and a CUDA GPU ({reason}); on the CPU, "
-                f"run the artifact's network with --backend reference."
+                f"the TensorRT backend needs cuda-python and a CUDA GPU, but {reason}; on the "
+                "CPU, run the artifact's network with --backend reference."
             )
         backend = TensorRTBackend.load(path)
         if backend.jit_cache is not None and not backend.jit_cache.loaded:

@@ -350,8 +350,9 @@ def test_missing_cuda_python_says_how_to_install(monkeypatch):
     with pytest.raises(cuda_buffers.CudaError) as e:
         cuda_buffers.DeviceBuffer(16)
     assert "install it: pip install -e '.[cuda]'" in str(e.value)
-    assert cuda_buffers.gpu_unavailable_reason().startswith(
-        "the TensorRT backend needs cuda-python"
+    assert cuda_buffers.gpu_unavailable_reason() == (
+        "cuda-python cannot be imported (import of cuda.bindings halted; None in sys.modules; "
+        "install it: pip install -e '.[cuda]')"
     )
 
 

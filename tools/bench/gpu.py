@@ -88,7 +88,7 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     from weights import load_config, resolve_model
 
     if reason := gpu_unavailable_reason():
-        raise BenchError(f"GPU mode needs cuda-python and a CUDA GPU ({reason}).")
+        raise BenchError(f"GPU mode needs cuda-python and a CUDA GPU, but {reason}.")
     source = args.models[0]
     dev = device_info()
     report["device"] = {
