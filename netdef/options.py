@@ -57,7 +57,12 @@ def default_max_prefill(config: ModelConfig, max_batch: int, max_seq_len: int) -
 
 
 class OptionsError(ValueError):
-    """A build option the network cannot honour; raised before any build work."""
+    """A build option the network cannot honour; raised before any build work. `field`
+    names the option where the error is about one alone, so a CLI can name its flag."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def check_quant_target(quant: str, target: str | None) -> None:
@@ -107,15 +112,15 @@ class NetworkOptions:
             if not (is_int(value) or (value is None and name in optional)):
                 kind = "an integer or None" if name in optional else "an integer"
                 # else a TypeError from a comparison, or from TensorRT's shapes for a float
-                raise OptionsError(f"{name}={value!r} must be {kind}.")
+                raise OptionsError(f"{name}={value!r} must be {kind}.", name)
         if self.dtype not in MODEL_DTYPES:
             raise OptionsError(
                 f"dtype {self.dtype!r} is not supported; choose bfloat16, float16 or float32."
             )
         if self.max_batch < 1:
-            raise OptionsError(f"max_batch={self.max_batch} must be at least 1.")
+            raise OptionsError(f"max_batch={self.max_batch} must be at least 1.", "max_batch")
         if self.max_seq_len < 1:
-            raise OptionsError(f"max_seq_len={self.max_seq_len} must be at least 1.")
+            raise OptionsError(f"max_seq_len={self.max_seq_len} must be at least 1.", "max_seq_len")
         if self.max_seq_len > config.max_position_embeddings:
             raise OptionsError(
                 f"max_seq_len={self.max_seq_len} is outside what the model supports "
@@ -123,15 +128,18 @@ class NetworkOptions:
             )
         if not 1 <= self.prefill_len <= self.max_seq_len:
             raise OptionsError(
-                f"max_prefill={self.max_prefill} must be between 1 and max_seq_len={self.max_seq_len}."
+                f"max_prefill={self.max_prefill} must be between 1 and max_seq_len={self.max_seq_len}.",
+                "max_prefill",
             )
         if self.prefill_opt is not None and not 1 <= self.prefill_opt <= self.prefill_len:
             raise OptionsError(
-                f"prefill_opt={self.prefill_opt} must be between 1 and max_prefill={self.prefill_len}."
+                f"prefill_opt={self.prefill_opt} must be between 1 and max_prefill={self.prefill_len}.",
+                "prefill_opt",
             )
         if self.decode_opt is not None and not 1 <= self.decode_opt <= self.max_batch:
             raise OptionsError(
-                f"decode_opt={self.decode_opt} must be between 1 and max_batch={self.max_batch}."
+                f"decode_opt={self.decode_opt} must be between 1 and max_batch={self.max_batch}.",
+                "decode_opt",
             )
         if self.global_opt < 1:
             raise OptionsError(f"global_opt={self.global_opt} must be at least 1.")
@@ -146,7 +154,8 @@ class NetworkOptions:
         if not 0 <= self.sample_top_k <= min(TOPK_MAX, config.vocab_size):
             raise OptionsError(
                 f"sample_top_k={self.sample_top_k} must be between 0 and "
-                f"{min(TOPK_MAX, config.vocab_size)} (TensorRT's TopK takes k <= {TOPK_MAX})."
+                f"{min(TOPK_MAX, config.vocab_size)} (TensorRT's TopK takes k <= {TOPK_MAX}).",
+                "sample_top_k",
             )
         self._validate_quant(config)
 

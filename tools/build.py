@@ -31,6 +31,7 @@ from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from runtime.reference import ExecutorError
+from tools.cli import flag_named
 from weights import SHORT_NAMES, WeightsError
 from weights.hub import BUNDLED
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         EngineBuildError,
         ExecutorError,  # fp8 calibration runs the network on the CPU
     ) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_named(e)}", file=sys.stderr)
         return 1
     print(out)
     return 0

@@ -69,6 +69,13 @@ def exit_on_ctrl_c(status: int) -> None:
             signal.signal(sig, lambda *_: os._exit(status))
 
 
+def flag_named(e: Exception) -> str:
+    """An error's message led by the flag of the one option it is about (the `field` of a
+    SamplingError or OptionsError): `--max-seq-len: max_seq_len=0 must be at least 1.`"""
+    field = getattr(e, "field", None)
+    return f"--{field.replace('_', '-')}: {e}" if field else str(e)
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """What tools.generate and tools.serve run: MODEL and its backend; --dtype and
     --max-seq-len build a model folder's network for the reference backend."""

@@ -35,7 +35,7 @@ from runtime.reference import ExecutorError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
-from tools.cli import add_model_arguments
+from tools.cli import add_model_arguments, flag_named
 from weights import Checkpoint, WeightsError
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             stop=tuple(args.stop),
         )
     except SamplingError as e:
-        p.error(f"--{e.field.replace('_', '-')}: {e}")
+        p.error(flag_named(e))
     try:
         if not args.model.is_dir():
             raise GenerationError(no_such_model(args.model))
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         CudaError,
         ExecutorError,  # a network the CPU could not run (a RuntimeError)
     ) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_named(e)}", file=sys.stderr)
         return 1
     return 0
 

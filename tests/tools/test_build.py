@@ -235,9 +235,12 @@ def test_unknown_target(tiny_dir, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-batch", "0"], "max_batch=0 must be at least 1."),
-        (["--max-seq-len", "0"], "max_seq_len=0 must be at least 1."),
-        (["--max-prefill", "0"], "max_prefill=0 must be between 1 and max_seq_len=256."),
+        (["--max-batch", "0"], "--max-batch: max_batch=0 must be at least 1."),
+        (["--max-seq-len", "0"], "--max-seq-len: max_seq_len=0 must be at least 1."),
+        (
+            ["--max-prefill", "0"],
+            "--max-prefill: max_prefill=0 must be between 1 and max_seq_len=256.",
+        ),
     ],
 )
 def test_sizes_below_one_are_refused(args, message, tiny_dir, tmp_path, capsys):

@@ -242,6 +242,17 @@ def test_an_executor_failure_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys
     assert str(e.value).startswith("error: layer '") and str(e.value).endswith("please report it.")
 
 
+def test_a_bad_cache_length_names_the_flag(tiny_dir, tmp_path, capsys):
+    """It said "max_seq_len=0 must be at least 1." without naming the flag it came from."""
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
+    assert generate_tool.main(generate_cli(model, "--max-seq-len", "0", "--prompt", "w5")) == 1
+    assert capsys.readouterr().err == "error: --max-seq-len: max_seq_len=0 must be at least 1.\n"
+    code, out, err = run_build(
+        tiny_build_args(tiny_dir, tmp_path / "a", "--max-batch", "0"), capsys
+    )
+    assert (code, out, err) == (1, "", "error: --max-batch: max_batch=0 must be at least 1.\n")
+
+
 def test_a_bad_seed_names_the_flag(tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         generate_tool.main(generate_cli(tiny_dir("llama"), "--seed", "-1", "--prompt", "x"))
