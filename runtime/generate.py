@@ -4,7 +4,8 @@
     run = gen.start(["Hello"], SamplingParams(max_new_tokens=32))   # validates, no work yet
     for delta in run:                                                # streams text deltas
         print(delta.text, end="")
-    run.completions[0].stats
+    run.completions[0].stats                                         # current after each step
+    run.close()                     # left early: unfinished completions end as "cancelled"
 
 A batch is right-padded into one [B, S] call per prefill chunk (S <= the backend's
 max_prefill, ending where a sliding layer's KV ring ends); each sequence's logits come from
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Generator as Stream
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -90,7 +92,7 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length" or "cancelled"
     stats: Stats = field(default_factory=Stats)
 
 
@@ -217,7 +219,7 @@ class Run:
         # What leaves the engine at each decode step (runtime.readout says why).
         backend = gen.backend
         self.readout = readout_for(params, backend.sample_top_k, backend.has_log_normalizer)
-        self.stream: Iterator[Delta] | None = None
+        self.stream: Stream[Delta, None, None] | None = None
 
     def __iter__(self) -> Iterator[Delta]:
         if self.stream is None:
@@ -230,7 +232,7 @@ class Run:
         backend's caches (and dropped this run's calls in flight)."""
         return HOLDERS.get(self.gen.backend) is self
 
-    def _generate(self) -> Iterator[Delta]:
+    def _generate(self) -> Stream[Delta, None, None]:
         backend, params = self.gen.backend, self.params
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
@@ -248,16 +250,17 @@ class Run:
             readout = Readout(readout.name, (*readout.outputs, LOGITS))
         rng = np.random.default_rng(params.seed)  # one uniform number per row and step
         out = self._prefill(lengths, readout, self._draws(rng, batch))
-        prefill_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
+        for c in self.completions:
+            c.stats.prefill_ms = (t1 - t0) * 1000
         steps = (
             self._chained(out, lengths, rng)
             if self.readout == ARGMAX
             else self._sampled(out, lengths, rng)
         )
         try:
-            for step, tokens in enumerate(steps):
-                yield from self._accept(tokens, step)
+            for tokens in steps:
+                yield from self._accept(tokens, t1)
                 if not self.owns_backend:
                     raise GenerationError(
                         "this run was interrupted: a later run on its backend took over the "
@@ -266,14 +269,29 @@ class Run:
                     )
                 if all(c.finish_reason for c in self.completions):
                     break
+        except GeneratorExit:  # `close()` before the end: the unfinished rows are cancelled
+            for i, c in enumerate(self.completions):
+                if not c.finish_reason:
+                    self.texts[i].finish("cancelled")
+            raise
         finally:
             steps.close()  # a greedy step still in flight is collected
-        decode_ms = (time.perf_counter() - t1) * 1000
+            self._count(t1)
         for i, c in enumerate(self.completions):
             if not c.finish_reason and (tail := self.texts[i].finish()):
                 yield Delta(i, tail)
-            c.stats.prefill_ms, c.stats.decode_ms = prefill_ms, decode_ms
-            c.stats.completion_tokens = len(c.token_ids)
+
+    def close(self) -> None:
+        """End the run where it stands (a caller that stopped iterating early): its
+        unfinished completions get finish_reason "cancelled", their stats what was generated."""
+        if self.stream is not None:
+            self.stream.close()
+
+    def _count(self, t1: float) -> None:
+        """Each completion's token count, and the decoding time since `t1`, as of now."""
+        decode_ms = (time.perf_counter() - t1) * 1000
+        for c in self.completions:
+            c.stats.decode_ms, c.stats.completion_tokens = decode_ms, len(c.token_ids)
 
     def _draws(self, rng: np.random.Generator, batch: int) -> Draws:
         """A call's draws: where the engine draws the tokens (runtime.readout.engine_draws),
@@ -370,10 +388,16 @@ class Run:
                 result[name][:going][ends_here] = o[ends_here]
         return result
 
-    def _accept(self, tokens: np.ndarray, step: int) -> Iterator[Delta]:
-        for i, token in zip(self.order, tokens.tolist()):
-            if not self.completions[i].finish_reason and (text := self.texts[i].accept(token)):
-                yield Delta(i, text)
+    def _accept(self, tokens: np.ndarray, t1: float) -> list[Delta]:
+        """The text deltas a step's tokens release, every row's token taken and counted
+        before any is yielded: a run paused between deltas shows all it has generated."""
+        deltas = [
+            Delta(i, text)
+            for i, token in zip(self.order, tokens.tolist())
+            if not self.completions[i].finish_reason and (text := self.texts[i].accept(token))
+        ]
+        self._count(t1)
+        return deltas
 
 
 class TextStream:

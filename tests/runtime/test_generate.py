@@ -489,3 +489,22 @@ def test_both_backends_have_every_method_of_the_protocol(tiny_gen):
         assert backend is tiny_gen.backend
         run = tiny_gen.start(["w5 w6"], greedy(max_new_tokens=3))
         assert len(list(run)) > 0 and run.completions[0].stats.completion_tokens == 3
+
+
+def test_a_run_left_early_shows_what_it_generated(tiny_gen):
+    """After `break`, stats read zeros and finish_reason None; a closed run said nothing
+    either. Now the stats follow each step, and `close()` ends the run as "cancelled"."""
+    run = tiny_gen.start(["w5 w6"], greedy(max_new_tokens=10), truncate=False)
+    c = run.completions[0]
+    for i, _ in enumerate(run):
+        if i == 2:
+            break
+    assert c.finish_reason is None and len(c.token_ids) == 3
+    assert c.stats.completion_tokens == 3 and c.stats.prefill_ms > 0 and c.stats.decode_ms > 0
+    run.close()
+    assert c.finish_reason == "cancelled" and c.stats.completion_tokens == 3
+    assert list(run) == []  # closed: nothing more
+    whole = tiny_gen.start(["w5 w6"], greedy(max_new_tokens=10))
+    text = "".join(d.text for d in whole)
+    assert whole.completions[0].token_ids[:3] == c.token_ids and text.startswith(c.text)
+    assert whole.completions[0].finish_reason == "length"
