@@ -142,10 +142,7 @@ class Generator:
         truncate: bool = False,
     ) -> Run:
         """Tokenize and check every prompt against the engine's limits; nothing runs yet."""
-        if not isinstance(params, SamplingParams):
-            raise GenerationError(
-                f"params is a runtime.sampling.SamplingParams, not {params!r:.60}."
-            )
+        check_params(params)
         if (
             not isinstance(prompts, Sequence)
             or isinstance(prompts, str)  # a str or a list of ids is a Sequence of 1-token prompts
@@ -202,6 +199,12 @@ class Generator:
 # The run whose batch each backend's KV caches hold: a backend holds one batch, so a run
 # iterated after another run (of any Generator) reset it has lost its rows.
 HOLDERS: weakref.WeakKeyDictionary[Backend, Run] = weakref.WeakKeyDictionary()
+
+
+def check_params(params: object) -> None:
+    """A GenerationError unless `params` is SamplingParams (a dict got an AttributeError)."""
+    if not isinstance(params, SamplingParams):
+        raise GenerationError(f"params is a runtime.sampling.SamplingParams, not {params!r:.60}.")
 
 
 class Run:

@@ -56,7 +56,7 @@ from netdef.contract import LOG_NORMALIZER, NEXT_TOKEN
 from netdef.slots import call_end
 
 from .backend import Backend
-from .generate import Completion, Generator, Prompt, TextStream
+from .generate import Completion, Generator, Prompt, TextStream, check_params
 from .readout import (
     ALL_LOGITS,
     ARGMAX,
@@ -220,6 +220,7 @@ class Engine:
     ) -> Request:
         """Tokenize and check the prompt (GenerationError), then queue it (QueueFull,
         EngineStopped)."""
+        check_params(params)
         ids = self.gen.prompt_ids(prompt, params, chat, truncate)
         with self._cond:
             if not self.accepting:

@@ -44,7 +44,7 @@ from runtime.generate import GenerationError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.serving import Engine, EngineStopped, QueueFull, Request
 from runtime.tokenizer import TokenizerError
-from tools.cli import add_model_arguments
+from tools.cli import add_model_arguments, flag_named
 
 # Buckets of the latency histograms, in seconds: from GPU decode steps to CPU prefills.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         sock = bind(args.host, args.port)
         server = config.server()
     except (ValueError, WeightsError, OptionsError, EngineLoadError, CudaError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_named(e)}", file=sys.stderr)
         return 1
     # uvicorn re-raises the SIGTERM it drained on to the handler it found: make that a no-op,
     # so a drained server exits 0.

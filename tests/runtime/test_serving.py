@@ -394,6 +394,18 @@ def test_shutdown_drains_then_cancels(model):
         )
 
 
+def test_params_that_are_not_sampling_params_are_refused(model):
+    """A dict got AttributeError: 'dict' object has no attribute 'max_new_tokens'."""
+    engine = Engine(cpu(model, 1, seq=16), model[1])
+    with pytest.raises(GenerationError) as e:
+        engine.submit("hi", {"max_new_tokens": 3})
+    assert str(e.value) == (
+        "params is a runtime.sampling.SamplingParams, not {'max_new_tokens': 3}."
+    )
+    assert engine.queue_depth == 0
+    engine.shutdown()
+
+
 def test_a_prompt_too_long_is_refused_before_it_queues(model):
     engine = Engine(cpu(model, 1, seq=16), model[1])
     with pytest.raises(GenerationError) as e:

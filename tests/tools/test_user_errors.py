@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from netdef.artifact import METADATA_FILE
-from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
+from tests.tools.cli import free_port, run_build, tiny_build_args, with_tokenizer
 from tools import eval as eval_tool
 from tools import generate as generate_tool
 from tools import inspect as inspect_tool
@@ -246,6 +246,9 @@ def test_a_bad_cache_length_names_the_flag(tiny_dir, tmp_path, capsys):
     """It said "max_seq_len=0 must be at least 1." without naming the flag it came from."""
     model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
     assert generate_tool.main(generate_cli(model, "--max-seq-len", "0", "--prompt", "w5")) == 1
+    assert capsys.readouterr().err == "error: --max-seq-len: max_seq_len=0 must be at least 1.\n"
+    serve = [str(model), "--backend", "reference", "--max-seq-len", "0", "--port", str(free_port())]
+    assert serve_tool.main(serve) == 1
     assert capsys.readouterr().err == "error: --max-seq-len: max_seq_len=0 must be at least 1.\n"
     code, out, err = run_build(
         tiny_build_args(tiny_dir, tmp_path / "a", "--max-batch", "0"), capsys
