@@ -160,7 +160,10 @@ def from_artifact(args: argparse.Namespace) -> tuple[Path, Path | None]:
     meta = open_artifact(args.model_dir)
     options = meta.options
     if options["quant"] == "none":
-        raise ValueError(f"{args.model_dir} is not quantized; nothing to compare it with.")
+        raise ValueError(
+            f"{args.model_dir} is not quantized, so there is nothing to compare it with; pass "
+            f"its model folder {meta.model_path} to compare quantization modes (--quant)."
+        )
     built = {"--dtype": options["dtype"], "--quant": options["quant"]}
     if options["quant_lm_head"]:
         built["--quant-lm-head"] = ""

@@ -64,10 +64,12 @@ def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, ca
     )
     assert eval_tool.main([str(quantized), *text, "--quant", "int8-wo", "--dtype", "bfloat16"]) == 0
     assert set(json.loads(capsys.readouterr().out)["modes"]) == {"int8-wo"}
-    assert eval_tool.main([str(plain), *text]) == 1
-    assert capsys.readouterr().err.strip() == (
-        f"error: {plain} is not quantized; nothing to compare it with."
-    )
+    for quant in ([], ["--quant", "int8-wo"]):  # --quant was not said to need the folder
+        assert eval_tool.main([str(plain), *text, *quant]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"error: {plain} is not quantized, so there is nothing to compare it with; pass its "
+            f"model folder {folder} to compare quantization modes (--quant)."
+        )
 
 
 @pytest.mark.parametrize(
