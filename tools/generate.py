@@ -193,8 +193,12 @@ def start(gen: Generator, prompt, params: SamplingParams, chat: bool, truncate: 
 
 def stream(run: Run) -> str:
     """Print the run's text as it comes, then its figures on stderr; the text."""
-    for delta in run:
-        print(delta.text, end="", flush=True)
+    try:
+        for delta in run:
+            print(delta.text, end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 'interrupted.' goes on a line of its own
+        print(flush=True)
+        raise
     print()
     c = run.completions[0]
     print(

@@ -281,3 +281,17 @@ def test_generate_cli_prompts_on_stderr_when_typed(tiny_dir, tmp_path, monkeypat
     assert generate_tool.main(args) == 0
     out, err = capsys.readouterr()
     assert err.count("> ") == 3 and "> " not in out
+
+
+def test_generate_cli_ends_the_text_s_line_when_interrupted(capsys):
+    """A SIGTERM mid-stream printed 'terminated.' glued to the text ('...hunterterminated.')
+    where stdout and stderr share a terminal or file."""
+    from runtime.generate import Delta
+
+    def cut_short():
+        yield Delta(0, "a great hunter")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_tool.stream(cut_short())
+    assert capsys.readouterr().out == "a great hunter\n"
