@@ -862,3 +862,14 @@ def test_last_call_keeps_the_last_calls_kernels_in_launch_order():
     launched = [(30.0, "b", 2.0), (0.0, "a", 1.0), (10.0, "b", 2.5), (20.0, "a", 1.5)]
     assert last_call(launched, repeats=2) == [(20.0, "a", 1.5), (30.0, "b", 2.0)]
     assert last_call(launched[:1], repeats=2) == []  # fewer launches than calls: none whole
+
+
+def test_gpu_mode_without_a_gpu_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """Status 2 came from matching the message's words (tools.bench.NoGpu now)."""
+    from runtime import cuda_buffers
+
+    monkeypatch.setattr(cuda_buffers, "gpu_unavailable_reason", lambda: "no CUDA device is present")
+    assert main([str(tmp_path), "--json", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err == (
+        "error: GPU mode needs cuda-python and a CUDA GPU, but no CUDA device is present.\n"
+    )

@@ -8,3 +8,7 @@
 
 class BenchError(RuntimeError):
     """A benchmark request that cannot be carried out as given."""
+
+
+class NoGpu(BenchError):
+    """GPU mode on a machine without a usable CUDA GPU (exit status 2, as a usage error)."""

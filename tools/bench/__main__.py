@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 from netdef.contract import PROFILE_SETS
-from tools.bench import BenchError
+from tools.bench import BenchError, NoGpu
 from tools.bench.build import build_tables, build_worker, run_build
 from tools.bench.cpu import cpu_tables, run_cpu
 from tools.bench.gpu import gpu_tables, run_gpu
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args, report)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if "needs cuda-python and a CUDA GPU" in str(e) else 1
+        return 2 if isinstance(e, NoGpu) else 1
     with contextlib.suppress(OSError):
         report["machine"]["load_average_at_end"] = os.getloadavg()[0]
     report.save()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from netdef.contract import PROFILE_SETS
-from tools.bench import BenchError
+from tools.bench import NoGpu
 from tools.bench.report import Report, fmt_bytes, format_table, ratio
 from tools.bench.roofline import roofline_rows
 from tools.bench.timing import (
@@ -88,7 +88,7 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     from weights import load_config, resolve_model
 
     if reason := gpu_unavailable_reason():
-        raise BenchError(f"GPU mode needs cuda-python and a CUDA GPU, but {reason}.")
+        raise NoGpu(f"GPU mode needs cuda-python and a CUDA GPU, but {reason}.")
     source = args.models[0]
     dev = device_info()
     report["device"] = {
