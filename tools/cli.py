@@ -76,6 +76,14 @@ def flag_named(e: Exception) -> str:
     return f"--{field.replace('_', '-')}: {e}" if field else str(e)
 
 
+def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, lows: dict[str, float]) -> None:
+    """argparse's usage error for the first given flag below its least value."""
+    for flag, low in lows.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}.")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """What tools.generate and tools.serve run: MODEL and its backend; --dtype and
     --max-seq-len build a model folder's network for the reference backend."""

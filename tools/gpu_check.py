@@ -42,6 +42,7 @@ from runtime.readout import ALL_LOGITS, ARGMAX, TOP_K, TOP_P
 from runtime.sampling import SamplingParams
 from runtime.standin import CopyContext, fake_engine
 from runtime.tensorrt_backend import TensorRTBackend, buffer_plan, max_profile_shapes
+from tools.cli import at_least
 
 MiB = 1 << 20
 
@@ -421,9 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=256, help="copy size for bandwidth (default 256)")
     p.add_argument("--launches", type=int, default=1000, help="steps timed per launch mode")
     args = p.parse_args(argv)
-    for flag, value in (("--mib", args.mib), ("--launches", args.launches)):
-        if value < 1:
-            p.error(f"{flag} must be at least 1.")
+    at_least(p, args, {"--mib": 1, "--launches": 1})
     if reason := gpu_unavailable_reason():
         print(f"no usable GPU: {reason}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ from runtime.generate import GenerationError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.serving import Engine, EngineStopped, QueueFull, Request
 from runtime.tokenizer import TokenizerError
-from tools.cli import add_model_arguments, flag_named
+from tools.cli import add_model_arguments, at_least, flag_named
 
 # Buckets of the latency histograms, in seconds: from GPU decode steps to CPU prefills.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
@@ -638,14 +638,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         "--ray-address", help="a running Ray cluster (e.g. auto); default: start a local one"
     )
     args = p.parse_args(argv)
-    for flag, value, low in (
-        ("--max-batch", args.max_batch, 1),
-        ("--max-queue", args.max_queue, 0),
-        ("--drain-timeout", args.drain_timeout, 0),
-        ("--ray-replicas", args.ray_replicas, 1),
-    ):
-        if value is not None and value < low:
-            p.error(f"{flag} must be at least {low}.")
+    lows = {"--max-batch": 1, "--max-queue": 0, "--drain-timeout": 0, "--ray-replicas": 1}
+    at_least(p, args, lows)
     if not 1 <= args.port <= 65535:
         p.error(f"--port {args.port} is not a TCP port; choose one in 1..65535.")
     if args.backend == "tensorrt" and args.max_batch is not None:

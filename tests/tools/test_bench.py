@@ -320,10 +320,10 @@ def test_make_random_never_writes_over_a_users_files(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--seed", "-1", "--seed must be >= 0"),
-        ("--layers", "0", "--layers must be positive"),
-        ("--kv-heads", "0", "--kv-heads must be positive"),
-        ("--head-dim", "-16", "--head-dim must be positive"),
+        ("--seed", "-1", "--seed must be at least 0."),
+        ("--layers", "0", "--layers must be at least 1."),
+        ("--kv-heads", "0", "--kv-heads must be at least 1."),
+        ("--head-dim", "-16", "--head-dim must be at least 1."),
     ],
 )
 def test_make_random_refuses_bad_numbers_before_writing(flag, value, message, tmp_path, capsys):

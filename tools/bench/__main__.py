@@ -56,6 +56,7 @@ from tools.bench.random_model import (
 from tools.bench.report import Report, busy_warning, fmt_bytes, machine, versions
 from tools.bench.roofline import DTYPE_BYTES
 from tools.bench.timing import DEFAULT_CONTEXT, HF_MODES
+from tools.cli import at_least
 
 
 def int_list(text: str) -> list[int]:
@@ -222,13 +223,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("only --build takes several models")
         if args.memory_limit is not None and not (args.build and args.memory_limit > 0):
             p.error("--memory-limit takes a positive multiple of the checkpoint, with --build")
-    at_least = {"warmup": 0, "context": 0, "new_shapes": 0, "seed": 0}  # the others: positive
     positive = ("rounds", "prompt_len", "decode_tokens", "steps", "max_batch", "max_seq_len")
-    positive += tuple(SHAPE_OVERRIDES)
-    for name in (*at_least, *positive, "bandwidth_mib"):
-        value, low = getattr(args, name), at_least.get(name, 1)
-        if value is not None and value < low:
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if low == 0 else 'positive'}")
+    names = {"warmup": 0, "context": 0, "new_shapes": 0, "seed": 0}
+    names |= dict.fromkeys((*positive, *SHAPE_OVERRIDES, "bandwidth_mib"), 1)
+    at_least(p, args, {f"--{name.replace('_', '-')}": low for name, low in names.items()})
     return args
 
 

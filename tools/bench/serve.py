@@ -35,6 +35,7 @@ from netdef.contract import MODEL_DTYPES
 from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
 from tools.bench.report import machine, versions
+from tools.cli import at_least, flag_named
 
 if TYPE_CHECKING:
     import openai
@@ -162,20 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.url is None) == (args.model_path is None):
         p.error("give an artifact or model folder, or --url of a running server (not both).")
-    for flag, low in (
-        ("--max-batch", 1),
-        ("--max-seq-len", 1),
-        ("--rounds", 1),
-        ("--prompt-tokens", 1),
-        ("--max-tokens", 1),
-    ):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and value < low:
-            p.error(f"{flag} must be at least {low}.")
+    flags = ("--max-batch", "--max-seq-len", "--rounds", "--prompt-tokens", "--max-tokens")
+    at_least(p, args, dict.fromkeys(flags, 1))
     try:  # the sampling flags by the rules a request's are held to
         SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except SamplingError as e:
-        p.error(f"--{e.field.replace('_', '-')}: {e}")
+        p.error(flag_named(e))
     if args.json and not args.json.parent.is_dir():
         p.error(f"--json: {args.json.parent} is not a folder.")
     return args
