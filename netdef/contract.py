@@ -14,6 +14,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from weights.safetensors_file import MODEL_DTYPES  # noqa: F401  (re-exported: the one table)
+
 # Bumped whenever this contract changes: an older artifact is refused at load, and its build
 # key changes. 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul
 # attention; 4: sliding layers' KV rings, window_positions; 5: next_token drawn in the engine
@@ -83,14 +85,9 @@ def past_of(present_name: str) -> str:
     return present_name.replace("present_", "past_", 1)
 
 
-# Dtypes: the model dtypes a network may be built in, and every TensorRT tensor type the
-# project uses by its DataType name lowercased (as metadata.json spells it), with its NumPy
-# counterpart (bfloat16, INT4 and FP8 from ml_dtypes).
-MODEL_DTYPES = {
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-}
+# Dtypes: the model dtypes a network may be built in (weights' MODEL_DTYPES), and every
+# TensorRT tensor type the project uses by its DataType name lowercased (as metadata.json
+# spells it), with its NumPy counterpart (bfloat16, INT4 and FP8 from ml_dtypes).
 TENSOR_DTYPES = {
     "float": np.dtype(np.float32),
     "half": np.dtype(np.float16),

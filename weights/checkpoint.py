@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig, load_config
 from .errors import CheckpointError
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import MODEL_DTYPES, SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 # Where a decoder's tensors live in each checkpoint layout, most specific first: multimodal
@@ -18,7 +17,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # with the head at `language_model.lm_head.weight`), and plain causal LMs. Names that keep no
 # canonical form after this (vision tower, projector) are not the decoder's and are ignored.
 PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
-FLOAT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
 
 def sanitize(name: str) -> str:
@@ -89,7 +87,7 @@ class Checkpoint:
             )
         f, raw = self._where[name]
         dtype, shape = f.info(raw)
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in MODEL_DTYPES.values():
             raise CheckpointError(
                 f"tensor {raw!r} in {f.path.name} is {dtype}, but weights must be bfloat16, float16 or float32; "
                 "re-export the checkpoint in a floating-point dtype."

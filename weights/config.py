@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .safetensors_file import MODEL_DTYPES
 
 Activation = Literal["gelu_tanh", "silu"]
 RopeScaling = Literal["none", "linear", "llama3"]
@@ -276,7 +277,7 @@ def _common(raw: dict[str, Any], family: str, tie_default: bool) -> dict[str, An
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16").removeprefix("torch.")
-    if dtype not in ("bfloat16", "float16", "float32"):
+    if dtype not in MODEL_DTYPES:
         raise _reject("torch_dtype", dtype, "checkpoints must be bfloat16, float16 or float32")
     return dict(
         family=family,

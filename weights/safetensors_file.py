@@ -32,6 +32,9 @@ DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+# The floating dtypes a model is stored and built in, by the name config.json's torch_dtype
+# and the CLIs' --dtype use (netdef.contract re-exports it).
+MODEL_DTYPES = {"bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"], "float32": DTYPES["F32"]}
 
 
 class SafetensorsFile:
