@@ -14,7 +14,15 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm import tqdm
 
-from netdef.contract import LOGITS, MODEL_DTYPES, NEXT_TOKEN, past
+from netdef.contract import (
+    INPUT_IDS,
+    LAST_TOKEN_INDEX,
+    LOGITS,
+    MODEL_DTYPES,
+    NEXT_TOKEN,
+    POSITION_IDS,
+    past,
+)
 from netdef.decoder import DecoderNetwork
 from netdef.slots import ring_crossing, rings, slot_feeds
 
@@ -142,9 +150,9 @@ class CpuBackend:
         if why := ring_crossing(positions, self.rings):
             raise ValueError(why)
         feeds = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
-            "position_ids": positions,
-            "last_token_index": np.ascontiguousarray(last_token_index, dtype=np.int32),
+            INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int32),
+            POSITION_IDS: positions,
+            LAST_TOKEN_INDEX: np.ascontiguousarray(last_token_index, dtype=np.int32),
             **{name: cache[: len(positions)] for name, cache in self.caches.items()},
             **slot_feeds(positions, self.max_seq_len, self.dn.window, self.dn.has_global),
         }

@@ -5,7 +5,22 @@ GPU tests of the backend and the bench."""
 
 from __future__ import annotations
 
-from netdef.contract import FORMAT_VERSION, PROFILE_SETS, SAMPLING_INPUTS, past, present
+from netdef.contract import (
+    FORMAT_VERSION,
+    INPUT_IDS,
+    INV_TEMPERATURE,
+    LAST_TOKEN_INDEX,
+    LOG_NORMALIZER,
+    LOGITS,
+    NEXT_TOKEN,
+    POSITION_IDS,
+    PROFILE_SETS,
+    SAMPLING_INPUTS,
+    TOP_IDS,
+    TOP_LOGITS,
+    past,
+    present,
+)
 
 from .cuda_buffers import cuda, cudart
 
@@ -25,20 +40,20 @@ def fake_engine(
     cache = [2 * kv_heads, max_seq_len, head_dim]
     io: dict[str, list] = {
         "inputs": [
-            {"name": "input_ids", "dtype": "int32", "shape": [-1, -1]},
-            {"name": "position_ids", "dtype": "int32", "shape": [-1, -1]},
-            {"name": "last_token_index", "dtype": "int32", "shape": [-1]},
+            {"name": INPUT_IDS, "dtype": "int32", "shape": [-1, -1]},
+            {"name": POSITION_IDS, "dtype": "int32", "shape": [-1, -1]},
+            {"name": LAST_TOKEN_INDEX, "dtype": "int32", "shape": [-1]},
         ],
         "outputs": [
-            {"name": "logits", "dtype": "float", "shape": [-1, vocab]},
-            {"name": "next_token", "dtype": "int32", "shape": [-1]},
+            {"name": LOGITS, "dtype": "float", "shape": [-1, vocab]},
+            {"name": NEXT_TOKEN, "dtype": "int32", "shape": [-1]},
         ],
     }
     if sample_top_k:
         io["outputs"] += [
-            {"name": "top_logits", "dtype": "float", "shape": [-1, sample_top_k]},
-            {"name": "top_ids", "dtype": "int32", "shape": [-1, sample_top_k]},
-            {"name": "log_normalizer", "dtype": "float", "shape": [-1]},
+            {"name": TOP_LOGITS, "dtype": "float", "shape": [-1, sample_top_k]},
+            {"name": TOP_IDS, "dtype": "int32", "shape": [-1, sample_top_k]},
+            {"name": LOG_NORMALIZER, "dtype": "float", "shape": [-1]},
         ]
     for i in range(layers):
         io["inputs"].append({"name": past(i), "dtype": "bf16", "shape": [-1, *cache]})
@@ -59,9 +74,9 @@ def fake_engine(
     for name in names:
         batch, seq = ranges[name]
         shapes = {
-            "input_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
-            "position_ids": [[bb, ss] for bb, ss in zip(batch, seq)],
-            "last_token_index": [[bb] for bb in batch],
+            INPUT_IDS: [[bb, ss] for bb, ss in zip(batch, seq)],
+            POSITION_IDS: [[bb, ss] for bb, ss in zip(batch, seq)],
+            LAST_TOKEN_INDEX: [[bb] for bb in batch],
         }
         for t in io["inputs"][3:]:
             shape = cache if t["name"].startswith("past_") else []
@@ -105,16 +120,16 @@ class CopyContext:
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
-        b, s = self.shapes["input_ids"]
+        b, s = self.shapes[INPUT_IDS]
         kind = cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice
         a = self.addresses
-        cuda("cudaMemcpyAsync", a["logits"], a["input_ids"], b * s * 4, kind, stream)
-        cuda("cudaMemcpyAsync", a["next_token"], a["input_ids"], b * 4, kind, stream)
-        for top in ("top_logits", "top_ids"):
+        cuda("cudaMemcpyAsync", a[LOGITS], a[INPUT_IDS], b * s * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a[NEXT_TOKEN], a[INPUT_IDS], b * 4, kind, stream)
+        for top in (TOP_LOGITS, TOP_IDS):
             if top in a:
-                cuda("cudaMemcpyAsync", a[top], a["input_ids"], b * 4, kind, stream)
-        if "log_normalizer" in a:
-            cuda("cudaMemcpyAsync", a["log_normalizer"], a["inv_temperature"], b * 4, kind, stream)
-        cuda("cudaMemcpyAsync", a[present(0)], a["position_ids"], b * s * 4, kind, stream)
+                cuda("cudaMemcpyAsync", a[top], a[INPUT_IDS], b * 4, kind, stream)
+        if LOG_NORMALIZER in a:
+            cuda("cudaMemcpyAsync", a[LOG_NORMALIZER], a[INV_TEMPERATURE], b * 4, kind, stream)
+        cuda("cudaMemcpyAsync", a[present(0)], a[POSITION_IDS], b * s * 4, kind, stream)
         self.executions += 1
         return True

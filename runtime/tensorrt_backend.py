@@ -42,9 +42,13 @@ import numpy as np
 
 from netdef.contract import (
     GLOBAL_POSITIONS,
+    INPUT_IDS,
     IO_DTYPES,
+    LAST_TOKEN_INDEX,
+    LOG_NORMALIZER,
     LOGITS,
     NEXT_TOKEN,
+    POSITION_IDS,
     POSITION_INPUTS,
     RESULTS,
     SAMPLING_INPUTS,
@@ -432,8 +436,8 @@ class TensorRTBackend:
         self.max_prefill = meta.max_prefill
         self.vocab_size = meta.data["config"]["vocab_size"]  # the built model's (BUILT_FIELDS)
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
-        self.sample_top_k = outputs["top_ids"][-1] if "top_ids" in outputs else 0
-        self.has_log_normalizer = "log_normalizer" in outputs
+        self.sample_top_k = outputs[TOP_IDS][-1] if TOP_IDS in outputs else 0
+        self.has_log_normalizer = LOG_NORMALIZER in outputs
         self.profile_names = [p["name"] for p in meta.profiles]
         self.decode_reach = decode_reach(meta.profiles)
         self.io, self._keep_alive = engine_desc["io"], keep_alive
@@ -836,7 +840,7 @@ class TensorRTBackend:
 
     def _logits_shape(self, b: int, s: int) -> tuple[int, ...]:
         return resolve_dynamic(
-            next(t["shape"] for t in self.io["outputs"] if t["name"] == "logits"), b, s
+            next(t["shape"] for t in self.io["outputs"] if t["name"] == LOGITS), b, s
         )
 
     def _enqueue(self, lane: int, chained: bool, b: int, s: int, wanted: tuple[str, ...]) -> None:
@@ -844,9 +848,9 @@ class TensorRTBackend:
         `chained`), execute, D2H of the `wanted` outputs into that set."""
         host = self.hosts[lane]
         sizes = {
-            "input_ids": b * s * 4,
-            "position_ids": b * s * 4,
-            "last_token_index": b * 4,
+            INPUT_IDS: b * s * 4,
+            POSITION_IDS: b * s * 4,
+            LAST_TOKEN_INDEX: b * 4,
             **dict.fromkeys(SAMPLING_INPUTS, b * 4),
             **{name: int(np.prod(shape)) * 4 for name, shape in self._state[self._active][3]},
         }
@@ -854,11 +858,11 @@ class TensorRTBackend:
         if chained:
             uploads[0] = (self.device[TOKEN_INPUTS[0]], self.device[NEXT_TOKEN], b * 4)
         sizes = {
-            "logits": int(np.prod(self._logits_shape(b, s))) * 4,
-            "next_token": b * 4,
-            "top_logits": b * self.sample_top_k * 4,
-            "top_ids": b * self.sample_top_k * 4,
-            "log_normalizer": b * 4,
+            LOGITS: int(np.prod(self._logits_shape(b, s))) * 4,
+            NEXT_TOKEN: b * 4,
+            TOP_LOGITS: b * self.sample_top_k * 4,
+            TOP_IDS: b * self.sample_top_k * 4,
+            LOG_NORMALIZER: b * 4,
         }
         downloads = [(host[n], self.device[n], sizes[n]) for n in wanted]
         enqueue_step(self.stream, uploads, self._execute, downloads)
