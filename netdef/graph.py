@@ -134,13 +134,10 @@ class Graph:
         x: Any,
         name: str,
         reshape: tuple[int, ...] | None = None,
-        transpose=None,
-        first_transpose=None,
+        transpose: tuple[int, ...] | None = None,
     ) -> Any:
-        """Transpose (`first_transpose`), reshape (0 copies that dim, -1 infers), transpose."""
+        """Reshape (0 copies that dim, -1 infers), then transpose."""
         layer = self.network.add_shuffle(x)
-        if first_transpose is not None:
-            layer.first_transpose = first_transpose
         if reshape is not None:
             layer.reshape_dims = reshape
         if transpose is not None:

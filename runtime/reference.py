@@ -326,8 +326,8 @@ class Executor:
             return cached.reshape(x.shape)
         return x.astype(np.float64)
 
-    def _out(self, layer: Any, i: int = 0) -> np.dtype:
-        return numpy_dtype(layer.get_output(i).dtype)
+    def _out(self, layer: Any) -> np.dtype:
+        return numpy_dtype(layer.get_output(0).dtype)
 
     # Layers (each follows the TensorRT operator page of the same name) --------------------------
     def _activation(self, layer, inputs):
