@@ -466,12 +466,12 @@ def test_option_parsing_defaults_and_errors(capsys):
         capsys.readouterr().err
     )
     for flag, value, need in (
-        ("--steps", "0", "positive"),
-        ("--context", "-3", ">= 0"),
-        ("--new-shapes", "-1", ">= 0"),
-        ("--max-batch", "0", "positive"),
-        ("--max-seq-len", "0", "positive"),
-        ("--bandwidth-mib", "0", "positive"),
+        ("--steps", "0", "at least 1."),
+        ("--context", "-3", "at least 0."),
+        ("--new-shapes", "-1", "at least 0."),
+        ("--max-batch", "0", "at least 1."),
+        ("--max-seq-len", "0", "at least 1."),
+        ("--bandwidth-mib", "0", "at least 1."),
     ):
         with pytest.raises(SystemExit):
             parse_args(["m", flag, value])
