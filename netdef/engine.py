@@ -90,9 +90,8 @@ class Callbacks:
     landed in the writer left a truncated engine that the build reported as written, and
     one in the monitor was lost or failed the build as "could not build". Here the first
     exception, or a Ctrl-C or SIGTERM (`weights.folders.interrupts_deferred`), is kept; from
-    then on the
-    monitor cancels the build and the writer writes nothing, and `raise_first` raises it
-    once the builder has returned."""
+    then on the monitor cancels the build and the writer writes nothing, and `raise_first`
+    raises it once the builder has returned."""
 
     def __init__(self) -> None:
         self.first: BaseException | None = None
