@@ -68,7 +68,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Read tokenizer.json, tokenizer_config.json, chat template files and generation_config.json."""
+        """Read tokenizer.json, tokenizer_config.json, chat template files and generation_config.json
+        (or, without it, config.json's token ids)."""
         folder = Path(path)
         if folder.is_file():  # else "tokenizer.json has no tokenizer.json"
             raise TokenizerError(
@@ -92,7 +93,7 @@ class Tokenizer:
             hf,
             _special_tokens(config, _read_json(folder / "special_tokens_map.json")),
             _chat_templates(folder, config),
-            _read_json(folder / "generation_config.json"),
+            _generation_config(folder),
             source=str(folder),
         )
 
@@ -207,6 +208,18 @@ class StreamDecoder:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    """generation_config.json, or where a folder has none, config.json's token ids as
+    transformers' `GenerationConfig.from_model_config` takes them: the outer config's, then its
+    `text_config`'s (a multimodal checkpoint's decoder) for those it lacks."""
+    if (folder / "generation_config.json").is_file():
+        return _read_json(folder / "generation_config.json")
+    config = _read_json(folder / "config.json")
+    text = config.get("text_config") or {}
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: text.get(k) if config.get(k) is None else config[k] for k in keys}
 
 
 def _id_list(value: int | list[int] | None) -> list[int]:

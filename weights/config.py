@@ -74,9 +74,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     final_logit_softcap: float | None
     checkpoint_dtype: str  # bfloat16 | float16 | float32, as the checkpoint stores it
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
     float16_overflows: bool = False  # Gemma-3's activations exceed float16's range
 
     @property
@@ -182,7 +179,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     if model_type == "gemma3":  # multimodal checkpoint: only its text decoder is ours
         text = dict(raw.get("text_config") or {})
         text.setdefault("model_type", "gemma3_text")
-        for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in ("torch_dtype", "dtype"):
             if key not in text and key in raw:
                 text[key] = raw[key]
         return parse_config(text)
@@ -274,8 +271,6 @@ def _common(raw: dict[str, Any], family: str, tie_default: bool) -> dict[str, An
             "num_key_value_heads", kv_heads, f"it must divide num_attention_heads={heads}"
         )
     hidden = _count(raw, "hidden_size")
-    eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16").removeprefix("torch.")
     if dtype not in MODEL_DTYPES:
         raise _reject("torch_dtype", dtype, "checkpoints must be bfloat16, float16 or float32")
@@ -291,9 +286,6 @@ def _common(raw: dict[str, Any], family: str, tie_default: bool) -> dict[str, An
         max_position_embeddings=_count(raw, "max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie_default)),
         checkpoint_dtype=dtype,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-        pad_token_id=raw.get("pad_token_id"),
     )
 
 

@@ -461,6 +461,22 @@ def test_gemma_special_ids(gemma3_270m_dir: Path, load_pair) -> None:
     assert tok.encode("<start_of_turn>", add_special_tokens=False) == [105]
 
 
+def test_special_ids_without_generation_config_come_from_config_json(
+    small_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """As transformers' generate falls back: the outer config's ids, then text_config's."""
+    folder = tmp_path / "llama3"
+    shutil.copytree(small_dirs["llama3"], folder)
+    (folder / "generation_config.json").unlink()
+    config = {"bos_token_id": 0, "text_config": {"eos_token_id": [1, 2], "pad_token_id": 3}}
+    _write_json(folder / "config.json", config)
+    generation = GenerationConfig.from_model_config(config)
+    ours = Tokenizer.from_dir(folder)
+    theirs = AutoTokenizer.from_pretrained(folder)
+    assert ours.eos_ids == {*generation.eos_token_id, theirs.eos_token_id} == {1, 2, 4}
+    assert (ours.bos_id, ours.pad_id) == (theirs.bos_token_id, generation.pad_token_id) == (0, 3)
+
+
 def _assert_renders_like_transformers(folder: Path, load_pair, conversations, **extra) -> None:
     ours, theirs = load_pair(folder)
     for messages in conversations:

@@ -76,9 +76,6 @@ def test_config_matches_the_instantiated_model(name, hf_model):
     assert (cfg.vocab_size, cfg.hidden_size) == tuple(decoder.embed_tokens.weight.shape)
     assert cfg.max_position_embeddings == hf_cfg.max_position_embeddings
     assert cfg.final_logit_softcap == getattr(hf_cfg, "final_logit_softcapping", None)
-    eos = hf_cfg.eos_token_id
-    assert cfg.eos_token_ids == (tuple(eos) if isinstance(eos, list) else (eos,))
-    assert (cfg.bos_token_id, cfg.pad_token_id) == (hf_cfg.bos_token_id, hf_cfg.pad_token_id)
     stored = AutoConfig.from_pretrained(tiny_model_dir(name))  # what dtype="auto" loads
     assert cfg.checkpoint_dtype == str(stored.dtype).removeprefix("torch.")
     layer_types = getattr(hf_cfg, "layer_types", None) or ["full_attention"] * cfg.num_layers
@@ -181,18 +178,17 @@ def test_gemma_config_styles_normalize_alike():
     assert load_config(tiny_model_dir("gemma3_mm")) == gemma3
 
 
-def test_multimodal_gemma_takes_dtype_and_token_ids_from_the_outer_config():
-    """As in google/gemma-3-4b-it's config.json: eos ids and dtype sit outside text_config."""
+def test_multimodal_gemma_takes_dtype_from_the_outer_config():
+    """As in google/gemma-3-4b-it's config.json: the dtype sits outside text_config."""
     raw = raw_config("gemma3_mm")
-    for key in ("dtype", "torch_dtype", "eos_token_id", "bos_token_id", "pad_token_id"):
+    for key in ("dtype", "torch_dtype"):
         raw["text_config"].pop(key, None)
         raw.pop(key, None)
-    raw.update(torch_dtype="float32", eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0)
+    raw.update(torch_dtype="float32")
     cfg = parse_config(raw)
     assert cfg.checkpoint_dtype == "float32"
-    assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id) == (2, (1, 106), 0)
     text_part = load_config(tiny_model_dir("gemma3"))
-    assert replace(cfg, checkpoint_dtype="bfloat16", eos_token_ids=(1,)) == text_part
+    assert replace(cfg, checkpoint_dtype="bfloat16") == text_part
 
 
 def edited(name: str, **changes) -> dict:
