@@ -81,6 +81,9 @@ UNSUPPORTED = {
 # Seconds uvicorn waits beyond --drain-timeout, for the answers the engine ended to go out.
 DRAIN_GRACE = 5.0
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's; chat defaults to the room left
+# --max-body-bytes' default: larger bodies get a 413, unread. A whole 128K-token prompt, as
+# JSON-escaped CJK text or as a list of token ids, is about 1 MB.
+MAX_BODY_BYTES = 8 << 20
 
 
 class ApiError(Exception):
@@ -327,8 +330,13 @@ class Metrics:
 class Server:
     """The routes over one engine; `app` is the ASGI application."""
 
-    def __init__(self, make_engine: Callable[[Callable], Engine], model: str):
-        self.model = model
+    def __init__(
+        self,
+        make_engine: Callable[[Callable], Engine],
+        model: str,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ):
+        self.model, self.max_body_bytes = model, max_body_bytes
         self.metrics: Metrics | None = None
         self.engine = make_engine(lambda r, now: self.metrics.on_token(r, now))
         self.metrics = Metrics(self.engine)
@@ -389,8 +397,9 @@ class Server:
     async def _serve(self, http: HttpRequest, kind: str) -> Response:
         endpoint = http.url.path
         try:
+            body = await read_body(http, self.max_body_bytes)
             try:
-                body = json.loads(await http.body())
+                body = json.loads(body)
             except ValueError as e:
                 raise ApiError(
                     400, f"the request body is not valid JSON: {e}.", None, "invalid_json"
@@ -523,6 +532,25 @@ class Server:
             request.cancel()
 
 
+async def read_body(http: HttpRequest, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over `limit` bytes: by its
+    Content-Length before any of it is read, or, sent chunked, once what came exceeds it."""
+    too_large = ApiError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes.",
+        None,
+        "body_too_large",
+    )
+    if int(http.headers.get("content-length", 0)) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 def failure(e: Exception) -> ApiError:
     """A request the engine ended with an exception: the drain's deadline (503), a fault (500)."""
     if isinstance(e, EngineStopped):
@@ -576,6 +604,7 @@ class ServeConfig:
     max_queue: int
     served_name: str
     drain_timeout: float
+    max_body_bytes: int
 
     def rows(self) -> int:
         """Sequences the engine runs at once: --max-batch, else the artifact's, else 4."""
@@ -598,6 +627,7 @@ class ServeConfig:
         return Server(
             lambda on_token: Engine(backend, tokenizer, self.max_queue, on_token),
             self.served_name,
+            self.max_body_bytes,
         )
 
 
@@ -630,6 +660,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         help="seconds SIGTERM lets running requests finish (default: %(default)s)",
     )
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="larger request bodies get 413, unread (default: %(default)s, 8 MiB)",
+    )
+    p.add_argument(
         "--ray-replicas",
         type=int,
         help="serve through Ray Serve with this many replicas (a GPU each)",
@@ -638,7 +674,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         "--ray-address", help="a running Ray cluster (e.g. auto); default: start a local one"
     )
     args = p.parse_args(argv)
-    lows = {"--max-batch": 1, "--max-queue": 0, "--drain-timeout": 0, "--ray-replicas": 1}
+    lows = {
+        "--max-batch": 1,
+        "--max-queue": 0,
+        "--drain-timeout": 0,
+        "--max-body-bytes": 1,
+        "--ray-replicas": 1,
+    }
     at_least(p, args, lows)
     if not 1 <= args.port <= 65535:
         p.error(f"--port {args.port} is not a TCP port; choose one in 1..65535.")
@@ -655,6 +697,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         max_queue=args.max_queue,
         served_name=args.served_model_name or args.model.resolve().name,
         drain_timeout=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes,
     )
     return args, config
 

@@ -1,10 +1,12 @@
 """`python -m tools.serve` against live servers on loopback ports, through the official openai
 client (reference backend): outputs equal tools.generate's, a 32-stream load test where each
-response equals the same request alone, errors, disconnects, 429, SIGTERM and engine faults."""
+response equals the same request alone, errors, the body limit (413), disconnects, 429, SIGTERM
+and engine faults."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import socket
@@ -307,6 +309,7 @@ def test_a_client_that_disconnects_frees_its_row(server):
         (["--max-batch", "0"], "--max-batch must be at least 1."),
         (["--max-queue", "-1"], "--max-queue must be at least 0."),
         (["--drain-timeout", "-5"], "--drain-timeout must be at least 0."),
+        (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1."),
         (["--port", "70000"], "--port 70000 is not a TCP port; choose one in 1..65535."),
     ],
 )
@@ -343,6 +346,56 @@ def test_a_port_in_use_or_a_foreign_host_is_one_error_before_loading(tiny, capsy
         "be an address of this machine (127.0.0.1, or 0.0.0.0 for all of them) and --port one "
         "you may use.\n"
     )
+
+
+def test_a_body_over_max_body_bytes_is_refused_before_it_is_read(tiny):
+    """A body of any size was read and parsed whole. Over --max-body-bytes it is a 413: by its
+    Content-Length before any of it arrives, or sent chunked, once what came exceeds it."""
+    server = LiveServer(tiny, "--max-seq-len", str(SEQ), "--max-body-bytes", "1024")
+    try:
+        error = {
+            "message": "the request body is larger than this server's limit of 1024 bytes.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "body_too_large",
+        }
+        fits = json.dumps({"model": "tiny", "prompt": "w5", "max_tokens": 1}).encode()
+        fits += b" " * (1024 - len(fits))  # JSON may end in whitespace
+        assert post(server.port, "/v1/completions", fits)[0] == 200
+        assert post(server.port, "/v1/completions", fits + b" ") == (413, {"error": error})
+        with pytest.raises(openai.APIStatusError) as e:
+            server.client.completions.create(model="tiny", prompt="w5 " * 400)
+        assert (e.value.status_code, e.value.body) == (413, error)
+        # The headers alone: answered without waiting for the body.
+        assert raw_post(server.port, b"Content-Length: 100000000\r\n", b"") == (
+            413,
+            {"error": error},
+        )
+        chunked = b"Transfer-Encoding: chunked\r\n"
+        whole = chunk(fits[:500]) + chunk(fits[500:]) + chunk(b"")
+        assert raw_post(server.port, chunked, whole)[0] == 200
+        # Over the limit and not yet ended: answered without waiting for the rest.
+        assert raw_post(server.port, chunked, chunk(fits) + chunk(b" ")) == (413, {"error": error})
+        assert health(server.port)["active"] == 0
+    finally:
+        assert server.stop() == 0
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked HTTP/1.1 body (the empty one ends it)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def raw_post(port: int, headers: bytes, body: bytes) -> tuple[int, dict]:
+    """POST /v1/completions with these headers and `body`, which may stop short of what the
+    headers announce; the answer as soon as it comes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n" + body
+        )
+        answer = http.client.HTTPResponse(s)
+        answer.begin()
+        return answer.status, json.loads(answer.read())
 
 
 def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
