@@ -12,6 +12,7 @@ sequence's end.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES))
     parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attached_ids(sys.argv[1:] if argv is None else argv))
     try:
         seqs = [[int(tok) for tok in s.split(",") if tok.strip()] for s in args.ids]
     except ValueError:
@@ -95,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     ragged = " (NaN past a shorter sequence's end)" if len(set(map(len, seqs))) > 1 else ""
     print(f"Saved float32 logits {list(saved.shape)} to {path}{ragged}.", file=sys.stderr)
     return 0
+
+
+def attached_ids(argv: list[str]) -> list[str]:
+    """`--ids -1,3` as `--ids=-1,3`: argparse takes a value that starts with '-' (other than a
+    lone number) for an option and answers "expected one argument". No option here starts
+    with '-' and a digit, so such a value is the ids, which the vocabulary check then refuses."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--ids" and re.match(r"-\d", arg):
+            out[-1] = f"--ids={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

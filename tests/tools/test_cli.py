@@ -64,6 +64,13 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
     assert (
         str(err.value) == "error: token ids [-3] in prompt 1 are outside the vocabulary [0, 512)."
     )
+    with pytest.raises(SystemExit) as err:  # argparse said "--ids: expected one argument"
+        logits_tool.main(
+            [str(tiny_dir("llama")), "--ids", "-1,3", "--out", str(tmp_path / "x.npy")]
+        )
+    assert str(err.value) == (
+        "error: token ids [-1] in the prompt are outside the vocabulary [0, 512)."
+    )
     with pytest.raises(SystemExit):
         logits_tool.main([str(tiny_dir("llama")), "--ids", "1,x", "--out", str(tmp_path / "x.npy")])
     assert "--ids takes comma-separated integers" in capsys.readouterr().err
