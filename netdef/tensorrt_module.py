@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any
 
 from weights.folders import interrupts_deferred
 
@@ -50,7 +51,7 @@ def is_rtx(trt: ModuleType) -> bool:
     return trt.__name__.startswith("tensorrt_rtx")
 
 
-def compute_capability(trt: ModuleType, target: str):
+def compute_capability(trt: ModuleType, target: str) -> Any:
     """'sm89' or '8.9' -> trt.ComputeCapability.SM89 (TensorRT-RTX ahead-of-time targets)."""
     member = getattr(trt.ComputeCapability, normalize_target(target).upper(), None)
     if member is None:

@@ -105,7 +105,12 @@ class CpuBackend:
             self.caches = whole
 
     def forward(
-        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        readout: Readout,
+        draws: Draws = None,
     ) -> Outputs:
         """One network call; the outputs `readout` names."""
         if missing := [n for n in readout.outputs if n not in self.executor.output_names]:
@@ -115,7 +120,12 @@ class CpuBackend:
         return {name: self.last[name] for name in readout.outputs}
 
     def submit(
-        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+        self,
+        input_ids: np.ndarray | None,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        readout: Readout,
+        draws: Draws = None,
     ) -> None:
         """`forward` now, its outputs kept for `collect`; input_ids None feeds each row the
         previous call's next_token (runtime.backend.Backend.submit)."""
@@ -141,7 +151,11 @@ class CpuBackend:
         self.close()
 
     def feeds(
-        self, input_ids, position_ids, last_token_index, draws: Draws = None
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        draws: Draws = None,
     ) -> dict[str, np.ndarray]:
         """Every network input of one call: the tokens, the first B rows of the KV caches (a
         call of B sequences uses rows 0..B-1, as on the GPU), the attended positions and how

@@ -17,11 +17,18 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # ray is an optional extra; tools.serve imports this module, on demand
+    from ray.serve import Application
+    from starlette.applications import Starlette
+
+    from tools.serve import ServeConfig
 
 APP_NAME = "trt-netdef"
 
 
-def replica_resources(config) -> dict[str, int]:
+def replica_resources(config: ServeConfig) -> dict[str, int]:
     """What Ray reserves for each replica: a GPU for the TensorRT backend, and a CPU."""
     return {"GPU": 1 if config.backend == "tensorrt" else 0, "CPU": 1}
 
@@ -37,14 +44,14 @@ def short_of(have: dict[str, float], need: dict[str, int], replicas: int) -> str
     return None
 
 
-def deployment(config, replicas: int):
-    """The bound Ray Serve application of `config` (a tools.serve.ServeConfig)."""
+def deployment(config: ServeConfig, replicas: int) -> Application:
+    """The bound Ray Serve application of `config`."""
     from ray import serve
 
     need = replica_resources(config)
     rows = config.rows()
 
-    def build_app():
+    def build_app() -> Starlette:
         # Ray sends a replica up to `rows` requests beyond its rows (max_ongoing_requests):
         # its engine takes them all, or a small --max-queue would refuse what Ray routed.
         return replace(config, max_queue=rows).server().app
@@ -64,7 +71,7 @@ def deployment(config, replicas: int):
     ).bind()
 
 
-def run_on_ray(args: argparse.Namespace, config) -> int:
+def run_on_ray(args: argparse.Namespace, config: ServeConfig) -> int:
     """Start (or join) a Ray cluster, deploy, serve until SIGTERM/SIGINT, then tear down."""
     import ray
     from ray import serve

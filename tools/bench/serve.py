@@ -45,7 +45,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1000 if values else None
 
 
-async def one_level(client, model: str, streams: int, args, vocab: int) -> dict:
+async def one_level(
+    client: openai.AsyncOpenAI, model: str, streams: int, args: argparse.Namespace, vocab: int
+) -> dict:
     ttft, itl, tokens = [], [], 0
 
     async def client_loop(k: int) -> None:
@@ -98,7 +100,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tools.serve", str(args.model_path), "--port", str(port)]
     cmd += ["--backend", args.backend, "--max-queue", str(max(args.streams) * 2)]
