@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -22,18 +23,27 @@ class CudaError(RuntimeError):
     """A CUDA runtime call failed, or cuda-python is missing."""
 
 
-def cudart() -> Any:
-    """`cuda.bindings.runtime`, imported on first use."""
+def _import_cudart() -> ModuleType | ImportError:
+    """`cuda.bindings.runtime`, imported on first use, or the ImportError that says why it
+    cannot be: `cudart` raises it as a CudaError, `gpu_unavailable_reason` says it."""
     global _RT
     if _RT is None:
         try:
             from cuda.bindings import runtime
         except ImportError as e:
-            raise CudaError(
-                f"the TensorRT backend needs cuda-python ({e}); install it: {INSTALL_CUDA}"
-            ) from None
+            return e
         _RT = runtime
     return _RT
+
+
+def cudart() -> Any:
+    """`cuda.bindings.runtime`, imported on first use."""
+    rt = _import_cudart()
+    if isinstance(rt, ImportError):
+        raise CudaError(
+            f"the TensorRT backend needs cuda-python ({rt}); install it: {INSTALL_CUDA}"
+        )
+    return rt
 
 
 def check(result: Any, call: str) -> Any:
@@ -83,10 +93,8 @@ def free_bytes() -> int:
 def gpu_unavailable_reason() -> str | None:
     """None when cuda-python imports and a CUDA device is present; else why not, as a clause
     that the callers' sentences ("... needs a CUDA GPU, but <reason>") and test skips end in."""
-    try:
-        from cuda.bindings import runtime  # noqa: F401  (cudart's error says what needs it)
-    except ImportError as e:
-        return f"cuda-python cannot be imported ({e}; install it: {INSTALL_CUDA})"
+    if isinstance(rt := _import_cudart(), ImportError):
+        return f"cuda-python cannot be imported ({rt}; install it: {INSTALL_CUDA})"
     try:
         count = cuda("cudaGetDeviceCount")
     except CudaError as e:
