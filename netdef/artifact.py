@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weights.folders import interrupts_deferred, partial_path
+from weights.folders import staged_folder
 from weights.hub import MODEL_FILES
 
 from .contract import FORMAT_VERSION
@@ -304,31 +303,12 @@ def check_replaceable(folder: Path) -> None:
 
 @contextmanager
 def staging(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it takes `final`'s place.
-
-    An existing `final` is checked again at the end (it may have changed during the build),
-    renamed aside, the new folder renamed into place, and the old one then removed file by
-    file, so only an artifact's own files can ever be deleted. A Ctrl-C waits for the swap
-    (before, deleting the old files one by one, it could leave neither artifact)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(final)
-    tmp.mkdir()  # not mkdtemp: the artifact should get the umask's permissions, not 0700
-    try:
+    """Yield a temporary folder beside `final`; on success it takes `final`'s place
+    (`weights.folders.staged_folder`). An existing `final` is checked again at the end (it may
+    have changed during the build), and only an artifact's own files in it are ever deleted."""
+    with staged_folder(final, ARTIFACT_FILES) as tmp:
         yield tmp
         check_replaceable(final)
-        with interrupts_deferred():
-            old = partial_path(final) if final.exists() else None
-            if old is not None:
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                for name in ARTIFACT_FILES:
-                    (old / name).unlink(missing_ok=True)
-                old.rmdir()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_model_files(model_dir: Path, dest: Path) -> list[str]:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,3 +122,32 @@ def staged_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(final: Path, owned: Collection[str] = ()) -> Iterator[Path]:
+    """A new partial folder to write instead of `final`, which takes its place when the block
+    ends without error, else is removed: `final` is either what it was or the whole new
+    folder. An existing `final` must be an empty folder (the rename refuses any other), or
+    with `owned` one holding only files of those names, as the caller checks last inside the
+    block (it may have changed meanwhile): that one is renamed aside, the new folder renamed
+    into place, and the old one then emptied of the `owned` files and removed, so nothing else
+    is ever deleted. A Ctrl-C or SIGTERM waits for the swap, which halfway could leave neither
+    folder in place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(final)
+    tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
+    try:
+        yield tmp
+        with interrupts_deferred():
+            old = partial_path(final) if owned and final.exists() else None
+            if old is not None:
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                for name in owned:
+                    (old / name).unlink(missing_ok=True)
+                old.rmdir()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place

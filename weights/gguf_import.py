@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import parse_config
 from .errors import WeightsError
-from .folders import locked, partial_path, remove_stale_partials
+from .folders import locked, remove_stale_partials, staged_folder
 from .gguf_file import GGUFTensor, read_gguf_file
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
 from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
@@ -224,20 +222,13 @@ def write_model_dir(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
     config = hf_config(gguf, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(out_dir)
-    tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
-    try:
+    with staged_folder(out_dir) as tmp:
         _write_weights(gguf, tmp / "model.safetensors", config, dtype, progress)
         tokenizer_class = "GemmaTokenizer" if gguf.arch == "gemma3" else "PreTrainedTokenizerFast"
         write_tokenizer(gguf.meta, gguf.arch, tokenizer_class, tmp)
         write_json(tmp / "config.json", config)
         ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         write_json(tmp / "generation_config.json", ids)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

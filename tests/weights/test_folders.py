@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from weights.folders import interrupts_deferred, staged_file
+from weights.folders import interrupts_deferred, staged_file, staged_folder
 
 
 def test_a_ctrl_c_inside_a_deferred_block_is_raised_when_it_ends():
@@ -89,3 +89,32 @@ def test_a_staged_file_writes_through_a_symbolic_link(tmp_path):
         tmp.write_text("new")
     assert link.is_symlink() and target.read_text() == "new"
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["out.npy"]
+
+
+def test_a_staged_folder_takes_the_place_of_an_empty_one_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    with pytest.raises(KeyboardInterrupt), staged_folder(final) as tmp:
+        (tmp / "a").write_text("half")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(final.iterdir())
+    with staged_folder(final) as tmp:
+        (tmp / "a").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in final.iterdir()] == ["a"]
+
+
+def test_a_staged_folder_deletes_only_the_files_it_owns(tmp_path):
+    """A folder that is not empty is replaced only with `owned` (its files of those names);
+    without, the rename refuses it and nothing changes."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "yours").write_text("kept")
+    with pytest.raises(OSError), staged_folder(final) as tmp:
+        (tmp / "a").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.read_text() for p in final.iterdir()] == ["kept"]
+    with staged_folder(final, owned={"yours"}) as tmp:
+        (tmp / "a").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"a": "new"}

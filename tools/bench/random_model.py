@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tools.bench import BenchError
-from weights.folders import locked, partial_path, remove_stale_partials
+from weights.folders import locked, remove_stale_partials, staged_folder
 
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # google/gemma-3-1b-it's config.json (its generation-only "cache_implementation" left out).
@@ -180,31 +178,27 @@ def write_random_checkpoint(
     half_width = np.float32(std * math.sqrt(3.0))
     norm_bits = bf16_bits(np.array([1.0 - parsed.norm_offset], np.float32))[0]
     chunk = 1 << 23
-    tmp = partial_path(out)
     try:
         with locked(out):  # one writer of `out` at a time: any partial of it is a dead one's
             remove_stale_partials(out, lambda line: print(line, file=sys.stderr))
-            tmp.mkdir()  # not mkdtemp: the folder should get the umask's permissions, not 0700
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            with open(tmp / "model.safetensors", "wb") as f:
-                f.write(struct.pack("<Q", len(blob)))
-                f.write(blob)
-                for name in sorted(shapes):
-                    total = math.prod(shapes[name])
-                    if name.endswith("norm.weight"):
-                        f.write(np.full(total, norm_bits, np.uint16).tobytes())
-                        continue
-                    for start in range(0, total, chunk):
-                        n = min(chunk, total - start)
-                        values = rng.random(n, dtype=np.float32)
-                        values *= 2 * half_width
-                        values -= half_width
-                        f.write(bf16_bits(values).tobytes())
-            check_out(out)  # again: something may have been put there while this wrote
-            os.rename(tmp, out)
+            with staged_folder(out) as tmp:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                with open(tmp / "model.safetensors", "wb") as f:
+                    f.write(struct.pack("<Q", len(blob)))
+                    f.write(blob)
+                    for name in sorted(shapes):
+                        total = math.prod(shapes[name])
+                        if name.endswith("norm.weight"):
+                            f.write(np.full(total, norm_bits, np.uint16).tobytes())
+                            continue
+                        for start in range(0, total, chunk):
+                            n = min(chunk, total - start)
+                            values = rng.random(n, dtype=np.float32)
+                            values *= 2 * half_width
+                            values -= half_width
+                            f.write(bf16_bits(values).tobytes())
+                check_out(out)  # again: something may have been put there while this wrote
     except OSError as e:
         reason = f"{e.strerror}: {e.filename}" if e.filename else str(e)
         raise BenchError(f"could not write {out}: {reason} (nothing was left there).") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     return out
