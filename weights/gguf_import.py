@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +42,7 @@ from .folders import locked, remove_stale_partials, staged_folder
 from .gguf_file import GGUFTensor, read_gguf_file
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
 from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
+from .safetensors_file import write_header
 
 # Output dtype -> its safetensors tag (the NumPy dtype is safetensors_file.DTYPES[tag]).
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -482,16 +482,8 @@ def _write_weights(
     tag = DTYPES[dtype]
     np_dtype = SAFETENSORS_DTYPES[tag]
     plan = tensor_plan(gguf, config)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset, itemsize = 0, np.dtype(np_dtype).itemsize
-    for name, shape, _ in plan:
-        end = offset + math.prod(shape) * itemsize
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        write_header(f, ((name, shape) for name, shape, _ in plan), tag)
         for _, shape, tensor in tqdm(
             plan, desc="Converting GGUF tensors", unit="tensor", disable=not progress
         ):

@@ -1,4 +1,5 @@
-"""A memory-mapped safetensors reader that hands out zero-copy NumPy views, bfloat16 included.
+"""A memory-mapped safetensors reader that hands out zero-copy NumPy views, bfloat16 included,
+and the header writer of the files written here (GGUF conversions, random checkpoints).
 
 `safetensors`' own NumPy API cannot represent bfloat16, so the format is read directly: an
 8-byte little-endian header length, a JSON header, then the raw tensor bytes. The header is
@@ -10,10 +11,12 @@ download fails here with the file's name instead of as a crash or garbage weight
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -35,6 +38,21 @@ DTYPES = {
 # The floating dtypes a model is stored and built in, by the name config.json's torch_dtype
 # and the CLIs' --dtype use (netdef.contract re-exports it).
 MODEL_DTYPES = {"bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"], "float32": DTYPES["F32"]}
+
+
+def write_header(f: BinaryIO, tensors: Iterable[tuple[str, Sequence[int]]], tag: str) -> None:
+    """Write the header of a safetensors file whose tensors, all of dtype `tag` (a DTYPES
+    key), follow it in this order: shapes known up front let a writer then stream each
+    tensor's raw bytes, one tensor in memory at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset, itemsize = 0, DTYPES[tag].itemsize
+    for name, shape in tensors:
+        end = offset + math.prod(shape) * itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    f.write(struct.pack("<Q", len(blob)) + blob)
 
 
 class SafetensorsFile:

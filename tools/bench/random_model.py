@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from tools.bench import BenchError
 from weights.folders import locked, remove_stale_partials, staged_folder
+from weights.safetensors_file import write_header
 
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     # google/gemma-3-1b-it's config.json (its generation-only "cache_implementation" left out).
@@ -162,18 +162,6 @@ def write_random_checkpoint(
     check_out(out)
     parsed = parse_config(config)
     shapes = {f"model.{name}": shape for name, shape in parsed.tensor_shapes().items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in sorted(shapes):
-        nbytes = math.prod(shapes[name]) * 2
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(shapes[name]),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     rng = np.random.default_rng(seed)
     half_width = np.float32(std * math.sqrt(3.0))
     norm_bits = bf16_bits(np.array([1.0 - parsed.norm_offset], np.float32))[0]
@@ -184,8 +172,7 @@ def write_random_checkpoint(
             with staged_folder(out) as tmp:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
                 with open(tmp / "model.safetensors", "wb") as f:
-                    f.write(struct.pack("<Q", len(blob)))
-                    f.write(blob)
+                    write_header(f, ((name, shapes[name]) for name in sorted(shapes)), "BF16")
                     for name in sorted(shapes):
                         total = math.prod(shapes[name])
                         if name.endswith("norm.weight"):
