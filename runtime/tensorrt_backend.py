@@ -539,17 +539,13 @@ class TensorRTBackend:
     ) -> TensorRTBackend:
         """Open `artifact` on the current GPU. With `jit_cache` (TensorRT-RTX), the kernels
         it compiles for this GPU are read from and, on `close`, kept in `jit_cache_path`."""
-        from netdef.artifact import ENGINE_FILE, Metadata, check_format, is_complete, read_metadata
+        from netdef.artifact import ENGINE_FILE, open_artifact
         from netdef.tensorrt_module import TensorRTModuleError, load_tensorrt
 
         artifact = Path(artifact)
-        if not is_complete(artifact):
-            raise EngineLoadError(
-                f"{artifact} is not an engine artifact; build one with python -m tools.build."
-            )
-        meta = read_metadata(artifact)  # ArtifactError (a ValueError) if broken
-        check_format(artifact, meta)  # or of another format
-        metadata = Metadata.from_dict(meta)
+        # An ArtifactError (a ValueError) if incomplete, unreadable or of another format.
+        metadata = open_artifact(artifact)
+        meta = metadata.data
         try:
             if trt is None:
                 try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from netdef import NetworkOptions, build_network, load_tensorrt
-from netdef.artifact import ENGINE_FILE, metadata, write_metadata
+from netdef.artifact import ENGINE_FILE, ArtifactError, metadata, write_metadata
 from netdef.contract import target_capability
 from runtime import cuda_buffers
 from runtime.standin import fake_engine
@@ -303,7 +303,8 @@ def test_invalid_call_is_refused(ids, pos, last, message):
 
 
 def test_load_refuses_a_folder_that_is_no_artifact(tmp_path):
-    with pytest.raises(EngineLoadError) as e:
+    """As every reader of an artifact does (netdef.artifact.open_artifact)."""
+    with pytest.raises(ArtifactError) as e:
         TensorRTBackend.load(tmp_path)
     assert str(e.value) == (
         f"{tmp_path} is not an engine artifact; build one with python -m tools.build."
