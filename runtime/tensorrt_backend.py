@@ -32,13 +32,14 @@ import math
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from netdef.contract import (
     GLOBAL_POSITIONS,
@@ -219,8 +220,14 @@ def buffer_plan(
 
 
 def validate_call(
-    ids, positions, last, max_batch: int, max_prefill: int, max_seq_len: int, ring_lengths=()
-):
+    ids: ArrayLike,
+    positions: ArrayLike,
+    last: ArrayLike,
+    max_batch: int,
+    max_prefill: int,
+    max_seq_len: int,
+    ring_lengths: Iterable[int] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int32 C-contiguous (ids, positions, last), or ValueError before any GPU work. The row
     checks run on Python ints: for a decode step's few rows they cost a quarter of NumPy's
     reductions, and every microsecond here is host work the GPU waits for."""
@@ -639,7 +646,12 @@ class TensorRTBackend:
             self._row = None
 
     def forward(
-        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        readout: Readout,
+        draws: Draws = None,
     ) -> Outputs:
         """One call; copies back only the outputs `readout` names: 4 bytes per sequence for
         ARGMAX, 8 per candidate and sequence for TOP_K (plus 4 with the log-normalizer)
@@ -649,7 +661,12 @@ class TensorRTBackend:
         return self.collect()
 
     def submit(
-        self, input_ids, position_ids, last_token_index, readout: Readout, draws: Draws = None
+        self,
+        input_ids: np.ndarray | None,
+        position_ids: np.ndarray,
+        last_token_index: np.ndarray,
+        readout: Readout,
+        draws: Draws = None,
     ) -> None:
         """Enqueue one call as `forward` would, without waiting for it. input_ids None: a
         decode step of the previous call's rows, each fed that call's `next_token` on the
@@ -768,7 +785,9 @@ class TensorRTBackend:
             cuda("cudaSetDevice", self._device)
             self._thread = thread
 
-    def _stage(self, lane: int, ids, pos: np.ndarray, last: np.ndarray, feeds: dict) -> None:
+    def _stage(
+        self, lane: int, ids: np.ndarray | None, pos: np.ndarray, last: np.ndarray, feeds: dict
+    ) -> None:
         """Write a call's inputs into host set `lane` (ids None: a chained call's come from
         the device)."""
         host = self.hosts[lane]
