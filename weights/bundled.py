@@ -19,8 +19,10 @@ from .folders import locked, staged_file
 from .gguf_import import (
     CONVERTER_VERSION,
     clean_partials,
-    convert_gguf,
+    converted,
     is_complete,
+    open_gguf,
+    waiting,
 )
 from .gguf_import import (
     REQUIRED_FILES as REQUIRED_FILES,  # re-exported: what a complete conversion holds
@@ -40,7 +42,7 @@ def bundled_gguf_path(cache_dir: Path | None = None) -> Path:
     target = Path(cache_dir or default_cache_dir()) / pkg.MODEL_NAME
     if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
         return target
-    with locked(target, on_wait=lambda: _waiting(target)):
+    with locked(target, on_wait=lambda: waiting(target)):
         if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
             return target  # another process assembled it meanwhile
         clean_partials(target)
@@ -62,13 +64,7 @@ def bundled_model_dir(cache_dir: Path | None = None, progress: bool = True) -> P
     try:
         gguf = bundled_gguf_path(cache)
         target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
-        if is_complete(target):
-            return target
-        with locked(target, on_wait=lambda: _waiting(target)):
-            if not is_complete(target):  # else another process converted it meanwhile
-                clean_partials(target)
-                convert_gguf(gguf, target, progress=progress)
-        return target
+        return target if is_complete(target) else converted(open_gguf(gguf), target, progress)
     except OSError as e:
         raise WeightsError(
             f"cannot prepare the bundled model in {cache} ({e.strerror}: {e.filename}); set "
@@ -102,10 +98,6 @@ def _remember_sha256(path: Path, sha256: str) -> None:
 
 def _hash_record(path: Path) -> Path:
     return path.with_name(path.name + ".sha256.json")
-
-
-def _waiting(target: Path) -> None:
-    print(f"Waiting for another process to finish {target}...", file=sys.stderr)
 
 
 def _package() -> ModuleType:

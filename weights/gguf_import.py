@@ -546,7 +546,7 @@ def converted_path(source: Path, cache_dir: Path) -> Path:
 
 def converted(gguf: GGUFFile, target: Path, progress: bool) -> Path:
     """`target`, converted from `gguf` unless complete; one process converts at a time."""
-    with locked(target, on_wait=lambda: _say(f"Waiting for another process to finish {target}...")):
+    with locked(target, on_wait=lambda: waiting(target)):
         if not is_complete(target):  # else another process converted it meanwhile
             clean_partials(target)
             write_model_dir(gguf, target, progress=progress)
@@ -561,6 +561,11 @@ def clean_partials(target: Path) -> None:
 def is_complete(folder: Path) -> bool:
     """Whether `folder` holds a finished conversion."""
     return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def waiting(target: Path) -> None:
+    """Say that another process holds the lock of `target` (`folders.locked`'s on_wait)."""
+    _say(f"Waiting for another process to finish {target}...")
 
 
 def _say(message: str) -> None:

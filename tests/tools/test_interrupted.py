@@ -15,8 +15,9 @@ import pytest
 
 from netdef.artifact import ENGINE_FILE
 from tests.tools.cli import run_build, tiny_build_args, with_tokenizer
-from weights import bundled
+from weights import gguf_import
 from weights.bundled import REQUIRED_FILES, bundled_gguf_path, bundled_model_dir
+from weights.gguf_import import GGUFFile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,14 +194,14 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(tmp_path, monkeypatch, ca
     proc = start("tools.bundled", "--cache-dir", str(cache))
     [partial] = kill_once_partial(proc, cache, ".gemma-3-270m-*.partial")
 
-    def convert(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
+    def convert(gguf: GGUFFile, out_dir: Path, progress: bool) -> Path:
         """Stands in for the minute-long conversion, which test_gguf_import covers."""
         out_dir.mkdir()
         for name in REQUIRED_FILES:
             (out_dir / name).write_text("{}")
         return out_dir
 
-    monkeypatch.setattr(bundled, "convert_gguf", convert)
+    monkeypatch.setattr(gguf_import, "write_model_dir", convert)
     folder = bundled_model_dir(cache, progress=False)
     assert f"Removed what interrupted runs left in {cache}: {partial.name}.\n" in (
         capsys.readouterr().err

@@ -205,7 +205,7 @@ def test_bundled_model_dir_is_reused(gemma3_270m_dir: Path, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(bundled, "convert_gguf", no_conversion)
+    monkeypatch.setattr(bundled, "converted", no_conversion)
     start = time.perf_counter()
     assert bundled_model_dir(cache) == gemma3_270m_dir
     assert time.perf_counter() - start < 1.0  # the GGUF's hash is remembered, not recomputed
