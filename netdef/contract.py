@@ -14,7 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from weights.safetensors_file import MODEL_DTYPES  # noqa: F401  (re-exported: the one table)
+from weights.safetensors_file import DEFAULT_DTYPE, MODEL_DTYPES  # noqa: F401  (re-exported)
 
 # Bumped whenever this contract changes: an older artifact is refused at load, and its build
 # key changes. 2: inv_temperature, log_normalizer, gather splits; 3: window_slots, matmul

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from weights.config import ModelConfig, is_int
 
 from .contract import (
+    DEFAULT_DTYPE,
     GLOBAL_POSITIONS,
     MODEL_DTYPES,
     PROFILE_SETS,
@@ -87,7 +88,7 @@ class Profile:
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    dtype: str = "bfloat16"
+    dtype: str = DEFAULT_DTYPE
     max_batch: int = 1
     max_seq_len: int = 4096  # KV-cache length: prompt + generated tokens of one sequence
     max_prefill: int | None = None  # longest S in one call; default max_seq_len

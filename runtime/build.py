@@ -41,7 +41,13 @@ from netdef.artifact import (
     staging,
     write_metadata,
 )
-from netdef.contract import FORMAT_VERSION, NETWORK_VERSION, PROFILE_SETS, normalize_target
+from netdef.contract import (
+    DEFAULT_DTYPE,
+    FORMAT_VERSION,
+    NETWORK_VERSION,
+    PROFILE_SETS,
+    normalize_target,
+)
 from netdef.options import (
     GLOBAL_OPT,
     check_quant_target,
@@ -99,7 +105,7 @@ def warn_without_tokenizer(model_dir: Path, hooks: BuildHooks) -> None:
 def build(
     model: str,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = DEFAULT_DTYPE,
     max_batch: int = 1,
     max_seq_len: int | None = None,
     max_prefill: int | None = None,

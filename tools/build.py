@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from netdef import OptionsError, TensorRTModuleError
 from netdef.artifact import ArtifactError
-from netdef.contract import MODEL_DTYPES, PROFILE_SETS
+from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES, PROFILE_SETS
 from netdef.engine import EngineBuildError
 from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"local folder, a GGUF file (or a folder holding one), or {BUNDLED} (Gemma-3-270M from "
         "the bundled extra)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=list(MODEL_DTYPES))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(MODEL_DTYPES))
     p.add_argument("--max-batch", type=int, default=1)
     p.add_argument(
         "--max-seq-len",

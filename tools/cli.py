@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from netdef.contract import MODEL_DTYPES
+from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES
 
 
 class Terminated(KeyboardInterrupt):
@@ -101,7 +101,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=list(MODEL_DTYPES),
-        help="a model folder's dtype on the reference backend (default bfloat16)",
+        help=f"a model folder's dtype on the reference backend (default {DEFAULT_DTYPE})",
     )
     p.add_argument(
         "--max-seq-len",

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
 from netdef.artifact import is_complete, open_artifact
-from netdef.contract import LOGITS, MODEL_DTYPES
+from netdef.contract import DEFAULT_DTYPE, LOGITS, MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
 from netdef.slots import prompt_chunks
@@ -71,7 +71,7 @@ def evaluate(
     ids: Sequence[int],
     modes: Sequence[str],
     *,
-    dtype: str = "bfloat16",
+    dtype: str = DEFAULT_DTYPE,
     quant_lm_head: bool = False,
     calib_ids: Sequence[int] = (),
     chunk: int = 256,
@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--calib-file", type=Path, help="fp8 calibration text (default: the shipped sample)"
     )
-    p.add_argument("--dtype", choices=list(MODEL_DTYPES), help="model dtype (default: bfloat16)")
+    p.add_argument(
+        "--dtype", choices=list(MODEL_DTYPES), help=f"model dtype (default: {DEFAULT_DTYPE})"
+    )
     p.add_argument("--max-tokens", type=int, help="evaluate on the text's first N tokens")
     p.add_argument("--chunk", type=int, default=256, help="tokens per prefill call")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = resolve_model(str(args.model_dir))
             gguf = None if model_dir == args.model_dir else args.model_dir
         modes = quant_modes(args, gguf)
-        dtype = args.dtype or "bfloat16"
+        dtype = args.dtype or DEFAULT_DTYPE
         tokenizer = Tokenizer.from_dir(model_dir)
         ids = tokenizer.encode(text)[: args.max_tokens]
         ckpt = Checkpoint.open(model_dir)

@@ -25,6 +25,7 @@ from netdef.artifact import (
     fmt_bytes,
     source_fingerprint,
 )
+from netdef.contract import DEFAULT_DTYPE
 from netdef.options import default_max_seq_len
 from runtime.backend import Backend
 from runtime.calibration import activation_amax, calibration_ids
@@ -116,7 +117,7 @@ def open_backend(
         ckpt = Checkpoint.open(path)
         seq_len = default_max_seq_len(ckpt.config) if max_seq_len is None else max_seq_len
         options = NetworkOptions(
-            dtype=dtype or "bfloat16",
+            dtype=dtype or DEFAULT_DTYPE,
             max_batch=max_batch,
             max_seq_len=seq_len,
             max_prefill=min(seq_len, 512),  # the executor's attention scores stay small

@@ -41,8 +41,8 @@ from .errors import WeightsError
 from .folders import locked, remove_stale_partials, staged_folder
 from .gguf_file import GGUFTensor, read_gguf_file
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
+from .safetensors_file import DEFAULT_DTYPE, write_header
 from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
-from .safetensors_file import write_header
 
 # Output dtype -> its safetensors tag (the NumPy dtype is safetensors_file.DTYPES[tag]).
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -182,7 +182,7 @@ def open_gguf(path: Path) -> GGUFFile:
             )
     check_tokenizer(meta, path)
     gguf = GGUFFile(path, parts, meta, tensors)
-    tensor_plan(gguf, hf_config(gguf, "bfloat16"))  # the metadata a conversion reads, and shapes
+    tensor_plan(gguf, hf_config(gguf, DEFAULT_DTYPE))  # the metadata a conversion reads, and shapes
     return gguf
 
 
@@ -200,7 +200,7 @@ def named_parts(path: Path) -> list[Path]:
 
 
 def convert_gguf(
-    gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
+    gguf_path: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE, progress: bool = True
 ) -> Path:
     """Write `out_dir` as a Hugging Face folder holding the model of a GGUF file.
 
@@ -213,7 +213,7 @@ def convert_gguf(
 
 
 def write_model_dir(
-    gguf: GGUFFile, out_dir: Path, dtype: str = "bfloat16", progress: bool = True
+    gguf: GGUFFile, out_dir: Path, dtype: str = DEFAULT_DTYPE, progress: bool = True
 ) -> Path:
     """`convert_gguf` of a file already opened."""
     out_dir = Path(out_dir)

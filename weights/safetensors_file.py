@@ -38,6 +38,9 @@ DTYPES = {
 # The floating dtypes a model is stored and built in, by the name config.json's torch_dtype
 # and the CLIs' --dtype use (netdef.contract re-exports it).
 MODEL_DTYPES = {"bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"], "float32": DTYPES["F32"]}
+# What builds and GGUF conversions use unless told: half float32's bytes, and Gemma-3's
+# activations overflow float16.
+DEFAULT_DTYPE = "bfloat16"
 
 
 def write_header(f: BinaryIO, tensors: Iterable[tuple[str, Sequence[int]]], tag: str) -> None:

@@ -21,6 +21,7 @@ from tools.bench.cgroup import MemoryCgroup, uncache
 from tools.bench.report import Report, fmt_bytes, format_table
 from weights import resolve_model
 from weights.checkpoint import shard_paths
+from weights.safetensors_file import DEFAULT_DTYPE
 
 REPO = Path(__file__).resolve().parents[2]
 PHASE_DEPTH = 3  # builder phases recorded by --build (deeper ones repeat per layer/tensor)
@@ -266,7 +267,7 @@ def run_build(args: argparse.Namespace, report: Report) -> None:
     options = {
         "backend": args.backend or "tensorrt_rtx",
         "target": args.target or "sm89",
-        "dtype": args.dtype or "bfloat16",
+        "dtype": args.dtype or DEFAULT_DTYPE,
         "max_batch": args.max_batch or 1,
         "max_seq_len": args.max_seq_len,
         "profiles": args.profiles,

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from netdef.contract import PROFILE_SETS
+from netdef.contract import DEFAULT_DTYPE, PROFILE_SETS
 from tools.bench import NoGpu
 from tools.bench.report import Report, fmt_bytes, format_table, ratio
 from tools.bench.roofline import roofline_rows
@@ -68,7 +68,7 @@ def prepare_engines(
         trt = load_tensorrt(args.backend)
         target = args.target or (f"sm{device_cc[0]}{device_cc[1]}" if is_rtx(trt) else None)
         common = dict(
-            dtype=args.dtype or "bfloat16",
+            dtype=args.dtype or DEFAULT_DTYPE,
             max_batch=args.max_batch or max(args.batches or DEFAULT_BATCHES),
             max_seq_len=args.max_seq_len,
             backend=trt.__name__,
@@ -128,7 +128,7 @@ def run_gpu(args: argparse.Namespace, report: Report) -> None:
     else:
         model_dir = resolve_model(source)
         config = load_config(model_dir)
-        dtype = args.dtype or "bfloat16"
+        dtype = args.dtype or DEFAULT_DTYPE
         seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
         limits = dict(
             max_batch=args.max_batch or max(args.batches or DEFAULT_BATCHES),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from netdef.contract import MODEL_DTYPES
+from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES
 from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
 from tools.bench.report import machine, versions
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         choices=list(MODEL_DTYPES),
-        help="a model folder's dtype on the reference backend (default bfloat16)",
+        help=f"a model folder's dtype on the reference backend (default {DEFAULT_DTYPE})",
     )
     p.add_argument(
         "--max-seq-len", type=int, help="a model folder's cache length on the reference backend"
