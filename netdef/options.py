@@ -22,6 +22,13 @@ from .slots import attention_window, layer_windows, ring_length
 
 Shape = tuple[int, ...]
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in MODEL_DTYPES.items()}
+
+
+def kv_slot_bytes(config: ModelConfig, dtype: str) -> int:
+    """Bytes one position takes in one layer's KV cache: its key and its value."""
+    return 2 * config.num_kv_heads * config.head_dim * DTYPE_BYTES[dtype]
+
+
 TOPK_MAX = 3840  # the largest k ITopKLayer supports
 TOPK_BLOCK = 4096  # logits per block of the passes over the vocabulary; >= TOPK_MAX
 # Attention scores [batch, heads, prefill tokens, cache slots] of one prefill call, float32 in
@@ -244,8 +251,7 @@ class NetworkOptions:
 
     def kv_bytes(self, config: ModelConfig) -> int:
         """Bytes of one sequence's KV caches (keys and values of every layer)."""
-        per_slot = 2 * config.num_kv_heads * config.head_dim * DTYPE_BYTES[self.dtype]
-        return per_slot * sum(self.cache_slots(config))
+        return kv_slot_bytes(config, self.dtype) * sum(self.cache_slots(config))
 
     def profiles(self, config: ModelConfig) -> list[Profile]:
         """decode: S = 1, B = 1..max_batch (1..2 at max_batch 1: with one row only, the

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from netdef.options import DTYPE_BYTES
+from netdef.options import DTYPE_BYTES, kv_slot_bytes
 from netdef.slots import prefix_length
 from tools.bench.timing import Plan
 
@@ -31,12 +31,11 @@ def weight_read_bytes(config: Any, dtype: str, batch: int) -> int:
 def kv_read_bytes(config: Any, dtype: str, batch: int, attended: int) -> int:
     """KV-cache bytes one decode step must read when its token attends to `attended` slots
     (fewer on sliding-window layers)."""
-    per_slot = 2 * config.num_kv_heads * config.head_dim * DTYPE_BYTES[dtype]  # key + value
     slots = sum(
         min(attended, layer.sliding_window) if layer.sliding_window else attended
         for layer in config.layers
     )
-    return batch * slots * per_slot
+    return batch * slots * kv_slot_bytes(config, dtype)
 
 
 def decode_read_bytes(
@@ -49,13 +48,12 @@ def decode_read_bytes(
     kv = kv_read_bytes(config, dtype, batch, attended)
     out = {"weights": w, "kv": kv, "total": w + kv}
     if cache_len:
-        per_slot = 2 * config.num_kv_heads * config.head_dim * DTYPE_BYTES[dtype]
         prefix = prefix_length(np.array([[attended - 1]]), cache_len)
         slots = sum(
             min(layer.sliding_window, prefix) if layer.sliding_window else prefix
             for layer in config.layers
         )
-        out["kv_as_built"] = batch * slots * per_slot
+        out["kv_as_built"] = batch * slots * kv_slot_bytes(config, dtype)
     return out
 
 
