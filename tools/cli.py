@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES
 
@@ -23,6 +24,22 @@ def terminate(signum: int, frame: object) -> None:
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for git or cat cut off by `head`
 
 
+class LineTracking:
+    """A text stream that knows whether its last write left a line open: a Ctrl-C between
+    print's text and its newline, or during a progress bar, would glue "interrupted." to it."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.line_open = stream, False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = not text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
 def run(main: Callable[[], int]) -> None:
     """Exit with `main()`'s status. Ctrl-C ends a command with one line and status 130, as a
     shell reports it, not a traceback: by then the command's own cleanup has run (staging
@@ -32,6 +49,7 @@ def run(main: Callable[[], int]) -> None:
     signal.signal(signal.SIGTERM, terminate)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a background job
         signal.signal(signal.SIGINT, signal.default_int_handler)  # tools/__init__.py's, if any
+    sys.stderr = stderr = LineTracking(sys.stderr)
     try:
         status = main()
         if not flush_stdout():  # here, not at exit, where a closed pipe is a traceback
@@ -39,7 +57,8 @@ def run(main: Callable[[], int]) -> None:
     except KeyboardInterrupt as e:
         status = 143 if isinstance(e, Terminated) else 130
         exit_on_ctrl_c(status)  # a second Ctrl-C: the line is said, the cleanup done
-        print("terminated." if status == 143 else "interrupted.", file=sys.stderr)
+        end = "\n" if stderr.line_open else ""  # a cut line is ended first
+        print(end + ("terminated." if status == 143 else "interrupted."), file=sys.stderr)
     except BrokenPipeError:  # a write to the closed stdout, inside the command
         flush_stdout()
         status = SIGPIPE_STATUS

@@ -139,6 +139,23 @@ def test_ctrl_c_after_a_command_finished_changes_nothing():
     assert (done.returncode, done.stdout, done.stderr) == (3, "done\n", "")
 
 
+@pytest.mark.parametrize("said", ["warning: cut", "a line\n", ""])
+def test_interrupted_is_a_line_of_its_own(said):
+    """A Ctrl-C between print's text and its newline (a build's warning, CI saw it) or during
+    a progress bar glued "interrupted." to that line."""
+    code = (
+        "import sys\n"
+        "from tools.cli import run\n"
+        "def main():\n"
+        f"    sys.stderr.write({said!r})\n"
+        "    raise KeyboardInterrupt\n"
+        "run(main)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    expected = said.removesuffix("\n") + "\n" if said else ""
+    assert (done.returncode, done.stderr) == (130, expected + "interrupted.\n")
+
+
 def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
     """tools.bench.serve waiting on a server that never answers (it accepts and says
     nothing) is interrupted: one line, status 130, no traceback."""
