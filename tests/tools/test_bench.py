@@ -25,7 +25,7 @@ from tools.bench.__main__ import int_list, main, parse_args
 from tools.bench.cgroup import CGROUP_ROOT, MemoryCgroup, own_cgroup
 from tools.bench.gpu import gpu_tables, jit_cache_words, new_shapes_table
 from tools.bench.host import SERVER_SETTINGS, SETTINGS
-from tools.bench.random_model import bf16_bits, random_config, write_random_checkpoint
+from tools.bench.random_model import random_config, write_random_checkpoint
 from tools.bench.report import busy_warning, fmt, fmt_bytes, format_table
 from tools.bench.roofline import (
     decode_read_bytes,
@@ -362,14 +362,6 @@ def test_gemma_3_1b_preset_is_the_real_shape():
     assert sum(math.prod(s) for s in config.tensor_shapes().values()) == 999_885_952
     with pytest.raises(BenchError, match="unknown preset"):
         random_config("gemma-9")
-
-
-def test_bf16_bits_round_to_nearest_even():
-    x = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
-    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF], np.uint32).view(np.float32)
-    x = np.concatenate([x, ties, np.float32([0.0, -1.5, 1e-30])])
-    assert np.array_equal(bf16_bits(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
-    assert bf16_bits(ties).tolist() == [0x3F80, 0x3F82, 0x3F81]
 
 
 # ---- GPU mode: pure helpers ----

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from tools.bench import BenchError
@@ -124,14 +125,6 @@ def random_config(preset: str, **overrides: int | None) -> dict[str, Any]:
     return config
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return (
-        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    ).astype(np.uint16)
-
-
 def check_out(out: Path) -> None:
     """Raise BenchError unless `out` is absent or an empty folder: what a user keeps there (a
     real model, say) is never overwritten."""
@@ -164,7 +157,7 @@ def write_random_checkpoint(
     shapes = {f"model.{name}": shape for name, shape in parsed.tensor_shapes().items()}
     rng = np.random.default_rng(seed)
     half_width = np.float32(std * math.sqrt(3.0))
-    norm_bits = bf16_bits(np.array([1.0 - parsed.norm_offset], np.float32))[0]
+    norm_scale = ml_dtypes.bfloat16(1.0 - parsed.norm_offset)
     chunk = 1 << 23
     try:
         with locked(out):  # one writer of `out` at a time: any partial of it is a dead one's
@@ -176,14 +169,14 @@ def write_random_checkpoint(
                     for name in sorted(shapes):
                         total = math.prod(shapes[name])
                         if name.endswith("norm.weight"):
-                            f.write(np.full(total, norm_bits, np.uint16).tobytes())
+                            f.write(np.full(total, norm_scale, ml_dtypes.bfloat16).tobytes())
                             continue
                         for start in range(0, total, chunk):
                             n = min(chunk, total - start)
                             values = rng.random(n, dtype=np.float32)
                             values *= 2 * half_width
                             values -= half_width
-                            f.write(bf16_bits(values).tobytes())
+                            f.write(values.astype(ml_dtypes.bfloat16).tobytes())  # nearest even
                 check_out(out)  # again: something may have been put there while this wrote
     except OSError as e:
         reason = f"{e.strerror}: {e.filename}" if e.filename else str(e)
