@@ -41,11 +41,8 @@ from .errors import WeightsError
 from .folders import locked, remove_stale_partials, staged_folder
 from .gguf_file import GGUFTensor, read_gguf_file
 from .gguf_tokenizer import check_tokenizer, write_json, write_tokenizer
-from .safetensors_file import DEFAULT_DTYPE, write_header
-from .safetensors_file import DTYPES as SAFETENSORS_DTYPES
+from .safetensors_file import DEFAULT_DTYPE, MODEL_DTYPES, MODEL_TAGS, write_header
 
-# Output dtype -> its safetensors tag (the NumPy dtype is safetensors_file.DTYPES[tag]).
-DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 Q = GGMLQuantizationType
 # Tensor types we dequantize (with the gguf package): those of llama.cpp's common file types
 # (Q4_K_M mixes Q4_K, Q5_0, Q6_K, ...), every one covered by the tests.
@@ -217,8 +214,10 @@ def write_model_dir(
 ) -> Path:
     """`convert_gguf` of a file already opened."""
     out_dir = Path(out_dir)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    if dtype not in MODEL_TAGS:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported; choose one of {', '.join(MODEL_TAGS)}."
+        )
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
     config = hf_config(gguf, dtype)
@@ -479,15 +478,13 @@ def _write_weights(
     Every shape is known from the GGUF header, so the safetensors header is written first and
     each tensor is dequantized, converted and appended after it.
     """
-    tag = DTYPES[dtype]
-    np_dtype = SAFETENSORS_DTYPES[tag]
     plan = tensor_plan(gguf, config)
     with path.open("wb") as f:
-        write_header(f, ((name, shape) for name, shape, _ in plan), tag)
+        write_header(f, ((name, shape) for name, shape, _ in plan), MODEL_TAGS[dtype])
         for _, shape, tensor in tqdm(
             plan, desc="Converting GGUF tensors", unit="tensor", disable=not progress
         ):
-            f.write(load_tensor(tensor, shape, gguf).astype(np_dtype).tobytes())
+            f.write(load_tensor(tensor, shape, gguf).astype(MODEL_DTYPES[dtype]).tobytes())
 
 
 def find_gguf(path: Path) -> Path:

@@ -36,8 +36,10 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 # The floating dtypes a model is stored and built in, by the name config.json's torch_dtype
-# and the CLIs' --dtype use (netdef.contract re-exports it).
-MODEL_DTYPES = {"bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"], "float32": DTYPES["F32"]}
+# and the CLIs' --dtype use: their safetensors tags (GGUF conversions write them), and their
+# NumPy dtypes (netdef.contract re-exports MODEL_DTYPES).
+MODEL_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+MODEL_DTYPES = {name: DTYPES[tag] for name, tag in MODEL_TAGS.items()}
 # What builds and GGUF conversions use unless told: half float32's bytes, and Gemma-3's
 # activations overflow float16.
 DEFAULT_DTYPE = "bfloat16"
