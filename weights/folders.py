@@ -8,6 +8,7 @@ power loss) and is removed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -132,8 +133,9 @@ def staged_folder(final: Path, owned: Collection[str] = ()) -> Iterator[Path]:
     with `owned` one holding only files of those names, as the caller checks last inside the
     block (it may have changed meanwhile): that one is renamed aside, the new folder renamed
     into place, and the old one then emptied of the `owned` files and removed, so nothing else
-    is ever deleted. A Ctrl-C or SIGTERM waits for the swap, which halfway could leave neither
-    folder in place."""
+    is ever deleted (one that holds another file once aside, or a failed rename of the new
+    folder, puts it back and raises). A Ctrl-C or SIGTERM waits for the swap, which halfway
+    could leave neither folder in place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(final)
@@ -144,10 +146,25 @@ def staged_folder(final: Path, owned: Collection[str] = ()) -> Iterator[Path]:
             old = partial_path(final) if owned and final.exists() else None
             if old is not None:
                 os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
+                try:
+                    # Checked again once aside, where nothing can be put in by its path: a
+                    # file of someone else's would stay in a partial folder that the next
+                    # writer's remove_stale_partials deletes.
+                    if foreign := sorted(n for n in os.listdir(old) if not _owned(old / n, owned)):
+                        raise OSError(errno.ENOTEMPTY, f"it now holds {foreign[0]}", str(final))
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old, final)  # `final` as it was
+                    raise
                 for name in owned:
                     (old / name).unlink(missing_ok=True)
                 old.rmdir()
+            else:
+                os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
+
+
+def _owned(path: Path, owned: Collection[str]) -> bool:
+    """Whether `staged_folder` may delete `path`: one of the `owned` names, and no folder."""
+    return path.name in owned and (path.is_symlink() or not path.is_dir())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +121,38 @@ def test_a_staged_folder_deletes_only_the_files_it_owns(tmp_path):
         (tmp / "a").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {p.name: p.read_text() for p in final.iterdir()} == {"a": "new"}
+
+
+def test_a_staged_folder_whose_swap_fails_halfway_leaves_final_as_it_was(tmp_path, monkeypatch):
+    """The old folder is renamed aside before the new one is renamed into place: when that
+    second rename fails, the old one goes back (it stayed under a partial name, which the next
+    build's remove_stale_partials deletes, and `final` was gone)."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "engine").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == final and (Path(src) / "engine").read_text() == "new":
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError), staged_folder(final, owned={"engine"}) as tmp:
+        (tmp / "engine").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"engine": "old"}
+
+
+def test_a_staged_folder_keeps_files_put_in_final_after_the_callers_check(tmp_path, monkeypatch):
+    """A file that appears in `final` between the caller's check and the swap was left in the
+    old folder, under a partial name that the next build's remove_stale_partials deletes with
+    it; now the swap is refused and `final` keeps it."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "engine").write_text("old")
+    with pytest.raises(OSError), staged_folder(final, owned={"engine"}) as tmp:
+        (tmp / "engine").write_text("new")
+        (final / "yours").write_text("kept")  # after the caller's check, before the swap
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_text() for p in final.iterdir()} == {"engine": "old", "yours": "kept"}
