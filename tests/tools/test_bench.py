@@ -865,3 +865,22 @@ def test_gpu_mode_without_a_gpu_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "error: GPU mode needs cuda-python and a CUDA GPU, but no CUDA device is present.\n"
     )
+
+
+@pytest.mark.gpu
+def test_an_artifact_of_another_format_is_one_error_line_on_a_gpu(tmp_path, capsys):
+    """tools.bench did not catch ArtifactError: an old artifact was a traceback."""
+    if reason := gpu_unavailable_reason():
+        pytest.skip(f"needs cuda-python and a CUDA GPU: {reason}")
+    from netdef.artifact import ENGINE_FILE, METADATA_FILE
+    from netdef.contract import FORMAT_VERSION
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ENGINE_FILE).write_bytes(b"")
+    (old / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
+    assert main([str(old), "--no-compare-profiles", "--bandwidth-mib", "16"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {old} has artifact format {FORMAT_VERSION - 1}, but this trt-netdef reads "
+        f"format {FORMAT_VERSION}; rebuild it with python -m tools.build --force."
+    )

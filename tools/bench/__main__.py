@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_worker:
         return build_worker(args.build_worker)
     from netdef import OptionsError, TensorRTModuleError
+    from netdef.artifact import ArtifactError
     from netdef.engine import EngineBuildError
     from runtime.build import BuildError
     from runtime.cuda_buffers import CudaError
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from weights import WeightsError
 
     errors = (BenchError, TensorRTModuleError, BuildError, CudaError, EngineBuildError)
-    errors += (EngineLoadError, OptionsError, WeightsError)
+    errors += (ArtifactError, EngineLoadError, OptionsError, WeightsError)
 
     if args.make_random:
         overrides = {key: getattr(args, key) for key in SHAPE_OVERRIDES}
