@@ -657,7 +657,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ServeConfig]
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="seconds SIGTERM lets running requests finish (default: %(default)s)",
+        help="seconds SIGTERM or Ctrl-C lets running requests finish (default: %(default)s)",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -748,22 +748,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, WeightsError, OptionsError, EngineLoadError, CudaError) as e:
         print(f"error: {flag_named(e)}", file=sys.stderr)
         return 1
-    # uvicorn re-raises the SIGTERM it drained on to the handler it found: make that a no-op,
-    # so a drained server exits 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn_config = uvicorn.Config(
         server.app,
         log_level="warning",
         timeout_graceful_shutdown=config.drain_timeout + DRAIN_GRACE,
     )
+    listener = draining(uvicorn.Server, server.engine, config.drain_timeout)(uvicorn_config)
+    # uvicorn re-raises the SIGTERM or Ctrl-C it drained on to the handler it found (a
+    # KeyboardInterrupt: 'interrupted.' and 130 after a clean drain): let that handler be
+    # the drain's own, so a drained server exits 0 either way, and a signal before uvicorn
+    # takes over still drains.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, listener.handle_exit)
     print(
         f"Serving {config.served_name} on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
         flush=True,
     )
-    draining(uvicorn.Server, server.engine, config.drain_timeout)(uvicorn_config).run(
-        sockets=[sock]
-    )
+    listener.run(sockets=[sock])
     return 0
 
 

@@ -439,6 +439,27 @@ def test_a_full_queue_answers_429_and_sigterm_drains(tiny):
         server.stop()
 
 
+def test_ctrl_c_drains_as_sigterm_does_and_exits_0(tiny):
+    """Ctrl-C (SIGINT) drained as SIGTERM does, but uvicorn then re-raised it to the
+    KeyboardInterrupt handler: the server said 'interrupted.' and exited 130 after finishing
+    every request, where README says it exits 0."""
+    server = LiveServer(tiny, "--max-seq-len", str(SEQ), "--dtype", "float32")
+    try:
+        stream = server.client.completions.create(
+            model="tiny", prompt="w5", max_tokens=100, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        server.proc.send_signal(signal.SIGINT)
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert len("".join(c.choices[0].text for c in rest).split()) == 99
+        assert server.proc.wait(60) == 0
+        assert "interrupted." not in server.proc.stdout.read()
+    finally:
+        server.stop()
+
+
 def test_a_stream_the_drain_cuts_ends_with_an_error_event(tiny):
     """A stream still running when --drain-timeout ran out just stopped (uvicorn cancelled
     it): the client could not tell the text was cut short. Now it ends with an error event,
