@@ -40,18 +40,24 @@ from tools.cli import add_model_arguments, flag_named
 from weights import Checkpoint, WeightsError
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
+from weights.hub import is_gguf_source
 
 DEFAULT_NEW_TOKENS = 128  # --max-new-tokens where max_seq_len leaves room for it twice
 
 
-def no_such_model(path: Path) -> str:
-    """The error for a model argument that is no folder (tools.generate and tools.serve)."""
-    if path.suffix.lower() == ".gguf" and path.is_file():
+def no_such_model(path: Path) -> str | None:
+    """The error for a model argument that is no model or artifact folder (tools.generate and
+    tools.serve), or None: a GGUF file, or a folder holding one and no config.json (which
+    tools.build takes), is said to be one rather than a folder without a tokenizer."""
+    if is_gguf_source(path) and path.exists():
+        what = "is a GGUF file" if path.is_file() else "holds a GGUF file and no config.json"
         return (
-            f"{path} is a GGUF file; python -m tools.build {path} converts it (into "
+            f"{path} {what}; python -m tools.build {path} converts it (into "
             "$TRT_NETDEF_CACHE/gguf/) and builds an artifact: pass that artifact folder, or the "
             "converted folder with --backend reference."
         )
+    if path.is_dir():
+        return None
     problem = "is a file, not a folder" if path.exists() else "does not exist"
     return (
         f"{path} {problem}; pass an artifact folder from python -m tools.build, or a "
@@ -311,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except SamplingError as e:
         p.error(flag_named(e))
     try:
-        if not args.model.is_dir():
-            raise GenerationError(no_such_model(args.model))
+        if problem := no_such_model(args.model):
+            raise GenerationError(problem)
         meta = artifact_metadata(args.model, args.backend)
         tokenizer = load_tokenizer(args.model, meta)
         if args.chat and args.prompt is not None:  # no chat template: refused before any work

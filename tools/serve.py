@@ -733,10 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     from weights import WeightsError
 
     args, config = parse_args(argv)
-    if not config.model.is_dir():
-        from tools.generate import no_such_model
+    from tools.generate import no_such_model
 
-        print(f"error: {no_such_model(config.model)}", file=sys.stderr)
+    if problem := no_such_model(config.model):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     if args.ray_replicas:
         from tools.serve_ray import run_on_ray

@@ -304,6 +304,23 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
     )
 
 
+def test_a_folder_holding_a_gguf_file_is_said_to_be_one(tmp_path, capsys):
+    """tools.build takes a folder holding one .gguf (README); tools.generate and tools.serve
+    said such a folder "has no tokenizer.json", as if it were a broken model folder."""
+    folder = tmp_path / "llama-3.2-1b"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    for run in (
+        lambda: generate_tool.main([str(folder), "--backend", "reference", "--prompt", "x"]),
+        lambda: serve_tool.main([str(folder), "--backend", "reference"]),
+    ):
+        assert run() == 1 and capsys.readouterr().err == (
+            f"error: {folder} holds a GGUF file and no config.json; python -m tools.build "
+            f"{folder} converts it (into $TRT_NETDEF_CACHE/gguf/) and builds an artifact: pass "
+            "that artifact folder, or the converted folder with --backend reference.\n"
+        )
+
+
 def test_profiles_help_names_three_sets(capsys):
     from tools import build as build_tool
 
