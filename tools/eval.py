@@ -271,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         dtype = args.dtype or DEFAULT_DTYPE
         tokenizer = Tokenizer.from_dir(model_dir)
         ids = tokenizer.encode(text)[: args.max_tokens]
+        if len(ids) < 2:  # a token predicts the next: one (a BOS) leaves nothing to score
+            raise ValueError(
+                f"--text {args.text} is {len(ids)} token(s) long with the tokenizer's special "
+                "tokens; evaluation needs at least two: pass a longer text."
+            )
         ckpt = Checkpoint.open(model_dir)
         context = ckpt.config.max_position_embeddings
         if len(ids) > context:  # the network's max_seq_len is the text's length

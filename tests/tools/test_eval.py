@@ -117,6 +117,18 @@ def test_a_text_that_is_no_utf8_file_names_its_flag(tmp_path, capsys):
         assert err == f"python -m tools.eval: error: {message}"
 
 
+def test_an_empty_text_is_refused_naming_it(tmp_path, capsys):
+    """An empty --text said only "evaluation needs at least two tokens.", naming neither the
+    file nor what to do."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert eval_tool.main([str(tiny_quant_dir("llama")), "--text", str(empty)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --text {empty} is 0 token(s) long with the tokenizer's special tokens; "
+        "evaluation needs at least two: pass a longer text.\n"
+    )
+
+
 def test_the_default_compares_every_mode_that_applies(capsys):
     """Every mode was run, from-gguf last, which a model folder cannot take: exit 1 after
     minutes of scoring, no table. from-gguf asked for on a model folder is refused before
