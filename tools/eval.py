@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from netdef import NetworkOptions, OptionsError, build_network
-from netdef.artifact import is_complete, open_artifact
+from netdef.artifact import METADATA_FILE, check_intact
 from netdef.contract import DEFAULT_DTYPE, LOGITS, MODEL_DTYPES
 from netdef.decoder import WeightSource
 from netdef.quant import CALIBRATION_TEXT, MODES
@@ -157,7 +157,7 @@ def from_artifact(args: argparse.Namespace) -> tuple[Path, Path | None]:
     file of a from-gguf build), dtype, mode and calibration, set in `args`. Flags that ask
     for other settings are refused, not overridden: the numbers would not be what they asked
     for, and the model folder is the way to choose them."""
-    meta = open_artifact(args.model_dir)
+    meta = check_intact(args.model_dir)
     options = meta.options
     if options["quant"] == "none":
         raise ValueError(
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     try:
-        if is_complete(args.model_dir):
+        if (args.model_dir / METADATA_FILE).is_file():  # an artifact, damaged or not
             model_dir, gguf = from_artifact(args)
         elif args.model_dir.is_file() and args.model_dir.suffix.lower() != ".gguf":
             raise ValueError(

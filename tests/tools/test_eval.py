@@ -72,6 +72,19 @@ def test_eval_takes_an_artifact_and_compares_what_it_was_built_with(tmp_path, ca
         )
 
 
+def test_a_damaged_artifact_is_said_to_be_one(tmp_path, capsys):
+    """An artifact that lost its engine was taken for a model folder: "has no
+    model.safetensors ...; point to a Hugging Face folder with safetensors weights"."""
+    artifact = tmp_path / "int8"
+    args = [str(tiny_quant_dir("llama")), "--target", "sm89", "--max-seq-len", "64", "--quiet"]
+    assert build([*args, "--quant", "int8-wo", "--output", str(artifact)], capsys)[0] == 0
+    (artifact / "model.engine").unlink()
+    assert eval_tool.main([str(artifact), "--text", str(MOBY_DICK), "--max-tokens", "8"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {artifact} has no model.engine; rebuild it with python -m tools.build --force.\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
