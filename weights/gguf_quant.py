@@ -40,7 +40,7 @@ from .gguf_import import (
     open_gguf,
     unpermute_qk,
 )
-from .hub import is_gguf_source
+from .hub import BUNDLED, is_gguf_source
 
 Q = GGMLQuantizationType
 # Type -> (inputs per scale, bytes per block, where the block's float16 d sits).
@@ -109,6 +109,15 @@ class GGUFQuantized:
         edited file converts to another folder). Reads nothing: reading a large vocabulary
         takes seconds, which a build that is reused need not spend."""
         path = Path(model).expanduser()
+        if str(model) == BUNDLED and not path.exists():  # converted from a GGUF, not into gguf/
+            from .bundled import bundled_gguf_path
+
+            gguf = bundled_gguf_path(cache_dir)
+            raise WeightsError(
+                f"--quant from-gguf takes a GGUF file, and {BUNDLED} names the folder converted "
+                f"from one; pass that file instead ({gguf}: python -m tools.build {gguf} "
+                "--quant from-gguf), which is converted once more, into $TRT_NETDEF_CACHE/gguf/."
+            )
         if not is_gguf_source(path):
             raise not_a_gguf_file(model)
         source = find_gguf(path).resolve()

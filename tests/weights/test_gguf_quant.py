@@ -137,6 +137,21 @@ def test_from_gguf_needs_a_gguf_model(tmp_path, capsys):
     )
 
 
+def test_from_gguf_of_the_bundled_model_names_its_gguf_file(tmp_path, monkeypatch, capsys):
+    """The bundled model is a GGUF (README), but `--quant from-gguf` of `bundled` said
+    "bundled is not a GGUF file; pass a .gguf file", without saying which."""
+    gguf_file = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    monkeypatch.setattr("runtime.build.resolve_model", lambda *a, **k: tiny_model_dir("llama"))
+    monkeypatch.setattr("weights.bundled.bundled_gguf_path", lambda cache_dir: gguf_file)
+    args = ["bundled", "--target", "sm89", "--quant", "from-gguf", "--output", str(tmp_path)]
+    assert build_tool.main(args) == 1
+    assert capsys.readouterr().err == (
+        "error: --quant from-gguf takes a GGUF file, and bundled names the folder converted "
+        f"from one; pass that file instead ({gguf_file}: python -m tools.build {gguf_file} "
+        "--quant from-gguf), which is converted once more, into $TRT_NETDEF_CACHE/gguf/.\n"
+    )
+
+
 def test_a_changed_gguf_is_refused(tmp_path):
     path = write_gguf(tiny_model_dir("qwen2"), tmp_path / "q.gguf", "qwen2", ALL_Q8_0)
     ckpt = Checkpoint.open(gguf_model_dir(path, tmp_path / "cache", progress=False))
