@@ -77,6 +77,18 @@ def artifact_metadata(path: Path, backend: str) -> Metadata | None:
     return meta
 
 
+def check_as_built(
+    path: Path, meta: Metadata | None, dtype: str | None, max_seq_len: int | None
+) -> None:
+    """Refuse --dtype and --max-seq-len for an artifact, which runs as built."""
+    if meta is not None and (dtype is not None or max_seq_len is not None):
+        raise GenerationError(
+            f"{path} runs as built ({meta.options['dtype']}, max_seq_len {meta.max_seq_len}); "
+            "--dtype and --max-seq-len choose a model folder's network: drop them, or build "
+            "another artifact with python -m tools.build."
+        )
+
+
 def open_backend(
     path: Path,
     meta: Metadata | None,
@@ -88,12 +100,7 @@ def open_backend(
     """The engine of an artifact (TensorRT), or the network executed on the CPU (reference)
     for `max_batch` sequences; `meta` is `artifact_metadata`'s. `dtype` and `max_seq_len`
     (None: the defaults) choose a model folder's network; an artifact runs as built."""
-    if meta is not None and (dtype is not None or max_seq_len is not None):
-        raise GenerationError(
-            f"{path} runs as built ({meta.options['dtype']}, max_seq_len {meta.max_seq_len}); "
-            "--dtype and --max-seq-len choose a model folder's network: drop them, or build "
-            "another artifact with python -m tools.build."
-        )
+    check_as_built(path, meta, dtype, max_seq_len)
     if backend == "tensorrt":
         if reason := gpu_unavailable_reason():
             raise GenerationError(

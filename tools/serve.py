@@ -616,6 +616,19 @@ class ServeConfig:
             return Metadata.from_dict(read_metadata(self.model)).max_batch
         return 4
 
+    def check(self) -> None:
+        """The refusals of server() that need no backend (not an artifact, a damaged one, no
+        tokenizer, --dtype for an artifact, a model folder's weights): said before a Ray
+        cluster starts, not by each replica in Ray's logs."""
+        from tools.generate import artifact_metadata, check_as_built, load_tokenizer
+        from weights import Checkpoint
+
+        meta = artifact_metadata(self.model, self.backend)
+        load_tokenizer(self.model, meta)
+        check_as_built(self.model, meta, self.dtype, self.max_seq_len)
+        if meta is None:
+            Checkpoint.open(self.model)
+
     def server(self) -> Server:
         """Open the backend and tokenizer (the errors of tools.generate) and start the engine."""
         from tools.generate import artifact_metadata, load_tokenizer, open_backend
@@ -741,6 +754,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_replicas:
         from tools.serve_ray import run_on_ray
 
+        try:
+            config.check()
+        except (ValueError, WeightsError) as e:
+            print(f"error: {flag_named(e)}", file=sys.stderr)
+            return 1
         return run_on_ray(args, config)
     try:
         sock = bind(args.host, args.port)

@@ -71,6 +71,19 @@ def deployment(config: ServeConfig, replicas: int) -> Application:
     ).bind()
 
 
+def replica_failure(status: object) -> str:
+    """Why the replicas did not start, from `serve.status()`: the last line of the failed
+    deployment's message, which is the replica's exception (the model's, as a server without
+    Ray says it)."""
+    app = status.applications.get(APP_NAME)
+    messages = [d.message for d in app.deployments.values() if d.message] if app else []
+    last = messages[-1].strip().splitlines()[-1] if messages else "no reason given"
+    return (
+        f"the Ray Serve replicas failed to start: {last.split(': ', 1)[-1]} (Ray's logs, "
+        "under /tmp/ray/session_latest/logs/serve/, hold the rest)"
+    )
+
+
 def run_on_ray(args: argparse.Namespace, config: ServeConfig) -> int:
     """Start (or join) a Ray cluster, deploy, serve until SIGTERM/SIGINT, then tear down."""
     import ray
@@ -93,7 +106,12 @@ def run_on_ray(args: argparse.Namespace, config: ServeConfig) -> int:
                 f"warning: {missing} now; Ray Serve waits until it can place them.", file=sys.stderr
             )
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(deployment(config, args.ray_replicas), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(deployment(config, args.ray_replicas), name=APP_NAME, route_prefix="/")
+        except RuntimeError:  # "Deploying application trt-netdef failed", and a traceback
+            print(f"error: {replica_failure(serve.status())}", file=sys.stderr)
+            serve.shutdown()
+            return 1
         print(
             f"Serving {config.served_name} on http://{args.host}:{args.port}/v1 with "
             f"{args.ray_replicas} Ray Serve replicas",

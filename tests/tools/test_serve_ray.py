@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import openai
 import pytest
 
-from tests.tools.cli import LiveServer, generate_text, with_tokenizer
-from tools.serve_ray import short_of
+from tests.tools.cli import LiveServer, generate_text, run_build, with_tokenizer
+from tools import serve as serve_tool
+from tools.serve_ray import replica_failure, short_of
 
 pytestmark = pytest.mark.ray
 
@@ -75,7 +78,8 @@ def test_more_replicas_than_the_cluster_can_place_are_refused(tiny_dir, tmp_path
     """Ray Serve waited forever, saying nothing, for replicas a local cluster could not place
     (8 TensorRT replicas on a machine without a GPU hung after Ray's start-up lines)."""
     replicas = os.cpu_count() + 1
-    args = [str(tiny_dir("llama")), "--backend", "reference", "--ray-replicas", str(replicas)]
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    args = [str(model), "--backend", "reference", "--ray-replicas", str(replicas)]
     done = subprocess.run(
         [sys.executable, "-m", "tools.serve", *args],
         capture_output=True,
@@ -95,3 +99,57 @@ def test_a_tensorrt_replica_needs_a_gpu():
         "--ray-replicas 8 needs 8 GPUs (one per replica); the Ray cluster has 0"
     )
     assert short_of({"CPU": 8.0, "GPU": 8.0}, need, 8) is None
+
+
+def test_what_any_replica_would_refuse_is_said_before_ray_starts(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """A folder without a tokenizer started a Ray cluster (~20 s), whose replicas failed
+    one by one in Ray's logs, and the command ended in Ray's traceback: "RuntimeError:
+    Deploying application trt-netdef failed: Failed to update the deployments ['llm']"."""
+
+    def ray_started(*args):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("tools.serve_ray.run_on_ray", ray_started)
+    bare = tiny_dir("llama")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    tiny = with_tokenizer(bare, tmp_path / "tiny")
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(tiny / name, no_weights)
+    artifact = tmp_path / "artifact"
+    args = [str(tiny), "--target", "sm89", "--max-seq-len", "32", "--quiet"]
+    assert run_build([*args, "--output", str(artifact)], capsys)[0] == 0
+    ray = ["--backend", "reference", "--ray-replicas", "1"]
+    cases = {
+        f"{artifact} --dtype float32": f"{artifact} runs as built (bfloat16, max_seq_len 32); "
+        "--dtype and --max-seq-len choose a model folder's network: drop them, or build "
+        "another artifact with python -m tools.build.",
+        str(bare): f"{bare} has no tokenizer.json; point at a Hugging Face model folder that "
+        "includes its tokenizer files.",
+        str(no_weights): f"{no_weights} has no model.safetensors or "
+        "model.safetensors.index.json; point to a Hugging Face folder with safetensors weights.",
+    }
+    for model, message in cases.items():
+        assert serve_tool.main([*model.split(), *ray]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_replica_that_fails_to_start_is_one_error_line():
+    """What the driver could not check (a GPU's fault, on the replica) is the replica's own
+    exception, from serve.status(), not Ray's traceback."""
+    failed = SimpleNamespace(
+        message="Traceback (most recent call last):\n  File ...\n"
+        "runtime.cuda_buffers.CudaError: cudaMalloc failed: out of memory\n"
+    )
+    status = SimpleNamespace(
+        applications={"trt-netdef": SimpleNamespace(deployments={"llm": failed})}
+    )
+    assert replica_failure(status) == (
+        "the Ray Serve replicas failed to start: cudaMalloc failed: out of memory (Ray's logs, "
+        "under /tmp/ray/session_latest/logs/serve/, hold the rest)"
+    )
+    assert replica_failure(SimpleNamespace(applications={})).startswith(
+        "the Ray Serve replicas failed to start: no reason given ("
+    )
