@@ -330,19 +330,25 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.model, meta)
         if args.chat and args.prompt is not None:  # no chat template: refused before any work
             tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        check_as_built(args.model, meta, args.dtype, args.max_seq_len)
+        # Known before the backend opens (seconds for a model folder's network on the CPU):
+        # an artifact's as built, a model folder's as --max-seq-len or its context say.
+        seq_len = args.max_seq_len if meta is None else meta.max_seq_len
+        if seq_len is None:
+            seq_len = default_max_seq_len(Checkpoint.open(args.model).config)
+        if args.max_new_tokens is None:  # the default leaves room for a prompt
+            half = max(1, seq_len // 2)
+            params = replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, half))
+        if 1 <= seq_len <= params.max_new_tokens:  # a bad --max-seq-len: open_backend says so
+            raise GenerationError(
+                f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
+                f"max_seq_len={seq_len}; ask for fewer new tokens, or use a larger "
+                "--max-seq-len (at build time for an artifact)."
+            )
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer
         )
         try:
-            if args.max_new_tokens is None:  # the default leaves room for a prompt
-                half = max(1, gen.backend.max_seq_len // 2)
-                params = replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, half))
-            if params.max_new_tokens >= gen.backend.max_seq_len:
-                raise GenerationError(
-                    f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
-                    f"max_seq_len={gen.backend.max_seq_len}; ask for fewer new tokens, or use a larger "
-                    "--max-seq-len (at build time for an artifact)."
-                )
             print(
                 f"KV caches: {fmt_bytes(gen.backend.kv_bytes)} for {gen.backend.max_batch} "
                 f"sequence(s) of up to {gen.backend.max_seq_len} tokens",

@@ -181,7 +181,7 @@ def test_a_too_long_prompt_points_at_truncate(tiny_dir, tmp_path, capsys):
     assert "[6 prompt tokens, 2 generated (length)" in capsys.readouterr().err
 
 
-def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys):
+def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys, monkeypatch):
     model = with_tokenizer(tiny_dir("llama"), tmp_path / "model")
     args = generate_cli(model, "--max-seq-len", "64", "--max-new-tokens", "2000", "--prompt", "w5")
     assert generate_tool.main(args) == 1
@@ -189,6 +189,24 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys):
         "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=64; ask for "
         "fewer new tokens, or use a larger --max-seq-len (at build time for an artifact).\n"
     )
+    # Said before the network is built (9 s for Gemma-3-270M at its 32K context on the CPU),
+    # for the model's own context when --max-seq-len is not given, and an artifact's.
+    artifact = tmp_path / "artifact"
+    build = [str(model), "--target", "sm89", "--max-seq-len", "32", "--quiet"]
+    assert run_build([*build, "--output", str(artifact)], capsys)[0] == 0
+
+    def opened(*args):
+        raise AssertionError("the backend was opened")
+
+    monkeypatch.setattr(generate_tool, "open_backend", opened)
+    for folder, seq_len in ((model, 256), (artifact, 32)):
+        args = [str(folder), "--backend", "reference", "--max-new-tokens", "2000"]
+        assert generate_tool.main([*args, "--prompt", "w5"]) == 1
+        assert capsys.readouterr().err == (
+            f"error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len={seq_len}; "
+            "ask for fewer new tokens, or use a larger --max-seq-len (at build time for an "
+            "artifact).\n"
+        )
 
 
 def test_the_default_new_tokens_leave_room_for_a_prompt(tiny_dir, tmp_path, capsys):
