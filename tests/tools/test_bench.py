@@ -884,3 +884,21 @@ def test_an_artifact_of_another_format_is_one_error_line_on_a_gpu(tmp_path, caps
         f"error: {old} has artifact format {FORMAT_VERSION - 1}, but this trt-netdef reads "
         f"format {FORMAT_VERSION}; rebuild it with python -m tools.build --force."
     )
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
+    """--json in a missing folder, or naming a folder, was a FileNotFoundError or
+    IsADirectoryError traceback after the whole run had been measured."""
+    model = str(tmp_path)  # never opened: refused first
+    cases = [
+        (tmp_path / "no" / "r.json", f"--json: {tmp_path / 'no'} is not a folder."),
+        (tmp_path, f"--json: {tmp_path} is a folder; name the file to write, e.g. "
+         f"{tmp_path / 'bench.json'}."),
+    ]  # fmt: skip
+    for path, message in cases:
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--build", model, "--json", str(path)])
+        assert e.value.code == 2
+        assert (
+            capsys.readouterr().err.splitlines()[-1] == f"python -m tools.bench: error: {message}"
+        )

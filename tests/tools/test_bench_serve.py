@@ -24,6 +24,7 @@ from tools.bench import serve as bench
         (["--temperature", "nan"], "--temperature: temperature=nan must be a finite number."),
         (["--top-p", "0"], "--top-p: top_p=0.0 must be in (0, 1]."),
         (["--json", "/no/such/folder/out.json"], "--json: /no/such/folder is not a folder."),
+        (["--json", "/"], "--json: / is a folder; name the file to write, e.g. /bench.json."),
     ],
 )
 def test_bad_options_are_refused_before_a_server_starts(args, message, capsys):

@@ -53,7 +53,7 @@ from tools.bench.random_model import (
     random_config,
     write_random_checkpoint,
 )
-from tools.bench.report import Report, busy_warning, fmt_bytes, machine, versions
+from tools.bench.report import Report, busy_warning, fmt_bytes, json_path_error, machine, versions
 from tools.bench.roofline import DTYPE_BYTES
 from tools.bench.timing import DEFAULT_CONTEXT, HF_MODES
 from tools.cli import at_least
@@ -227,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = {"warmup": 0, "context": 0, "new_shapes": 0, "seed": 0}
     names |= dict.fromkeys((*positive, *SHAPE_OVERRIDES, "bandwidth_mib"), 1)
     at_least(p, args, {f"--{name.replace('_', '-')}": low for name, low in names.items()})
+    if args.json and (problem := json_path_error(args.json)):
+        p.error(problem)
     return args
 
 

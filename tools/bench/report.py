@@ -74,6 +74,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def json_path_error(path: Path) -> str | None:
+    """Why --json cannot be written (a missing folder, a folder itself), or None: said at
+    parse time, not in a traceback after the measurements."""
+    if not path.parent.is_dir():
+        return f"--json: {path.parent} is not a folder."
+    if path.is_dir():
+        return f"--json: {path} is a folder; name the file to write, e.g. {path / 'bench.json'}."
+    return None
+
+
 class Report(dict):
     """The JSON report; `save()` rewrites --json after each section, so an interrupted run
     keeps what it measured."""

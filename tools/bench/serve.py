@@ -34,7 +34,7 @@ import numpy as np
 from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES
 from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
-from tools.bench.report import machine, versions
+from tools.bench.report import json_path_error, machine, versions
 from tools.cli import at_least, flag_named
 
 if TYPE_CHECKING:
@@ -171,8 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except SamplingError as e:
         p.error(flag_named(e))
-    if args.json and not args.json.parent.is_dir():
-        p.error(f"--json: {args.json.parent} is not a folder.")
+    if args.json and (problem := json_path_error(args.json)):
+        p.error(problem)
     return args
 
 
