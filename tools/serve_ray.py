@@ -44,6 +44,17 @@ def short_of(have: dict[str, float], need: dict[str, int], replicas: int) -> str
     return None
 
 
+def remedy(have: dict[str, float], need: dict[str, int]) -> str:
+    """What to do about a cluster this command started that cannot place the replicas: fewer
+    of them, unless it has no GPU at all for replicas that need one."""
+    if need["GPU"] and not have.get("GPU"):
+        return (
+            "Ray sees no GPU on this machine: serve the engine where it does (--ray-address of "
+            "a cluster with GPUs), or its network on the CPU with --backend reference"
+        )
+    return "start fewer replicas"
+
+
 def deployment(config: ServeConfig, replicas: int) -> Application:
     """The bound Ray Serve application of `config`."""
     from ray import serve
@@ -97,9 +108,10 @@ def run_on_ray(args: argparse.Namespace, config: ServeConfig) -> int:
     try:
         # Ray Serve waits, silently, until the cluster can place every replica: a cluster
         # this command started never grows, so it is refused; a running one may scale up.
-        missing = short_of(ray.cluster_resources(), replica_resources(config), args.ray_replicas)
+        have, need = ray.cluster_resources(), replica_resources(config)
+        missing = short_of(have, need, args.ray_replicas)
         if missing and args.ray_address is None:
-            print(f"error: {missing}; start fewer replicas.", file=sys.stderr)
+            print(f"error: {missing}; {remedy(have, need)}.", file=sys.stderr)
             return 1
         if missing:
             print(

@@ -21,7 +21,7 @@ import pytest
 
 from tests.tools.cli import LiveServer, generate_text, run_build, with_tokenizer
 from tools import serve as serve_tool
-from tools.serve_ray import replica_failure, short_of
+from tools.serve_ray import remedy, replica_failure, short_of
 
 pytestmark = pytest.mark.ray
 
@@ -99,6 +99,13 @@ def test_a_tensorrt_replica_needs_a_gpu():
         "--ray-replicas 8 needs 8 GPUs (one per replica); the Ray cluster has 0"
     )
     assert short_of({"CPU": 8.0, "GPU": 8.0}, need, 8) is None
+    # "start fewer replicas" was the advice for a machine without a GPU too
+    assert remedy({"CPU": 64.0}, need) == (
+        "Ray sees no GPU on this machine: serve the engine where it does (--ray-address of a "
+        "cluster with GPUs), or its network on the CPU with --backend reference"
+    )
+    assert remedy({"CPU": 64.0, "GPU": 2.0}, need) == "start fewer replicas"
+    assert remedy({"CPU": 1.0}, {"GPU": 0, "CPU": 1}) == "start fewer replicas"
 
 
 def test_what_any_replica_would_refuse_is_said_before_ray_starts(
