@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -357,7 +358,10 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app) -> AsyncIterator[None]:
-        yield
+        # A second Ctrl-C: uvicorn skips the lifespan's shutdown and asyncio.run cancels it,
+        # which Starlette logged as a traceback; the backend is still closed.
+        with contextlib.suppress(asyncio.CancelledError):
+            yield
         # uvicorn has stopped listening and waited drain_timeout for running requests.
         await asyncio.to_thread(self.engine.shutdown, 0)
         await asyncio.to_thread(self.engine.backend.close)
@@ -771,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         timeout_graceful_shutdown=config.drain_timeout + DRAIN_GRACE,
     )
+    logging.getLogger("uvicorn.error").addFilter(not_a_cancellation)
     listener = draining(uvicorn.Server, server.engine, config.drain_timeout)(uvicorn_config)
     # uvicorn re-raises the SIGTERM or Ctrl-C it drained on to the handler it found (a
     # KeyboardInterrupt: 'interrupted.' and 130 after a clean drain): let that handler be
@@ -785,6 +790,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     listener.run(sockets=[sock])
     return 0
+
+
+def not_a_cancellation(record: logging.LogRecord) -> bool:
+    """A logging filter: uvicorn logs a request that a second Ctrl-C cut short (uvicorn stops
+    without waiting for it, and asyncio.run cancels it) as 'Exception in ASGI application'
+    with its CancelledError traceback; the user asked for that stop."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def draining(base: type, engine: Engine, timeout: float) -> type:

@@ -460,6 +460,24 @@ def test_ctrl_c_drains_as_sigterm_does_and_exits_0(tiny):
         server.stop()
 
 
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny):
+    """A second Ctrl-C makes uvicorn skip the lifespan's shutdown, and asyncio.run then
+    cancelled it: Starlette logged that CancelledError as an ERROR traceback."""
+    server = LiveServer(tiny, "--max-seq-len", str(SEQ), "--dtype", "float32")
+    try:
+        stream = server.client.completions.create(
+            model="tiny", prompt="w5", max_tokens=240, temperature=0, stream=True
+        )
+        next(iter(stream))  # the drain waits for it: the second Ctrl-C comes meanwhile
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(60) == 0
+        assert server.proc.stdout.read() == f"Serving tiny on http://127.0.0.1:{server.port}/v1\n"
+    finally:
+        server.stop()
+
+
 def test_a_stream_the_drain_cuts_ends_with_an_error_event(tiny):
     """A stream still running when --drain-timeout ran out just stopped (uvicorn cancelled
     it): the client could not tell the text was cut short. Now it ends with an error event,
