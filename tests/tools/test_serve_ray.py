@@ -99,6 +99,9 @@ def test_a_tensorrt_replica_needs_a_gpu():
         "--ray-replicas 8 needs 8 GPUs (one per replica); the Ray cluster has 0"
     )
     assert short_of({"CPU": 8.0, "GPU": 8.0}, need, 8) is None
+    assert short_of({"CPU": 8.0}, need, 1) == (
+        "--ray-replicas 1 needs 1 GPU (one per replica); the Ray cluster has 0"
+    )
     # "start fewer replicas" was the advice for a machine without a GPU too
     assert remedy({"CPU": 64.0}, need) == (
         "Ray sees no GPU on this machine: serve the engine where it does (--ray-address of a "
