@@ -36,6 +36,7 @@ from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
 from tools.bench.report import json_path_error, machine, versions
 from tools.cli import at_least, flag_named
+from weights.folders import staged_file
 
 if TYPE_CHECKING:
     import openai
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions(),
             "levels": levels,
         }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        with staged_file(args.json) as tmp:  # a Ctrl-C mid-write leaves no partial report
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
