@@ -3,6 +3,7 @@ unreachable URL as one line (the load test itself is in test_serve_http.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -66,6 +67,10 @@ def test_one_token_per_request_has_no_inter_token_latency(tiny_dir, tmp_path, ca
     """It printed nothing and died on formatting the missing ITL percentiles (None)."""
     tiny = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
     args = [str(tiny), "--backend", "reference", "--max-seq-len", "64", "--streams", "1"]
-    assert bench.main([*args, "--rounds", "1", "--prompt-tokens", "4", "--max-tokens", "1"]) == 0
+    once = ["--rounds", "1", "--prompt-tokens", "4", "--max-tokens", "1"]
+    assert bench.main([*args, *once, "--json", str(tmp_path / "r.json")]) == 0
     row = r"  1 streams: +[\d.]+ tok/s  TTFT p50 +[\d.]+ p99 +[\d.]+ ms  "
     assert re.fullmatch(row + r"ITL p50       - p99       - ms\n", capsys.readouterr().out)
+    [level] = json.loads((tmp_path / "r.json").read_text())["levels"]
+    assert level["streams"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "tiny"]  # no partial file
