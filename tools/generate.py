@@ -37,7 +37,7 @@ from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
 from runtime.tokenizer import Tokenizer
 from tools.cli import add_model_arguments, flag_named
-from weights import Checkpoint, WeightsError
+from weights import Checkpoint, WeightsError, load_config
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized
 from weights.hub import is_gguf_source
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         # an artifact's as built, a model folder's as --max-seq-len or its context say.
         seq_len = args.max_seq_len if meta is None else meta.max_seq_len
         if seq_len is None:
-            seq_len = default_max_seq_len(Checkpoint.open(args.model).config)
+            seq_len = default_max_seq_len(load_config(args.model))  # its weights: open_backend
         if args.max_new_tokens is None:  # the default leaves room for a prompt
             half = max(1, seq_len // 2)
             params = replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, half))
