@@ -37,11 +37,10 @@ def short_of(have: dict[str, float], need: dict[str, int], replicas: int) -> str
     """Why a cluster with resources `have` cannot place `replicas` replicas, or None."""
     for kind, each in need.items():
         if each and have.get(kind, 0) < each * replicas:
-            plural = "s" * (each * replicas != 1)
+            total = each * replicas
             return (
-                f"--ray-replicas {replicas} needs {each * replicas} {kind}{plural} (one per "
-                "replica); "
-                f"the Ray cluster has {have.get(kind, 0):g}"
+                f"--ray-replicas {replicas} needs {total} {kind}{'s' * (total != 1)} (one per "
+                f"replica); the Ray cluster has {have.get(kind, 0):g}"
             )
     return None
 
