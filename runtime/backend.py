@@ -16,6 +16,7 @@ class Backend(Protocol):
 
     max_batch: int  # largest B any call may use
     max_seq_len: int  # KV-cache slots per sequence
+    model_context: int  # the model's own context (max_position_embeddings): max_seq_len's bound
     max_prefill: int  # largest S of one call
     vocab_size: int  # token ids lie in [0, vocab_size): the embedding table's rows
     rings: tuple[int, ...]  # sliding layers' KV ring lengths: no call's row may cross one's end

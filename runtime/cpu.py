@@ -57,6 +57,10 @@ class CpuBackend:
         return self.dn.options.max_seq_len
 
     @property
+    def model_context(self) -> int:
+        return self.dn.config.max_position_embeddings
+
+    @property
     def max_prefill(self) -> int:
         return self.dn.options.prefill_len
 

@@ -57,6 +57,18 @@ class GenerationError(ValueError):
     iterated after a later run took its backend over."""
 
 
+WHOLE_CONTEXT = ", the model's whole context"  # said of a max_seq_len that cannot grow
+
+
+def larger_max_seq_len(max_seq_len: int, model_context: int) -> str | None:
+    """The engine to rebuild for more tokens, bounded by the model's own context; None where
+    max_seq_len already reaches it (netdef.options refuses a larger one), so that no error
+    suggests a build that would be refused."""
+    if max_seq_len >= model_context:
+        return None
+    return f"a larger --max-seq-len (up to the model's context, {model_context})"
+
+
 def prompt_name(i: int | None) -> str:
     """How errors name a prompt: "the prompt" alone, "prompt i" (from 0) of several."""
     return "the prompt" if i is None else f"prompt {i}"
@@ -166,6 +178,13 @@ class Generator:
         ]
         return Run(self, encoded, params)
 
+    def engine_context(self) -> tuple[str, str | None]:
+        """How a too-long error names the engine's max_seq_len, and the larger build to
+        suggest (`larger_max_seq_len`; None at the model's whole context)."""
+        seq_len = self.backend.max_seq_len
+        larger = larger_max_seq_len(seq_len, self.backend.model_context)
+        return f"the engine's max_seq_len={seq_len}" + ("" if larger else WHOLE_CONTEXT), larger
+
     def prompt_ids(
         self,
         prompt: Prompt,
@@ -177,18 +196,28 @@ class Generator:
         """The prompt (number `i` of several) tokenized and checked against max_seq_len (or
         truncated to fit: its most recent tokens, after its BOS where it began with one,
         since a model fed no BOS goes astray), and its ids checked against the vocabulary."""
-        limit = self.backend.max_seq_len - params.max_new_tokens
+        seq_len, new = self.backend.max_seq_len, params.max_new_tokens
+        limit = seq_len - new
+        if limit < 1:  # no prompt fits: shortening or truncating it cannot help
+            engine, larger = self.engine_context()
+            raise GenerationError(
+                f"max_new_tokens={new} leaves no room for a prompt in {engine}: lower "
+                f"max_new_tokens below {seq_len}"
+                + (f", or rebuild with {larger}." if larger else ".")
+            )
         ids = self.encode(prompt, chat)
         name = prompt_name(i)
         if not ids:
             raise GenerationError(f"{name} is empty after tokenization.")
         check_token_ids(ids, self.backend.vocab_size, i)
         if len(ids) > limit:
-            if not truncate or limit < 1:
+            if not truncate:
+                engine, larger = self.engine_context()
                 raise GenerationError(
-                    f"{name} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
-                    f"the engine's max_seq_len={self.backend.max_seq_len}. Shorten the prompt, lower "
-                    "max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+                    f"{name} has {len(ids)} tokens; with max_new_tokens={new} that exceeds "
+                    f"{engine}. Shorten the prompt, lower max_new_tokens, "
+                    + (f"rebuild with {larger}, " if larger else "")
+                    + "or allow truncation."
                 )
             bos = self.tokenizer.bos_id
             keep = [bos] if limit > 1 and bos is not None and ids[0] == bos else []

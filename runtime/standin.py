@@ -84,7 +84,7 @@ def fake_engine(
         profiles.append({"name": name, "shapes": shapes})
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": {"vocab_size": vocab},
+        "config": {"vocab_size": vocab, "max_position_embeddings": max_seq_len},
         "options": {"max_batch": b, "max_seq_len": max_seq_len, "max_prefill": p},
         "profiles": profiles,
         "io": io,

@@ -442,6 +442,7 @@ class TensorRTBackend:
         self.jit_cache = jit_cache  # saved by `close`
         self.max_prefill = meta.max_prefill
         self.vocab_size = meta.data["config"]["vocab_size"]  # the built model's (BUILT_FIELDS)
+        self.model_context = meta.data["config"]["max_position_embeddings"]
         outputs = {t["name"]: t["shape"] for t in engine_desc["io"]["outputs"]}
         self.sample_top_k = outputs[TOP_IDS][-1] if TOP_IDS in outputs else 0
         self.has_log_normalizer = LOG_NORMALIZER in outputs

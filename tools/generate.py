@@ -31,7 +31,13 @@ from runtime.backend import Backend
 from runtime.calibration import activation_amax, calibration_ids
 from runtime.cpu import CpuBackend
 from runtime.cuda_buffers import CudaError, gpu_unavailable_reason
-from runtime.generate import GenerationError, Generator, Run
+from runtime.generate import (
+    WHOLE_CONTEXT,
+    GenerationError,
+    Generator,
+    Run,
+    larger_max_seq_len,
+)
 from runtime.reference import ExecutorError
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.tensorrt_backend import EngineLoadError, TensorRTBackend
@@ -333,17 +339,26 @@ def main(argv: list[str] | None = None) -> int:
         check_as_built(args.model, meta, args.dtype, args.max_seq_len)
         # Known before the backend opens (seconds for a model folder's network on the CPU):
         # an artifact's as built, a model folder's as --max-seq-len or its context say.
-        seq_len = args.max_seq_len if meta is None else meta.max_seq_len
-        if seq_len is None:
-            seq_len = default_max_seq_len(load_config(args.model))  # its weights: open_backend
+        if meta is None:
+            config = load_config(args.model)  # its weights: open_backend
+            context, seq_len = config.max_position_embeddings, args.max_seq_len
+            if seq_len is None:
+                seq_len = default_max_seq_len(config)
+        else:
+            context, seq_len = meta.data["config"]["max_position_embeddings"], meta.max_seq_len
         if args.max_new_tokens is None:  # the default leaves room for a prompt
             half = max(1, seq_len // 2)
             params = replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, half))
         if 1 <= seq_len <= params.max_new_tokens:  # a bad --max-seq-len: open_backend says so
+            larger = larger_max_seq_len(seq_len, context)
+            if larger is None:
+                fix = f"{WHOLE_CONTEXT}; ask for fewer than {seq_len} new tokens."
+            else:
+                rebuild = "build the artifact again with" if meta else "use"
+                fix = f"; ask for fewer new tokens, or {rebuild} {larger}."
             raise GenerationError(
                 f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in "
-                f"max_seq_len={seq_len}; ask for fewer new tokens, or use a larger "
-                "--max-seq-len (at build time for an artifact)."
+                f"max_seq_len={seq_len}{fix}"
             )
         gen = Generator(
             open_backend(args.model, meta, args.backend, args.dtype, args.max_seq_len), tokenizer

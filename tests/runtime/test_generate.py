@@ -303,7 +303,8 @@ def test_too_long_prompt_is_refused_before_any_work(cpu_model, tokenizer):
         gen.start([prompt], greedy(max_new_tokens=8))
     assert str(err.value) == (
         f"the prompt has {n} tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=64. "
-        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len, or allow truncation."
+        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len (up to the "
+        "model's context, 32768), or allow truncation."
     )
     with pytest.raises(GenerationError) as err:  # of several, the error says which one
         gen.start(["Hello", prompt], greedy(max_new_tokens=8))
@@ -338,6 +339,41 @@ def test_truncation_keeps_the_bos_and_the_latest_tokens(tiny_gen):
     assert tiny_gen.start([words], params, truncate=True).completions[0].prompt_ids == words[-24:]
     one = greedy(max_new_tokens=31)
     assert tiny_gen.start([[2, *words]], one, truncate=True).completions[0].prompt_ids == [59]
+
+
+def test_no_room_for_a_prompt_is_said_of_max_new_tokens(tiny_gen):
+    """max_new_tokens >= max_seq_len: before, "the prompt has 1 tokens; ... Shorten the
+    prompt, ... or allow truncation", also to a run that allowed it."""
+    for truncate in (False, True):
+        with pytest.raises(GenerationError) as err:
+            tiny_gen.start(["w5"], greedy(max_new_tokens=32), truncate=truncate)
+        assert str(err.value) == (
+            "max_new_tokens=32 leaves no room for a prompt in the engine's max_seq_len=32: lower "
+            "max_new_tokens below 32, or rebuild with a larger --max-seq-len (up to the model's "
+            "context, 256)."
+        )
+
+
+def test_an_engine_at_the_models_whole_context_is_not_told_to_grow(tiny_gen):
+    """max_seq_len == max_position_embeddings, where netdef.options refuses a larger one:
+    before, the errors still said to rebuild with a larger --max-seq-len."""
+    options = NetworkOptions(dtype="float32", max_batch=1, max_seq_len=256, max_prefill=64)
+    ckpt = Checkpoint.open(tiny_gen.tokenizer.source)
+    whole = Generator(CpuBackend(build_network(ckpt, options)), tiny_gen.tokenizer)
+    assert whole.backend.model_context == 256
+    with pytest.raises(GenerationError) as err:
+        whole.start([list(range(10, 260))], greedy(max_new_tokens=8))
+    assert str(err.value) == (
+        "the prompt has 250 tokens; with max_new_tokens=8 that exceeds the engine's "
+        "max_seq_len=256, the model's whole context. Shorten the prompt, lower max_new_tokens, "
+        "or allow truncation."
+    )
+    with pytest.raises(GenerationError) as err:
+        whole.start(["w5"], greedy(max_new_tokens=300))
+    assert str(err.value) == (
+        "max_new_tokens=300 leaves no room for a prompt in the engine's max_seq_len=256, the "
+        "model's whole context: lower max_new_tokens below 256."
+    )
 
 
 def test_too_many_prompts_are_refused(cpu_model, tokenizer):

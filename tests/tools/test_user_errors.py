@@ -187,10 +187,11 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys, monkeyp
     assert generate_tool.main(args) == 1
     assert capsys.readouterr().err == (
         "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=64; ask for "
-        "fewer new tokens, or use a larger --max-seq-len (at build time for an artifact).\n"
+        "fewer new tokens, or use a larger --max-seq-len (up to the model's context, 256).\n"
     )
     # Said before the network is built (9 s for Gemma-3-270M at its 32K context on the CPU),
-    # for the model's own context when --max-seq-len is not given, and an artifact's.
+    # for the model's own context when --max-seq-len is not given (where a larger one is
+    # refused: no rebuild is suggested), and an artifact's.
     artifact = tmp_path / "artifact"
     build = [str(model), "--target", "sm89", "--max-seq-len", "32", "--quiet"]
     assert run_build([*build, "--output", str(artifact)], capsys)[0] == 0
@@ -199,14 +200,18 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys, monkeyp
         raise AssertionError("the backend was opened")
 
     monkeypatch.setattr(generate_tool, "open_backend", opened)
-    for folder, seq_len in ((model, 256), (artifact, 32)):
-        args = [str(folder), "--backend", "reference", "--max-new-tokens", "2000"]
-        assert generate_tool.main([*args, "--prompt", "w5"]) == 1
-        assert capsys.readouterr().err == (
-            f"error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len={seq_len}; "
-            "ask for fewer new tokens, or use a larger --max-seq-len (at build time for an "
-            "artifact).\n"
-        )
+    args = ["--backend", "reference", "--max-new-tokens", "2000", "--prompt", "w5"]
+    assert generate_tool.main([str(model), *args]) == 1
+    assert capsys.readouterr().err == (
+        "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=256, the "
+        "model's whole context; ask for fewer than 256 new tokens.\n"
+    )
+    assert generate_tool.main([str(artifact), *args]) == 1
+    assert capsys.readouterr().err == (
+        "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=32; ask for "
+        "fewer new tokens, or build the artifact again with a larger --max-seq-len (up to the "
+        "model's context, 256).\n"
+    )
 
 
 def test_the_default_new_tokens_leave_room_for_a_prompt(tiny_dir, tmp_path, capsys):
