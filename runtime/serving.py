@@ -151,6 +151,15 @@ class Request:
         if loop is not None:
             loop.call_soon_threadsafe(wake.set)
 
+    def _take(self) -> object:
+        """The next event (under `_cond`, with one there). The last one, the end or an error,
+        stays: a request read again ends or raises at once, as a finished `Run` does,
+        rather than wait for an event that never comes."""
+        item = self._events[0]
+        if item is not _END and not isinstance(item, BaseException):
+            self._events.popleft()
+        return item
+
     def _item(self, item: object) -> str | None:
         if item is _END:
             return None
@@ -162,7 +171,7 @@ class Request:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._events)
-                item = self._events.popleft()
+                item = self._take()
             if (text := self._item(item)) is None:
                 return
             yield text
@@ -172,7 +181,7 @@ class Request:
             self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         while True:
             with self._cond:
-                item = self._events.popleft() if self._events else None
+                item = self._take() if self._events else None
                 if item is None:
                     self._wake.clear()
             if item is None:

@@ -394,6 +394,33 @@ def test_shutdown_drains_then_cancels(model):
         )
 
 
+def test_a_request_read_again_ends_at_once(model):
+    """A second `for` or `async for` over a finished request waited forever for events after
+    its end; one that failed raises again."""
+    engine = Engine(cpu(model, 1), model[1])
+    params = SamplingParams(max_new_tokens=4)
+    request = engine.submit(words(5, 3), params)
+    assert "".join(request) == alone(model, words(5, 3), params)[1]
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(list(request)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert result == [[]]
+
+    async def read_twice():
+        request = engine.submit(words(5, 3), params)
+        first = [text async for text in request]
+        return first, await asyncio.wait_for(anext(aiter(request), None), 10)
+
+    first, again = asyncio.run(read_twice())
+    assert "".join(first) == alone(model, words(5, 3), params)[1] and again is None
+    cut = engine.submit(words(5, 3), SamplingParams(max_new_tokens=60))
+    engine.shutdown(timeout=0)
+    for _ in range(2):
+        with pytest.raises(EngineStopped):
+            list(cut)
+
+
 def test_params_that_are_not_sampling_params_are_refused(model):
     """A dict got AttributeError: 'dict' object has no attribute 'max_new_tokens'."""
     engine = Engine(cpu(model, 1, seq=16), model[1])
