@@ -124,6 +124,16 @@ class Generator:
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None
     ):
+        if not all(hasattr(backend, name) for name in ("max_seq_len", "reset", "forward")):
+            raise GenerationError(
+                "backend is a runtime backend: TensorRTBackend.load(artifact) or "
+                f"CpuBackend(network), not a {type(backend).__name__}."
+            )
+        if not isinstance(tokenizer, Tokenizer):  # else an AttributeError, here or at start()
+            raise GenerationError(
+                "tokenizer is a runtime.tokenizer.Tokenizer: Tokenizer.from_dir(model_dir), "
+                f"not a {type(tokenizer).__name__}."
+            )
         self.backend = backend
         self.tokenizer = tokenizer
         if eos_ids is not None and not (

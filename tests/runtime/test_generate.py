@@ -432,6 +432,32 @@ def test_eos_ids_of_another_kind_are_one_clear_error(eos_ids, cpu_model, tokeniz
     assert Generator(cpu_model, tokenizer, eos_ids=(1, 2)).eos_ids == {1, 2}
 
 
+def test_a_generator_of_other_arguments_is_one_clear_error(tiny_gen):
+    """A network for the backend, the two arguments swapped or a folder for the tokenizer:
+    before, an AttributeError ('DecoderNetwork' object has no attribute 'max_batch' at
+    start(); 'CpuBackend' or 'str' object has no attribute 'eos_ids')."""
+    backend, tokenizer = tiny_gen.backend, tiny_gen.tokenizer
+    for args, shown in [
+        (
+            (backend.dn, tokenizer),
+            "backend is a runtime backend: TensorRTBackend.load(artifact) "
+            "or CpuBackend(network), not a DecoderNetwork.",
+        ),
+        (
+            (tokenizer, backend),
+            "backend is a runtime backend: TensorRTBackend.load(artifact) "
+            "or CpuBackend(network), not a Tokenizer.",
+        ),
+        (
+            (backend, tokenizer.source),
+            "tokenizer is a runtime.tokenizer.Tokenizer: Tokenizer.from_dir(model_dir), not a str.",
+        ),
+    ]:
+        with pytest.raises(GenerationError) as err:
+            Generator(*args)
+        assert str(err.value) == shown
+
+
 def test_token_id_prompts_pass_through(cpu_model, tokenizer):
     assert Generator(cpu_model, tokenizer).encode([2, 5, 7], chat=False) == [2, 5, 7]
 
