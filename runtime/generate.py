@@ -104,7 +104,9 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length" or "cancelled"
+    # "stop" (EOS or stop string), "length", "cancelled", or "error" (runtime.serving: an
+    # EngineFault, which reading the request raises)
+    finish_reason: str | None = None
     stats: Stats = field(default_factory=Stats)
 
 
