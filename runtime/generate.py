@@ -238,8 +238,10 @@ class Generator:
 
 
 # The run whose batch each backend's KV caches hold: a backend holds one batch, so a run
-# iterated after another run (of any Generator) reset it has lost its rows.
-HOLDERS: weakref.WeakKeyDictionary[Backend, Run] = weakref.WeakKeyDictionary()
+# iterated after another run (of any Generator) reset it has lost its rows. Weak both ways:
+# a run refers to its backend, so a run held here kept every backend that ever ran one
+# (weights, caches) alive for good.
+HOLDERS: weakref.WeakKeyDictionary[Backend, weakref.ref[Run]] = weakref.WeakKeyDictionary()
 
 
 def check_params(params: object) -> None:
@@ -274,14 +276,15 @@ class Run:
     def owns_backend(self) -> bool:
         """False once a later run, of any Generator on the same backend, has reset the
         backend's caches (and dropped this run's calls in flight)."""
-        return HOLDERS.get(self.gen.backend) is self
+        holder = HOLDERS.get(self.gen.backend)
+        return holder is not None and holder() is self
 
     def _generate(self) -> Stream[Delta, None, None]:
         backend, params = self.gen.backend, self.params
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
         lengths = np.array([len(c.prompt_ids) for c in rows])
-        HOLDERS[backend] = self
+        HOLDERS[backend] = weakref.ref(self)
         backend.reset(batch)
 
         t0 = time.perf_counter()

@@ -553,6 +553,22 @@ def test_both_backends_have_every_method_of_the_protocol(tiny_gen):
         assert len(list(run)) > 0 and run.completions[0].stats.completion_tokens == 3
 
 
+def test_a_backend_is_freed_once_its_runs_are_dropped(tiny_gen):
+    """The registry of which run holds a backend kept the run, which refers to its backend,
+    so every backend that ever ran a batch (its weights and caches) lived on for good."""
+    import gc
+    import weakref
+
+    backend = CpuBackend(tiny_gen.backend.dn)
+    run = Generator(backend, tiny_gen.tokenizer).start(["w5 w6"], greedy(max_new_tokens=3))
+    left = iter(Generator(backend, tiny_gen.tokenizer).start(["w7"], greedy(max_new_tokens=3)))
+    assert len(list(run)) > 0 and next(left)
+    freed = weakref.ref(backend)
+    del backend, run, left
+    gc.collect()
+    assert freed() is None
+
+
 def test_a_run_left_early_shows_what_it_generated(tiny_gen):
     """After `break`, stats read zeros and finish_reason None; a closed run said nothing
     either. Now the stats follow each step, and `close()` ends the run as "cancelled"."""
