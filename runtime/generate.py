@@ -121,7 +121,8 @@ class Generator:
     `eos_ids` end a sequence (by default the tokenizer's; [] runs to max_new_tokens).
 
     The backend holds one batch at a time: a run that starts while another is unfinished
-    takes it over, and the other raises if iterated further."""
+    takes it over, and the other raises if iterated further. A backend that a
+    runtime.serving.Engine serves takes no run until the engine shuts down."""
 
     def __init__(
         self, backend: Backend, tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None
@@ -183,6 +184,7 @@ class Generator:
                 f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
                 "send fewer at once or rebuild with a larger --max-batch."
             )
+        check_not_served(self.backend, "this Generator")
         several = len(prompts) > 1  # then the errors say which one
         encoded = [
             self.prompt_ids(prompt, params, chat, truncate, i if several else None)
@@ -237,11 +239,26 @@ class Generator:
         return ids
 
 
-# The run whose batch each backend's KV caches hold: a backend holds one batch, so a run
-# iterated after another run (of any Generator) reset it has lost its rows. Weak both ways:
-# a run refers to its backend, so a run held here kept every backend that ever ran one
+# What each backend's KV caches belong to: the run whose batch they hold (a backend holds
+# one batch, so a run iterated after another run of any Generator reset it has lost its
+# rows), or a runtime.serving.Engine (its rows until it shuts down). Weak both ways: a
+# holder refers to its backend, so a strong one kept every backend that ever ran a batch
 # (weights, caches) alive for good.
-HOLDERS: weakref.WeakKeyDictionary[Backend, weakref.ref[Run]] = weakref.WeakKeyDictionary()
+HOLDERS: weakref.WeakKeyDictionary[Backend, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def check_not_served(backend: Backend, who: str) -> None:
+    """GenerationError while a runtime.serving.Engine serves `backend`: its step thread owns
+    the KV caches until its `shutdown` returns, and `who` (a run, another engine) beside it
+    would overwrite them, every output silently wrong."""
+    from .serving import Engine  # runtime.serving imports this module
+
+    holder = HOLDERS.get(backend)
+    if isinstance(engine := holder and holder(), Engine) and engine.running:
+        raise GenerationError(
+            "this backend serves a runtime.serving.Engine until its shutdown() returns: "
+            f"submit to that engine, or give {who} a backend of its own."
+        )
 
 
 def check_params(params: object) -> None:
@@ -284,6 +301,7 @@ class Run:
         batch = len(self.completions)
         rows = [self.completions[i] for i in self.order]
         lengths = np.array([len(c.prompt_ids) for c in rows])
+        check_not_served(backend, "this Generator")  # an engine may have started since
         HOLDERS[backend] = weakref.ref(self)
         backend.reset(batch)
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import count
@@ -56,7 +57,15 @@ from netdef.contract import LOG_NORMALIZER, NEXT_TOKEN
 from netdef.slots import call_end
 
 from .backend import Backend
-from .generate import Completion, Generator, Prompt, TextStream, check_params
+from .generate import (
+    HOLDERS,
+    Completion,
+    Generator,
+    Prompt,
+    TextStream,
+    check_not_served,
+    check_params,
+)
 from .readout import (
     ALL_LOGITS,
     ARGMAX,
@@ -210,6 +219,8 @@ class Engine:
         on_token: Callable[[Request, float], None] | None = None,
     ):
         self.backend, self.gen = backend, Generator(backend, tokenizer)
+        check_not_served(backend, "the new Engine")
+        HOLDERS[backend] = weakref.ref(self)  # a run on it is refused until shutdown
         self.max_queue, self.on_token = max_queue, on_token
         self.pad = tokenizer.pad_id or 0
         self.rows: list[Request | None] = [None] * backend.max_batch
@@ -245,6 +256,11 @@ class Engine:
             self.waiting.append(request)
             self._cond.notify_all()
         return request
+
+    @property
+    def running(self) -> bool:
+        """Whether the step thread still drives the backend (until `shutdown` returns)."""
+        return self._thread.is_alive()
 
     @property
     def queue_depth(self) -> int:

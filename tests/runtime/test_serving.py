@@ -421,6 +421,30 @@ def test_a_request_read_again_ends_at_once(model):
             list(cut)
 
 
+def test_a_backend_serves_one_engine_and_no_run_beside_it(model):
+    """A Generator's run, or a second Engine, on the backend an Engine serves reset and wrote
+    its KV caches under the step thread: every output silently wrong."""
+    backend, params = cpu(model, 2), SamplingParams(max_new_tokens=8)
+    early = iter(Generator(backend, model[1]).start([words(9, 3)], params))  # not yet run
+    engine = Engine(backend, model[1])
+    request = engine.submit(words(5, 3), params)
+    for make, who in (
+        (lambda: Generator(backend, model[1]).start([words(9, 3)], params), "this Generator"),
+        (lambda: next(early), "this Generator"),
+        (lambda: Engine(backend, model[1]), "the new Engine"),
+    ):
+        with pytest.raises(GenerationError) as e:
+            make()
+        assert str(e.value) == (
+            "this backend serves a runtime.serving.Engine until its shutdown() returns: "
+            f"submit to that engine, or give {who} a backend of its own."
+        )
+    assert "".join(request) == alone(model, words(5, 3), params)[1]
+    engine.shutdown()
+    run = Generator(backend, model[1]).start([words(9, 3)], params)
+    assert "".join(d.text for d in run) == alone(model, words(9, 3), params)[1]
+
+
 def test_params_that_are_not_sampling_params_are_refused(model):
     """A dict got AttributeError: 'dict' object has no attribute 'max_new_tokens'."""
     engine = Engine(cpu(model, 1, seq=16), model[1])
