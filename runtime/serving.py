@@ -55,6 +55,7 @@ import numpy as np
 
 from netdef.contract import LOG_NORMALIZER, NEXT_TOKEN
 from netdef.slots import call_end
+from weights.config import is_int
 
 from .backend import Backend
 from .generate import (
@@ -218,6 +219,11 @@ class Engine:
         max_queue: int = 256,
         on_token: Callable[[Request, float], None] | None = None,
     ):
+        if not is_int(max_queue) or max_queue < 0:  # else a TypeError at each submit
+            raise ValueError(
+                "max_queue is how many requests may wait beyond the free rows, an integer "
+                f">= 0, not {max_queue!r}."
+            )
         self.backend, self.gen = backend, Generator(backend, tokenizer)
         check_not_served(backend, "the new Engine")
         HOLDERS[backend] = weakref.ref(self)  # a run on it is refused until shutdown

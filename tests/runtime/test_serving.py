@@ -445,6 +445,17 @@ def test_a_backend_serves_one_engine_and_no_run_beside_it(model):
     assert "".join(d.text for d in run) == alone(model, words(9, 3), params)[1]
 
 
+@pytest.mark.parametrize("max_queue", ["5", -1, 2.0])
+def test_a_max_queue_of_another_kind_is_refused_at_once(model, max_queue):
+    """max_queue="5" made every submit a TypeError ('>=' not supported between...)."""
+    with pytest.raises(ValueError) as e:
+        Engine(cpu(model, 1), model[1], max_queue=max_queue)
+    assert str(e.value) == (
+        "max_queue is how many requests may wait beyond the free rows, an integer >= 0, not "
+        f"{max_queue!r}."
+    )
+
+
 def test_params_that_are_not_sampling_params_are_refused(model):
     """A dict got AttributeError: 'dict' object has no attribute 'max_new_tokens'."""
     engine = Engine(cpu(model, 1, seq=16), model[1])
