@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +35,10 @@ class LineTracking:
         if text:
             self.line_open = not text.endswith("\n")
         return self.stream.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:  # each line through write, tracked
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
         return getattr(self.stream, name)

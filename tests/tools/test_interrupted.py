@@ -156,6 +156,23 @@ def test_interrupted_is_a_line_of_its_own(said):
     assert (done.returncode, done.stderr) == (130, expected + "interrupted.\n")
 
 
+@pytest.mark.parametrize("said", [["warning: ", "cut"], ["a line\n"], ["cut", ""]])
+def test_interrupted_is_a_line_of_its_own_after_writelines(said):
+    """writelines went to the wrapped stream untracked (LineTracking's __getattr__), so a line
+    it left open was glued to "interrupted."."""
+    code = (
+        "import sys\n"
+        "from tools.cli import run\n"
+        "def main():\n"
+        f"    sys.stderr.writelines({said!r})\n"
+        "    raise KeyboardInterrupt\n"
+        "run(main)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    expected = "".join(said).removesuffix("\n") + "\n"
+    assert (done.returncode, done.stderr) == (130, expected + "interrupted.\n")
+
+
 def test_ctrl_c_ends_a_serving_benchmark_with_one_line(tmp_path):
     """tools.bench.serve waiting on a server that never answers (it accepts and says
     nothing) is interrupted: one line, status 130, no traceback."""
