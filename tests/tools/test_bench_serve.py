@@ -39,6 +39,27 @@ def test_bad_options_are_refused_before_a_server_starts(args, message, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "pass an artifact or model folder to serve, or --url of a running server."),
+        (
+            ["art", "--url", "http://127.0.0.1:8000/v1"],
+            "art starts a server and --url measures one already running; pass only one of them.",
+        ),
+    ],
+)
+def test_a_folder_or_a_url_is_needed_and_only_one(args, message, capsys):
+    """Both cases said "give an artifact or model folder, or --url of a running server (not
+    both).", which read as if both were wrong at once."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m tools.bench.serve: error: {message}"
+    )
+
+
 def test_an_unreachable_url_is_one_line(capsys):
     """It was a 31-frame APIConnectionError traceback."""
     url = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on

@@ -164,8 +164,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", type=Path, help="write the raw results here")
     args = p.parse_args(argv)
-    if (args.url is None) == (args.model_path is None):
-        p.error("give an artifact or model folder, or --url of a running server (not both).")
+    if args.url is None and args.model_path is None:
+        p.error("pass an artifact or model folder to serve, or --url of a running server.")
+    if args.url is not None and args.model_path is not None:
+        p.error(
+            f"{args.model_path} starts a server and --url measures one already running; pass "
+            "only one of them."
+        )
     flags = ("--max-batch", "--max-seq-len", "--rounds", "--prompt-tokens", "--max-tokens")
     at_least(p, args, dict.fromkeys(flags, 1))
     try:  # the sampling flags by the rules a request's are held to
