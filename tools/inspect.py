@@ -66,11 +66,15 @@ def span(low: int, opt: int, high: int) -> str:
     return str(low) if low == high else f"{low}..{high} (tuned for {opt})"
 
 
+def layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
+
+
 def describe(metadata: Metadata) -> str:
     meta = metadata.data  # the fields only a person reads stay as metadata.json has them
     cfg, opt, build = meta["config"], meta["options"], meta.get("build", {})
     lines = [
-        f"model      {meta['model']['name']} ({cfg['family']}, {len(cfg['layers'])} layers, "
+        f"model      {meta['model']['name']} ({cfg['family']}, {layers(len(cfg['layers']))}, "
         f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})",
         f"backend    {meta['backend']['module']} {meta['backend']['version']}, target {meta.get('target') or 'build GPU'}",
         f"format     artifact {meta['format_version']}, network "
@@ -98,7 +102,7 @@ def describe(metadata: Metadata) -> str:
         for t in shown:
             lines.append(f"  {t['name']:<18}{t['dtype']:<9}{t['shape']}")
         if len(shown) < len(tensors):
-            lines.append(f"  ... and the same for each of the {len(cfg['layers'])} layers")
+            lines.append(f"  ... and the same for each of the {layers(len(cfg['layers']))}")
     return "\n".join(lines)
 
 
