@@ -14,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+from tools.cli import path_arg
 from weights.bundled import bundled_model_dir
 from weights.config import ModelConfig, load_config
 from weights.errors import WeightsError
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cache-dir",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="where the GGUF and the converted folder are kept "
         "(default: $TRT_NETDEF_CACHE, else ~/.cache/trt-netdef)",

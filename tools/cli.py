@@ -99,6 +99,14 @@ def flag_named(e: Exception) -> str:
     return f"--{field.replace('_', '-')}: {e}" if field else str(e)
 
 
+def path_arg(text: str) -> Path:
+    """argparse's type for a path: an empty one (an unset shell variable, `"$ARTIFACT"`) is
+    refused, where Path("") would be the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?).")
+    return Path(text)
+
+
 def at_least(p: argparse.ArgumentParser, args: argparse.Namespace, lows: dict[str, float]) -> None:
     """argparse's usage error for the first given flag below its least value."""
     for flag, low in lows.items():

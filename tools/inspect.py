@@ -13,6 +13,7 @@ from pathlib import Path
 
 from netdef.artifact import METADATA_FILE, ArtifactError, Metadata, check_intact, fmt_bytes
 from netdef.contract import GLOBAL_POSITIONS, INPUT_IDS
+from tools.cli import path_arg
 from weights.hub import is_gguf_source
 
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.inspect", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("artifact", type=Path, help="folder written by python -m tools.build")
+    p.add_argument("artifact", type=path_arg, help="folder written by python -m tools.build")
     p.add_argument("--json", action="store_true", help="print the raw metadata.json")
     args = p.parse_args(argv)
     if problem := not_an_artifact(args.artifact):

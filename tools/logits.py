@@ -23,6 +23,7 @@ from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuBackend, sequence_logits
 from runtime.generate import GenerationError, check_token_ids
 from runtime.reference import ExecutorError
+from tools.cli import path_arg
 from weights import Checkpoint, WeightsError
 from weights.folders import staged_file
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.logits", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "model_dir", type=Path, help="Hugging Face model folder (config.json + safetensors)"
+        "model_dir", type=path_arg, help="Hugging Face model folder (config.json + safetensors)"
     )
     parser.add_argument(
         "--ids",
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prefill", type=int, help="ids per sequence in the first call (default: all)"
     )
     parser.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES))
-    parser.add_argument("--out", type=Path, required=True, help="where to save the .npy array")
+    parser.add_argument("--out", type=path_arg, required=True, help="where to save the .npy array")
     args = parser.parse_args(attached_ids(sys.argv[1:] if argv is None else argv))
     try:
         seqs = [[int(tok) for tok in s.split(",") if tok.strip()] for s in args.ids]

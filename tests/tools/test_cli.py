@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from tools import bundled as bundled_tool
 from tools import generate as generate_tool
+from tools import inspect as inspect_tool
 from tools import logits as logits_tool
+from tools.bench import serve as bench_serve
 
 
 def test_logits_cli_matches_transformers(tiny_dir, hf_model, tmp_path, capsys):
@@ -90,6 +93,32 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
         "python -m tools.logits: error: --prefill 0 must be between 1 and the longest sequence (3)"
     )
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("main", "args", "argument"),
+    [
+        (inspect_tool.main, [""], "artifact"),
+        (logits_tool.main, ["", "--ids", "1", "--out", "x.npy"], "model_dir"),
+        (logits_tool.main, ["m", "--ids", "1", "--out", ""], "--out"),
+        (bundled_tool.main, ["--cache-dir", ""], "--cache-dir"),
+        (bench_serve.main, [""], "model_path"),
+        (bench_serve.main, ["--url", "http://127.0.0.1:8000/v1", "--json", ""], "--json"),
+    ],
+)
+def test_an_empty_path_is_refused(main, args, argument, tmp_path, monkeypatch, capsys):
+    """An unset shell variable ("$ARTIFACT") was the current folder: tools.bundled converted
+    the model into it, tools.logits --out "" wrote '..npy' there, and the others said '. is
+    a folder' or named the current folder, not what was passed."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m {main.__module__}: error: argument {argument}: the path is empty (an unset shell "
+        "variable?)."
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_cli_streams_transformers_greedy_text(gemma3_270m_dir, capsys):

@@ -35,7 +35,7 @@ from netdef.contract import DEFAULT_DTYPE, MODEL_DTYPES
 from runtime.sampling import SamplingError, SamplingParams
 from tools.bench.__main__ import int_list
 from tools.bench.report import json_path_error, machine, versions
-from tools.cli import at_least, flag_named
+from tools.cli import at_least, flag_named, path_arg
 from weights.folders import staged_file
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m tools.bench.serve", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
-        "model_path", nargs="?", type=Path, help="artifact or model folder (not with --url)"
+        "model_path", nargs="?", type=path_arg, help="artifact or model folder (not with --url)"
     )
     p.add_argument("--url", help="a running server's base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="the served model name (default: the server's only model)")
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="default 0: none")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--json", type=Path, help="write the raw results here")
+    p.add_argument("--json", type=path_arg, help="write the raw results here")
     args = p.parse_args(argv)
     if args.url is None and args.model_path is None:
         p.error("pass an artifact or model folder to serve, or --url of a running server.")
