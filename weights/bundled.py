@@ -61,6 +61,12 @@ def bundled_model_dir(cache_dir: Path | None = None, progress: bool = True) -> P
     The folder is `<cache_dir>/gemma-3-270m-<first 16 hex of the GGUF's sha256>-v<converter version>`.
     """
     cache = Path(cache_dir or default_cache_dir())
+    held = next((p for p in (cache, *cache.parents) if p.exists()), cache)
+    if not held.is_dir():  # mkdir's error said "File exists", naming the cache folder
+        raise WeightsError(
+            f"cannot prepare the bundled model in {cache}: {held} is a file, not a folder; set "
+            "TRT_NETDEF_CACHE (or --cache-dir) to a folder with about 1 GB free."
+        )
     try:
         gguf = bundled_gguf_path(cache)
         target = cache / f"gemma-3-270m-{file_sha256(gguf)[:16]}-v{CONVERTER_VERSION}"
