@@ -13,19 +13,64 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from netdef import NetworkOptions, OptionsError, build_network
+from netdef.artifact import METADATA_FILE, ArtifactError, read_metadata
 from netdef.contract import MODEL_DTYPES
 from runtime.cpu import CpuBackend, sequence_logits
 from runtime.generate import GenerationError, check_token_ids
 from runtime.reference import ExecutorError
 from tools.cli import path_arg
 from weights import Checkpoint, WeightsError
+from weights.bundled import default_cache_dir
 from weights.folders import staged_file
+from weights.gguf_import import converted_path, find_gguf, is_complete
+from weights.hub import is_gguf_source
+
+
+def not_a_model_folder(path: Path) -> str | None:
+    """What `path` is instead of a Hugging Face model folder, and what to pass; None for a
+    folder that is no artifact or GGUF model (Checkpoint.open says what it lacks)."""
+    if not path.exists():
+        return (
+            f"{path} does not exist; pass a Hugging Face model folder (config.json + safetensors)."
+        )
+    if is_gguf_source(path):
+        return gguf_instead(path)
+    if not path.is_dir():
+        return (
+            f"{path} is a file, not a folder; pass a Hugging Face model folder (config.json + "
+            "safetensors)."
+        )
+    if (path / METADATA_FILE).is_file():
+        try:
+            source = f", {read_metadata(path)['model']['path']}"
+        except (ArtifactError, KeyError, TypeError):
+            source = ""
+        return (
+            f"{path} is an engine artifact; tools.logits runs a model folder's network on the "
+            f"CPU: pass the folder it was built from{source}."
+        )
+    return None
+
+
+def gguf_instead(path: Path) -> str:
+    """A GGUF model's Hugging Face conversion to pass instead: where tools.build keeps it."""
+    try:
+        folder = converted_path(find_gguf(path).resolve(), default_cache_dir())
+    except WeightsError as e:  # a folder of several GGUF files, or parts without the first
+        return str(e)
+    if is_complete(folder):
+        return f"{path} is a GGUF model; pass its Hugging Face conversion, {folder}."
+    return (
+        f"{path} is a GGUF model; python -m tools.build {shlex.quote(str(path))} converts it "
+        f"into {folder} (and builds an engine): pass that folder."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--out {args.out}: {folder} is a folder; name the file to write in it, e.g. "
             f"--out {folder / 'logits.npy'}"
         )
+    if problem := not_a_model_folder(args.model_dir):
+        raise SystemExit(f"error: {problem}")
     try:
         ckpt = Checkpoint.open(args.model_dir)
         for i, s in enumerate(seqs):  # the prompts' rule and message (runtime.generate)
