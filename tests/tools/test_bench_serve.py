@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from tests.tools.cli import free_port, with_tokenizer
 from tools.bench import serve as bench
+from tools.cli import Terminated
 
 
 @pytest.mark.parametrize(
@@ -95,3 +98,27 @@ def test_one_token_per_request_has_no_inter_token_latency(tiny_dir, tmp_path, ca
     [level] = json.loads((tmp_path / "r.json").read_text())["levels"]
     assert level["streams"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "tiny"]  # no partial file
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
+def test_a_server_still_starting_is_stopped_with_the_benchmark(stop, monkeypatch):
+    """A Ctrl-C or SIGTERM (tools.cli raises both as KeyboardInterrupt) while the server was
+    starting left it running on its own: python -m tools.serve outlived the benchmark."""
+    started, real_popen = [], subprocess.Popen
+
+    def popen(cmd: list[str]) -> subprocess.Popen:  # a server that never gets ready
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+        return started[-1]
+
+    def urlopen(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench.urllib.request, "urlopen", urlopen)
+    try:
+        with pytest.raises(stop):
+            bench.start_server(bench.parse_args(["art"]))
+        assert started[0].poll() == -15  # terminated, and waited for
+    finally:
+        started[0].kill()
+        started[0].wait()

@@ -113,17 +113,23 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return proc, url + "/v1"
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(
-                    f"error: the server did not start (exit code {proc.poll()})."
-                ) from None
-            time.sleep(0.5)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    return proc, url + "/v1"
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise SystemExit(
+                        f"error: the server did not start (exit code {proc.poll()})."
+                    ) from None
+                time.sleep(0.5)
+    except BaseException:  # a Ctrl-C or SIGTERM while it starts: it is stopped, not left running
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(120)
+        raise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
