@@ -63,6 +63,43 @@ def test_a_folder_or_a_url_is_needed_and_only_one(args, message, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            "nope",
+            "{model} does not exist; pass an artifact folder from python -m tools.build, or a "
+            "Hugging Face model folder with --backend reference.",
+        ),
+        (
+            "notes.txt",
+            "{model} is a file, not a folder; pass an artifact folder from python -m "
+            "tools.build, or a Hugging Face model folder with --backend reference.",
+        ),
+        (
+            "tiny",
+            "{model} is not an engine artifact; build one with python -m tools.build, or use "
+            "--backend reference.",
+        ),
+    ],
+)
+def test_a_model_the_server_would_refuse_is_one_line_before_it_starts(
+    model, message, tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """The server said it, then the benchmark 'error: the server did not start (exit code
+    1).', after seconds of the server's imports."""
+    with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def popen(cmd: list[str]):
+        raise AssertionError(f"a server was started: {cmd}")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    model = tmp_path / model
+    assert bench.main([str(model), "--streams", "1"]) == 1
+    assert capsys.readouterr().err == f"error: {message.format(model=model)}\n"
+
+
 def test_an_unreachable_url_is_one_line(capsys):
     """It was a 31-frame APIConnectionError traceback."""
     url = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on

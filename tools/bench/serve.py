@@ -101,15 +101,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tools.serve", str(args.model_path), "--port", str(port)]
-    cmd += ["--backend", args.backend, "--max-queue", str(max(args.streams) * 2)]
+def server_args(args: argparse.Namespace) -> list[str]:
+    """python -m tools.serve's arguments for the model and options (all but --port)."""
+    cmd = [str(args.model_path), "--backend", args.backend]
+    cmd += ["--max-queue", str(max(args.streams) * 2)]
     if args.backend == "reference":
         cmd += ["--max-batch", str(args.max_batch or 16)]
         for flag, value in (("--dtype", args.dtype), ("--max-seq-len", args.max_seq_len)):
             if value is not None:  # a model folder's network; an artifact runs as built
                 cmd += [flag, str(value)]
+    return cmd
+
+
+def server_refusal(args: argparse.Namespace) -> str | None:
+    """What python -m tools.serve would refuse the model for before it opens a backend (no
+    such folder, no artifact for TensorRT, no tokenizer, --dtype for an artifact), or None:
+    said here in its words, before a server starts, rather than by it and then again as
+    'the server did not start'."""
+    from tools.generate import no_such_model
+    from tools.serve import parse_args as serve_args
+    from weights import WeightsError
+
+    config = serve_args(server_args(args))[1]
+    if problem := no_such_model(config.model):
+        return problem
+    try:
+        config.check()
+    except (ValueError, WeightsError) as e:
+        return flag_named(e)
+    return None
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tools.serve", *server_args(args), "--port", str(port)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -210,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         import openai
     except ImportError:
         print("error: this needs the openai client: pip install openai", file=sys.stderr)
+        return 1
+    if args.url is None and (problem := server_refusal(args)):
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     proc = None
     try:
