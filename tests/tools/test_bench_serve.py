@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.tools.cli import free_port, with_tokenizer
+from runtime.cuda_buffers import gpu_unavailable_reason
+from tests.tools.cli import free_port, run_build, with_tokenizer
 from tools.bench import serve as bench
 from tools.cli import Terminated
 
@@ -98,6 +99,29 @@ def test_a_model_the_server_would_refuse_is_one_line_before_it_starts(
     model = tmp_path / model
     assert bench.main([str(model), "--streams", "1"]) == 1
     assert capsys.readouterr().err == f"error: {message.format(model=model)}\n"
+
+
+@pytest.mark.skipif(gpu_unavailable_reason() is None, reason="this machine has a GPU")
+def test_an_artifact_without_a_gpu_is_one_line_before_a_server_starts(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """The server said the TensorRT backend needs a GPU, then the benchmark 'error: the
+    server did not start (exit code 1).'"""
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    artifact = tmp_path / "a"
+    args = [str(model), "--target", "sm89", "--max-seq-len", "32", "--output", str(artifact)]
+    assert run_build([*args, "--quiet"], capsys)[0] == 0
+
+    def popen(cmd: list[str]):
+        raise AssertionError(f"a server was started: {cmd}")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    assert bench.main([str(artifact), "--streams", "1"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: the TensorRT backend needs cuda-python and a CUDA GPU, but "
+        f"{gpu_unavailable_reason()}; on the CPU, measure the artifact's network with "
+        "--backend reference.\n"
+    )
 
 
 def test_an_unreachable_url_is_one_line(capsys):

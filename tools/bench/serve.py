@@ -114,10 +114,11 @@ def server_args(args: argparse.Namespace) -> list[str]:
 
 
 def server_refusal(args: argparse.Namespace) -> str | None:
-    """What python -m tools.serve would refuse the model for before it opens a backend (no
-    such folder, no artifact for TensorRT, no tokenizer, --dtype for an artifact), or None:
-    said here in its words, before a server starts, rather than by it and then again as
-    'the server did not start'."""
+    """What python -m tools.serve would refuse the model for (no such folder, no artifact
+    for TensorRT, no tokenizer, --dtype for an artifact, no GPU for TensorRT), or None: said
+    here before a server starts, rather than by it and then again as 'the server did not
+    start'."""
+    from runtime.cuda_buffers import gpu_unavailable_reason
     from tools.generate import no_such_model
     from tools.serve import parse_args as serve_args
     from weights import WeightsError
@@ -129,6 +130,11 @@ def server_refusal(args: argparse.Namespace) -> str | None:
         config.check()
     except (ValueError, WeightsError) as e:
         return flag_named(e)
+    if args.backend == "tensorrt" and (reason := gpu_unavailable_reason()):
+        return (
+            f"the TensorRT backend needs cuda-python and a CUDA GPU, but {reason}; on the CPU, "
+            "measure the artifact's network with --backend reference."
+        )
     return None
 
 
