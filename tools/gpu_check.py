@@ -420,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--mib", type=int, default=256, help="copy size for bandwidth (default 256)")
-    p.add_argument("--launches", type=int, default=1000, help="steps timed per launch mode")
+    p.add_argument(
+        "--launches", type=int, default=1000, help="steps timed per launch mode (default 1000)"
+    )
     args = p.parse_args(argv)
     at_least(p, args, {"--mib": 1, "--launches": 1})
     if reason := gpu_unavailable_reason():

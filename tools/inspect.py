@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.inspect", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("artifact", type=path_arg, help="folder written by python -m tools.build")
+    p.add_argument(
+        "artifact",
+        type=path_arg,
+        metavar="ARTIFACT",
+        help="folder written by python -m tools.build",
+    )
     p.add_argument("--json", action="store_true", help="print the raw metadata.json")
     args = p.parse_args(argv)
     if problem := not_an_artifact(args.artifact):

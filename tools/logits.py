@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.logits", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "model_dir", type=path_arg, help="Hugging Face model folder (config.json + safetensors)"
+        "model_dir",
+        type=path_arg,
+        metavar="MODEL_DIR",
+        help="Hugging Face model folder (config.json + safetensors)",
     )
     parser.add_argument(
         "--ids",
@@ -89,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prefill", type=int, help="ids per sequence in the first call (default: all)"
     )
-    parser.add_argument("--dtype", default="float32", choices=list(MODEL_DTYPES))
-    parser.add_argument("--out", type=path_arg, required=True, help="where to save the .npy array")
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(MODEL_DTYPES), help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--out",
+        type=path_arg,
+        required=True,
+        help="the .npy file to write (.npy is added where missing)",
+    )
     args = parser.parse_args(attached_ids(sys.argv[1:] if argv is None else argv))
     try:
         seqs = [[int(tok) for tok in s.split(",") if tok.strip()] for s in args.ids]

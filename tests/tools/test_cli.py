@@ -8,6 +8,7 @@ import torch
 
 from tools import bundled as bundled_tool
 from tools import generate as generate_tool
+from tools import gpu_check as gpu_check_tool
 from tools import inspect as inspect_tool
 from tools import logits as logits_tool
 from tools.bench import serve as bench_serve
@@ -98,11 +99,11 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("main", "args", "argument"),
     [
-        (inspect_tool.main, [""], "artifact"),
-        (logits_tool.main, ["", "--ids", "1", "--out", "x.npy"], "model_dir"),
+        (inspect_tool.main, [""], "ARTIFACT"),
+        (logits_tool.main, ["", "--ids", "1", "--out", "x.npy"], "MODEL_DIR"),
         (logits_tool.main, ["m", "--ids", "1", "--out", ""], "--out"),
         (bundled_tool.main, ["--cache-dir", ""], "--cache-dir"),
-        (bench_serve.main, [""], "model_path"),
+        (bench_serve.main, [""], "ARTIFACT_OR_MODEL"),
         (bench_serve.main, ["--url", "http://127.0.0.1:8000/v1", "--json", ""], "--json"),
     ],
 )
@@ -119,6 +120,44 @@ def test_an_empty_path_is_refused(main, args, argument, tmp_path, monkeypatch, c
         "variable?)."
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("main", "lines"),
+    [
+        (inspect_tool.main, ["usage: python -m tools.inspect [-h] [--json] ARTIFACT"]),
+        (
+            logits_tool.main,
+            [
+                "  MODEL_DIR             Hugging Face model folder (config.json + safetensors)",
+                "                        default: float32",
+                "  --out OUT             the .npy file to write (.npy is added where missing)",
+            ],
+        ),
+        (
+            gpu_check_tool.main,
+            ["  --launches LAUNCHES  steps timed per launch mode (default 1000)"],
+        ),
+        (
+            bench_serve.main,
+            [
+                "  ARTIFACT_OR_MODEL     artifact, or model folder with --backend reference",
+                "                        default: tensorrt",
+                "  --top-p TOP_P         default 1: none",
+            ],
+        ),
+    ],
+)
+def test_help_names_arguments_as_the_docs_do_and_says_defaults(main, lines, monkeypatch, capsys):
+    """The positionals were 'artifact', 'model_dir' and 'model_path' (README and the
+    docstrings say ARTIFACT, MODEL_DIR), and tools.logits --dtype, tools.gpu_check
+    --launches, tools.bench.serve --backend and --top-p had no default in --help."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line not in out] == []
 
 
 def test_generate_cli_streams_transformers_greedy_text(gemma3_270m_dir, capsys):

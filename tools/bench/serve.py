@@ -169,11 +169,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m tools.bench.serve", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
-        "model_path", nargs="?", type=path_arg, help="artifact or model folder (not with --url)"
+        "model_path",
+        nargs="?",
+        type=path_arg,
+        metavar="ARTIFACT_OR_MODEL",
+        help="artifact, or model folder with --backend reference (not with --url)",
     )
     p.add_argument("--url", help="a running server's base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="the served model name (default: the server's only model)")
-    p.add_argument("--backend", choices=["tensorrt", "reference"], default="tensorrt")
+    p.add_argument(
+        "--backend",
+        choices=["tensorrt", "reference"],
+        default="tensorrt",
+        help="default: %(default)s",
+    )
     p.add_argument(
         "--max-batch", type=int, help="reference backend: the server's rows (default 16)"
     )
@@ -198,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="default 0: none")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="default 1: none")
     p.add_argument("--json", type=path_arg, help="write the raw results here")
     args = p.parse_args(argv)
     if args.url is None and args.model_path is None:
