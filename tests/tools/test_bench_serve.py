@@ -124,6 +124,33 @@ def test_an_artifact_without_a_gpu_is_one_line_before_a_server_starts(
     )
 
 
+def test_requests_longer_than_the_context_are_refused_before_a_server_starts(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """The defaults (128 prompt tokens, 64 new ones) on a 64-position cache: the server
+    started, then refused the warm-up request (a 400 naming max_tokens, not the flags)."""
+    model = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
+    artifact = tmp_path / "a"
+    args = [str(model), "--target", "sm89", "--max-seq-len", "64", "--output", str(artifact)]
+    assert run_build([*args, "--quiet"], capsys)[0] == 0
+
+    def popen(cmd: list[str]):
+        raise AssertionError(f"a server was started: {cmd}")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    assert bench.main([str(model), "--backend", "reference", "--max-seq-len", "64"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --prompt-tokens 128 and --max-tokens 64 need 192 positions, more than "
+        "--max-seq-len 64; lower them or raise --max-seq-len.\n"
+    )
+    assert bench.main([str(artifact), "--backend", "reference", "--max-tokens", "8"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --prompt-tokens 128 and --max-tokens 8 need 136 positions, more than "
+        f"{artifact}'s max_seq_len of 64; lower them, or build the artifact with a larger "
+        "--max-seq-len.\n"
+    )
+
+
 def test_an_unreachable_url_is_one_line(capsys):
     """It was a 31-frame APIConnectionError traceback."""
     url = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on
@@ -134,14 +161,13 @@ def test_an_unreachable_url_is_one_line(capsys):
 
 
 def test_a_request_the_server_refuses_is_its_message(tiny_dir, tmp_path, capsys):
-    """A prompt longer than the server's context: the server's own words, not a traceback."""
+    """A model the server does not serve: the server's own words, not a traceback (a prompt
+    too long for the context, this test's case before, is now refused before the server
+    starts: test_requests_longer_than_the_context_are_refused_before_a_server_starts)."""
     tiny = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
     args = [str(tiny), "--backend", "reference", "--max-seq-len", "64", "--streams", "1"]
-    assert bench.main([*args, "--prompt-tokens", "100", "--max-tokens", "4"]) == 1
-    tail = (
-        " refused a request (400): the prompt has 100 tokens and max_tokens is 4, more than this "
-        "engine's context of max_seq_len=64 tokens; shorten the prompt or lower max_tokens.\n"
-    )
+    assert bench.main([*args, "--model", "nope", "--prompt-tokens", "4", "--max-tokens", "4"]) == 1
+    tail = " refused a request (404): the model 'nope' does not exist; this server serves 'tiny'.\n"
     assert re.fullmatch(
         r"error: the server at http://127\.0\.0\.1:\d+/v1" + re.escape(tail),
         capsys.readouterr().err,

@@ -138,6 +138,30 @@ def server_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+def too_long(args: argparse.Namespace) -> str | None:
+    """A request of --prompt-tokens and --max-tokens that the server would refuse (the two
+    more than its max_seq_len), where that is known without starting it: an artifact's, or
+    --max-seq-len's."""
+    from netdef.artifact import METADATA_FILE, Metadata, read_metadata
+
+    needed = args.prompt_tokens + args.max_tokens
+    if (args.model_path / METADATA_FILE).is_file():
+        limit = Metadata.from_dict(read_metadata(args.model_path)).max_seq_len
+        which = f"{args.model_path}'s max_seq_len of {limit}"
+        fix = "lower them, or build the artifact with a larger --max-seq-len"
+    elif args.max_seq_len is not None:
+        limit = args.max_seq_len
+        which, fix = f"--max-seq-len {limit}", "lower them or raise --max-seq-len"
+    else:
+        return None
+    if needed <= limit:
+        return None
+    return (
+        f"--prompt-tokens {args.prompt_tokens} and --max-tokens {args.max_tokens} need "
+        f"{needed} positions, more than {which}; {fix}."
+    )
+
+
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tools.serve", *server_args(args), "--port", str(port)]
@@ -251,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: this needs the openai client: pip install openai", file=sys.stderr)
         return 1
-    if args.url is None and (problem := server_refusal(args)):
+    if args.url is None and (problem := server_refusal(args) or too_long(args)):
         print(f"error: {problem}", file=sys.stderr)
         return 1
     proc = None
