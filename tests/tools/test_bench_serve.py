@@ -175,12 +175,13 @@ def test_a_request_the_server_refuses_is_its_message(tiny_dir, tmp_path, capsys)
 
 
 def test_one_token_per_request_has_no_inter_token_latency(tiny_dir, tmp_path, capsys):
-    """It printed nothing and died on formatting the missing ITL percentiles (None)."""
+    """It printed nothing and died on formatting the missing ITL percentiles (None); one
+    stream is '1 stream:', in the column of 'streams:' (it was '1 streams:')."""
     tiny = with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
     args = [str(tiny), "--backend", "reference", "--max-seq-len", "64", "--streams", "1"]
     once = ["--rounds", "1", "--prompt-tokens", "4", "--max-tokens", "1"]
     assert bench.main([*args, *once, "--json", str(tmp_path / "r.json")]) == 0
-    row = r"  1 streams: +[\d.]+ tok/s  TTFT p50 +[\d.]+ p99 +[\d.]+ ms  "
+    row = r"  1 stream:  +[\d.]+ tok/s  TTFT p50 +[\d.]+ p99 +[\d.]+ ms  "
     assert re.fullmatch(row + r"ITL p50       - p99       - ms\n", capsys.readouterr().out)
     [level] = json.loads((tmp_path / "r.json").read_text())["levels"]
     assert level["streams"] == 1

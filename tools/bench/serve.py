@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 levels.append(level)
                 ttft, itl = level["ttft_ms"], level["itl_ms"]
                 print(
-                    f"{streams:>3} streams: {level['tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                    f"{streams:>3} {'stream: ' if streams == 1 else 'streams:'} "
+                    f"{level['tokens_per_s']:8.1f} tok/s  TTFT p50 "
                     f"{ms(ttft['p50'], 8)} p99 {ms(ttft['p99'], 8)} ms  ITL p50 "
                     f"{ms(itl['p50'], 7)} p99 {ms(itl['p99'], 7)} ms",
                     flush=True,
