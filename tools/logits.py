@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= prefill <= t_max:
         parser.error(f"--prefill {prefill} must be between 1 and the longest sequence ({t_max})")
     if not args.out.parent.is_dir():
+        held = next(p for p in args.out.parents if p.exists())  # "/" at least
         parser.error(
-            f"--out {args.out}: the folder {args.out.parent} does not exist; create it first"
+            f"--out {args.out}: {held} is a file, not a folder; name a file in an existing folder"
+            if not held.is_dir()
+            else f"--out {args.out}: the folder {args.out.parent} does not exist; create it first"
         )
     path = args.out if args.out.name.endswith(".npy") else Path(f"{args.out}.npy")  # np.save's
     if folder := next((p for p in (args.out, path) if p.is_dir()), None):  # else FOLDER.npy

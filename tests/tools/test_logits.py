@@ -62,3 +62,24 @@ def test_a_gguf_model_names_its_conversion(tiny_dir, tmp_path, monkeypatch, caps
     out = tmp_path / "x.npy"
     assert logits_tool.main([str(converted), "--ids", "1,2", "--out", str(out)]) == 0
     assert capsys.readouterr().err.endswith(f"Saved float32 logits [2, 512] to {out}.\n")
+
+
+def test_an_out_under_a_file_is_said_so(tiny_dir, tmp_path, capsys):
+    """It said 'the folder FILE does not exist; create it first', of a file that exists."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (notes / "x.npy", notes / "sub" / "x.npy"):
+        with pytest.raises(SystemExit) as e:
+            logits_tool.main([str(tiny_dir("llama")), "--ids", "1,2", "--out", str(out)])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"python -m tools.logits: error: --out {out}: {notes} is a file, not a folder; name "
+            "a file in an existing folder"
+        )
+    with pytest.raises(SystemExit):  # a folder that is missing still says so
+        logits_tool.main([str(tiny_dir("llama")), "--ids", "1", "--out", str(tmp_path / "a/x")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m tools.logits: error: --out {tmp_path / 'a/x'}: the folder {tmp_path / 'a'} "
+        "does not exist; create it first"
+    )
+    assert notes.read_text() == "mine"
