@@ -151,6 +151,42 @@ def test_requests_longer_than_the_context_are_refused_before_a_server_starts(
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--url", "http://127.0.0.1:8000/v1", "--dtype", "float32"],
+            "--dtype sets up the server this command starts; the one at --url runs as it was "
+            "started.",
+        ),
+        (
+            ["--url", "http://127.0.0.1:8000/v1", "--backend", "reference"],
+            "--backend sets up the server this command starts; the one at --url runs as it was "
+            "started.",
+        ),
+        (
+            ["art", "--max-seq-len", "128"],
+            "--max-seq-len applies to the reference backend; an artifact runs as built.",
+        ),
+        (
+            ["art", "--max-batch", "4"],
+            "--max-batch applies to the reference backend; an artifact runs as built.",
+        ),
+    ],
+)
+def test_server_options_that_would_be_ignored_are_refused(args, message, capsys):
+    """They were dropped silently: with --url the running server's settings held (and the
+    report said backend 'tensorrt' whatever it ran), and on TensorRT the artifact's."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m tools.bench.serve: error: {message}"
+    )
+    assert bench.parse_args(["--url", "http://127.0.0.1:8000/v1"]).backend is None
+    assert bench.parse_args(["art"]).backend == "tensorrt"
+
+
 def test_an_unreachable_url_is_one_line(capsys):
     """It was a 31-frame APIConnectionError traceback."""
     url = f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on

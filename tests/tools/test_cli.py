@@ -142,7 +142,7 @@ def test_an_empty_path_is_refused(main, args, argument, tmp_path, monkeypatch, c
             bench_serve.main,
             [
                 "  ARTIFACT_OR_MODEL     artifact, or model folder with --backend reference",
-                "                        default: tensorrt",
+                "                        the server's backend (default: tensorrt)",
                 "  --top-p TOP_P         default 1: none",
             ],
         ),

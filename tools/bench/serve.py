@@ -204,8 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--backend",
         choices=["tensorrt", "reference"],
-        default="tensorrt",
-        help="default: %(default)s",
+        help="the server's backend (default: tensorrt)",
     )
     p.add_argument(
         "--max-batch", type=int, help="reference backend: the server's rows (default 16)"
@@ -247,6 +246,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except SamplingError as e:
         p.error(flag_named(e))
+    server = {"--backend": args.backend, "--max-batch": args.max_batch}
+    server |= {"--dtype": args.dtype, "--max-seq-len": args.max_seq_len}
+    given = [flag for flag, value in server.items() if value is not None]
+    if args.url is not None and given:
+        p.error(
+            f"{given[0]} sets up the server this command starts; the one at --url runs as it "
+            "was started."
+        )
+    args.backend = args.backend or ("tensorrt" if args.url is None else None)
+    if args.backend == "tensorrt" and (given := [f for f in given if f != "--backend"]):
+        p.error(f"{given[0]} applies to the reference backend; an artifact runs as built.")
     if args.json and (problem := json_path_error(args.json)):
         p.error(problem)
     return args
