@@ -77,6 +77,7 @@ class CannedBackend:
     ):
         self.logits, self.argmax = logits, np.int32(logits.argmax())
         self.max_batch, self.max_seq_len, self.max_prefill = max_batch, max_seq_len, max_seq_len
+        self.model_context = max_seq_len  # as if built for the model's whole context
         self.vocab_size = logits.size  # one logit per token id
         self.rings: tuple[int, ...] = ()  # no sliding-window KV rings
         self.sample_top_k = sample_top_k
