@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from netdef.options import GLOBAL_OPT
 from netdef.quant import MODES
 from runtime.build import BuildError, BuildHooks, build
 from runtime.reference import ExecutorError
-from tools.cli import flag_named
+from tools.cli import flag_named, path_arg
 from weights import SHORT_NAMES, WeightsError
 from weights.hub import BUNDLED
 
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--calib-file",
-        type=Path,
+        type=path_arg,
         help="text whose activation ranges set the fp8 scales (default: a shipped public-domain sample)",
     )
     p.add_argument(
@@ -213,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed"
     )
     p.add_argument("--target", help="TensorRT-RTX compute capability, e.g. sm89")
-    p.add_argument("--output", type=Path, help="artifact folder (default: in the user cache)")
+    p.add_argument("--output", type=path_arg, help="artifact folder (default: in the user cache)")
     p.add_argument("--optimization-level", type=int, choices=range(6))
     p.add_argument(
         "--timing-cache",
-        type=Path,
+        type=path_arg,
         help="--backend tensorrt: read and update this file of the builder's kernel timings, "
         "so later builds skip them (TensorRT-RTX does not time kernels)",
     )

@@ -120,7 +120,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     --max-seq-len build a model folder's network for the reference backend."""
     p.add_argument(
         "model",
-        type=Path,
+        type=path_arg,
         help="artifact folder from tools.build, or an HF folder with --backend reference",
     )
     p.add_argument(

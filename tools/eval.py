@@ -37,6 +37,7 @@ from runtime.cpu import CpuBackend
 from runtime.readout import ALL_LOGITS
 from runtime.reference import ExecutorError
 from runtime.tokenizer import Tokenizer
+from tools.cli import path_arg
 from weights import Checkpoint, WeightsError, resolve_model
 from weights.bundled import default_cache_dir
 from weights.gguf_quant import GGUFQuantized, not_a_gguf_file
@@ -213,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "model_dir",
-        type=Path,
+        type=path_arg,
         help="Hugging Face model folder (with its tokenizer), GGUF file, or artifact of tools.build",
     )
-    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--text", type=path_arg, required=True, help="UTF-8 text file to evaluate on")
     p.add_argument(
         "--quant",
         action="append",
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quant-lm-head", action="store_true", help="quantize the LM head too")
     p.add_argument(
-        "--calib-file", type=Path, help="fp8 calibration text (default: the shipped sample)"
+        "--calib-file", type=path_arg, help="fp8 calibration text (default: the shipped sample)"
     )
     p.add_argument(
         "--dtype", choices=list(MODEL_DTYPES), help=f"model dtype (default: {DEFAULT_DTYPE})"

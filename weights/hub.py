@@ -78,6 +78,11 @@ def resolve_model(
     """A local folder as given; a GGUF file (or a folder holding one and no config.json)
     converted to a folder in the user cache; the bundled Gemma-3-270M for "bundled"; else the
     Hub snapshot of the named repo (downloaded if needed)."""
+    if not str(name).strip():  # Path("") is the current folder
+        raise HubError(
+            "the model name is empty (an unset shell variable?); pass a short name (see python "
+            "-m tools.build --help), a Hub repo id, a model folder or a .gguf file."
+        )
     path = Path(name).expanduser()
     if is_gguf_source(path):
         from .bundled import default_cache_dir

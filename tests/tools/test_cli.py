@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from tools import build as build_tool
 from tools import bundled as bundled_tool
+from tools import eval as eval_tool
 from tools import generate as generate_tool
 from tools import gpu_check as gpu_check_tool
 from tools import inspect as inspect_tool
 from tools import logits as logits_tool
+from tools import serve as serve_tool
+from tools.bench import __main__ as bench_main
 from tools.bench import serve as bench_serve
 
 
@@ -105,6 +109,14 @@ def test_logits_cli_rejects_bad_ids(tiny_dir, tmp_path, capsys):
         (bundled_tool.main, ["--cache-dir", ""], "--cache-dir"),
         (bench_serve.main, [""], "ARTIFACT_OR_MODEL"),
         (bench_serve.main, ["--url", "http://127.0.0.1:8000/v1", "--json", ""], "--json"),
+        (build_tool.main, ["bundled", "--output", ""], "--output"),
+        (build_tool.main, ["bundled", "--calib-file", ""], "--calib-file"),
+        (eval_tool.main, ["", "--text", "t.txt"], "model_dir"),
+        (eval_tool.main, ["m", "--text", ""], "--text"),
+        (generate_tool.main, ["", "--prompt", "hi"], "model"),
+        (serve_tool.main, [""], "model"),
+        (bench_main.main, ["--make-random", "gemma-3-270m", "--out", ""], "--out"),
+        (bench_main.main, ["m", "--json", ""], "--json"),
     ],
 )
 def test_an_empty_path_is_refused(main, args, argument, tmp_path, monkeypatch, capsys):
@@ -116,8 +128,8 @@ def test_an_empty_path_is_refused(main, args, argument, tmp_path, monkeypatch, c
         main(args)
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"python -m {main.__module__}: error: argument {argument}: the path is empty (an unset shell "
-        "variable?)."
+        f"python -m {main.__module__.removesuffix('.__main__')}: error: argument {argument}: "
+        "the path is empty (an unset shell variable?)."
     )
     assert list(tmp_path.iterdir()) == []
 

@@ -91,6 +91,19 @@ def test_missing_paths_are_not_looked_up_on_the_hub(name):
     )
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_name_is_not_the_current_folder(name, tmp_path, monkeypatch):
+    """Path("") is the current folder: an unset shell variable built whatever it held."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(HubError) as err:
+        resolve_model(name)
+    assert str(err.value) == (
+        "the model name is empty (an unset shell variable?); pass a short name (see python "
+        "-m tools.build --help), a Hub repo id, a model folder or a .gguf file."
+    )
+
+
 def test_a_name_no_repo_id_can_be():
     with pytest.raises(HubError) as err:
         resolve_model("someone/two words")

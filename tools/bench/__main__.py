@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import os
 import sys
-from pathlib import Path
 
 from netdef.contract import PROFILE_SETS
 from tools.bench import BenchError, NoGpu
@@ -56,7 +55,7 @@ from tools.bench.random_model import (
 from tools.bench.report import Report, busy_warning, fmt_bytes, json_path_error, machine, versions
 from tools.bench.roofline import DTYPE_BYTES
 from tools.bench.timing import DEFAULT_CONTEXT, HF_MODES
-from tools.cli import at_least
+from tools.cli import at_least, path_arg
 
 
 def int_list(text: str) -> list[int]:
@@ -97,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write a random checkpoint with a real model's shapes: %(choices)s",
     )
     mode.add_argument("--build-worker", help=argparse.SUPPRESS)
-    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--json", type=path_arg, help="also write the results as JSON")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default: 3 GPU, 1 CPU)")
     p.add_argument(
         "--rounds", type=int, help="timed rounds (default: 10 GPU, 3 CPU; --build: 1 per model)"
@@ -205,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     r = p.add_argument_group("--make-random")
-    r.add_argument("--out", type=Path, help="folder to write (absent or empty)")
+    r.add_argument("--out", type=path_arg, help="folder to write (absent or empty)")
     r.add_argument("--seed", type=int, default=0)
     for key, field in SHAPE_OVERRIDES.items():
         r.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override {field}")
