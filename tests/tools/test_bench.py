@@ -85,6 +85,19 @@ def test_build_mode_writes_per_build_json(tiny_dir, tmp_path, capsys):
     assert positive(build["polled_peak_in_builder"]["rss"], build["polls"])
 
 
+def test_build_mode_refuses_a_missing_model_before_any_build(tiny_dir, tmp_path, capsys):
+    """Each model was resolved in its own child build: one that named nothing failed with the
+    child's traceback, after the models before it had been built and measured."""
+    missing = tmp_path / "nope"
+    args = ["--build", str(tiny_dir("llama")), str(missing), "--json", str(tmp_path / "b.json")]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass a folder with config.json and the safetensors, "
+        "a .gguf file, a short name (see python -m tools.build --help) or a Hub repo id.\n"
+    )
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_profiles_help_names_the_sets(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -273,6 +273,8 @@ def run_build(args: argparse.Namespace, report: Report) -> None:
         "profiles": args.profiles,
         "optimization_level": args.optimization_level,
     }
+    for model in args.models:  # a name that resolves to nothing is one error, before any build
+        resolve_model(model)
     report["builds"] = []
     rounds = args.rounds or 1
     for r in range(1, rounds + 1):  # round-robin: a machine's drift hits every model alike
