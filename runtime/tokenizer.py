@@ -13,6 +13,7 @@ render on jinja2 set up as transformers' `chat_template_utils` sets it up.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -103,10 +104,18 @@ class Tokenizer:
         `add_bos_token` in tokenizer_config.json plays no part: transformers 5 ignores it too
         when tokenizer.json exists.
         """
+        if not isinstance(text, str):  # tokenizers says "TextInputSequence must be str"
+            raise TokenizerError(f"Tokenizer.encode takes the text as a str, not {_shown(text)}.")
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids`, a list (or any iterable) of ints; `tokenizers` checks each id natively."""
+        seq = None
+        try:
+            seq = ids if isinstance(ids, list) else list(ids)
+            return self.hf.decode(seq, skip_special_tokens=skip_special_tokens)
+        except (TypeError, OverflowError):  # "invalid literal for int()", "Can't extract `str`"
+            raise TokenizerError(self._not_ids(ids, seq)) from None
 
     def apply_chat_template(
         self,
@@ -159,6 +168,18 @@ class Tokenizer:
             )
         return templates["default"]
 
+    def _not_ids(self, ids: Any, seq: list[Any] | None) -> str:
+        """Why `decode` refused `ids` (`seq`: them as a list, or None where they are no iterable)."""
+        wanted = (
+            f"Tokenizer.decode takes a list of token ids (ints from 0 to {self.vocab_size - 1})"
+        )
+        if seq is None or isinstance(ids, str | bytes):
+            return f"{wanted}, not {_shown(ids)}."
+        for n, i in enumerate(seq):
+            if not isinstance(i, numbers.Integral) or not 0 <= i < 2**32:
+                return f"{wanted}; item {n} is {_shown(i)}."
+        return f"{wanted}, not {_shown(ids)}."
+
     def _token_id(self, name: str, fallback: int | None = None) -> int | None:
         token = self.special_tokens.get(name)
         found = self.hf.token_to_id(token) if token is not None else None
@@ -204,6 +225,12 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def _shown(value: Any) -> str:
+    """A value in an error: its type and a short repr (a long prompt or list is cut)."""
+    text = repr(value)
+    return f"{type(value).__name__} ({text[:40] + '...' if len(text) > 40 else text})"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

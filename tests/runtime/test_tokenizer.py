@@ -639,3 +639,29 @@ def test_special_token_variables(small_dirs: dict[str, Path], tmp_path: Path, lo
     ours, theirs = load_pair(tmp_path)
     assert ours.apply_chat_template(CONVERSATIONS[0]) == "|<|endoftext|>|<|im_start|>|<|endoftext|>"
     assert ours.eos_ids == {theirs.eos_token_id} == {0}
+
+
+def test_encode_and_decode_refuse_what_is_not_text_or_ids(small_dirs: dict[str, Path]) -> None:
+    """Before: tokenizers' "TextInputSequence must be str", "invalid literal for int() with base
+    10: 'a'", "'int' object is not iterable", "number too small to fit in target type"; and
+    decode([1.5]) was the text of id 1."""
+    tok = Tokenizer.from_dir(small_dirs["llama3"])
+    last = tok.vocab_size - 1
+    ids = f"Tokenizer.decode takes a list of token ids (ints from 0 to {last})"
+    cases = [
+        (lambda: tok.encode(5), "Tokenizer.encode takes the text as a str, not int (5)."),
+        (
+            lambda: tok.encode(None),
+            "Tokenizer.encode takes the text as a str, not NoneType (None).",
+        ),
+        (lambda: tok.decode("abc"), f"{ids}, not str ('abc')."),
+        (lambda: tok.decode(7), f"{ids}, not int (7)."),
+        (lambda: tok.decode([1.5]), f"{ids}; item 0 is float (1.5)."),
+        (lambda: tok.decode([5, "a"]), f"{ids}; item 1 is str ('a')."),
+        (lambda: tok.decode((5, -1)), f"{ids}; item 1 is int (-1)."),
+    ]
+    for call, message in cases:
+        with pytest.raises(TokenizerError) as err:
+            call()
+        assert str(err.value) == message
+    assert tok.decode((5, 6)) == tok.decode(iter([5, 6])) == tok.decode([5, 6])
