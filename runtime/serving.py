@@ -250,7 +250,7 @@ class Engine:
         ids = self.gen.prompt_ids(prompt, params, chat, truncate)
         with self._cond:
             if not self.accepting:
-                raise EngineStopped("the server is shutting down and takes no new requests.")
+                raise EngineStopped("the engine is shutting down and takes no new requests.")
             # Free rows take waiting requests at the next turn: only those beyond them wait.
             beyond = len(self.waiting) - sum(row is None for row in self.rows)
             if beyond >= self.max_queue:
@@ -287,7 +287,7 @@ class Engine:
             for request in [*self.waiting, *(r for r in self.rows if r)]:
                 if not request.done:  # its reader is told, not left with a text cut short
                     request.error = EngineStopped(
-                        f"the server shut down before this request finished (after a drain "
+                        f"the engine shut down before this request finished (after a drain "
                         f"of {timeout} s)."
                     )
                 self._cancel_locked(request)

@@ -366,6 +366,7 @@ def test_a_sampled_step_that_fails_to_go_out_fails_its_request(model):
 
 
 def test_shutdown_drains_then_cancels(model):
+    """Both refusals say "the engine": they said "the server" to a library user, who runs none."""
     engine = Engine(cpu(model, 1, seq=256), model[1])
     params = SamplingParams(max_new_tokens=6)
     finishing = engine.submit(words(5, 3), params)
@@ -374,7 +375,7 @@ def test_shutdown_drains_then_cancels(model):
     assert "".join(finishing) == alone(model, words(5, 3), params)[1]
     with pytest.raises(EngineStopped) as e:
         engine.submit(words(5, 3), params)
-    assert str(e.value) == "the server is shutting down and takes no new requests."
+    assert str(e.value) == "the engine is shutting down and takes no new requests."
 
     engine = Engine(cpu(model, 1, seq=256), model[1])
     running = engine.submit(words(5, 3), SamplingParams(max_new_tokens=240))
@@ -390,7 +391,7 @@ def test_shutdown_drains_then_cancels(model):
         with pytest.raises(EngineStopped) as e:
             "".join(request)
         assert str(e.value) == (
-            "the server shut down before this request finished (after a drain of 0.2 s)."
+            "the engine shut down before this request finished (after a drain of 0.2 s)."
         )
 
 

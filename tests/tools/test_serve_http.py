@@ -495,7 +495,7 @@ def test_a_stream_the_drain_cuts_ends_with_an_error_event(tiny):
         with pytest.raises(openai.APIError) as e:
             list(chunks)
         assert e.value.body == {
-            "message": "the server shut down before this request finished (after a drain of "
+            "message": "the engine shut down before this request finished (after a drain of "
             "0.0 s).",
             "type": "service_unavailable",
             "param": None,
