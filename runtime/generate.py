@@ -61,12 +61,13 @@ WHOLE_CONTEXT = ", the model's whole context"  # said of a max_seq_len that cann
 
 
 def larger_max_seq_len(max_seq_len: int, model_context: int) -> str | None:
-    """The engine to rebuild for more tokens, bounded by the model's own context; None where
+    """The max_seq_len to use for more tokens, bounded by the model's own context; None where
     max_seq_len already reaches it (netdef.options refuses a larger one), so that no error
-    suggests a build that would be refused."""
+    suggests a build that would be refused. Worded for every backend: a TensorRT artifact is
+    rebuilt for it, the CPU backend takes it from NetworkOptions or --max-seq-len."""
     if max_seq_len >= model_context:
         return None
-    return f"a larger --max-seq-len (up to the model's context, {model_context})"
+    return f"a larger max_seq_len (--max-seq-len, up to the model's context, {model_context})"
 
 
 def prompt_name(i: int | None) -> str:
@@ -217,7 +218,7 @@ class Generator:
             raise GenerationError(
                 f"max_new_tokens={new} leaves no room for a prompt in {engine}: lower "
                 f"max_new_tokens below {seq_len}"
-                + (f", or rebuild with {larger}." if larger else ".")
+                + (f", or use an engine with {larger}." if larger else ".")
             )
         ids = self.encode(prompt, chat)
         name = prompt_name(i)
@@ -230,7 +231,7 @@ class Generator:
                 raise GenerationError(
                     f"{name} has {len(ids)} tokens; with max_new_tokens={new} that exceeds "
                     f"{engine}. Shorten the prompt, lower max_new_tokens, "
-                    + (f"rebuild with {larger}, " if larger else "")
+                    + (f"use an engine with {larger}, " if larger else "")
                     + "or allow truncation."
                 )
             bos = self.tokenizer.bos_id

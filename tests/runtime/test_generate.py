@@ -303,8 +303,8 @@ def test_too_long_prompt_is_refused_before_any_work(cpu_model, tokenizer):
         gen.start([prompt], greedy(max_new_tokens=8))
     assert str(err.value) == (
         f"the prompt has {n} tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=64. "
-        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len (up to the "
-        "model's context, 32768), or allow truncation."
+        "Shorten the prompt, lower max_new_tokens, use an engine with a larger max_seq_len "
+        "(--max-seq-len, up to the model's context, 32768), or allow truncation."
     )
     with pytest.raises(GenerationError) as err:  # of several, the error says which one
         gen.start(["Hello", prompt], greedy(max_new_tokens=8))
@@ -343,20 +343,22 @@ def test_truncation_keeps_the_bos_and_the_latest_tokens(tiny_gen):
 
 def test_no_room_for_a_prompt_is_said_of_max_new_tokens(tiny_gen):
     """max_new_tokens >= max_seq_len: before, "the prompt has 1 tokens; ... Shorten the
-    prompt, ... or allow truncation", also to a run that allowed it."""
+    prompt, ... or allow truncation", also to a run that allowed it. And the larger
+    max_seq_len is not told of as a rebuild: this CPU backend's comes from NetworkOptions
+    (before: "rebuild with a larger --max-seq-len (up to the model's context, 256)")."""
     for truncate in (False, True):
         with pytest.raises(GenerationError) as err:
             tiny_gen.start(["w5"], greedy(max_new_tokens=32), truncate=truncate)
         assert str(err.value) == (
             "max_new_tokens=32 leaves no room for a prompt in the engine's max_seq_len=32: lower "
-            "max_new_tokens below 32, or rebuild with a larger --max-seq-len (up to the model's "
-            "context, 256)."
+            "max_new_tokens below 32, or use an engine with a larger max_seq_len (--max-seq-len, "
+            "up to the model's context, 256)."
         )
 
 
 def test_an_engine_at_the_models_whole_context_is_not_told_to_grow(tiny_gen):
     """max_seq_len == max_position_embeddings, where netdef.options refuses a larger one:
-    before, the errors still said to rebuild with a larger --max-seq-len."""
+    before, the errors still said to use a larger --max-seq-len."""
     options = NetworkOptions(dtype="float32", max_batch=1, max_seq_len=256, max_prefill=64)
     ckpt = Checkpoint.open(tiny_gen.tokenizer.source)
     whole = Generator(CpuBackend(build_network(ckpt, options)), tiny_gen.tokenizer)

@@ -475,8 +475,8 @@ def test_a_prompt_too_long_is_refused_before_it_queues(model):
         engine.submit(words(5, 12), SamplingParams(max_new_tokens=8))
     assert str(e.value) == (
         "the prompt has 12 tokens; with max_new_tokens=8 that exceeds the engine's max_seq_len=16. "
-        "Shorten the prompt, lower max_new_tokens, rebuild with a larger --max-seq-len (up to "
-        "the model's context, 256), or allow truncation."
+        "Shorten the prompt, lower max_new_tokens, use an engine with a larger max_seq_len "
+        "(--max-seq-len, up to the model's context, 256), or allow truncation."
     )
     assert engine.queue_depth == 0
     engine.shutdown()

@@ -348,9 +348,9 @@ def test_generate_cli_piped_chat_outgrowing_the_cache_goes_on(tiny_dir, tmp_path
     assert sum(" generated (length); prefill " in e for e in err) == 4
     assert (
         "error: the prompt has 62 tokens; with max_new_tokens=8 that exceeds the engine's "
-        "max_seq_len=48. Shorten the prompt, lower max_new_tokens, rebuild with a larger "
-        "--max-seq-len (up to the model's context, 256), or allow truncation. (--truncate keeps "
-        "the prompt's last tokens, after its BOS.)"
+        "max_seq_len=48. Shorten the prompt, lower max_new_tokens, use an engine with a larger "
+        "max_seq_len (--max-seq-len, up to the model's context, 256), or allow truncation. "
+        "(--truncate keeps the prompt's last tokens, after its BOS.)"
     ) in err
     assert "(the conversation outgrew max_seq_len=48: dropped its oldest 1 exchange(s))" in err
 

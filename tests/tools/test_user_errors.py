@@ -187,7 +187,8 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys, monkeyp
     assert generate_tool.main(args) == 1
     assert capsys.readouterr().err == (
         "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=64; ask for "
-        "fewer new tokens, or use a larger --max-seq-len (up to the model's context, 256).\n"
+        "fewer new tokens, or use a larger max_seq_len (--max-seq-len, up to the model's "
+        "context, 256).\n"
     )
     # Said before the network is built (9 s for Gemma-3-270M at its 32K context on the CPU),
     # for the model's own context when --max-seq-len is not given (where a larger one is
@@ -209,8 +210,8 @@ def test_too_many_new_tokens_blames_the_flag(tiny_dir, tmp_path, capsys, monkeyp
     assert generate_tool.main([str(artifact), *args]) == 1
     assert capsys.readouterr().err == (
         "error: --max-new-tokens 2000 leaves no room for a prompt in max_seq_len=32; ask for "
-        "fewer new tokens, or build the artifact again with a larger --max-seq-len (up to the "
-        "model's context, 256).\n"
+        "fewer new tokens, or build the artifact again with a larger max_seq_len (--max-seq-len, "
+        "up to the model's context, 256).\n"
     )
 
 
