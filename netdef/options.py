@@ -1,4 +1,4 @@
-"""Build-time choices for a decoder network, validated once against the model config."""
+"""Build-time choices for a decoder network: checked on creation, then once against the model config."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ class Profile:
 
 @dataclass(frozen=True)
 class NetworkOptions:
+    """A network's build options. What needs no model config is checked on creation (an
+    OptionsError, naming its field where it is about one alone); `validate(config)` checks the
+    rest against the model, before any build work."""
+
     dtype: str = DEFAULT_DTYPE
     max_batch: int = 1
     max_seq_len: int = 4096  # KV-cache length: prompt + generated tokens of one sequence
@@ -113,7 +117,9 @@ class NetworkOptions:
     def prefill_len(self) -> int:
         return self.max_seq_len if self.max_prefill is None else self.max_prefill
 
-    def validate(self, config: ModelConfig) -> None:
+    def __post_init__(self) -> None:
+        """The checks that need no model config: a library's NetworkOptions(max_seq_len="256")
+        or dtype="fp16" is refused where it is written, not at build_network."""
         optional = ("max_prefill", "prefill_opt", "decode_opt")
         for name in ("max_batch", "max_seq_len", *optional, "global_opt", "sample_top_k"):
             value = getattr(self, name)
@@ -121,7 +127,7 @@ class NetworkOptions:
                 kind = "an integer or None" if name in optional else "an integer"
                 # else a TypeError from a comparison, or from TensorRT's shapes for a float
                 raise OptionsError(f"{name}={value!r} must be {kind}.", name)
-        if self.dtype not in MODEL_DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in MODEL_DTYPES:  # keys: hashable
             raise OptionsError(
                 f"dtype {self.dtype!r} is not supported; choose bfloat16, float16 or float32."
             )
@@ -129,11 +135,6 @@ class NetworkOptions:
             raise OptionsError(f"max_batch={self.max_batch} must be at least 1.", "max_batch")
         if self.max_seq_len < 1:
             raise OptionsError(f"max_seq_len={self.max_seq_len} must be at least 1.", "max_seq_len")
-        if self.max_seq_len > config.max_position_embeddings:
-            raise OptionsError(
-                f"max_seq_len={self.max_seq_len} is outside what the model supports "
-                f"(1..max_position_embeddings={config.max_position_embeddings}); choose a smaller --max-seq-len."
-            )
         if not 1 <= self.prefill_len <= self.max_seq_len:
             raise OptionsError(
                 f"max_prefill={self.max_prefill} must be between 1 and max_seq_len={self.max_seq_len}.",
@@ -156,6 +157,26 @@ class NetworkOptions:
             raise OptionsError(
                 f"profiles {self.profile_set!r} is not supported; choose {choices} or "
                 f"{PROFILE_SETS[-1]!r}."
+            )
+        if self.quant not in MODES:
+            raise OptionsError(
+                f"quant {self.quant!r} is not supported; choose none, int8-wo, int4-wo, fp8 or "
+                "from-gguf."
+            )
+        if self.quant_lm_head and self.quant == "from-gguf":
+            raise OptionsError(
+                "quant_lm_head does not apply to from-gguf, which keeps the GGUF quantization of "
+                "the linear layers only (the embedding and LM head stay unquantized)."
+            )
+        if self.quant_lm_head and self.quant == "none":
+            raise OptionsError("quant_lm_head needs a quantization mode (--quant).")
+
+    def validate(self, config: ModelConfig) -> None:
+        """The checks against the model's config (the rest ran on creation)."""
+        if self.max_seq_len > config.max_position_embeddings:
+            raise OptionsError(
+                f"max_seq_len={self.max_seq_len} is outside what the model supports "
+                f"(1..max_position_embeddings={config.max_position_embeddings}); choose a smaller --max-seq-len."
             )
         if self.decode_long and (problem := self.why_not_decode_long(config)):
             raise OptionsError(problem)
@@ -195,18 +216,6 @@ class NetworkOptions:
         return None
 
     def _validate_quant(self, config: ModelConfig) -> None:
-        if self.quant not in MODES:
-            raise OptionsError(
-                f"quant {self.quant!r} is not supported; choose none, int8-wo, int4-wo, fp8 or "
-                "from-gguf."
-            )
-        if self.quant_lm_head and self.quant == "from-gguf":
-            raise OptionsError(
-                "quant_lm_head does not apply to from-gguf, which keeps the GGUF quantization of "
-                "the linear layers only (the embedding and LM head stay unquantized)."
-            )
-        if self.quant_lm_head and self.quant == "none":
-            raise OptionsError("quant_lm_head needs a quantization mode (--quant).")
         tied = config.tie_word_embeddings
         if self.quant_lm_head and tied and self.quant != "int4-wo":
             # Measured: TensorRT folds an INT8/FP8 table that the embedding lookup also reads

@@ -188,10 +188,9 @@ def build(
         quant_lm_head=quant_lm_head,
         sample_top_k=sample_top_k,
     )
-    options.validate(config)  # the numbers first: the default below divides by them
-    if max_prefill is None:
+    options.validate(config)  # the model's bounds first (the numbers were checked on creation)
+    if max_prefill is None:  # replace checks prefill_opt against that default
         options = replace(options, max_prefill=default_max_prefill(config, max_batch, max_seq_len))
-        options.validate(config)  # prefill_opt against that default
     for caveat in options.caveats(config):
         hooks.warn(caveat)
     if decode_long is None:  # where it applies (NetworkOptions.profiles says why)

@@ -240,43 +240,43 @@ def test_float16_gemma_is_a_caveat_not_an_error(tiny_dir):
     ("options", "message"),
     [
         (
-            NetworkOptions(max_seq_len=100_000),
+            dict(max_seq_len=100_000),
             "max_seq_len=100000 is outside what the model supports (1..max_position_embeddings=256); "
             "choose a smaller --max-seq-len.",
         ),
         (
-            NetworkOptions(dtype="int8"),
+            dict(dtype="int8"),
             "dtype 'int8' is not supported; choose bfloat16, float16 or float32.",
         ),
-        (NetworkOptions(max_batch=0), "max_batch=0 must be at least 1."),
+        (dict(max_batch=0), "max_batch=0 must be at least 1."),
         # Wrong types: before, a TypeError from a comparison, or TensorRT's add_input()
         # refusing the shape of a float length deep in the definition.
-        (NetworkOptions(max_seq_len=64.0), "max_seq_len=64.0 must be an integer."),
-        (NetworkOptions(max_seq_len=None), "max_seq_len=None must be an integer."),
+        (dict(max_seq_len=64.0), "max_seq_len=64.0 must be an integer."),
+        (dict(max_seq_len=None), "max_seq_len=None must be an integer."),
         (
-            NetworkOptions(max_seq_len=64, max_prefill="8"),
+            dict(max_seq_len=64, max_prefill="8"),
             "max_prefill='8' must be an integer or None.",
         ),
-        (NetworkOptions(max_seq_len=0), "max_seq_len=0 must be at least 1."),
+        (dict(max_seq_len=0), "max_seq_len=0 must be at least 1."),
         (
-            NetworkOptions(max_seq_len=64, max_prefill=0),
+            dict(max_seq_len=64, max_prefill=0),
             "max_prefill=0 must be between 1 and max_seq_len=64.",
         ),
         (
-            NetworkOptions(max_seq_len=64, max_prefill=65),
+            dict(max_seq_len=64, max_prefill=65),
             "max_prefill=65 must be between 1 and max_seq_len=64.",
         ),
         (
-            NetworkOptions(max_batch=4, max_seq_len=64, decode_opt=5),
+            dict(max_batch=4, max_seq_len=64, decode_opt=5),
             "decode_opt=5 must be between 1 and max_batch=4.",
         ),
         (
-            NetworkOptions(max_seq_len=64, profile_set="decode"),
+            dict(max_seq_len=64, profile_set="decode"),
             "profiles 'decode' is not supported; choose 'decode,prefill,chunk', "
             "'decode,prefill' or 'dynamic'.",
         ),
         (
-            NetworkOptions(max_seq_len=64, sample_top_k=600),
+            dict(max_seq_len=64, sample_top_k=600),
             "sample_top_k=600 must be between 0 and 512 (TensorRT's TopK takes k <= 3840).",
         ),
     ],
@@ -284,8 +284,44 @@ def test_float16_gemma_is_a_caveat_not_an_error(tiny_dir):
 def test_bad_options_fail_before_building(options, message, tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("llama"))
     with pytest.raises(OptionsError) as err:
-        build_network(ckpt, options, trt)
+        build_network(ckpt, NetworkOptions(**options), trt)
     assert str(err.value) == message
+
+
+def test_options_that_need_no_model_are_refused_on_creation():
+    """NetworkOptions(max_seq_len="256"), max_seq_len=0 or dtype="fp16" was accepted, and
+    refused only by build_network (or validate) once a model was at hand."""
+    cases = [
+        (dict(max_seq_len="256"), "max_seq_len='256' must be an integer.", "max_seq_len"),
+        (dict(max_seq_len=0), "max_seq_len=0 must be at least 1.", "max_seq_len"),
+        (
+            dict(dtype="fp16"),
+            "dtype 'fp16' is not supported; choose bfloat16, float16 or float32.",
+            None,
+        ),
+        (
+            dict(dtype=["float16"]),
+            "dtype ['float16'] is not supported; choose bfloat16, float16 or float32.",
+            None,
+        ),
+        (
+            dict(max_seq_len=64, max_prefill=65),
+            "max_prefill=65 must be between 1 and max_seq_len=64.",
+            "max_prefill",
+        ),
+        (
+            dict(quant="int3"),
+            "quant 'int3' is not supported; choose none, int8-wo, int4-wo, fp8 or from-gguf.",
+            None,
+        ),
+    ]
+    for options, message, field in cases:
+        with pytest.raises(OptionsError) as err:
+            NetworkOptions(**options)
+        assert (str(err.value), err.value.field) == (message, field)
+    with pytest.raises(OptionsError) as err:  # replace() checks again
+        dataclasses.replace(NetworkOptions(max_seq_len=64), max_prefill=128)
+    assert str(err.value) == "max_prefill=128 must be between 1 and max_seq_len=64."
 
 
 def test_build_network_of_a_path_or_without_options_says_what_it_takes(tiny_dir):

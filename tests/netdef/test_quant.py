@@ -157,24 +157,24 @@ def test_fp8_network_quantizes_each_linear_input_with_its_calibrated_scale():
     [
         (
             "llama",
-            NetworkOptions(quant="int3"),
+            dict(quant="int3"),
             "quant 'int3' is not supported; choose none, int8-wo, int4-wo, fp8 or from-gguf.",
         ),
         (
             "llama",
-            NetworkOptions(quant_lm_head=True),
+            dict(quant_lm_head=True),
             "quant_lm_head needs a quantization mode (--quant).",
         ),
         (
             "gemma3",
-            NetworkOptions(quant="int8-wo", quant_lm_head=True),
+            dict(quant="int8-wo", quant_lm_head=True),
             "quant_lm_head with int8-wo needs an untied LM head: this model's head is its "
             "embedding table, which TensorRT keeps in the model dtype for the embedding lookup. "
             "Use int4-wo, or leave the LM head unquantized.",
         ),
         (
             "llama",
-            NetworkOptions(quant="fp8"),
+            dict(quant="fp8"),
             "fp8 needs activation ranges from a calibration pass "
             "(runtime.calibration.activation_amax).",
         ),
@@ -183,7 +183,7 @@ def test_fp8_network_quantizes_each_linear_input_with_its_calibrated_scale():
 def test_bad_quantization_options(model, options, message):
     ckpt = Checkpoint.open(tiny_quant_dir(model))
     with pytest.raises(OptionsError) as err:
-        build_network(ckpt, NetworkOptions(**{**options.__dict__, "max_seq_len": 32}), trt)
+        build_network(ckpt, NetworkOptions(**{**options, "max_seq_len": 32}), trt)
     assert str(err.value) == message
 
 
