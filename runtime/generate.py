@@ -183,7 +183,7 @@ class Generator:
         if len(prompts) > self.backend.max_batch:
             raise GenerationError(
                 f"{len(prompts)} prompts exceed the engine's max batch of {self.backend.max_batch}; "
-                "send fewer at once or rebuild with a larger --max-batch."
+                "send fewer at once, or use an engine with a larger max_batch (--max-batch)."
             )
         check_not_served(self.backend, "this Generator")
         several = len(prompts) > 1  # then the errors say which one

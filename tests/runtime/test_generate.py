@@ -382,7 +382,7 @@ def test_too_many_prompts_are_refused(cpu_model, tokenizer):
     with pytest.raises(GenerationError) as err:
         Generator(cpu_model, tokenizer).start([*PROMPTS, "x"], greedy())
     assert str(err.value) == (
-        "4 prompts exceed the engine's max batch of 3; send fewer at once or rebuild with a larger --max-batch."
+        "4 prompts exceed the engine's max batch of 3; send fewer at once, or use an engine with a larger max_batch (--max-batch)."
     )
 
 
