@@ -64,6 +64,16 @@ def test_a_folder_or_a_url_is_needed_and_only_one(args, message, capsys):
     )
 
 
+@pytest.fixture
+def no_server(monkeypatch):
+    """Any python -m tools.serve started fails the test: what is refused, is before it."""
+
+    def popen(cmd: list[str]):
+        raise AssertionError(f"a server was started: {cmd}")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
@@ -85,17 +95,12 @@ def test_a_folder_or_a_url_is_needed_and_only_one(args, message, capsys):
     ],
 )
 def test_a_model_the_server_would_refuse_is_one_line_before_it_starts(
-    model, message, tiny_dir, tmp_path, monkeypatch, capsys
+    model, message, tiny_dir, tmp_path, no_server, capsys
 ):
     """The server said it, then the benchmark 'error: the server did not start (exit code
     1).', after seconds of the server's imports."""
     with_tokenizer(tiny_dir("llama"), tmp_path / "tiny")
     (tmp_path / "notes.txt").write_text("mine")
-
-    def popen(cmd: list[str]):
-        raise AssertionError(f"a server was started: {cmd}")
-
-    monkeypatch.setattr(bench.subprocess, "Popen", popen)
     model = tmp_path / model
     assert bench.main([str(model), "--streams", "1"]) == 1
     assert capsys.readouterr().err == f"error: {message.format(model=model)}\n"
@@ -103,7 +108,7 @@ def test_a_model_the_server_would_refuse_is_one_line_before_it_starts(
 
 @pytest.mark.skipif(gpu_unavailable_reason() is None, reason="this machine has a GPU")
 def test_an_artifact_without_a_gpu_is_one_line_before_a_server_starts(
-    tiny_dir, tmp_path, monkeypatch, capsys
+    tiny_dir, tmp_path, no_server, capsys
 ):
     """The server said the TensorRT backend needs a GPU, then the benchmark 'error: the
     server did not start (exit code 1).'"""
@@ -111,11 +116,6 @@ def test_an_artifact_without_a_gpu_is_one_line_before_a_server_starts(
     artifact = tmp_path / "a"
     args = [str(model), "--target", "sm89", "--max-seq-len", "32", "--output", str(artifact)]
     assert run_build([*args, "--quiet"], capsys)[0] == 0
-
-    def popen(cmd: list[str]):
-        raise AssertionError(f"a server was started: {cmd}")
-
-    monkeypatch.setattr(bench.subprocess, "Popen", popen)
     assert bench.main([str(artifact), "--streams", "1"]) == 1
     assert capsys.readouterr().err == (
         f"error: the TensorRT backend needs cuda-python and a CUDA GPU, but "
@@ -125,7 +125,7 @@ def test_an_artifact_without_a_gpu_is_one_line_before_a_server_starts(
 
 
 def test_requests_longer_than_the_context_are_refused_before_a_server_starts(
-    tiny_dir, tmp_path, monkeypatch, capsys
+    tiny_dir, tmp_path, no_server, capsys
 ):
     """The defaults (128 prompt tokens, 64 new ones) on a 64-position cache: the server
     started, then refused the warm-up request (a 400 naming max_tokens, not the flags)."""
@@ -133,11 +133,6 @@ def test_requests_longer_than_the_context_are_refused_before_a_server_starts(
     artifact = tmp_path / "a"
     args = [str(model), "--target", "sm89", "--max-seq-len", "64", "--output", str(artifact)]
     assert run_build([*args, "--quiet"], capsys)[0] == 0
-
-    def popen(cmd: list[str]):
-        raise AssertionError(f"a server was started: {cmd}")
-
-    monkeypatch.setattr(bench.subprocess, "Popen", popen)
     assert bench.main([str(model), "--backend", "reference", "--max-seq-len", "64"]) == 1
     assert capsys.readouterr().err == (
         "error: --prompt-tokens 128 and --max-tokens 64 need 192 positions, more than "
